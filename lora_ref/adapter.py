@@ -1,0 +1,190 @@
+"""A LoRA adapter in memory, and PEFT's on-disk format read and written without torch.
+
+On disk (PEFT): ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+
+    base_model.model.<module>.lora_A.weight          A  [r, in]        (Conv: [r, in/g, *k])
+    base_model.model.<module>.lora_B.weight          B  [out, r]       (Conv: [out, r, 1...])
+    base_model.model.<module>.lora_B.bias            lora_bias [out]
+    base_model.model.<module>.lora_embedding_A       A  [r, num_embeddings]
+    base_model.model.<module>.lora_embedding_B       B  [embedding_dim, r]
+    base_model.model.<module>.lora_magnitude_vector  DoRA magnitude (``.weight`` suffix tolerated)
+
+Keys lora-ref does not interpret (``modules_to_save`` copies, ...) are kept in
+``Adapter.extra_tensors`` and written back unchanged. ``adapter_model.bin`` (a pickle) is
+refused and never opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import LoraConfig
+from .dtypes import check_float_array
+from .errors import ConfigError, FileFormatError, ShapeError, UnsafeFileError
+from .safetensors_io import load_file, save_file
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+PREFIX = "base_model.model."
+
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector(?:\.weight)?)$"
+)
+_PART_FIELD = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_B.bias": "lora_bias",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
+}
+
+
+@dataclass
+class LoraModule:
+    """The trained tensors of one adapted module.
+
+    ``kind`` is ``"linear"`` (A 2-D from ``lora_A``), ``"embedding"`` (``lora_embedding_*``)
+    or ``"conv"`` (A with kernel axes).
+    """
+
+    name: str
+    A: np.ndarray
+    B: np.ndarray
+    lora_bias: np.ndarray | None = None
+    magnitude: np.ndarray | None = None
+    kind: str = "linear"
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The present tensors by field name."""
+        named = {"A": self.A, "B": self.B, "lora_bias": self.lora_bias, "magnitude": self.magnitude}
+        return {key: value for key, value in named.items() if value is not None}
+
+    def peft_keys(self) -> dict[str, np.ndarray]:
+        """This module's tensors under PEFT's checkpoint keys."""
+        base = PREFIX + self.name
+        if self.kind == "embedding":
+            keys = {f"{base}.lora_embedding_A": self.A, f"{base}.lora_embedding_B": self.B}
+        else:
+            keys = {f"{base}.lora_A.weight": self.A, f"{base}.lora_B.weight": self.B}
+        if self.lora_bias is not None:
+            keys[f"{base}.lora_B.bias"] = self.lora_bias
+        if self.magnitude is not None:
+            keys[f"{base}.lora_magnitude_vector"] = self.magnitude
+        return keys
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: its config and its modules by module path."""
+
+    config: LoraConfig
+    modules: dict[str, LoraModule]
+    name: str = "default"
+    extra_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for module in self.modules.values():
+            validate_module(module, self.config)
+
+    def scale_for(self, module: str) -> float:
+        """The LoRA scale s of ``module`` (rank_pattern / alpha_pattern / rsLoRA applied)."""
+        return self.config.scale_for(module)
+
+    def parameter_count(self) -> int:
+        return sum(a.size for m in self.modules.values() for a in m.arrays().values())
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for m in self.modules.values() for a in m.arrays().values())
+
+
+def validate_module(module: LoraModule, config: LoraConfig) -> None:
+    """Shapes and dtypes every layer kind shares; raises ShapeError / ConfigError / DTypeError."""
+    for key, array in module.arrays().items():
+        check_float_array(array, f"{module.name}.{key}")
+    A, B = module.A, module.B
+    if A.ndim < 2 or B.ndim < 2:
+        raise ShapeError(f"{module.name}: lora_A {A.shape} and lora_B {B.shape} must have at least 2 axes")
+    if A.shape[0] != B.shape[1]:
+        raise ShapeError(
+            f"{module.name}: rank mismatch: lora_A {A.shape} has r={A.shape[0]} but lora_B {B.shape} has r={B.shape[1]}"
+        )
+    expected = config.rank_for(module.name)
+    if A.shape[0] != expected:
+        raise ConfigError(
+            f"{module.name}: the config gives r={expected} but lora_A {A.shape} has rank {A.shape[0]}"
+        )
+    if module.lora_bias is not None and module.lora_bias.shape != (B.shape[0],):
+        raise ShapeError(f"{module.name}: lora_B.bias has shape {module.lora_bias.shape}, expected ({B.shape[0]},)")
+
+
+def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapter") -> tuple[dict[str, LoraModule], dict[str, np.ndarray]]:
+    """Group PEFT checkpoint keys into LoraModules; return (modules, uninterpreted tensors)."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    kinds: dict[str, str] = {}
+    extra: dict[str, np.ndarray] = {}
+    for key, array in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            extra[key] = array
+            continue
+        module, part = match["module"], match["part"]
+        if part.startswith("lora_embedding"):
+            kinds[module] = "embedding"
+        parts.setdefault(module, {})[_PART_FIELD[part]] = array
+    modules = {}
+    for name, fields_ in parts.items():
+        missing = [k for k in ("A", "B") if k not in fields_]
+        if missing:
+            label = {"A": "lora_A", "B": "lora_B"}
+            raise FileFormatError(f"{source}: module {name!r} has no {' or '.join(label[m] for m in missing)} tensor")
+        kind = kinds.get(name) or ("conv" if fields_["A"].ndim > 2 else "linear")
+        modules[name] = LoraModule(name=name, kind=kind, **fields_)
+    return modules, extra
+
+
+def load_adapter(directory: str | Path, name: str = "default") -> Adapter:
+    """Read a PEFT adapter directory (config + safetensors). Pickled weights are refused."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileFormatError(f"{directory}: not an adapter directory")
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        pickles = [p for p in PICKLE_NAMES if (directory / p).exists()]
+        if pickles:
+            raise UnsafeFileError(
+                f"{directory / pickles[0]}: pickled weights can execute code and are never loaded; "
+                "convert the adapter to adapter_model.safetensors with a trusted tool"
+            )
+        raise FileFormatError(f"{directory}: missing {WEIGHTS_NAME}")
+    config = LoraConfig.load(directory)
+    modules, extra = modules_from_state_dict(load_file(weights), str(weights))
+    if not modules:
+        raise FileFormatError(f"{weights}: no LoRA tensors (keys like base_model.model.<module>.lora_A.weight)")
+    try:
+        return Adapter(config=config, modules=modules, name=name, extra_tensors=extra)
+    except (ShapeError, ConfigError) as exc:
+        raise type(exc)(f"{weights}: {exc}") from None
+
+
+def save_adapter(adapter: Adapter, directory: str | Path) -> None:
+    """Write ``adapter`` in PEFT's layout; each file is written atomically."""
+    directory = Path(directory)
+    tensors: dict[str, np.ndarray] = {}
+    for module in adapter.modules.values():
+        tensors.update(module.peft_keys())
+    tensors.update(adapter.extra_tensors)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    adapter.config.save(directory)

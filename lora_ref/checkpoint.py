@@ -1,0 +1,182 @@
+"""Merge an adapter into a safetensors checkpoint, and unmerge it, streaming tensor by tensor.
+
+Base weights are keyed as torch's ``state_dict()`` keys them: ``<module>.weight``. Every
+tensor of the input is written to the output (targeted ones merged); peak memory is about
+one tensor plus one float64 row block, because the input is memory-mapped and the output is
+written incrementally (its header is known before any data). The output is atomic.
+
+Residual file (exact mode): a safetensors file with, per merged tensor ``<key>``, the tensors
+``<key>::indices`` (int64) and ``<key>::values`` (the weight's dtype), and a metadata entry
+``lora_ref.residual`` holding JSON: format version, and per key the shape and the two checksums.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .adapter import Adapter
+from .deltas import delta_for
+from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
+from .errors import FileFormatError, TargetNotFoundError
+from .merge import Residual, merge, unmerge
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, load_file, save_file
+
+RESIDUAL_FORMAT = "lora-ref-residual/1"
+RESIDUAL_META_KEY = "lora_ref.residual"
+
+
+def base_key(module: str) -> str:
+    """The state_dict key of a module's weight."""
+    return f"{module}.weight"
+
+
+@dataclass
+class CheckpointReport:
+    """What a checkpoint merge or unmerge did, per targeted tensor."""
+
+    tensors_written: int = 0
+    merged: dict[str, int] = field(default_factory=dict)  # key -> element count
+    residual_counts: dict[str, int] = field(default_factory=dict)
+    residual_bytes: int = 0
+
+
+def _check_targets(adapter: Adapter, handle: SafetensorsFile) -> None:
+    missing = [base_key(m) for m in adapter.modules if base_key(m) not in handle]
+    if missing:
+        raise TargetNotFoundError(
+            f"{handle.path}: the adapter targets {len(missing)} module(s) the base lacks: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+
+
+def merge_checkpoint(
+    base_path: str | Path,
+    adapter: Adapter,
+    out_path: str | Path,
+    *,
+    residual_path: str | Path | None = None,
+    dtype: object = None,
+    allow_nonfinite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> CheckpointReport:
+    """Write base + adapter to ``out_path``; with ``residual_path`` merge exactly and save the residual.
+
+    ``dtype`` converts every floating tensor (rounded once) before merging; the residual then
+    restores the converted base.
+    """
+    target_dtype = resolve_dtype(dtype, allow_float64=False) if dtype is not None else None
+    report = CheckpointReport()
+    residuals: dict[str, Residual] = {}
+    targets = {base_key(m): m for m in adapter.modules}
+    with SafetensorsFile(base_path) as base:
+        _check_targets(adapter, base)
+        names = base.keys()
+
+        def out_dtype(name: str) -> np.dtype:
+            stored = base.tensors[name].dtype
+            is_float = stored in FLOAT_DTYPES.values()
+            return target_dtype if target_dtype is not None and is_float else stored
+
+        specs = [(n, out_dtype(n), base.tensors[n].shape) for n in names]
+        with SafetensorsWriter(out_path, specs, base.metadata) as writer:
+            for name in names:
+                tensor = base.get(name)
+                if out_dtype(name) != tensor.dtype:
+                    tensor = round_to(tensor.astype(np.float64), out_dtype(name))
+                if name in targets:
+                    if progress:
+                        progress(name)
+                    result = merge(tensor, delta_for(adapter, targets[name]), exact=residual_path is not None,
+                                   allow_nonfinite=allow_nonfinite)
+                    tensor = result.weight
+                    report.merged[name] = int(tensor.size)
+                    if result.residual is not None:
+                        residuals[name] = result.residual
+                        report.residual_counts[name] = result.residual.count
+                        report.residual_bytes += result.residual.nbytes
+                writer.write(name, tensor)
+                report.tensors_written += 1
+    if residual_path is not None:
+        save_residuals(residual_path, residuals)
+    return report
+
+
+def unmerge_checkpoint(
+    merged_path: str | Path,
+    adapter: Adapter,
+    out_path: str | Path,
+    *,
+    residual_path: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CheckpointReport:
+    """Write merged − adapter to ``out_path``; with the residual the result is bit-identical to the base."""
+    residuals = load_residuals(residual_path) if residual_path is not None else {}
+    targets = {base_key(m): m for m in adapter.modules}
+    unknown = sorted(set(residuals) - set(targets))
+    if unknown:
+        raise FileFormatError(f"{residual_path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
+    report = CheckpointReport()
+    with SafetensorsFile(merged_path) as merged:
+        _check_targets(adapter, merged)
+        names = merged.keys()
+        specs = [(n, merged.tensors[n].dtype, merged.tensors[n].shape) for n in names]
+        with SafetensorsWriter(out_path, specs, merged.metadata) as writer:
+            for name in names:
+                tensor = merged.get(name)
+                if name in targets:
+                    if progress:
+                        progress(name)
+                    tensor = unmerge(tensor, delta_for(adapter, targets[name]), residual=residuals.get(name))
+                    report.merged[name] = int(tensor.size)
+                writer.write(name, tensor)
+                report.tensors_written += 1
+    return report
+
+
+def save_residuals(path: str | Path, residuals: dict[str, Residual]) -> None:
+    """Write residuals (see module doc) atomically."""
+    tensors: dict[str, np.ndarray] = {}
+    meta: dict[str, object] = {"format": RESIDUAL_FORMAT, "tensors": {}}
+    for key, residual in residuals.items():
+        tensors[f"{key}::indices"] = residual.indices
+        tensors[f"{key}::values"] = residual.values
+        meta["tensors"][key] = {  # type: ignore[index]
+            "shape": list(residual.shape),
+            "dtype": dtype_name(residual.values.dtype),
+            "merged_digest": residual.merged_digest,
+            "delta_digest": residual.delta_digest,
+        }
+    save_file(path, tensors, metadata={RESIDUAL_META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def load_residuals(path: str | Path) -> dict[str, Residual]:
+    """Read a residual file written by :func:`save_residuals`; malformed files raise FileFormatError."""
+    with SafetensorsFile(path) as handle:
+        raw = handle.metadata.get(RESIDUAL_META_KEY)
+    if raw is None:
+        raise FileFormatError(f"{path}: not a lora-ref residual file (no {RESIDUAL_META_KEY!r} metadata)")
+    try:
+        meta = json.loads(raw)
+        if meta.get("format") != RESIDUAL_FORMAT or not isinstance(meta.get("tensors"), dict):
+            raise ValueError("unknown format")
+    except (ValueError, AttributeError) as exc:
+        raise FileFormatError(f"{path}: residual metadata is malformed ({exc})") from None
+    arrays = load_file(path)
+    residuals = {}
+    for key, info in meta["tensors"].items():
+        try:
+            indices, values = arrays[f"{key}::indices"], arrays[f"{key}::values"]
+            shape = tuple(int(d) for d in info["shape"])
+            dtype = resolve_dtype(info["dtype"], allow_float64=False)
+            merged_digest, delta_digest = str(info["merged_digest"]), str(info["delta_digest"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FileFormatError(f"{path}: residual entry {key!r} is incomplete ({exc})") from None
+        if indices.dtype != np.int64 or indices.ndim != 1 or values.dtype != dtype or values.shape != indices.shape:
+            raise FileFormatError(f"{path}: residual entry {key!r} has inconsistent indices/values")
+        residuals[key] = Residual(indices, values, shape, merged_digest, delta_digest)
+    return residuals

@@ -1,0 +1,74 @@
+"""``lora-ref inspect ADAPTER_DIR [--json] [--base BASE.safetensors]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..adapter import load_adapter
+from ..checkpoint import base_key
+from ..dtypes import dtype_name
+from ..errors import TargetNotFoundError
+from ..safetensors_io import SafetensorsFile
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="per-module rank, alpha, scale, shapes and sizes of an adapter")
+    p.add_argument("adapter", help="PEFT adapter directory")
+    p.add_argument("--base", help="base safetensors file: report the adapter's size relative to the targeted weights")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def describe(adapter_dir: str, base: str | None = None) -> dict:
+    """The inspect report as a dict (what ``--json`` prints)."""
+    adapter = load_adapter(adapter_dir)
+    config = adapter.config
+    rows = []
+    for name, module in sorted(adapter.modules.items()):
+        arrays = module.arrays()
+        rows.append({
+            "module": name,
+            "kind": module.kind,
+            "r": module.rank,
+            "alpha": config.alpha_for(name),
+            "scale": adapter.scale_for(name),
+            "shapes": {k: list(v.shape) for k, v in arrays.items()},
+            "dtype": dtype_name(module.A.dtype),
+            "parameters": int(sum(a.size for a in arrays.values())),
+            "bytes": int(sum(a.nbytes for a in arrays.values())),
+        })
+    report = {
+        "adapter": str(adapter_dir),
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "use_dora": config.use_dora,
+        "modules": rows,
+        "total_parameters": adapter.parameter_count(),
+        "total_bytes": adapter.nbytes(),
+    }
+    if base is not None:
+        with SafetensorsFile(base) as handle:
+            missing = [base_key(m) for m in adapter.modules if base_key(m) not in handle]
+            if missing:
+                raise TargetNotFoundError(f"{base}: lacks {', '.join(missing[:5])}")
+            base_bytes = sum(handle.tensors[base_key(m)].nbytes for m in adapter.modules)
+        report["targeted_base_bytes"] = base_bytes
+        report["size_ratio"] = report["total_bytes"] / base_bytes if base_bytes else None
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    report = describe(args.adapter, args.base)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>8} {'scale':>9} {'params':>10} {'bytes':>10}  shapes")
+    for row in report["modules"]:
+        shapes = " ".join(f"{k}{tuple(v)}" for k, v in row["shapes"].items())
+        print(f"{row['module']:<48} {row['kind']:<9} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>9.4g} "
+              f"{row['parameters']:>10} {row['bytes']:>10}  {shapes}")
+    print(f"total: {len(report['modules'])} modules, {report['total_parameters']} parameters, {report['total_bytes']} bytes")
+    if "size_ratio" in report:
+        print(f"targeted base weights: {report['targeted_base_bytes']} bytes; adapter/base = {report['size_ratio']:.4%}")
+    return 0

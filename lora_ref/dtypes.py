@@ -1,0 +1,136 @@
+"""Supported dtypes, unit roundoffs, and correctly rounded conversion from float64.
+
+The reference computes in float64 and rounds once to the output dtype with
+round-to-nearest-even. NumPy rounds float64 -> float32 and float64 -> float16 correctly,
+but ml_dtypes converts float64 -> bfloat16 through float32, which rounds twice
+(1 + 2^-8 + 2^-30 becomes 1.0 instead of 1 + 2^-7). :func:`round_to` therefore goes
+through float32 with *round-to-odd*, which makes the second rounding correct (Boldo and
+Melquiond, "When double rounding is odd", 2005: needs p + 2 bits, float32 has 24 >= 8 + 2).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from .errors import DTypeError
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+float16 = np.dtype(np.float16)
+float32 = np.dtype(np.float32)
+float64 = np.dtype(np.float64)
+
+#: Storage dtypes of weights, adapters and activations, by their user-facing name.
+STORAGE_DTYPES: dict[str, np.dtype] = {"float32": float32, "float16": float16, "bfloat16": bfloat16}
+#: Storage dtypes plus the float64 oracle.
+FLOAT_DTYPES: dict[str, np.dtype] = {**STORAGE_DTYPES, "float64": float64}
+
+#: Unit roundoff u = 2^-p (p = significand bits including the hidden bit) of each dtype.
+UNIT_ROUNDOFF: dict[np.dtype, float] = {
+    float64: 2.0**-53,
+    float32: 2.0**-24,
+    float16: 2.0**-11,
+    bfloat16: 2.0**-8,
+}
+#: Smallest positive subnormal of each dtype: the absolute error floor of one rounding is half of it.
+SMALLEST_SUBNORMAL: dict[np.dtype, float] = {
+    float64: 2.0**-1074,
+    float32: 2.0**-149,
+    float16: 2.0**-24,
+    bfloat16: 2.0**-133,
+}
+#: Unsigned integer type with the same width, used to compare and store raw bits.
+BITS_VIEW: dict[np.dtype, np.dtype] = {
+    float64: np.dtype(np.uint64),
+    float32: np.dtype(np.uint32),
+    float16: np.dtype(np.uint16),
+    bfloat16: np.dtype(np.uint16),
+}
+
+
+def resolve_dtype(dtype: object, *, allow_float64: bool = True) -> np.dtype:
+    """Return the numpy dtype for a name (``"bfloat16"``) or dtype-like; raise DTypeError otherwise."""
+    table = FLOAT_DTYPES if allow_float64 else STORAGE_DTYPES
+    if isinstance(dtype, str):
+        if dtype not in table:
+            raise DTypeError(f"unsupported dtype {dtype!r}; expected one of {sorted(table)}")
+        return table[dtype]
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as exc:
+        raise DTypeError(f"unsupported dtype {dtype!r}") from exc
+    if resolved not in table.values():
+        raise DTypeError(f"unsupported dtype {resolved}; expected one of {sorted(table)}")
+    return resolved
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The user-facing name of a supported dtype (``bfloat16`` rather than numpy's repr)."""
+    for name, candidate in FLOAT_DTYPES.items():
+        if candidate == dtype:
+            return name
+    return str(dtype)
+
+
+def check_float_array(array: np.ndarray, what: str, *, allow_float64: bool = True) -> np.dtype:
+    """Raise DTypeError unless ``array`` has a supported floating dtype; return that dtype."""
+    dtype = np.asarray(array).dtype
+    table = FLOAT_DTYPES if allow_float64 else STORAGE_DTYPES
+    if dtype not in table.values():
+        raise DTypeError(f"{what}: unsupported dtype {dtype}; expected one of {sorted(table)}")
+    return dtype
+
+
+def _round_to_odd_float32(x: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounding to odd: truncate toward zero, then set the last bit if inexact."""
+    with np.errstate(over="ignore"):
+        nearest = x.astype(float32)
+    inexact = (nearest.astype(float64) != x) & ~np.isnan(x)
+    bits = nearest.view(np.uint32).copy()
+    # Where nearest rounded away from zero, step one ulp toward zero (the magnitude bits are
+    # monotone in |value|, so subtracting one from the bit pattern does exactly that).
+    away = inexact & (np.abs(nearest.astype(float64)) > np.abs(x))
+    bits[away] -= np.uint32(1)
+    bits[inexact] |= np.uint32(1)
+    return bits.view(float32)
+
+
+def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round float64 ``x`` once, to nearest-even, into ``dtype`` (float64/32/16 or bfloat16).
+
+    Overflow gives +-inf, NaN stays NaN, signed zeros and subnormals are kept.
+    """
+    dtype = resolve_dtype(dtype)
+    x = np.asarray(x, dtype=float64)
+    if dtype == float64:
+        return x.copy()
+    if dtype == bfloat16:
+        return _round_to_odd_float32(x).astype(bfloat16)
+    with np.errstate(over="ignore"):
+        return x.astype(dtype)
+
+
+def bits_of(array: np.ndarray) -> np.ndarray:
+    """The raw bit patterns of a float array as unsigned integers of the same width."""
+    array = np.ascontiguousarray(array)
+    return array.view(BITS_VIEW[array.dtype])
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise distance in units in the last place between two arrays of one float dtype.
+
+    Uses the monotone integer mapping of IEEE bit patterns (+0 and -0 are 0 apart).
+    NaN positions give 0 when both are NaN, and the maximum int64 otherwise.
+    """
+    a = np.ascontiguousarray(a)
+    b = np.ascontiguousarray(b, dtype=a.dtype)
+    width = a.dtype.itemsize * 8
+    sign = np.int64(1) << (width - 1)
+
+    def ordered(v: np.ndarray) -> np.ndarray:
+        raw = bits_of(v).astype(np.int64)
+        return np.where(raw & sign, -(raw & (sign - 1)), raw)
+
+    dist = np.abs(ordered(a) - ordered(b))
+    a_nan, b_nan = np.isnan(a.astype(float64)), np.isnan(b.astype(float64))
+    return np.where(a_nan & b_nan, 0, np.where(a_nan | b_nan, np.iinfo(np.int64).max, dist))

@@ -1,0 +1,87 @@
+"""MergeLedger: which adapters are merged into a set of weights, in what order, and how to undo them.
+
+Holds the model's weights (``{state_dict key: array}``) and, per weight, a stack of merges.
+It refuses to merge an adapter twice, to unmerge one that is not merged, and to unmerge out
+of order: unmerge is LIFO, like PEFT's ``merged_adapters``. In exact mode every merge keeps
+its residual, so any sequence of merges and unmerges returns the weights bit for bit.
+Weights are updated in place (row block by row block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .adapter import Adapter
+from .checkpoint import base_key
+from .deltas import delta_for
+from .errors import MergeStateError, TargetNotFoundError
+from .merge import Residual, digest_arrays, merge, unmerge
+
+
+@dataclass(frozen=True)
+class _Entry:
+    adapter_name: str
+    delta_digest: str
+    residual: Residual | None
+
+
+class MergeLedger:
+    """Merge state of a dict of weights; see module doc."""
+
+    def __init__(self, weights: dict[str, np.ndarray], *, exact: bool = True) -> None:
+        self.weights = weights
+        self.exact = exact
+        self._stacks: dict[str, list[_Entry]] = {}
+        self._order: list[str] = []
+
+    @property
+    def merged(self) -> list[str]:
+        """Names of merged adapters, oldest first."""
+        return list(self._order)
+
+    def residual_elements(self) -> int:
+        """Total residual entries currently held (exact mode)."""
+        return sum(e.residual.count for stack in self._stacks.values() for e in stack if e.residual is not None)
+
+    def merge(self, adapter: Adapter, name: str | None = None, *, allow_nonfinite: bool = False) -> None:
+        """Merge every module of ``adapter`` into its weight."""
+        name = name or adapter.name
+        if name in self._order:
+            raise MergeStateError(f"adapter {name!r} is already merged")
+        missing = [base_key(m) for m in adapter.modules if base_key(m) not in self.weights]
+        if missing:
+            raise TargetNotFoundError(f"adapter {name!r} targets weights the model lacks: {', '.join(missing[:5])}")
+        deltas = {m: delta_for(adapter, m) for m in adapter.modules}
+        for module, delta in deltas.items():  # validate every module before touching any weight
+            if self.weights[base_key(module)].shape != delta.shape:
+                delta_shape = delta.shape
+                raise MergeStateError(f"{module}: weight {self.weights[base_key(module)].shape} vs delta {delta_shape}")
+        for module, delta in deltas.items():
+            weight = self.weights[base_key(module)]
+            result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)
+            self._stacks.setdefault(base_key(module), []).append(
+                _Entry(name, digest_arrays(*delta.factors()), result.residual)
+            )
+        self._order.append(name)
+
+    def unmerge(self, adapter: Adapter, name: str | None = None) -> None:
+        """Undo the merge of ``adapter``; it must be the most recently merged on every weight it touched."""
+        name = name or adapter.name
+        if name not in self._order:
+            raise MergeStateError(f"adapter {name!r} is not merged (merged: {self._order or 'none'})")
+        for module in adapter.modules:
+            stack = self._stacks.get(base_key(module), [])
+            if not stack or stack[-1].adapter_name != name:
+                top = stack[-1].adapter_name if stack else "nothing"
+                raise MergeStateError(
+                    f"{module}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
+                )
+            if stack[-1].delta_digest != digest_arrays(*delta_for(adapter, module).factors()):
+                raise MergeStateError(f"{module}: the adapter given for {name!r} is not the one that was merged")
+        for module in adapter.modules:
+            key = base_key(module)
+            entry = self._stacks[key].pop()
+            unmerge(self.weights[key], delta_for(adapter, module), residual=entry.residual, out=self.weights[key])
+        self._order.remove(name)

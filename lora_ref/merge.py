@@ -1,0 +1,210 @@
+"""Merge and unmerge a LoRA delta into a weight, fast or exact (SPEC section 3).
+
+    merge(W, Δ)   = round_t(W + Δ)        one rounding to W's dtype t (W + Δ in float64)
+    unmerge(W', Δ) = round_t(W' − Δ)
+
+Fast mode stops there; the round trip then obeys, elementwise (SPEC 3.3),
+
+    |unmerge(merge(W)) − W| ≤ ũ(1+ũ)|W+Δ| + ũ|W| + (1+ũ)·η_t,   ũ = u_t + u_64(1+u_t)
+
+where u_t is t's unit roundoff and η_t its smallest subnormal, as long as W + Δ does not
+overflow t. Exact mode also returns a :class:`Residual`: the flat indices and original bits
+of every element where round_t(round_t(W + Δ) − Δ) is not bitwise W. Unmerging with it
+restores W bit for bit, whatever W holds (NaN payloads, ±inf, signed zeros, subnormals,
+elements that overflowed). The residual carries checksums of the merged weight and of the
+adapter factors, so it cannot be applied to another weight or with another adapter.
+
+Δ is produced by a *delta source* (:class:`lora_ref.linear.LinearDelta` and the other layer
+kinds) in row blocks over W's first axis, so the extra memory is one float64 block, not a
+float64 copy of W.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_of, check_float_array, float64, round_to
+from .errors import NonFiniteError, ResidualMismatchError, ShapeError
+
+#: Target size of one float64 working block (bytes); bounds the extra memory of a merge.
+BLOCK_BYTES = 8 * 1024 * 1024
+
+
+class DeltaSource(Protocol):
+    """Anything that can produce ΔW in row blocks over the first axis of W."""
+
+    shape: tuple[int, ...]
+    module: str
+
+    def block(self, rows: slice) -> np.ndarray:
+        """Δ[rows] in float64, shaped like W[rows]."""
+
+    def factors(self) -> tuple[np.ndarray, ...]:
+        """The arrays Δ is computed from, for the residual checksum."""
+
+
+@dataclass(frozen=True)
+class Residual:
+    """What exact unmerge needs beyond Δ to restore W bit for bit.
+
+    ``indices``: flat int64 positions in W; ``values``: W's original elements there, in W's
+    dtype; ``merged_digest`` / ``delta_digest``: BLAKE2b checksums of the merged weight and of
+    the adapter factors it belongs to.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, ...]
+    merged_digest: str
+    delta_digest: str
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indices.nbytes + self.values.nbytes)
+
+
+def digest_arrays(*arrays: np.ndarray) -> str:
+    """BLAKE2b-128 over dtype, shape and bytes of each array (order matters)."""
+    h = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.reshape(-1).view(np.uint8) if array.ndim else array.tobytes())
+    return h.hexdigest()
+
+
+def block_rows(shape: tuple[int, ...], block_bytes: int = BLOCK_BYTES) -> int:
+    """How many rows (first-axis slices) of a float64 block fit in ``block_bytes``."""
+    row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    return max(1, block_bytes // (8 * max(row_elems, 1)))
+
+
+def _row_slices(n_rows: int, step: int):
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _check(W: np.ndarray, delta: DeltaSource) -> None:
+    check_float_array(W, f"{delta.module} base weight".strip())
+    if tuple(W.shape) != tuple(delta.shape):
+        raise ShapeError(f"{delta.module}: base weight has shape {tuple(W.shape)} but the adapter's delta has {tuple(delta.shape)}")
+
+
+def _check_factors_finite(delta: DeltaSource) -> None:
+    for array in delta.factors():
+        if not np.all(np.isfinite(np.asarray(array, dtype=float64))):
+            raise NonFiniteError(
+                f"{delta.module}: the adapter holds NaN or infinity; refusing to merge "
+                "(pass allow_nonfinite=True / --allow-nonfinite to merge anyway)"
+            )
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """The merged weight and, in exact mode, the residual that undoes it bit for bit."""
+
+    weight: np.ndarray
+    residual: Residual | None
+
+
+def merge(
+    W: np.ndarray,
+    delta: DeltaSource,
+    *,
+    exact: bool = False,
+    allow_nonfinite: bool = False,
+    out: np.ndarray | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> MergeResult:
+    """W' = round_t(W + Δ) in W's dtype; with ``exact`` also the residual (see module doc).
+
+    ``out`` may be W itself to merge in place (W is read block by block before it is written).
+    Refuses non-finite adapter values unless ``allow_nonfinite``; an overflow of W + Δ to
+    ±inf is allowed (exact mode records it).
+    """
+    _check(W, delta)
+    if not allow_nonfinite:
+        _check_factors_finite(delta)
+    W = np.asarray(W)
+    result = np.empty_like(W) if out is None else out
+    index_parts, value_parts = [], []
+    flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
+    for rows in _row_slices(W.shape[0], block_rows(W.shape, block_bytes)):
+        original = np.array(W[rows])  # copy: ``out`` may alias W
+        d = delta.block(rows)
+        merged = round_to(original.astype(float64) + d, W.dtype)
+        if exact:
+            restored = round_to(merged.astype(float64) - d, W.dtype)
+            differs = (bits_of(restored) != bits_of(original)).reshape(-1)
+            positions = np.flatnonzero(differs)
+            index_parts.append(positions.astype(np.int64) + rows.start * flat_row)
+            value_parts.append(original.reshape(-1)[positions])
+        result[rows] = merged
+    residual = None
+    if exact:
+        residual = Residual(
+            indices=np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64),
+            values=np.concatenate(value_parts) if value_parts else np.zeros(0, W.dtype),
+            shape=tuple(W.shape),
+            merged_digest=digest_arrays(result),
+            delta_digest=digest_arrays(*delta.factors()),
+        )
+    return MergeResult(result, residual)
+
+
+def unmerge(
+    W_merged: np.ndarray,
+    delta: DeltaSource,
+    *,
+    residual: Residual | None = None,
+    out: np.ndarray | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> np.ndarray:
+    """W = round_t(W' − Δ); with a residual, the exact original bits are put back.
+
+    Raises ResidualMismatchError when the residual was made for another merged weight or
+    another adapter.
+    """
+    _check(W_merged, delta)
+    W_merged = np.asarray(W_merged)
+    if residual is not None:
+        check_residual(residual, W_merged, delta)
+    result = np.empty_like(W_merged) if out is None else out
+    for rows in _row_slices(W_merged.shape[0], block_rows(W_merged.shape, block_bytes)):
+        d = delta.block(rows)
+        result[rows] = round_to(np.asarray(W_merged[rows], dtype=float64) - d, W_merged.dtype)
+    if residual is not None and residual.count:
+        result.reshape(-1)[residual.indices] = residual.values
+    return result
+
+
+def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource) -> None:
+    """Raise ResidualMismatchError unless ``residual`` belongs to this merged weight and delta."""
+    where = delta.module or "weight"
+    if tuple(residual.shape) != tuple(W_merged.shape) or residual.values.dtype != W_merged.dtype:
+        raise ResidualMismatchError(
+            f"{where}: residual is for a {residual.values.dtype} weight of shape {residual.shape}, "
+            f"not {W_merged.dtype} {tuple(W_merged.shape)}"
+        )
+    if residual.delta_digest != digest_arrays(*delta.factors()):
+        raise ResidualMismatchError(f"{where}: residual was made with another adapter (delta checksum differs)")
+    if residual.merged_digest != digest_arrays(W_merged):
+        raise ResidualMismatchError(f"{where}: residual was made for another merged weight (checksum differs)")
+    if residual.count and (residual.indices.min() < 0 or residual.indices.max() >= W_merged.size):
+        raise ResidualMismatchError(f"{where}: residual indices fall outside the weight")
+
+
+def fast_roundtrip_bound(W: np.ndarray, delta64: np.ndarray) -> np.ndarray:
+    """The elementwise bound on |unmerge(merge(W)) − W| in fast mode (module doc, SPEC 3.3)."""
+    t = np.asarray(W).dtype
+    u = UNIT_ROUNDOFF[t] + UNIT_ROUNDOFF[float64] * (1 + UNIT_ROUNDOFF[t])
+    W64 = np.asarray(W, dtype=float64)
+    return u * (1 + u) * np.abs(W64 + delta64) + u * np.abs(W64) + (1 + u) * SMALLEST_SUBNORMAL[t]

@@ -1,0 +1,279 @@
+"""A strict, streaming reader and writer for the safetensors format, in NumPy.
+
+Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON mapping each tensor
+name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end of
+the header) plus an optional ``"__metadata__"`` dict of strings, then the raw little-endian
+tensor bytes.
+
+Why not only the ``safetensors`` package: it has no bfloat16 in its NumPy API, it cannot
+write a file one tensor at a time (needed to merge checkpoints larger than memory), and we
+want every malformation reported as a typed :class:`FileFormatError` before any allocation.
+Tests check byte compatibility against the ``safetensors`` package in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .dtypes import bfloat16
+from .errors import FileFormatError
+
+#: safetensors dtype codes <-> numpy dtypes (little endian).
+CODE_TO_DTYPE: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": bfloat16,
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+DTYPE_TO_CODE: dict[np.dtype, str] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
+
+#: Headers larger than this are refused before they are read (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _fail(path: Path, message: str) -> FileFormatError:
+    return FileFormatError(f"{path}: not a valid safetensors file: {message}")
+
+
+def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _fail(path, f"entry {name!r} is not an object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if code not in CODE_TO_DTYPE:
+            raise _fail(path, f"tensor {name!r} has unsupported dtype {code!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise _fail(path, f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size}-byte data section")
+        dtype = CODE_TO_DTYPE[code]
+        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise _fail(
+                path,
+                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {code} (needs {expected})",
+            )
+        infos[name] = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    spans = sorted((info.begin, info.end, info.name) for info in infos.values() if info.end > info.begin)
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise _fail(path, f"tensors {name_a!r} and {name_b!r} overlap")
+    return infos, metadata
+
+
+class SafetensorsFile:
+    """A memory-mapped, validated safetensors file. Use as a context manager.
+
+    ``get`` returns a read-only view into the mapping (no copy), so reading a checkpoint
+    larger than memory tensor by tensor keeps the resident set small.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise FileFormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise FileFormatError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size < 8:
+                raise _fail(self.path, f"{size} bytes is shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", self._file.read(8))
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(self.path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + header_len > size:
+                raise _fail(self.path, f"header length {header_len} runs past the end of the {size}-byte file")
+            raw = self._file.read(header_len)
+            self._data_start = 8 + header_len
+            self.tensors, self.metadata = _parse_header(self.path, raw, size - self._data_start)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file. Views returned by ``get`` must not be used afterwards."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive: the mapping closes when it is collected
+                pass
+            self._map = None
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order (by offset)."""
+        return sorted(self.tensors, key=lambda name: self.tensors[name].begin)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only array viewing tensor ``name`` in the mapped file."""
+        if name not in self.tensors:
+            raise FileFormatError(f"{self.path}: no tensor named {name!r}")
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return np.zeros(info.shape, dtype=info.dtype)
+        assert self._map is not None
+        flat = np.frombuffer(self._map, dtype=info.dtype, count=info.nbytes // info.dtype.itemsize,
+                             offset=self._data_start + info.begin)
+        return flat.reshape(info.shape)
+
+
+def load_file(path: str | os.PathLike[str], names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Read tensors (all, or ``names``) into memory as writable arrays, in file order."""
+    with SafetensorsFile(path) as handle:
+        wanted = handle.keys() if names is None else list(names)
+        return {name: np.array(handle.get(name)) for name in wanted}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` dict of a safetensors file."""
+    with SafetensorsFile(path) as handle:
+        return dict(handle.metadata)
+
+
+def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in specs:
+        if dtype not in DTYPE_TO_CODE:
+            raise FileFormatError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, atomically.
+
+    The header is written first from ``specs`` (name, dtype, shape); then ``write`` must be
+    called once per tensor in that order. On an exception, or if tensors are missing at
+    close, nothing is left at ``path``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._specs = [(name, np.dtype(dtype), tuple(int(d) for d in shape)) for name, dtype, shape in specs]
+        names = [spec[0] for spec in self._specs]
+        if len(set(names)) != len(names):
+            raise FileFormatError(f"{self.path}: duplicate tensor names")
+        self._header = _header_bytes(self._specs, metadata)
+        self._next = 0
+
+    def __enter__(self) -> SafetensorsWriter:
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._handle = open(tmp, "wb")
+        self._handle.write(self._header)
+        return self
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor; its name, dtype and shape must match the declared spec."""
+        if self._next >= len(self._specs):
+            raise FileFormatError(f"{self.path}: unexpected extra tensor {name!r}")
+        want_name, want_dtype, want_shape = self._specs[self._next]
+        array = np.asarray(array)
+        if name != want_name or array.dtype != want_dtype or array.shape != want_shape:
+            raise FileFormatError(
+                f"{self.path}: expected tensor {want_name!r} {want_dtype} {want_shape}, "
+                f"got {name!r} {array.dtype} {array.shape}"
+            )
+        self._handle.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._next += 1
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._handle.close()
+        if exc is None and self._next != len(self._specs):
+            missing = self._specs[self._next][0]
+            exc = FileFormatError(f"{self.path}: tensor {missing!r} was declared but never written")
+            self._atomic.__exit__(type(exc), exc, None)
+            raise exc
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+def save_file(
+    path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` (in the mapping's order) to ``path`` atomically."""
+    arrays = {name: np.asarray(array) for name, array in tensors.items()}
+    specs = [(name, array.dtype, array.shape) for name, array in arrays.items()]
+    with SafetensorsWriter(path, specs, metadata) as writer:
+        for name, array in arrays.items():
+            writer.write(name, array)
+
+
+def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, read-only view) for each tensor in file order, keeping only the mapping open."""
+    with SafetensorsFile(path) as handle:
+        for name in handle.keys():
+            yield name, handle.get(name)

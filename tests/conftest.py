@@ -1,0 +1,27 @@
+"""Shared test configuration: hypothesis profiles and the peer-test gate.
+
+LORA_REF_HYPOTHESIS_PROFILE=ci (default, fast) or deep (many examples).
+LORA_REF_REQUIRE_PEERS=1 turns a missing peer (torch, peft, onnxruntime) into a failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("LORA_REF_HYPOTHESIS_PROFILE", "ci"))
+
+
+def require_peer(module: str):
+    """Import a peer package, or skip the test (fail when LORA_REF_REQUIRE_PEERS=1)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("LORA_REF_REQUIRE_PEERS") == "1":
+            pytest.fail(f"peer {module!r} is required (LORA_REF_REQUIRE_PEERS=1) but cannot be imported: {exc}")
+        pytest.skip(f"peer {module!r} not installed")
