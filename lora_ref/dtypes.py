@@ -125,11 +125,11 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b, dtype=a.dtype)
     width = a.dtype.itemsize * 8
-    sign = np.int64(1) << (width - 1)
 
     def ordered(v: np.ndarray) -> np.ndarray:
-        raw = bits_of(v).astype(np.int64)
-        return np.where(raw & sign, -(raw & (sign - 1)), raw)
+        raw = bits_of(v).astype(np.uint64)
+        magnitude = (raw & np.uint64((1 << (width - 1)) - 1)).astype(np.int64)  # < 2^63: fits
+        return np.where(raw >> np.uint64(width - 1), -magnitude, magnitude)
 
     dist = np.abs(ordered(a) - ordered(b))
     a_nan, b_nan = np.isnan(a.astype(float64)), np.isnan(b.astype(float64))
