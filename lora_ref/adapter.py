@@ -172,6 +172,14 @@ def load_adapter(directory: str | Path, name: str = "default") -> Adapter:
     modules, extra = modules_from_state_dict(load_file(weights), str(weights))
     if not modules:
         raise FileFormatError(f"{weights}: no LoRA tensors (keys like base_model.model.<module>.lora_A.weight)")
+    if config.target_modules:  # PEFT would silently drop weights of modules its config does not target
+        untargeted = sorted(m for m in modules if not config.targets(m))
+        if untargeted:
+            raise ConfigError(
+                f"{directory / 'adapter_config.json'}: target_modules {str(config.target_modules)[:120]} "
+                f"(exclude_modules {str(config.exclude_modules)[:60]}) do not target {len(untargeted)} module(s) "
+                f"in {weights.name}, e.g. {untargeted[0]!r}"
+            )
     try:
         return Adapter(config=config, modules=modules, name=name, extra_tensors=extra)
     except (ShapeError, ConfigError) as exc:

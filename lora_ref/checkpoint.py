@@ -164,8 +164,8 @@ def load_residuals(path: str | Path) -> dict[str, Residual]:
         meta = json.loads(raw)
         if meta.get("format") != RESIDUAL_FORMAT or not isinstance(meta.get("tensors"), dict):
             raise ValueError("unknown format")
-    except (ValueError, AttributeError) as exc:
-        raise FileFormatError(f"{path}: residual metadata is malformed ({exc})") from None
+    except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: hostile nesting
+        raise FileFormatError(f"{path}: residual metadata is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
     arrays = load_file(path)
     residuals = {}
     for key, info in meta["tensors"].items():

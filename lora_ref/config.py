@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,10 +86,7 @@ class LoraConfig:
             ):
                 raise ConfigError(f"{name} must be a string (regex) or a list of strings, got {value!r}")
             if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    raise ConfigError(f"{name} is not a valid regex: {exc}") from None
+                _check_regex(name, value)
         for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -99,10 +97,7 @@ class LoraConfig:
             if not isinstance(patterns, dict):
                 raise ConfigError(f"{name} must be an object, got {patterns!r}")
             for key, value in patterns.items():
-                try:
-                    re.compile(key)
-                except re.error as exc:
-                    raise ConfigError(f"{name} key {key!r} is not a valid regex: {exc}") from None
+                _check_regex(f"{name} key {key!r}", key)
                 check(f"{name}[{key!r}]", value)
 
     # -- per-module resolution ---------------------------------------------------------------
@@ -156,10 +151,12 @@ class LoraConfig:
             raise FileFormatError(f"{path}: missing adapter config") from None
         except UnicodeDecodeError:
             raise FileFormatError(f"{path}: not UTF-8 text") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise FileFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FileFormatError(f"{path}: invalid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, too-long integers, deep nesting
+            raise FileFormatError(f"{path}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
@@ -184,5 +181,17 @@ def _check_rank(name: str, value: Any) -> None:
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    # an int beyond float range (JSON allows 1e400 written out as digits) is not finite either
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > _FLOAT_MAX or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {str(value)[:60]}")
+
+
+_FLOAT_MAX = sys.float_info.max
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    """Raise ConfigError unless ``pattern`` compiles (hostile nesting or repeat counts included)."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{name} is not a valid regex: {type(exc).__name__}: {str(exc)[:120]}") from None

@@ -47,6 +47,11 @@ DTYPE_TO_CODE: dict[np.dtype, str] = {dtype: code for code, dtype in CODE_TO_DTY
 
 #: Headers larger than this are refused before they are read (the format's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+#: Most axes a tensor may declare (NumPy 1.x's limit; real weights have a handful).
+MAX_NDIM = 32
+#: A shape's element count, zero axes counted as 1, times the itemsize must stay below this, so
+#: NumPy can represent even an empty tensor of that shape (it checks the product of all axes).
+MAX_NOMINAL_BYTES = 2**62
 
 
 @dataclass(frozen=True)
@@ -68,46 +73,91 @@ def _fail(path: Path, message: str) -> FileFormatError:
     return FileFormatError(f"{path}: not a valid safetensors file: {message}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object hook: refuse duplicate keys (json.loads would silently keep the last)."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """repr(value) cut to ``limit`` characters, so a hostile header cannot flood a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (JSON escapes can smuggle in lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"header is not UTF-8 JSON ({exc})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _fail(path, f"key {exc.args[0]!r} appears twice in the header") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python's digit limit;
+        # RecursionError a hostile nesting depth.
+        raise _fail(path, f"header is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _fail(path, "__metadata__ must map strings to strings")
+    if not all(_is_unicode(k) and _is_unicode(v) for k, v in metadata.items()):
+        raise _fail(path, "a __metadata__ string holds an unpaired surrogate (not valid UTF-8)")
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
+        if not _is_unicode(name):
+            raise _fail(path, f"tensor name {_short(name)} holds an unpaired surrogate (not valid UTF-8)")
         if not isinstance(entry, dict):
-            raise _fail(path, f"entry {name!r} is not an object")
+            raise _fail(path, f"entry {_short(name)} is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in CODE_TO_DTYPE:
-            raise _fail(path, f"tensor {name!r} has unsupported dtype {code!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if not isinstance(code, str) or code not in CODE_TO_DTYPE:
+            raise _fail(path, f"tensor {_short(name)} has unsupported dtype {_short(code)}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or int(np.prod([max(d, 1) for d in shape], dtype=object)) * CODE_TO_DTYPE[code].itemsize
+            >= MAX_NOMINAL_BYTES
+        ):
+            raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
+                              f"non-negative integer axes, under {MAX_NOMINAL_BYTES} bytes)")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
-            raise _fail(path, f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size}-byte data section")
+            raise _fail(path, f"tensor {_short(name)} has data_offsets {_short(offsets)} outside the {data_size}-byte data section")
         dtype = CODE_TO_DTYPE[code]
         expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
             raise _fail(
                 path,
-                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {code} (needs {expected})",
+                f"tensor {_short(name)}: {offsets[1] - offsets[0]} bytes for shape {shape} of {code} (needs {expected})",
             )
         infos[name] = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
     spans = sorted((info.begin, info.end, info.name) for info in infos.values() if info.end > info.begin)
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise _fail(path, f"tensors {name_a!r} and {name_b!r} overlap")
+            raise _fail(path, f"tensors {_short(name_a)} and {_short(name_b)} overlap")
     return infos, metadata
 
 
@@ -198,12 +248,14 @@ def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metada
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for name, dtype, shape in specs:
+        if name == "__metadata__":
+            raise FileFormatError("'__metadata__' is reserved by the safetensors format and cannot name a tensor")
         if dtype not in DTYPE_TO_CODE:
             raise FileFormatError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         header[name] = {"dtype": DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")  # as serde_json writes it
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
     return struct.pack("<Q", len(raw)) + raw
 
@@ -227,6 +279,8 @@ class SafetensorsWriter:
         names = [spec[0] for spec in self._specs]
         if len(set(names)) != len(names):
             raise FileFormatError(f"{self.path}: duplicate tensor names")
+        if "__metadata__" in names:  # the header's reserved key: the file would be unreadable
+            raise FileFormatError(f"{self.path}: '__metadata__' is reserved and cannot name a tensor")
         self._header = _header_bytes(self._specs, metadata)
         self._next = 0
 
