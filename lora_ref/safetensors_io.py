@@ -248,8 +248,6 @@ def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metada
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for name, dtype, shape in specs:
-        if name == "__metadata__":
-            raise FileFormatError("'__metadata__' is reserved by the safetensors format and cannot name a tensor")
         if dtype not in DTYPE_TO_CODE:
             raise FileFormatError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
