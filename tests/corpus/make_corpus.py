@@ -1,0 +1,425 @@
+"""Generate the hostile-input corpus: malformed files lora-ref must refuse with a typed error.
+
+Run ``python tests/corpus/make_corpus.py [OUT_DIR]`` (default ``tests/corpus/generated/``,
+gitignored); ``tests/test_corpus.py`` calls :func:`build_corpus` on a temporary directory. Nothing
+here is a hand-made binary: every file is derived from a small valid fixture (a base checkpoint,
+an adapter, a merged checkpoint and its exact residual, all written by lora-ref itself) and then
+broken in one documented way.
+
+Each case is a directory ``<root>/<name>/`` holding only the inputs it replaces; the others come
+from ``<root>/_fixtures/``. ``<root>/manifest.json`` lists, per case: the operation that consumes
+it (``merge``: base + adapter -> merged, or ``unmerge``: merged + adapter + residual -> base), its
+input paths, the documented error class (a name in :mod:`lora_ref.errors`) and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_ref.adapter import PREFIX, WEIGHTS_NAME, Adapter, LoraModule, save_adapter
+from lora_ref.checkpoint import merge_checkpoint
+from lora_ref.config import CONFIG_NAME, LoraConfig
+from lora_ref.safetensors_io import MAX_HEADER_BYTES, load_file, read_metadata, save_file
+
+FIXTURES = "_fixtures"
+MANIFEST = "manifest.json"
+#: The file a pickle case's payload would create if anything ever unpickled it.
+PICKLE_MARKER = "PICKLE_WAS_LOADED"
+
+
+# -- the valid fixture everything is derived from ---------------------------------------------------
+def fixture_adapter(seed: int = 0, r: int = 2) -> Adapter:
+    """A linear adapter on ``layer.q`` and ``layer.v`` (W [6, 5], A [r, 5], B [6, r])."""
+    rng = np.random.default_rng(seed)
+    config = LoraConfig(r=r, lora_alpha=4, target_modules=["q", "v"])
+    modules = {
+        name: LoraModule(name=name, A=rng.standard_normal((r, 5)).astype(np.float32),
+                         B=rng.standard_normal((6, r)).astype(np.float32))
+        for name in ("layer.q", "layer.v")
+    }
+    return Adapter(config=config, modules=modules)
+
+
+def fixture_base(seed: int = 1) -> dict[str, np.ndarray]:
+    """Two targeted weights, an untargeted bias and an integer buffer (not merged, copied)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layer.q.weight": rng.standard_normal((6, 5)).astype(np.float32),
+        "layer.q.bias": rng.standard_normal(6).astype(np.float32),
+        "layer.v.weight": rng.standard_normal((6, 5)).astype(np.float32),
+        "layer.position_ids": np.arange(4, dtype=np.int64),
+    }
+
+
+def write_fixtures(root: Path) -> Path:
+    """Write ``_fixtures/``: base, adapter/, merged + exact residual, and another base's residual."""
+    fx = root / FIXTURES
+    save_file(fx / "base.safetensors", fixture_base())
+    adapter = fixture_adapter()
+    save_adapter(adapter, fx / "adapter")
+    merge_checkpoint(fx / "base.safetensors", adapter, fx / "merged.safetensors",
+                     residual_path=fx / "residual.safetensors")
+    return fx
+
+
+# -- raw builders ---------------------------------------------------------------------------------
+def raw_safetensors(header: dict | bytes, data: bytes = b"", *, declared: int | None = None) -> bytes:
+    """8-byte length + header + data; ``declared`` overrides the length field (to lie about it)."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
+    return struct.pack("<Q", len(raw) if declared is None else declared) + raw + data
+
+
+def entry(dtype: str, shape: list, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+class _OpenOnLoad:
+    """Pickles to ``open(marker, "w")``: unpickling it creates the marker file (a live payload)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def marker_pickle(marker: Path) -> bytes:
+    """Pickle bytes whose *loading* creates ``marker`` (used to prove lora-ref never unpickles)."""
+    return pickle.dumps({PREFIX + "layer.q.lora_A.weight": _OpenOnLoad(marker)})
+
+
+# -- cases ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One malformed input: where it goes, which operation reads it, what must be raised."""
+
+    name: str
+    operation: str  # "merge" or "unmerge"
+    role: str  # "base", "adapter", "merged" or "residual": the input this case replaces
+    error: str  # class name in lora_ref.errors
+    reason: str
+    build: Callable[[Path, Path], None]  # (case_dir, fixtures_dir) -> writes the input
+
+
+CASES: list[Case] = []
+_ROLE_PATH = {"base": "base.safetensors", "adapter": "adapter", "merged": "merged.safetensors",
+              "residual": "residual.safetensors"}
+
+
+def case(name: str, role: str, error: str, reason: str, operation: str = "merge"):
+    """Register a builder writing ``<case_dir>/<role path>``."""
+    def register(build: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
+        CASES.append(Case(name, operation, role, error, reason, build))
+        return build
+    return register
+
+
+def st_case(name: str, reason: str, content: Callable[[Path], bytes], error: str = "FileFormatError") -> None:
+    """A malformed base checkpoint whose bytes are ``content(fixtures_dir)``."""
+    def build(case_dir: Path, fx: Path) -> None:
+        (case_dir / "base.safetensors").write_bytes(content(fx))
+    CASES.append(Case(name, "merge", "base", error, reason, build))
+
+
+def _good(fx: Path) -> bytes:
+    return (fx / "base.safetensors").read_bytes()
+
+
+def _header_len(blob: bytes) -> int:
+    return struct.unpack("<Q", blob[:8])[0]
+
+
+F32_4 = b"\x00" * 16  # data for one F32 tensor of 4 elements
+
+st_case("st_empty", "zero-byte file", lambda fx: b"")
+st_case("st_short_length", "5 bytes: shorter than the 8-byte header length", lambda fx: _good(fx)[:5])
+st_case("st_truncated_header", "cut inside the JSON header", lambda fx: _good(fx)[: 8 + _header_len(_good(fx)) // 2])
+st_case("st_truncated_data", "cut inside the tensor data (offsets now past the end)", lambda fx: _good(fx)[:-7])
+st_case("st_header_len_past_end", "header length 4 KiB in a 100-byte file",
+        lambda fx: raw_safetensors(b"{}" + b" " * 90, declared=4096))
+st_case("st_header_len_2_63", "header length 2^63: refused before any allocation",
+        lambda fx: raw_safetensors(b"{}", declared=2**63))
+st_case("st_header_over_limit", f"header length {MAX_HEADER_BYTES + 8} exceeds the 100 MB header limit",
+        lambda fx: raw_safetensors(b"{}", declared=MAX_HEADER_BYTES + 8))
+st_case("st_header_not_utf8", "header bytes are not UTF-8", lambda fx: raw_safetensors(b'{"\xff\xfe": 1}'))
+st_case("st_header_not_json", "header is not JSON", lambda fx: raw_safetensors(b"{dtype: F32,"))
+st_case("st_header_is_list", "header is a JSON array, not an object", lambda fx: raw_safetensors(b"[]"))
+st_case("st_header_deep_nesting", "100k nested arrays (RecursionError in a naive parser)",
+        lambda fx: raw_safetensors(b"[" * 100_000 + b"]" * 100_000))
+st_case("st_header_huge_int", "an integer with 5000 digits (ValueError in Python's int parser)",
+        lambda fx: raw_safetensors(b'{"w":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,0]}}'))
+st_case("st_duplicate_key", "the same tensor name twice (a parser would silently keep the last)",
+        lambda fx: raw_safetensors(
+            b'{"layer.q.weight":' + json.dumps(entry("F32", [4], 0, 16)).encode()
+            + b',"layer.q.weight":' + json.dumps(entry("F32", [4], 16, 32)).encode() + b"}", F32_4 * 2))
+st_case("st_overlapping_offsets", "two tensors share bytes",
+        lambda fx: raw_safetensors({"a": entry("F32", [4], 0, 16), "b": entry("F32", [4], 8, 24)}, F32_4 * 2))
+st_case("st_offsets_past_data", "data_offsets end past the data section",
+        lambda fx: raw_safetensors({"a": entry("F32", [4], 0, 16)}, b"\x00" * 8))
+st_case("st_offsets_reversed", "begin > end", lambda fx: raw_safetensors({"a": entry("F32", [0], 16, 0)}, F32_4))
+st_case("st_offsets_negative", "negative begin", lambda fx: raw_safetensors({"a": entry("F32", [4], -16, 0)}, F32_4))
+st_case("st_offsets_three", "data_offsets with three numbers",
+        lambda fx: raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8, 16]}}, F32_4))
+st_case("st_bytes_vs_shape", "shape [2, 4] F32 needs 32 bytes, offsets give 16",
+        lambda fx: raw_safetensors({"a": entry("F32", [2, 4], 0, 16)}, F32_4))
+st_case("st_dtype_vs_bytes", "F64 [4] needs 32 bytes, offsets give 16",
+        lambda fx: raw_safetensors({"a": entry("F64", [4], 0, 16)}, F32_4))
+st_case("st_unknown_dtype", "dtype F8_E9 does not exist",
+        lambda fx: raw_safetensors({"a": entry("F8_E9", [16], 0, 16)}, F32_4))
+st_case("st_dtype_not_string", "dtype is a list (unhashable: a TypeError in a naive lookup)",
+        lambda fx: raw_safetensors({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, F32_4))
+st_case("st_shape_negative", "negative axis", lambda fx: raw_safetensors({"a": entry("F32", [-4], 0, 16)}, F32_4))
+st_case("st_shape_float", "non-integer axis", lambda fx: raw_safetensors({"a": entry("F32", [4.0], 0, 16)}, F32_4))
+st_case("st_shape_70_axes", "70 axes (NumPy cannot represent them)",
+        lambda fx: raw_safetensors({"a": entry("F32", [1] * 70, 0, 4)}, b"\x00" * 4))
+st_case("st_shape_absurd_empty", "an empty tensor of nominal shape [0, 2^40, 2^40]",
+        lambda fx: raw_safetensors({"a": entry("F32", [0, 2**40, 2**40], 0, 0)}))
+st_case("st_metadata_not_strings", "__metadata__ values are numbers",
+        lambda fx: raw_safetensors({"__metadata__": {"format": 1}, "a": entry("F32", [4], 0, 16)}, F32_4))
+st_case("st_metadata_list", "__metadata__ is an empty list",
+        lambda fx: raw_safetensors({"__metadata__": [], "a": entry("F32", [4], 0, 16)}, F32_4))
+st_case("st_lone_surrogate_name", "a tensor name holding an unpaired UTF-16 surrogate",
+        lambda fx: raw_safetensors(b'{"\\ud800":' + json.dumps(entry("F32", [4], 0, 16)).encode() + b"}", F32_4))
+st_case("st_entry_not_object", "a tensor entry that is a string", lambda fx: raw_safetensors({"a": "F32"}))
+st_case("st_pickle_disguised", "a pickle renamed to .safetensors (read as a length, never unpickled)",
+        lambda fx: marker_pickle(fx.parent / "st_pickle_disguised" / PICKLE_MARKER))
+st_case("st_missing_target_key", "a valid checkpoint lacking layer.v.weight, which the adapter targets",
+        lambda fx: _without(fx / "base.safetensors", "layer.v.weight"), error="TargetNotFoundError")
+st_case("st_target_wrong_shape", "layer.q.weight is [5, 6] where the adapter needs [6, 5]",
+        lambda fx: _replaced(fx / "base.safetensors", "layer.q.weight", np.zeros((5, 6), np.float32)),
+        error="ShapeError")
+st_case("st_target_int_dtype", "layer.q.weight is int32: not a float weight",
+        lambda fx: _replaced(fx / "base.safetensors", "layer.q.weight", np.zeros((6, 5), np.int32)),
+        error="DTypeError")
+
+
+def _without(path: Path, key: str) -> bytes:
+    return _bytes_of({k: v for k, v in load_file(path).items() if k != key})
+
+
+def _replaced(path: Path, key: str, array: np.ndarray) -> bytes:
+    return _bytes_of({k: (array if k == key else v) for k, v in load_file(path).items()})
+
+
+def _bytes_of(tensors: dict[str, np.ndarray]) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(Path(tmp) / "t.safetensors", tensors)
+        return (Path(tmp) / "t.safetensors").read_bytes()
+
+
+# -- adapters -------------------------------------------------------------------------------------
+def adapter_case(name: str, error: str, reason: str, *, config: dict | None = None,
+                 config_text: str | None = None, tensors: Callable[[dict], dict] | None = None,
+                 weights_bytes: Callable[[bytes], bytes] | None = None) -> None:
+    """An adapter directory copied from the fixture, then broken in its config or its weights."""
+    def build(case_dir: Path, fx: Path) -> None:
+        target = case_dir / "adapter"
+        shutil.copytree(fx / "adapter", target)
+        if config is not None or config_text is not None:
+            text = config_text
+            if text is None:
+                data = json.loads((target / CONFIG_NAME).read_text())
+                data.update(config)
+                text = json.dumps(data)  # allow_nan: NaN is written as the (non-standard) literal
+            (target / CONFIG_NAME).write_text(text)
+        if tensors is not None:
+            (target / WEIGHTS_NAME).write_bytes(_bytes_of(tensors(load_file(target / WEIGHTS_NAME))))
+        if weights_bytes is not None:
+            (target / WEIGHTS_NAME).write_bytes(weights_bytes((target / WEIGHTS_NAME).read_bytes()))
+    CASES.append(Case(name, "merge", "adapter", error, reason, build))
+
+
+QA = PREFIX + "layer.q.lora_A.weight"
+QB = PREFIX + "layer.q.lora_B.weight"
+
+adapter_case("cfg_r_string", "ConfigError", 'r is the string "8"', config={"r": "8"})
+adapter_case("cfg_r_zero", "ConfigError", "r = 0", config={"r": 0})
+adapter_case("cfg_r_negative", "ConfigError", "r = -2", config={"r": -2})
+adapter_case("cfg_r_float", "ConfigError", "r = 2.0", config={"r": 2.0})
+adapter_case("cfg_alpha_nan", "ConfigError", "lora_alpha = NaN (JSON literal)", config={"lora_alpha": float("nan")})
+adapter_case("cfg_alpha_huge_int", "ConfigError", "lora_alpha = 10^400 (beyond float range)",
+             config_text=json.dumps({"r": 2, "lora_alpha": 10**400, "target_modules": ["q", "v"], "peft_type": "LORA"}))
+adapter_case("cfg_alpha_string", "ConfigError", 'lora_alpha = "16"', config={"lora_alpha": "16"})
+adapter_case("cfg_unknown_peft_type", "ConfigError", 'peft_type = "IA3"', config={"peft_type": "IA3"})
+adapter_case("cfg_targets_nothing", "ConfigError", "target_modules match none of the adapter's modules",
+             config={"target_modules": ["k_proj", "o_proj"]})
+adapter_case("cfg_targets_wrong_type", "ConfigError", "target_modules = 7", config={"target_modules": 7})
+adapter_case("cfg_targets_bad_regex", "ConfigError", "target_modules regex nested 2000 deep",
+             config={"target_modules": "(" * 2000 + ")" * 2000})
+adapter_case("cfg_dropout_range", "ConfigError", "lora_dropout = 1.5", config={"lora_dropout": 1.5})
+adapter_case("cfg_bool_string", "ConfigError", 'use_rslora = "yes"', config={"use_rslora": "yes"})
+adapter_case("cfg_rank_pattern_zero", "ConfigError", "rank_pattern gives a module r = 0",
+             config={"rank_pattern": {"q": 0}})
+adapter_case("cfg_alpha_pattern_repeat_overflow", "ConfigError", "alpha_pattern key a{99999999999}",
+             config={"alpha_pattern": {"a{99999999999}": 2}})
+adapter_case("cfg_not_json", "FileFormatError", "adapter_config.json is not JSON", config_text="{r: 8,")
+adapter_case("cfg_deep_json", "FileFormatError", "adapter_config.json nested 100k deep",
+             config_text="[" * 100_000 + "]" * 100_000)
+adapter_case("cfg_is_list", "ConfigError", "adapter_config.json is a JSON array", config_text="[]")
+adapter_case("cfg_rank_disagrees", "ConfigError", "config r = 4 but lora_A has rank 2", config={"r": 4})
+adapter_case("ad_missing_lora_B", "FileFormatError", "layer.q has lora_A but no lora_B",
+             tensors=lambda t: {k: v for k, v in t.items() if k != QB})
+adapter_case("ad_rank_mismatch", "ShapeError", "lora_A rank 2, lora_B rank 3",
+             tensors=lambda t: {**t, QB: np.zeros((6, 3), np.float32)})
+adapter_case("ad_int_dtype", "DTypeError", "lora_A is int32", tensors=lambda t: {**t, QA: np.zeros((2, 5), np.int32)})
+adapter_case("ad_nan_weights", "NonFiniteError", "lora_B holds NaN (refused at merge)",
+             tensors=lambda t: {**t, QB: np.full((6, 2), np.nan, np.float32)})
+adapter_case("ad_wrong_in_features", "ShapeError", "lora_A [2, 7] against a base weight with 5 inputs",
+             tensors=lambda t: {**t, QA: np.zeros((2, 7), np.float32)})
+adapter_case("ad_weights_truncated", "FileFormatError", "adapter_model.safetensors cut short",
+             weights_bytes=lambda b: b[: len(b) // 2])
+adapter_case("ad_no_lora_tensors", "FileFormatError", "weights hold no lora_A/lora_B keys",
+             tensors=lambda t: {"something.else": np.zeros(3, np.float32)})
+
+
+@case("ad_targets_missing_module", "adapter", "TargetNotFoundError", "the adapter targets layer.k, which the base lacks")
+def _targets_missing(case_dir: Path, fx: Path) -> None:
+    adapter = fixture_adapter()
+    adapter.config.target_modules = ["q", "v", "k"]
+    q = adapter.modules["layer.q"]
+    adapter.modules["layer.k"] = LoraModule("layer.k", q.A.copy(), q.B.copy())
+    save_adapter(adapter, case_dir / "adapter")
+
+
+def _pickle_dir(case_dir: Path, file_name: str, with_config: bool = True) -> None:
+    target = case_dir / "adapter"
+    target.mkdir(parents=True)
+    if with_config:
+        fixture_adapter().config.save(target)
+    (target / file_name).write_bytes(marker_pickle(case_dir / PICKLE_MARKER))
+
+
+@case("pickle_adapter_model_bin", "adapter", "UnsafeFileError",
+      "adapter_model.bin: a pickle whose loading would create a marker file; refused, never loaded")
+def _pickle_bin(case_dir: Path, fx: Path) -> None:
+    _pickle_dir(case_dir, "adapter_model.bin")
+
+
+@case("pickle_adapter_model_pt", "adapter", "UnsafeFileError", "adapter_model.pt (pickle), no config either")
+def _pickle_pt(case_dir: Path, fx: Path) -> None:
+    _pickle_dir(case_dir, "adapter_model.pt", with_config=False)
+
+
+@case("ad_not_a_directory", "adapter", "FileFormatError", "the adapter path is a file")
+def _not_dir(case_dir: Path, fx: Path) -> None:
+    (case_dir / "adapter").write_bytes(b"not a directory")
+
+
+@case("cfg_is_directory", "adapter", "FileFormatError", "adapter_config.json is a directory")
+def _config_dir(case_dir: Path, fx: Path) -> None:
+    shutil.copytree(fx / "adapter", case_dir / "adapter")
+    (case_dir / "adapter" / CONFIG_NAME).unlink()
+    (case_dir / "adapter" / CONFIG_NAME).mkdir()
+
+
+# -- residuals (exact unmerge of the fixture's merged checkpoint) ----------------------------------
+def residual_case(name: str, error: str, reason: str):
+    def register(make: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
+        CASES.append(Case(name, "unmerge", "residual", error, reason,
+                          lambda case_dir, fx: make(case_dir / "residual.safetensors", fx)))
+        return make
+    return register
+
+
+@residual_case("res_other_weight", "ResidualMismatchError", "residual of another base's merge (merged checksum differs)")
+def _res_other_weight(out: Path, fx: Path) -> None:
+    other = out.parent / "_other"
+    save_file(other / "base.safetensors", fixture_base(seed=7))
+    merge_checkpoint(other / "base.safetensors", fixture_adapter(), other / "merged.safetensors", residual_path=out)
+    shutil.rmtree(other)
+
+
+@residual_case("res_other_adapter", "ResidualMismatchError", "residual made with another adapter (delta checksum differs)")
+def _res_other_adapter(out: Path, fx: Path) -> None:
+    other = out.parent / "_other"
+    merge_checkpoint(fx / "base.safetensors", fixture_adapter(seed=5), other / "merged.safetensors", residual_path=out)
+    shutil.rmtree(other)
+
+
+@residual_case("res_no_metadata", "FileFormatError", "a plain safetensors file, no lora_ref.residual metadata")
+def _res_plain(out: Path, fx: Path) -> None:
+    save_file(out, {"x": np.zeros(2, np.float32)})
+
+
+@residual_case("res_metadata_not_json", "FileFormatError", "lora_ref.residual metadata is not JSON")
+def _res_bad_meta(out: Path, fx: Path) -> None:
+    tensors = load_file(fx / "residual.safetensors")
+    save_file(out, tensors, metadata={"lora_ref.residual": "{format: 1"})
+
+
+@residual_case("res_metadata_deep", "FileFormatError", "lora_ref.residual metadata nested 100k deep")
+def _res_deep_meta(out: Path, fx: Path) -> None:
+    save_file(out, {"x": np.zeros(1, np.float32)}, metadata={"lora_ref.residual": "[" * 100_000 + "]" * 100_000})
+
+
+@residual_case("res_untargeted_key", "FileFormatError", "residual for layer.q.bias, which the adapter does not target")
+def _res_untargeted(out: Path, fx: Path) -> None:
+    tensors = load_file(fx / "residual.safetensors")
+    meta = json.loads(_meta(fx / "residual.safetensors"))
+    meta["tensors"]["layer.q.bias"] = {"shape": [6], "dtype": "float32", "merged_digest": "0", "delta_digest": "0"}
+    tensors["layer.q.bias::indices"] = np.zeros(0, np.int64)
+    tensors["layer.q.bias::values"] = np.zeros(0, np.float32)
+    save_file(out, tensors, metadata={"lora_ref.residual": json.dumps(meta)})
+
+
+@residual_case("res_indices_wrong_dtype", "FileFormatError", "residual indices stored as float32")
+def _res_index_dtype(out: Path, fx: Path) -> None:
+    tensors = load_file(fx / "residual.safetensors")
+    key = next(k for k in tensors if k.endswith("::indices"))
+    tensors[key] = tensors[key].astype(np.float32)
+    save_file(out, tensors, metadata={"lora_ref.residual": _meta(fx / "residual.safetensors")})
+
+
+@residual_case("res_missing_entry", "FileFormatError", "metadata lists a tensor whose ::values are missing")
+def _res_missing(out: Path, fx: Path) -> None:
+    tensors = load_file(fx / "residual.safetensors")
+    key = next(k for k in tensors if k.endswith("::values"))
+    del tensors[key]
+    save_file(out, tensors, metadata={"lora_ref.residual": _meta(fx / "residual.safetensors")})
+
+
+def _meta(path: Path) -> str:
+    return read_metadata(path)["lora_ref.residual"]
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def inputs_for(root: Path, case_: Case) -> dict[str, Path]:
+    """The operation's input paths: the case's own file for its role, fixtures for the rest."""
+    roles = ("base", "adapter") if case_.operation == "merge" else ("merged", "adapter", "residual")
+    return {role: (root / case_.name if role == case_.role else root / FIXTURES) / _ROLE_PATH[role]
+            for role in roles}
+
+
+def build_corpus(root: str | Path) -> list[Case]:
+    """Write the fixtures, every case and ``manifest.json`` under ``root``; return the cases."""
+    root = Path(root)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    fx = write_fixtures(root)
+    manifest = []
+    for case_ in CASES:
+        case_dir = root / case_.name
+        case_dir.mkdir()
+        case_.build(case_dir, fx)
+        manifest.append({"name": case_.name, "operation": case_.operation, "role": case_.role,
+                         "error": case_.error, "reason": case_.reason,
+                         "inputs": {k: str(v.relative_to(root)) for k, v in inputs_for(root, case_).items()}})
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return list(CASES)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "generated"
+    cases = build_corpus(out)
+    print(f"wrote {len(cases)} malformed inputs to {out}")

@@ -1,0 +1,109 @@
+"""Every malformed input of the generated corpus is refused with its documented error class.
+
+For each case (tests/corpus/make_corpus.py) the operation that would consume it (merge or exact
+unmerge of a checkpoint) is run through the library and through the CLI. Asserted: the exact
+error class (not a subclass, not a built-in), CLI exit code 2 with a one-line message, no file
+in the output folder afterwards (no merged file, no residual, no leftover ``.partial``), the
+inputs unchanged, and no pickle payload executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corpus.make_corpus import CASES, FIXTURES, PICKLE_MARKER, build_corpus, inputs_for, marker_pickle
+from lora_ref import errors
+from lora_ref.adapter import load_adapter
+from lora_ref.checkpoint import merge_checkpoint, unmerge_checkpoint
+from lora_ref.cli import EXIT_USER_ERROR, main
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    build_corpus(root)
+    return root
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run_library(inputs: dict[str, Path], operation: str, out: Path) -> None:
+    adapter = load_adapter(inputs["adapter"])
+    if operation == "merge":
+        merge_checkpoint(inputs["base"], adapter, out / "merged.safetensors", residual_path=out / "residual.safetensors")
+    else:
+        unmerge_checkpoint(inputs["merged"], adapter, out / "base.safetensors", residual_path=inputs["residual"])
+
+
+def _cli_args(inputs: dict[str, Path], operation: str, out: Path) -> list[str]:
+    if operation == "merge":
+        return ["merge", str(inputs["base"]), str(inputs["adapter"]), "-o", str(out / "merged.safetensors"),
+                "--residual", str(out / "residual.safetensors")]
+    return ["unmerge", str(inputs["merged"]), str(inputs["adapter"]), "-o", str(out / "base.safetensors"),
+            "--residual", str(inputs["residual"])]
+
+
+def test_corpus_size_and_coverage() -> None:
+    assert len(CASES) >= 30
+    assert len({c.name for c in CASES}) == len(CASES)
+    documented = {"FileFormatError", "UnsafeFileError", "ConfigError", "ShapeError", "DTypeError",
+                  "NonFiniteError", "TargetNotFoundError", "ResidualMismatchError"}
+    assert documented <= {c.error for c in CASES}
+    for c in CASES:
+        assert issubclass(getattr(errors, c.error), errors.LoraRefError)
+
+
+@pytest.mark.parametrize("operation", ["merge", "unmerge"])
+def test_fixtures_are_valid(corpus: Path, tmp_path: Path, operation: str) -> None:
+    """Control: the same operation on the unbroken fixture succeeds and writes its outputs."""
+    fx = corpus / FIXTURES
+    inputs = {"base": fx / "base.safetensors", "merged": fx / "merged.safetensors",
+              "adapter": fx / "adapter", "residual": fx / "residual.safetensors"}
+    _run_library(inputs, operation, tmp_path)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == (["merged.safetensors", "residual.safetensors"] if operation == "merge" else ["base.safetensors"])
+    if operation == "unmerge":  # exact unmerge of the fixture restores the base byte for byte
+        assert (tmp_path / "base.safetensors").read_bytes() == (fx / "base.safetensors").read_bytes()
+
+
+def test_marker_pickle_is_live(tmp_path: Path) -> None:
+    """Control: unpickling the corpus' pickle payload really creates its marker file."""
+    marker = tmp_path / "marker"
+    blob = tmp_path / "payload.bin"
+    blob.write_bytes(marker_pickle(marker))
+    subprocess.run([sys.executable, "-c", f"import pickle; pickle.loads(open({str(blob)!r}, 'rb').read())"],
+                   check=True, timeout=60)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_refused_with_documented_error(corpus: Path, tmp_path: Path, case) -> None:
+    inputs = inputs_for(corpus, case)
+    before = _tree_digest(corpus)
+    with pytest.raises(errors.LoraRefError) as caught:
+        _run_library(inputs, case.operation, tmp_path)
+    assert type(caught.value).__name__ == case.error, f"{case.name}: {caught.value!r}"
+    assert str(caught.value).strip(), "the message must say what is wrong"
+    assert list(tmp_path.iterdir()) == [], "no output (nor .partial) may exist after a refused input"
+    assert _tree_digest(corpus) == before, "inputs must be left unchanged"
+    assert not (corpus / case.name / PICKLE_MARKER).exists(), "a pickle payload was executed"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cli_exit_code_2_one_line(corpus: Path, tmp_path: Path, case, capsys: pytest.CaptureFixture) -> None:
+    code = main(_cli_args(inputs_for(corpus, case), case.operation, tmp_path))
+    captured = capsys.readouterr()
+    assert code == EXIT_USER_ERROR
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-ref: error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+    assert not (corpus / case.name / PICKLE_MARKER).exists()
