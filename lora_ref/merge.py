@@ -17,6 +17,10 @@ adapter factors, so it cannot be applied to another weight or with another adapt
 Δ is produced by a *delta source* (:class:`lora_ref.linear.LinearDelta` and the other layer
 kinds) in row blocks over W's first axis, so the extra memory is one float64 block, not a
 float64 copy of W.
+
+A source whose merge is not additive (DoRA: W' = g ⊙ (W + Δ)) also defines
+``merge_block(rows, W64)`` and ``unmerge_block(rows, M64)`` (float64 in, float64 out, before the
+one rounding); merge/unmerge and the exact residual then use those instead of ±Δ.
 """
 
 from __future__ import annotations
@@ -87,6 +91,18 @@ def block_rows(shape: tuple[int, ...], block_bytes: int = BLOCK_BYTES) -> int:
     return max(1, block_bytes // (8 * max(row_elems, 1)))
 
 
+def merged_block(delta: DeltaSource, rows: slice, W64: np.ndarray) -> np.ndarray:
+    """The float64 merged value of W[rows] before rounding: W + Δ, or the source's own map."""
+    custom = getattr(delta, "merge_block", None)
+    return custom(rows, W64) if custom is not None else W64 + delta.block(rows)
+
+
+def unmerged_block(delta: DeltaSource, rows: slice, M64: np.ndarray) -> np.ndarray:
+    """The float64 unmerged value of W'[rows] before rounding: W' − Δ, or the source's inverse map."""
+    custom = getattr(delta, "unmerge_block", None)
+    return custom(rows, M64) if custom is not None else M64 - delta.block(rows)
+
+
 def _row_slices(n_rows: int, step: int):
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
@@ -139,10 +155,9 @@ def merge(
     flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
     for rows in _row_slices(W.shape[0], block_rows(W.shape, block_bytes)):
         original = np.array(W[rows])  # copy: ``out`` may alias W
-        d = delta.block(rows)
-        merged = round_to(original.astype(float64) + d, W.dtype)
+        merged = round_to(merged_block(delta, rows, original.astype(float64)), W.dtype)
         if exact:
-            restored = round_to(merged.astype(float64) - d, W.dtype)
+            restored = round_to(unmerged_block(delta, rows, merged.astype(float64)), W.dtype)
             differs = (bits_of(restored) != bits_of(original)).reshape(-1)
             positions = np.flatnonzero(differs)
             index_parts.append(positions.astype(np.int64) + rows.start * flat_row)
@@ -179,8 +194,7 @@ def unmerge(
         check_residual(residual, W_merged, delta)
     result = np.empty_like(W_merged) if out is None else out
     for rows in _row_slices(W_merged.shape[0], block_rows(W_merged.shape, block_bytes)):
-        d = delta.block(rows)
-        result[rows] = round_to(np.asarray(W_merged[rows], dtype=float64) - d, W_merged.dtype)
+        result[rows] = round_to(unmerged_block(delta, rows, np.asarray(W_merged[rows], dtype=float64)), W_merged.dtype)
     if residual is not None and residual.count:
         result.reshape(-1)[residual.indices] = residual.values
     return result
