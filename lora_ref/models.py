@@ -1,0 +1,153 @@
+"""Small reference models built from mixed-batch LoRA Linear layers, with NumPy forward/backward.
+
+Every Linear layer is :func:`lora_ref.mixed_batch.mixed_forward`: each batch row goes through
+the adapter its index names (-1: the base), so one forward/backward trains several adapters at
+once, each from its own rows only. Base weights are frozen; ``backward`` returns the LoRA
+gradients per adapter and dL/dx. Everything is float64 (train adapters in float64 and save
+them in the dtype you want).
+
+* :class:`TinyMLP`: x [batch, d_in] -> fc1 -> tanh -> fc2 -> y [batch, d_out].
+* :class:`TinyTransformer`: one pre-norm-free block on x [batch, T, d]:
+  h = x + o_proj(Attn(q_proj x, k_proj x, v_proj x)),  y = h + down_proj(tanh(up_proj h)),
+  with H heads of width d/H, causal softmax attention softmax(q k^T / sqrt(d/H) + M) v.
+  (tanh keeps the whole model smooth, so finite differences check the backward everywhere.)
+Weights use torch's layout and state_dict keys (``<module>.weight`` [out, in], ``<module>.bias``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .adapter import Adapter
+from .dtypes import float64
+from .errors import ShapeError
+from .mixed_batch import LoraFactors, factors_for, mixed_backward, mixed_forward
+
+#: Per-adapter LoRA gradients: grads[i][module] = {"A": dA, "B": dB}.
+AdapterGrads = list[dict[str, dict[str, np.ndarray]]]
+
+
+@dataclass
+class Tape:
+    """What a forward pass saves for its backward pass."""
+
+    index: np.ndarray
+    factors: dict[str, list[LoraFactors | None]]
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    saved: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class RoutedModel:
+    """Base class: frozen weights, Linear layers routed per row through adapters."""
+
+    #: (module, out_features, in_features) of every Linear layer, in forward order.
+    layers: tuple[tuple[str, int, int], ...] = ()
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.weights: dict[str, np.ndarray] = {}
+        for name, out_f, in_f in self.layers:  # torch's default Linear init: U(-1/sqrt(in), 1/sqrt(in))
+            bound = in_f**-0.5
+            self.weights[f"{name}.weight"] = rng.uniform(-bound, bound, (out_f, in_f))
+            self.weights[f"{name}.bias"] = rng.uniform(-bound, bound, out_f)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.layers)
+
+    def _tape(self, adapters: Sequence[Adapter], index: np.ndarray | Sequence[int]) -> Tape:
+        return Tape(np.asarray(index), {name: factors_for(adapters, name) for name in self.targets})
+
+    def _linear(self, name: str, x: np.ndarray, tape: Tape) -> np.ndarray:
+        tape.inputs[name] = x
+        return mixed_forward(x, self.weights[f"{name}.weight"], tape.factors[name], tape.index,
+                             bias=self.weights[f"{name}.bias"], out_dtype=float64)
+
+    def _linear_back(self, name: str, dy: np.ndarray, tape: Tape, grads: AdapterGrads) -> np.ndarray:
+        g = mixed_backward(tape.inputs[name], dy, self.weights[f"{name}.weight"], tape.factors[name], tape.index)
+        for i, (dA, dB) in enumerate(zip(g.dA, g.dB)):
+            if dA is not None:
+                grads[i][name] = {"A": dA, "B": dB}
+        return g.dx
+
+    def forward(self, x: np.ndarray, adapters: Sequence[Adapter], index: np.ndarray | Sequence[int]) -> tuple[np.ndarray, Tape]:
+        raise NotImplementedError
+
+    def backward(self, tape: Tape, dy: np.ndarray) -> tuple[np.ndarray, AdapterGrads]:
+        raise NotImplementedError
+
+
+class TinyMLP(RoutedModel):
+    """y = fc2(tanh(fc1(x))); x [batch, d_in]."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 4, seed: int = 0) -> None:
+        self.layers = (("fc1", hidden, d_in), ("fc2", d_out, hidden))
+        super().__init__(seed)
+
+    def forward(self, x, adapters, index):
+        tape = self._tape(adapters, index)
+        h = np.tanh(self._linear("fc1", np.asarray(x, dtype=float64), tape))
+        tape.saved["h"] = h
+        return self._linear("fc2", h, tape), tape
+
+    def backward(self, tape, dy):
+        grads: AdapterGrads = [{} for _ in next(iter(tape.factors.values()))]
+        dh = self._linear_back("fc2", dy, tape, grads)
+        dx = self._linear_back("fc1", dh * (1.0 - tape.saved["h"] ** 2), tape, grads)
+        return dx, grads
+
+
+class TinyTransformer(RoutedModel):
+    """One attention + MLP block (module doc); x [batch, T, d]."""
+
+    def __init__(self, d_model: int = 16, n_heads: int = 2, d_ff: int = 32, seed: int = 0) -> None:
+        if d_model % n_heads:
+            raise ShapeError(f"d_model={d_model} is not a multiple of n_heads={n_heads}")
+        self.n_heads = n_heads
+        d = d_model
+        self.layers = (("attn.q_proj", d, d), ("attn.k_proj", d, d), ("attn.v_proj", d, d), ("attn.o_proj", d, d),
+                       ("mlp.up_proj", d_ff, d), ("mlp.down_proj", d, d_ff))
+        super().__init__(seed)
+
+    def _heads(self, t: np.ndarray) -> np.ndarray:  # [b, T, d] -> [b, H, T, d/H]
+        b, T, d = t.shape
+        return t.reshape(b, T, self.n_heads, d // self.n_heads).transpose(0, 2, 1, 3)
+
+    def _merge_heads(self, t: np.ndarray) -> np.ndarray:  # [b, H, T, d/H] -> [b, T, d]
+        b, H, T, dh = t.shape
+        return t.transpose(0, 2, 1, 3).reshape(b, T, H * dh)
+
+    def forward(self, x, adapters, index):
+        x = np.asarray(x, dtype=float64)
+        if x.ndim != 3:
+            raise ShapeError(f"TinyTransformer takes x [batch, T, d], got {x.shape}")
+        tape = self._tape(adapters, index)
+        q, k, v = (self._heads(self._linear(f"attn.{p}_proj", x, tape)) for p in "qkv")
+        T = x.shape[1]
+        scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+        scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        h = x + self._linear("attn.o_proj", self._merge_heads(probs @ v), tape)
+        u = np.tanh(self._linear("mlp.up_proj", h, tape))
+        tape.saved.update(q=q, k=k, v=v, probs=probs, u=u)
+        return h + self._linear("mlp.down_proj", u, tape), tape
+
+    def backward(self, tape, dy):
+        s = tape.saved
+        grads: AdapterGrads = [{} for _ in next(iter(tape.factors.values()))]
+        du = self._linear_back("mlp.down_proj", dy, tape, grads)
+        dh = dy + self._linear_back("mlp.up_proj", du * (1.0 - s["u"] ** 2), tape, grads)
+        da = self._heads(self._linear_back("attn.o_proj", dh, tape, grads))
+        probs, q, k, v = s["probs"], s["q"], s["k"], s["v"]
+        dprobs = da @ v.transpose(0, 1, 3, 2)
+        dv = probs.transpose(0, 1, 3, 2) @ da
+        dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) / np.sqrt(q.shape[-1])
+        dq, dk = dscores @ k, dscores.transpose(0, 1, 3, 2) @ q
+        dx = dh
+        for p, d in (("q", dq), ("k", dk), ("v", dv)):
+            dx = dx + self._linear_back(f"attn.{p}_proj", self._merge_heads(d), tape, grads)
+        return dx, grads
