@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LoraConfig
+from .dora import check_magnitude
 from .dtypes import check_float_array
 from .errors import ConfigError, FileFormatError, ShapeError, UnsafeFileError
 from .safetensors_io import load_file, save_file
@@ -127,6 +128,14 @@ def validate_module(module: LoraModule, config: LoraConfig) -> None:
         )
     if module.lora_bias is not None and module.lora_bias.shape != (B.shape[0],):
         raise ShapeError(f"{module.name}: lora_B.bias has shape {module.lora_bias.shape}, expected ({B.shape[0]},)")
+    if config.use_dora and module.magnitude is None:
+        raise FileFormatError(f"{module.name}: use_dora is set but there is no lora_magnitude_vector for this module")
+    if module.magnitude is not None and not config.use_dora:
+        raise ConfigError(f"{module.name}: has a lora_magnitude_vector (DoRA) but the config's use_dora is false")
+    if module.magnitude is not None and module.lora_bias is not None:
+        raise ConfigError(f"{module.name}: DoRA with lora_bias is undefined (PEFT refuses it too)")
+    if module.magnitude is not None:
+        check_magnitude(module.magnitude, B.shape[0], module.name)  # one entry per output channel
 
 
 def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapter") -> tuple[dict[str, LoraModule], dict[str, np.ndarray]]:
@@ -182,7 +191,7 @@ def load_adapter(directory: str | Path, name: str = "default") -> Adapter:
             )
     try:
         return Adapter(config=config, modules=modules, name=name, extra_tensors=extra)
-    except (ShapeError, ConfigError) as exc:
+    except (ShapeError, ConfigError, FileFormatError) as exc:
         raise type(exc)(f"{weights}: {exc}") from None
 
 

@@ -8,6 +8,9 @@ written incrementally (its header is known before any data). The output is atomi
 Residual file (exact mode): a safetensors file with, per merged tensor ``<key>``, the tensors
 ``<key>::indices`` (int64) and ``<key>::values`` (the weight's dtype), and a metadata entry
 ``lora_ref.residual`` holding JSON: format version, and per key the shape and the two checksums.
+A DoRA module's merge is not additive and its unmerge needs the weight norm n of the unmerged
+weight (W' does not determine it), so the residual file also holds ``<key>::dora_norm``
+(float64 [C]); unmerging a DoRA checkpoint without it raises DoraNormMissingError.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from .adapter import Adapter
 from .deltas import delta_for
+from .dora import DoraDelta
 from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
 from .errors import FileFormatError, TargetNotFoundError
 from .merge import Residual, merge, unmerge
@@ -72,6 +76,7 @@ def merge_checkpoint(
     target_dtype = resolve_dtype(dtype, allow_float64=False) if dtype is not None else None
     report = CheckpointReport()
     residuals: dict[str, Residual] = {}
+    norms: dict[str, np.ndarray] = {}
     targets = {base_key(m): m for m in adapter.modules}
     with SafetensorsFile(base_path) as base:
         _check_targets(adapter, base)
@@ -91,8 +96,10 @@ def merge_checkpoint(
                 if name in targets:
                     if progress:
                         progress(name)
-                    result = merge(tensor, delta_for(adapter, targets[name]), exact=residual_path is not None,
-                                   allow_nonfinite=allow_nonfinite)
+                    delta = delta_for(adapter, targets[name], base=tensor)
+                    result = merge(tensor, delta, exact=residual_path is not None, allow_nonfinite=allow_nonfinite)
+                    if isinstance(delta, DoraDelta):
+                        norms[name] = delta.norm
                     tensor = result.weight
                     report.merged[name] = int(tensor.size)
                     if result.residual is not None:
@@ -102,7 +109,7 @@ def merge_checkpoint(
                 writer.write(name, tensor)
                 report.tensors_written += 1
     if residual_path is not None:
-        save_residuals(residual_path, residuals)
+        save_residuals(residual_path, residuals, norms)
     return report
 
 
@@ -116,6 +123,7 @@ def unmerge_checkpoint(
 ) -> CheckpointReport:
     """Write merged − adapter to ``out_path``; with the residual the result is bit-identical to the base."""
     residuals = load_residuals(residual_path) if residual_path is not None else {}
+    norms = load_dora_norms(residual_path) if residual_path is not None else {}
     targets = {base_key(m): m for m in adapter.modules}
     unknown = sorted(set(residuals) - set(targets))
     if unknown:
@@ -131,16 +139,17 @@ def unmerge_checkpoint(
                 if name in targets:
                     if progress:
                         progress(name)
-                    tensor = unmerge(tensor, delta_for(adapter, targets[name]), residual=residuals.get(name))
+                    delta = delta_for(adapter, targets[name], norm=norms.get(name))
+                    tensor = unmerge(tensor, delta, residual=residuals.get(name))
                     report.merged[name] = int(tensor.size)
                 writer.write(name, tensor)
                 report.tensors_written += 1
     return report
 
 
-def save_residuals(path: str | Path, residuals: dict[str, Residual]) -> None:
-    """Write residuals (see module doc) atomically."""
-    tensors: dict[str, np.ndarray] = {}
+def save_residuals(path: str | Path, residuals: dict[str, Residual], norms: dict[str, np.ndarray] | None = None) -> None:
+    """Write residuals and DoRA weight norms (see module doc) atomically."""
+    tensors: dict[str, np.ndarray] = {f"{key}::dora_norm": norm for key, norm in (norms or {}).items()}
     meta: dict[str, object] = {"format": RESIDUAL_FORMAT, "tensors": {}}
     for key, residual in residuals.items():
         tensors[f"{key}::indices"] = residual.indices
@@ -180,3 +189,15 @@ def load_residuals(path: str | Path) -> dict[str, Residual]:
             raise FileFormatError(f"{path}: residual entry {key!r} has inconsistent indices/values")
         residuals[key] = Residual(indices, values, shape, merged_digest, delta_digest)
     return residuals
+
+
+def load_dora_norms(path: str | Path) -> dict[str, np.ndarray]:
+    """The DoRA weight norms (``<key>::dora_norm``, float64 1-D) a residual file holds, by base key."""
+    suffix = "::dora_norm"
+    with SafetensorsFile(path) as handle:
+        names = [n for n in handle.keys() if n.endswith(suffix)]
+        norms = {n[: -len(suffix)]: np.array(handle.get(n)) for n in names}
+    for key, norm in norms.items():
+        if norm.dtype != np.float64 or norm.ndim != 1:
+            raise FileFormatError(f"{path}: DoRA norm of {key!r} must be a float64 vector, got {norm.dtype} {norm.shape}")
+    return norms

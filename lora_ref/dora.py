@@ -26,9 +26,22 @@ from typing import Protocol
 import numpy as np
 
 from .dtypes import check_float_array, float64, resolve_dtype, round_to
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, MergeStateError, ShapeError
 from .linear import check_lora_shapes
 from .merge import BLOCK_BYTES, DeltaSource, _row_slices, block_rows
+
+
+class DoraNormMissingError(MergeStateError):
+    """A DoRA merge/unmerge lacks the weight norm n (unmerge cannot recover it from W')."""
+
+
+def dora_axis(kind: str, fan_in_fan_out: bool = False) -> int:
+    """The output-channel axis of a stored base weight: what m indexes and n is not taken over."""
+    if kind == "embedding":
+        return 1  # W [num_embeddings, embedding_dim]: m per embedding dimension
+    if kind == "linear" and fan_in_fan_out:
+        return 1  # W stored [in, out]
+    return 0  # Linear [out, in], Conv [out, in, *k]
 
 
 class LayerOps(Protocol):
