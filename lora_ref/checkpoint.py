@@ -180,7 +180,10 @@ def load_residuals(path: str | Path) -> dict[str, Residual]:
     for key, info in meta["tensors"].items():
         try:
             indices, values = arrays[f"{key}::indices"], arrays[f"{key}::values"]
-            shape = tuple(int(d) for d in info["shape"])
+            shape = info["shape"]
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError(f"shape {str(shape)[:60]} is not a list of non-negative integers")
+            shape = tuple(shape)
             dtype = resolve_dtype(info["dtype"], allow_float64=False)
             merged_digest, delta_digest = str(info["merged_digest"]), str(info["delta_digest"])
         except (KeyError, TypeError, ValueError) as exc:
