@@ -1,0 +1,70 @@
+"""The dynamic graph: per targeted Linear site, y += (x · A_g) · B_g with A_g, B_g graph inputs.
+
+For module m, ``m.lora_A.weight`` is A_g = A^T [in, r] and ``m.lora_B.weight`` is B_g = s·B^T
+[r, out] (the Olive / onnxruntime-genai naming, so ``.onnx_adapter`` files made by either fit).
+The rank axis is symbolic (``<m>.lora_r``), and each input has a default initializer of rank 0,
+so a session fed no adapter computes x·A_g = [.., 0] and adds exact zeros: the base model.
+With ``max_rank`` R the axis is static (R) and the defaults are zeros [in, R] / [R, out]; an
+adapter of rank r <= R is zero-padded, which adds exact zeros (static shapes for TensorRT and
+CUDA graphs). Switching adapters in a live session is feeding other tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .editing import Namer, elem_type, lora_a_name, lora_b_name, np_dtype, rename_output, splice
+from .errors import UnsupportedGraphError
+from .locate import TargetSite
+
+
+def rank_dim(module: str) -> str:
+    """The symbolic rank dimension of ``module``'s LoRA inputs."""
+    return f"{module}.lora_r"
+
+
+def build_dynamic(
+    model: onnx.ModelProto,
+    sites: Mapping[str, Sequence[TargetSite]],
+    *,
+    max_rank: int | None = None,
+    progress=None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` with a LoRA branch on every site (see module docstring)."""
+    out = copy.deepcopy(model)
+    graph = out.graph
+    namer = Namer(graph)
+    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for step, (module, module_sites) in enumerate(sites.items()):
+        if progress:
+            progress(step, len(sites), module)
+        first = module_sites[0]
+        data_type = elem_type(graph, first.weight)
+        a_name, b_name = lora_a_name(module), lora_b_name(module)
+        for name in (a_name, b_name):
+            if name in namer.used:
+                raise UnsupportedGraphError(f"{module}: the graph already has a tensor named {name!r} (is it already a LoRA graph?)")
+            namer.used.add(name)
+        rank: int | str = max_rank if max_rank is not None else rank_dim(module)
+        width = max_rank or 0
+        graph.input.append(helper.make_tensor_value_info(a_name, data_type, [first.in_features, rank]))
+        graph.input.append(helper.make_tensor_value_info(b_name, data_type, [rank, first.out_features]))
+        dtype = np_dtype(data_type)
+        graph.initializer.append(numpy_helper.from_array(np.zeros((first.in_features, width), dtype), a_name))
+        graph.initializer.append(numpy_helper.from_array(np.zeros((width, first.out_features), dtype), b_name))
+        for site in module_sites:
+            base = rename_output(graph, site, namer)
+            xa, delta = namer(f"{module}.lora_xA"), namer(f"{module}.lora_delta")
+            after[site.node] += [
+                helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
+                helper.make_node("MatMul", [xa, b_name], [delta], name=namer(f"{module}.lora_B")),
+                helper.make_node("Add", [base, delta], [site.y], name=namer(f"{module}.lora_add")),
+            ]
+    splice(graph, after)
+    return out

@@ -1,0 +1,119 @@
+"""Small graph-editing helpers shared by the merged, dynamic and batched builders.
+
+Also the one place that turns a PEFT module into the graph's LoRA factors:
+
+    A_g = A^T            [in, r]
+    B_g = s · B^T        [r, out]     (scale folded into B)
+
+each computed in float64 and rounded once to the graph's dtype, so that
+x A_g B_g = s (x A^T) B^T, the LoRA term of SPEC 2.3 in PEFT's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lora_ref.adapter import Adapter
+from lora_ref.dtypes import round_to
+
+from .errors import ExportConfigError
+from .locate import TargetSite
+
+
+def lora_a_name(module: str) -> str:
+    """Graph input holding A^T [in, r] (Olive / onnxruntime-genai convention)."""
+    return f"{module}.lora_A.weight"
+
+
+def lora_b_name(module: str) -> str:
+    """Graph input holding s·B^T [r, out]."""
+    return f"{module}.lora_B.weight"
+
+
+def check_exportable(adapter: Adapter, module: str) -> None:
+    """Refuse adapter features the exported graphs do not express (typed ExportConfigError)."""
+    lora = adapter.modules[module]
+    where = f"adapter {adapter.name!r}, module {module}"
+    if lora.kind != "linear":
+        raise ExportConfigError(f"{where}: {lora.kind} LoRA layers are not exported to ONNX (Linear only)")
+    if adapter.config.use_dora or lora.magnitude is not None:
+        raise ExportConfigError(f"{where}: DoRA adapters are not exported to ONNX")
+    if lora.lora_bias is not None:
+        raise ExportConfigError(f"{where}: lora_bias is not exported to ONNX")
+
+
+def check_fits(adapter: Adapter, module: str, site: TargetSite) -> None:
+    """ShapeError unless the module's A [r, in] and B [out, r] fit the graph weight's in/out."""
+    from lora_ref.errors import ShapeError
+
+    lora = adapter.modules[module]
+    if lora.A.shape[1] != site.in_features or lora.B.shape[0] != site.out_features:
+        raise ShapeError(
+            f"adapter {adapter.name!r}, module {module}: lora_A {lora.A.shape} / lora_B {lora.B.shape} do not fit the "
+            f"graph weight {site.weight!r} ({site.in_features} in, {site.out_features} out)"
+        )
+
+
+def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(A^T [in, r'], s·B^T [r', out]) rounded once to ``dtype``; r' = ``pad_to`` (zero-padded) or r."""
+    check_exportable(adapter, module)
+    lora = adapter.modules[module]
+    r = lora.rank
+    width = r if pad_to is None else pad_to
+    if width < r:
+        raise ExportConfigError(f"adapter {adapter.name!r}, module {module}: rank {r} exceeds the maximum rank {width}")
+    A = np.zeros((lora.A.shape[1], width), np.float64)
+    B = np.zeros((width, lora.B.shape[0]), np.float64)
+    A[:, :r] = lora.A.astype(np.float64).T
+    B[:r, :] = adapter.scale_for(module) * lora.B.astype(np.float64).T
+    return round_to(A, dtype), round_to(B, dtype)
+
+
+class Namer:
+    """Fresh tensor/node names that collide with nothing already in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used: set[str] = {t.name for t in graph.initializer}
+        self.used.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+        for node in graph.node:
+            self.used.update(node.output)
+            self.used.update(node.input)
+            self.used.add(node.name)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def rename_output(graph: onnx.GraphProto, site: TargetSite, namer: Namer) -> str:
+    """Give the site node's output a fresh name and return it; the old name is then free for an Add."""
+    node = graph.node[site.node]
+    fresh = namer(f"{site.y}.base")
+    node.output[0] = fresh
+    return fresh
+
+
+def splice(graph: onnx.GraphProto, after: Mapping[int, Sequence[onnx.NodeProto]], prelude: Iterable[onnx.NodeProto] = ()) -> None:
+    """Rebuild ``graph.node`` with ``prelude`` first and ``after[i]`` inserted after node i (keeps topological order)."""
+    nodes = list(prelude)
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(i, ()))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def elem_type(graph: onnx.GraphProto, initializer: str) -> int:
+    """The TensorProto data type of initializer ``initializer``."""
+    return next(t.data_type for t in graph.initializer if t.name == initializer)
+
+
+def np_dtype(data_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))

@@ -1,0 +1,33 @@
+"""Typed errors of the ONNX exporter, each a subclass of the core's LoraRefError hierarchy."""
+
+from __future__ import annotations
+
+from lora_ref.errors import ConfigError, FileFormatError, ShapeError, TargetNotFoundError
+
+
+class GraphTargetNotFoundError(TargetNotFoundError):
+    """One or more adapted modules have no weight in the ONNX graph; the message lists what was tried."""
+
+
+class UnsupportedGraphError(FileFormatError):
+    """The graph uses a construct the exporter cannot rewrite (Gemm with transA, alpha != 1, ...)."""
+
+
+class IRVersionError(FileFormatError):
+    """The model needs an IR version or opset newer than the installed onnxruntime reads."""
+
+
+class AdapterNameError(FileFormatError):
+    """An ``.onnx_adapter`` (or a set of adapter tensors) does not fit the graph's LoRA inputs."""
+
+
+class AdapterIndexError(ShapeError):
+    """A batched graph's ``adapter_index`` holds a value outside [-1, N)."""
+
+
+class ExportConfigError(ConfigError):
+    """An export option or adapter feature the chosen graph kind cannot express."""
+
+
+class ProviderFallbackWarning(UserWarning):
+    """A requested execution provider is not the one that runs the session."""

@@ -1,0 +1,173 @@
+"""Load, check and write ONNX models at an IR version and opset the installed onnxruntime reads.
+
+onnx 1.23 stamps IR version 14 on new models; onnxruntime 1.31 reads IR <= 13 and default-domain
+opset <= 26. Rather than hard-coding those numbers, :func:`runtime_limits` asks the installed
+onnxruntime once (it loads a one-node model at descending IR versions / opsets), and
+:func:`make_loadable` lowers a model's ``ir_version`` to the smallest one its opsets need
+(``onnx.helper.find_min_ir_version_for``), refusing with :class:`IRVersionError` when even that is
+newer than the runtime reads. Every written model passes ``onnx.checker.check_model`` first.
+
+Models whose tensors exceed protobuf's 2 GiB message limit are written with external data
+(``<name>.data`` beside the model); both files are renamed into place only after a complete write.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lora_ref.atomic import atomic_path
+
+from .errors import IRVersionError
+
+#: protobuf cannot serialise messages of 2 GiB or more; models with more tensor bytes use external data.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Tensors at least this large go to the external data file when external data is used.
+EXTERNAL_MIN_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """The newest IR version and default-domain opset the installed onnxruntime loads."""
+
+    ir_version: int
+    opset: int
+
+
+def _probe_model(ir_version: int, opset: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def _loads(model: onnx.ModelProto) -> bool:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own untyped Fail/InvalidGraph
+        return False
+    return True
+
+
+@functools.cache
+def runtime_limits() -> RuntimeLimits:
+    """Probe the installed onnxruntime for its newest readable IR version and opset (cached)."""
+    opset = next((v for v in range(onnx.defs.onnx_opset_version(), 6, -1) if _loads(_probe_model(7, v))), None)
+    if opset is None:
+        raise IRVersionError("the installed onnxruntime loads no model at all (probe failed)")
+    ir = next(v for v in range(onnx.IR_VERSION, 2, -1) if _loads(_probe_model(v, opset)))
+    return RuntimeLimits(ir_version=ir, opset=opset)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain ("" or "ai.onnx") opset version."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise IRVersionError("the model imports no default-domain opset")
+
+
+def make_loadable(model: onnx.ModelProto, *, where: str = "model") -> onnx.ModelProto:
+    """Set ``model.ir_version`` (in place) to what its opsets need, within what onnxruntime reads.
+
+    Raises IRVersionError when the model's default opset, or the IR version its opsets need, is
+    newer than the installed onnxruntime supports.
+    """
+    limits = runtime_limits()
+    opset = default_opset(model)
+    if opset > limits.opset:
+        raise IRVersionError(
+            f"{where}: uses opset {opset}, but the installed onnxruntime reads opset <= {limits.opset}; "
+            "convert it with onnx.version_converter first"
+        )
+    needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if needed > limits.ir_version:
+        raise IRVersionError(
+            f"{where}: its opsets need IR version {needed}, but the installed onnxruntime reads IR <= {limits.ir_version}"
+        )
+    model.ir_version = max(needed, min(model.ir_version, limits.ir_version), 4)  # IR 4: initializers as overridable inputs
+    return model
+
+
+def check_readable(model: onnx.ModelProto, *, where: str = "model") -> None:
+    """Raise IRVersionError when onnxruntime cannot read ``model`` as it stands (no change made)."""
+    limits = runtime_limits()
+    if model.ir_version > limits.ir_version:
+        raise IRVersionError(
+            f"{where}: IR version {model.ir_version} is newer than the installed onnxruntime reads (<= {limits.ir_version}); "
+            "re-export it through lora_ref.export, which writes a readable IR version"
+        )
+    opset = default_opset(model)
+    if opset > limits.opset:
+        raise IRVersionError(f"{where}: opset {opset} is newer than the installed onnxruntime reads (<= {limits.opset})")
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file (external data included); a malformed file is a FileFormatError."""
+    from lora_ref.errors import FileFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
+        raise FileFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the graph's initializers (computed without serialising the model)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        total += count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Check ``model`` with onnx.checker and write it atomically; return the path written.
+
+    ``external_data=None`` chooses external data only when the tensors reach protobuf's 2 GiB
+    limit; True forces it (tensors >= EXTERNAL_MIN_BYTES go to ``<file name>.data``).
+    """
+    path = Path(path)
+    make_loadable(model, where=str(path))
+    use_external = tensor_bytes(model) >= PROTOBUF_LIMIT if external_data is None else external_data
+    if not use_external:
+        onnx.checker.check_model(model, full_check=False)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+        return path
+    data_name = f"{path.name}.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent) as staging:
+        staged = Path(staging) / path.name
+        # save_model converts the tensors in place; work on a copy so the caller's model keeps its data.
+        to_write = copy.deepcopy(model)
+        onnx.save_model(to_write, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
+        onnx.checker.check_model(str(staged))  # the path form handles > 2 GiB models
+        os.replace(Path(staging) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return path
+
+

@@ -1,0 +1,208 @@
+"""Run exported graphs in ONNX Runtime: explicit providers, adapter files, an adapter cache.
+
+* :func:`open_session` takes providers by short name (``"tensorrt"``, ``"cuda"``, ``"cpu"``) in
+  order of preference, drops (with a :class:`ProviderFallbackWarning`) those this onnxruntime
+  build lacks, always keeps CPU last, and reports which provider actually runs the nodes
+  (ORT's graph-assignment record), warning when the preferred one got none.
+* :meth:`LoraSession.run` with a :class:`LoadedAdapter` uses ``RunOptions.add_active_adapter``
+  with a plain ``run``: ORT ignores active adapters under IOBinding, so that path never binds.
+* :class:`AdapterCache` keeps many adapters resident in host memory as OrtValues and binds the
+  active one's tensors as ordinary inputs of an IOBinding. A switch re-binds host OrtValues (on
+  CPU: no copy) or copies them host-to-device into device buffers (``update_inplace`` when the
+  shape is unchanged, as with a fixed-max-rank graph); the session is never rebuilt.
+* :meth:`LoraSession.run_batched` checks ``adapter_index`` against the bank size first.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lora_ref.adapter import Adapter
+
+from .adapter_files import LoadedAdapter, adapter_tensors, load_onnx_adapter
+from .batched import INDEX_INPUT
+from .errors import AdapterIndexError, ProviderFallbackWarning
+from .graphio import check_readable, load_model
+from .slots import Slot, check_tensors, slots_from_model
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_DEVICE = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+def resolve_providers(preferred: Sequence[str]) -> list[str]:
+    """Full ORT provider names for short or full ``preferred`` names, unavailable ones dropped (warned), CPU last."""
+    available = ort.get_available_providers()
+    chosen = []
+    for name in preferred:
+        full = PROVIDERS.get(name.lower(), name)
+        if full not in available:
+            warnings.warn(f"execution provider {full} is not available in this onnxruntime build "
+                          f"(available: {available}); falling back", ProviderFallbackWarning, stacklevel=3)
+        elif full not in chosen:
+            chosen.append(full)
+    if PROVIDERS["cpu"] not in chosen:
+        chosen.append(PROVIDERS["cpu"])
+    return chosen
+
+
+class LoraSession:
+    """An InferenceSession over an exported graph, with its LoRA slots and provider report."""
+
+    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, providers: Sequence[str] = ("cpu",), *,
+                 options: ort.SessionOptions | None = None, provider_options: Sequence[dict] | None = None) -> None:
+        proto = model if isinstance(model, onnx.ModelProto) else _header_only(Path(model))
+        check_readable(proto, where=str(model) if not isinstance(model, onnx.ModelProto) else "model")
+        self.slots: dict[str, Slot] = slots_from_model(proto)
+        self.bank_sizes = {t.name: int(t.dims[0]) for t in proto.graph.initializer if t.name.endswith(".lora_A.bank")}
+        self.requested = list(providers)
+        chosen = resolve_providers(providers)
+        options = options or ort.SessionOptions()
+        options.log_severity_level = max(options.log_severity_level, 3)  # ORT warns about overridable initializers
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        kwargs = {"provider_options": list(provider_options)} if provider_options else {}
+        self.session = ort.InferenceSession(source, options, providers=chosen, **kwargs)
+        self.node_counts = Counter()
+        for subgraph in self.session.get_provider_graph_assignment_info():
+            self.node_counts[subgraph.ep_name] += len(subgraph.get_nodes())
+        preferred = PROVIDERS.get(self.requested[0].lower(), self.requested[0]) if self.requested else PROVIDERS["cpu"]
+        if self.node_counts.get(preferred, 0) == 0:
+            warnings.warn(f"{preferred} runs none of the graph's nodes; it runs on {dict(self.node_counts)}",
+                          ProviderFallbackWarning, stacklevel=2)
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the most nodes of this graph."""
+        return self.node_counts.most_common(1)[0][0] if self.node_counts else self.session.get_providers()[0]
+
+    @property
+    def device(self) -> str:
+        return _DEVICE.get(self.provider, "cpu")
+
+    def describe(self) -> str:
+        """e.g. ``CPUExecutionProvider (all 57 nodes)`` or ``CUDAExecutionProvider (50), CPUExecutionProvider (7)``."""
+        if len(self.node_counts) == 1:
+            (name, count), = self.node_counts.items()
+            return f"{name} (all {count} nodes)"
+        return ", ".join(f"{name} ({count})" for name, count in self.node_counts.most_common())
+
+    def load_adapter(self, path: str | os.PathLike[str]) -> LoadedAdapter:
+        """An ``.onnx_adapter`` file checked against this graph's LoRA inputs."""
+        return load_onnx_adapter(path, self.slots)
+
+    def run(self, feeds: Mapping[str, np.ndarray], adapter: LoadedAdapter | None = None, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Plain ``run``; with ``adapter`` through ``RunOptions.add_active_adapter`` (no IOBinding)."""
+        options = ort.RunOptions()
+        if adapter is not None:
+            options.add_active_adapter(adapter.lora)
+        return self.session.run(list(outputs) if outputs else None, dict(feeds), options)
+
+    def run_batched(self, feeds: Mapping[str, np.ndarray], adapter_index: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """Run a batched graph with ``adapter_index`` checked against the bank size (fed banks included)."""
+        index = np.asarray(adapter_index, dtype=np.int64)
+        if index.ndim != 1:
+            raise AdapterIndexError(f"{INDEX_INPUT} must be 1-D [batch], got shape {index.shape}")
+        sizes = {name: int(np.shape(feeds[name])[0]) if name in feeds else n for name, n in self.bank_sizes.items()}
+        if not sizes:
+            raise AdapterIndexError("this graph has no adapter banks (not a batched graph)")
+        n = min(sizes.values())
+        bad = index[(index < -1) | (index >= n)]
+        if bad.size:
+            raise AdapterIndexError(f"{INDEX_INPUT} holds {bad[:5].tolist()}: valid values are -1 (base) and 0..{n - 1}")
+        return self.session.run(None, {**feeds, INDEX_INPUT: index})
+
+
+def _header_only(path: Path) -> onnx.ModelProto:
+    """The model without external tensor data (enough for IR version, inputs and dims)."""
+    from lora_ref.errors import FileFormatError
+
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise FileFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def open_session(model: str | os.PathLike[str] | onnx.ModelProto, providers: Sequence[str] = ("cpu",), **kwargs) -> LoraSession:
+    """A :class:`LoraSession` (see module docstring)."""
+    return LoraSession(model, providers, **kwargs)
+
+
+class AdapterCache:
+    """Adapters resident in host memory as OrtValues; the active one bound with IOBinding.
+
+    ``add`` accepts a PEFT :class:`Adapter`, a loaded ``.onnx_adapter`` or a name -> array
+    mapping; every entry is checked against the graph's LoRA inputs. Modules an adapter does
+    not cover are bound to the graph's defaults (rank 0, or zeros at a static rank).
+    """
+
+    def __init__(self, session: LoraSession) -> None:
+        self.session = session
+        self.device = session.device
+        self._host: dict[str, dict[str, tuple[np.ndarray, ort.OrtValue]]] = {}
+        self._defaults = {name: self._host_value(slot.default()) for name, slot in session.slots.items()}
+        self._device_buffers: dict[str, ort.OrtValue] = {}
+        self.binding = session.session.io_binding()
+        for output in session.session.get_outputs():
+            self.binding.bind_output(output.name, self.device)
+        self.active: str | None = None
+        self.activate(None)
+
+    @staticmethod
+    def _host_value(array: np.ndarray) -> tuple[np.ndarray, ort.OrtValue]:
+        array = np.ascontiguousarray(array)
+        return array, ort.OrtValue.ortvalue_from_numpy(array)  # keep the array: the OrtValue views it
+
+    def add(self, name: str, adapter: Adapter | LoadedAdapter | Mapping[str, np.ndarray]) -> None:
+        """Keep ``adapter`` in host memory under ``name``."""
+        if isinstance(adapter, Adapter):
+            tensors = adapter_tensors(adapter, self.session.slots)
+        else:
+            tensors = dict(adapter.tensors if isinstance(adapter, LoadedAdapter) else adapter)
+            check_tensors({k: (np.shape(v), np.asarray(v).dtype) for k, v in tensors.items()}, self.session.slots, f"adapter {name!r}")
+        self._host[name] = {k: self._host_value(v) for k, v in tensors.items()}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._host
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    def activate(self, name: str | None) -> None:
+        """Bind adapter ``name`` (None: the base model) to the session's LoRA inputs."""
+        if name is not None and name not in self._host:
+            from lora_ref.errors import ConfigError
+
+            raise ConfigError(f"adapter {name!r} is not in the cache (have {sorted(self._host)})")
+        chosen = self._host.get(name, {}) if name is not None else {}
+        for slot in self.session.slots:
+            array, host = chosen.get(slot, self._defaults[slot])
+            self.binding.bind_ortvalue_input(slot, self._to_device(slot, array, host))
+        self.active = name
+
+    def _to_device(self, slot: str, array: np.ndarray, host: ort.OrtValue) -> ort.OrtValue:
+        if self.device == "cpu":
+            return host
+        buffer = self._device_buffers.get(slot)
+        if buffer is not None and tuple(buffer.shape()) == array.shape:
+            buffer.update_inplace(array)  # host-to-device copy into the bound buffer
+        else:
+            buffer = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            self._device_buffers[slot] = buffer
+        return buffer
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run with the active adapter; ``feeds`` are the graph's ordinary inputs."""
+        for key, value in feeds.items():
+            self.binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        self.session.session.run_with_iobinding(self.binding)
+        return self.binding.copy_outputs_to_cpu()

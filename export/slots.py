@@ -1,0 +1,101 @@
+"""The LoRA inputs a dynamic graph declares, and checks that a set of adapter tensors fits them.
+
+A slot is one graph input ``<module>.lora_A.weight`` ([in, r]) or ``<module>.lora_B.weight``
+([r, out]); r is symbolic (a string) or, in a fixed-max-rank graph, a number. Tensors fit when
+every name is a slot, each static axis matches, the dtype matches, and for each module the A
+and B tensors given agree on r. ORT itself would run the base model for a misspelt name in
+some paths and fail with a bare "Invalid input name" in others; these checks name the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import AdapterNameError
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One LoRA graph input: its name, its axes (int = static, str/None = symbolic) and dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    @property
+    def module(self) -> str:
+        return self.name[: -len(A_SUFFIX)] if self.name.endswith(A_SUFFIX) else self.name[: -len(B_SUFFIX)]
+
+    @property
+    def is_a(self) -> bool:
+        return self.name.endswith(A_SUFFIX)
+
+    @property
+    def rank(self) -> int | None:
+        """The static rank, or None when the rank axis is symbolic."""
+        axis = self.shape[1] if self.is_a else self.shape[0]
+        return axis if isinstance(axis, int) else None
+
+    def default(self) -> np.ndarray:
+        """What the graph's default initializer holds: zeros at the static rank, or rank 0."""
+        rank = self.rank or 0
+        shape = (self.shape[0], rank) if self.is_a else (rank, self.shape[1])
+        return np.zeros(shape, self.dtype)
+
+
+def _is_lora(name: str) -> bool:
+    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
+
+
+def slots_from_model(model: onnx.ModelProto) -> dict[str, Slot]:
+    """The LoRA slots of a dynamic graph (from its declared inputs)."""
+    slots = {}
+    for info in model.graph.input:
+        if _is_lora(info.name):
+            tensor = info.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+            slots[info.name] = Slot(info.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+    return slots
+
+
+_ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16), "tensor(double)": np.dtype(np.float64)}
+
+
+def slots_from_session(session) -> dict[str, Slot]:
+    """The LoRA slots of an onnxruntime.InferenceSession (inputs and overridable initializers)."""
+    slots = {}
+    for arg in (*session.get_inputs(), *session.get_overridable_initializers()):
+        if _is_lora(arg.name) and arg.type in _ORT_TYPES:
+            slots[arg.name] = Slot(arg.name, tuple(arg.shape), _ORT_TYPES[arg.type])
+    return slots
+
+
+def check_tensors(tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]], slots: Mapping[str, Slot], where: str) -> None:
+    """Raise AdapterNameError unless ``tensors`` (name -> (shape, dtype)) fit ``slots`` (see module doc)."""
+    if not tensors:
+        raise AdapterNameError(f"{where}: holds no tensors")
+    unknown = sorted(set(tensors) - set(slots))
+    if unknown:
+        hint = f"; the graph's LoRA inputs are e.g. {sorted(slots)[:4]}" if slots else "; the graph has no LoRA inputs (not a dynamic graph?)"
+        raise AdapterNameError(f"{where}: {len(unknown)} name(s) are not LoRA inputs of the graph: {unknown[:6]}{hint}")
+    ranks: dict[str, set[int]] = {}
+    for name, (shape, dtype) in tensors.items():
+        slot = slots[name]
+        if len(shape) != len(slot.shape) or any(isinstance(s, int) and s != d for s, d in zip(slot.shape, shape)):
+            raise AdapterNameError(f"{where}: {name} has shape {tuple(shape)}, the graph expects {slot.shape}")
+        if np.dtype(dtype) != slot.dtype:
+            raise AdapterNameError(f"{where}: {name} is {np.dtype(dtype)}, the graph expects {slot.dtype}")
+        ranks.setdefault(slot.module, set()).add(shape[1] if slot.is_a else shape[0])
+    mismatched = sorted(module for module, rs in ranks.items() if len(rs) > 1)
+    if mismatched:
+        raise AdapterNameError(f"{where}: lora_A and lora_B disagree on the rank of {mismatched}")
+    lonely = sorted(m for m in ranks if (m + A_SUFFIX in tensors) != (m + B_SUFFIX in tensors))
+    if lonely:
+        raise AdapterNameError(f"{where}: {lonely} have lora_A without lora_B or the reverse")
