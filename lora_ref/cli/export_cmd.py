@@ -1,0 +1,64 @@
+"""``lora-ref export MODEL.onnx ADAPTER_DIR... --mode merged|dynamic|batched -o OUT.onnx``.
+
+The exporter (``lora_ref.export``) imports onnx and onnxruntime; it is imported inside
+:func:`run` so that the rest of the CLI, and the core, never load them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..adapter import load_adapter
+
+#: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
+PROGRESS_MIN_BYTES = 64 * 2**20
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an ONNX graph with LoRA adapters: merged, dynamic or batched")
+    p.add_argument("model", help="base ONNX model (e.g. from torch.onnx.export(..., dynamo=True))")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories (batched: bank order)")
+    p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"])
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--base-weights", help="base .safetensors: find weights by value when names and metadata do not")
+    p.add_argument("--adapter-out", help="dynamic mode: write one <adapter>.onnx_adapter per adapter into this directory")
+    p.add_argument("--max-rank", type=int, help="static, zero-padded rank (dynamic: for TensorRT/CUDA graphs; batched: bank width)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage/compute dtype of the graph")
+    p.add_argument("--external-data", action="store_true", help="write tensors to OUT.onnx.data (automatic above 2 GiB)")
+    p.set_defaults(func=run)
+
+
+def _progress_printer(enabled: bool):
+    def progress(step: int, total: int, module: str) -> None:
+        width = 30
+        done = int(width * (step + 1) / max(total, 1))
+        print(f"\r  [{'#' * done}{'.' * (width - done)}] {step + 1}/{total} {module[:48]:<48}", end="", file=sys.stderr, flush=True)
+        if step + 1 == total:
+            print(file=sys.stderr)
+
+    return progress if enabled else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from lora_ref.export import export  # lazy: onnx / onnxruntime only when exporting
+    from lora_ref.export.graphio import load_model, tensor_bytes
+
+    names = [Path(d).resolve().name or "adapter" for d in args.adapters]
+    adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
+    model = load_model(args.model)
+    progress = _progress_printer(sys.stderr.isatty() or tensor_bytes(model) >= PROGRESS_MIN_BYTES)
+    report = export(model, adapters, args.mode, args.output, base_weights=args.base_weights, adapter_out=args.adapter_out,
+                    max_rank=args.max_rank, dtype=args.dtype, external_data=True if args.external_data else None,
+                    progress=progress)
+    found = report.found_by()
+    how = ", ".join(f"{count} by {way}" for way, count in sorted({w: list(found.values()).count(w) for w in found.values()}.items()))
+    print(f"{args.mode} graph with {len(adapters)} adapter(s), {len(found)} module(s) ({how}) -> {report.output}")
+    if args.mode == "batched":
+        for i, name in enumerate(names):
+            print(f"  adapter_index {i}: {name}")
+        print("  adapter_index -1: base model")
+    for name, path in report.adapter_files.items():
+        print(f"  {name}: {path}")
+    return 0
