@@ -16,7 +16,7 @@ import numpy as np
 from .adapter import Adapter
 from .checkpoint import base_key
 from .deltas import delta_for
-from .errors import MergeStateError, TargetNotFoundError
+from .errors import MergeStateError, ShapeError, TargetNotFoundError
 from .merge import Residual, digest_arrays, merge, unmerge
 
 
@@ -55,9 +55,11 @@ class MergeLedger:
             raise TargetNotFoundError(f"adapter {name!r} targets weights the model lacks: {', '.join(missing[:5])}")
         deltas = {m: delta_for(adapter, m) for m in adapter.modules}
         for module, delta in deltas.items():  # validate every module before touching any weight
-            if self.weights[base_key(module)].shape != delta.shape:
-                delta_shape = delta.shape
-                raise MergeStateError(f"{module}: weight {self.weights[base_key(module)].shape} vs delta {delta_shape}")
+            if self.weights[base_key(module)].shape != delta.shape:  # SPEC 3.7: adapter vs base dimensions
+                raise ShapeError(
+                    f"{module}: base weight {base_key(module)!r} has shape {self.weights[base_key(module)].shape} "
+                    f"but the adapter's delta has {delta.shape}"
+                )
         for module, delta in deltas.items():
             weight = self.weights[base_key(module)]
             result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)
