@@ -1,0 +1,118 @@
+"""``lora-ref conformance run|list|generate``: test an implementation against the frozen cases.
+
+Exit codes: 0 every selected case passed or was skipped, 1 a case failed or errored
+(or ``generate --check`` found a moved vector), 2 user error (bad flags, no suite, bad --impl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from ..atomic import write_text_atomic
+from ..errors import ConfigError
+from ..conformance.bridge import load_factory
+from ..conformance.generator import compare_suites, generate
+from ..conformance.layouts import LAYOUTS
+from ..conformance.report import table, to_json_text, to_junit
+from ..conformance.runner import COMPUTE_PROFILES, InProcessDriver, Selection, SubprocessDriver, run_suite, select_cases
+
+#: The suite shipped in the source tree (conformance/ beside the package).
+DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "conformance"
+
+
+def _suite(args: argparse.Namespace) -> Path:
+    suite = Path(args.suite) if args.suite else DEFAULT_SUITE
+    if not (suite / "manifest.json").is_file() and args.command_name != "generate":
+        raise ConfigError(f"{suite} is not a conformance suite (no manifest.json); pass --suite DIR")
+    return suite
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", help=f"suite directory with manifest.json and cases/ (default: {DEFAULT_SUITE})")
+    parser.add_argument("-k", dest="keywords", action="append", default=[], help="keep cases whose id contains this (repeatable: all must match)")
+    parser.add_argument("--group", action="append", default=[], help="keep this group (linear, embedding, ...); repeatable")
+    parser.add_argument("--dtype", action="append", default=[], choices=["float32", "float16", "bfloat16"], help="keep this dtype; repeatable")
+    parser.add_argument("--op", action="append", default=[], help="keep this operation (e.g. linear.merge); repeatable")
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(tuple(args.keywords), tuple(args.group), tuple(args.dtype), tuple(args.op))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    conformance = sub.add_parser("conformance", help="run the LoRA conformance suite against an implementation")
+    commands = conformance.add_subparsers(dest="conformance_command", required=True, parser_class=type(conformance))
+
+    run = commands.add_parser("run", help="run an implementation through the cases")
+    how = run.add_mutually_exclusive_group(required=True)
+    how.add_argument("--impl", help="in-process Python implementation, MODULE:FACTORY")
+    how.add_argument("--cmd", help='any-language implementation, run as: CMD run <case_dir> <out_dir>')
+    run.add_argument("--persistent", action="store_true", help="with --cmd: start 'CMD serve' once, one request per line")
+    run.add_argument("--layout", default="canonical", choices=sorted(LAYOUTS), help="tensor/scale convention of the implementation")
+    run.add_argument("--compute", default="float32", choices=COMPUTE_PROFILES,
+                     help="compute precision the bounds allow: float32 (SPEC minimum), float64, or storage (the case dtype)")
+    run.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
+    run.add_argument("--json", help="write the JSON report here")
+    run.add_argument("--junit", help="write a JUnit XML report here")
+    run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
+    _filters(run)
+    run.set_defaults(func=run_command, command_name="run")
+
+    listing = commands.add_parser("list", help="list the cases")
+    _filters(listing)
+    listing.set_defaults(func=list_command, command_name="list")
+
+    gen = commands.add_parser("generate", help="regenerate the frozen cases from the catalog")
+    gen.add_argument("--suite", help=f"where to write (default: {DEFAULT_SUITE})")
+    gen.add_argument("--check", action="store_true", help="do not write: regenerate elsewhere and fail if any file differs")
+    gen.set_defaults(func=generate_command, command_name="generate")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    suite = _suite(args)
+    if args.persistent and not args.cmd:
+        raise ConfigError("--persistent needs --cmd")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    if args.impl:
+        driver = InProcessDriver(load_factory(args.impl), name=args.impl)
+    else:
+        driver = SubprocessDriver(args.cmd, persistent=args.persistent)
+    result = run_suite(suite, driver, layout=args.layout, profile=args.compute, selection=_selection(args), timeout=args.timeout)
+    text = table(result)
+    if args.quiet:
+        text = "\n".join(line for line in text.splitlines() if "PASS" not in line.split())
+    print(text)
+    if args.json:
+        write_text_atomic(args.json, to_json_text(result))
+    if args.junit:
+        write_text_atomic(args.junit, to_junit(result))
+    if not result.results:
+        print("no case matched the filters", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def list_command(args: argparse.Namespace) -> int:
+    version, cases = select_cases(_suite(args), _selection(args))
+    for case_id, operation, dtype in cases:
+        print(f"{case_id:45s} {operation:20s} {dtype}")
+    print(f"{len(cases)} cases (suite {version})")
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    suite = _suite(args)
+    if not args.check:
+        ids = generate(suite)
+        print(f"wrote {len(ids)} cases and manifest.json to {suite}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lora-ref-regen-") as fresh:
+        generate(fresh)
+        problems = compare_suites(suite, fresh)
+    for problem in problems:
+        print(problem)
+    print("frozen cases reproduce bit for bit" if not problems else f"{len(problems)} files moved or differ")
+    return 0 if not problems else 1

@@ -1,0 +1,19 @@
+"""The LoRA conformance suite: frozen cases, bound-derived tolerances, and a runner.
+
+A *case* is a directory ``conformance/cases/<group>/<case>/`` holding ``case.json`` (the
+operation, its parameters, the storage dtype, the output names and the error bound of each
+output), ``inputs.safetensors`` (every input, stored in the case's dtype, PEFT layout) and
+``expected.safetensors`` (the exact result of each output rounded once to float64, plus the
+magnitude the bound needs). See SPEC.md, section "Conformance".
+
+Modules: :mod:`.exact` (exact dyadic arithmetic for the oracle), :mod:`.bounds` (forward
+error bounds and the per-element check), :mod:`.operations` (the table operation -> oracle +
+bound depth), :mod:`.catalog` (the list of frozen cases), :mod:`.generator` (writes them),
+:mod:`.casefile` (reads and validates a case directory), :mod:`.layouts` (PEFT / mlx-lm
+conventions), :mod:`.runner` (in-process and subprocess drivers), :mod:`.report`
+(table, JSON, JUnit), :mod:`.reference_impl` (lora_ref itself as an implementation),
+:mod:`.bridge` (any in-process implementation behind the subprocess protocol).
+"""
+
+#: Version of the case format and of the frozen case set; bump when a vector moves on purpose.
+SUITE_VERSION = "1.0.0"

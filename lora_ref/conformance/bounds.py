@@ -1,0 +1,120 @@
+"""Forward error bounds and the per-element conformance check (SPEC section C.3).
+
+An implementation receives inputs stored in the storage dtype t, may compute in any
+precision at least as fine as a *compute dtype* c (unit roundoff u_c), in any order, and
+returns outputs rounded to t. Each output element y is a sum of products of inputs (and the
+scale s); K is the longest chain of roundings any one product term can go through in a
+sensible evaluation (the contraction lengths along its path, plus the multiplications, the
+computation of s from alpha and r, and the final additions: see ``operations.py`` for each
+operation's K). The standard model of floating-point arithmetic gives, for every ordering
+(Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1 and Lemma 3.1):
+
+    |ŷ_c − y| ≤ E := γ_K(u_c) · M + K · η_c,       γ_K(u) = K u / (1 − K u),
+
+where M is the same expression evaluated on the absolute values of the inputs and |s|
+(stored per element as ``<name>.magnitude``), and η_c is c's smallest subnormal (each
+operation that underflows adds at most η_c / 2). Rounding ŷ_c once more to t adds at most
+half an ulp of t at |ŷ_c| ≤ |y| + E, so the tolerance is
+
+    tol = E + ½ ulp_t(|y| + E).
+
+A correctly rounded implementation has error ≤ ½ ulp_t(|y|), i.e. at most about half the
+tolerance; an implementation that rounds an intermediate to t (double rounding, a delta cast
+to the weight dtype, a product accumulated in fp16 when c = float32) exceeds it wherever the
+extra rounding moves the result to the wrong neighbour. The report gives max |ŷ − y| / tol
+(the fraction of the bound used) and the distance in ulps of t from round_t(y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, float16, float32, float64, round_to, ulp_distance
+
+#: Significand bits (with the hidden bit) and minimum normal exponent of each storage dtype.
+_PRECISION: dict[np.dtype, tuple[int, int]] = {
+    float64: (53, -1022),
+    float32: (24, -126),
+    float16: (11, -14),
+    bfloat16: (8, -126),
+}
+
+
+def gamma(k: int, u: float) -> float:
+    """γ_k = k u / (1 − k u); raises ValueError when k u ≥ 1 (the bound says nothing then)."""
+    if k * u >= 1.0:
+        raise ValueError(f"gamma_{k} undefined for u={u}: k*u >= 1")
+    return k * u / (1.0 - k * u)
+
+
+def ulp_at(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The spacing of dtype t at |value| = ``magnitude`` (>= 0): 2^(max(floor(log2 a), emin) − p + 1)."""
+    p, emin = _PRECISION[np.dtype(dtype)]
+    a = np.asarray(magnitude, dtype=float64)
+    with np.errstate(divide="ignore"):
+        _, e = np.frexp(a)  # a = m 2^e with m in [0.5, 1): floor(log2 a) = e - 1
+    exponent = np.maximum(np.where(a > 0, e - 1, emin), emin)
+    return np.ldexp(1.0, (exponent - (p - 1)).astype(np.int32))
+
+
+def tolerance(expected: np.ndarray, magnitude: np.ndarray, depth: int, storage: np.dtype, compute: np.dtype) -> np.ndarray:
+    """tol = E + ½ ulp_t(|y| + E), E = γ_K(u_c) M + K η_c (module docstring)."""
+    compute = np.dtype(compute)
+    error = gamma(depth, UNIT_ROUNDOFF[compute]) * np.asarray(magnitude, dtype=float64) + depth * SMALLEST_SUBNORMAL[compute]
+    return error + 0.5 * ulp_at(np.abs(expected) + error, storage)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """The verdict for one output tensor of one case."""
+
+    name: str
+    ok: bool
+    ratio: float  # max |ŷ − y| / tol over the elements (0 for an exact match; inf for a class mismatch)
+    ulps: int  # max distance in ulps of t from round_t(y) (or from the expected bits)
+    detail: str = ""
+
+
+def check_bounded(name: str, actual: np.ndarray, expected: np.ndarray, tol: np.ndarray, storage: np.dtype) -> OutputCheck:
+    """Pass when every finite element is within ``tol`` of the float64 oracle and non-finite ones match.
+
+    Where round_t(y) is NaN or ±inf (special values, overflow), the output must be NaN, or the
+    same infinity; everywhere else it must be finite and |ŷ − y| ≤ tol.
+    """
+    rounded = round_to(expected, storage)
+    got = np.asarray(actual).astype(float64)
+    special = ~np.isfinite(rounded.astype(float64))
+    same_special = np.where(np.isnan(rounded.astype(float64)), np.isnan(got), got == rounded.astype(float64))
+    bad_special = special & ~same_special
+    finite = ~special
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.where(finite, np.abs(got - expected), 0.0)
+        err = np.where(finite & ~np.isfinite(got), np.inf, err)
+        ratio_elems = np.where(finite, err / tol, 0.0)
+    ratio_elems = np.where(bad_special, np.inf, ratio_elems)
+    ratio = float(ratio_elems.max()) if ratio_elems.size else 0.0
+    ulps = int(ulp_distance(np.asarray(actual), rounded).max()) if rounded.size else 0
+    ok = bool(ratio <= 1.0)
+    detail = ""
+    if not ok:
+        where = np.unravel_index(int(np.argmax(ratio_elems)), ratio_elems.shape)
+        detail = (f"{name}{list(where)}: got {got[where]!r}, exact {expected[where]!r}, "
+                  f"|error| {err[where]:.3g} > bound {tol[where]:.3g}")
+        if bad_special[where]:
+            detail = f"{name}{list(where)}: got {got[where]!r}, expected {rounded.astype(float64)[where]!r} (special value)"
+    return OutputCheck(name, ok, ratio, ulps, detail)
+
+
+def check_bitwise(name: str, actual: np.ndarray, expected: np.ndarray) -> OutputCheck:
+    """Pass only when ``actual`` has exactly the bits of ``expected`` (NaN payloads, signed zeros)."""
+    actual = np.ascontiguousarray(actual)
+    differs = bits_of(actual) != bits_of(np.ascontiguousarray(expected))
+    ulps = int(ulp_distance(actual, expected).max()) if actual.size else 0
+    if not differs.any():
+        return OutputCheck(name, True, 0.0, ulps)
+    where = np.unravel_index(int(np.argmax(differs)), differs.shape)
+    detail = (f"{name}{list(where)}: bits {int(bits_of(actual)[where]):#x} differ from expected "
+              f"{int(bits_of(np.ascontiguousarray(expected))[where]):#x} ({int(differs.sum())} of {differs.size} elements)")
+    return OutputCheck(name, False, float("inf"), ulps, detail)

@@ -1,0 +1,213 @@
+"""The frozen case set: every case's operation, dtype, parameters, input shapes and seed.
+
+Inputs come from :class:`Stream`, a SplitMix64 generator written out here (not NumPy's,
+whose streams may change between releases), as multiples of 2^-23 in [-1, 1) times a
+power-of-two spread, then rounded once to the case dtype: the inputs, like the exact
+oracle, are bit-for-bit reproducible anywhere.
+
+To add cases for a new operation, append :class:`CaseSpec` entries in a ``_<kind>_cases``
+function and list it in :data:`BUILDERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from ..config import lora_scale
+from ..dtypes import STORAGE_DTYPES, round_to
+
+_MASK64 = (1 << 64) - 1
+ALL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Stream:
+    """SplitMix64 (Steele, Lea, Flood 2014): a tiny, fully specified pseudo-random stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _MASK64
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def uniform(self, shape: tuple[int, ...], spread: float = 1.0) -> np.ndarray:
+        """float64 values k/2^23 − 1 (k uniform in [0, 2^24)) times ``spread``: exact dyadics in [-spread, spread)."""
+        count = int(np.prod(shape, dtype=np.int64))
+        ints = np.array([self.next() >> 40 for _ in range(count)], dtype=np.float64)
+        return (ints / 2.0**23 - 1.0).reshape(shape) * spread
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One frozen case: ``inputs`` maps input names to (shape, spread); ``special`` edits them."""
+
+    group: str
+    name: str
+    operation: str
+    dtype: str
+    params: dict[str, Any]
+    inputs: dict[str, tuple[tuple[int, ...], float]]
+    seed: int
+    description: str
+    special: Callable[[dict[str, np.ndarray], np.dtype], None] | None = field(default=None, compare=False)
+
+    @property
+    def case_id(self) -> str:
+        return f"{self.group}/{self.name}"
+
+    def make_inputs(self) -> dict[str, np.ndarray]:
+        """The case inputs in the case dtype (masks: exact 0 or 1/(1-p) = 2 for p = 1/2)."""
+        dtype = STORAGE_DTYPES[self.dtype]
+        stream = Stream(self.seed)
+        arrays: dict[str, np.ndarray] = {}
+        for name, (shape, spread) in self.inputs.items():
+            values = stream.uniform(shape, spread)
+            if name == "dropout_mask":  # p = 1/2: keep with probability 1/2, kept values scaled by 2
+                values = np.where(values >= 0, 2.0, 0.0)
+            arrays[name] = round_to(values, dtype)
+        if self.special is not None:
+            self.special(arrays, dtype)
+        return arrays
+
+
+def linear_params(r: int, alpha: float, *, rslora: bool = False, fan_in_fan_out: bool = False, **extra: Any) -> dict[str, Any]:
+    """PEFT-style parameters plus the derived ``scale`` (for bare-scale layouts)."""
+    params = {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "fan_in_fan_out": fan_in_fan_out,
+              "scale": lora_scale(r, alpha, rslora)}
+    params.update(extra)
+    return params
+
+
+def _linear_inputs(rows: tuple[int, ...], n_in: int, n_out: int, r: int, *, fan_in_fan_out: bool = False,
+                   names: tuple[str, ...] = ("x", "W", "A", "B")) -> dict[str, tuple[tuple[int, ...], float]]:
+    shapes = {"x": (rows + (n_in,), 2.0), "dy": (rows + (n_out,), 1.0),
+              "W": ((n_in, n_out) if fan_in_fan_out else (n_out, n_in), 1.0),
+              "A": ((r, n_in), 1.0), "B": ((n_out, r), 1.0), "b": ((n_out,), 1.0), "lora_bias": ((n_out,), 0.5),
+              "dropout_mask": (rows + (n_in,), 1.0), "W_merged": ((n_out, n_in), 4.0)}
+    return {name: shapes[name] for name in names}
+
+
+def _special_weight(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """Put NaN (with payloads), ±inf, ±0, subnormals and an overflowing element into W.
+
+    Row 0: A >= 0 with A[:, 0] = 1 and B[0] = ulp(max finite), so Δ[0, 0] = s·r·ulp(max) >
+    ulp(max)/2 and W[0, 0] = max finite overflows to inf. Row 1: B[1] = 0, so Δ[1, :] = 0
+    exactly and W's specials there meet a zero delta.
+    """
+    W, A, B = arrays["W"], arrays["A"], arrays["B"]
+    info = ml_dtypes.finfo(dtype)
+    big_ulp = 2.0 ** (int(info.maxexp) - int(info.nmant) - 1)
+    A[...] = np.abs(A)
+    A[:, 0] = 1
+    B[0] = big_ulp
+    B[1] = 0
+    width = {2: np.uint16, 4: np.uint32}[dtype.itemsize]
+    quiet_nan_payload = {2: 0x7E01 if dtype == np.float16 else 0x7FC1, 4: 0x7FC00001}[dtype.itemsize]
+    sign_bit = 1 << (8 * dtype.itemsize - 1)
+    tiny = float(info.smallest_subnormal)
+    specials = [float(info.max), -float(info.max), np.inf, -np.inf, -0.0, 0.0, tiny, -tiny, 3 * tiny]
+    for j, value in enumerate(specials):
+        W[0, j + 1 if j else 0] = value
+        W[1, j] = value
+    nans = np.array([quiet_nan_payload, quiet_nan_payload | sign_bit], dtype=width).view(dtype)
+    W[2, 1:3] = nans
+    W[3, 0] = nans[0]
+
+
+def _linear_cases() -> Iterator[CaseSpec]:
+    seed = 1000
+    common = dict(rows=(3,), n_in=24, n_out=16, r=4)
+
+    def case(name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str, special=None) -> CaseSpec:
+        nonlocal seed
+        seed += 1
+        return CaseSpec("linear", f"{name}-{dtype}", operation, dtype, params, inputs, seed, description, special)
+
+    fwd = ("x", "W", "b", "A", "B")
+    for dtype in ALL_DTYPES:
+        yield case("forward-basic", "linear.forward", dtype, linear_params(4, 8, lora_dropout=0.1),
+                   _linear_inputs(**common, names=fwd), "alpha != r, bias; lora_dropout > 0 must be off at inference")
+        yield case("forward-rslora", "linear.forward", dtype, linear_params(4, 6, rslora=True),
+                   _linear_inputs((2, 3), 24, 16, 4, names=fwd), "rsLoRA: s = alpha/sqrt(r); 3-D input")
+        yield case("forward-fan_in_fan_out", "linear.forward", dtype, linear_params(4, 16, fan_in_fan_out=True),
+                   _linear_inputs((3,), 24, 16, 4, fan_in_fan_out=True, names=fwd), "W stored [in, out] (GPT-2 Conv1D)")
+    for dtype in ("float32", "bfloat16"):
+        yield case("forward-lora_bias", "linear.forward", dtype, linear_params(8, 16),
+                   _linear_inputs((4,), 20, 12, 8, names=fwd + ("lora_bias",)), "lora_bias, scaled by s as PEFT does")
+    yield case("forward-r1", "linear.forward", "float32", linear_params(1, 2),
+               _linear_inputs((3,), 24, 16, 1), "rank 1, no bias")
+    yield case("forward-r_gt_dims", "linear.forward", "float16", linear_params(32, 16),
+               _linear_inputs((2,), 12, 8, 32, names=fwd), "r = 32 larger than in = 12 and out = 8")
+    yield case("forward-batch1", "linear.forward", "bfloat16", linear_params(4, 8),
+               _linear_inputs((1,), 24, 16, 4, names=fwd), "batch of one row")
+    yield case("forward-empty_batch", "linear.forward", "float32", linear_params(4, 8),
+               _linear_inputs((0,), 24, 16, 4, names=fwd), "empty batch: y has shape [0, out]")
+    for dtype in ("float32", "float16"):
+        yield case("forward-dropout_mask", "linear.forward", dtype, linear_params(4, 8, lora_dropout=0.5),
+                   _linear_inputs((3,), 24, 16, 4, names=fwd + ("dropout_mask",)),
+                   "training: the given inverted-dropout mask (0 or 2) multiplies the LoRA input only")
+
+    bwd = ("x", "dy", "W", "A", "B")
+    for dtype in ALL_DTYPES:
+        yield case("backward-basic", "linear.backward", dtype, linear_params(4, 8, want_base_grads=True),
+                   _linear_inputs((3,), 24, 16, 4, names=bwd), "dx, dA, dB and the base gradients dW, db")
+    yield case("backward-rslora", "linear.backward", "float32", linear_params(4, 6, rslora=True),
+               _linear_inputs((2, 3), 24, 16, 4, names=bwd), "rsLoRA scale in every LoRA gradient")
+    for dtype in ("float32", "bfloat16"):
+        yield case("backward-fan_in_fan_out", "linear.backward", dtype, linear_params(4, 16, fan_in_fan_out=True, want_base_grads=True),
+                   _linear_inputs((3,), 24, 16, 4, fan_in_fan_out=True, names=bwd), "dW in the stored [in, out] layout")
+    for dtype in ("float32", "float16"):
+        yield case("backward-dropout_mask", "linear.backward", dtype, linear_params(4, 8, lora_dropout=0.5),
+                   _linear_inputs((3,), 24, 16, 4, names=bwd + ("dropout_mask",)), "the mask enters dx's LoRA part, dA and dB")
+    yield case("backward-r_gt_dims", "linear.backward", "float32", linear_params(32, 16),
+               _linear_inputs((2,), 12, 8, 32, names=bwd), "r larger than both dimensions")
+    yield case("backward-empty_batch", "linear.backward", "float32", linear_params(4, 8, want_base_grads=True),
+               _linear_inputs((0,), 24, 16, 4, names=bwd), "empty batch: all parameter gradients are zero")
+
+    mrg = ("W", "A", "B")
+    for dtype in ALL_DTYPES:
+        yield case("merge-basic", "linear.merge", dtype, linear_params(4, 8),
+                   _linear_inputs((), 48, 32, 4, names=mrg), "W + s B A rounded once")
+        yield case("merge-rslora", "linear.merge", dtype, linear_params(9, 6, rslora=True),
+                   _linear_inputs((), 32, 24, 9, names=mrg), "rsLoRA merge, r = 9 (s = alpha/3)")
+        yield case("merge-special", "linear.merge", dtype, linear_params(4, 8),
+                   _linear_inputs((), 16, 8, 4, names=mrg), "NaN payloads, +-inf, +-0, subnormals, overflow to inf",
+                   _special_weight)
+    for dtype in ("float32", "bfloat16"):
+        yield case("merge-fan_in_fan_out", "linear.merge", dtype, linear_params(4, 16, fan_in_fan_out=True),
+                   _linear_inputs((), 32, 24, 4, fan_in_fan_out=True, names=mrg), "delta transposed to [in, out]")
+    yield case("merge-r1", "linear.merge", "float16", linear_params(1, 1), _linear_inputs((), 32, 24, 1, names=mrg), "rank 1")
+    yield case("merge-r_gt_dims", "linear.merge", "bfloat16", linear_params(16, 32),
+               _linear_inputs((), 12, 8, 16, names=mrg), "r = 16 larger than both dimensions")
+
+    for dtype in ALL_DTYPES:
+        yield case("unmerge-fast", "linear.unmerge", dtype, linear_params(4, 8, exact=False),
+                   _linear_inputs((), 48, 32, 4, names=("W_merged", "A", "B")), "W_merged - s B A rounded once")
+        yield case("unmerge-exact", "linear.unmerge", dtype, linear_params(4, 8, exact=True),
+                   _linear_inputs((), 48, 32, 4, names=mrg), "exact round trip: merge, then unmerge with the residual -> W's bits")
+        yield case("unmerge-exact_special", "linear.unmerge", dtype, linear_params(4, 8, exact=True),
+                   _linear_inputs((), 16, 8, 4, names=mrg), "exact round trip through NaN payloads, inf, -0, subnormals, overflow",
+                   _special_weight)
+    yield case("unmerge-fan_in_fan_out", "linear.unmerge", "float16", linear_params(4, 16, fan_in_fan_out=True, exact=True),
+               _linear_inputs((), 32, 24, 4, fan_in_fan_out=True, names=mrg), "exact round trip, W stored [in, out]")
+
+
+#: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases]
+
+
+def all_cases() -> list[CaseSpec]:
+    """Every frozen case, in a fixed order."""
+    specs = [spec for build in BUILDERS for spec in build()]
+    ids = [spec.case_id for spec in specs]
+    if len(set(ids)) != len(ids):
+        raise AssertionError("duplicate case ids in the catalog")
+    return specs

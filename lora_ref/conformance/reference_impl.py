@@ -1,0 +1,80 @@
+"""lora_ref itself as a conformance implementation (``--impl lora_ref.conformance.reference_impl:factory``).
+
+Takes the canonical or ``peft`` layout: s comes from ``scale`` when given, else from
+lora_alpha / r (or / sqrt(r) with use_rslora). Every operation is a thin call into the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..config import lora_scale
+from ..linear import LinearDelta, backward, forward
+from ..merge import merge, unmerge
+
+Arrays = dict[str, np.ndarray]
+
+
+def scale_of(params: Mapping[str, Any]) -> float:
+    """``scale`` if present, else derived from r, lora_alpha and use_rslora (SPEC 2.2)."""
+    if "scale" in params:
+        return float(params["scale"])
+    return lora_scale(int(params["r"]), float(params["lora_alpha"]), bool(params.get("use_rslora", False)))
+
+
+def _linear_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    y = forward(inputs["x"], inputs["W"], inputs["A"], inputs["B"], scale_of(params), bias=inputs.get("b"),
+                lora_bias=inputs.get("lora_bias"), dropout_mask=inputs.get("dropout_mask"),
+                fan_in_fan_out=bool(params.get("fan_in_fan_out", False)))
+    return {"y": y}
+
+
+def _linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    want_base = bool(params.get("want_base_grads", False))
+    grads = backward(inputs["x"], inputs["dy"], inputs["W"], inputs["A"], inputs["B"], scale_of(params),
+                     dropout_mask=inputs.get("dropout_mask"), fan_in_fan_out=bool(params.get("fan_in_fan_out", False)),
+                     want_base_grads=want_base)
+    outputs = {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB}
+    if want_base:
+        outputs.update(dW=grads.dW, db=grads.db)
+    return outputs
+
+
+def _delta(params: Mapping[str, Any], inputs: Arrays) -> LinearDelta:
+    return LinearDelta(inputs["A"], inputs["B"], scale_of(params), fan_in_fan_out=bool(params.get("fan_in_fan_out", False)))
+
+
+def _linear_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"W_merged": merge(inputs["W"], _delta(params, inputs)).weight}
+
+
+def _linear_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    delta = _delta(params, inputs)
+    if not params.get("exact", False):
+        return {"W": unmerge(inputs["W_merged"], delta)}
+    merged = merge(inputs["W"], delta, exact=True)
+    return {"W_merged": merged.weight, "W_restored": unmerge(merged.weight, delta, residual=merged.residual)}
+
+
+OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
+    "linear.forward": _linear_forward,
+    "linear.backward": _linear_backward,
+    "linear.merge": _linear_merge,
+    "linear.unmerge": _linear_unmerge,
+}
+
+
+class ReferenceImplementation:
+    """The conformance protocol object: ``run(op, params, inputs) -> outputs``."""
+
+    def run(self, op: str, params: dict[str, Any], inputs: Arrays) -> Arrays:
+        if op not in OPERATIONS:
+            raise NotImplementedError(f"lora_ref does not implement {op!r}")
+        return OPERATIONS[op](params, inputs)
+
+
+def factory() -> ReferenceImplementation:
+    return ReferenceImplementation()
