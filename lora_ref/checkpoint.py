@@ -27,7 +27,7 @@ from .deltas import delta_for
 from .dora import DoraDelta
 from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
 from .errors import FileFormatError, TargetNotFoundError
-from .merge import Residual, merge, unmerge
+from .merge import BLOCK_BYTES, Residual, block_rows, merge, unmerge
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, load_file, save_file
 
 RESIDUAL_FORMAT = "lora-ref-residual/1"
@@ -67,11 +67,14 @@ def merge_checkpoint(
     dtype: object = None,
     allow_nonfinite: bool = False,
     progress: Callable[[str], None] | None = None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> CheckpointReport:
     """Write base + adapter to ``out_path``; with ``residual_path`` merge exactly and save the residual.
 
     ``dtype`` converts every floating tensor (rounded once) before merging; the residual then
-    restores the converted base.
+    restores the converted base. Converted and merged tensors are computed straight into the
+    memory-mapped output in float64 row blocks of about ``block_bytes``; copied tensors go from
+    the mapped input to the file. The heap holds a few blocks plus, in exact mode, the residuals.
     """
     target_dtype = resolve_dtype(dtype, allow_float64=False) if dtype is not None else None
     report = CheckpointReport()
@@ -91,13 +94,20 @@ def merge_checkpoint(
         with SafetensorsWriter(out_path, specs, base.metadata) as writer:
             for name in names:
                 tensor = base.get(name)
+                if out_dtype(name) == tensor.dtype and name not in targets:
+                    writer.write(name, tensor)
+                    report.tensors_written += 1
+                    continue
+                out = writer.reserve(name)
                 if out_dtype(name) != tensor.dtype:
-                    tensor = round_to(tensor.astype(np.float64), out_dtype(name))
+                    _convert_into(tensor, out, block_bytes)
+                    tensor = out
                 if name in targets:
                     if progress:
                         progress(name)
                     delta = delta_for(adapter, targets[name], base=tensor)
-                    result = merge(tensor, delta, exact=residual_path is not None, allow_nonfinite=allow_nonfinite)
+                    result = merge(tensor, delta, exact=residual_path is not None, allow_nonfinite=allow_nonfinite,
+                                   out=out, block_bytes=block_bytes)
                     if isinstance(delta, DoraDelta):
                         norms[name] = delta.norm
                     tensor = result.weight
@@ -106,7 +116,6 @@ def merge_checkpoint(
                         residuals[name] = result.residual
                         report.residual_counts[name] = result.residual.count
                         report.residual_bytes += result.residual.nbytes
-                writer.write(name, tensor)
                 report.tensors_written += 1
     if residual_path is not None:
         save_residuals(residual_path, residuals, norms)
@@ -120,8 +129,12 @@ def unmerge_checkpoint(
     *,
     residual_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> CheckpointReport:
-    """Write merged − adapter to ``out_path``; with the residual the result is bit-identical to the base."""
+    """Write merged − adapter to ``out_path``; with the residual the result is bit-identical to the base.
+
+    Streams like :func:`merge_checkpoint` (row blocks of about ``block_bytes`` into the mapped output).
+    """
     residuals = load_residuals(residual_path) if residual_path is not None else {}
     norms = load_dora_norms(residual_path) if residual_path is not None else {}
     targets = {base_key(m): m for m in adapter.modules}
@@ -140,11 +153,24 @@ def unmerge_checkpoint(
                     if progress:
                         progress(name)
                     delta = delta_for(adapter, targets[name], norm=norms.get(name))
-                    tensor = unmerge(tensor, delta, residual=residuals.get(name))
+                    unmerge(tensor, delta, residual=residuals.get(name), out=writer.reserve(name),
+                            block_bytes=block_bytes)
                     report.merged[name] = int(tensor.size)
-                writer.write(name, tensor)
+                else:
+                    writer.write(name, tensor)
                 report.tensors_written += 1
     return report
+
+
+def _convert_into(source: np.ndarray, out: np.ndarray, block_bytes: int) -> None:
+    """out = round_t(source), t = out's dtype (one rounding from float64), a row block at a time."""
+    if source.ndim == 0:
+        out[...] = round_to(np.asarray(source, dtype=np.float64), out.dtype)
+        return
+    step = block_rows(source.shape, block_bytes)
+    for start in range(0, source.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = round_to(np.asarray(source[rows], dtype=np.float64), out.dtype)
 
 
 def save_residuals(path: str | Path, residuals: dict[str, Residual], norms: dict[str, np.ndarray] | None = None) -> None:

@@ -261,9 +261,9 @@ def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metada
 class SafetensorsWriter:
     """Write a safetensors file one tensor at a time, atomically.
 
-    The header is written first from ``specs`` (name, dtype, shape); then ``write`` must be
-    called once per tensor in that order. On an exception, or if tensors are missing at
-    close, nothing is left at ``path``.
+    The header is written first from ``specs`` (name, dtype, shape); then ``write`` (or
+    ``reserve``) must be called once per tensor in that order. On an exception, or if tensors are
+    missing at close, nothing is left at ``path``.
     """
 
     def __init__(
@@ -285,23 +285,52 @@ class SafetensorsWriter:
     def __enter__(self) -> SafetensorsWriter:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
-        self._handle = open(tmp, "wb")
+        self._handle = open(tmp, "w+b")  # readable too, so ``reserve`` can map it
         self._handle.write(self._header)
         return self
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Append the next tensor; its name, dtype and shape must match the declared spec."""
+    def _check_next(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         if self._next >= len(self._specs):
             raise FileFormatError(f"{self.path}: unexpected extra tensor {name!r}")
         want_name, want_dtype, want_shape = self._specs[self._next]
-        array = np.asarray(array)
-        if name != want_name or array.dtype != want_dtype or array.shape != want_shape:
+        if name != want_name or dtype != want_dtype or shape != want_shape:
             raise FileFormatError(
                 f"{self.path}: expected tensor {want_name!r} {want_dtype} {want_shape}, "
-                f"got {name!r} {array.dtype} {array.shape}"
+                f"got {name!r} {dtype} {shape}"
             )
-        self._handle.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor; its name, dtype and shape must match the declared spec.
+
+        A contiguous little-endian array (a memory-mapped input tensor, say) is written from its
+        own buffer, without an in-memory copy.
+        """
+        array = np.asarray(array)
+        self._check_next(name, array.dtype, array.shape)
+        array = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        if array.size:
+            self._handle.write(array.reshape(-1).view(np.uint8).data)
         self._next += 1
+
+    def reserve(self, name: str) -> np.ndarray:
+        """The next tensor's bytes in the output, as a writable memory-mapped array to fill in place.
+
+        Lets a merge write a tensor larger than memory block by block (``merge(..., out=...)``):
+        only the blocks being computed are in memory. Contents not assigned read as zeros.
+        """
+        if self._next >= len(self._specs):
+            raise FileFormatError(f"{self.path}: unexpected extra tensor {name!r}")
+        _, want_dtype, want_shape = self._specs[self._next]
+        self._check_next(name, want_dtype, want_shape)
+        self._next += 1
+        nbytes = int(np.prod(want_shape, dtype=np.int64)) * want_dtype.itemsize
+        if nbytes == 0:
+            return np.zeros(want_shape, dtype=want_dtype)
+        self._handle.flush()
+        offset = self._handle.tell()
+        self._handle.truncate(offset + nbytes)
+        self._handle.seek(offset + nbytes)
+        return np.memmap(self._handle, dtype=want_dtype, mode="r+", offset=offset, shape=want_shape)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._handle.close()
