@@ -1,0 +1,110 @@
+"""Peak memory of checkpoint merge/unmerge is bounded by the row block, not by the model or a tensor.
+
+The test sets a memory cap from the block size, builds a checkpoint several times larger than
+the cap (each tensor alone is larger than the cap too), merges and unmerges it, and measures the
+peak of Python/NumPy heap allocations with tracemalloc (NumPy reports its data buffers to it).
+Memory-mapped input and output pages are file-backed page cache, not heap, so they are not
+counted: that is the point of streaming. Asserted against the bound, never against time.
+
+The bound. A merge keeps at most ``LIVE_BLOCKS`` block-sized float64 temporaries alive at once:
+W[rows] as float64, the Δ accumulator, one rank-1 outer product, s·Δ, W + Δ, and in exact mode
+round(W') as float64 and W' − Δ; rounding and the bitwise comparison add arrays of at most half
+a block (float32/uint32) or an eighth (bool), covered by the last slot. Exact mode also holds
+the residual (flat int64 index + value per differing element): its per-block pieces and their
+concatenation, so 2 × residual bytes. The adapter's factors and Python bookkeeping fit in
+``SLACK``.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_ref.adapter import Adapter, LoraModule
+from lora_ref.checkpoint import merge_checkpoint, unmerge_checkpoint
+from lora_ref.config import LoraConfig
+from lora_ref.safetensors_io import SafetensorsWriter
+
+BLOCK = 64 * 1024  # bytes of one float64 row block
+LIVE_BLOCKS = 8
+SLACK = 256 * 1024  # adapter factors (6 modules x r=4 x (1024 + 512) x 4 bytes = 147 KiB) and bookkeeping
+CAP = LIVE_BLOCKS * BLOCK + SLACK  # 768 KiB
+ROWS, COLS, N_TENSORS = 512, 1024, 6  # 2 MiB per float32 tensor (4 MiB as float64), 12 MiB + bias in all
+
+
+def _adapter(r: int = 4) -> Adapter:
+    rng = np.random.default_rng(0)
+    names = [f"layers.{i}.proj" for i in range(N_TENSORS)]
+    # trained-adapter magnitudes (|ΔW| ~ 0.1 |W|), so the exact residual has its typical size
+    modules = {n: LoraModule(n, rng.standard_normal((r, COLS)).astype(np.float32),
+                             0.02 * rng.standard_normal((ROWS, r)).astype(np.float32)) for n in names}
+    return Adapter(LoraConfig(r=r, lora_alpha=8, target_modules=["proj"]), modules)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """N_TENSORS targeted [ROWS, COLS] float32 weights plus an untargeted one, written through mapped output."""
+    path = tmp_path_factory.mktemp("mem") / "base.safetensors"
+    specs = [(f"layers.{i}.proj.weight", np.dtype(np.float32), (ROWS, COLS)) for i in range(N_TENSORS)]
+    specs.append(("embed.weight", np.dtype(np.float32), (ROWS, COLS)))
+    rng = np.random.default_rng(1)
+    with SafetensorsWriter(path, specs) as writer:
+        for name, _, shape in specs:
+            out = writer.reserve(name)
+            for start in range(0, ROWS, 64):
+                out[start:start + 64] = rng.standard_normal((64, COLS), dtype=np.float32)
+    return path
+
+
+def _peak(call) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = call()
+        return tracemalloc.get_traced_memory()[1] - base, result
+    finally:
+        tracemalloc.stop()
+
+
+def test_checkpoint_is_several_times_the_cap(checkpoint: Path) -> None:
+    assert checkpoint.stat().st_size >= 8 * CAP
+    assert ROWS * COLS * 4 > CAP  # one tensor alone (even in its own dtype) exceeds the cap
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["same-dtype", "to-bf16"])
+def test_merge_unmerge_peak_within_block_bound(checkpoint: Path, tmp_path: Path, exact: bool, dtype) -> None:
+    adapter = _adapter()
+    merged, residual = tmp_path / "merged.safetensors", tmp_path / "residual.safetensors"
+    peak, report = _peak(lambda: merge_checkpoint(checkpoint, adapter, merged, residual_path=residual if exact else None,
+                                                  dtype=dtype, block_bytes=BLOCK))
+    bound = CAP + 2 * report.residual_bytes
+    print(f"merge {dtype or 'float32'} {'exact' if exact else 'fast'}: peak {peak / 2**10:.0f} KiB, "
+          f"bound {bound / 2**10:.0f} KiB, checkpoint {checkpoint.stat().st_size / 2**20:.1f} MiB")
+    assert report.tensors_written == N_TENSORS + 1 and len(report.merged) == N_TENSORS
+    assert peak <= bound
+
+    restored = tmp_path / "restored.safetensors"
+    peak, _ = _peak(lambda: unmerge_checkpoint(merged, adapter, restored, residual_path=residual if exact else None,
+                                               block_bytes=BLOCK))
+    # unmerge: W' as float64, Δ (accumulator, outer product, scaled), W' − Δ; the loaded residual is held whole.
+    print(f"unmerge: peak {peak / 2**10:.0f} KiB, bound {bound / 2**10:.0f} KiB")
+    assert peak <= bound
+    if exact and dtype is None:  # and the streamed result is still exact
+        assert restored.read_bytes() == checkpoint.read_bytes()
+
+
+def test_bound_detects_a_full_tensor_temporary(checkpoint: Path, tmp_path: Path) -> None:
+    """Control: the same measurement on a merge that materialises one float64 tensor exceeds the cap."""
+    from lora_ref.safetensors_io import load_file
+
+    def whole_tensor() -> None:
+        W = load_file(checkpoint, ["layers.0.proj.weight"])["layers.0.proj.weight"]
+        (W.astype(np.float64) + 1).astype(np.float32)
+
+    peak, _ = _peak(whole_tensor)
+    assert peak > CAP
