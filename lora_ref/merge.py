@@ -94,13 +94,15 @@ def block_rows(shape: tuple[int, ...], block_bytes: int = BLOCK_BYTES) -> int:
 def merged_block(delta: DeltaSource, rows: slice, W64: np.ndarray) -> np.ndarray:
     """The float64 merged value of W[rows] before rounding: W + Δ, or the source's own map."""
     custom = getattr(delta, "merge_block", None)
-    return custom(rows, W64) if custom is not None else W64 + delta.block(rows)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf -> NaN: the residual records it
+        return custom(rows, W64) if custom is not None else W64 + delta.block(rows)
 
 
 def unmerged_block(delta: DeltaSource, rows: slice, M64: np.ndarray) -> np.ndarray:
     """The float64 unmerged value of W'[rows] before rounding: W' − Δ, or the source's inverse map."""
     custom = getattr(delta, "unmerge_block", None)
-    return custom(rows, M64) if custom is not None else M64 - delta.block(rows)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return custom(rows, M64) if custom is not None else M64 - delta.block(rows)
 
 
 def _row_slices(n_rows: int, step: int):
