@@ -173,3 +173,21 @@ def transformer_block(d_model: int = 32, heads: int = 4, d_ff: int = 64, *, seed
         return x1 + _linear64(up, weights, "mlp.down_proj", adapter)
 
     return SmallModel("transformer_block", model, weights, attn + mlp_modules, reference)
+
+
+def random_adapter(model: SmallModel, r: int, *, alpha: float | None = None, seed: int = 0, modules: list[str] | None = None,
+                   name: str = "default", use_rslora: bool = False, magnitude: float = 0.5) -> Adapter:
+    """A PEFT-style adapter on ``modules`` (default: every Linear) with random A and non-zero B."""
+    from lora_ref.adapter import LoraModule
+    from lora_ref.config import LoraConfig
+
+    rng = np.random.default_rng(seed)
+    chosen = list(model.linear_modules if modules is None else modules)
+    loras = {}
+    for module in chosen:
+        out_features, in_features = model.weights[f"{module}.weight"].shape
+        A = (rng.standard_normal((r, in_features)) * magnitude / np.sqrt(in_features)).astype(np.float32)
+        B = (rng.standard_normal((out_features, r)) * magnitude).astype(np.float32)
+        loras[module] = LoraModule(module, A, B)
+    config = LoraConfig(r=r, lora_alpha=float(2 * r if alpha is None else alpha), target_modules=chosen, use_rslora=use_rslora)
+    return Adapter(config, loras, name=name)
