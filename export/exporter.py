@@ -28,7 +28,7 @@ from .dynamic import build_dynamic
 from .editing import check_exportable, check_fits
 from .errors import ExportConfigError
 from .fp16 import to_float16
-from .graphio import load_model, make_loadable, save_model
+from .graphio import load_model, loadable_ir_version, make_loadable, save_model
 from .locate import TargetSite, locate_targets
 from .merged import build_merged
 from .slots import slots_from_model
@@ -89,7 +89,7 @@ def build_graph(
     target = resolve_dtype(dtype, allow_float64=False)
     if target not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ExportConfigError(f"--dtype must be float32 or float16, got {dtype}")
-    make_loadable(model)
+    loadable_ir_version(model)  # refuse early; the input model is not modified
     modules = list(dict.fromkeys(m for adapter in adapters for m in adapter.modules))
     for adapter in adapters:
         for module in adapter.modules:

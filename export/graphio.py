@@ -81,11 +81,11 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise IRVersionError("the model imports no default-domain opset")
 
 
-def make_loadable(model: onnx.ModelProto, *, where: str = "model") -> onnx.ModelProto:
-    """Set ``model.ir_version`` (in place) to what its opsets need, within what onnxruntime reads.
+def loadable_ir_version(model: onnx.ModelProto, *, where: str = "model") -> int:
+    """The IR version to write ``model`` with: what its opsets need, within what onnxruntime reads.
 
     Raises IRVersionError when the model's default opset, or the IR version its opsets need, is
-    newer than the installed onnxruntime supports.
+    newer than the installed onnxruntime supports. ``model`` is not changed.
     """
     limits = runtime_limits()
     opset = default_opset(model)
@@ -99,7 +99,12 @@ def make_loadable(model: onnx.ModelProto, *, where: str = "model") -> onnx.Model
         raise IRVersionError(
             f"{where}: its opsets need IR version {needed}, but the installed onnxruntime reads IR <= {limits.ir_version}"
         )
-    model.ir_version = max(needed, min(model.ir_version, limits.ir_version), 4)  # IR 4: initializers as overridable inputs
+    return max(needed, min(model.ir_version, limits.ir_version), 4)  # IR 4: initializers as overridable inputs
+
+
+def make_loadable(model: onnx.ModelProto, *, where: str = "model") -> onnx.ModelProto:
+    """Set ``model.ir_version`` in place to :func:`loadable_ir_version` and return ``model``."""
+    model.ir_version = loadable_ir_version(model, where=where)
     return model
 
 

@@ -1,0 +1,208 @@
+"""Finding targets in user graphs (names, metadata, values) and every refusal: typed error, no file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import require_peer
+
+require_peer("onnxruntime")
+
+from lora_ref.adapter import save_adapter  # noqa: E402
+from lora_ref.cli import main as cli_main  # noqa: E402
+from lora_ref.errors import LoraRefError, ShapeError  # noqa: E402
+from lora_ref.export import (  # noqa: E402
+    AdapterIndexError,
+    ExportConfigError,
+    GraphTargetNotFoundError,
+    IRVersionError,
+    build_graph,
+    export,
+    locate_targets,
+    models,
+    open_session,
+)
+from lora_ref.safetensors_io import save_file  # noqa: E402
+
+MLP = models.mlp(in_features=6, hidden=10, out_features=4, seed=2)
+BLOCK = models.transformer_block(d_model=8, heads=2, d_ff=16, seed=2)
+
+
+def _anonymous(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer renamed ``c<k>`` and all node metadata dropped."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    rename = {t.name: f"c{k}" for k, t in enumerate(out.graph.initializer)}
+    for tensor in out.graph.initializer:
+        tensor.name = rename[tensor.name]
+    for node in out.graph.node:
+        del node.metadata_props[:]
+        for pos, name in enumerate(node.input):
+            node.input[pos] = rename.get(name, name)
+    return out
+
+
+def test_found_by_names_and_by_name_scopes():
+    mlp_sites = locate_targets(MLP.onnx, ["fc1", "fc2"])
+    assert {s[0].found_by for s in mlp_sites.values()} == {"initializer name"}
+    assert {s[0].layout for s in mlp_sites.values()} == {"out_in"}  # Gemm transB=1
+    sites = locate_targets(BLOCK.onnx, BLOCK.linear_modules)
+    assert sites["attn.q_proj"][0].found_by == "initializer name" and sites["attn.q_proj"][0].layout == "out_in"
+    assert sites["mlp.up_proj"][0].found_by == "name scopes" and sites["mlp.up_proj"][0].layout == "in_out"
+    # A prefix added by a wrapper module (torch exports "m.mlp.up_proj") still matches.
+    assert locate_targets(BLOCK.onnx, ["up_proj"])["up_proj"][0].weight == "w_up"
+
+
+@pytest.mark.parametrize("model", [MLP, BLOCK], ids=lambda m: m.name)
+def test_found_by_value_in_both_layouts(model):
+    anonymous = _anonymous(model.onnx)
+    sites = locate_targets(anonymous, model.linear_modules, base_weights=model.weights)
+    assert {s[0].found_by for s in sites.values()} == {"value match"}
+    layouts = {m: s[0].layout for m, s in sites.items()}
+    if model is BLOCK:
+        assert layouts["attn.q_proj"] == "out_in" and layouts["mlp.up_proj"] == "in_out"
+    # and the merged graph built from the anonymous one equals the one built from names
+    adapter = models.random_adapter(model, 3, seed=4)
+    x = np.random.default_rng(0).standard_normal((2, 6) if model is MLP else (2, 3, 8)).astype(np.float32)
+    named, _ = build_graph(model.onnx, [adapter], "merged")
+    found, _ = build_graph(anonymous, [adapter], "merged", base_weights=model.weights)
+    np.testing.assert_array_equal(open_session(found).run({"x": x})[0], open_session(named).run({"x": x})[0])
+
+
+def test_missing_target_lists_every_strategy(tmp_path):
+    adapter = models.random_adapter(MLP, 2)
+    anonymous = _anonymous(MLP.onnx)
+    with pytest.raises(GraphTargetNotFoundError) as info:
+        export(anonymous, [adapter], "dynamic", tmp_path / "out.onnx")
+    message = str(info.value)
+    assert "2 adapted module(s)" in message and "fc1:" in message and "fc2:" in message
+    assert "name scopes" in message and "initializer names" in message and "values: not tried" in message
+    wrong_base = {k: v + 1 for k, v in MLP.weights.items()}
+    with pytest.raises(GraphTargetNotFoundError, match="no initializer equals base tensor"):
+        export(anonymous, [adapter], "dynamic", tmp_path / "out.onnx", base_weights=wrong_base)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_weight_is_copied_not_changed_for_other_readers():
+    """A weight the targeted Linear shares with another reader keeps its base value for that reader."""
+    graph = onnx.ModelProto.FromString(MLP.onnx.SerializeToString())
+    graph.graph.node.append(helper.make_node("Identity", ["fc1.weight"], ["fc1_weight_copy"]))
+    graph.graph.output.append(helper.make_tensor_value_info("fc1_weight_copy", onnx.TensorProto.FLOAT, None))
+    merged, _ = build_graph(graph, [models.random_adapter(MLP, 2)], "merged")
+    x = np.ones((1, 6), np.float32)
+    _, tied = open_session(merged).run({"x": x})
+    np.testing.assert_array_equal(tied, MLP.weights["fc1.weight"])
+
+
+def test_shape_mismatch_is_refused_without_output(tmp_path):
+    adapter = models.random_adapter(BLOCK, 2)  # d_model 8: does not fit a d_model 16 block
+    other = models.transformer_block(d_model=16, heads=2, d_ff=16)
+    for mode in ("merged", "dynamic", "batched"):
+        with pytest.raises(ShapeError, match="do not fit the graph weight"):
+            export(other.onnx, [adapter], mode, tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_options_are_typed(tmp_path):
+    adapter = models.random_adapter(MLP, 8)
+    with pytest.raises(ExportConfigError, match="exceeds --max-rank"):
+        export(MLP.onnx, [adapter], "dynamic", tmp_path / "o.onnx", max_rank=4)
+    with pytest.raises(ExportConfigError, match="dynamic graphs only"):
+        export(MLP.onnx, [adapter], "merged", tmp_path / "o.onnx", adapter_out=tmp_path / "a")
+    adapter.config.use_dora = True
+    with pytest.raises(ExportConfigError, match="DoRA"):
+        export(MLP.onnx, [adapter], "merged", tmp_path / "o.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_index_outside_bank_is_refused():
+    graph, _ = build_graph(MLP.onnx, [models.random_adapter(MLP, 2), models.random_adapter(MLP, 3, seed=1)], "batched")
+    session = open_session(graph)
+    x = np.ones((3, 6), np.float32)
+    for bad in ([0, 2, 1], [-2, 0, 0], [[0, 1, 0]]):
+        with pytest.raises(AdapterIndexError):
+            session.run_batched({"x": x}, bad)
+    session.run_batched({"x": x}, [1, -1, 0])
+
+
+def test_ir_version_and_opset_the_runtime_cannot_read(tmp_path):
+    from lora_ref.export import runtime_limits
+
+    limits = runtime_limits()
+    too_new_opset = onnx.ModelProto.FromString(MLP.onnx.SerializeToString())
+    too_new_opset.opset_import[0].version = limits.opset + 1
+    with pytest.raises(IRVersionError, match="opset"):
+        export(too_new_opset, [models.random_adapter(MLP, 2)], "merged", tmp_path / "o.onnx")
+    assert list(tmp_path.iterdir()) == []
+    # onnx 1.23 stamps its own IR version (14): the exporter writes one the runtime reads ...
+    stamped = onnx.ModelProto.FromString(MLP.onnx.SerializeToString())
+    stamped.ir_version = onnx.IR_VERSION
+    report = export(stamped, [models.random_adapter(MLP, 2)], "merged", tmp_path / "o.onnx")
+    assert onnx.load(str(report.output)).ir_version <= limits.ir_version
+    # ... and a file the runtime cannot read is a typed error, not ORT's bare failure.
+    if onnx.IR_VERSION > limits.ir_version:
+        (tmp_path / "new.onnx").write_bytes(stamped.SerializeToString())
+        with pytest.raises(IRVersionError, match="IR version"):
+            open_session(tmp_path / "new.onnx")
+
+
+def _cli_fixture(tmp_path):
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(MLP.onnx.SerializeToString())
+    dirs = []
+    for i, r in enumerate((2, 4)):
+        directory = tmp_path / f"adapter{i}"
+        save_adapter(models.random_adapter(MLP, r, seed=i), directory)
+        dirs.append(str(directory))
+    return model, dirs
+
+
+def test_cli_export_all_modes(tmp_path, capsys):
+    model, dirs = _cli_fixture(tmp_path)
+    out = tmp_path / "out"
+    assert cli_main(["export", str(model), dirs[0], "--mode", "merged", "-o", str(out / "m.onnx")]) == 0
+    assert cli_main(["export", str(model), *dirs, "--mode", "dynamic", "-o", str(out / "d.onnx"),
+                     "--adapter-out", str(out / "adapters"), "--max-rank", "4"]) == 0
+    assert cli_main(["export", str(model), *dirs, "--mode", "batched", "-o", str(out / "b.onnx"), "--dtype", "float16"]) == 0
+    printed = capsys.readouterr().out
+    assert "adapter_index 1: adapter1" in printed and "2 by initializer name" in printed
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["adapter0.onnx_adapter", "adapter1.onnx_adapter"]
+    session = open_session(out / "d.onnx")
+    assert session.load_adapter(out / "adapters" / "adapter1.onnx_adapter").tensors
+
+
+def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys):
+    model, dirs = _cli_fixture(tmp_path)
+    other = tmp_path / "block.onnx"
+    other.write_bytes(BLOCK.onnx.SerializeToString())
+    assert cli_main(["export", str(other), dirs[0], "--mode", "dynamic", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "not found in the graph" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_core_and_cli_do_not_import_onnx():
+    code = ("import sys, lora_ref, lora_ref.cli; lora_ref.cli.build_parser(); "
+            "bad = [m for m in ('onnx', 'onnxruntime', 'lora_ref.export') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_refusal_is_a_lora_ref_error():
+    from lora_ref.export import errors
+
+    for name in dir(errors):
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, Warning) and cls.__module__ == errors.__name__:
+            assert issubclass(cls, LoraRefError), name
+
+
+def test_base_weights_from_safetensors_file(tmp_path):
+    path = tmp_path / "base.safetensors"
+    save_file(path, MLP.weights)
+    graph, sites = build_graph(_anonymous(MLP.onnx), [models.random_adapter(MLP, 2)], "dynamic", base_weights=path)
+    assert {s[0].found_by for s in sites.values()} == {"value match"}
