@@ -99,11 +99,11 @@ def check_bounded(name: str, actual: np.ndarray, expected: np.ndarray, tol: np.n
     ok = bool(ratio <= 1.0)
     detail = ""
     if not ok:
-        where = np.unravel_index(int(np.argmax(ratio_elems)), ratio_elems.shape)
-        detail = (f"{name}{list(where)}: got {got[where]!r}, exact {expected[where]!r}, "
-                  f"|error| {err[where]:.3g} > bound {tol[where]:.3g}")
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(ratio_elems)), ratio_elems.shape))
+        detail = (f"{name}{list(where)}: got {float(got[where])!r}, exact {float(expected[where])!r}, "
+                  f"|error| {float(err[where]):.3g} > bound {float(tol[where]):.3g} ({int((ratio_elems > 1).sum())} of {ratio_elems.size} elements out of bound)")
         if bad_special[where]:
-            detail = f"{name}{list(where)}: got {got[where]!r}, expected {rounded.astype(float64)[where]!r} (special value)"
+            detail = f"{name}{list(where)}: got {float(got[where])!r}, expected {float(rounded.astype(float64)[where])!r} (special value)"
     return OutputCheck(name, ok, ratio, ulps, detail)
 
 
@@ -114,7 +114,7 @@ def check_bitwise(name: str, actual: np.ndarray, expected: np.ndarray) -> Output
     ulps = int(ulp_distance(actual, expected).max()) if actual.size else 0
     if not differs.any():
         return OutputCheck(name, True, 0.0, ulps)
-    where = np.unravel_index(int(np.argmax(differs)), differs.shape)
+    where = tuple(int(i) for i in np.unravel_index(int(np.argmax(differs)), differs.shape))
     detail = (f"{name}{list(where)}: bits {int(bits_of(actual)[where]):#x} differ from expected "
               f"{int(bits_of(np.ascontiguousarray(expected))[where]):#x} ({int(differs.sum())} of {differs.size} elements)")
     return OutputCheck(name, False, float("inf"), ulps, detail)

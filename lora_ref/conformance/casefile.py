@@ -92,11 +92,12 @@ def _require(path: Path, data: dict, key: str, kind: type | tuple[type, ...]) ->
 def _tensor_specs(path: Path, entries: Any, what: str, *, outputs: bool) -> dict[str, dict[str, Any]]:
     if not isinstance(entries, dict) or not entries and outputs:
         raise CaseFormatError(f"{path}: {what!r} must be a non-empty object")
+    allowed = set(STORAGE_DTYPES) | (set() if outputs else {"int64"})  # int64: token ids, adapter indices
     for name, spec in entries.items():
-        if not isinstance(spec, dict) or spec.get("dtype") not in STORAGE_DTYPES or not isinstance(spec.get("shape"), list) or not all(
+        if not isinstance(spec, dict) or spec.get("dtype") not in allowed or not isinstance(spec.get("shape"), list) or not all(
             type(d) is int and d >= 0 for d in spec["shape"]
         ):
-            raise CaseFormatError(f"{path}: {what}[{name!r}] needs a storage dtype and a shape list, got {spec!r}")
+            raise CaseFormatError(f"{path}: {what}[{name!r}] needs a dtype in {sorted(allowed)} and a shape list, got {spec!r}")
         if outputs:
             if spec.get("check") not in CHECKS:
                 raise CaseFormatError(f"{path}: outputs[{name!r}].check must be one of {CHECKS}")

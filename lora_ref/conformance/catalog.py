@@ -23,6 +23,8 @@ from ..dtypes import STORAGE_DTYPES, round_to
 
 _MASK64 = (1 << 64) - 1
 ALL_DTYPES = ("float32", "float16", "bfloat16")
+#: Integer inputs and their lowest value (token ids from 0; adapter indices from -1 = base only).
+INDEX_INPUTS = {"ids": 0, "index": -1}
 
 
 class Stream:
@@ -69,9 +71,16 @@ class CaseSpec:
         stream = Stream(self.seed)
         arrays: dict[str, np.ndarray] = {}
         for name, (shape, spread) in self.inputs.items():
+            if name in INDEX_INPUTS:  # integers: ids in [0, spread), adapter indices in [-1, spread)
+                low = INDEX_INPUTS[name]
+                count = int(np.prod(shape, dtype=np.int64))
+                arrays[name] = np.array([low + stream.next() % (int(spread) - low) for _ in range(count)], dtype=np.int64).reshape(shape)
+                continue
             values = stream.uniform(shape, spread)
             if name == "dropout_mask":  # p = 1/2: keep with probability 1/2, kept values scaled by 2
                 values = np.where(values >= 0, 2.0, 0.0)
+            if name == "magnitude":  # DoRA magnitudes are positive
+                values = np.abs(values) + spread / 2
             arrays[name] = round_to(values, dtype)
         if self.special is not None:
             self.special(arrays, dtype)
@@ -139,6 +148,8 @@ def _linear_cases() -> Iterator[CaseSpec]:
                    _linear_inputs((2, 3), 24, 16, 4, names=fwd), "rsLoRA: s = alpha/sqrt(r); 3-D input")
         yield case("forward-fan_in_fan_out", "linear.forward", dtype, linear_params(4, 16, fan_in_fan_out=True),
                    _linear_inputs((3,), 24, 16, 4, fan_in_fan_out=True, names=fwd), "W stored [in, out] (GPT-2 Conv1D)")
+    yield case("forward-fan_in_fan_out_square", "linear.forward", "float32", linear_params(4, 16, fan_in_fan_out=True),
+               _linear_inputs((3,), 16, 16, 4, fan_in_fan_out=True, names=fwd), "square W [in, out]: a missing transpose is silent")
     for dtype in ("float32", "bfloat16"):
         yield case("forward-lora_bias", "linear.forward", dtype, linear_params(8, 16),
                    _linear_inputs((4,), 20, 12, 8, names=fwd + ("lora_bias",)), "lora_bias, scaled by s as PEFT does")
@@ -184,6 +195,8 @@ def _linear_cases() -> Iterator[CaseSpec]:
     for dtype in ("float32", "bfloat16"):
         yield case("merge-fan_in_fan_out", "linear.merge", dtype, linear_params(4, 16, fan_in_fan_out=True),
                    _linear_inputs((), 32, 24, 4, fan_in_fan_out=True, names=mrg), "delta transposed to [in, out]")
+    yield case("merge-fan_in_fan_out_square", "linear.merge", "bfloat16", linear_params(4, 16, fan_in_fan_out=True),
+               _linear_inputs((), 16, 16, 4, fan_in_fan_out=True, names=mrg), "square W [in, out]: a missing transpose is silent")
     yield case("merge-r1", "linear.merge", "float16", linear_params(1, 1), _linear_inputs((), 32, 24, 1, names=mrg), "rank 1")
     yield case("merge-r_gt_dims", "linear.merge", "bfloat16", linear_params(16, 32),
                _linear_inputs((), 12, 8, 16, names=mrg), "r = 16 larger than both dimensions")
@@ -200,8 +213,62 @@ def _linear_cases() -> Iterator[CaseSpec]:
                _linear_inputs((), 32, 24, 4, fan_in_fan_out=True, names=mrg), "exact round trip, W stored [in, out]")
 
 
+def _layer_cases() -> Iterator[CaseSpec]:
+    """Embedding, Conv2d, mixed batch and DoRA (Linear) cases."""
+    seed = 5000
+
+    def case(group: str, name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str) -> CaseSpec:
+        nonlocal seed
+        seed += 1
+        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, inputs, seed, description)
+
+    V, D, r = 20, 12, 4
+    emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0)}
+    for dtype in ("float32", "bfloat16"):
+        yield case("embedding", "forward", "embedding.forward", dtype, linear_params(r, 8), emb,
+                   "y = W[ids] + s A^T[ids] B^T; A [r, V], B [D, r] (PEFT lora_embedding_A/B)")
+    yield case("embedding", "forward-rslora", "embedding.forward", "float16", linear_params(r, 6, rslora=True), emb, "rsLoRA")
+    for dtype in ALL_DTYPES:
+        yield case("embedding", "merge", "embedding.merge", dtype, linear_params(r, 8),
+                   {"W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0)}, "W + s A^T B^T, [V, D]")
+
+    def conv_inputs(n: int, c: int, hw: int, o: int, k: int, rank: int, names=("x", "W", "b", "A", "B")) -> dict:
+        shapes = {"x": ((n, c, hw, hw), 2.0), "W": ((o, c, k, k), 1.0), "b": ((o,), 1.0),
+                  "A": ((rank, c, k, k), 1.0), "B": ((o, rank, 1, 1), 1.0)}
+        return {name: shapes[name] for name in names}
+
+    yield case("conv2d", "forward-3x3", "conv2d.forward", "float32", linear_params(2, 4, stride=1, padding=1),
+               conv_inputs(2, 3, 6, 4, 3, 2), "3x3 kernel, stride 1, zero padding 1, bias")
+    yield case("conv2d", "forward-stride2", "conv2d.forward", "bfloat16", linear_params(3, 6, stride=2, padding=0),
+               conv_inputs(1, 3, 7, 5, 3, 3), "3x3 kernel, stride 2, no padding")
+    yield case("conv2d", "forward-1x1", "conv2d.forward", "float16", linear_params(2, 8, stride=1, padding=0),
+               conv_inputs(2, 6, 4, 5, 1, 2), "1x1 kernel")
+    yield case("conv2d", "merge-3x3", "conv2d.merge", "float32", linear_params(2, 4), conv_inputs(1, 6, 1, 8, 3, 2, ("W", "A", "B")),
+               "delta s B A reshaped to [O, C, 3, 3]")
+    yield case("conv2d", "merge-3x3", "conv2d.merge", "bfloat16", linear_params(4, 8, rslora=True),
+               conv_inputs(1, 6, 1, 8, 3, 4, ("W", "A", "B")), "rsLoRA, kernel-shaped delta")
+    yield case("conv2d", "merge-1x1", "conv2d.merge", "float16", linear_params(2, 4), conv_inputs(1, 16, 1, 12, 1, 2, ("W", "A", "B")),
+               "1x1 kernel")
+
+    adapters = [linear_params(2, 4), linear_params(5, 10, rslora=True)]
+    mixed = {"x": ((6, 16), 2.0), "W": ((12, 16), 1.0), "b": ((12,), 1.0), "index": ((6,), 2),
+             "A.0": ((2, 16), 1.0), "B.0": ((12, 2), 1.0), "A.1": ((5, 16), 1.0), "B.1": ((12, 5), 1.0)}
+    for dtype in ALL_DTYPES:
+        yield case("mixed_batch", "forward", "mixed_batch.forward", dtype, {"adapters": adapters}, mixed,
+                   "per-row adapters (index -1 = base only), ranks 2 and 5, the second rsLoRA")
+
+    dora_in = {"x": ((3, 16), 2.0), "W": ((12, 16), 1.0), "b": ((12,), 1.0), "A": ((4, 16), 1.0), "B": ((12, 4), 1.0),
+               "magnitude": ((12,), 4.0)}
+    for dtype in ("float32", "bfloat16"):
+        yield case("dora", "forward", "dora.forward", dtype, linear_params(4, 8), dora_in,
+                   "DoRA eval: g (x W^T + s (x A^T) B^T) + b, g = m / ||W + s B A|| per output row (bias not scaled)")
+    for dtype in ALL_DTYPES:
+        yield case("dora", "merge", "dora.merge", dtype, linear_params(4, 8),
+                   {k: v for k, v in dora_in.items() if k in ("W", "A", "B", "magnitude")}, "W' = g (W + s B A)")
+
+
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases]
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases]
 
 
 def all_cases() -> list[CaseSpec]:

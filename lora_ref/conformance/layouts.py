@@ -8,8 +8,9 @@ runs and rewrites its outputs back before they are checked:
 ``canonical``  as stored (the implementation may use ``scale`` or derive it).
 ``peft``       PEFT's convention: ``scale`` removed, so the implementation must compute
                s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, itself.
-``mlx``        mlx-lm's convention: ``lora_a`` = A^T [in, r], ``lora_b`` = B^T [r, out], a bare
-               ``scale`` (lora_alpha, r, use_rslora removed); W always [out, in] (a
+``mlx``        mlx-lm's convention: ``lora_a`` = A^T [in, r], ``lora_b`` = B^T [r, out] (mixed
+               batch: ``lora_a.i``, ``lora_b.i``), a bare ``scale`` (lora_alpha and use_rslora
+               removed, here and in each of a mixed batch's ``adapters``); W always [out, in] (a
                fan_in_fan_out case is transposed in and its weight outputs transposed back);
                gradients ``dA``/``dB`` are returned in the lora_a/lora_b layout.
 """
@@ -43,21 +44,38 @@ class Layout:
         return dict(outputs)
 
 
+def _without(params: Mapping[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
+    """``params`` minus ``drop``, also inside a mixed batch's per-adapter ``adapters`` list."""
+    out = {k: v for k, v in params.items() if k not in drop}
+    if isinstance(out.get("adapters"), list):
+        out["adapters"] = [_without(a, drop) if isinstance(a, Mapping) else a for a in out["adapters"]]
+    return out
+
+
+def _factor_name(name: str) -> str | None:
+    """'A' -> 'lora_a', 'B.1' -> 'lora_b.1'; None for anything else."""
+    head, dot, tail = name.partition(".")
+    if head in ("A", "B") and (not dot or tail.isdigit()):
+        return f"lora_{head.lower()}{dot}{tail}"
+    return None
+
+
 class _Peft(Layout):
     def to_impl(self, operation, params, inputs):
-        return {k: v for k, v in params.items() if k != "scale"}, dict(inputs)
+        return _without(params, ("scale",)), dict(inputs)
 
 
 class _Mlx(Layout):
     def to_impl(self, operation, params, inputs):
-        out_params = {k: v for k, v in params.items() if k not in ("lora_alpha", "use_rslora", "fan_in_fan_out")}
+        out_params = _without(params, ("lora_alpha", "use_rslora", "fan_in_fan_out"))
         out_params["fan_in_fan_out"] = False
         arrays = {}
         for name, array in inputs.items():
-            if name == "A":
-                arrays["lora_a"] = np.ascontiguousarray(array.T)
-            elif name == "B":
-                arrays["lora_b"] = np.ascontiguousarray(array.T)
+            renamed = _factor_name(name)
+            if renamed is not None and array.ndim == 2:
+                arrays[renamed] = np.ascontiguousarray(array.T)
+            elif renamed is not None:  # conv factors have no mlx-lm convention: passed as stored
+                arrays[renamed] = array
             elif name in _WEIGHT_OUTPUTS and params.get("fan_in_fan_out", False):
                 arrays[name] = np.ascontiguousarray(array.T)
             else:

@@ -104,9 +104,6 @@ class _Linear:
         value = value.abs() if absolute else value
         return value.reshape(-1, value.shape[-1])
 
-    def delta_terms(self) -> Dyadic:
-        """B A (exact), [out, in]."""
-        return self.B @ self.A
 
 
 def _linear_forward(inputs: Inputs, params: Params, absolute: bool) -> tuple[list, tuple[int, ...]]:
@@ -170,22 +167,32 @@ def linear_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     return {name: bounded(terms[name], abs_terms[name], shapes[name], depth[name]) for name in terms}
 
 
-def _merge_expected(W: np.ndarray, inputs: Inputs, params: Params, sign: int) -> Expected:
-    """round_t-free exact W ± s B A; non-finite elements of W pass through (NaN stays NaN, ±inf stays)."""
+def merge_expected(W: np.ndarray, delta: Callable[[bool], tuple[Fraction, Dyadic]], sign: int, depth: int) -> Expected:
+    """Exact W ± c·D (``delta(absolute)`` gives the rational c and dyadic D, shaped like W).
+
+    Non-finite elements of W pass through (NaN stays NaN, ±inf stays ±inf); the rest is bounded.
+    """
     finite = np.isfinite(np.asarray(W, dtype=np.float64))
-    W_finite = np.where(finite, W, np.zeros_like(W))
+    base = Dyadic.of(np.where(finite, W, np.zeros_like(W)), what="W")
     shape = tuple(W.shape)
-    values, magnitudes = [], []
-    for absolute in (False, True):
-        lin = _Linear({**inputs, "W": W_finite}, params, absolute)
-        delta = lin.delta_terms()
-        delta = delta.T if params.get("fan_in_fan_out", False) else delta
-        base = Dyadic.of(W_finite, what="W")
-        coefficient = lin.s if absolute else sign * lin.s
-        (magnitudes if absolute else values).append(combine([(Fraction(1), base.abs() if absolute else base), (coefficient, delta)], shape))
-    value = np.where(finite, values[0], np.asarray(W, dtype=np.float64))
-    magnitude = np.where(finite, magnitudes[0], 0.0)
-    return Expected("bound", value, magnitude, inputs["A"].shape[0] + 6)
+    c, D = delta(False)
+    abs_c, abs_D = delta(True)
+    value = combine([(Fraction(1), base), (sign * c, D)], shape)
+    magnitude = combine([(Fraction(1), base.abs()), (abs_c, abs_D)], shape)
+    return Expected("bound", np.where(finite, value, np.asarray(W, dtype=np.float64)), np.where(finite, magnitude, 0.0), depth)
+
+
+def _linear_delta(inputs: Inputs, params: Params) -> Callable[[bool], tuple[Fraction, Dyadic]]:
+    def delta(absolute: bool) -> tuple[Fraction, Dyadic]:
+        lin = _Linear({k: v for k, v in inputs.items() if k in ("A", "B")}, params, absolute)
+        BA = lin.B @ lin.A
+        return lin.s, BA.T if params.get("fan_in_fan_out", False) else BA
+
+    return delta
+
+
+def _merge_expected(W: np.ndarray, inputs: Inputs, params: Params, sign: int) -> Expected:
+    return merge_expected(W, _linear_delta(inputs, params), sign, inputs["A"].shape[0] + 6)
 
 
 @register("linear.merge", "SPEC 3.1, C.3")
@@ -202,3 +209,6 @@ def linear_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
         return {"W": _merge_expected(inputs["W_merged"], inputs, params, -1)}
     return {"W_merged": _merge_expected(inputs["W"], inputs, params, +1),
             "W_restored": Expected("bitwise", np.array(inputs["W"]))}
+
+
+from . import layer_operations  # noqa: E402,F401  (registers the embedding, conv, mixed-batch and DoRA operations)

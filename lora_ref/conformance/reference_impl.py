@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import conv, dora, embedding
 from ..config import lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
+from ..mixed_batch import LoraFactors, mixed_forward
 
 Arrays = dict[str, np.ndarray]
 
@@ -59,11 +61,54 @@ def _linear_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"W_merged": merged.weight, "W_restored": unmerge(merged.weight, delta, residual=merged.residual)}
 
 
+def _embedding_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"y": embedding.forward(inputs["ids"], inputs["W"], inputs["A"], inputs["B"], scale_of(params))}
+
+
+def _embedding_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"W_merged": merge(inputs["W"], embedding.EmbeddingDelta(inputs["A"], inputs["B"], scale_of(params))).weight}
+
+
+def _geometry(params: Mapping[str, Any]) -> conv.ConvGeometry:
+    return conv.ConvGeometry(stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)))
+
+
+def _conv2d_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"y": conv.forward(inputs["x"], inputs["W"], inputs["A"], inputs["B"], scale_of(params),
+                              geometry=_geometry(params), bias=inputs.get("b"))}
+
+
+def _conv2d_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"W_merged": merge(inputs["W"], conv.ConvDelta(inputs["A"], inputs["B"], scale_of(params))).weight}
+
+
+def _mixed_batch_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    factors = [LoraFactors(inputs[f"A.{i}"], inputs[f"B.{i}"], scale_of(adapter)) for i, adapter in enumerate(params["adapters"])]
+    return {"y": mixed_forward(inputs["x"], inputs["W"], factors, inputs["index"], bias=inputs.get("b"))}
+
+
+def _dora_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    layer = dora.linear(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
+    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
+
+
+def _dora_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    source = dora.dora_delta(LinearDelta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["W"], axis=0)
+    return {"W_merged": merge(inputs["W"], source).weight}
+
+
 OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "linear.forward": _linear_forward,
     "linear.backward": _linear_backward,
     "linear.merge": _linear_merge,
     "linear.unmerge": _linear_unmerge,
+    "embedding.forward": _embedding_forward,
+    "embedding.merge": _embedding_merge,
+    "conv2d.forward": _conv2d_forward,
+    "conv2d.merge": _conv2d_merge,
+    "mixed_batch.forward": _mixed_batch_forward,
+    "dora.forward": _dora_forward,
+    "dora.merge": _dora_merge,
 }
 
 

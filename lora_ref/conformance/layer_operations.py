@@ -1,0 +1,200 @@
+"""Oracles for the layer kinds beyond Linear: Embedding, Conv2d, mixed batch and DoRA (SPEC 4).
+
+Same rules as ``operations.py``: exact dyadic arithmetic, one rounding to float64, a
+magnitude M and a depth K per output (bounds.py). Depths:
+
+    embedding.forward  y = W[ids] + s Aᵀ[ids] Bᵀ                 K = r + 6
+    embedding.merge    W + s Aᵀ Bᵀ                               K = r + 6
+    conv2d.forward     conv(x, W) + b + s conv1x1(conv(x, A), B)  K = C·kh·kw + r + 6
+    conv2d.merge       W + s (B A) reshaped to the kernel         K = r + 6
+    mixed_batch.forward  y[b] = x[b] Wᵀ + b + s_i (x[b] A_iᵀ) B_iᵀ, i = index[b] (−1: base only)
+                                                                  K = in + max r_i + 6
+    dora.forward (Linear, eval)   y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b,  g = m / ‖W + s B A‖_row
+    dora.merge (Linear)           W' = g ∘ (W + s B A)
+
+DoRA is not a sum of products (a norm, a square root, a division), so its bound is derived
+to first order: with z = x Wᵀ + s (x Aᵀ) Bᵀ (error ≤ γ_{K1} M_z, K1 = in + r + 6), V = W + sBA
+(elementwise error ≤ γ_{r+6} N, N = |W| + |s||B||A|) and n_c = ‖V_c‖ (computed norm error
+≤ ‖N_c‖ γ_{r+6} + γ_{in+2} n_c), g = m/n has relative error ≤ γ_{r+6}‖N_c‖/n_c + γ_{in+3}, so
+
+    |ŷ − y| ≤ γ_{K1+3} (|g| M_z + |g z| (‖N_c‖/n_c + 2) + |b|)
+
+and the stored depth is 2(K1 + 3): γ_{2K} ≥ 2γ_K leaves a factor 2 for the second-order
+terms (products of two relative errors, each ≤ γ_K ≪ 1). Merge likewise:
+|Ŵ' − W'| ≤ γ_{r+in+9} |g| (N + |V| (‖N_c‖/n_c + 2)), stored with depth 2(r + in + 9).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .exact import Dyadic, combine, sqrt_fraction, to_float64
+from .operations import Expected, Inputs, Params, bounded, exact_scale, merge_expected, register
+
+
+def _exact(inputs: Inputs, name: str, absolute: bool) -> Dyadic:
+    value = Dyadic.of(inputs[name], what=name)
+    return value.abs() if absolute else value
+
+
+def _scale(params: Params, absolute: bool) -> Fraction:
+    s = exact_scale(params)
+    return abs(s) if absolute else s
+
+
+# -- Embedding --------------------------------------------------------------------------------
+def _embedding_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
+    ids = np.asarray(inputs["ids"]).reshape(-1)
+    W, A, B = (_exact(inputs, n, absolute) for n in ("W", "A", "B"))
+    shape = tuple(inputs["ids"].shape) + (W.shape[1],)
+    base = W[ids].reshape(*shape)
+    lora = (A.T[ids] @ B.T).reshape(*shape)
+    return [(Fraction(1), base), (_scale(params, absolute), lora)]
+
+
+@register("embedding.forward", "SPEC 4.1, C.3")
+def embedding_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """y = W[ids] + s Aᵀ[ids] Bᵀ; ids int64 of any shape, W [V, D], A [r, V], B [D, r]."""
+    shape = tuple(inputs["ids"].shape) + (inputs["W"].shape[1],)
+    return {"y": bounded(_embedding_forward(inputs, params, False), _embedding_forward(inputs, params, True), shape,
+                         inputs["A"].shape[0] + 6)}
+
+
+@register("embedding.merge", "SPEC 4.1, C.3")
+def embedding_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """W_merged = round_t(W + s Aᵀ Bᵀ), [V, D]."""
+    def delta(absolute: bool):
+        return _scale(params, absolute), _exact(inputs, "A", absolute).T @ _exact(inputs, "B", absolute).T
+
+    return {"W_merged": merge_expected(inputs["W"], delta, +1, inputs["A"].shape[0] + 6)}
+
+
+# -- Conv2d -------------------------------------------------------------------------------------
+def _im2col(x: Dyadic, kernel: tuple[int, int], stride: int, padding: int) -> tuple[Dyadic, tuple[int, int]]:
+    """Patches [N·Ho·Wo, C·kh·kw] of x [N, C, H, W] (zero padding), and (Ho, Wo)."""
+    n, c, h, w = x.shape
+    ints = np.empty((n, c, h + 2 * padding, w + 2 * padding), dtype=object)
+    ints[...] = 0  # Python int zeros (np.pad would insert numpy int64 zeros, which overflow in products)
+    ints[:, :, padding : padding + h, padding : padding + w] = x.ints
+    windows = sliding_window_view(ints, kernel, axis=(2, 3))[:, :, ::stride, ::stride]  # [N, C, Ho, Wo, kh, kw]
+    n, c, ho, wo, kh, kw = windows.shape
+    cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    return Dyadic(np.array(cols, dtype=object), x.exp), (ho, wo)
+
+
+def _conv2d_forward(inputs: Inputs, params: Params, absolute: bool) -> tuple[list, tuple[int, ...]]:
+    x, W, A, B = (_exact(inputs, n, absolute) for n in ("x", "W", "A", "B"))
+    out_ch, r = W.shape[0], A.shape[0]
+    cols, (ho, wo) = _im2col(x, W.shape[2:], int(params.get("stride", 1)), int(params.get("padding", 0)))
+    n = x.shape[0]
+    base = cols @ W.reshape(out_ch, -1).T  # [N·Ho·Wo, O]
+    if "b" in inputs:
+        base = base + _exact(inputs, "b", absolute).reshape(1, -1)
+    lora = (cols @ A.reshape(r, -1).T) @ B.reshape(out_ch, r).T
+
+    def nchw(t: Dyadic) -> Dyadic:
+        return Dyadic(t.ints.reshape(n, ho, wo, out_ch).transpose(0, 3, 1, 2), t.exp)
+
+    return [(Fraction(1), nchw(base)), (_scale(params, absolute), nchw(lora))], (n, out_ch, ho, wo)
+
+
+@register("conv2d.forward", "SPEC 4.2, C.3")
+def conv2d_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """y = conv(x, W) + b + s conv1x1(conv(x, A), B): x [N, C, H, W], W [O, C, kh, kw], A [r, C, kh, kw], B [O, r, 1, 1]."""
+    terms, shape = _conv2d_forward(inputs, params, False)
+    abs_terms, _ = _conv2d_forward(inputs, params, True)
+    depth = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6
+    return {"y": bounded(terms, abs_terms, shape, depth)}
+
+
+@register("conv2d.merge", "SPEC 4.2, C.3")
+def conv2d_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """W_merged = round_t(W + s (B A) reshaped to [O, C, kh, kw])."""
+    W = inputs["W"]
+
+    def delta(absolute: bool):
+        A, B = _exact(inputs, "A", absolute), _exact(inputs, "B", absolute)
+        r = A.shape[0]
+        return _scale(params, absolute), (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(*W.shape)
+
+    return {"W_merged": merge_expected(W, delta, +1, inputs["A"].shape[0] + 6)}
+
+
+# -- Mixed batch --------------------------------------------------------------------------------
+def _mixed_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
+    X, W = _exact(inputs, "x", absolute), _exact(inputs, "W", absolute)
+    index = np.asarray(inputs["index"]).reshape(-1)
+    terms = [(Fraction(1), X @ W.T)]
+    if "b" in inputs:
+        terms.append((Fraction(1), _exact(inputs, "b", absolute).reshape(1, -1)))
+    for i, adapter in enumerate(params["adapters"]):
+        rows = index == i
+        if not rows.any():
+            continue
+        lora = (X @ _exact(inputs, f"A.{i}", absolute).T) @ _exact(inputs, f"B.{i}", absolute).T
+        lora.ints[~rows] = 0  # rows routed elsewhere contribute nothing (Python int zeros)
+        terms.append((_scale(adapter, absolute), lora))
+    return terms
+
+
+@register("mixed_batch.forward", "SPEC 4.1 (composition), C.3")
+def mixed_batch_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Row b uses adapter index[b] (A.i [r_i, in], B.i [out, r_i], params adapters[i]); −1 = base only."""
+    shape = (inputs["x"].shape[0], inputs["W"].shape[0])
+    max_r = max(inputs[f"A.{i}"].shape[0] for i in range(len(params["adapters"])))
+    return {"y": bounded(_mixed_forward(inputs, params, False), _mixed_forward(inputs, params, True), shape,
+                         inputs["x"].shape[1] + max_r + 6)}
+
+
+# -- DoRA (Linear) ------------------------------------------------------------------------------
+def _dora_pieces(inputs: Inputs, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(V exact Fractions [out, in], N = |W| + |s||B||A| as Fractions, n_c exact-ish, ‖N_c‖)."""
+    s = exact_scale(params)
+    W, A, B = (_exact(inputs, n, False) for n in ("W", "A", "B"))
+    V = combine_fractions([(Fraction(1), W), (s, B @ A)])
+    N = combine_fractions([(Fraction(1), W.abs()), (abs(s), B.abs() @ A.abs())])
+    norms = np.array([sqrt_fraction(sum((v * v for v in row), Fraction(0))) for row in V], dtype=object)
+    abs_norms = np.array([sqrt_fraction(sum((v * v for v in row), Fraction(0))) for row in N], dtype=object)
+    return V, N, norms, abs_norms
+
+
+def combine_fractions(terms: list[tuple[Fraction, Dyadic]]) -> np.ndarray:
+    """Σ c_i T_i exactly, as an object array of Fractions."""
+    total = None
+    for c, t in terms:
+        part = t.fractions() * c
+        total = part if total is None else total + part
+    return total
+
+
+@register("dora.forward", "SPEC 4.3, C.3")
+def dora_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Linear DoRA at inference: y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b, g = m / ‖W + s B A‖ per output row."""
+    s = exact_scale(params)
+    _, _, norms, abs_norms = _dora_pieces(inputs, params)
+    m = _exact(inputs, "magnitude", False).fractions()
+    g = m / norms
+    X, W, A, B = (_exact(inputs, n, False) for n in ("x", "W", "A", "B"))
+    Xa, Wa, Aa, Ba = (t.abs() for t in (X, W, A, B))
+    z = combine_fractions([(Fraction(1), X @ W.T), (s, (X @ A.T) @ B.T)])
+    Mz = combine_fractions([(Fraction(1), Xa @ Wa.T), (abs(s), (Xa @ Aa.T) @ Ba.T)])
+    b = _exact(inputs, "b", False).fractions() if "b" in inputs else np.zeros(len(m), dtype=object) + Fraction(0)
+    y = g[None, :] * z + b[None, :]
+    ratio = abs_norms / norms
+    magnitude = abs(g)[None, :] * Mz + abs(g[None, :] * z) * (ratio[None, :] + 2) + np.abs(b)[None, :]
+    k1 = inputs["x"].shape[1] + inputs["A"].shape[0] + 6
+    return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * (k1 + 3))}
+
+
+@register("dora.merge", "SPEC 4.3, C.3")
+def dora_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Linear DoRA merge: W' = round_t(g ∘ (W + s B A)), g = m / ‖W + s B A‖ per output row."""
+    V, N, norms, abs_norms = _dora_pieces(inputs, params)
+    g = _exact(inputs, "magnitude", False).fractions() / norms
+    value = g[:, None] * V
+    magnitude = np.abs(g)[:, None] * (N + np.abs(V) * ((abs_norms / norms)[:, None] + 2))
+    depth = 2 * (inputs["A"].shape[0] + inputs["W"].shape[1] + 9)
+    return {"W_merged": Expected("bound", to_float64(value), to_float64(magnitude), depth)}
