@@ -213,14 +213,19 @@ def _linear_cases() -> Iterator[CaseSpec]:
                _linear_inputs((), 32, 24, 4, fan_in_fan_out=True, names=mrg), "exact round trip, W stored [in, out]")
 
 
+def _every_route(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """A fixed routing that uses every adapter and the base (-1) at least twice."""
+    arrays["index"][...] = np.array([0, 1, -1, 1, 0, -1], dtype=np.int64)
+
+
 def _layer_cases() -> Iterator[CaseSpec]:
     """Embedding, Conv2d, mixed batch and DoRA (Linear) cases."""
     seed = 5000
 
-    def case(group: str, name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str) -> CaseSpec:
+    def case(group: str, name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str, special=None) -> CaseSpec:
         nonlocal seed
         seed += 1
-        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, inputs, seed, description)
+        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, inputs, seed, description, special)
 
     V, D, r = 20, 12, 4
     emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0)}
@@ -255,7 +260,7 @@ def _layer_cases() -> Iterator[CaseSpec]:
              "A.0": ((2, 16), 1.0), "B.0": ((12, 2), 1.0), "A.1": ((5, 16), 1.0), "B.1": ((12, 5), 1.0)}
     for dtype in ALL_DTYPES:
         yield case("mixed_batch", "forward", "mixed_batch.forward", dtype, {"adapters": adapters}, mixed,
-                   "per-row adapters (index -1 = base only), ranks 2 and 5, the second rsLoRA")
+                   "per-row adapters (index -1 = base only), ranks 2 and 5, the second rsLoRA", _every_route)
 
     dora_in = {"x": ((3, 16), 2.0), "W": ((12, 16), 1.0), "b": ((12,), 1.0), "A": ((4, 16), 1.0), "B": ((12, 4), 1.0),
                "magnitude": ((12,), 4.0)}

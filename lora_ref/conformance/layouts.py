@@ -10,7 +10,8 @@ runs and rewrites its outputs back before they are checked:
                s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, itself.
 ``mlx``        mlx-lm's convention: ``lora_a`` = A^T [in, r], ``lora_b`` = B^T [r, out] (mixed
                batch: ``lora_a.i``, ``lora_b.i``), a bare ``scale`` (lora_alpha and use_rslora
-               removed, here and in each of a mixed batch's ``adapters``); W always [out, in] (a
+               removed, here and in each of a mixed batch's ``adapters``; conv factors, which mlx-lm
+               has no convention for, keep their names and shapes); W always [out, in] (a
                fan_in_fan_out case is transposed in and its weight outputs transposed back);
                gradients ``dA``/``dB`` are returned in the lora_a/lora_b layout.
 """
@@ -74,8 +75,6 @@ class _Mlx(Layout):
             renamed = _factor_name(name)
             if renamed is not None and array.ndim == 2:
                 arrays[renamed] = np.ascontiguousarray(array.T)
-            elif renamed is not None:  # conv factors have no mlx-lm convention: passed as stored
-                arrays[renamed] = array
             elif name in _WEIGHT_OUTPUTS and params.get("fan_in_fan_out", False):
                 arrays[name] = np.ascontiguousarray(array.T)
             else:

@@ -1,0 +1,303 @@
+"""The tolerances are neither loose nor brittle (issue 6, item 6).
+
+``Alt`` is a second, independent LoRA implementation written here in NumPy: it computes in a
+chosen precision (float32 by default: the SPEC minimum) with BLAS in whatever order BLAS
+picks, and optionally in a different association (the merged weight x (W + s B A)^T) or with
+its contractions reversed. Correct variants must pass every case. Each mutation reproduces
+one real bug seen in public LoRA implementations and must fail at least one case:
+
+  scale_base_too          base output scaled with the LoRA term (issue 6 text)
+  ignore_rslora           s = alpha / r under use_rslora (NVIDIA/TensorRT-LLM#1668, vllm-project/vllm#6909)
+  raw_alpha               s = alpha, rank forgotten (Blaizzy/mlx-vlm#845, rasbt/LLMs-from-scratch#821)
+  mlx_scale_over_r        mlx layout: bare scale divided by r again (transposed A/B, wrong scale)
+  dropout_at_inference    dropout left on in eval (karpathy/nanoGPT#240, microsoft/LoRA#62)
+  ignore_dropout_mask     training mask never applied (meta-pytorch/torchtune#996)
+  low_precision_merge     delta cast to the weight dtype before the add (unslothai/unsloth#3091, huggingface/peft#1388)
+  low_precision_unmerge   unfuse not computed in full precision (huggingface/diffusers#4473)
+  forget_fan_in_fan_out   Conv1D layout ignored in merge/forward (predibase/lorax#106, axolotl-ai-cloud/axolotl#3095)
+  backward_no_scale       LoRA gradients without s
+  lora_bias_unscaled      lora_bias added without s (PEFT scales it)
+  exact_no_residual       "exact" unmerge that is only W' - delta (drift: huggingface/trl#6688, KohakuBlueleaf/LyCORIS#264)
+  low_precision_lora_path x A^T rounded to the storage dtype before B
+  embedding_reshape       embedding delta (B A) reshaped instead of transposed
+  conv_channels_last      conv lora_A read as [r, kh, kw, C] (NHWC/NCHW confusion)
+  mixed_index_wraps       index -1 wraps to the last adapter (Python negative indexing)
+  dora_bias_scaled        DoRA gain applied to the bias too (PEFT does not scale it)
+  dora_norm_without_delta DoRA norm of W alone instead of W + s B A (huggingface/peft#1588 class)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lora_ref.conformance.runner import InProcessDriver, run_suite
+from lora_ref.dtypes import bits_of, round_to
+from lora_ref.cli.conformance_cmd import DEFAULT_SUITE
+
+MUTATIONS = [
+    "scale_base_too", "ignore_rslora", "raw_alpha", "mlx_scale_over_r", "dropout_at_inference", "ignore_dropout_mask",
+    "low_precision_merge", "low_precision_unmerge", "forget_fan_in_fan_out", "backward_no_scale", "lora_bias_unscaled",
+    "exact_no_residual", "low_precision_lora_path", "embedding_reshape", "conv_channels_last", "mixed_index_wraps",
+    "dora_bias_scaled", "dora_norm_without_delta",
+]
+#: The layout each mutation is run in (the convention whose bug it reproduces).
+MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx"}
+
+
+class Alt:
+    """An independent implementation: compute dtype ``c``, BLAS order, optional reassociation."""
+
+    def __init__(self, compute=np.float32, *, bug: str | None = None, merged_forward: bool = False, reverse: bool = False) -> None:
+        self.c = np.dtype(compute)
+        self.bug = bug
+        self.merged_forward = merged_forward
+        self.reverse = reverse
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def w(self, a):
+        return np.asarray(a).astype(self.c)
+
+    def mm(self, a, b):
+        """a @ b in the compute dtype; with ``reverse`` the contraction runs in reversed order."""
+        if self.reverse:
+            return np.flip(a, axis=-1) @ np.flip(b, axis=0)
+        return a @ b
+
+    def scale(self, params, r=None):
+        if "scale" in params:  # canonical / mlx: bare scale
+            s = float(params["scale"])
+            return s / params["r"] if self.bug == "mlx_scale_over_r" else s
+        r, alpha = params["r"], params["lora_alpha"]
+        if self.bug == "raw_alpha":
+            return alpha
+        rs = params.get("use_rslora", False) and self.bug != "ignore_rslora"
+        return self.c.type(alpha) / (np.sqrt(self.c.type(r)) if rs else self.c.type(r))
+
+    def factors(self, inputs, suffix=""):
+        """A [r, in] and B [out, r] in the compute dtype, whatever layout the inputs came in."""
+        if f"lora_a{suffix}" in inputs:
+            return self.w(inputs[f"lora_a{suffix}"]).T, self.w(inputs[f"lora_b{suffix}"]).T
+        return self.w(inputs[f"A{suffix}"]), self.w(inputs[f"B{suffix}"])
+
+    def out(self, y, dtype):
+        return round_to(np.asarray(y, dtype=np.float64), dtype)
+
+    def weight(self, W, params):
+        fifo = params.get("fan_in_fan_out", False) and self.bug != "forget_fan_in_fan_out"
+        return self.w(W).T if fifo else self.w(W)
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def run(self, op, params, inputs):
+        return getattr(self, op.replace(".", "_"))(params, inputs)
+
+    def linear_forward(self, params, inputs):
+        t = inputs["x"].dtype
+        s = self.scale(params)
+        x, W = self.w(inputs["x"]), self.weight(inputs["W"], params)
+        A, B = self.factors(inputs)
+        mask = inputs.get("dropout_mask")
+        if self.bug == "dropout_at_inference" and mask is None and params.get("lora_dropout", 0) > 0:
+            p = params["lora_dropout"]
+            mask = (np.random.default_rng(0).random(x.shape) >= p) / (1 - p)
+        if self.bug == "ignore_dropout_mask":
+            mask = None
+        xm = x if mask is None else x * self.w(mask)
+        if self.merged_forward and mask is None:
+            y = self.mm(x, (W + s * self.mm(B, A)).T)
+        else:
+            h = self.mm(xm, A.T)
+            if self.bug == "low_precision_lora_path":
+                h = self.w(round_to(h.astype(np.float64), t))
+            y = self.mm(x, W.T) + s * self.mm(h, B.T)
+        if "b" in inputs:
+            y = y + self.w(inputs["b"])
+        if self.bug == "scale_base_too":
+            y = s * y + (s - s * s) * self.mm(self.mm(xm, A.T), B.T)  # s (base + b) + s lora
+        if "lora_bias" in inputs:
+            y = y + (1 if self.bug == "lora_bias_unscaled" else s) * self.w(inputs["lora_bias"])
+        return {"y": self.out(y, t)}
+
+    def linear_backward(self, params, inputs):
+        t = inputs["x"].dtype
+        s = 1.0 if self.bug == "backward_no_scale" else self.scale(params)
+        x, dy, W = self.w(inputs["x"]), self.w(inputs["dy"]), self.weight(inputs["W"], params)
+        A, B = self.factors(inputs)
+        X, dY = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        mask = inputs.get("dropout_mask")
+        m = None if mask is None or self.bug == "ignore_dropout_mask" else self.w(mask).reshape(X.shape)
+        Xm = X if m is None else X * m
+        dYB = self.mm(dY, B)
+        lora_dx = s * self.mm(dYB, A)
+        if m is not None:
+            lora_dx = lora_dx * m
+        out = {"dx": self.out((self.mm(dY, W) + lora_dx).reshape(x.shape), t),
+               "dA": self.out(s * self.mm(dYB.T, Xm), t), "dB": self.out(s * self.mm(dY.T, self.mm(Xm, A.T)), t)}
+        if "lora_a" in inputs:  # mlx layout: gradients of lora_a = A^T, lora_b = B^T
+            out["dA"], out["dB"] = out["dA"].T.copy(), out["dB"].T.copy()
+        if params.get("want_base_grads", False):
+            dW = self.mm(dY.T, X)
+            fifo = params.get("fan_in_fan_out", False) and self.bug != "forget_fan_in_fan_out"
+            out["dW"] = self.out(dW.T if fifo else dW, t)
+            out["db"] = self.out(dY.sum(axis=0), t)
+        return out
+
+    def delta(self, params, inputs, shape):
+        A, B = self.factors(inputs)
+        d = self.scale(params) * self.mm(B, A)
+        fifo = params.get("fan_in_fan_out", False) and self.bug != "forget_fan_in_fan_out"
+        d = d.T if fifo else d
+        return d.reshape(shape)
+
+    def _merge(self, W, d, sign):
+        t = W.dtype
+        if self.bug in ("low_precision_merge", "low_precision_unmerge") and (self.bug == "low_precision_merge") == (sign > 0):
+            d = self.w(round_to(d.astype(np.float64), t))  # delta cast to the weight dtype first
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.out(self.w(W) + sign * d, t)
+
+    def linear_merge(self, params, inputs):
+        W = inputs["W"]
+        return {"W_merged": self._merge(W, self.delta(params, inputs, W.shape), +1)}
+
+    def linear_unmerge(self, params, inputs):
+        if not params.get("exact", False):
+            W = inputs["W_merged"]
+            return {"W": self._merge(W, self.delta(params, inputs, W.shape), -1)}
+        W = inputs["W"]
+        d = self.delta(params, inputs, W.shape)
+        merged = self._merge(W, d, +1)
+        restored = self._merge(merged, d, -1)
+        if self.bug != "exact_no_residual":  # this implementation's own residual: the elements that did not come back
+            differs = bits_of(restored) != bits_of(W)
+            restored[differs] = W[differs]
+        return {"W_merged": merged, "W_restored": restored}
+
+    def embedding_forward(self, params, inputs):
+        ids, W = inputs["ids"], self.w(inputs["W"])  # mlx-lm's LoRAEmbedding: lora_a [V, r], lora_b [r, D]
+        A, B = self.factors(inputs)
+        y = W[ids] + self.scale(params) * self.mm(A.T[ids], B.T)
+        return {"y": self.out(y, inputs["W"].dtype)}
+
+    def embedding_merge(self, params, inputs):
+        W = inputs["W"]
+        A, B = self.factors(inputs)
+        BA = self.mm(B, A)
+        d = self.scale(params) * (BA.reshape(W.shape) if self.bug == "embedding_reshape" else BA.T)
+        return {"W_merged": self._merge(W, d, +1)}
+
+    def _conv_cols(self, x, k, stride, padding):
+        xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+        win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+        n, c, ho, wo = win.shape[:4]
+        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, -1), (n, ho, wo)
+
+    def _conv_A(self, A):
+        if self.bug == "conv_channels_last":  # read [r, C, kh, kw] memory as [r, kh, kw, C]
+            r, c, kh, kw = A.shape
+            return A.reshape(r, kh, kw, c).transpose(0, 3, 1, 2)
+        return A
+
+    def conv2d_forward(self, params, inputs):
+        x, W = self.w(inputs["x"]), self.w(inputs["W"])
+        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
+        o, r = W.shape[0], A.shape[0]
+        cols, (n, ho, wo) = self._conv_cols(x, W.shape[2], int(params.get("stride", 1)), int(params.get("padding", 0)))
+        y = self.mm(cols, W.reshape(o, -1).T) + self.scale(params) * self.mm(self.mm(cols, A.reshape(r, -1).T), B.reshape(o, r).T)
+        if "b" in inputs:
+            y = y + self.w(inputs["b"])
+        return {"y": self.out(y.reshape(n, ho, wo, o).transpose(0, 3, 1, 2), inputs["x"].dtype)}
+
+    def conv2d_merge(self, params, inputs):
+        W = inputs["W"]
+        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
+        r = A.shape[0]
+        d = self.scale(params) * self.mm(B.reshape(B.shape[0], r), A.reshape(r, -1)).reshape(W.shape)
+        return {"W_merged": self._merge(W, d, +1)}
+
+    def mixed_batch_forward(self, params, inputs):
+        x, W = self.w(inputs["x"]), self.w(inputs["W"])
+        y = self.mm(x, W.T)
+        if "b" in inputs:
+            y = y + self.w(inputs["b"])
+        adapters = params["adapters"]
+        for row, i in enumerate(inputs["index"]):
+            if i < 0 and self.bug == "mixed_index_wraps":
+                i = len(adapters) + i
+            if i < 0:
+                continue
+            A, B = self.factors(inputs, f".{i}")
+            y[row] += self.scale(adapters[i]) * self.mm(self.mm(x[row : row + 1], A.T), B.T)[0]
+        return {"y": self.out(y, inputs["x"].dtype)}
+
+    def _gain(self, params, inputs):
+        W = self.w(inputs["W"])
+        A, B = self.factors(inputs)
+        V = W if self.bug == "dora_norm_without_delta" else W + self.scale(params) * self.mm(B, A)
+        return self.w(inputs["magnitude"]) / np.sqrt((V * V).sum(axis=1))
+
+    def dora_forward(self, params, inputs):
+        x, W = self.w(inputs["x"]), self.w(inputs["W"])
+        A, B = self.factors(inputs)
+        g = self._gain(params, inputs)
+        z = self.mm(x, W.T) + self.scale(params) * self.mm(self.mm(x, A.T), B.T)
+        b = self.w(inputs["b"])
+        y = g * (z + b) if self.bug == "dora_bias_scaled" else g * z + b
+        return {"y": self.out(y, inputs["x"].dtype)}
+
+    def dora_merge(self, params, inputs):
+        W = self.w(inputs["W"])
+        A, B = self.factors(inputs)
+        g = self._gain(params, inputs)
+        V = W + self.scale(params) * self.mm(B, A)
+        return {"W_merged": self.out(g[:, None] * V, inputs["W"].dtype)}
+
+
+def _run(impl, layout="canonical", profile="float32"):
+    return run_suite(DEFAULT_SUITE, InProcessDriver(impl), layout=layout, profile=profile, timeout=0)
+
+
+CORRECT = {
+    "float32": (lambda: Alt(np.float32), "canonical"),
+    "float32 peft layout (s derived in float32)": (lambda: Alt(np.float32), "peft"),
+    "float32 mlx layout": (lambda: Alt(np.float32), "mlx"),
+    "float32 merged-weight association, reversed sums": (lambda: Alt(np.float32, merged_forward=True, reverse=True), "canonical"),
+    "float64 reversed sums": (lambda: Alt(np.float64, reverse=True), "peft"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRECT))
+def test_correct_variants_pass_everything(name):
+    make, layout = CORRECT[name]
+    result = _run(make(), layout)
+    bad = [(r.case_id, r.status, r.detail) for r in result.results if r.status != "pass"]
+    assert not bad, bad
+    ratios = [r.ratio for r in result.results]
+    print(f"{name}: worst err/bound {max(ratios):.3f}")
+
+
+@pytest.mark.parametrize("bug", MUTATIONS)
+def test_each_mutation_fails_a_case(bug):
+    result = _run(Alt(np.float32, bug=bug), MUTATION_LAYOUT.get(bug, "canonical"))
+    failed = [r.case_id for r in result.results if r.status == "fail"]
+    assert failed, f"mutation {bug!r} passed every case: the suite cannot see it"
+    # no crash either, except where the bug makes shapes incompatible (non-square [in, out] weights)
+    errors = [(r.case_id, r.detail) for r in result.results if r.status == "error"]
+    if bug == "forget_fan_in_fan_out":
+        assert all("fan_in_fan_out" in case_id for case_id, _ in errors), errors
+    else:
+        assert not errors, errors
+    print(f"{bug}: {len(failed)} of {len(result.results)} cases fail, e.g. {failed[:3]}")
+
+
+def test_mutation_list_is_at_least_ten_and_distinct():
+    assert len(MUTATIONS) >= 10 and len(set(MUTATIONS)) == len(MUTATIONS)
+
+
+def test_storage_precision_profile_accepts_low_precision_compute_but_float32_profile_does_not():
+    """Rounding the LoRA intermediate to fp16/bf16 is a conforming *storage-precision* implementation,
+    and the float32 (SPEC minimum) profile rejects it: the profile is what decides, not luck."""
+    impl = Alt(np.float32, bug="low_precision_lora_path")
+    assert not _run(impl, profile="float32").ok
+    storage = _run(impl, profile="storage")
+    assert storage.ok, [(r.case_id, r.detail) for r in storage.results if r.status != "pass"]
