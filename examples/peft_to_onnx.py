@@ -49,6 +49,11 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def example_ids(vocab_size: int) -> torch.Tensor:
+    """The token ids every run of the example feeds (batch 3, sequence 7)."""
+    return torch.randint(0, vocab_size, (3, 7), generator=torch.Generator().manual_seed(3))
+
+
 def make_adapter(base: LlamaForCausalLM, directory: Path, *, r: int, alpha: float, seed: int) -> Path:
     """Save a PEFT adapter with random (non-zero) lora_A and lora_B to ``directory``."""
     torch.manual_seed(seed)
@@ -81,7 +86,7 @@ def main(workdir: Path) -> dict[str, float]:
     base = tiny_llama()
     dirs = [make_adapter(base, workdir / "adapter_a", r=4, alpha=8, seed=1),
             make_adapter(base, workdir / "adapter_b", r=8, alpha=4, seed=2)]
-    ids = torch.randint(0, base.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(3))
+    ids = example_ids(base.config.vocab_size)
     onnx_path = workdir / "llama.onnx"
     program = torch.onnx.export(LogitsOnly(base), (ids,), dynamo=True, input_names=["input_ids"], output_names=["logits"],
                                 dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}})
