@@ -14,6 +14,7 @@ input paths, the documented error class (a name in :mod:`lora_ref.errors`) and a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import shutil
@@ -69,7 +70,42 @@ def write_fixtures(root: Path) -> Path:
     save_adapter(adapter, fx / "adapter")
     merge_checkpoint(fx / "base.safetensors", adapter, fx / "merged.safetensors",
                      residual_path=fx / "residual.safetensors")
+    shutil.copytree(SUITE / "cases" / FIXTURE_CASE, fx / "case")
+    if HAVE_ONNX:
+        from lora_ref.export import export
+
+        (fx / "graph").mkdir()
+        _save_onnx(fixture_graph(), fx / "graph" / "model.onnx")
+        export(fixture_graph(), [adapter], "dynamic", fx / "dynamic.onnx", adapter_out=fx)  # -> default.onnx_adapter
     return fx
+
+
+#: The frozen conformance suite in the source tree, and the case the case.json inputs derive from.
+SUITE = Path(__file__).resolve().parents[2] / "conformance"
+FIXTURE_CASE = "linear/forward-basic-float32"
+
+
+def fixture_graph(extra_nodes: tuple = ()):
+    """An ONNX graph computing x W^T (+ b) for the fixture's layer.q and layer.v (Gemm, transB=1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = fixture_base()
+    nodes = [helper.make_node("Gemm", ["x", "layer.q.weight", "layer.q.bias"], ["q"], name="layer.q", transB=1),
+             helper.make_node("Gemm", ["x", "layer.v.weight"], ["v"], name="layer.v", transB=1), *extra_nodes]
+    graph = helper.make_graph(
+        nodes, "fixture", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 6]) for n in ("q", "v")],
+        [numpy_helper.from_array(weights[k], k) for k in ("layer.q.weight", "layer.q.bias", "layer.v.weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def _save_onnx(model, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
 
 
 # -- raw builders ---------------------------------------------------------------------------------
@@ -106,20 +142,28 @@ class Case:
     name: str
     operation: str  # "merge" or "unmerge"
     role: str  # "base", "adapter", "merged" or "residual": the input this case replaces
-    error: str  # class name in lora_ref.errors
+    error: str  # class name of the documented error (lora_ref.errors or a module's own subclass)
     reason: str
     build: Callable[[Path, Path], None]  # (case_dir, fixtures_dir) -> writes the input
+    known_bug: str = ""  # non-empty: the loader does not raise ``error`` yet (owner told); the test xfails
 
 
 CASES: list[Case] = []
 _ROLE_PATH = {"base": "base.safetensors", "adapter": "adapter", "merged": "merged.safetensors",
-              "residual": "residual.safetensors"}
+              "residual": "residual.safetensors", "model": "graph/model.onnx", "graph": "dynamic.onnx",
+              "onnx_adapter": "default.onnx_adapter", "case": "case"}
+#: The inputs each operation reads, in order.
+OPERATION_ROLES = {"merge": ("base", "adapter"), "unmerge": ("merged", "adapter", "residual"),
+                   "export": ("model", "adapter"), "load_onnx_adapter": ("graph", "onnx_adapter"),
+                   "load_case": ("case",)}
+#: Optional parts: generated only when their packages are installed (the exporter's extras).
+HAVE_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def case(name: str, role: str, error: str, reason: str, operation: str = "merge"):
+def case(name: str, role: str, error: str, reason: str, operation: str = "merge", known_bug: str = ""):
     """Register a builder writing ``<case_dir>/<role path>``."""
     def register(build: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
-        CASES.append(Case(name, operation, role, error, reason, build))
+        CASES.append(Case(name, operation, role, error, reason, build, known_bug))
         return build
     return register
 
@@ -392,12 +436,136 @@ def _meta(path: Path) -> str:
     return read_metadata(path)["lora_ref.residual"]
 
 
+# -- ONNX graphs (export) and .onnx_adapter files (the exporter's loaders) --------------------------
+def _external_case(name: str, reason: str, location: Callable[[Path], str], link: bool = False) -> None:
+    """A graph whose external data points outside its folder (at a real file holding valid data)."""
+    def build(case_dir: Path, fx: Path) -> None:
+        import onnx
+
+        source = case_dir / "data_source" / "model.onnx"
+        source.parent.mkdir()
+        onnx.save_model(fixture_graph(), str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="weights.bin", size_threshold=0)
+        secret = case_dir / "outside.bin"  # beside graph/, not inside it
+        shutil.move(source.parent / "weights.bin", secret)
+        refs = onnx.load(str(source), load_external_data=False)
+        shutil.rmtree(source.parent)
+        for tensor in refs.graph.initializer:
+            for item in tensor.external_data:
+                if item.key == "location":
+                    item.value = location(case_dir)
+        (case_dir / "graph").mkdir()
+        if link:
+            (case_dir / "graph" / "weights.bin").symlink_to(secret)
+        onnx.save_model(refs, str(case_dir / "graph" / "model.onnx"))
+    CASES.append(Case(name, "export", "model", "FileFormatError", reason, build))
+
+
+def _graph_case(name: str, reason: str, write: Callable[[Path], None], error: str = "FileFormatError",
+                known_bug: str = "") -> None:
+    def build(case_dir: Path, fx: Path) -> None:
+        (case_dir / "graph").mkdir()
+        write(case_dir / "graph" / "model.onnx")
+    CASES.append(Case(name, "export", "model", error, reason, build, known_bug))
+
+
+_CHECKER_BUG = ("export/graphio.save_model lets onnx.checker's ValidationError escape (CLI exit 3, multi-line) "
+                "for graphs onnx.load accepts but the checker rejects")
+
+
+def _onnx_adapter_case(name: str, reason: str, tensors: Callable[[], dict] | None = None,
+                       raw: Callable[[Path, Path], bytes] | None = None, error: str = "AdapterNameError") -> None:
+    def build(case_dir: Path, fx: Path) -> None:
+        target = case_dir / "default.onnx_adapter"
+        if raw is not None:
+            target.write_bytes(raw(case_dir, fx))
+            return
+        import onnxruntime as ort
+
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors().items()}
+        writer = ort.AdapterFormat()
+        writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+        writer.export_adapter(str(target))
+    CASES.append(Case(name, "load_onnx_adapter", "onnx_adapter", error, reason, build))
+
+
+if HAVE_ONNX:
+    _external_case("onnx_external_parent", "external data location '../outside.bin' (outside the graph's folder)",
+                   lambda case_dir: "../outside.bin")
+    _external_case("onnx_external_absolute", "external data location is an absolute path",
+                   lambda case_dir: str((case_dir / "outside.bin").resolve()))
+    _external_case("onnx_external_symlink", "external data is a symlink inside the folder to a file outside it",
+                   lambda case_dir: "weights.bin", link=True)
+    _graph_case("onnx_not_protobuf", "model.onnx is not a protobuf", lambda path: path.write_bytes(b"\x08\x07junk" * 8))
+    _graph_case("onnx_pickle", "a pickle named model.onnx (never unpickled)",
+                lambda path: path.write_bytes(marker_pickle(path.parent.parent / PICKLE_MARKER)))
+    _graph_case("onnx_unknown_op", "a node of op type NoSuchOp", known_bug=_CHECKER_BUG,
+                write=lambda path: _save_onnx(fixture_graph((_node("NoSuchOp", ["q"], ["z"]),)), path))
+    _graph_case("onnx_undefined_input", "a node reading a tensor nothing produces", known_bug=_CHECKER_BUG,
+                write=lambda path: _save_onnx(fixture_graph((_node("Relu", ["nowhere"], ["z"]),)), path))
+    _onnx_adapter_case("onnx_adapter_foreign_names", "tensors named for another model's modules",
+                       lambda: {"model.layers.0.mlp.up_proj.lora_A.weight": np.zeros((5, 2), np.float32),
+                                "model.layers.0.mlp.up_proj.lora_B.weight": np.zeros((2, 6), np.float32)})
+    _onnx_adapter_case("onnx_adapter_wrong_shape", "layer.q's A is [7, 2] where the graph's input is [5, r]",
+                       lambda: {"layer.q.lora_A.weight": np.zeros((7, 2), np.float32),
+                                "layer.q.lora_B.weight": np.zeros((2, 6), np.float32)})
+    _onnx_adapter_case("onnx_adapter_truncated", "the fixture's .onnx_adapter cut in half", error="FileFormatError",
+                       raw=lambda case_dir, fx: (fx / "default.onnx_adapter").read_bytes()[:-40])
+    _onnx_adapter_case("onnx_adapter_pickle", "a pickle named default.onnx_adapter (never unpickled)",
+                       error="FileFormatError", raw=lambda case_dir, fx: marker_pickle(case_dir / PICKLE_MARKER))
+
+
+def _node(op: str, inputs: list[str], outputs: list[str]):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name="hostile")
+
+
+# -- conformance case.json (the conformance runner's loader) ---------------------------------------
+def case_json_case(name: str, reason: str, edit: Callable[[dict], object] | None = None, text: str | None = None,
+                   files: Callable[[Path], None] | None = None, known_bug: str = "") -> None:
+    """The fixture case directory with its case.json edited (``edit`` returns the new JSON) or replaced."""
+    def build(case_dir: Path, fx: Path) -> None:
+        target = case_dir / "case"
+        shutil.copytree(fx / "case", target)
+        if edit is not None:
+            data = json.loads((target / "case.json").read_text())
+            (target / "case.json").write_text(json.dumps(edit(data)))
+        if text is not None:
+            (target / "case.json").write_text(text)
+        if files is not None:
+            files(target)
+    CASES.append(Case(name, "load_case", "case", "CaseFormatError", reason, build, known_bug))
+
+
+_CASEFILE_BUG = ("lora_ref/conformance/casefile.load_case catches only JSONDecodeError/UnicodeDecodeError/"
+                 "FileNotFoundError: {} escapes untyped")
+case_json_case("case_not_json", "case.json is not JSON", text="{id: 1")
+case_json_case("case_is_list", "case.json is a JSON array", text="[]")
+case_json_case("case_missing_id", "no 'id' field", edit=lambda d: {k: v for k, v in d.items() if k != "id"})
+case_json_case("case_bad_dtype", "dtype 'float8'", edit=lambda d: {**d, "dtype": "float8"})
+case_json_case("case_negative_shape", "an input of shape [-4, 24]",
+               edit=lambda d: {**d, "inputs": {**d["inputs"], "A": {"dtype": "float32", "shape": [-4, 24]}}})
+case_json_case("case_output_bad_check", "outputs[y].check is 'approx'",
+               edit=lambda d: {**d, "outputs": {"y": {**d["outputs"]["y"], "check": "approx"}}})
+case_json_case("case_inputs_disagree", "inputs.safetensors holds A as [4, 24], case.json says [4, 25]",
+               edit=lambda d: {**d, "inputs": {**d["inputs"], "A": {"dtype": "float32", "shape": [4, 25]}}})
+case_json_case("case_inputs_truncated", "inputs.safetensors cut short",
+               files=lambda t: (t / "inputs.safetensors").write_bytes((t / "inputs.safetensors").read_bytes()[:-9]))
+case_json_case("case_deep_json", "case.json nested 100k deep", text="[" * 100_000 + "]" * 100_000,
+               known_bug=_CASEFILE_BUG.format("RecursionError"))
+case_json_case("case_huge_int", "an integer of 5000 digits", text='{"id": ' + "9" * 5000 + "}",
+               known_bug=_CASEFILE_BUG.format("ValueError (int digit limit)"))
+case_json_case("case_json_is_directory", "case.json is a directory",
+               files=lambda t: ((t / "case.json").unlink(), (t / "case.json").mkdir()),
+               known_bug=_CASEFILE_BUG.format("IsADirectoryError"))
+
+
 # -- driver ---------------------------------------------------------------------------------------
 def inputs_for(root: Path, case_: Case) -> dict[str, Path]:
     """The operation's input paths: the case's own file for its role, fixtures for the rest."""
-    roles = ("base", "adapter") if case_.operation == "merge" else ("merged", "adapter", "residual")
     return {role: (root / case_.name if role == case_.role else root / FIXTURES) / _ROLE_PATH[role]
-            for role in roles}
+            for role in OPERATION_ROLES[case_.operation]}
 
 
 def build_corpus(root: str | Path) -> list[Case]:
@@ -413,7 +581,7 @@ def build_corpus(root: str | Path) -> list[Case]:
         case_dir.mkdir()
         case_.build(case_dir, fx)
         manifest.append({"name": case_.name, "operation": case_.operation, "role": case_.role,
-                         "error": case_.error, "reason": case_.reason,
+                         "error": case_.error, "reason": case_.reason, "known_bug": case_.known_bug,
                          "inputs": {k: str(v.relative_to(root)) for k, v in inputs_for(root, case_).items()}})
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return list(CASES)
