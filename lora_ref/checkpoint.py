@@ -27,7 +27,8 @@ from .deltas import delta_for
 from .dora import DoraDelta
 from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
 from .errors import FileFormatError, TargetNotFoundError
-from .merge import BLOCK_BYTES, Residual, block_rows, merge, unmerge
+from .linear import LinearBiasDelta
+from .merge import BLOCK_BYTES, DeltaSource, Residual, block_rows, merge, unmerge
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, load_file, save_file
 
 RESIDUAL_FORMAT = "lora-ref-residual/1"
@@ -37,6 +38,24 @@ RESIDUAL_META_KEY = "lora_ref.residual"
 def base_key(module: str) -> str:
     """The state_dict key of a module's weight."""
     return f"{module}.weight"
+
+
+def merge_targets(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """The state_dict keys a merge changes -> (module, "weight" | "bias").
+
+    Every module's weight, and, as PEFT merges them, the base bias of modules with lora_bias.
+    """
+    targets = {base_key(m): (m, "weight") for m in adapter.modules}
+    targets.update({f"{m}.bias": (m, "bias") for m, lora in adapter.modules.items() if lora.lora_bias is not None})
+    return targets
+
+
+def target_delta(adapter: Adapter, target: tuple[str, str], **kwargs: object) -> DeltaSource:
+    """The delta source of one merge target (``kwargs`` go to :func:`delta_for` for weights)."""
+    module, part = target
+    if part == "bias":
+        return LinearBiasDelta(adapter.modules[module].lora_bias, adapter.scale_for(module), module=module)
+    return delta_for(adapter, module, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -50,11 +69,13 @@ class CheckpointReport:
 
 
 def _check_targets(adapter: Adapter, handle: SafetensorsFile) -> None:
-    missing = [base_key(m) for m in adapter.modules if base_key(m) not in handle]
+    missing = [key for key in merge_targets(adapter) if key not in handle]
     if missing:
+        lora_bias = [key for key in missing if key.endswith(".bias")]
         raise TargetNotFoundError(
-            f"{handle.path}: the adapter targets {len(missing)} module(s) the base lacks: {', '.join(missing[:5])}"
+            f"{handle.path}: the adapter targets {len(missing)} tensor(s) the base lacks: {', '.join(missing[:5])}"
             + (" ..." if len(missing) > 5 else "")
+            + (" (lora_bias is merged into the base layer's bias, which must exist)" if lora_bias else "")
         )
 
 
@@ -80,7 +101,7 @@ def merge_checkpoint(
     report = CheckpointReport()
     residuals: dict[str, Residual] = {}
     norms: dict[str, np.ndarray] = {}
-    targets = {base_key(m): m for m in adapter.modules}
+    targets = merge_targets(adapter)
     with SafetensorsFile(base_path) as base:
         _check_targets(adapter, base)
         names = base.keys()
@@ -105,7 +126,7 @@ def merge_checkpoint(
                 if name in targets:
                     if progress:
                         progress(name)
-                    delta = delta_for(adapter, targets[name], base=tensor)
+                    delta = target_delta(adapter, targets[name], base=tensor)
                     result = merge(tensor, delta, exact=residual_path is not None, allow_nonfinite=allow_nonfinite,
                                    out=out, block_bytes=block_bytes)
                     if isinstance(delta, DoraDelta):
@@ -137,7 +158,7 @@ def unmerge_checkpoint(
     """
     residuals = load_residuals(residual_path) if residual_path is not None else {}
     norms = load_dora_norms(residual_path) if residual_path is not None else {}
-    targets = {base_key(m): m for m in adapter.modules}
+    targets = merge_targets(adapter)
     unknown = sorted(set(residuals) - set(targets))
     if unknown:
         raise FileFormatError(f"{residual_path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
@@ -152,7 +173,7 @@ def unmerge_checkpoint(
                 if name in targets:
                     if progress:
                         progress(name)
-                    delta = delta_for(adapter, targets[name], norm=norms.get(name))
+                    delta = target_delta(adapter, targets[name], norm=norms.get(name))
                     unmerge(tensor, delta, residual=residuals.get(name), out=writer.reserve(name),
                             block_bytes=block_bytes)
                     report.merged[name] = int(tensor.size)

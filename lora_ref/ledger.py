@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .adapter import Adapter
-from .checkpoint import base_key
-from .deltas import delta_for
+from .checkpoint import merge_targets, target_delta
 from .errors import MergeStateError, ShapeError, TargetNotFoundError
 from .merge import Residual, digest_arrays, merge, unmerge
 
@@ -50,22 +49,21 @@ class MergeLedger:
         name = name or adapter.name
         if name in self._order:
             raise MergeStateError(f"adapter {name!r} is already merged")
-        missing = [base_key(m) for m in adapter.modules if base_key(m) not in self.weights]
+        targets = merge_targets(adapter)  # weights, and base biases of lora_bias modules (as PEFT)
+        missing = [key for key in targets if key not in self.weights]
         if missing:
-            raise TargetNotFoundError(f"adapter {name!r} targets weights the model lacks: {', '.join(missing[:5])}")
-        deltas = {m: delta_for(adapter, m) for m in adapter.modules}
-        for module, delta in deltas.items():  # validate every module before touching any weight
-            if self.weights[base_key(module)].shape != delta.shape:  # SPEC 3.7: adapter vs base dimensions
+            raise TargetNotFoundError(f"adapter {name!r} targets tensors the model lacks: {', '.join(missing[:5])}")
+        deltas = {key: target_delta(adapter, target) for key, target in targets.items()}
+        for key, delta in deltas.items():  # validate every target before touching any weight
+            if self.weights[key].shape != delta.shape:  # SPEC 3.7: adapter vs base dimensions
                 raise ShapeError(
-                    f"{module}: base weight {base_key(module)!r} has shape {self.weights[base_key(module)].shape} "
+                    f"{delta.module}: base tensor {key!r} has shape {self.weights[key].shape} "
                     f"but the adapter's delta has {delta.shape}"
                 )
-        for module, delta in deltas.items():
-            weight = self.weights[base_key(module)]
+        for key, delta in deltas.items():
+            weight = self.weights[key]
             result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)
-            self._stacks.setdefault(base_key(module), []).append(
-                _Entry(name, digest_arrays(*delta.factors()), result.residual)
-            )
+            self._stacks.setdefault(key, []).append(_Entry(name, digest_arrays(*delta.factors()), result.residual))
         self._order.append(name)
 
     def unmerge(self, adapter: Adapter, name: str | None = None) -> None:
@@ -73,17 +71,17 @@ class MergeLedger:
         name = name or adapter.name
         if name not in self._order:
             raise MergeStateError(f"adapter {name!r} is not merged (merged: {self._order or 'none'})")
-        for module in adapter.modules:
-            stack = self._stacks.get(base_key(module), [])
+        deltas = {key: target_delta(adapter, target) for key, target in merge_targets(adapter).items()}
+        for key, delta in deltas.items():
+            stack = self._stacks.get(key, [])
             if not stack or stack[-1].adapter_name != name:
                 top = stack[-1].adapter_name if stack else "nothing"
                 raise MergeStateError(
-                    f"{module}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
+                    f"{delta.module}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
                 )
-            if stack[-1].delta_digest != digest_arrays(*delta_for(adapter, module).factors()):
-                raise MergeStateError(f"{module}: the adapter given for {name!r} is not the one that was merged")
-        for module in adapter.modules:
-            key = base_key(module)
+            if stack[-1].delta_digest != digest_arrays(*delta.factors()):
+                raise MergeStateError(f"{delta.module}: the adapter given for {name!r} is not the one that was merged")
+        for key, delta in deltas.items():
             entry = self._stacks[key].pop()
-            unmerge(self.weights[key], delta_for(adapter, module), residual=entry.residual, out=self.weights[key])
+            unmerge(self.weights[key], delta, residual=entry.residual, out=self.weights[key])
         self._order.remove(name)

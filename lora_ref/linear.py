@@ -203,6 +203,33 @@ class LinearDelta:
         return self.block(slice(None))
 
 
+class LinearBiasDelta:
+    """Δb = s · lora_bias: what merging a LoRA layer with ``lora_bias`` adds to the base bias.
+
+    PEFT's merge adds ``lora_B.bias * scaling`` to the base layer's bias (and cannot merge when
+    the base layer has none); the merged layer then equals the adapted one (SPEC 2.3). One
+    float64 multiply per element, so Δb is bit-reproducible.
+    """
+
+    kind = "linear_bias"
+
+    def __init__(self, lora_bias: np.ndarray, scale: float, *, module: str = "") -> None:
+        check_float_array(lora_bias, f"{module} lora_B.bias".strip())
+        self.lora_bias = np.asarray(lora_bias)
+        if self.lora_bias.ndim != 1:
+            raise ShapeError(f"{module}: lora_B.bias must be 1-D, got shape {self.lora_bias.shape}")
+        self.scale = float(scale)
+        self.module = module
+        self.shape = self.lora_bias.shape
+
+    def factors(self) -> tuple[np.ndarray, ...]:
+        return (self.lora_bias, np.float64(self.scale))
+
+    def block(self, rows: slice) -> np.ndarray:
+        """Δb[rows] in float64."""
+        return self.lora_bias[rows].astype(float64) * self.scale
+
+
 def rank_one_sum(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Σ_k left[:, k] ⊗ right[k, :] in float64, accumulated in increasing k (no BLAS)."""
     acc = np.zeros((left.shape[0], right.shape[1]), dtype=float64)

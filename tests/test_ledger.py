@@ -230,3 +230,25 @@ def test_shape_mismatch_refused_before_any_change() -> None:
     with pytest.raises(ShapeError, match="blocks.1.attn.q_proj"):
         MergeLedger(weights).merge(a)
     assert all(np.array_equal(weights[k], before[k]) for k in weights)
+
+
+def test_lora_bias_merged_into_base_bias_and_restored() -> None:
+    """PEFT merges s·lora_bias into the base bias; so does the ledger, exactly undone in exact mode."""
+    t = resolve_dtype("float16")
+    rng = np.random.default_rng(8)
+    weights = build_weights(t, rng, special=False)
+    adapter = build_adapter("a", t, rng, modules=("blocks.0.attn.q_proj",))
+    adapter.config.lora_bias = True
+    adapter.modules["blocks.0.attn.q_proj"].lora_bias = round_to(rng.normal(size=24), t)
+    with pytest.raises(TargetNotFoundError, match=r"blocks\.0\.attn\.q_proj\.bias"):
+        MergeLedger(weights).merge(adapter)  # no base bias to merge into
+    weights["blocks.0.attn.q_proj.bias"] = round_to(rng.normal(size=24), t)
+    original = snapshot(weights)
+    ledger = MergeLedger(weights)
+    ledger.merge(adapter)
+    s = adapter.scale_for("blocks.0.attn.q_proj")
+    lb = adapter.modules["blocks.0.attn.q_proj"].lora_bias.astype(float64)
+    want = round_to(original["blocks.0.attn.q_proj.bias"].astype(float64) + s * lb, t)  # one rounding
+    assert np.array_equal(bits_of(weights["blocks.0.attn.q_proj.bias"]), bits_of(want))
+    ledger.unmerge(adapter)
+    assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
