@@ -152,8 +152,6 @@ class AdapterCache:
         self._defaults = {name: self._host_value(slot.default()) for name, slot in session.slots.items()}
         self._device_buffers: dict[str, ort.OrtValue] = {}
         self.binding = session.session.io_binding()
-        for output in session.session.get_outputs():
-            self.binding.bind_output(output.name, self.device)
         self.active: str | None = None
         self.activate(None)
 
@@ -204,5 +202,10 @@ class AdapterCache:
         """Run with the active adapter; ``feeds`` are the graph's ordinary inputs."""
         for key, value in feeds.items():
             self.binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        # Unallocated outputs each run: ORT would otherwise reuse the last run's buffers and
+        # refuse a run whose output shape differs (another batch or sequence length).
+        self.binding.clear_binding_outputs()
+        for output in self.session.session.get_outputs():
+            self.binding.bind_output(output.name, self.device)
         self.session.session.run_with_iobinding(self.binding)
         return self.binding.copy_outputs_to_cpu()

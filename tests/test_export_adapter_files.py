@@ -118,6 +118,8 @@ def test_cache_binds_only_inputs_not_run_options():
     cache.activate("a")
     want = session.run({"x": X, **adapter_tensors(adapters[0], session.slots)})[0]
     np.testing.assert_array_equal(cache.run({"x": X})[0], want)
+    shorter = X[:1, :3]  # other batch and sequence length in the same binding
+    np.testing.assert_array_equal(cache.run({"x": shorter})[0], session.run({"x": shorter, **adapter_tensors(adapters[0], session.slots)})[0])
     with pytest.raises(Exception, match="not in the cache"):
         cache.activate("missing")
 
