@@ -151,6 +151,31 @@ def mixed_forward(
     return round_to(y, resolve_dtype(out_dtype) if out_dtype is not None else np.asarray(x).dtype)
 
 
+def active_forward(
+    x: np.ndarray,
+    W: np.ndarray,
+    factors: Sequence[LoraFactors],
+    *,
+    bias: np.ndarray | None = None,
+    fan_in_fan_out: bool = False,
+    out_dtype: object = None,
+) -> np.ndarray:
+    """Several adapters active at once on every row (a stack, unmerged):
+
+        y = x W^T + bias + Σ_j s_j (x A_j^T) B_j^T        (j in the given order)
+
+    in float64, rounded once; equal, up to float64 rounding, to x (W + Σ_j s_j B_j A_j)^T + bias,
+    the forward of the same stack merged (SPEC 4.2).
+    """
+    _check_factors(factors, np.shape(W), fan_in_fan_out)
+    batch = np.shape(x)[0] if np.ndim(x) else 0
+    y = mixed_forward(x, W, [], np.full(batch, -1), bias=bias, fan_in_fan_out=fan_in_fan_out, out_dtype=float64)
+    x64 = np.asarray(x, dtype=float64)
+    for f in factors:
+        y = y + f.scale * ((x64 @ np.asarray(f.A, dtype=float64).T) @ np.asarray(f.B, dtype=float64).T)
+    return round_to(y, resolve_dtype(out_dtype) if out_dtype is not None else np.asarray(x).dtype)
+
+
 @dataclass(frozen=True)
 class MixedGrads:
     """Gradients of a mixed batch: dx like x; dA[i], dB[i] like adapter i's factors (None if absent)."""

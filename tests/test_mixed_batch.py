@@ -23,6 +23,7 @@ from lora_ref.mixed_batch import (
     LoraFactors,
     RoutingError,
     StackedBank,
+    active_forward,
     check_index,
     factors_for,
     mixed_backward,
@@ -227,3 +228,19 @@ def test_bad_shapes_are_typed_errors():
     with pytest.raises(ShapeError):
         mixed_forward(x, W, bad, np.zeros(3, int))
     assert check_index(np.array([], np.int64), 0, 0).shape == (0,)
+
+
+@given(case_params)
+def test_active_stack_equals_forward_through_the_merged_stack(params):
+    """y = x W^T + b + Σ_j s_j (x A_j^T) B_j^T against x (W + Σ_j s_j B_j A_j)^T + b, both in float64:
+    each within γ_n·P of exact with n = in + Σ r_j + N + 3, so they differ by at most 2·γ_n·P."""
+    seed, n, batch, seq, d_in, d_out = params
+    W, bias, x, factors, _ = make_case(seed, n, batch, seq, d_in, d_out, dtype=np.float64)
+    stack = [f for f in factors if f is not None]
+    y = active_forward(x, W, stack, bias=bias)
+    merged = W + sum(f.scale * (f.B @ f.A) for f in stack)
+    expected = x @ merged.T + bias
+    P_W = np.abs(W) + sum(abs(f.scale) * (np.abs(f.B) @ np.abs(f.A)) for f in stack)
+    P = np.abs(x) @ P_W.T + np.abs(bias)
+    n_chain = d_in + sum(f.A.shape[0] for f in stack) + len(stack) + 3
+    assert np.all(np.abs(y - expected) <= 2 * gamma(n_chain) * P)
