@@ -20,14 +20,23 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def time_median(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+def time_median(
+    fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    ``setup``, if given, runs untimed before every call (e.g. undo an in-place merge).
+    """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     samples = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
