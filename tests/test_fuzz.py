@@ -7,7 +7,9 @@ OverflowError, UnicodeError, a NumPy ValueError, ...) is a bug and fails the tes
 Inputs come three ways: structured (a header or config assembled from the format's own fields,
 each drawn from valid values, boundary values and wrong types), mutated (a valid file from the
 corpus fixture with bytes flipped, cut or inserted), and raw bytes. CI runs a few seconds per
-loader; ``LORA_REF_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`` runs longer.
+loader; ``LORA_REF_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`` runs longer. Loaders covered:
+safetensors (headers, data), adapter_config.json, adapter directories, residual files,
+conformance case.json (with its tensor files) and ONNX Runtime .onnx_adapter files.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import require_peer
 from corpus.make_corpus import fixture_adapter, write_fixtures
 from lora_ref.adapter import WEIGHTS_NAME, load_adapter
 from lora_ref.checkpoint import RESIDUAL_META_KEY, load_residuals, unmerge_checkpoint
@@ -219,3 +222,62 @@ def test_fuzz_residual(work: Path, meta, entry, indices: list[int], value_dtype:
     out = work / "unmerged.safetensors"
     out.unlink(missing_ok=True)
     typed_or_ok(unmerge_checkpoint, fx / "merged.safetensors", fixture_adapter(), out, residual_path=path)
+
+
+# -- conformance case.json --------------------------------------------------------------------------
+CASE_FIELDS = ["id", "operation", "dtype", "params", "inputs", "outputs", "bound", "spec", "description"]
+TENSOR_SPECS = st.dictionaries(st.sampled_from(["A", "B", "W", "x", "y", "b"]),
+                               st.one_of(JSON, st.fixed_dictionaries(
+                                   {"dtype": st.sampled_from(["float32", "float16", "bfloat16", "int64", "float8"]),
+                                    "shape": st.one_of(st.lists(st.integers(-2, 30), max_size=3), JSON),
+                                    "check": st.sampled_from(["bound", "bitwise", "approx"]),
+                                    "K": st.one_of(st.integers(-2, 50), JSON)})), max_size=3)
+
+
+@fuzz_settings
+@given(changes=st.dictionaries(st.sampled_from(CASE_FIELDS), st.one_of(JSON, TENSOR_SPECS), max_size=3),
+       cut=st.one_of(st.none(), st.integers(1, 200)))
+def test_fuzz_case_json(work: Path, changes: dict, cut: int | None) -> None:
+    """load_case + load_inputs + load_expected on the fixture case with mutated fields or a cut inputs file."""
+    from lora_ref.conformance.casefile import load_case
+
+    directory = work / "case"
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.copytree(work / "_fixtures" / "case", directory)
+    data = {**json.loads((directory / "case.json").read_text()), **changes}
+    (directory / "case.json").write_text(json.dumps(data))
+    if cut is not None:
+        blob = (directory / "inputs.safetensors").read_bytes()
+        (directory / "inputs.safetensors").write_bytes(blob[:-cut])
+
+    def load_all() -> None:
+        case = load_case(directory)
+        case.load_inputs()
+        case.load_expected()
+
+    typed_or_ok(load_all)
+
+
+# -- .onnx_adapter against a dynamic graph ------------------------------------------------------------
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_onnx_adapter(work: Path, data: st.DataObject) -> None:
+    """ONNX Runtime's reader behind load_onnx_adapter, on mutated copies of a valid file."""
+    require_peer("onnxruntime")
+    from lora_ref.export.adapter_files import load_onnx_adapter
+    from lora_ref.export.graphio import load_model
+    from lora_ref.export.slots import slots_from_model
+
+    blob = bytearray((work / "_fixtures" / "default.onnx_adapter").read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        if op == "flip":
+            blob[pos] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del blob[pos:pos + data.draw(st.integers(1, 32))]
+        else:
+            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+    path = work / "mutated.onnx_adapter"
+    path.write_bytes(bytes(blob))
+    typed_or_ok(load_onnx_adapter, path, slots_from_model(load_model(work / "_fixtures" / "dynamic.onnx")))
