@@ -1,0 +1,204 @@
+"""Bad input never stops a run: malformed case directories and misbehaving implementations
+(wrong shapes or dtypes, exceptions, crashes, hangs, no output) become per-case errors with a
+reason, and the next case still runs (issue 6, "Bad input")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from lora_ref.cli.conformance_cmd import DEFAULT_SUITE
+from lora_ref.conformance.casefile import CaseFormatError, read_manifest
+from lora_ref.conformance.reference_impl import factory
+from lora_ref.conformance.runner import InProcessDriver, Selection, SubprocessDriver, run_suite
+from lora_ref.errors import LoraRefError
+
+CASES = ["linear/forward-r1-float32", "linear/merge-basic-float16", "linear/forward-basic-bfloat16"]
+
+
+@pytest.fixture
+def small_suite(tmp_path):
+    """A copy of three frozen cases with their own manifest."""
+    suite = tmp_path / "suite"
+    entries = []
+    for case_id in CASES:
+        shutil.copytree(DEFAULT_SUITE / "cases" / case_id, suite / "cases" / case_id)
+        data = json.loads((suite / "cases" / case_id / "case.json").read_text())
+        entries.append({"id": case_id, "operation": data["operation"], "dtype": data["dtype"]})
+    (suite / "manifest.json").write_text(json.dumps({"suite_version": "test", "cases": entries}))
+    return suite
+
+
+def _edit(directory, change):
+    data = json.loads((directory / "case.json").read_text())
+    change(data)
+    (directory / "case.json").write_text(json.dumps(data))
+
+
+def _statuses(result):
+    return {r.case_id: (r.status, r.detail) for r in result.results}
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: (d / "case.json").unlink(), "case.json: missing"),
+    (lambda d: (d / "case.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "case.json").write_text("[]"), "must be a JSON object"),
+    (lambda d: (d / "inputs.safetensors").unlink(), "no such file"),
+    (lambda d: (d / "expected.safetensors").write_bytes((d / "expected.safetensors").read_bytes()[:40]), "not a valid safetensors"),
+    (lambda d: _edit(d, lambda c: c["inputs"]["x"].update(dtype="float16")), "case.json says float16"),
+    (lambda d: _edit(d, lambda c: c["outputs"]["y"].update(K=0)), "K must be a positive integer"),
+    (lambda d: _edit(d, lambda c: c.pop("operation")), "field 'operation' is missing"),
+    (lambda d: (d / "case.json").write_text((d / "case.json").read_text().replace('"dtype": "float32"', '"dtype": "int8"', 1)), "dtype"),
+    (lambda d: shutil.rmtree(d), "missing"),
+])
+def test_malformed_case_directory_is_an_error_and_the_run_continues(small_suite, damage, reason):
+    damage(small_suite / "cases" / CASES[0])
+    statuses = _statuses(run_suite(small_suite, InProcessDriver(factory())))
+    status, detail = statuses[CASES[0]]
+    assert status == "error" and reason in detail, detail
+    assert statuses[CASES[1]][0] == statuses[CASES[2]][0] == "pass"
+
+
+def test_malformed_manifest_is_a_user_error(small_suite):
+    (small_suite / "manifest.json").write_text('{"cases": [{"id": "../../etc", "operation": "x", "dtype": "float32"}]}')
+    with pytest.raises(CaseFormatError, match="must be '<group>/<name>'"):
+        read_manifest(small_suite)
+    (small_suite / "manifest.json").unlink()
+    with pytest.raises(LoraRefError, match="no manifest"):
+        run_suite(small_suite, InProcessDriver(factory()))
+
+
+class Misbehaving:
+    """Misbehaves on the first case only; correct afterwards (so 'the run continues' is visible)."""
+
+    def __init__(self, how):
+        self.how, self.calls, self.reference = how, 0, factory()
+
+    def run(self, op, params, inputs):
+        self.calls += 1
+        if self.calls > 1:
+            return self.reference.run(op, params, inputs)
+        good = self.reference.run(op, params, inputs)
+        name = next(iter(good))
+        if self.how == "wrong_dtype":
+            return {name: good[name].astype(np.float64)}
+        if self.how == "wrong_shape":
+            return {name: good[name].reshape(-1)}
+        if self.how == "missing":
+            return {"something_else": good[name]}
+        if self.how == "not_a_dict":
+            return [good[name]]
+        if self.how == "list_output":
+            return {name: good[name].tolist()}
+        if self.how == "raises":
+            raise ZeroDivisionError("oops")
+        if self.how == "hangs":
+            time.sleep(30)
+        raise AssertionError(self.how)
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("wrong_dtype", "has dtype float64, expected float32"),
+    ("wrong_shape", "has shape"),
+    ("missing", "no output 'y'"),
+    ("not_a_dict", "expected a dict"),
+    ("list_output", "not a numpy array"),
+    ("raises", "raised ZeroDivisionError: oops"),
+    ("hangs", "timed out after 0.5 s"),
+])
+def test_misbehaving_in_process_implementation(small_suite, how, reason):
+    started = time.monotonic()
+    statuses = _statuses(run_suite(small_suite, InProcessDriver(Misbehaving(how)), timeout=0.5))
+    status, detail = statuses[CASES[0]]
+    assert status == "error" and reason in detail, detail
+    assert statuses[CASES[1]][0] == statuses[CASES[2]][0] == "pass"
+    assert time.monotonic() - started < 20  # the hang was cut short, not waited out
+
+
+def test_not_implemented_is_skipped(small_suite):
+    class MergeOnly:
+        def run(self, op, params, inputs):
+            if op != "linear.merge":
+                raise NotImplementedError(f"{op} not supported")
+            return factory().run(op, params, inputs)
+
+    result = run_suite(small_suite, InProcessDriver(MergeOnly()))
+    assert result.counts() == {"pass": 1, "fail": 0, "skip": 2, "error": 0} and result.ok
+
+
+def _script(tmp_path, body):
+    """A subprocess implementation: misbehaves on its first case (marker file), then runs the reference."""
+    path = tmp_path / "impl.py"
+    path.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from lora_ref.conformance.bridge import main
+        marker = Path({str(tmp_path / 'marker')!r})
+        first = not marker.exists()
+        marker.touch()
+        if first and sys.argv[1] == "run":
+        {textwrap.indent(textwrap.dedent(body), '    ')}
+        sys.exit(main(["lora_ref.conformance.reference_impl:factory", *sys.argv[1:]]))
+    """))
+    return [sys.executable, str(path)]
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    ("sys.exit(3)", "error", "exit status 3"),
+    ("os.abort()", "error", "exit status -6"),
+    ("time.sleep(60)", "error", "timed out after 2 s (process killed)"),
+    ("sys.exit(0)", "error", "wrote no outputs.safetensors"),
+    ("Path(sys.argv[3], 'outputs.safetensors').write_bytes(b'garbage'); sys.exit(0)", "error", "malformed outputs"),
+    ("print('no such op', file=sys.stderr); sys.exit(77)", "skip", "no such op"),
+])
+def test_misbehaving_subprocess_implementation(small_suite, tmp_path, body, status, reason):
+    statuses = _statuses(run_suite(small_suite, SubprocessDriver(_script(tmp_path, body)), timeout=2))
+    got_status, detail = statuses[CASES[0]]
+    assert got_status == status and reason in detail, detail
+    assert statuses[CASES[1]][0] == statuses[CASES[2]][0] == "pass"
+
+
+def test_missing_command_is_an_error_per_case(small_suite):
+    result = run_suite(small_suite, SubprocessDriver(["/nonexistent/impl"]))
+    assert all(r.status == "error" and "cannot start" in r.detail for r in result.results)
+
+
+def _server(tmp_path, first_reply):
+    path = tmp_path / "server.py"
+    path.write_text(textwrap.dedent(f"""
+        import sys, time
+        from lora_ref.conformance.bridge import run_case_dir
+        from lora_ref.conformance.reference_impl import factory
+        from pathlib import Path
+        impl, first = factory(), True
+        marker = Path({str(tmp_path / 'marker')!r})
+        for line in sys.stdin:
+            _, case_dir, out_dir = line.split()
+            if not marker.exists():
+                marker.touch()
+                {first_reply}
+            run_case_dir(impl, Path(case_dir), Path(out_dir))
+            print("ok", flush=True)
+    """))
+    return [sys.executable, str(path)]
+
+
+@pytest.mark.parametrize("first_reply, status, reason", [
+    ("sys.exit(5)", "error", "exited (status 5)"),
+    ("time.sleep(60)", "error", "timed out after 2 s"),
+    ("print('unsupported dtype', flush=True); continue", "skip", "dtype"),
+    ("print('error bad input', flush=True); continue", "error", "bad input"),
+    ("print('hello', flush=True); continue", "error", "unexpected reply"),
+])
+def test_misbehaving_persistent_server_is_restarted(small_suite, tmp_path, first_reply, status, reason):
+    driver = SubprocessDriver(_server(tmp_path, first_reply), persistent=True)
+    statuses = _statuses(run_suite(small_suite, driver, timeout=2, selection=Selection()))
+    got_status, detail = statuses[CASES[0]]
+    assert got_status == status and reason in detail, detail
+    assert statuses[CASES[1]][0] == statuses[CASES[2]][0] == "pass"

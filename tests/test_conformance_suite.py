@@ -1,0 +1,168 @@
+"""The conformance suite itself: frozen cases reproduce, the reference passes through both
+protocols, the bound is sound for correct rounding and tight against one wrong ulp, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_ref.cli import main
+from lora_ref.cli.conformance_cmd import DEFAULT_SUITE
+from lora_ref.conformance import SUITE_VERSION
+from lora_ref.conformance.bounds import check_bounded, tolerance, ulp_at
+from lora_ref.conformance.casefile import read_manifest
+from lora_ref.conformance.catalog import all_cases
+from lora_ref.conformance.exact import Dyadic, sqrt_fraction, to_float64
+from lora_ref.conformance.generator import compare_suites, generate
+from lora_ref.conformance.operations import OPERATIONS
+from lora_ref.conformance.reference_impl import OPERATIONS as REFERENCE_OPERATIONS
+from lora_ref.conformance.reference_impl import factory
+from lora_ref.conformance.runner import InProcessDriver, Selection, SubprocessDriver, run_suite
+from lora_ref.dtypes import STORAGE_DTYPES, round_to
+
+BRIDGE = [sys.executable, "-m", "lora_ref.conformance.bridge", "lora_ref.conformance.reference_impl:factory"]
+
+
+def _not_passed(result):
+    return [(r.case_id, r.status, r.detail) for r in result.results if r.status != "pass"]
+
+
+# -- frozen cases ---------------------------------------------------------------------------------
+def test_regenerating_reproduces_every_frozen_file_bit_for_bit(tmp_path):
+    generate(tmp_path)
+    assert compare_suites(DEFAULT_SUITE, tmp_path) == []
+
+
+def test_compare_sees_a_moved_vector_and_a_missing_case(tmp_path):
+    frozen = tmp_path / "frozen"
+    shutil.copytree(DEFAULT_SUITE / "cases", frozen / "cases")
+    shutil.copy(DEFAULT_SUITE / "manifest.json", frozen / "manifest.json")
+    expected = frozen / "cases" / "linear" / "merge-basic-float32" / "expected.safetensors"
+    data = bytearray(expected.read_bytes())
+    data[-1] ^= 1  # one bit of one float64 oracle value
+    expected.write_bytes(bytes(data))
+    shutil.rmtree(frozen / "cases" / "linear" / "forward-r1-float32")
+    problems = compare_suites(frozen, DEFAULT_SUITE)
+    assert any("differs" in p and "merge-basic-float32" in p for p in problems)
+    assert any("missing" in p and "forward-r1-float32" in p for p in problems)
+
+
+def test_suite_is_small_and_covers_every_operation_and_dtype():
+    version, entries = read_manifest(DEFAULT_SUITE)
+    assert version == SUITE_VERSION
+    assert {e.operation for e in entries} == set(OPERATIONS) == set(REFERENCE_OPERATIONS)
+    assert {e.dtype for e in entries} == set(STORAGE_DTYPES)
+    for operation in OPERATIONS:  # every operation in more than one dtype
+        assert len({e.dtype for e in entries if e.operation == operation}) >= 2, operation
+    size = sum(p.stat().st_size for p in (DEFAULT_SUITE / "cases").rglob("*") if p.is_file())
+    assert size < 5_000_000
+    specs = {s.case_id: s for s in all_cases()}
+    assert any(s.params.get("use_rslora") for s in specs.values())
+    assert any(s.params.get("fan_in_fan_out") for s in specs.values())
+    assert any(s.params.get("lora_alpha") != s.params.get("r") for s in specs.values() if "r" in s.params)
+    assert any(s.inputs.get("x", ((1,),))[0][0] == 0 for s in specs.values())  # empty batch
+    assert any(s.params.get("r") == 1 for s in specs.values())
+
+
+# -- the exact oracle -----------------------------------------------------------------------------
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=8))
+def test_dyadic_dot_is_exact(values):
+    a = np.array(values, dtype=np.float32)
+    exact = sum((Fraction(float(v)) * Fraction(float(v)) for v in a), Fraction(0))
+    got = (Dyadic.of(a.reshape(1, -1)) @ Dyadic.of(a.reshape(-1, 1))).fractions()[0, 0]
+    assert got == exact
+    assert to_float64(np.array([got], dtype=object))[0] == float(exact)
+
+
+@given(st.fractions(min_value=0, max_value=10**6))
+def test_sqrt_fraction_is_accurate(value):
+    root = sqrt_fraction(value)
+    assert abs(root * root - value) <= value * Fraction(1, 2**190) + Fraction(1, 2**400)
+
+
+# -- the bound --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_ulp_at_matches_spacing(name):
+    dtype = STORAGE_DTYPES[name]
+    values = round_to(np.array([1.0, 1.5, 3.0, 1e-3, 6e-5, 1e-8, 100.0]), dtype).astype(np.float64)
+    reference = np.array([float(round_to(np.array([np.nextafter(v, np.inf)]), np.float64)[0]) for v in values])
+    nxt = np.array([float(np.nextafter(np.array(v, dtype=dtype if name != "bfloat16" else np.float32), np.inf)) for v in values])
+    if name != "bfloat16":
+        assert np.array_equal(ulp_at(values, dtype), nxt - values)
+    assert np.all(ulp_at(values, dtype) > reference - values)
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+@given(y=st.floats(-1e4, 1e4, allow_nan=False))
+def test_correct_rounding_always_passes_and_the_wrong_neighbour_fails(name, y):
+    """tol >= |round_t(y) - y| for every y (even with M = 0), and one ulp further never passes
+    when y is exactly representable (the exact-merge-of-a-zero-delta situation)."""
+    t = STORAGE_DTYPES[name]
+    expected = np.array([y])
+    tol = tolerance(expected, np.zeros(1), 1, t, np.dtype(np.float32))
+    assert check_bounded("y", round_to(expected, t), expected, tol, t).ok
+    representable = round_to(expected, t).astype(np.float64)
+    if abs(representable[0]) < 2.0**-100:  # below that the bound's subnormal floor K·η_c may admit one subnormal step
+        return
+    tol = tolerance(representable, np.zeros(1), 1, t, np.dtype(np.float32))
+    neighbour = representable + ulp_at(np.abs(representable), t) * (1 if y >= 0 else -1)
+    assert not check_bounded("y", round_to(neighbour, t), representable, tol, t).ok
+
+
+# -- the reference through both protocols -------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["canonical", "peft"])
+def test_reference_passes_everything_in_process(layout):
+    result = run_suite(DEFAULT_SUITE, InProcessDriver(factory()), layout=layout, timeout=0)
+    assert _not_passed(result) == [] and len(result.results) == len(read_manifest(DEFAULT_SUITE)[1])
+
+
+def test_reference_passes_everything_through_persistent_subprocess():
+    result = run_suite(DEFAULT_SUITE, SubprocessDriver(BRIDGE, persistent=True), layout="peft", timeout=60)
+    assert _not_passed(result) == [] and len(result.results) == len(read_manifest(DEFAULT_SUITE)[1])
+
+
+def test_reference_passes_through_one_process_per_case():
+    selection = Selection(groups=("linear",), dtypes=("bfloat16",))  # one process per case: a subset keeps it quick
+    result = run_suite(DEFAULT_SUITE, SubprocessDriver(BRIDGE), layout="canonical", selection=selection, timeout=60)
+    assert _not_passed(result) == [] and len(result.results) >= 10
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def test_cli_run_list_generate_and_reports(tmp_path, capsys):
+    json_path, junit_path = tmp_path / "r.json", tmp_path / "r.xml"
+    code = main(["conformance", "run", "--impl", "lora_ref.conformance.reference_impl:factory", "--group", "embedding",
+                 "--json", str(json_path), "--junit", str(junit_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "embedding/merge-bfloat16" in out and "0 failed" in out
+    report = json.loads(json_path.read_text())
+    assert report["counts"]["pass"] == len(report["cases"]) > 0
+    assert all(c["error_over_bound"] <= 1 and c["ulps"] == 0 for c in report["cases"])
+    suite = ET.parse(junit_path).getroot()
+    assert suite.get("failures") == "0" and len(suite.findall("testcase")) == len(report["cases"])
+    assert main(["conformance", "list", "--dtype", "float16", "-k", "merge"]) == 0
+    listed = capsys.readouterr().out
+    assert "linear/merge-basic-float16" in listed and "bfloat16" not in listed.replace("float16 ", "")
+    assert main(["conformance", "generate", "--check"]) == 0
+
+
+def test_cli_exit_codes_for_failure_and_user_error(tmp_path, capsys):
+    module = tmp_path / "broken_impl.py"
+    module.write_text("class Impl:\n    def run(self, op, params, inputs):\n        raise RuntimeError('boom')\n\ndef make():\n    return Impl()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["conformance", "run", "--impl", "broken_impl:make", "-k", "forward-r1"]) == 1
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "raised RuntimeError: boom" in capsys.readouterr().out
+    assert main(["conformance", "run", "--impl", "no_such_module_xyz:make"]) == 2
+    assert main(["conformance", "run", "--impl", "lora_ref.conformance.reference_impl:factory", "--suite", str(tmp_path)]) == 2
+    assert main(["conformance", "run", "--cmd", "true", "--timeout", "0"]) == 2
