@@ -1,4 +1,4 @@
-"""An adapter cache: many adapters in host memory, LRU-bounded in bytes, loaded lazily (SPEC 4.5).
+"""An adapter cache: many adapters in host memory, LRU-bounded in bytes, loaded lazily (SPEC M.5).
 
 ``cache.get(directory)`` returns the adapter stored in a PEFT directory, reading it from disk
 only on a miss. The cache holds at most ``max_bytes`` of adapter tensors (``Adapter.nbytes``:

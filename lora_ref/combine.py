@@ -1,4 +1,4 @@
-"""Weighted combination of adapters into one new adapter: ``cat``, ``svd``, ``linear`` (SPEC 4.3).
+"""Weighted combination of adapters into one new adapter: ``cat``, ``svd``, ``linear`` (SPEC M.3).
 
 For adapters i = 1..n with weights w_i, module by module, the target is the weighted sum of
 deltas  Δ = Σ_i c_i B_i A_i  with  c_i = w_i · s_i  (s_i the adapter's own scale for the

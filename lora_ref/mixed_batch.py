@@ -1,4 +1,4 @@
-"""Mixed-batch LoRA: one batch, one base weight, a different adapter per row (SPEC 4.1).
+"""Mixed-batch LoRA: one batch, one base weight, a different adapter per row (SPEC M.1).
 
 Rows are routed by an integer index ``idx`` of length ``batch`` (the first axis of x):
 ``idx[b] = i`` sends row b through adapter i, ``idx[b] = -1`` through the base only. With
@@ -15,7 +15,7 @@ The backward pass gives, with G_i = {b : idx[b] = i} the rows of adapter i,
     dB_i  = s_i Σ_{b∈G_i} dy[b]^T ((x[b] ∘ mask[b]) A_i^T)
 
 so an adapter's gradients come from its own rows only (an adapter with no rows gets zeros).
-Two evaluation strategies, equal up to float64 rounding (SPEC 4.1 gives the bound):
+Two evaluation strategies, equal up to float64 rounding (SPEC M.1 gives the bound):
 
 * grouped (:func:`mixed_forward`): the base product for the whole batch, then one LoRA product
   per adapter over its rows (what SGMV-style kernels do);
@@ -165,7 +165,7 @@ def active_forward(
         y = x W^T + bias + Σ_j s_j (x A_j^T) B_j^T        (j in the given order)
 
     in float64, rounded once; equal, up to float64 rounding, to x (W + Σ_j s_j B_j A_j)^T + bias,
-    the forward of the same stack merged (SPEC 4.2).
+    the forward of the same stack merged (SPEC M.2).
     """
     _check_factors(factors, np.shape(W), fan_in_fan_out)
     batch = np.shape(x)[0] if np.ndim(x) else 0

@@ -1,4 +1,4 @@
-"""Fine-tune LoRA adapters end to end in NumPy: several adapters, one mixed batch (SPEC 4.6).
+"""Fine-tune LoRA adapters end to end in NumPy: several adapters, one mixed batch (SPEC M.6).
 
 Each step draws ``batch_size`` rows from every task k, routes task k's rows through adapter k
 (:mod:`lora_ref.mixed_batch`), and minimises the sum of the per-task mean squared errors

@@ -1,4 +1,4 @@
-"""Adapter trees: nodes are adapters whose deltas add along the path from the root (SPEC 4.4).
+"""Adapter trees: nodes are adapters whose deltas add along the path from the root (SPEC M.4).
 
 A tree over one base W_0 (a dict of weights) has nodes n with a parent (``None``: a child of
 the base). The path of n is root, ..., n; its effective weight is

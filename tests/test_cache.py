@@ -1,4 +1,4 @@
-"""Adapter cache (SPEC 4.5): LRU order, byte bound, lazy loading, counters, bad bounds.
+"""Adapter cache (SPEC M.5): LRU order, byte bound, lazy loading, counters, bad bounds.
 
 The oracle is a plain list-based LRU model run on the same access sequence.
 """

@@ -1,4 +1,4 @@
-"""Weighted combination (SPEC 4.3): cat exactness, svd error = discarded spectrum (against an
+"""Weighted combination (SPEC M.3): cat exactness, svd error = discarded spectrum (against an
 independent dense SVD), PEFT's linear with its cross terms, rsLoRA scaling, files, CLI, bad input.
 
 Tolerances. Δ = Σ c_i B_i A_i evaluated in float64 is within γ_n(u64)·P of exact, with

@@ -1,4 +1,4 @@
-"""Mixed-batch LoRA (SPEC 4.1): routed forward/backward against per-adapter runs, the stacked bank,
+"""Mixed-batch LoRA (SPEC M.1): routed forward/backward against per-adapter runs, the stacked bank,
 finite differences, independence of adapters, and bad routing input.
 
 Tolerances. Every compared quantity is a sum of products evaluated in float64 by two different

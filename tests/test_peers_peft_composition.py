@@ -146,3 +146,29 @@ def test_linear_matches_peft_add_weighted_adapter(tmp_path, rslora):
         expected_scale = math.sqrt(3) if rslora else 1.0  # PEFT keeps use_rslora with alpha = r = 3
         assert math.isclose(s_p, expected_scale, rel_tol=4 * U64)
         assert result.adapter.scale_for(module) == 1.0
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_svd_delta_matches_peft_and_its_rslora_double_scaling(tmp_path, rslora):
+    """Full rank (k = R): both sides reproduce Δ = Σ c_i B_i A_i. PEFT runs its SVD in float32:
+    backward stable, so its factors are exact for Δ + E with ||E||_F ≤ c·(m + n)·u32·||Δ||_F
+    (we allow c = 8), plus the float32 storage of both factors (2·u32·||Δ||_F, k·u32 from B A)."""
+    torch = require_peer("torch")
+    peft = require_peer("peft")
+    adapters = [random_adapter(2, 4.0, rslora, 5, np.float32, "a0"), random_adapter(3, 6.0, rslora, 6, np.float32, "a1")]
+    weights = [0.7, -1.3]
+    net = load_into_peft(peft, torch_net(torch, base_weights(1, np.float32), torch.float32), adapters, tmp_path)
+    net.add_weighted_adapter(["a0", "a1"], weights, "mix", combination_type="svd", svd_rank=5)
+    result = combine(adapters, weights, "svd", rank=5, dtype="float64")
+    for module, (m, n) in LAYERS.items():
+        A_p, B_p, s_p = peft_factors(net, "mix", module)
+        ours = result.adapter.modules[module]
+        target = ours.B @ ours.A
+        norm = float(np.linalg.norm(target))
+        assert result.modules[module].stored_error_frobenius <= 8 * (m + n + 5) * U64 * norm
+        expected_scale = math.sqrt(5) if rslora else 1.0  # the documented PEFT deviation (SPEC M.7)
+        assert math.isclose(s_p, expected_scale, rel_tol=4 * U64)
+        if 5 > min(m, n):  # PEFT deviation (SPEC M.7): U is cut to min(m, n) columns, Vh keeps k rows
+            assert B_p.shape[1] == min(m, n) != A_p.shape[0] == 5
+            continue
+        assert float(np.linalg.norm(B_p @ A_p - target)) <= (8 * (m + n) + 2 + 5) * U32 * norm

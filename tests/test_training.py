@@ -1,4 +1,4 @@
-"""Training (SPEC 4.6): AdamW against torch's, model backward against finite differences, two
+"""Training (SPEC M.6): AdamW against torch's, model backward against finite differences, two
 adapters trained in one mixed batch (both losses fall, trajectories independent bit for bit),
 PEFT files out.
 """

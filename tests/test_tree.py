@@ -1,4 +1,4 @@
-"""Adapter trees and stacks of merged adapters (SPEC 4.2, 4.4).
+"""Adapter trees and stacks of merged adapters (SPEC M.2, 4.4).
 
 The oracle for a node's weights is :func:`merge_path`: merging the root path from scratch on a
 fresh copy of the base. Exact mode must reproduce it bit for bit after any switch sequence.
