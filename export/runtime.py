@@ -66,7 +66,7 @@ class LoraSession:
         chosen = resolve_providers(providers)
         options = options or ort.SessionOptions()
         options.log_severity_level = max(options.log_severity_level, 3)  # ORT warns about overridable initializers
-        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        _set_config(options, "session.record_ep_graph_assignment_info", "1")
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         kwargs = {"provider_options": list(provider_options)} if provider_options else {}
         self.session = ort.InferenceSession(source, options, providers=chosen, **kwargs)
@@ -118,6 +118,16 @@ class LoraSession:
         if bad.size:
             raise AdapterIndexError(f"{INDEX_INPUT} holds {bad[:5].tolist()}: valid values are -1 (base) and 0..{n - 1}")
         return self.session.run(None, {**feeds, INDEX_INPUT: index})
+
+
+def _set_config(options: ort.SessionOptions, key: str, value: str) -> None:
+    """Add a session config entry unless it is already set (ORT warns on overwrites)."""
+    try:
+        if options.get_session_config_entry(key) == value:
+            return
+    except RuntimeError:  # not set yet
+        pass
+    options.add_session_config_entry(key, value)
 
 
 def _header_only(path: Path) -> onnx.ModelProto:
