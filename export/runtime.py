@@ -54,10 +54,14 @@ def resolve_providers(preferred: Sequence[str]) -> list[str]:
 
 
 class LoraSession:
-    """An InferenceSession over an exported graph, with its LoRA slots and provider report."""
+    """An InferenceSession over an exported graph, with its LoRA slots and provider report.
+
+    ``provider_options`` maps a provider (short or full name) to its ORT options, e.g.
+    ``{"cuda": {"use_tf32": "0"}}``.
+    """
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, providers: Sequence[str] = ("cpu",), *,
-                 options: ort.SessionOptions | None = None, provider_options: Sequence[dict] | None = None) -> None:
+                 options: ort.SessionOptions | None = None, provider_options: Mapping[str, dict] | None = None) -> None:
         proto = model if isinstance(model, onnx.ModelProto) else _header_only(Path(model))
         check_readable(proto, where=str(model) if not isinstance(model, onnx.ModelProto) else "model")
         self.slots: dict[str, Slot] = slots_from_model(proto)
@@ -68,7 +72,8 @@ class LoraSession:
         options.log_severity_level = max(options.log_severity_level, 3)  # ORT warns about overridable initializers
         _set_config(options, "session.record_ep_graph_assignment_info", "1")
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        kwargs = {"provider_options": list(provider_options)} if provider_options else {}
+        by_full_name = {PROVIDERS.get(k.lower(), k): dict(v) for k, v in (provider_options or {}).items()}
+        kwargs = {"provider_options": [by_full_name.get(name, {}) for name in chosen]} if by_full_name else {}
         self.session = ort.InferenceSession(source, options, providers=chosen, **kwargs)
         self.node_counts = Counter()
         for subgraph in self.session.get_provider_graph_assignment_info():
