@@ -9,16 +9,20 @@
 3. One training step (forward + backward + AdamW, two adapters in one mixed batch) of the
    NumPy reference TinyTransformer against the same model, routing and optimizer in torch on CPU.
 
-Writes bench/results/composition.json and prints a markdown table.
+Runs single-threaded (BLAS and torch). Writes bench/results/composition.json and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # one thread on both sides:
+    os.environ.setdefault(_var, "1")  # stable ratios on a shared machine (torch.set_num_threads(1) below)
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "examples")]
@@ -33,9 +37,9 @@ from lora_ref.train import init_adapter, teacher_task  # noqa: E402
 from lora_ref.tree import TreeSwitcher, merge_path  # noqa: E402
 
 
-def bench_mixed_batch(quick: bool) -> dict:
+def bench_mixed_batch(d: int) -> dict:
     rng = np.random.default_rng(0)
-    n_adapters, rows_per, seq, d, r = 16, 4, 16, (256 if quick else 1024), 16
+    n_adapters, rows_per, seq, r = 16, 4, 16, 16
     W = rng.normal(size=(d, d)).astype(np.float32)
     factors = [LoraFactors(rng.normal(size=(r, d)).astype(np.float32), rng.normal(size=(d, r)).astype(np.float32), 2.0)
                for _ in range(n_adapters)]
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     args = parser.parse_args(argv)
-    mixed, tree, training = bench_mixed_batch(args.quick), bench_tree(args.quick), bench_training(args.quick)
+    mixed = [bench_mixed_batch(d) for d in ((128, 256) if args.quick else (256, 1024))]
+    tree, training = bench_tree(args.quick), bench_training(args.quick)
     rows = [
-        [f"mixed-batch forward, {mixed['adapters']} adapters, {mixed['rows']}x{mixed['seq']} rows, d={mixed['d']}, r={mixed['r']}",
-         "16 separate per-adapter passes", f"{mixed['separate_over_mixed']:.2f}x faster (grouped), "
-         f"{mixed['separate_over_bank']:.2f}x (stacked bank)"],
+        [f"mixed-batch forward, {m['adapters']} adapters, {m['rows']}x{m['seq']} rows, d={m['d']}, r={m['r']}",
+         "16 separate per-adapter passes", f"{m['separate_over_mixed']:.2f}x (grouped), {m['separate_over_bank']:.2f}x (stacked bank)"]
+        for m in mixed
     ]
     for steps in (2, 4, 8):
         rows.append([f"tree switch, {steps} steps (exact), {tree['weights']} bf16 weights {tree['dim']}x{tree['dim']}",

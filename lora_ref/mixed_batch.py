@@ -138,10 +138,12 @@ def mixed_forward(
 ) -> np.ndarray:
     """Grouped mixed-batch forward (module doc); x [batch, ..., in] -> y [batch, ..., out]."""
     x64, X, W64, mask, idx = _prepare(x, W, factors, index, dropout_mask, fan_in_fan_out)
-    Y = X @ W64.T
+    batch, m, d_in = X.shape
+    Y = (X.reshape(-1, d_in) @ W64.T).reshape(batch, m, -1)  # one GEMM over every row
     for _, f, rows in _groups(idx, factors):
-        Xr = X[rows] if mask is None else X[rows] * mask[rows]
-        Y[rows] += f.scale * ((Xr @ np.asarray(f.A, dtype=float64).T) @ np.asarray(f.B, dtype=float64).T)
+        Xr = (X[rows] if mask is None else X[rows] * mask[rows]).reshape(-1, d_in)
+        lora = (Xr @ np.asarray(f.A, dtype=float64).T) @ np.asarray(f.B, dtype=float64).T
+        Y[rows] += f.scale * lora.reshape(rows.size, m, -1)
     if bias is not None:
         b = np.asarray(bias, dtype=float64)
         if b.shape != (W64.shape[0],):
@@ -272,9 +274,9 @@ class StackedBank:
         j = np.where(live, idx, 0)
         A_rows, B_rows = self.A[j], self.B[j]  # gathered [batch, r_max, in], [batch, out, r_max]
         s_rows = np.where(live, self.scale[j], 0.0)
-        lora = np.einsum("bmr,bor->bmo", np.einsum("bmi,bri->bmr", X, A_rows), B_rows) * s_rows[:, None, None]
+        lora = ((X @ A_rows.transpose(0, 2, 1)) @ B_rows.transpose(0, 2, 1)) * s_rows[:, None, None]  # batched GEMMs
         lora[~live] = 0.0  # base rows: no LoRA term at all (not 0 * gathered slot, which is NaN for inf x)
-        Y = X @ W64.T + lora
+        Y = (X.reshape(-1, X.shape[2]) @ W64.T).reshape(lora.shape) + lora
         if bias is not None:
             Y = Y + np.asarray(bias, dtype=float64)
         y = Y.reshape(x64.shape[:-1] + (W64.shape[0],))
