@@ -140,7 +140,7 @@ def _mixed_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
     return terms
 
 
-@register("mixed_batch.forward", "SPEC 4.1 (composition), C.3")
+@register("mixed_batch.forward", "SPEC M.1, C.3")
 def mixed_batch_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """Row b uses adapter index[b] (A.i [r_i, in], B.i [out, r_i], params adapters[i]); −1 = base only."""
     shape = (inputs["x"].shape[0], inputs["W"].shape[0])

@@ -1,0 +1,259 @@
+"""PEFT (on torch) as a conformance implementation: ``--impl lora_ref.conformance.peers.peft:factory``.
+
+Builds a one-layer torch module per case (nn.Linear, transformers' Conv1D for
+``fan_in_fan_out``, nn.Embedding, nn.Conv2d), wraps it the way users do
+(``peft.get_peft_model`` with its defaults, so fp16/bf16 adapter weights are kept in float32),
+copies the case tensors in, and calls PEFT's own forward / backward / merge / unmerge. Torch
+and PEFT are imported lazily, so lora_ref never depends on them. Failures against the SPEC are
+listed and explained in SPEC.md's "PEFT deviations"; they are not hidden here.
+
+Takes the ``peft`` layout (PEFT derives s from lora_alpha, r and use_rslora itself).
+Unsupported (skipped): exact unmerge (PEFT has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ...dtypes import float64, round_to
+
+Arrays = dict[str, np.ndarray]
+
+
+class PeftImplementation:
+    """The protocol object; ``versions`` names what ran."""
+
+    def __init__(self) -> None:
+        import peft
+        import torch
+
+        self.torch, self.peft = torch, peft
+        self.versions = {"peft": peft.__version__, "torch": torch.__version__}
+        self.torch_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+    # -- conversions --------------------------------------------------------------------------------
+    def tensor(self, array: np.ndarray, *, requires_grad: bool = False):
+        """numpy (any storage dtype, or int64) -> torch, exactly (bfloat16 goes through float32)."""
+        torch = self.torch
+        array = np.asarray(array)
+        if array.dtype.kind in "iu":
+            return torch.from_numpy(array.astype(np.int64))
+        dtype = self.torch_dtypes[_name(array.dtype)]
+        out = torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).to(dtype)
+        return out.requires_grad_(requires_grad)
+
+    def array(self, tensor, like: np.dtype) -> np.ndarray:
+        """torch -> numpy in dtype ``like`` (one rounding if torch holds more precision)."""
+        value = tensor.detach().to(self.torch.float64).cpu().numpy()
+        return round_to(value.astype(float64), like)
+
+    def config(self, params: Mapping[str, Any], targets: list[str], **extra: Any):
+        return self.peft.LoraConfig(r=int(params["r"]), lora_alpha=params["lora_alpha"], use_rslora=bool(params.get("use_rslora", False)),
+                                    fan_in_fan_out=bool(params.get("fan_in_fan_out", False)), target_modules=targets,
+                                    lora_dropout=float(params.get("lora_dropout", 0.0)), init_lora_weights=False, **extra)
+
+    def wrap(self, base, params: Mapping[str, Any], dtype: str, **extra: Any):
+        """get_peft_model around a module holding ``base`` as ``layer``; returns (model, lora layer)."""
+        torch = self.torch
+        holder = torch.nn.Module()
+        holder.layer = base
+        holder.to(self.torch_dtypes[dtype])
+        model = self.peft.get_peft_model(holder, self.config(params, ["layer"], **extra))
+        return model, model.base_model.model.layer
+
+    def set_(self, parameter, array: np.ndarray) -> None:
+        with self.torch.no_grad():
+            parameter.copy_(self.tensor(array).reshape(parameter.shape).to(parameter.dtype))
+
+    # -- protocol --------------------------------------------------------------------------------
+    def run(self, op: str, params: dict[str, Any], inputs: Arrays) -> Arrays:
+        handler = getattr(self, op.replace(".", "_"), None)
+        if handler is None:
+            raise NotImplementedError(f"the PEFT peer does not map {op!r}")
+        return handler(params, inputs)
+
+    # -- Linear ----------------------------------------------------------------------------------
+    def _linear(self, params, inputs, dtype):
+        torch = self.torch
+        W = inputs["W"]
+        fan_in_fan_out = bool(params.get("fan_in_fan_out", False))
+        has_bias = "b" in inputs or "lora_bias" in inputs
+        if fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            base = Conv1D(W.shape[1], W.shape[0])  # weight [in, out]
+        else:
+            base = torch.nn.Linear(W.shape[1], W.shape[0], bias=has_bias)
+        model, layer = self.wrap(base, params, dtype, lora_bias="lora_bias" in inputs)
+        self.set_(layer.base_layer.weight, W)
+        if layer.base_layer.bias is not None:
+            self.set_(layer.base_layer.bias, inputs.get("b", np.zeros(layer.base_layer.bias.shape, dtype=W.dtype)))
+        self.set_(layer.lora_A["default"].weight, inputs["A"])
+        self.set_(layer.lora_B["default"].weight, inputs["B"])
+        if "lora_bias" in inputs:
+            self.set_(layer.lora_B["default"].bias, inputs["lora_bias"])
+        return model, layer
+
+    def _masked(self, layer, inputs, training: bool) -> None:
+        """Replace PEFT's random dropout by the case's mask (a fixed realisation of it), or switch to eval."""
+        torch = self.torch
+        if "dropout_mask" in inputs:
+            mask = self.tensor(inputs["dropout_mask"]).to(layer.lora_A["default"].weight.dtype)
+
+            class FixedMask(torch.nn.Module):
+                def forward(self, x):
+                    return x * mask.to(x.dtype)
+
+            layer.lora_dropout["default"] = FixedMask()
+        layer.train(training or "dropout_mask" in inputs)
+
+    def linear_forward(self, params, inputs):
+        dtype = _name(inputs["x"].dtype)
+        model, layer = self._linear(params, inputs, dtype)
+        self._masked(layer, inputs, training=False)
+        with self.torch.no_grad():
+            y = layer(self.tensor(inputs["x"]))
+        return {"y": self.array(y, inputs["x"].dtype)}
+
+    def linear_backward(self, params, inputs):
+        dtype = _name(inputs["x"].dtype)
+        model, layer = self._linear(params, inputs, dtype)
+        self._masked(layer, inputs, training=True)
+        want_base = bool(params.get("want_base_grads", False))
+        if want_base:
+            layer.base_layer.weight.requires_grad_(True)
+            if layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+        x = self.tensor(inputs["x"], requires_grad=True)
+        y = layer(x)
+        y.backward(self.tensor(inputs["dy"]).to(y.dtype))
+        t = inputs["x"].dtype
+        out = {"dx": self.array(x.grad, t), "dA": self.array(layer.lora_A["default"].weight.grad, t),
+               "dB": self.array(layer.lora_B["default"].weight.grad, t)}
+        if want_base:
+            out["dW"] = self.array(layer.base_layer.weight.grad, t)
+            bias_grad = layer.base_layer.bias.grad if layer.base_layer.bias is not None else None
+            out["db"] = self.array(bias_grad, t) if bias_grad is not None else round_to(
+                self.array(self.tensor(inputs["dy"]).to(self.torch.float64).reshape(-1, inputs["dy"].shape[-1]).sum(0), np.float64), t)
+        return out
+
+    def linear_merge(self, params, inputs):
+        _, layer = self._linear(params, inputs, _name(inputs["W"].dtype))
+        layer.merge()
+        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+
+    def linear_unmerge(self, params, inputs):
+        if params.get("exact", False):
+            raise NotImplementedError("PEFT has no exact (residual) unmerge")
+        merged = inputs["W_merged"]
+        _, layer = self._linear(params, {**inputs, "W": merged}, _name(merged.dtype))
+        layer.merged_adapters.append("default")  # the weight it holds is merged
+        layer.unmerge()
+        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+
+    # -- Embedding -----------------------------------------------------------------------------------
+    def _embedding(self, params, inputs):
+        W = inputs["W"]
+        _, layer = self.wrap(self.torch.nn.Embedding(*W.shape), params, _name(W.dtype))
+        self.set_(layer.base_layer.weight, W)
+        self.set_(layer.lora_embedding_A["default"], inputs["A"])
+        self.set_(layer.lora_embedding_B["default"], inputs["B"])
+        layer.eval()
+        return layer
+
+    def embedding_forward(self, params, inputs):
+        layer = self._embedding(params, inputs)
+        with self.torch.no_grad():
+            y = layer(self.tensor(inputs["ids"]))
+        return {"y": self.array(y, inputs["W"].dtype)}
+
+    def embedding_merge(self, params, inputs):
+        layer = self._embedding(params, inputs)
+        layer.merge()
+        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+
+    # -- Conv2d ---------------------------------------------------------------------------------------
+    def _conv2d(self, params, inputs):
+        W = inputs["W"]
+        base = self.torch.nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], stride=int(params.get("stride", 1)),
+                                    padding=int(params.get("padding", 0)), bias="b" in inputs)
+        _, layer = self.wrap(base, params, _name(W.dtype))
+        self.set_(layer.base_layer.weight, W)
+        if "b" in inputs:
+            self.set_(layer.base_layer.bias, inputs["b"])
+        self.set_(layer.lora_A["default"].weight, inputs["A"])
+        self.set_(layer.lora_B["default"].weight, inputs["B"])
+        layer.eval()
+        return layer
+
+    def conv2d_forward(self, params, inputs):
+        layer = self._conv2d(params, inputs)
+        with self.torch.no_grad():
+            y = layer(self.tensor(inputs["x"]))
+        return {"y": self.array(y, inputs["x"].dtype)}
+
+    def conv2d_merge(self, params, inputs):
+        layer = self._conv2d(params, inputs)
+        layer.merge()
+        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+
+    # -- mixed batch ----------------------------------------------------------------------------------
+    def mixed_batch_forward(self, params, inputs):
+        torch = self.torch
+        W = inputs["W"]
+        holder = torch.nn.Module()
+        holder.layer = torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs)
+        holder.to(self.torch_dtypes[_name(W.dtype)])
+        adapters = params["adapters"]
+        model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
+        for i, adapter in enumerate(adapters[1:], start=1):
+            model.add_adapter(f"a{i}", self.config(adapter, ["layer"]))
+        layer = model.base_model.model.layer
+        self.set_(layer.base_layer.weight, W)
+        if "b" in inputs:
+            self.set_(layer.base_layer.bias, inputs["b"])
+        for i in range(len(adapters)):
+            self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
+            self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
+        layer.eval()
+        names = ["__base__" if int(i) < 0 else f"a{int(i)}" for i in inputs["index"]]
+        with torch.no_grad():
+            y = layer(self.tensor(inputs["x"]), adapter_names=names)
+        return {"y": self.array(y, inputs["x"].dtype)}
+
+    # -- DoRA ------------------------------------------------------------------------------------------
+    def _dora(self, params, inputs):
+        W = inputs["W"]
+        _, layer = self.wrap(self.torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs), params, _name(W.dtype), use_dora=True)
+        self.set_(layer.base_layer.weight, W)
+        if "b" in inputs:
+            self.set_(layer.base_layer.bias, inputs["b"])
+        self.set_(layer.lora_A["default"].weight, inputs["A"])
+        self.set_(layer.lora_B["default"].weight, inputs["B"])
+        self.set_(layer.lora_magnitude_vector["default"].weight, inputs["magnitude"])
+        layer.eval()
+        return layer
+
+    def dora_forward(self, params, inputs):
+        layer = self._dora(params, inputs)
+        with self.torch.no_grad():
+            y = layer(self.tensor(inputs["x"]))
+        return {"y": self.array(y, inputs["x"].dtype)}
+
+    def dora_merge(self, params, inputs):
+        layer = self._dora(params, inputs)
+        layer.merge()
+        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+
+
+def _name(dtype: np.dtype) -> str:
+    from ...dtypes import dtype_name
+
+    return dtype_name(np.dtype(dtype))
+
+
+def factory() -> PeftImplementation:
+    return PeftImplementation()
