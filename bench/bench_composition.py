@@ -37,6 +37,19 @@ from lora_ref.train import init_adapter, teacher_task  # noqa: E402
 from lora_ref.tree import TreeSwitcher, merge_path  # noqa: E402
 
 
+def paired(ours, peer, *, repeats: int = 15, warmup: int = 2) -> tuple[float, float, float]:
+    """Median times of ``ours`` and ``peer`` and the median of per-pair ratios peer/ours, timed
+    alternately so a load change on a shared machine hits both sides of each pair alike."""
+    for _ in range(warmup):
+        ours(), peer()
+    t_ours, t_peer, ratios = [], [], []
+    for _ in range(repeats):
+        a = time_median(ours, repeats=1, warmup=0)
+        b = time_median(peer, repeats=1, warmup=0)
+        t_ours.append(a), t_peer.append(b), ratios.append(b / a)
+    return float(np.median(t_ours)), float(np.median(t_peer)), float(np.median(ratios))
+
+
 def bench_mixed_batch(d: int) -> dict:
     rng = np.random.default_rng(0)
     n_adapters, rows_per, seq, r = 16, 4, 16, 16
@@ -53,12 +66,11 @@ def bench_mixed_batch(d: int) -> dict:
         for i, rows in enumerate(groups):
             forward(x[rows], W, factors[i].A, factors[i].B, factors[i].scale)
 
-    t_sep = time_median(separate)
-    t_mixed = time_median(lambda: mixed_forward(x, W, factors, index))
-    t_bank = time_median(lambda: bank.forward(x, W, index))
+    t_mixed, t_sep, over_mixed = paired(lambda: mixed_forward(x, W, factors, index), separate)
+    t_bank, _, over_bank = paired(lambda: bank.forward(x, W, index), separate)
     return {"adapters": n_adapters, "rows": int(index.size), "seq": seq, "d": d, "r": r,
             "separate_s": t_sep, "mixed_s": t_mixed, "bank_s": t_bank,
-            "separate_over_mixed": t_sep / t_mixed, "separate_over_bank": t_sep / t_bank}
+            "separate_over_mixed": over_mixed, "separate_over_bank": over_bank}
 
 
 def bench_tree(quick: bool) -> dict:
@@ -69,8 +81,6 @@ def bench_tree(quick: bool) -> dict:
     leaves = [n for n in names if len(tree.path(n)) == 4]
     pairs = {2: (leaves[0], leaves[1]), 4: (leaves[0], leaves[2]), 8: (leaves[0], leaves[-1])}
     result = {"nodes": len(names), "depth": tree.depth(), "weights": len(base), "dim": int(next(iter(base.values())).shape[0])}
-    t_scratch = time_median(lambda: merge_path(tree, base, leaves[-1]), repeats=11)
-    result["scratch_s"] = t_scratch
     for steps, (a, b) in pairs.items():
         switcher = TreeSwitcher(tree, {k: v.copy() for k, v in base.items()}, exact=True)
         switcher.switch(a)
@@ -81,9 +91,10 @@ def bench_tree(quick: bool) -> dict:
             report = switcher.switch(state["at"])
             assert report.steps == steps
 
-        t = time_median(flip, repeats=10)
+        t, t_scratch, ratio = paired(flip, lambda: merge_path(tree, base, leaves[-1]), repeats=10)
         result[f"switch_{steps}_steps_s"] = t
-        result[f"scratch_over_switch_{steps}"] = t_scratch / t
+        result["scratch_s"] = t_scratch
+        result[f"scratch_over_switch_{steps}"] = ratio
     return result
 
 
@@ -150,10 +161,9 @@ def bench_training(quick: bool) -> dict:
             o.step(a, g)
 
     torch_step = torch_step_factory(torch, model, students, x, y, index, 1e-3)
-    t_ref = time_median(ref_step, repeats=7)
-    t_torch = time_median(torch_step, repeats=7)
+    t_ref, t_torch, torch_over_ref = paired(ref_step, torch_step, repeats=21, warmup=3)
     return {"d_model": d, "seq": T, "rows": int(2 * batch), "adapters": 2, "r": 8, "torch_threads": 1,
-            "reference_step_s": t_ref, "torch_step_s": t_torch, "reference_over_torch": t_ref / t_torch}
+            "reference_step_s": t_ref, "torch_step_s": t_torch, "reference_over_torch": 1.0 / torch_over_ref}
 
 
 def main(argv: list[str] | None = None) -> int:
