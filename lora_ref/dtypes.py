@@ -88,10 +88,12 @@ def _round_to_odd_float32(x: np.ndarray) -> np.ndarray:
     inexact = (nearest.astype(float64) != x) & ~np.isnan(x)
     bits = nearest.view(np.uint32).copy()
     # Where nearest rounded away from zero, step one ulp toward zero (the magnitude bits are
-    # monotone in |value|, so subtracting one from the bit pattern does exactly that).
-    away = inexact & (np.abs(nearest.astype(float64)) > np.abs(x))
-    bits[away] -= np.uint32(1)
-    bits[inexact] |= np.uint32(1)
+    # monotone in |value|, so subtracting one from the bit pattern does exactly that), then set
+    # the last bit of every inexact result. Arithmetic on 0/1 arrays, not masked assignment: the
+    # same bits, several times faster on large blocks.
+    away = inexact & ((nearest.astype(float64) > x) != (x < 0))  # |nearest| > |x| where inexact
+    bits -= away.astype(np.uint32)
+    bits |= inexact.astype(np.uint32)
     return bits.view(float32)
 
 

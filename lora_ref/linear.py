@@ -230,9 +230,29 @@ class LinearBiasDelta:
         return self.lora_bias[rows].astype(float64) * self.scale
 
 
+#: Elements of one accumulator tile in :func:`rank_one_sum` (256 KiB of float64: stays in cache
+#: while the r rank-one terms are added to it).
+TILE_ELEMENTS = 32 * 1024
+
+
 def rank_one_sum(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Σ_k left[:, k] ⊗ right[k, :] in float64, accumulated in increasing k (no BLAS)."""
-    acc = np.zeros((left.shape[0], right.shape[1]), dtype=float64)
-    for k in range(left.shape[1]):
-        acc += np.multiply.outer(left[:, k], right[k])
+    """Σ_k left[:, k] ⊗ right[k, :] in float64, accumulated in increasing k (no BLAS).
+
+    Every element is 0 + p_0 + p_1 + ... + p_{r-1} with p_k = left[i, k] · right[k, j], one
+    float64 multiply and one float64 add per term, in this order. The rows are processed in
+    tiles small enough to stay in cache while all r terms are added; the tiling changes no
+    element's sequence of operations, so the result is bitwise the same for any tile size.
+    """
+    left = np.asarray(left, dtype=float64)
+    right = np.asarray(right, dtype=float64)
+    n_rows, n_cols = left.shape[0], right.shape[1]
+    acc = np.zeros((n_rows, n_cols), dtype=float64)
+    step = max(1, TILE_ELEMENTS // max(n_cols, 1))
+    term = np.empty((min(step, n_rows), n_cols), dtype=float64)
+    for start in range(0, n_rows, step):
+        tile = acc[start : start + step]
+        scratch = term[: tile.shape[0]]
+        for k in range(left.shape[1]):
+            np.multiply(left[start : start + step, k, None], right[k], out=scratch)
+            tile += scratch
     return acc

@@ -26,16 +26,26 @@ one rounding); merge/unmerge and the exact residual then use those instead of ±
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_of, check_float_array, float64, round_to
 from .errors import NonFiniteError, ResidualMismatchError, ShapeError
 
-#: Target size of one float64 working block (bytes); bounds the extra memory of a merge.
-BLOCK_BYTES = 8 * 1024 * 1024
+#: Target size of one float64 working block (bytes); bounds the extra memory of a merge. Small
+#: enough that a block's temporaries stay in cache (bench/bench_merge.py), large enough that
+#: NumPy's per-call overhead is amortised.
+BLOCK_BYTES = 1024 * 1024
+#: Most threads a merge uses. Blocks are independent and each is computed in the same fixed
+#: order whatever thread runs it, so the result is bitwise the same for any thread count.
+MAX_THREADS = min(8, os.cpu_count() or 1)
+
+_T = TypeVar("_T")
 
 
 class DeltaSource(Protocol):
@@ -110,6 +120,21 @@ def _row_slices(n_rows: int, step: int):
         yield slice(start, min(start + step, n_rows))
 
 
+def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
+    """[fn(rows) for each row block], in order; on several cores, blocks run in threads.
+
+    NumPy releases the GIL in the array operations, so blocks proceed in parallel. The memory
+    budget ``block_bytes`` is shared: with k threads each block is about block_bytes / k, so
+    the extra memory stays a few ``block_bytes`` whatever the thread count.
+    """
+    threads = MAX_THREADS
+    slices = list(_row_slices(shape[0], block_rows(shape, max(1, block_bytes // threads))))
+    if threads == 1 or len(slices) < 2 * threads:
+        return [fn(rows) for rows in _row_slices(shape[0], block_rows(shape, block_bytes))]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(fn, slices))
+
+
 def _check(W: np.ndarray, delta: DeltaSource) -> None:
     check_float_array(W, f"{delta.module} base weight".strip())
     if tuple(W.shape) != tuple(delta.shape):
@@ -153,18 +178,26 @@ def merge(
         _check_factors_finite(delta)
     W = np.asarray(W)
     result = np.empty_like(W) if out is None else out
-    index_parts, value_parts = [], []
     flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
-    for rows in _row_slices(W.shape[0], block_rows(W.shape, block_bytes)):
-        original = np.array(W[rows])  # copy: ``out`` may alias W
-        merged = round_to(merged_block(delta, rows, original.astype(float64)), W.dtype)
-        if exact:
-            restored = round_to(unmerged_block(delta, rows, merged.astype(float64)), W.dtype)
-            differs = (bits_of(restored) != bits_of(original)).reshape(-1)
-            positions = np.flatnonzero(differs)
-            index_parts.append(positions.astype(np.int64) + rows.start * flat_row)
-            value_parts.append(original.reshape(-1)[positions])
-        result[rows] = merged
+    additive = getattr(delta, "merge_block", None) is None and getattr(delta, "unmerge_block", None) is None
+
+    def merge_rows(rows: slice) -> tuple[np.ndarray, np.ndarray] | None:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, NaN casts: handled on purpose
+            original = np.array(W[rows])  # copy: ``out`` may alias W
+            d = delta.block(rows) if additive else None  # Δ once per block for W ± Δ sources
+            merged = round_to(original.astype(float64) + d if additive
+                              else merged_block(delta, rows, original.astype(float64)), W.dtype)
+            found = None
+            if exact:
+                restored = round_to(merged.astype(float64) - d if additive
+                                    else unmerged_block(delta, rows, merged.astype(float64)), W.dtype)
+                positions = np.flatnonzero((bits_of(restored) != bits_of(original)).reshape(-1))
+                found = (positions.astype(np.int64) + rows.start * flat_row, original.reshape(-1)[positions])
+            result[rows] = merged
+            return found
+
+    parts = [p for p in _map_row_blocks(merge_rows, W.shape, block_bytes) if p is not None]
+    index_parts, value_parts = [p[0] for p in parts], [p[1] for p in parts]
     residual = None
     if exact:
         residual = Residual(
@@ -195,8 +228,13 @@ def unmerge(
     if residual is not None:
         check_residual(residual, W_merged, delta)
     result = np.empty_like(W_merged) if out is None else out
-    for rows in _row_slices(W_merged.shape[0], block_rows(W_merged.shape, block_bytes)):
-        result[rows] = round_to(unmerged_block(delta, rows, np.asarray(W_merged[rows], dtype=float64)), W_merged.dtype)
+
+    def unmerge_rows(rows: slice) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, NaN casts: handled on purpose
+            M64 = np.asarray(W_merged[rows], dtype=float64)  # a copy: ``out`` may alias W_merged
+            result[rows] = round_to(unmerged_block(delta, rows, M64), W_merged.dtype)
+
+    _map_row_blocks(unmerge_rows, W_merged.shape, block_bytes)
     if residual is not None and residual.count:
         result.reshape(-1)[residual.indices] = residual.values
     return result

@@ -1,0 +1,130 @@
+"""Merge benchmark (issue 2): a d x d weight with a rank-r LoRA delta, per storage dtype.
+
+Measured in one run, reported as ratios:
+  copy         np.copyto of the same array: the memory-bandwidth floor of any merge
+  PEFT merge   peft.tuners.lora.Linear.merge() on torch CPU (B @ A in float32, W += delta)
+  fast merge   lora_ref.merge (float64 delta in fixed order, one rounding), into a preallocated output
+  exact merge  the same plus the residual that makes unmerge bit-exact
+and the residual's size (elements, % of W, bytes). Times are medians of --repeats runs after a
+warm-up (bench/common.time_median). Usage:
+
+    .venv/bin/python bench/bench_merge.py [--size 4096] [--rank 16] [--repeats 5]
+
+Prints a markdown table and writes bench/results/merge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, time_median, write_results  # noqa: E402
+
+from lora_ref.dtypes import STORAGE_DTYPES, round_to  # noqa: E402
+from lora_ref.linear import LinearDelta  # noqa: E402
+from lora_ref.merge import merge, unmerge  # noqa: E402
+
+
+def peft_layer(W: np.ndarray, A: np.ndarray, B: np.ndarray, alpha: int, dtype_name: str):
+    """A PEFT LoRA Linear over nn.Linear holding W (torch dtype like W), with lora_A/B set to A/B."""
+    import peft
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    holder = torch.nn.ModuleDict({"proj": torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=torch_dtype)})
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"]))
+    layer = model.base_model.model["proj"]
+    as_torch = lambda a: torch.from_numpy(a.astype(np.float32)).to(torch_dtype)  # noqa: E731 (exact: a is in dtype)
+    with torch.no_grad():
+        layer.get_base_layer().weight.data = as_torch(W)
+        layer.lora_A["default"].weight.data = as_torch(A)
+        layer.lora_B["default"].weight.data = as_torch(B)
+    return layer
+
+
+def bench_dtype(name: str, size: int, rank: int, alpha: int, repeats: int, with_peft: bool) -> dict:
+    dtype = STORAGE_DTYPES[name]
+    rng = np.random.default_rng(0)
+    W = round_to(rng.normal(0, size**-0.5, (size, size)), dtype)
+    A = round_to(rng.uniform(-1, 1, (rank, size)) * size**-0.5, dtype)
+    B = round_to(rng.normal(0, 0.02, (size, rank)), dtype)
+    delta = LinearDelta(A, B, alpha / rank, module="bench")
+    out = np.empty_like(W)
+
+    t_copy = time_median(lambda: np.copyto(out, W), repeats=repeats)
+    t_fast = time_median(lambda: merge(W, delta, out=out), repeats=repeats)
+    exact = merge(W, delta, exact=True)
+    t_exact = time_median(lambda: merge(W, delta, exact=True, out=out), repeats=repeats)
+    t_unmerge_exact = time_median(lambda: unmerge(exact.weight, delta, residual=exact.residual, out=out),
+                                  repeats=repeats)
+    row = {
+        "dtype": name, "size": size, "rank": rank,
+        "copy_s": t_copy, "fast_merge_s": t_fast, "exact_merge_s": t_exact, "exact_unmerge_s": t_unmerge_exact,
+        "residual_elements": exact.residual.count, "residual_share": exact.residual.count / W.size,
+        "residual_bytes": exact.residual.nbytes, "weight_bytes": W.nbytes,
+    }
+    if with_peft:
+        import torch
+
+        layer = peft_layer(W, A, B, alpha, name)
+
+        def reset() -> None:
+            if layer.merged:
+                layer.unmerge()
+
+        with torch.no_grad():
+            row["peft_merge_s"] = time_median(layer.merge, repeats=repeats, setup=reset)
+        row["torch_threads"] = torch.get_num_threads()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT/torch peer")
+    args = parser.parse_args(argv)
+    with_peft = not args.no_peft
+    if with_peft:
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError:
+            print("peft/torch not installed: measuring without the peer (--no-peft)", file=sys.stderr)
+            with_peft = False
+    rows = [bench_dtype(name, args.size, args.rank, args.alpha, args.repeats, with_peft) for name in STORAGE_DTYPES]
+
+    header = ["dtype", "copy", "PEFT merge", "fast merge", "exact merge", "fast / copy", "exact / copy"]
+    if with_peft:
+        header += ["fast / PEFT", "exact / PEFT"]
+    header += ["exact / fast", "residual (elements, % of W)", "residual bytes (% of W)"]
+    table = []
+    for row in rows:
+        cells = [row["dtype"], f"{row['copy_s'] * 1e3:.1f} ms",
+                 f"{row['peft_merge_s'] * 1e3:.1f} ms" if with_peft else "-",
+                 f"{row['fast_merge_s'] * 1e3:.1f} ms", f"{row['exact_merge_s'] * 1e3:.1f} ms",
+                 f"{row['fast_merge_s'] / row['copy_s']:.1f}x", f"{row['exact_merge_s'] / row['copy_s']:.1f}x"]
+        if with_peft:
+            cells += [f"{row['fast_merge_s'] / row['peft_merge_s']:.2f}x", f"{row['exact_merge_s'] / row['peft_merge_s']:.2f}x"]
+        cells += [f"{row['exact_merge_s'] / row['fast_merge_s']:.2f}x",
+                  f"{row['residual_elements']} ({row['residual_share']:.3%})",
+                  f"{row['residual_bytes']} ({row['residual_bytes'] / row['weight_bytes']:.3%})"]
+        table.append(cells)
+    text = markdown_table(header, table)
+    print(f"Merge of a {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha} "
+          f"(median of {args.repeats}; lower ratio = faster)")
+    print(text)
+    path = write_results("merge", {"command": "python bench/bench_merge.py " + " ".join(argv or sys.argv[1:]),
+                                   "rows": rows, "table": text})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
