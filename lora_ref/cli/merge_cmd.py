@@ -12,6 +12,9 @@ verified way back exists:
 - ``unmerge MERGED ADAPTER --in-place [--residual R]`` unmerges into a temporary, merges that
   again and checks the result is byte-identical to MERGED (so MERGED is recoverable from the
   output and the adapter); only then renames. A fast unmerge that does not round-trip is refused.
+
+A sharded checkpoint is given by its ``*.safetensors.index.json``; ``-o`` and ``--residual`` are
+then folders (:mod:`lora_ref.sharded`), and ``--in-place`` is not offered.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..checkpoint import merge_checkpoint, unmerge_checkpoint
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
 from ..errors import LoraRefError, MergeStateError
+from ..sharded import INDEX_SUFFIX, merge_sharded, unmerge_sharded
 
 
 class OverwriteRefusedError(LoraRefError, ValueError):
@@ -43,7 +47,7 @@ class InPlaceVerificationError(MergeStateError):
 
 def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="write BASE + adapter; exact with --residual")
-    m.add_argument("base", help="base weights (.safetensors, keys as torch state_dict)")
+    m.add_argument("base", help="base weights (.safetensors, keys as torch state_dict, or a sharded *.safetensors.index.json)")
     m.add_argument("adapter", help="PEFT adapter directory")
     target = m.add_mutually_exclusive_group(required=True)
     target.add_argument("-o", "--output", help="merged .safetensors to write")
@@ -54,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--allow-nonfinite", action="store_true", help="merge adapters holding NaN/inf")
     m.set_defaults(func=run_merge)
     u = sub.add_parser("unmerge", help="write MERGED - adapter; bit-exact with --residual")
-    u.add_argument("merged", help="merged weights (.safetensors)")
+    u.add_argument("merged", help="merged weights (.safetensors or a sharded *.safetensors.index.json)")
     u.add_argument("adapter", help="PEFT adapter directory")
     target = u.add_mutually_exclusive_group(required=True)
     target.add_argument("-o", "--output", help="unmerged .safetensors to write")
@@ -104,8 +108,17 @@ def _scratch(beside: Path, tag: str) -> Iterator[Path]:
             os.unlink(name)
 
 
+def _refuse_sharded_in_place(path: str, in_place: bool) -> bool:
+    """Whether ``path`` is a sharded index; --in-place is refused for those."""
+    sharded = path.endswith(INDEX_SUFFIX)
+    if sharded and in_place:
+        raise OverwriteRefusedError(f"{path}: --in-place is not offered for sharded checkpoints; write with -o FOLDER")
+    return sharded
+
+
 def run_merge(args: argparse.Namespace) -> int:
     output = args.base if args.in_place else args.output
+    sharded = _refuse_sharded_in_place(args.base, args.in_place)
     if args.in_place:
         if not args.residual:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place needs --residual: the exact residual is the way back")
@@ -125,6 +138,9 @@ def run_merge(args: argparse.Namespace) -> int:
                 if not filecmp.cmp(restored, base, shallow=False):
                     raise InPlaceVerificationError(
                         f"{base}: unmerging with {args.residual} does not restore the original bytes; left unchanged")
+    elif sharded:
+        kwargs["residual_dir"] = kwargs.pop("residual_path")
+        report = merge_sharded(args.base, adapter, args.output, **kwargs)
     else:
         report = merge_checkpoint(args.base, adapter, args.output, **kwargs)
     elements = sum(report.merged.values())
@@ -140,6 +156,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_unmerge(args: argparse.Namespace) -> int:
+    sharded = _refuse_sharded_in_place(args.merged, args.in_place)
     inputs = {"merged checkpoint": args.merged, "residual": args.residual}
     if args.in_place:
         _refuse_overwrites({}, inputs, args.adapter)
@@ -156,6 +173,8 @@ def run_unmerge(args: argparse.Namespace) -> int:
                     raise InPlaceVerificationError(
                         f"{merged}: merging the unmerged weights again does not give back the original bytes "
                         "(a fast unmerge is lossy; pass the --residual from the merge, or write with -o); left unchanged")
+    elif sharded:
+        report = unmerge_sharded(args.merged, adapter, args.output, residual_dir=args.residual, progress=_progress)
     else:
         report = unmerge_checkpoint(args.merged, adapter, args.output, residual_path=args.residual, progress=_progress)
     mode = "exactly (residual applied)" if args.residual else "fast (no residual: within the SPEC 3.3 bound)"
