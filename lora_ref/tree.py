@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +199,6 @@ class TreeSwitcher:
     weights: dict[str, np.ndarray]
     exact: bool = True
     current: str | None = None
-    history: list[SwitchReport] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tree.check_weights(self.weights)
@@ -221,7 +220,6 @@ class TreeSwitcher:
             elements += self._elements(name)
         report = SwitchReport(self.current, target, target_path[common - 1] if common else None, unmerged, merged, elements)
         self.current = target
-        self.history.append(report)
         return report
 
     def _elements(self, name: str) -> int:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from lora_ref.adapter import Adapter, LoraModule
 from lora_ref.config import LoraConfig
+from lora_ref.dropout import dropout_mask
 from lora_ref.errors import ConfigError, LoraRefError, ShapeError
 from lora_ref.linear import backward, forward
 from lora_ref.mixed_batch import (
@@ -70,19 +71,23 @@ def r_max(factors) -> int:
     return max((f.A.shape[0] for f in factors if f is not None), default=0)
 
 
-@given(case_params)
-def test_mixed_forward_equals_per_adapter_runs(params):
+@given(case_params, st.booleans(), st.sampled_from([0.0, 0.25, 0.5]))
+def test_mixed_forward_equals_per_adapter_runs(params, fan_in_fan_out, p):
     seed, n, batch, seq, d_in, d_out = params
     W, bias, x, factors, index = make_case(seed, n, batch, seq, d_in, d_out)
-    y = mixed_forward(x, W, factors, index, bias=bias, out_dtype=np.float64)
+    W_stored = W.T.copy() if fan_in_fan_out else W  # GPT-2 Conv1D layout [in, out]
+    mask = dropout_mask(x.shape, p, seed)
+    y = mixed_forward(x, W_stored, factors, index, bias=bias, dropout_mask=mask, fan_in_fan_out=fan_in_fan_out,
+                      out_dtype=np.float64)
     expected = np.empty_like(y)
     for b in range(batch):  # oracle: the single-adapter forward of lora_ref.linear, row by row
         f = factors[index[b]] if index[b] >= 0 else None
         if f is None:
             expected[b] = x[b].astype(np.float64) @ W.astype(np.float64).T + bias
         else:
-            expected[b] = forward(x[b], W, f.A, f.B, f.scale, bias=bias, out_dtype=np.float64)
-    bound = 2 * gamma(d_in + r_max(factors) + 3) * abs_forward(x, W, bias, factors, index)
+            expected[b] = forward(x[b], W_stored, f.A, f.B, f.scale, bias=bias, dropout_mask=mask[b],
+                                  fan_in_fan_out=fan_in_fan_out, out_dtype=np.float64)
+    bound = 2 * gamma(d_in + r_max(factors) + 3) * abs_forward(x * mask.max(initial=1.0), W, bias, factors, index)
     assert np.all(np.abs(y - expected) <= bound)
 
 
