@@ -19,6 +19,7 @@ from onnx import helper
 
 from lora_ref.adapter import Adapter
 from lora_ref.dtypes import round_to
+from lora_ref.errors import NonFiniteError
 
 from .errors import ExportConfigError
 from .locate import TargetSite
@@ -44,6 +45,8 @@ def check_exportable(adapter: Adapter, module: str) -> None:
         raise ExportConfigError(f"{where}: DoRA adapters are not exported to ONNX")
     if lora.lora_bias is not None:
         raise ExportConfigError(f"{where}: lora_bias is not exported to ONNX")
+    if not (np.all(np.isfinite(lora.A)) and np.all(np.isfinite(lora.B))):
+        raise NonFiniteError(f"{where}: the adapter holds NaN or infinity; refusing to export it")
 
 
 def check_fits(adapter: Adapter, module: str, site: TargetSite) -> None:

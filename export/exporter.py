@@ -60,6 +60,9 @@ class _LazyTensors(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         return self.handle.get(key)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.handle
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.handle.keys())
 

@@ -174,6 +174,23 @@ def _by_name(index: GraphIndex, module: str) -> tuple[set[str], str]:
     return weights, f"initializer names: {sorted(weights)}"
 
 
+def _view(tensor: onnx.TensorProto) -> np.ndarray:
+    """The initializer's values; a zero-copy view of ``raw_data`` when the tensor has one."""
+    if tensor.raw_data:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
+
+
+def _equal(value: np.ndarray, target: np.ndarray) -> bool:
+    """Bitwise-equal values (NaN-safe through the bits), probing one row first to fail fast."""
+    if value.shape != target.shape:
+        return False
+    if not np.array_equal(value[:1], target[:1], equal_nan=True):
+        return False
+    return bool(np.array_equal(value, target, equal_nan=True))
+
+
 def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | None) -> tuple[set[str], str]:
     if base is None:
         return set(), "values: not tried (no --base-weights file given)"
@@ -185,13 +202,11 @@ def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | N
     for name, tensor in index.initializers.items():
         if len(tensor.dims) != 2 or tuple(tensor.dims) not in (W.shape, W.shape[::-1]):
             continue
-        value = numpy_helper.to_array(tensor)
+        value = _view(tensor)
         if not np.issubdtype(value.dtype, np.floating):
             continue
         target = round_to(np.asarray(W, dtype=np.float64), value.dtype)
-        if (value.shape == target.shape and np.array_equal(value, target)) or (
-            value.shape == target.T.shape and np.array_equal(value, target.T)
-        ):
+        if _equal(value, target) or _equal(value, target.T):
             weights.add(name)
     if not weights:
         return weights, f"values: no initializer equals base tensor {key!r} {W.shape} or its transpose"

@@ -206,3 +206,14 @@ def test_base_weights_from_safetensors_file(tmp_path):
     save_file(path, MLP.weights)
     graph, sites = build_graph(_anonymous(MLP.onnx), [models.random_adapter(MLP, 2)], "dynamic", base_weights=path)
     assert {s[0].found_by for s in sites.values()} == {"value match"}
+
+
+def test_non_finite_adapter_is_refused_in_every_mode(tmp_path):
+    from lora_ref.errors import NonFiniteError
+
+    adapter = models.random_adapter(MLP, 2)
+    adapter.modules["fc2"].B[0, 0] = np.inf
+    for mode in ("merged", "dynamic", "batched"):
+        with pytest.raises(NonFiniteError, match="fc2"):
+            export(MLP.onnx, [adapter], mode, tmp_path / "o.onnx")
+    assert list(tmp_path.iterdir()) == []
