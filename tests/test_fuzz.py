@@ -9,7 +9,8 @@ each drawn from valid values, boundary values and wrong types), mutated (a valid
 corpus fixture with bytes flipped, cut or inserted), and raw bytes. CI runs a few seconds per
 loader; ``LORA_REF_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`` runs longer. Loaders covered:
 safetensors (headers, data), adapter_config.json, adapter directories, residual files,
-conformance case.json (with its tensor files) and ONNX Runtime .onnx_adapter files.
+conformance case.json (with its tensor files), ONNX Runtime .onnx_adapter files and sharded
+checkpoint indexes (model.safetensors.index.json).
 """
 
 from __future__ import annotations
@@ -281,3 +282,23 @@ def test_fuzz_onnx_adapter(work: Path, data: st.DataObject) -> None:
     path = work / "mutated.onnx_adapter"
     path.write_bytes(bytes(blob))
     typed_or_ok(load_onnx_adapter, path, slots_from_model(load_model(work / "_fixtures" / "dynamic.onnx")))
+
+
+# -- sharded checkpoint index ---------------------------------------------------------------------------
+SHARD_NAMES = st.one_of(st.sampled_from(["base.safetensors", "../base.safetensors", "/tmp/x.safetensors", "..", "",
+                                         "sub/base.safetensors", "merged.safetensors", "missing.safetensors"]), JSON)
+
+
+@fuzz_settings
+@given(weight_map=st.one_of(JSON, st.dictionaries(st.sampled_from(["layer.q.weight", "layer.q.bias", "layer.v.weight",
+                                                                   "layer.position_ids", "other"]),
+                                                  SHARD_NAMES, max_size=5)),
+       metadata=st.one_of(st.none(), JSON))
+def test_fuzz_sharded_index(work: Path, weight_map, metadata) -> None:
+    """read_index on an index beside the fixture's base/merged files (which it may or may not describe)."""
+    from lora_ref.sharded import read_index
+
+    index = work / "_fixtures" / "model.safetensors.index.json"
+    data = {"weight_map": weight_map} if metadata is None else {"metadata": metadata, "weight_map": weight_map}
+    index.write_text(json.dumps(data))
+    typed_or_ok(read_index, index)
