@@ -10,6 +10,7 @@ LoRA inputs, atomic).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ def build_graph(
         if half:
             to_float16(graph)
     else:
-        base = to_float16(onnx.ModelProto.FromString(model.SerializeToString())) if half else model
+        base = to_float16(copy.deepcopy(model)) if half else model  # deepcopy: protobuf bytes cap at 2 GiB
         if mode == "dynamic":
             graph = build_dynamic(base, sites, max_rank=max_rank, progress=progress)
         else:

@@ -13,7 +13,6 @@ Models whose tensors exceed protobuf's 2 GiB message limit are written with exte
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import tempfile
@@ -22,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from lora_ref.atomic import atomic_path
 
 from .errors import IRVersionError
 
-#: protobuf cannot serialise messages of 2 GiB or more; models with more tensor bytes use external data.
+#: protobuf cannot serialise messages of 2 GiB or more; models whose tensors come within 64 MiB of
+#: that (room for the nodes and names) use external data.
 PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_BYTES = PROTOBUF_LIMIT - 2**26
 #: Tensors at least this large go to the external data file when external data is used.
 EXTERNAL_MIN_BYTES = 1024
 
@@ -151,12 +152,14 @@ def save_model(
 ) -> Path:
     """Check ``model`` with onnx.checker and write it atomically; return the path written.
 
-    ``external_data=None`` chooses external data only when the tensors reach protobuf's 2 GiB
-    limit; True forces it (tensors >= EXTERNAL_MIN_BYTES go to ``<file name>.data``).
+    ``external_data=None`` chooses external data only when the tensors approach protobuf's 2 GiB
+    limit; True forces it (tensors >= EXTERNAL_MIN_BYTES go to ``<file name>.data``). With
+    external data ``model`` is changed in place (its tensors then refer to the data file), so a
+    model of many GiB is not held twice. Sets ``model.ir_version`` (:func:`make_loadable`).
     """
     path = Path(path)
     make_loadable(model, where=str(path))
-    use_external = tensor_bytes(model) >= PROTOBUF_LIMIT if external_data is None else external_data
+    use_external = tensor_bytes(model) >= EXTERNAL_DATA_BYTES if external_data is None else external_data
     if not use_external:
         onnx.checker.check_model(model, full_check=False)
         with atomic_path(path) as tmp:
@@ -166,9 +169,7 @@ def save_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent) as staging:
         staged = Path(staging) / path.name
-        # save_model converts the tensors in place; work on a copy so the caller's model keeps its data.
-        to_write = copy.deepcopy(model)
-        onnx.save_model(to_write, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
         onnx.checker.check_model(str(staged))  # the path form handles > 2 GiB models
         os.replace(Path(staging) / data_name, path.parent / data_name)

@@ -30,7 +30,7 @@ from lora_ref.adapter import Adapter
 from .adapter_files import LoadedAdapter, adapter_tensors, load_onnx_adapter
 from .batched import INDEX_INPUT
 from .errors import AdapterIndexError, ProviderFallbackWarning
-from .graphio import check_readable, load_model
+from .graphio import check_readable
 from .slots import Slot, check_tensors, slots_from_model
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
