@@ -16,7 +16,7 @@ import numpy as np
 from .adapter import Adapter
 from .checkpoint import merge_targets, target_delta
 from .errors import MergeStateError, ShapeError, TargetNotFoundError
-from .merge import Residual, digest_arrays, merge, unmerge
+from .merge import Residual, _check_factors_finite, digest_arrays, merge, unmerge
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class MergeLedger:
                     f"{delta.module}: base tensor {key!r} has shape {self.weights[key].shape} "
                     f"but the adapter's delta has {delta.shape}"
                 )
+            if not allow_nonfinite:  # refuse before any weight changes, not after the first module
+                _check_factors_finite(delta)
         for key, delta in deltas.items():
             weight = self.weights[key]
             result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)

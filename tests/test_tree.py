@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from lora_ref.adapter import Adapter, LoraModule
 from lora_ref.config import LoraConfig
 from lora_ref.dtypes import bfloat16, bits_of, round_to
-from lora_ref.errors import MergeStateError, TargetNotFoundError
+from lora_ref.errors import MergeStateError, NonFiniteError, TargetNotFoundError
 from lora_ref.ledger import MergeLedger
 from lora_ref.tree import (
     AdapterTree,
@@ -185,3 +185,23 @@ def test_adapters_for_different_bases_are_refused():
         TreeSwitcher(AdapterTree([TreeNode("c", None, c)]), {})
     with pytest.raises(TargetNotFoundError):
         AdapterTree([TreeNode("c", None, c)]).path("nope")
+
+
+def test_failed_switch_rolls_back_bit_for_bit():
+    """A node whose second module holds NaN is refused; weights and the current node are as before."""
+    tree0 = random_tree(5, branching=(2, 1), dtype=np.float16)
+    rng = np.random.default_rng(6)
+    bad = random_adapter(rng, "bad", np.float16, modules=list(SHAPES))
+    bad.modules["mlp.up_proj"].B[0, 0] = np.nan
+    leaf = [n for n in tree0.nodes if len(tree0.path(n)) == 2][0]
+    tree = AdapterTree([*tree0.nodes.values(), TreeNode("bad", leaf, bad)])
+    base = base_weights(5, np.float16)
+    switcher = TreeSwitcher(tree, {k: v.copy() for k, v in base.items()})
+    other = [n for n in tree0.nodes if n not in tree.path(leaf)][-1]
+    switcher.switch(other)
+    with pytest.raises(NonFiniteError):
+        switcher.switch("bad")  # unmerges other's path, merges down to leaf, then refuses "bad"
+    assert switcher.current == other
+    assert same_bits(switcher.weights, merge_path(tree0, base, other))
+    switcher.switch(None)
+    assert same_bits(switcher.weights, base)
