@@ -6,10 +6,11 @@ Nodes per site (x [..., in], base output y0 [..., out]):
     y  = Reshape(Gemm(Flatten(t), B_g, C=Flatten(y0)), Shape(y0))
 
 Gemm accumulates into C, so the add costs no separate pass over y (a MatMul + Add pair was
-~20% slower than the merged graph at r=16 on CPU; this form ~4%; see bench/bench_onnx.py).
+~20% slower than the merged graph at r=16 on CPU; this form 3-10%; see bench/bench_onnx.py).
 
 For module m, ``m.lora_A.weight`` is A_g = A^T [in, r] and ``m.lora_B.weight`` is B_g = s·B^T
-[r, out] (the Olive / onnxruntime-genai naming, so ``.onnx_adapter`` files made by either fit).
+[r, out]. The names follow the Olive / onnxruntime-genai convention; note that the scale s is
+folded into B here, so a file from a tool that keeps s as a graph constant needs its B scaled.
 The rank axis is symbolic (``<m>.lora_r``), and each input has a default initializer of rank 0,
 so a session fed no adapter computes x·A_g = [.., 0] and adds exact zeros: the base model.
 With ``max_rank`` R the axis is static (R) and the defaults are zeros [in, R] / [R, out]; an
