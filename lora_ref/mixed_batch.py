@@ -231,6 +231,7 @@ class StackedBank:
     """N adapters as one zero-padded bank: A [N, r_max, in], B [N, out, r_max], scale [N].
 
     Slots of adapters that do not target the layer hold zeros (their rows see the base only).
+    An inference-time structure: W in [out, in] layout, no dropout.
     """
 
     A: np.ndarray
@@ -263,6 +264,7 @@ class StackedBank:
                 bias: np.ndarray | None = None, out_dtype: object = None) -> np.ndarray:
         """y[b] = x[b] W^T + bias + s[j] (x[b] A[j]^T) B[j]^T with j = idx[b] (no term where j = -1)."""
         check_float_array(x, "x")
+        check_float_array(W, "W")
         x64, W64 = np.asarray(x, dtype=float64), np.asarray(W, dtype=float64)
         if W64.shape != (self.B.shape[1], self.A.shape[2]):
             raise ShapeError(f"W has shape {W64.shape}; the bank is for {(self.B.shape[1], self.A.shape[2])}")
