@@ -59,6 +59,8 @@ class ConvGeometry:
         values = (value,) * d if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
         if len(values) != d:
             raise ShapeError(f"conv {what} {value!r} does not have {d} entries")
+        if any(v < (0 if what == "padding" else 1) for v in values):
+            raise ConfigError(f"conv {what} {value!r} is out of range")
         return values
 
     def pads(self, kernel: tuple[int, ...]) -> list[tuple[int, int]]:

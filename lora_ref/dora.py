@@ -25,7 +25,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .dtypes import check_float_array, float64, resolve_dtype, round_to
+from .conv import ConvDelta, ConvGeometry, ConvOps
+from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, check_float_array, float64, resolve_dtype, round_to
+from .embedding import EmbeddingDelta, EmbeddingOps
 from .errors import ConfigError, MergeStateError, ShapeError
 from .linear import check_lora_shapes
 from .merge import BLOCK_BYTES, DeltaSource, _row_slices, block_rows
@@ -182,8 +184,6 @@ def fast_roundtrip_bound(W: np.ndarray, dora: DoraDelta) -> np.ndarray:
     once. With ũ = u_t + 5·u_64·(1+u_t) covering the float64 steps,
         |err| ≤ ũ(1+ũ)|W+Δ| + ũ|W| + (1+ũ)²·(η_t/2)/|g| + η_t/2.
     """
-    from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF
-
     t = np.asarray(W).dtype
     u = UNIT_ROUNDOFF[t] + 5 * UNIT_ROUNDOFF[float64] * (1 + UNIT_ROUNDOFF[t])
     eta = SMALLEST_SUBNORMAL[t]
@@ -298,18 +298,15 @@ def linear(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude:
     return Dora(ops, ops.W + scale * (ops.B @ ops.A), 0, magnitude, np.asarray(W).dtype, module=module)
 
 
-def conv(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *, geometry=None, module: str = "") -> Dora:
+def conv(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *,
+         geometry: ConvGeometry | None = None, module: str = "") -> Dora:
     """DoRA on a Conv layer (m: [O] or PEFT's [1, O, 1...], n over (in, *k))."""
-    from .conv import ConvDelta, ConvGeometry, ConvOps
-
     ops = ConvOps(W, A, B, scale, geometry or ConvGeometry(), module)
     return Dora(ops, ops.W + ConvDelta(A, B, scale, module=module).full(), 0, magnitude, np.asarray(W).dtype, module=module)
 
 
 def embedding(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *, padding_idx: int | None = None, module: str = "") -> Dora:
     """DoRA on an Embedding layer (m: [D], n over the vocabulary axis; no dropout)."""
-    from .embedding import EmbeddingDelta, EmbeddingOps
-
     ops = EmbeddingOps(W, A, B, scale, padding_idx=padding_idx, module=module)
     return Dora(ops, ops.W + EmbeddingDelta(A, B, scale, module=module).full(), 1, magnitude, np.asarray(W).dtype,
                 dropout_ok=False, module=module)

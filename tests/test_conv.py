@@ -311,8 +311,9 @@ def test_groups_and_bad_shapes_are_refused_naming_the_module() -> None:
             ConvOps(W, bad_A, bad_B, 1.0, ConvGeometry(), module="enc.conv")
     with pytest.raises(ShapeError, match="enc.conv"):
         ConvDelta(A, np.zeros((4, 2, 3, 1)), 1.0, module="enc.conv")
-    with pytest.raises(ConfigError):
-        ConvOps(W, A, B, 1.0, ConvGeometry(padding_mode="mirror"))
+    for bad in (ConvGeometry(padding_mode="mirror"), ConvGeometry(stride=0), ConvGeometry(padding=-1), ConvGeometry(dilation=(1, 0))):
+        with pytest.raises(ConfigError):
+            ConvOps(W, A, B, 1.0, bad)
     with pytest.raises(ConfigError):
         ConvOps(W, A, B, 1.0, ConvGeometry(padding="same", stride=2)).pads((3, 3))
     with pytest.raises(ShapeError):
