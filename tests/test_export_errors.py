@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from conftest import require_peer
 
@@ -217,3 +217,13 @@ def test_non_finite_adapter_is_refused_in_every_mode(tmp_path):
         with pytest.raises(NonFiniteError, match="fc2"):
             export(MLP.onnx, [adapter], mode, tmp_path / "o.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_progress_on_large_graphs(tmp_path, capsys, monkeypatch):
+    from lora_ref.cli import export_cmd
+
+    model, dirs = _cli_fixture(tmp_path)
+    monkeypatch.setattr(export_cmd, "PROGRESS_MIN_BYTES", 0)  # treat the tiny graph as large
+    assert cli_main(["export", str(model), dirs[0], "--mode", "dynamic", "-o", str(tmp_path / "d.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "2/2 fc2" in err and "#" in err
