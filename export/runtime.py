@@ -112,7 +112,10 @@ class LoraSession:
 
     def run_batched(self, feeds: Mapping[str, np.ndarray], adapter_index: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Run a batched graph with ``adapter_index`` checked against the bank size (fed banks included)."""
-        index = np.asarray(adapter_index, dtype=np.int64)
+        raw = np.asarray(adapter_index)
+        if raw.dtype.kind not in "iu":
+            raise AdapterIndexError(f"{INDEX_INPUT} must hold integers, got {raw.dtype}")
+        index = raw.astype(np.int64)
         if index.ndim != 1:
             raise AdapterIndexError(f"{INDEX_INPUT} must be 1-D [batch], got shape {index.shape}")
         sizes = {name: int(np.shape(feeds[name])[0]) if name in feeds else n for name, n in self.bank_sizes.items()}

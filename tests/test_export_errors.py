@@ -124,7 +124,7 @@ def test_index_outside_bank_is_refused():
     graph, _ = build_graph(MLP.onnx, [models.random_adapter(MLP, 2), models.random_adapter(MLP, 3, seed=1)], "batched")
     session = open_session(graph)
     x = np.ones((3, 6), np.float32)
-    for bad in ([0, 2, 1], [-2, 0, 0], [[0, 1, 0]]):
+    for bad in ([0, 2, 1], [-2, 0, 0], [[0, 1, 0]], [0.0, 1.0, 0.5]):
         with pytest.raises(AdapterIndexError):
             session.run_batched({"x": x}, bad)
     session.run_batched({"x": x}, [1, -1, 0])
