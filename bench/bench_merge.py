@@ -6,7 +6,7 @@ Measured in one run, reported as ratios:
   fast merge   lora_ref.merge (float64 delta in fixed order, one rounding), into a preallocated output
   exact merge  the same plus the residual that makes unmerge bit-exact
 and the residual's size (elements, % of W, bytes). Times are medians of --repeats runs after a
-warm-up (bench/common.time_median). Usage:
+warm-up, in rounds that time every contender once each (bench/common.time_median). Usage:
 
     .venv/bin/python bench/bench_merge.py [--size 4096] [--rank 16] [--repeats 5]
 
@@ -54,31 +54,43 @@ def bench_dtype(name: str, size: int, rank: int, alpha: int, repeats: int, with_
     B = round_to(rng.normal(0, 0.02, (size, rank)), dtype)
     delta = LinearDelta(A, B, alpha / rank, module="bench")
     out = np.empty_like(W)
-
-    t_copy = time_median(lambda: np.copyto(out, W), repeats=repeats)
-    t_fast = time_median(lambda: merge(W, delta, out=out), repeats=repeats)
     exact = merge(W, delta, exact=True)
-    t_exact = time_median(lambda: merge(W, delta, exact=True, out=out), repeats=repeats)
-    t_unmerge_exact = time_median(lambda: unmerge(exact.weight, delta, residual=exact.residual, out=out),
-                                  repeats=repeats)
+    layer = peft_layer(W, A, B, alpha, name) if with_peft else None
+
+    def reset_peft() -> None:
+        if layer.merged:
+            layer.unmerge()
+
+    contenders = {
+        "copy": (lambda: np.copyto(out, W), None),
+        "fast_merge": (lambda: merge(W, delta, out=out), None),
+        "exact_merge": (lambda: merge(W, delta, exact=True, out=out), None),
+        "exact_unmerge": (lambda: unmerge(exact.weight, delta, residual=exact.residual, out=out), None),
+    }
+    if with_peft:
+        contenders["peft_merge"] = (layer.merge, reset_peft)
+    # Rounds: every contender once per round, in turn, so load changes on a shared machine hit
+    # all of them alike; times are medians over rounds, ratios medians of per-round ratios.
+    samples: dict[str, list[float]] = {key: [] for key in contenders}
+    for key, (fn, setup) in contenders.items():  # warm-up
+        time_median(fn, repeats=1, warmup=0, setup=setup)
+    for _ in range(repeats):
+        for key, (fn, setup) in contenders.items():
+            samples[key].append(time_median(fn, repeats=1, warmup=0, setup=setup))
     row = {
-        "dtype": name, "size": size, "rank": rank,
-        "copy_s": t_copy, "fast_merge_s": t_fast, "exact_merge_s": t_exact, "exact_unmerge_s": t_unmerge_exact,
+        "dtype": name, "size": size, "rank": rank, "rounds": repeats,
+        **{f"{key}_s": float(np.median(values)) for key, values in samples.items()},
         "residual_elements": exact.residual.count, "residual_share": exact.residual.count / W.size,
         "residual_bytes": exact.residual.nbytes, "weight_bytes": W.nbytes,
     }
+    pairs = [("fast_merge", "copy"), ("exact_merge", "copy"), ("exact_merge", "fast_merge")]
     if with_peft:
         import torch
 
-        layer = peft_layer(W, A, B, alpha, name)
-
-        def reset() -> None:
-            if layer.merged:
-                layer.unmerge()
-
-        with torch.no_grad():
-            row["peft_merge_s"] = time_median(layer.merge, repeats=repeats, setup=reset)
+        pairs += [("fast_merge", "peft_merge"), ("exact_merge", "peft_merge")]
         row["torch_threads"] = torch.get_num_threads()
+    for num, den in pairs:
+        row[f"{num}/{den}"] = float(np.median(np.array(samples[num]) / np.array(samples[den])))
     return row
 
 
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds (each times every contender once)")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT/torch peer")
     args = parser.parse_args(argv)
     with_peft = not args.no_peft
@@ -103,22 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     header = ["dtype", "copy", "PEFT merge", "fast merge", "exact merge", "fast / copy", "exact / copy"]
     if with_peft:
         header += ["fast / PEFT", "exact / PEFT"]
-    header += ["exact / fast", "residual (elements, % of W)", "residual bytes (% of W)"]
+    header += ["exact / fast", "residual elements (% of W)", "residual size (% of W's bytes)"]
     table = []
     for row in rows:
         cells = [row["dtype"], f"{row['copy_s'] * 1e3:.1f} ms",
                  f"{row['peft_merge_s'] * 1e3:.1f} ms" if with_peft else "-",
                  f"{row['fast_merge_s'] * 1e3:.1f} ms", f"{row['exact_merge_s'] * 1e3:.1f} ms",
-                 f"{row['fast_merge_s'] / row['copy_s']:.1f}x", f"{row['exact_merge_s'] / row['copy_s']:.1f}x"]
+                 f"{row['fast_merge/copy']:.1f}x", f"{row['exact_merge/copy']:.1f}x"]
         if with_peft:
-            cells += [f"{row['fast_merge_s'] / row['peft_merge_s']:.2f}x", f"{row['exact_merge_s'] / row['peft_merge_s']:.2f}x"]
-        cells += [f"{row['exact_merge_s'] / row['fast_merge_s']:.2f}x",
-                  f"{row['residual_elements']} ({row['residual_share']:.3%})",
-                  f"{row['residual_bytes']} ({row['residual_bytes'] / row['weight_bytes']:.3%})"]
+            cells += [f"{row['fast_merge/peft_merge']:.2f}x", f"{row['exact_merge/peft_merge']:.2f}x"]
+        cells += [f"{row['exact_merge/fast_merge']:.2f}x",
+                  f"{row['residual_elements']} ({row['residual_share']:.2%})",
+                  f"{row['residual_bytes'] / 2**20:.1f} MiB ({row['residual_bytes'] / row['weight_bytes']:.1%})"]
         table.append(cells)
     text = markdown_table(header, table)
-    print(f"Merge of a {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha} "
-          f"(median of {args.repeats}; lower ratio = faster)")
+    print(f"Merge of a {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha}: medians of "
+          f"{args.repeats} rounds; a ratio is the median of per-round ratios (lower = ours faster)")
     print(text)
     path = write_results("merge", {"command": "python bench/bench_merge.py " + " ".join(argv or sys.argv[1:]),
                                    "rows": rows, "table": text})
