@@ -102,4 +102,5 @@ def test_all_graph_kinds_match_peft_at_every_lora_site(example):
            [layers_a, layers_b, None], "batched rows a, b, base", layers_a)
     # The adapters change the logits by far more than the ORT-vs-torch float32 difference, so a
     # graph that dropped or mis-scaled an adapter could not pass the end-to-end figures either.
-    assert figures["adapter effect: PEFT(a) vs base"] > 1e3 * max(v for k, v in figures.items() if "vs PEFT" in k)
+    float32 = [v for k, v in figures.items() if "vs PEFT" in k and "float16" not in k]
+    assert figures["adapter effect: PEFT(a) vs base"] > 1e3 * max(float32)
