@@ -230,14 +230,17 @@ def locate_targets(
     failures: dict[str, list[str]] = {}
     for module in modules:
         tried = []
-        for found_by, (weights, note) in (
-            ("name scopes", _by_scopes(index, module, scopes)),
-            ("initializer name", _by_name(index, module)),
-            ("value match", _by_value(index, module, base_weights)),
+        for found_by, strategy in (
+            ("name scopes", lambda: _by_scopes(index, module, scopes)),
+            ("initializer name", lambda: _by_name(index, module)),
+            ("value match", lambda: _by_value(index, module, base_weights)),
         ):
+            weights, note = strategy()  # lazily: value matching reads tensors
             if len(weights) == 1:
                 weight = next(iter(weights))
                 sites = _sites(index, module, weight, found_by)
+                if found_by == "name scopes":  # a weight shared with another module keeps that module's nodes
+                    sites = [site for site in sites if _path_matches(scopes.get(site.node, ""), module)]
                 if not sites:
                     _, notes = index.linear_uses(weight)
                     raise UnsupportedGraphError(

@@ -18,6 +18,7 @@ from lora_ref.adapter import save_adapter  # noqa: E402
 from lora_ref.cli import main as cli_main  # noqa: E402
 from lora_ref.errors import LoraRefError, ShapeError  # noqa: E402
 from lora_ref.export import (  # noqa: E402
+    AdapterCache,
     AdapterIndexError,
     ExportConfigError,
     GraphTargetNotFoundError,
@@ -227,3 +228,29 @@ def test_cli_progress_on_large_graphs(tmp_path, capsys, monkeypatch):
     assert cli_main(["export", str(model), dirs[0], "--mode", "dynamic", "-o", str(tmp_path / "d.onnx")]) == 0
     err = capsys.readouterr().err
     assert "2/2 fc2" in err and "#" in err
+
+
+def test_weight_shared_by_two_scoped_modules_gets_lora_only_in_its_own():
+    """With name scopes, a module's LoRA goes only on that module's nodes, even if the weight is shared."""
+    graph = onnx.ModelProto.FromString(BLOCK.onnx.SerializeToString())
+    down = next(n for n in graph.graph.node if n.name == "mlp.down_proj.matmul")
+    twin = onnx.NodeProto()
+    twin.CopyFrom(down)
+    twin.name, twin.output[0] = "other.matmul", "other_out"
+    twin.metadata_props[0].value = repr(["", "other", "other", "linear"])
+    graph.graph.node.append(twin)
+    graph.graph.output.append(helper.make_tensor_value_info("other_out", onnx.TensorProto.FLOAT, None))
+    sites = locate_targets(graph, ["mlp.down_proj"])
+    assert [graph.graph.node[s.node].name for s in sites["mlp.down_proj"]] == ["mlp.down_proj.matmul"]
+    adapter = models.random_adapter(BLOCK, 2, modules=["mlp.down_proj"])
+    x = np.random.default_rng(1).standard_normal((1, 3, 8)).astype(np.float32)
+    base_y, base_other = open_session(graph).run({"x": x})
+    cache = AdapterCache(open_session(build_graph(graph, [adapter], "dynamic")[0]))
+    cache.add("a", adapter)
+    cache.activate("a")
+    y, other = cache.run({"x": x})
+    assert not np.array_equal(y, base_y)
+    np.testing.assert_array_equal(other, base_other)
+    y, other = open_session(build_graph(graph, [adapter], "merged")[0]).run({"x": x})
+    assert not np.array_equal(y, base_y)
+    np.testing.assert_array_equal(other, base_other)
