@@ -29,7 +29,15 @@ from lora_ref.export.parity import expose, site_bound  # noqa: E402
 
 MLP = models.mlp(in_features=12, hidden=24, out_features=10, seed=3)
 BLOCK = models.transformer_block(d_model=16, heads=2, d_ff=32, seed=4)
-WORST: dict[str, float] = {}  # worst error / bound per check, printed with -s
+WORST: dict[str, float] = {}  # worst error / bound per check
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst_errors():
+    """After the module: the worst error seen per check, in units of its bound (shown with pytest -s)."""
+    yield
+    for label, ratio in sorted(WORST.items()):
+        print(f"\n{label:<20} worst error = {ratio:.3g} x bound", end="")
 
 
 def _inputs(model: models.SmallModel, batch: int, seed: int, dtype=np.float32) -> np.ndarray:
@@ -203,9 +211,3 @@ def test_external_data_round_trip(tmp_path):
     assert (tmp_path / "m.onnx.data").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     np.testing.assert_array_equal(open_session(path).run({"x": x})[0], inline)
-
-
-def test_report_worst_error_in_bound_units():
-    """Not a check of its own: prints the worst error/bound seen by the tests above (pytest -s)."""
-    for label, ratio in sorted(WORST.items()):
-        print(f"{label:<20} worst error = {ratio:.3g} x bound")
