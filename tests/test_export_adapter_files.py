@@ -28,6 +28,8 @@ from lora_ref.export import (  # noqa: E402
 )
 from lora_ref.export.editing import lora_factors  # noqa: E402
 
+#: Each example builds graphs and sessions: a fifth of the profile's count (ci: 8, deep: 200).
+EXAMPLES = max(1, settings.default.max_examples // 5)
 BLOCK = models.transformer_block(d_model=16, heads=2, d_ff=24, seed=6)
 X = np.random.default_rng(6).standard_normal((2, 4, 16)).astype(np.float32)
 
@@ -38,7 +40,7 @@ def _graph(max_rank=None):
     return graph, adapters
 
 
-@settings(max_examples=10)
+@settings(max_examples=EXAMPLES)
 @given(r=st.integers(1, 8), alpha=st.floats(0.25, 64), seed=st.integers(0, 2**16), max_rank=st.sampled_from([None, 8]))
 def test_round_trip_through_ort_reader(tmp_path_factory, r, alpha, seed, max_rank):
     graph, _ = _graph(max_rank)

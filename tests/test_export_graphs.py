@@ -27,6 +27,8 @@ from lora_ref.export import AdapterCache, build_graph, models, open_session, sav
 from lora_ref.export.editing import lora_a_name, lora_b_name, lora_factors  # noqa: E402
 from lora_ref.export.parity import expose, site_bound  # noqa: E402
 
+#: Each example builds graphs and sessions: a fifth of the profile's count (ci: 8, deep: 200).
+EXAMPLES = max(1, settings.default.max_examples // 5)
 MLP = models.mlp(in_features=12, hidden=24, out_features=10, seed=3)
 BLOCK = models.transformer_block(d_model=16, heads=2, d_ff=32, seed=4)
 WORST: dict[str, float] = {}  # worst error / bound per check
@@ -92,7 +94,7 @@ def _outputs(session, feeds):
     return session.session.run(None, feeds)
 
 
-@settings(max_examples=8)
+@settings(max_examples=EXAMPLES)
 @given(model=st.sampled_from([MLP, BLOCK]), r=st.integers(1, 9), alpha=st.floats(0.5, 32), rslora=st.booleans(),
        seed=st.integers(0, 2**16), batch=st.integers(1, 3))
 def test_merged_graph_matches_reference(model, r, alpha, rslora, seed, batch):
@@ -112,7 +114,7 @@ def test_merged_graph_changes_only_targeted_initializers():
     assert [n.SerializeToString() for n in graph.graph.node] == [n.SerializeToString() for n in BLOCK.onnx.graph.node]
 
 
-@settings(max_examples=8)
+@settings(max_examples=EXAMPLES)
 @given(model=st.sampled_from([MLP, BLOCK]), ranks=st.lists(st.integers(1, 8), min_size=1, max_size=3),
        seed=st.integers(0, 2**16), max_rank=st.sampled_from([None, 8]))
 def test_dynamic_graph_each_adapter_and_none(model, ranks, seed, max_rank):
@@ -160,7 +162,7 @@ def test_switching_adapters_in_one_live_session_many_times():
     assert cache.active == "r8" and len(cache) == 3
 
 
-@settings(max_examples=6)
+@settings(max_examples=EXAMPLES)
 @given(model=st.sampled_from([MLP, BLOCK]), seed=st.integers(0, 2**16),
        index=st.lists(st.integers(-1, 2), min_size=1, max_size=5))
 def test_batched_graph_rows_use_their_own_adapter(model, seed, index):
