@@ -44,7 +44,6 @@ class Case:
     outputs: dict[str, dict[str, Any]]
     spec: str
     description: str
-    compute_dtype: str
 
     def load_inputs(self) -> dict[str, np.ndarray]:
         """inputs.safetensors, checked against the names, dtypes and shapes in case.json."""
@@ -121,7 +120,7 @@ def load_case(path: str | Path) -> Case:
     dtype = _require(json_path, data, "dtype", str)
     if dtype not in STORAGE_DTYPES:
         raise CaseFormatError(f"{json_path}: dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
-    bound = _require(json_path, data, "bound", dict)
+    _require(json_path, data, "bound", dict)
     return Case(
         path=path,
         case_id=_require(json_path, data, "id", str),
@@ -132,7 +131,6 @@ def load_case(path: str | Path) -> Case:
         outputs=_tensor_specs(json_path, data.get("outputs"), "outputs", outputs=True),
         spec=str(data.get("spec", "")),
         description=str(data.get("description", "")),
-        compute_dtype=str(bound.get("compute_dtype", "float32")),
     )
 
 

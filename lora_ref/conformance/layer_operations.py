@@ -31,7 +31,7 @@ from fractions import Fraction
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .exact import Dyadic, combine, sqrt_fraction, to_float64
+from .exact import Dyadic, sqrt_fraction, to_float64
 from .operations import Expected, Inputs, Params, bounded, exact_scale, merge_expected, register
 
 

@@ -96,7 +96,7 @@ class _Linear:
         self.W = None if W is None else (W.T if params.get("fan_in_fan_out", False) else W)  # [out, in]
         self.A, self.B = get("A"), get("B")
         self.b, self.lora_bias, self.mask = get("b"), get("lora_bias"), get("dropout_mask")
-        self.in_features, self.r = self.A.shape[1], self.A.shape[0]
+        self.in_features = self.A.shape[1]
         self.out_features = self.B.shape[0]
 
     def rows(self, name: str, inputs: Inputs, absolute: bool) -> Dyadic:

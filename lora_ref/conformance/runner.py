@@ -328,6 +328,8 @@ def run_case(path: Path, case_id: str, driver: Driver, layout: Layout, profile: 
     try:
         case = load_case(path)
         operation, dtype = case.operation, case.dtype
+        if case.case_id != case_id:
+            raise CaseFormatError(f"{path / CASE_JSON}: id {case.case_id!r} does not match the manifest's {case_id!r}")
         inputs, expected = case.load_inputs(), case.load_expected()
         params, impl_inputs = layout.to_impl(case.operation, case.params, inputs)
         outputs = driver.execute(case, params, impl_inputs, timeout)

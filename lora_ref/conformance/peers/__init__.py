@@ -1,0 +1,1 @@
+"""Other LoRA implementations wrapped for the conformance runner (imported lazily: torch, onnxruntime)."""
