@@ -1,0 +1,99 @@
+"""Conformance benchmark (issue 6): wall time of the full frozen suite through each protocol.
+
+Rows (all in one run; ratios against the in-process reference measured in the same run):
+  reference, in-process         lora_ref.conformance.reference_impl through --impl
+  reference, subprocess         the same behind lora_ref.conformance.bridge, one Python process per case
+  reference, persistent         the same bridge started once (``serve``), one request per case
+  C program, subprocess         examples/c_impl/lora_impl.c, one process per case (built with cc here)
+  C program, persistent         the same, started once
+  PEFT 0.21.2 / torch, in-process   lora_ref.conformance.peers.peft
+  ONNX Runtime, in-process      lora_ref.conformance.peers.onnxruntime (exported graphs)
+Each time covers the whole run: loading and checking every case, the implementation, the
+report. Peers that are not installed are left out. Times are medians of --repeats runs after
+one warm-up (bench/common.time_median). Usage:
+
+    .venv/bin/python bench/bench_conformance.py [--repeats 3]
+
+Prints a markdown table and writes bench/results/conformance.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, time_median, write_results  # noqa: E402
+
+from lora_ref.cli.conformance_cmd import DEFAULT_SUITE  # noqa: E402
+from lora_ref.conformance.casefile import read_manifest  # noqa: E402
+from lora_ref.conformance.runner import InProcessDriver, SubprocessDriver, run_suite  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BRIDGE = [sys.executable, "-m", "lora_ref.conformance.bridge", "lora_ref.conformance.reference_impl:factory"]
+
+
+def build_c(directory: Path) -> list[str] | None:
+    compiler = shutil.which("cc")
+    if compiler is None:
+        return None
+    binary = directory / "lora_impl"
+    subprocess.run([compiler, "-O2", "-std=c99", "-o", str(binary), str(ROOT / "examples" / "c_impl" / "lora_impl.c"), "-lm"], check=True)
+    return [str(binary)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    n_cases = len(read_manifest(DEFAULT_SUITE)[1])
+
+    def reference():
+        return InProcessDriver(__import__("lora_ref.conformance.reference_impl", fromlist=["factory"]).factory())
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        c_cmd = build_c(Path(tmp))
+        runs = [
+            ("reference, in-process", reference, "canonical"),
+            ("reference, subprocess (process per case)", lambda: SubprocessDriver(BRIDGE), "canonical"),
+            ("reference, persistent subprocess", lambda: SubprocessDriver(BRIDGE, persistent=True), "canonical"),
+        ]
+        if c_cmd:
+            runs += [("C program, subprocess (process per case)", lambda: SubprocessDriver(c_cmd), "canonical"),
+                     ("C program, persistent subprocess", lambda: SubprocessDriver(c_cmd, persistent=True), "canonical")]
+        if importlib.util.find_spec("peft") and importlib.util.find_spec("torch"):
+            from lora_ref.conformance.peers.peft import factory as peft_factory
+
+            runs.append(("PEFT on torch, in-process", lambda: InProcessDriver(peft_factory()), "peft"))
+        if importlib.util.find_spec("onnxruntime"):
+            from lora_ref.conformance.peers.onnxruntime import factory as ort_factory
+
+            runs.append(("ONNX Runtime (exported graphs), in-process", lambda: InProcessDriver(ort_factory()), "peft"))
+        baseline = None
+        for name, make, layout in runs:
+            counts = {}
+
+            def once(make=make, layout=layout, counts=counts):
+                counts.update(run_suite(DEFAULT_SUITE, make(), layout=layout, timeout=120).counts())
+
+            seconds = time_median(once, repeats=args.repeats)
+            baseline = baseline or seconds
+            ran = counts["pass"] + counts["fail"] + counts["error"]
+            rows.append({"protocol": name, "seconds": seconds, "ratio": seconds / baseline, "cases_run": ran,
+                         "skipped": counts["skip"], "ms_per_case_run": 1000 * seconds / max(ran, 1)})
+    table = markdown_table(["protocol", f"full suite ({n_cases} cases), s", "vs in-process reference", "cases run / skipped", "ms per case run"],
+                           [(r["protocol"], f"{r['seconds']:.2f}", f"{r['ratio']:.1f}x", f"{r['cases_run']} / {r['skipped']}",
+                             f"{r['ms_per_case_run']:.1f}") for r in rows])
+    print(table)
+    path = write_results("conformance", {"cases": n_cases, "repeats": args.repeats, "rows": rows})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
