@@ -29,7 +29,7 @@ from .dynamic import build_dynamic
 from .editing import check_exportable, check_fits
 from .errors import ExportConfigError
 from .fp16 import to_float16
-from .graphio import load_model, loadable_ir_version, make_loadable, save_model
+from .graphio import EXTERNAL_DATA_BYTES, check_graph, load_model, loadable_ir_version, make_loadable, save_model, tensor_bytes
 from .locate import TargetSite, locate_targets
 from .merged import build_merged
 from .slots import slots_from_model
@@ -94,6 +94,8 @@ def build_graph(
     if target not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ExportConfigError(f"--dtype must be float32 or float16, got {dtype}")
     loadable_ir_version(model)  # refuse early; the input model is not modified
+    if tensor_bytes(model) < EXTERNAL_DATA_BYTES:  # larger in-memory models are checked when read from a path
+        check_graph(model, where="input model")
     modules = list(dict.fromkeys(m for adapter in adapters for m in adapter.modules))
     for adapter in adapters:
         for module in adapter.modules:

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper
 
 from lora_ref.atomic import atomic_path
+from lora_ref.errors import FileFormatError
 
 from .errors import IRVersionError
 
@@ -122,17 +123,30 @@ def check_readable(model: onnx.ModelProto, *, where: str = "model") -> None:
         raise IRVersionError(f"{where}: opset {opset} is newer than the installed onnxruntime reads (<= {limits.opset})")
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read an ONNX file (external data included); a malformed file is a FileFormatError."""
-    from lora_ref.errors import FileFormatError
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
+
+def check_graph(model: onnx.ModelProto | str | os.PathLike[str], *, where: str) -> None:
+    """onnx.checker on a model (or a path, which handles > 2 GiB); a rejection is a FileFormatError."""
+    try:
+        onnx.checker.check_model(str(model) if isinstance(model, (str, os.PathLike)) else model, full_check=False)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise FileFormatError(f"{where}: not a valid ONNX graph (onnx.checker: {_first_line(exc)})") from None
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read and check an ONNX file (external data included); a malformed graph is a FileFormatError."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such ONNX file")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
-        raise FileFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        raise FileFormatError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    check_graph(path, where=str(path))
+    return model
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -161,7 +175,7 @@ def save_model(
     make_loadable(model, where=str(path))
     use_external = tensor_bytes(model) >= EXTERNAL_DATA_BYTES if external_data is None else external_data
     if not use_external:
-        onnx.checker.check_model(model, full_check=False)
+        check_graph(model, where=f"{path} (exported graph)")
         with atomic_path(path) as tmp:
             tmp.write_bytes(model.SerializeToString())
         return path
@@ -171,7 +185,7 @@ def save_model(
         staged = Path(staging) / path.name
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
-        onnx.checker.check_model(str(staged))  # the path form handles > 2 GiB models
+        check_graph(staged, where=f"{path} (exported graph)")  # the path form handles > 2 GiB models
         os.replace(Path(staging) / data_name, path.parent / data_name)
         os.replace(staged, path)
     return path

@@ -93,7 +93,7 @@ def test_tied_weight_is_copied_not_changed_for_other_readers():
     """A weight the targeted Linear shares with another reader keeps its base value for that reader."""
     graph = onnx.ModelProto.FromString(MLP.onnx.SerializeToString())
     graph.graph.node.append(helper.make_node("Identity", ["fc1.weight"], ["fc1_weight_copy"]))
-    graph.graph.output.append(helper.make_tensor_value_info("fc1_weight_copy", onnx.TensorProto.FLOAT, None))
+    graph.graph.output.append(helper.make_tensor_value_info("fc1_weight_copy", onnx.TensorProto.FLOAT, [10, 6]))
     merged, _ = build_graph(graph, [models.random_adapter(MLP, 2)], "merged")
     x = np.ones((1, 6), np.float32)
     _, tied = open_session(merged).run({"x": x})
@@ -193,6 +193,20 @@ def test_core_and_cli_do_not_import_onnx():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_graph_the_checker_rejects_is_a_typed_error(tmp_path):
+    from lora_ref.errors import FileFormatError
+
+    broken = onnx.ModelProto.FromString(MLP.onnx.SerializeToString())
+    broken.graph.node.append(helper.make_node("Relu", ["nowhere"], ["z"]))
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(broken.SerializeToString())
+    with pytest.raises(FileFormatError, match="not a valid ONNX graph"):
+        export(path, [models.random_adapter(MLP, 2)], "merged", tmp_path / "o.onnx")
+    with pytest.raises(FileFormatError, match="not a valid ONNX graph"):
+        build_graph(broken, [models.random_adapter(MLP, 2)], "dynamic")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
+
+
 def test_every_refusal_is_a_lora_ref_error():
     from lora_ref.export import errors
 
@@ -239,7 +253,7 @@ def test_weight_shared_by_two_scoped_modules_gets_lora_only_in_its_own():
     twin.name, twin.output[0] = "other.matmul", "other_out"
     twin.metadata_props[0].value = repr(["", "other", "other", "linear"])
     graph.graph.node.append(twin)
-    graph.graph.output.append(helper.make_tensor_value_info("other_out", onnx.TensorProto.FLOAT, None))
+    graph.graph.output.append(helper.make_tensor_value_info("other_out", onnx.TensorProto.FLOAT, ["batch", "seq", 8]))
     sites = locate_targets(graph, ["mlp.down_proj"])
     assert [graph.graph.node[s.node].name for s in sites["mlp.down_proj"]] == ["mlp.down_proj.matmul"]
     adapter = models.random_adapter(BLOCK, 2, modules=["mlp.down_proj"])
