@@ -15,9 +15,11 @@ weight (W' does not determine it), so the residual file also holds ``<key>::dora
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +97,16 @@ def merge_checkpoint(
     ``dtype`` converts every floating tensor (rounded once) before merging; the residual then
     restores the converted base. Converted and merged tensors are computed straight into the
     memory-mapped output in float64 row blocks of about ``block_bytes``; copied tensors go from
-    the mapped input to the file. The heap holds a few blocks plus, in exact mode, the residuals.
+    the mapped input to the file. In exact mode each tensor's residual is spilled to a temporary
+    file beside ``residual_path`` as soon as it is computed, so the heap holds a few blocks plus
+    one tensor's residual, not the model's.
     """
     target_dtype = resolve_dtype(dtype, allow_float64=False) if dtype is not None else None
     report = CheckpointReport()
     residuals: dict[str, Residual] = {}
     norms: dict[str, np.ndarray] = {}
     targets = merge_targets(adapter)
-    with SafetensorsFile(base_path) as base:
+    with _ResidualSpill(residual_path) as spill, SafetensorsFile(base_path) as base:
         _check_targets(adapter, base)
         names = base.keys()
 
@@ -134,13 +138,42 @@ def merge_checkpoint(
                     tensor = result.weight
                     report.merged[name] = int(tensor.size)
                     if result.residual is not None:
-                        residuals[name] = result.residual
+                        residuals[name] = spill.keep(result.residual)
                         report.residual_counts[name] = result.residual.count
                         report.residual_bytes += result.residual.nbytes
                 report.tensors_written += 1
-    if residual_path is not None:
-        save_residuals(residual_path, residuals, norms)
+        if residual_path is not None:
+            save_residuals(residual_path, residuals, norms)
     return report
+
+
+class _ResidualSpill:
+    """Holds exact-mode residuals on disk, memory-mapped, from their tensor's merge until the
+    residual file is written: one temporary safetensors file per tensor in a hidden temporary
+    folder beside the residual file, removed on exit (a no-op without a residual path)."""
+
+    def __init__(self, residual_path: str | Path | None) -> None:
+        self._parent = None if residual_path is None else Path(residual_path).parent
+        self._stack = contextlib.ExitStack()
+        self._count = 0
+
+    def __enter__(self) -> _ResidualSpill:
+        if self._parent is not None:
+            self._parent.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(self._stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=".lora-ref-residual.", suffix=".partial", dir=self._parent)))
+        return self
+
+    def keep(self, residual: Residual) -> Residual:
+        """``residual`` with its arrays replaced by read-only views of a spilled copy."""
+        self._count += 1
+        path = self._dir / f"{self._count}.safetensors"
+        save_file(path, {"indices": residual.indices, "values": residual.values})
+        handle = self._stack.enter_context(SafetensorsFile(path))
+        return replace(residual, indices=handle.get("indices"), values=handle.get("values"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
 
 def unmerge_checkpoint(

@@ -10,13 +10,15 @@ The bound. A merge keeps at most ``LIVE_BLOCKS`` block-sized float64 temporaries
 W[rows] as float64, the Δ accumulator, one rank-1 outer product, s·Δ, W + Δ, and in exact mode
 round(W') as float64 and W' − Δ; rounding and the bitwise comparison add arrays of at most half
 a block (float32/uint32) or an eighth (bool), covered by the last slot. Exact mode also holds
-the residual (flat int64 index + value per differing element): its per-block pieces and their
-concatenation, so 2 × residual bytes. The adapter's factors and Python bookkeeping fit in
-``SLACK``.
+one tensor's residual (flat int64 index + value per differing element): its per-block pieces
+and their concatenation, so 2 × the largest tensor's residual bytes; earlier tensors' residuals
+are spilled to disk. Unmerge holds the whole loaded residual (it is read before the first
+tensor). The adapter's factors and Python bookkeeping fit in ``SLACK``.
 """
 
 from __future__ import annotations
 
+import importlib
 import tracemalloc
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from lora_ref.adapter import Adapter, LoraModule
 from lora_ref.checkpoint import merge_checkpoint, unmerge_checkpoint
 from lora_ref.config import LoraConfig
 from lora_ref.safetensors_io import SafetensorsWriter
+
+lora_merge = importlib.import_module("lora_ref.merge")  # the package re-exports a function named merge
 
 BLOCK = 64 * 1024  # bytes of one float64 row block
 LIVE_BLOCKS = 8
@@ -75,15 +79,25 @@ def test_checkpoint_is_several_times_the_cap(checkpoint: Path) -> None:
     assert ROWS * COLS * 4 > CAP  # one tensor alone (even in its own dtype) exceeds the cap
 
 
+_POOL_BUG = ("merge._map_row_blocks submits every row block to its thread pool at once; each pending future "
+             "costs ~2 KiB, so the peak grows with the number of blocks (here 512 one-row blocks: +1 MiB)")
+
+
+# merge.py splits the block budget between its threads; 8 threads expose the pool's per-block bookkeeping
+@pytest.mark.parametrize("threads", [1, pytest.param(8, marks=pytest.mark.xfail(strict=True, reason=_POOL_BUG))])
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 @pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["same-dtype", "to-bf16"])
-def test_merge_unmerge_peak_within_block_bound(checkpoint: Path, tmp_path: Path, exact: bool, dtype) -> None:
+def test_merge_unmerge_peak_within_block_bound(checkpoint: Path, tmp_path: Path, exact: bool, dtype, threads: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_merge, "MAX_THREADS", threads)
     adapter = _adapter()
     merged, residual = tmp_path / "merged.safetensors", tmp_path / "residual.safetensors"
     peak, report = _peak(lambda: merge_checkpoint(checkpoint, adapter, merged, residual_path=residual if exact else None,
                                                   dtype=dtype, block_bytes=BLOCK))
-    bound = CAP + 2 * report.residual_bytes
-    print(f"merge {dtype or 'float32'} {'exact' if exact else 'fast'}: peak {peak / 2**10:.0f} KiB, "
+    itemsize = 2 if dtype == "bfloat16" else 4
+    largest = max(report.residual_counts.values(), default=0) * (8 + itemsize)  # int64 index + value
+    bound = CAP + 2 * largest
+    print(f"merge {dtype or 'float32'} {'exact' if exact else 'fast'} {threads} thread(s): peak {peak / 2**10:.0f} KiB, "
           f"bound {bound / 2**10:.0f} KiB, checkpoint {checkpoint.stat().st_size / 2**20:.1f} MiB")
     assert report.tensors_written == N_TENSORS + 1 and len(report.merged) == N_TENSORS
     assert peak <= bound
@@ -92,6 +106,7 @@ def test_merge_unmerge_peak_within_block_bound(checkpoint: Path, tmp_path: Path,
     peak, _ = _peak(lambda: unmerge_checkpoint(merged, adapter, restored, residual_path=residual if exact else None,
                                                block_bytes=BLOCK))
     # unmerge: W' as float64, Δ (accumulator, outer product, scaled), W' − Δ; the loaded residual is held whole.
+    bound = CAP + 2 * report.residual_bytes
     print(f"unmerge: peak {peak / 2**10:.0f} KiB, bound {bound / 2**10:.0f} KiB")
     assert peak <= bound
     if exact and dtype is None:  # and the streamed result is still exact

@@ -469,10 +469,6 @@ def _graph_case(name: str, reason: str, write: Callable[[Path], None], error: st
     CASES.append(Case(name, "export", "model", error, reason, build, known_bug))
 
 
-_CHECKER_BUG = ("export/graphio.save_model lets onnx.checker's ValidationError escape (CLI exit 3, multi-line) "
-                "for graphs onnx.load accepts but the checker rejects")
-
-
 def _onnx_adapter_case(name: str, reason: str, tensors: Callable[[], dict] | None = None,
                        raw: Callable[[Path, Path], bytes] | None = None, error: str = "AdapterNameError") -> None:
     def build(case_dir: Path, fx: Path) -> None:
@@ -499,9 +495,9 @@ if HAVE_ONNX:
     _graph_case("onnx_not_protobuf", "model.onnx is not a protobuf", lambda path: path.write_bytes(b"\x08\x07junk" * 8))
     _graph_case("onnx_pickle", "a pickle named model.onnx (never unpickled)",
                 lambda path: path.write_bytes(marker_pickle(path.parent.parent / PICKLE_MARKER)))
-    _graph_case("onnx_unknown_op", "a node of op type NoSuchOp", known_bug=_CHECKER_BUG,
+    _graph_case("onnx_unknown_op", "a node of op type NoSuchOp",
                 write=lambda path: _save_onnx(fixture_graph((_node("NoSuchOp", ["q"], ["z"]),)), path))
-    _graph_case("onnx_undefined_input", "a node reading a tensor nothing produces", known_bug=_CHECKER_BUG,
+    _graph_case("onnx_undefined_input", "a node reading a tensor nothing produces",
                 write=lambda path: _save_onnx(fixture_graph((_node("Relu", ["nowhere"], ["z"]),)), path))
     _onnx_adapter_case("onnx_adapter_foreign_names", "tensors named for another model's modules",
                        lambda: {"model.layers.0.mlp.up_proj.lora_A.weight": np.zeros((5, 2), np.float32),
