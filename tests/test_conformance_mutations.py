@@ -186,6 +186,26 @@ class Alt:
         d = self.scale(params) * (BA.reshape(W.shape) if self.bug == "embedding_reshape" else BA.T)
         return {"W_merged": self._merge(W, d, +1)}
 
+    def embedding_unmerge(self, params, inputs):
+        W = inputs["W_merged"]
+        A, B = self.factors(inputs)
+        return {"W": self._merge(W, self.scale(params) * self.mm(B, A).T, -1)}
+
+    def embedding_backward(self, params, inputs):
+        ids = inputs["ids"].reshape(-1)
+        A, B = self.factors(inputs)
+        dY = self.w(inputs["dy"]).reshape(ids.size, -1)
+        s = self.scale(params)
+        G = np.zeros((A.shape[1], dY.shape[1]), self.c)
+        np.add.at(G, ids, dY)
+        t = inputs["W"].dtype
+        out = {"dA": self.out(s * self.mm(G, B).T, t), "dB": self.out(s * self.mm(dY.T, A.T[ids]), t)}
+        if "lora_a" in inputs:
+            out["dA"], out["dB"] = out["dA"].T.copy(), out["dB"].T.copy()
+        if params.get("want_base_grads", False):
+            out["dW"] = self.out(G, t)
+        return out
+
     def _conv_cols(self, x, k, stride, padding):
         xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
         win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
@@ -208,6 +228,36 @@ class Alt:
             y = y + self.w(inputs["b"])
         return {"y": self.out(y.reshape(n, ho, wo, o).transpose(0, 3, 1, 2), inputs["x"].dtype)}
 
+    def conv2d_backward(self, params, inputs):
+        x, W, dy = self.w(inputs["x"]), self.w(inputs["W"]), self.w(inputs["dy"])
+        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
+        o, r, k = W.shape[0], A.shape[0], W.shape[2]
+        stride, padding = int(params.get("stride", 1)), int(params.get("padding", 0))
+        cols, (n, ho, wo) = self._conv_cols(x, k, stride, padding)
+        dY = dy.transpose(0, 2, 3, 1).reshape(-1, o)
+        s = self.scale(params)
+        dH = s * self.mm(dY, B.reshape(o, r))
+        dcols = (self.mm(dY, W.reshape(o, -1)) + self.mm(dH, A.reshape(r, -1))).reshape(n, ho, wo, x.shape[1], k, k)
+        dx = np.zeros((n, x.shape[1], x.shape[2] + 2 * padding, x.shape[3] + 2 * padding), self.c)
+        for i in range(k):
+            for j in range(k):
+                dx[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += dcols[..., i, j].transpose(0, 3, 1, 2)
+        dx = dx[:, :, padding : padding + x.shape[2], padding : padding + x.shape[3]]
+        t = inputs["x"].dtype
+        out = {"dx": self.out(dx, t), "dA": self.out(self.mm(dH.T, cols).reshape(A.shape), t),
+               "dB": self.out(s * self.mm(dY.T, self.mm(cols, A.reshape(r, -1).T)).reshape(B.shape), t)}
+        if params.get("want_base_grads", False):
+            out["dW"] = self.out(self.mm(dY.T, cols).reshape(W.shape), t)
+            out["db"] = self.out(dY.sum(axis=0), t)
+        return out
+
+    def conv2d_unmerge(self, params, inputs):
+        W = inputs["W_merged"]
+        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
+        r = A.shape[0]
+        d = self.scale(params) * self.mm(B.reshape(B.shape[0], r), A.reshape(r, -1)).reshape(W.shape)
+        return {"W": self._merge(W, d, -1)}
+
     def conv2d_merge(self, params, inputs):
         W = inputs["W"]
         A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
@@ -229,6 +279,23 @@ class Alt:
             A, B = self.factors(inputs, f".{i}")
             y[row] += self.scale(adapters[i]) * self.mm(self.mm(x[row : row + 1], A.T), B.T)[0]
         return {"y": self.out(y, inputs["x"].dtype)}
+
+    def mixed_batch_backward(self, params, inputs):
+        x, W, dy = self.w(inputs["x"]), self.w(inputs["W"]), self.w(inputs["dy"])
+        index = inputs["index"]
+        dx = self.mm(dy, W)
+        t = inputs["x"].dtype
+        out = {}
+        for i, adapter in enumerate(params["adapters"]):
+            A, B = self.factors(inputs, f".{i}")
+            s = self.scale(adapter)
+            rows = index == i
+            dx[rows] += s * self.mm(self.mm(dy[rows], B), A)
+            dA = self.out(s * self.mm(self.mm(dy[rows], B).T, x[rows]), t)
+            dB = self.out(s * self.mm(dy[rows].T, self.mm(x[rows], A.T)), t)
+            out[f"dA.{i}"], out[f"dB.{i}"] = (dA.T.copy(), dB.T.copy()) if f"lora_a.{i}" in inputs else (dA, dB)
+        out["dx"] = self.out(dx, t)
+        return out
 
     def _gain(self, params, inputs):
         W = self.w(inputs["W"])

@@ -17,10 +17,12 @@ from lora_ref.conformance.runner import InProcessDriver, run_suite
 #: SPEC.md deviation id -> the (operation, storage dtype) pairs it may make fail under the float32 profile.
 LOW = ("float16", "bfloat16")
 DEVIATIONS = {
-    # P-C1: the base layer's output (and dx's base term) is rounded to fp16/bf16 before the LoRA term is added
-    "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "conv2d.forward", "mixed_batch.forward", "dora.forward") for t in LOW},
+    # P-C1: the base layer runs in fp16/bf16: its output (and in backward its gradients) is rounded to the
+    # storage dtype before the LoRA term is added
+    "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "conv2d.forward", "conv2d.backward", "embedding.backward",
+                                "mixed_batch.forward", "dora.forward") for t in LOW},
     # P-C2: unmerge subtracts the delta cast to the weight dtype (double rounding: the bf16 drift users report)
-    "P-C2": {("linear.unmerge", t) for t in LOW},
+    "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv2d.unmerge") for t in LOW},
     # P-C3: Embedding merge adds the delta cast to the weight dtype (double rounding)
     "P-C3": {("embedding.merge", t) for t in LOW},
 }
@@ -54,7 +56,8 @@ def test_peft_float32_passes_and_storage_precision_profile_passes_everything(pef
     assert all(r.status in ("pass", "skip") for r in strict.results if r.dtype == "float32")
     assert [(r.case_id, r.detail) for r in relaxed.results if r.status not in ("pass", "skip")] == []
     skipped = {r.case_id for r in relaxed.results if r.status == "skip"}
-    assert skipped and all("unmerge" in case_id for case_id in skipped)  # exact unmerge only
+    # skipped: the exact round trips (PEFT has no exact unmerge) and mixed-batch backward (refused in training)
+    assert skipped and all(c.startswith(("linear/unmerge-exact", "linear/unmerge-fan_in_fan_out", "mixed_batch/backward")) for c in skipped)
     assert sum(r.status == "pass" for r in relaxed.results) >= 60
 
 

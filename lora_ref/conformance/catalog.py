@@ -218,6 +218,11 @@ def _every_route(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
     arrays["index"][...] = np.array([0, 1, -1, 1, 0, -1], dtype=np.int64)
 
 
+def _repeat_ids(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """Make id 7 occur three times, so the embedding gradients must scatter-add."""
+    arrays["ids"][0, 0] = arrays["ids"][1, 3] = arrays["ids"][0, 4] = 7
+
+
 def _layer_cases() -> Iterator[CaseSpec]:
     """Embedding, Conv2d, mixed batch and DoRA (Linear) cases."""
     seed = 5000
@@ -236,6 +241,11 @@ def _layer_cases() -> Iterator[CaseSpec]:
     for dtype in ALL_DTYPES:
         yield case("embedding", "merge", "embedding.merge", dtype, linear_params(r, 8),
                    {"W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0)}, "W + s A^T B^T, [V, D]")
+    for dtype in ("float32", "bfloat16"):
+        yield case("embedding", "unmerge", "embedding.unmerge", dtype, linear_params(r, 8),
+                   {"W_merged": ((V, D), 4.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0)}, "W_merged - s A^T B^T (fast)")
+        yield case("embedding", "backward", "embedding.backward", dtype, linear_params(r, 8, want_base_grads=True),
+                   {**emb, "dy": ((2, 5, D), 1.0)}, "dA (scatter-add over repeated ids), dB, dW", _repeat_ids)
 
     def conv_inputs(n: int, c: int, hw: int, o: int, k: int, rank: int, names=("x", "W", "b", "A", "B")) -> dict:
         shapes = {"x": ((n, c, hw, hw), 2.0), "W": ((o, c, k, k), 1.0), "b": ((o,), 1.0),
@@ -255,12 +265,32 @@ def _layer_cases() -> Iterator[CaseSpec]:
     yield case("conv2d", "merge-1x1", "conv2d.merge", "float16", linear_params(2, 4), conv_inputs(1, 16, 1, 12, 1, 2, ("W", "A", "B")),
                "1x1 kernel")
 
+    yield case("conv2d", "unmerge-3x3", "conv2d.unmerge", "float32", linear_params(2, 4),
+               {"W_merged": ((8, 6, 3, 3), 4.0), "A": ((2, 6, 3, 3), 1.0), "B": ((8, 2, 1, 1), 1.0)}, "W_merged - s (B A) (fast)")
+    yield case("conv2d", "unmerge-1x1", "conv2d.unmerge", "bfloat16", linear_params(2, 4),
+               {"W_merged": ((12, 16, 1, 1), 4.0), "A": ((2, 16, 1, 1), 1.0), "B": ((12, 2, 1, 1), 1.0)}, "1x1 kernel (fast)")
+
+    def conv_grad_inputs(n: int, c: int, hw: int, o: int, k: int, rank: int, out_hw: int) -> dict:
+        return {**conv_inputs(n, c, hw, o, k, rank), "dy": ((n, o, out_hw, out_hw), 1.0)}
+
+    yield case("conv2d", "backward-3x3", "conv2d.backward", "float32", linear_params(2, 4, stride=1, padding=1, want_base_grads=True),
+               conv_grad_inputs(2, 3, 5, 4, 3, 2, 5), "dx (col2im of overlapping windows), dA, dB, dW, db")
+    yield case("conv2d", "backward-stride2", "conv2d.backward", "bfloat16", linear_params(3, 6, stride=2, padding=0),
+               conv_grad_inputs(1, 3, 7, 5, 3, 3, 3), "stride 2, no padding")
+    yield case("conv2d", "backward-1x1", "conv2d.backward", "float16", linear_params(2, 8, stride=1, padding=0),
+               conv_grad_inputs(2, 6, 4, 5, 1, 2, 4), "1x1 kernel")
+
     adapters = [linear_params(2, 4), linear_params(5, 10, rslora=True)]
     mixed = {"x": ((6, 16), 2.0), "W": ((12, 16), 1.0), "b": ((12,), 1.0), "index": ((6,), 2),
              "A.0": ((2, 16), 1.0), "B.0": ((12, 2), 1.0), "A.1": ((5, 16), 1.0), "B.1": ((12, 5), 1.0)}
     for dtype in ALL_DTYPES:
         yield case("mixed_batch", "forward", "mixed_batch.forward", dtype, {"adapters": adapters}, mixed,
                    "per-row adapters (index -1 = base only), ranks 2 and 5, the second rsLoRA", _every_route)
+
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed_batch", "backward", "mixed_batch.backward", dtype, {"adapters": adapters},
+                   {**{k: v for k, v in mixed.items() if k != "b"}, "dy": ((6, 12), 1.0)},
+                   "dx per row; dA.i, dB.i from adapter i's rows only", _every_route)
 
     dora_in = {"x": ((3, 16), 2.0), "W": ((12, 16), 1.0), "b": ((12,), 1.0), "A": ((4, 16), 1.0), "B": ((12, 4), 1.0),
                "magnitude": ((12,), 4.0)}

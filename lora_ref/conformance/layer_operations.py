@@ -4,11 +4,20 @@ Same rules as ``operations.py``: exact dyadic arithmetic, one rounding to float6
 magnitude M and a depth K per output (bounds.py). Depths:
 
     embedding.forward  y = W[ids] + s Aᵀ[ids] Bᵀ                 K = r + 6
-    embedding.merge    W + s Aᵀ Bᵀ                               K = r + 6
+    embedding.merge    W + s Aᵀ Bᵀ (unmerge: W' − s Aᵀ Bᵀ)       K = r + 6
+    embedding.backward dB = s dYᵀ Aᵀ[ids]                        K = P + 6      (P = number of ids)
+                       dA = s (G B)ᵀ, dW = G, G[v] = Σ_{id_p = v} dY[p]   K = P + D + 6, P + 1
     conv2d.forward     conv(x, W) + b + s conv1x1(conv(x, A), B)  K = C·kh·kw + r + 6
-    conv2d.merge       W + s (B A) reshaped to the kernel         K = r + 6
+    conv2d.merge       W + s (B A) reshaped to the kernel (unmerge: −)    K = r + 6
+    conv2d.backward    with cols = im2col(x) [P, C·kh·kw], dY [P, O], dH = s dY B:
+                       dx = col2im(dY W + dH A)      K = O + r + kh·kw + 6
+                       dA = dHᵀ cols  K = P + O + 6;  dB = s dYᵀ (cols Aᵀ)  K = P + C·kh·kw + 6
+                       dW = dYᵀ cols  K = P + 2;      db = Σ dY           K = P + 1
     mixed_batch.forward  y[b] = x[b] Wᵀ + b + s_i (x[b] A_iᵀ) B_iᵀ, i = index[b] (−1: base only)
                                                                   K = in + max r_i + 6
+    mixed_batch.backward dx = dY W + s_i ((dY B_i) A_i) per row   K = out + max r_i + 6
+                       dA.i = s_i (dY_i B_i)ᵀ X_i, dB.i = s_i dY_iᵀ (X_i A_iᵀ) over adapter i's rows
+                                                                  K = out + rows + 6, in + rows + 6
     dora.forward (Linear, eval)   y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b,  g = m / ‖W + s B A‖_row
     dora.merge (Linear)           W' = g ∘ (W + s B A)
 
@@ -66,10 +75,51 @@ def embedding_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
 @register("embedding.merge", "SPEC 4.1, C.3")
 def embedding_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """W_merged = round_t(W + s Aᵀ Bᵀ), [V, D]."""
+    return {"W_merged": merge_expected(inputs["W"], _embedding_delta(inputs, params), +1, inputs["A"].shape[0] + 6)}
+
+
+@register("embedding.unmerge", "SPEC 4.1, C.3")
+def embedding_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """W = round_t(W_merged − s Aᵀ Bᵀ) (fast mode)."""
+    return {"W": merge_expected(inputs["W_merged"], _embedding_delta(inputs, params), -1, inputs["A"].shape[0] + 6)}
+
+
+def _embedding_delta(inputs: Inputs, params: Params):
     def delta(absolute: bool):
         return _scale(params, absolute), _exact(inputs, "A", absolute).T @ _exact(inputs, "B", absolute).T
 
-    return {"W_merged": merge_expected(inputs["W"], delta, +1, inputs["A"].shape[0] + 6)}
+    return delta
+
+
+def _scatter_rows(ids: np.ndarray, rows: Dyadic, count: int) -> Dyadic:
+    """G[v] = Σ_{p: ids[p] = v} rows[p], exactly ([count, width])."""
+    G = np.empty((count, rows.shape[1]), dtype=object)
+    G[...] = 0
+    for p, v in enumerate(ids.tolist()):
+        G[v] = G[v] + rows.ints[p]
+    return Dyadic(G, rows.exp)
+
+
+def _embedding_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
+    ids = np.asarray(inputs["ids"]).reshape(-1)
+    A, B = _exact(inputs, "A", absolute), _exact(inputs, "B", absolute)
+    dY = _exact(inputs, "dy", absolute).reshape(-1, B.shape[0])
+    s = _scale(params, absolute)
+    G = _scatter_rows(ids, dY, A.shape[1])
+    terms = {"dA": [(s, (G @ B).T)], "dB": [(s, dY.T @ A.T[ids])]}
+    if params.get("want_base_grads", False):
+        terms["dW"] = [(Fraction(1), G)]
+    return terms
+
+
+@register("embedding.backward", "SPEC 4.1, C.3")
+def embedding_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """dA = s (G B)ᵀ [r, V], dB = s dYᵀ Aᵀ[ids] [D, r], dW = G [V, D] (G: dY scatter-added by id)."""
+    terms, abs_terms = _embedding_backward(inputs, params, False), _embedding_backward(inputs, params, True)
+    P, D = int(np.asarray(inputs["ids"]).size), inputs["B"].shape[0]
+    shapes = {"dA": inputs["A"].shape, "dB": inputs["B"].shape, "dW": inputs["W"].shape}
+    depth = {"dA": P + D + 6, "dB": P + 6, "dW": P + 1}
+    return {n: bounded(terms[n], abs_terms[n], tuple(shapes[n]), depth[n]) for n in terms}
 
 
 # -- Conv2d -------------------------------------------------------------------------------------
@@ -114,13 +164,72 @@ def conv2d_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
 def conv2d_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """W_merged = round_t(W + s (B A) reshaped to [O, C, kh, kw])."""
     W = inputs["W"]
+    return {"W_merged": merge_expected(W, _conv_delta(inputs, params, W.shape), +1, inputs["A"].shape[0] + 6)}
 
+
+@register("conv2d.unmerge", "SPEC 4.2, C.3")
+def conv2d_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """W = round_t(W_merged − s (B A) reshaped to the kernel) (fast mode)."""
+    return {"W": merge_expected(inputs["W_merged"], _conv_delta(inputs, params, inputs["W_merged"].shape), -1, inputs["A"].shape[0] + 6)}
+
+
+def _conv_delta(inputs: Inputs, params: Params, shape: tuple[int, ...]):
     def delta(absolute: bool):
         A, B = _exact(inputs, "A", absolute), _exact(inputs, "B", absolute)
         r = A.shape[0]
-        return _scale(params, absolute), (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(*W.shape)
+        return _scale(params, absolute), (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(*shape)
 
-    return {"W_merged": merge_expected(W, delta, +1, inputs["A"].shape[0] + 6)}
+    return delta
+
+
+def _col2im(dcols: Dyadic, x_shape: tuple[int, ...], kernel: tuple[int, int], stride: int, padding: int, out_hw: tuple[int, int]) -> Dyadic:
+    """The adjoint of :func:`_im2col`: scatter-add patch gradients [N·Ho·Wo, C·kh·kw] back onto x's shape."""
+    n, c, h, w = x_shape
+    (kh, kw), (ho, wo) = kernel, out_hw
+    patches = dcols.ints.reshape(n, ho, wo, c, kh, kw)
+    padded = np.empty((n, c, h + 2 * padding, w + 2 * padding), dtype=object)
+    padded[...] = 0
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
+            window += patches[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+    return Dyadic(np.ascontiguousarray(padded[:, :, padding : padding + h, padding : padding + w]), dcols.exp)
+
+
+def _conv2d_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
+    x, W, A, B = (_exact(inputs, n, absolute) for n in ("x", "W", "A", "B"))
+    out_ch, r = W.shape[0], A.shape[0]
+    stride, padding = int(params.get("stride", 1)), int(params.get("padding", 0))
+    cols, (ho, wo) = _im2col(x, W.shape[2:], stride, padding)
+    dy = _exact(inputs, "dy", absolute)
+    dY = Dyadic(np.ascontiguousarray(dy.ints.transpose(0, 2, 3, 1)).reshape(-1, out_ch), dy.exp)  # [P, O]
+    s = _scale(params, absolute)
+    W_flat, A_flat, B_flat = W.reshape(out_ch, -1), A.reshape(r, -1), B.reshape(out_ch, r)
+    dYB = dY @ B_flat  # dH / s, [P, r]
+    x_shape = tuple(inputs["x"].shape)
+    terms = {
+        "dx": [(Fraction(1), _col2im(dY @ W_flat, x_shape, W.shape[2:], stride, padding, (ho, wo))),
+               (s, _col2im(dYB @ A_flat, x_shape, W.shape[2:], stride, padding, (ho, wo)))],
+        "dA": [(s, (dYB.T @ cols).reshape(*A.shape))],
+        "dB": [(s, (dY.T @ (cols @ A_flat.T)).reshape(*B.shape))],
+    }
+    if params.get("want_base_grads", False):
+        terms["dW"] = [(Fraction(1), (dY.T @ cols).reshape(*W.shape))]
+        terms["db"] = [(Fraction(1), dY.sum(axis=0))]
+    return terms
+
+
+@register("conv2d.backward", "SPEC 4.2, C.3")
+def conv2d_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Gradients of conv2d.forward given dy [N, O, Ho, Wo]: dx, dA, dB (+ dW, db with want_base_grads)."""
+    terms, abs_terms = _conv2d_backward(inputs, params, False), _conv2d_backward(inputs, params, True)
+    W, r = inputs["W"], inputs["A"].shape[0]
+    P = int(np.prod(inputs["dy"].shape)) // W.shape[0]
+    taps = int(np.prod(W.shape[2:]))
+    shapes = {"dx": inputs["x"].shape, "dA": inputs["A"].shape, "dB": inputs["B"].shape, "dW": W.shape, "db": (W.shape[0],)}
+    depth = {"dx": W.shape[0] + r + taps + 6, "dA": P + W.shape[0] + 6, "dB": P + int(np.prod(W.shape[1:])) + 6,
+             "dW": P + 2, "db": P + 1}
+    return {n: bounded(terms[n], abs_terms[n], tuple(shapes[n]), depth[n]) for n in terms}
 
 
 # -- Mixed batch --------------------------------------------------------------------------------
@@ -147,6 +256,38 @@ def mixed_batch_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     max_r = max(inputs[f"A.{i}"].shape[0] for i in range(len(params["adapters"])))
     return {"y": bounded(_mixed_forward(inputs, params, False), _mixed_forward(inputs, params, True), shape,
                          inputs["x"].shape[1] + max_r + 6)}
+
+
+def _mixed_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
+    X, W = _exact(inputs, "x", absolute), _exact(inputs, "W", absolute)
+    dY = _exact(inputs, "dy", absolute)
+    index = np.asarray(inputs["index"]).reshape(-1)
+    terms = {"dx": [(Fraction(1), dY @ W)]}
+    for i, adapter in enumerate(params["adapters"]):
+        A, B = _exact(inputs, f"A.{i}", absolute), _exact(inputs, f"B.{i}", absolute)
+        rows = np.flatnonzero(index == i)
+        s = _scale(adapter, absolute)
+        dYi, Xi = dY[rows], X[rows]
+        lora_dx = (dY @ B) @ A
+        lora_dx.ints[index != i] = 0  # rows of other adapters and of the base
+        terms["dx"].append((s, lora_dx))
+        terms[f"dA.{i}"] = [(s, (dYi @ B).T @ Xi)]
+        terms[f"dB.{i}"] = [(s, dYi.T @ (Xi @ A.T))]
+    return terms
+
+
+@register("mixed_batch.backward", "SPEC M.1, C.3")
+def mixed_batch_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """dx for every row, and dA.i, dB.i from adapter i's rows only (zeros for an adapter without rows)."""
+    terms, abs_terms = _mixed_backward(inputs, params, False), _mixed_backward(inputs, params, True)
+    out_f, in_f = inputs["W"].shape
+    rows = inputs["x"].shape[0]
+    max_r = max(inputs[f"A.{i}"].shape[0] for i in range(len(params["adapters"])))
+    result = {"dx": bounded(terms["dx"], abs_terms["dx"], tuple(inputs["x"].shape), out_f + max_r + 6)}
+    for i in range(len(params["adapters"])):
+        result[f"dA.{i}"] = bounded(terms[f"dA.{i}"], abs_terms[f"dA.{i}"], tuple(inputs[f"A.{i}"].shape), out_f + rows + 6)
+        result[f"dB.{i}"] = bounded(terms[f"dB.{i}"], abs_terms[f"dB.{i}"], tuple(inputs[f"B.{i}"].shape), in_f + rows + 6)
+    return result
 
 
 # -- DoRA (Linear) ------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class _Mlx(Layout):
         result = {}
         for name, array in outputs.items():
             array = np.asarray(array)
-            if name in ("dA", "dB") and array.ndim == 2:
+            if name.startswith("d") and _factor_name(name[1:]) is not None and array.ndim == 2:  # dA, dB.1, ...
                 array = np.ascontiguousarray(array.T)
             elif name in _WEIGHT_OUTPUTS and params.get("fan_in_fan_out", False) and array.ndim == 2:
                 array = np.ascontiguousarray(array.T)

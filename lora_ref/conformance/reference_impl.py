@@ -15,7 +15,7 @@ from .. import conv, dora, embedding
 from ..config import lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
-from ..mixed_batch import LoraFactors, mixed_forward
+from ..mixed_batch import LoraFactors, mixed_backward, mixed_forward
 
 Arrays = dict[str, np.ndarray]
 
@@ -69,6 +69,17 @@ def _embedding_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"W_merged": merge(inputs["W"], embedding.EmbeddingDelta(inputs["A"], inputs["B"], scale_of(params))).weight}
 
 
+def _embedding_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"W": unmerge(inputs["W_merged"], embedding.EmbeddingDelta(inputs["A"], inputs["B"], scale_of(params)))}
+
+
+def _embedding_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    want_base = bool(params.get("want_base_grads", False))
+    grads = embedding.backward(inputs["ids"], inputs["dy"], inputs["W"], inputs["A"], inputs["B"], scale_of(params),
+                               want_base_grads=want_base)
+    return {"dA": grads.dA, "dB": grads.dB, **({"dW": grads.dW} if want_base else {})}
+
+
 def _geometry(params: Mapping[str, Any]) -> conv.ConvGeometry:
     return conv.ConvGeometry(stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)))
 
@@ -82,9 +93,31 @@ def _conv2d_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"W_merged": merge(inputs["W"], conv.ConvDelta(inputs["A"], inputs["B"], scale_of(params))).weight}
 
 
+def _conv2d_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"W": unmerge(inputs["W_merged"], conv.ConvDelta(inputs["A"], inputs["B"], scale_of(params)))}
+
+
+def _conv2d_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    want_base = bool(params.get("want_base_grads", False))
+    grads = conv.backward(inputs["x"], inputs["dy"], inputs["W"], inputs["A"], inputs["B"], scale_of(params),
+                          geometry=_geometry(params), want_base_grads=want_base)
+    return {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, **({"dW": grads.dW, "db": grads.db} if want_base else {})}
+
+
+def _factors(params: Mapping[str, Any], inputs: Arrays) -> list[LoraFactors]:
+    return [LoraFactors(inputs[f"A.{i}"], inputs[f"B.{i}"], scale_of(adapter)) for i, adapter in enumerate(params["adapters"])]
+
+
+def _mixed_batch_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], _factors(params, inputs), inputs["index"])
+    outputs = {"dx": grads.dx}
+    for i in range(len(params["adapters"])):
+        outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
+    return outputs
+
+
 def _mixed_batch_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
-    factors = [LoraFactors(inputs[f"A.{i}"], inputs[f"B.{i}"], scale_of(adapter)) for i, adapter in enumerate(params["adapters"])]
-    return {"y": mixed_forward(inputs["x"], inputs["W"], factors, inputs["index"], bias=inputs.get("b"))}
+    return {"y": mixed_forward(inputs["x"], inputs["W"], _factors(params, inputs), inputs["index"], bias=inputs.get("b"))}
 
 
 def _dora_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
@@ -104,9 +137,14 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "linear.unmerge": _linear_unmerge,
     "embedding.forward": _embedding_forward,
     "embedding.merge": _embedding_merge,
+    "embedding.unmerge": _embedding_unmerge,
+    "embedding.backward": _embedding_backward,
     "conv2d.forward": _conv2d_forward,
     "conv2d.merge": _conv2d_merge,
+    "conv2d.unmerge": _conv2d_unmerge,
+    "conv2d.backward": _conv2d_backward,
     "mixed_batch.forward": _mixed_batch_forward,
+    "mixed_batch.backward": _mixed_batch_backward,
     "dora.forward": _dora_forward,
     "dora.merge": _dora_merge,
 }

@@ -8,7 +8,8 @@ and PEFT are imported lazily, so lora_ref never depends on them. Failures agains
 listed and explained in SPEC.md's "PEFT deviations"; they are not hidden here.
 
 Takes the ``peft`` layout (PEFT derives s from lora_alpha, r and use_rslora itself).
-Unsupported (skipped): exact unmerge (PEFT has none).
+Unsupported (skipped): exact unmerge (PEFT has none) and mixed-batch backward (PEFT refuses
+``adapter_names`` in training mode).
 """
 
 from __future__ import annotations
@@ -175,6 +176,26 @@ class PeftImplementation:
         layer.merge()
         return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
 
+    def embedding_unmerge(self, params, inputs):
+        merged = inputs["W_merged"]
+        layer = self._embedding(params, {**inputs, "W": merged})
+        layer.merged_adapters.append("default")  # the weight it holds is merged
+        layer.unmerge()
+        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+
+    def embedding_backward(self, params, inputs):
+        layer = self._embedding(params, inputs)
+        layer.train()
+        want_base = bool(params.get("want_base_grads", False))
+        layer.base_layer.weight.requires_grad_(want_base)
+        y = layer(self.tensor(inputs["ids"]))
+        y.backward(self.tensor(inputs["dy"]).to(y.dtype))
+        t = inputs["W"].dtype
+        out = {"dA": self.array(layer.lora_embedding_A["default"].grad, t), "dB": self.array(layer.lora_embedding_B["default"].grad, t)}
+        if want_base:
+            out["dW"] = self.array(layer.base_layer.weight.grad, t)
+        return out
+
     # -- Conv2d ---------------------------------------------------------------------------------------
     def _conv2d(self, params, inputs):
         W = inputs["W"]
@@ -200,7 +221,35 @@ class PeftImplementation:
         layer.merge()
         return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
 
+    def conv2d_unmerge(self, params, inputs):
+        merged = inputs["W_merged"]
+        layer = self._conv2d(params, {**inputs, "W": merged})
+        layer.merged_adapters.append("default")
+        layer.unmerge()
+        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+
+    def conv2d_backward(self, params, inputs):
+        layer = self._conv2d(params, inputs)
+        layer.train()
+        want_base = bool(params.get("want_base_grads", False))
+        layer.base_layer.weight.requires_grad_(want_base)
+        if layer.base_layer.bias is not None:
+            layer.base_layer.bias.requires_grad_(want_base)
+        x = self.tensor(inputs["x"], requires_grad=True)
+        y = layer(x)
+        y.backward(self.tensor(inputs["dy"]).to(y.dtype))
+        t = inputs["x"].dtype
+        out = {"dx": self.array(x.grad, t), "dA": self.array(layer.lora_A["default"].weight.grad, t),
+               "dB": self.array(layer.lora_B["default"].weight.grad, t)}
+        if want_base:
+            out["dW"] = self.array(layer.base_layer.weight.grad, t)
+            out["db"] = self.array(layer.base_layer.bias.grad, t)
+        return out
+
     # -- mixed batch ----------------------------------------------------------------------------------
+    def mixed_batch_backward(self, params, inputs):
+        raise NotImplementedError("PEFT refuses adapter_names (mixed batches) in training mode")
+
     def mixed_batch_forward(self, params, inputs):
         torch = self.torch
         W = inputs["W"]
