@@ -306,3 +306,24 @@ def test_row_blocked_merge_peak_memory(exact_mode: bool) -> None:
         tracemalloc.stop()
     LOG.worst[f"merge peak / float64 copy ({'exact' if exact_mode else 'fast'})"] = peak / float64_copy
     assert peak < float64_copy / 4, f"peak {peak / 2**20:.1f} MiB vs float64 copy {float64_copy / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_threads_do_not_change_bits(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """Blocks run in threads (merge.MAX_THREADS); each block's arithmetic is fixed, so the merged
+    weight, the residual and the unmerged weight are bitwise the same for 1, 3 or 8 threads."""
+    import lora_ref.merge as merge_module
+
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(6)
+    W = round_to(rng.normal(size=(96, 40)), t)
+    delta = LinearDelta(round_to(rng.normal(size=(5, 40)), t), round_to(rng.normal(size=(96, 5)), t), 0.75)
+    results = []
+    for threads in (1, 3, 8):
+        monkeypatch.setattr(merge_module, "MAX_THREADS", threads)
+        merged = merge(W, delta, exact=True, block_bytes=8 * 40 * 4)  # 4-row budget: many blocks
+        restored = unmerge(merged.weight, delta, residual=merged.residual, block_bytes=8 * 40 * 4)
+        results.append((bits_of(merged.weight), merged.residual.indices, bits_of(merged.residual.values)))
+        assert np.array_equal(bits_of(restored), bits_of(W))
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
