@@ -2,7 +2,7 @@
 
 For each case (tests/corpus/make_corpus.py) the operation that would consume it (merge or exact
 unmerge of a checkpoint, ONNX export, loading an ``.onnx_adapter`` against a dynamic graph,
-loading a conformance case) is run through the library and, where a command reads that input,
+loading a conformance case or an adapter tree) is run through the library and, where a command reads that input,
 through the CLI. Asserted: the exact error class (not a subclass, not a built-in), CLI exit code
 2 with a one-line message, no file in the output folder afterwards (no merged file, no residual,
 no leftover ``.partial``), the inputs unchanged, and no pickle payload executed. Cases whose
@@ -21,6 +21,7 @@ import pytest
 
 from corpus.make_corpus import CASES, FIXTURES, HAVE_ONNX, PICKLE_MARKER, build_corpus, inputs_for, marker_pickle
 from lora_ref import errors
+from lora_ref import tree
 from lora_ref.conformance import casefile
 from lora_ref.adapter import load_adapter
 from lora_ref.checkpoint import merge_checkpoint, unmerge_checkpoint
@@ -40,7 +41,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _error_class(name: str) -> type:
-    modules = [errors, casefile]
+    modules = [errors, casefile, tree]
     if HAVE_ONNX:
         from lora_ref.export import errors as export_errors
 
@@ -49,7 +50,9 @@ def _error_class(name: str) -> type:
 
 
 def _run_library(inputs: dict[str, Path], operation: str, out: Path) -> None:
-    if operation == "load_case":
+    if operation == "load_tree":
+        tree.AdapterTree.load(inputs["tree"])
+    elif operation == "load_case":
         case = casefile.load_case(inputs["case"])
         case.load_inputs()
         case.load_expected()
@@ -86,7 +89,7 @@ def _params(cases):
             for c in cases]
 
 
-#: Operations a CLI command performs on its input (no command reads .onnx_adapter or case.json alone).
+#: Operations a CLI command performs on its input (no command reads .onnx_adapter, case.json or a tree alone).
 CLI_OPERATIONS = ("merge", "unmerge", "export")
 
 

@@ -10,7 +10,7 @@ corpus fixture with bytes flipped, cut or inserted), and raw bytes. CI runs a fe
 loader; ``LORA_REF_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`` runs longer. Loaders covered:
 safetensors (headers, data), adapter_config.json, adapter directories, residual files,
 conformance case.json (with its tensor files), ONNX Runtime .onnx_adapter files and sharded
-checkpoint indexes (model.safetensors.index.json).
+checkpoint indexes (model.safetensors.index.json) and adapter trees (tree.json).
 """
 
 from __future__ import annotations
@@ -302,3 +302,21 @@ def test_fuzz_sharded_index(work: Path, weight_map, metadata) -> None:
     data = {"weight_map": weight_map} if metadata is None else {"metadata": metadata, "weight_map": weight_map}
     index.write_text(json.dumps(data))
     typed_or_ok(read_index, index)
+
+
+# -- adapter trees (tree.json) ------------------------------------------------------------------------
+NODE_TEXT = st.one_of(st.sampled_from(["a", "b", "c", "..", "../a", "/tmp", "", "a/../b", "link"]),
+                      st.text(max_size=6).filter(lambda t: "\x00" not in t))  # NUL: known bug, corpus tree_nul_in_path
+
+
+@fuzz_settings
+@given(nodes=st.one_of(JSON.filter(lambda v: "\\u0000" not in json.dumps(v)),
+                       st.lists(st.fixed_dictionaries({"name": st.one_of(NODE_TEXT, JSON), "parent": st.one_of(st.none(), NODE_TEXT),
+                                                       "adapter": NODE_TEXT}), max_size=4)),
+       fmt=st.sampled_from(["lora-ref-tree/1", "lora-ref-tree/2"]))
+def test_fuzz_tree(work: Path, nodes, fmt: str) -> None:
+    """AdapterTree.load on the fixture tree's folder with a hostile tree.json."""
+    from lora_ref.tree import AdapterTree
+
+    (work / "_fixtures" / "tree" / "tree.json").write_text(json.dumps({"format": fmt, "nodes": nodes}))
+    typed_or_ok(AdapterTree.load, work / "_fixtures" / "tree")

@@ -71,6 +71,7 @@ def write_fixtures(root: Path) -> Path:
     merge_checkpoint(fx / "base.safetensors", adapter, fx / "merged.safetensors",
                      residual_path=fx / "residual.safetensors")
     shutil.copytree(SUITE / "cases" / FIXTURE_CASE, fx / "case")
+    _write_tree(fx / "tree")
     if HAVE_ONNX:
         from lora_ref.export import export
 
@@ -151,11 +152,11 @@ class Case:
 CASES: list[Case] = []
 _ROLE_PATH = {"base": "base.safetensors", "adapter": "adapter", "merged": "merged.safetensors",
               "residual": "residual.safetensors", "model": "graph/model.onnx", "graph": "dynamic.onnx",
-              "onnx_adapter": "default.onnx_adapter", "case": "case"}
+              "onnx_adapter": "default.onnx_adapter", "case": "case", "tree": "tree"}
 #: The inputs each operation reads, in order.
 OPERATION_ROLES = {"merge": ("base", "adapter"), "unmerge": ("merged", "adapter", "residual"),
                    "export": ("model", "adapter"), "load_onnx_adapter": ("graph", "onnx_adapter"),
-                   "load_case": ("case",)}
+                   "load_case": ("case",), "load_tree": ("tree",)}
 #: Optional parts: generated only when their packages are installed (the exporter's extras).
 HAVE_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
@@ -555,6 +556,63 @@ case_json_case("case_huge_int", "an integer of 5000 digits", text='{"id": ' + "9
 case_json_case("case_json_is_directory", "case.json is a directory",
                files=lambda t: ((t / "case.json").unlink(), (t / "case.json").mkdir()),
                known_bug=_CASEFILE_BUG.format("IsADirectoryError"))
+
+
+
+# -- adapter trees (tree.json + one adapter directory per node) --------------------------------------
+def _tree_json(*nodes: tuple[object, object, object]) -> str:
+    return json.dumps({"format": "lora-ref-tree/1",
+                       "nodes": [{"name": n, "parent": p, "adapter": a} for n, p, a in nodes]})
+
+
+def _write_tree(directory: Path) -> None:
+    """A two-node tree: ``a`` on the base, ``b`` below ``a`` (adapters of the fixture's shapes)."""
+    save_adapter(fixture_adapter(seed=0), directory / "a")
+    save_adapter(fixture_adapter(seed=5), directory / "b")
+    (directory / "tree.json").write_text(_tree_json(("a", None, "a"), ("b", "a", "b")))
+
+
+def tree_case(name: str, reason: str, text: str | Callable[[Path], str] | None = None,
+              files: Callable[[Path], None] | None = None, error: str = "TreeFormatError", known_bug: str = "") -> None:
+    """The fixture tree with its tree.json replaced by ``text`` and/or its files changed by ``files``."""
+    def build(case_dir: Path, fx: Path) -> None:
+        target = case_dir / "tree"
+        shutil.copytree(fx / "tree", target)
+        if files is not None:
+            files(target)
+        if text is not None:
+            (target / "tree.json").write_text(text if isinstance(text, str) else text(target))
+    CASES.append(Case(name, "load_tree", "tree", error, reason, build, known_bug))
+
+
+def _outside_adapter(tree: Path) -> None:
+    shutil.copytree(tree / "a", tree.parent / "outside_adapter")
+
+
+_TREE_BUG = "lora_ref/tree.AdapterTree.load lets {} escape untyped"
+tree_case("tree_not_json", "tree.json is not JSON", text="{nodes: [")
+tree_case("tree_wrong_format", "format lora-ref-tree/9", text=json.dumps({"format": "lora-ref-tree/9", "nodes": []}))
+tree_case("tree_adapter_parent", "a node's adapter is '../outside_adapter' (a real adapter outside the tree)",
+          files=_outside_adapter, text=_tree_json(("a", None, "../outside_adapter")))
+tree_case("tree_adapter_absolute", "a node's adapter is an absolute path to a real adapter",
+          files=_outside_adapter, text=lambda tree: _tree_json(("a", None, str((tree.parent / "outside_adapter").resolve()))))
+tree_case("tree_adapter_symlink", "a node's adapter is a symlink inside the tree to an adapter outside it",
+          files=lambda tree: (_outside_adapter(tree), (tree / "link").symlink_to(tree.parent / "outside_adapter")),
+          text=_tree_json(("a", None, "link")))
+tree_case("tree_cycle", "a -> b -> a", text=_tree_json(("a", "b", "a"), ("b", "a", "b")))
+tree_case("tree_unknown_parent", "b's parent z does not exist", text=_tree_json(("a", None, "a"), ("b", "z", "b")))
+tree_case("tree_duplicate_name", "two nodes named a", text=_tree_json(("a", None, "a"), ("a", None, "b")))
+tree_case("tree_bad_name", "a node named '../a'", text=_tree_json(("../a", None, "a")))
+tree_case("tree_name_not_string", "a node named 7", text=_tree_json((7, None, "a")))
+tree_case("tree_pickle_node", "node b's directory holds only adapter_model.bin (a pickle)", error="UnsafeFileError",
+          files=lambda tree: ((tree / "b" / WEIGHTS_NAME).unlink(),
+                              (tree / "b" / "adapter_model.bin").write_bytes(marker_pickle(tree.parent / PICKLE_MARKER))))
+tree_case("tree_nul_in_path", "a node's adapter path holds a NUL byte", text=_tree_json(("a", None, "a\u0000b")),
+          known_bug=_TREE_BUG.format("ValueError (embedded null byte)"))
+tree_case("tree_deep_json", "tree.json nested 100k deep", text="[" * 100_000 + "]" * 100_000,
+          known_bug=_TREE_BUG.format("RecursionError"))
+tree_case("tree_huge_int", "an integer of 5000 digits", text='{"format": ' + "9" * 5000 + "}",
+          known_bug=_TREE_BUG.format("ValueError (int digit limit)"))
 
 
 # -- driver ---------------------------------------------------------------------------------------
