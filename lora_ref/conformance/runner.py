@@ -130,6 +130,7 @@ class SubprocessDriver:
         scratch = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
         self._work = Path(tempfile.mkdtemp(prefix="lora-ref-conformance-", dir=scratch))
         self._server: subprocess.Popen | None = None
+        self._stderr = None  # the persistent server's stderr file
         self._counter = 0
 
     def _prepare(self, case: Case, params: dict[str, Any], inputs: dict[str, np.ndarray]) -> tuple[Path, Path]:
@@ -180,6 +181,7 @@ class SubprocessDriver:
 
     def _start_server(self) -> subprocess.Popen:
         if self._server is None or self._server.poll() is not None:
+            self._close_stderr()
             self._stderr = open(self._work / "serve.stderr", "w+b")  # noqa: SIM115 - lives as long as the server
             try:
                 self._server = subprocess.Popen([*self.command, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -233,6 +235,11 @@ class SubprocessDriver:
                 buffer += chunk
         return buffer
 
+    def _close_stderr(self) -> None:
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
     def _stop_server(self) -> None:
         if self._server is not None:
             _kill_group(self._server)
@@ -247,6 +254,7 @@ class SubprocessDriver:
             except subprocess.TimeoutExpired:
                 _kill_group(self._server)
             self._server = None
+        self._close_stderr()
         shutil.rmtree(self._work, ignore_errors=True)
 
 
