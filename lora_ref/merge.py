@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -124,15 +125,23 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     """[fn(rows) for each row block], in order; on several cores, blocks run in threads.
 
     NumPy releases the GIL in the array operations, so blocks proceed in parallel. The memory
-    budget ``block_bytes`` is shared: with k threads each block is about block_bytes / k, so
-    the extra memory stays a few ``block_bytes`` whatever the thread count.
+    budget ``block_bytes`` is shared: with k threads each block is about block_bytes / k, and at
+    most 2k blocks are submitted ahead of the one being collected, so the extra memory stays a
+    few ``block_bytes`` whatever the thread count and the number of blocks.
     """
     threads = MAX_THREADS
-    slices = list(_row_slices(shape[0], block_rows(shape, max(1, block_bytes // threads))))
-    if threads == 1 or len(slices) < 2 * threads:
+    step = block_rows(shape, max(1, block_bytes // threads))
+    if threads == 1 or -(-shape[0] // step) < 2 * threads:
         return [fn(rows) for rows in _row_slices(shape[0], block_rows(shape, block_bytes))]
+    results: list[_T] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(fn, slices))
+        pending: deque[Future[_T]] = deque()
+        for rows in _row_slices(shape[0], step):
+            pending.append(pool.submit(fn, rows))
+            if len(pending) >= 2 * threads:
+                results.append(pending.popleft().result())
+        results.extend(future.result() for future in pending)
+    return results
 
 
 def _check(W: np.ndarray, delta: DeltaSource) -> None:
