@@ -31,7 +31,7 @@ from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
 from .errors import FileFormatError, TargetNotFoundError
 from .linear import LinearBiasDelta
 from .merge import BLOCK_BYTES, DeltaSource, Residual, block_rows, merge, unmerge
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, load_file, save_file
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
 
 RESIDUAL_FORMAT = "lora-ref-residual/1"
 RESIDUAL_META_KEY = "lora_ref.residual"
@@ -255,7 +255,8 @@ def load_residuals(path: str | Path) -> dict[str, Residual]:
             raise ValueError("unknown format")
     except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: hostile nesting
         raise FileFormatError(f"{path}: residual metadata is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
-    arrays = load_file(path)
+    with SafetensorsFile(path) as handle:  # read-only views: the mapping outlives the handle while they live
+        arrays = {name: handle.get(name) for name in handle.keys()}
     residuals = {}
     for key, info in meta["tensors"].items():
         try:
