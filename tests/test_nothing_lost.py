@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_peer
 from corpus.make_corpus import FIXTURES, write_fixtures
 from lora_ref.cli import EXIT_OK, EXIT_USER_ERROR, main
 from lora_ref.cli import merge_cmd
@@ -198,3 +199,28 @@ def test_in_place_refuses_when_not_verifiable(work: Path, capsys: pytest.Capture
     assert "does not restore" in _refused(["merge", str(base), str(adapter), "--in-place",
                                            "--residual", str(work / "r.safetensors")], capsys, [base])
     assert _leftovers(work, {FIXTURES, "base.safetensors", "r.safetensors"}) == []
+
+
+_OVERWRITE_BUG = "{} writes over its own input when -o names it (no --in-place guard); owner told"
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param("combine", marks=pytest.mark.xfail(strict=True, reason=_OVERWRITE_BUG.format("lora-ref combine"))),
+    pytest.param("export", marks=pytest.mark.xfail(strict=True, reason=_OVERWRITE_BUG.format("lora-ref export"))),
+])
+def test_other_commands_never_overwrite_inputs(work: Path, command: str) -> None:
+    """The same rule for every command that writes: -o may not name one of its inputs."""
+    adapter = work / FIXTURES / "adapter"
+    if command == "combine":
+        target, argv = adapter / "adapter_model.safetensors", ["combine", str(adapter), str(adapter), "--method", "cat",
+                                                               "-o", str(adapter)]
+    else:
+        require_peer("onnx")
+        from corpus.make_corpus import fixture_graph
+
+        target = work / "model.onnx"
+        target.write_bytes(fixture_graph().SerializeToString())
+        argv = ["export", str(target), str(adapter), "--mode", "merged", "-o", str(target)]
+    before = target.read_bytes()
+    main(argv)
+    assert target.read_bytes() == before
