@@ -9,8 +9,9 @@ Rows (all in one run; ratios against the in-process reference measured in the sa
   PEFT 0.21.2 / torch, in-process   lora_ref.conformance.peers.peft
   ONNX Runtime, in-process      lora_ref.conformance.peers.onnxruntime (exported graphs)
 Each time covers the whole run: loading and checking every case, the implementation, the
-report. Peers that are not installed are left out. Times are medians of --repeats runs after
-one warm-up (bench/common.time_median). Usage:
+report. Peers that are not installed are left out. Every protocol runs once per round, for
+--repeats rounds after a warm-up round; times are medians, ratios medians of per-round ratios
+(robust to load on a shared machine). Usage:
 
     .venv/bin/python bench/bench_conformance.py [--repeats 3]
 
@@ -22,13 +23,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_median, write_results  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 
 from lora_ref.cli.conformance_cmd import DEFAULT_SUITE  # noqa: E402
 from lora_ref.conformance.casefile import read_manifest  # noqa: E402
@@ -75,18 +78,23 @@ def main() -> None:
             from lora_ref.conformance.peers.onnxruntime import factory as ort_factory
 
             runs.append(("ONNX Runtime (exported graphs), in-process", lambda: InProcessDriver(ort_factory()), "peft"))
-        baseline = None
-        for name, make, layout in runs:
-            counts = {}
-
-            def once(make=make, layout=layout, counts=counts):
-                counts.update(run_suite(DEFAULT_SUITE, make(), layout=layout, timeout=120).counts())
-
-            seconds = time_median(once, repeats=args.repeats)
-            baseline = baseline or seconds
-            ran = counts["pass"] + counts["fail"] + counts["error"]
-            rows.append({"protocol": name, "seconds": seconds, "ratio": seconds / baseline, "cases_run": ran,
-                         "skipped": counts["skip"], "ms_per_case_run": 1000 * seconds / max(ran, 1)})
+        # rounds: every protocol once per round after one warm-up round, so a load spike on this
+        # shared machine hits one round of every row, not one row (ratios: median of per-round ratios)
+        samples = {name: [] for name, _, _ in runs}
+        counts = {}
+        for round_index in range(args.repeats + 1):
+            for name, make, layout in runs:
+                start = time.perf_counter()
+                counts[name] = run_suite(DEFAULT_SUITE, make(), layout=layout, timeout=120).counts()
+                if round_index:  # round 0 is the warm-up
+                    samples[name].append(time.perf_counter() - start)
+        base = samples[runs[0][0]]
+        for name, _, _ in runs:
+            ran = counts[name]["pass"] + counts[name]["fail"] + counts[name]["error"]
+            seconds = statistics.median(samples[name])
+            ratio = statistics.median(t / b for t, b in zip(samples[name], base))
+            rows.append({"protocol": name, "seconds": seconds, "ratio": ratio, "cases_run": ran,
+                         "skipped": counts[name]["skip"], "ms_per_case_run": 1000 * seconds / max(ran, 1)})
     table = markdown_table(["protocol", f"full suite ({n_cases} cases), s", "vs in-process reference", "cases run / skipped", "ms per case run"],
                            [(r["protocol"], f"{r['seconds']:.2f}", f"{r['ratio']:.1f}x", f"{r['cases_run']} / {r['skipped']}",
                              f"{r['ms_per_case_run']:.1f}") for r in rows])
