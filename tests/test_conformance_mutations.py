@@ -312,6 +312,19 @@ class Alt:
         y = g * (z + b) if self.bug == "dora_bias_scaled" else g * z + b
         return {"y": self.out(y, inputs["x"].dtype)}
 
+    def dora_unmerge(self, params, inputs):
+        """Exact round trip: merge, W'/g − s B A with g from this merge, then this implementation's residual."""
+        W = inputs["W"]
+        A, B = self.factors(inputs)
+        g = self._gain(params, inputs)[:, None]
+        d = self.scale(params) * self.mm(B, A)
+        merged = self.dora_merge(params, inputs)["W_merged"]
+        restored = self.out(self.w(merged) / g - d, W.dtype)
+        if self.bug != "exact_no_residual":
+            differs = bits_of(restored) != bits_of(W)
+            restored[differs] = W[differs]
+        return {"W_merged": merged, "W_restored": restored}
+
     def dora_merge(self, params, inputs):
         W = self.w(inputs["W"])
         A, B = self.factors(inputs)

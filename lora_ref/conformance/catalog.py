@@ -300,6 +300,10 @@ def _layer_cases() -> Iterator[CaseSpec]:
     for dtype in ALL_DTYPES:
         yield case("dora", "merge", "dora.merge", dtype, linear_params(4, 8),
                    {k: v for k, v in dora_in.items() if k in ("W", "A", "B", "magnitude")}, "W' = g (W + s B A)")
+    for dtype in ("float32", "bfloat16"):
+        yield case("dora", "unmerge-exact", "dora.unmerge", dtype, linear_params(4, 8, exact=True),
+                   {k: v for k, v in dora_in.items() if k in ("W", "A", "B", "magnitude")},
+                   "exact round trip: merge, then unmerge (W'/g - s B A) with the residual -> W's bits")
 
 
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.

@@ -20,6 +20,7 @@ magnitude M and a depth K per output (bounds.py). Depths:
                                                                   K = out + rows + 6, in + rows + 6
     dora.forward (Linear, eval)   y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b,  g = m / ‖W + s B A‖_row
     dora.merge (Linear)           W' = g ∘ (W + s B A)
+    dora.unmerge (Linear, exact)  round trip: W_merged as dora.merge, W_restored = W bit for bit
 
 DoRA is not a sum of products (a norm, a square root, a division), so its bound is derived
 to first order: with z = x Wᵀ + s (x Aᵀ) Bᵀ (error ≤ γ_{K1} M_z, K1 = in + r + 6), V = W + sBA
@@ -40,6 +41,7 @@ from fractions import Fraction
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..errors import ConfigError
 from .exact import Dyadic, sqrt_fraction, to_float64
 from .operations import Expected, Inputs, Params, bounded, exact_scale, merge_expected, register
 
@@ -328,6 +330,15 @@ def dora_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     magnitude = abs(g)[None, :] * Mz + abs(g[None, :] * z) * (ratio[None, :] + 2) + np.abs(b)[None, :]
     k1 = inputs["x"].shape[1] + inputs["A"].shape[0] + 6
     return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * (k1 + 3))}
+
+
+@register("dora.unmerge", "SPEC 4.3, 3.4, C.3")
+def dora_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Exact round trip (``exact`` must be true: fast DoRA unmerge needs the norm n of the unmerged W,
+    which the implementation keeps from its merge): W_merged bounded as dora.merge, W_restored = W's bits."""
+    if not params.get("exact", False):
+        raise ConfigError("dora.unmerge cases are exact round trips (exact: true)")
+    return {**dora_merge(inputs, params), "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 
 @register("dora.merge", "SPEC 4.3, C.3")

@@ -125,9 +125,20 @@ def _dora_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
 
 
+def _dora_source(params: Mapping[str, Any], inputs: Arrays) -> dora.DoraDelta:
+    return dora.dora_delta(LinearDelta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["W"], axis=0)
+
+
 def _dora_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
-    source = dora.dora_delta(LinearDelta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["W"], axis=0)
-    return {"W_merged": merge(inputs["W"], source).weight}
+    return {"W_merged": merge(inputs["W"], _dora_source(params, inputs)).weight}
+
+
+def _dora_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    if not params.get("exact", False):
+        raise NotImplementedError("fast DoRA unmerge needs the norm of the unmerged weight")
+    source = _dora_source(params, inputs)
+    merged = merge(inputs["W"], source, exact=True)
+    return {"W_merged": merged.weight, "W_restored": unmerge(merged.weight, source, residual=merged.residual)}
 
 
 OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
@@ -147,6 +158,7 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "mixed_batch.backward": _mixed_batch_backward,
     "dora.forward": _dora_forward,
     "dora.merge": _dora_merge,
+    "dora.unmerge": _dora_unmerge,
 }
 
 

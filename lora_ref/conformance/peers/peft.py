@@ -292,6 +292,9 @@ class PeftImplementation:
             y = layer(self.tensor(inputs["x"]))
         return {"y": self.array(y, inputs["x"].dtype)}
 
+    def dora_unmerge(self, params, inputs):
+        raise NotImplementedError("PEFT has no exact (residual) unmerge")
+
     def dora_merge(self, params, inputs):
         layer = self._dora(params, inputs)
         layer.merge()
