@@ -140,6 +140,8 @@ class Alt:
             fifo = params.get("fan_in_fan_out", False) and self.bug != "forget_fan_in_fan_out"
             out["dW"] = self.out(dW.T if fifo else dW, t)
             out["db"] = self.out(dY.sum(axis=0), t)
+            if "lora_bias" in inputs:
+                out["dlora_bias"] = self.out((1 if self.bug == "lora_bias_unscaled" else s) * dY.sum(axis=0), t)
         return out
 
     def delta(self, params, inputs, shape):

@@ -170,6 +170,8 @@ def _linear_cases() -> Iterator[CaseSpec]:
     for dtype in ALL_DTYPES:
         yield case("backward-basic", "linear.backward", dtype, linear_params(4, 8, want_base_grads=True),
                    _linear_inputs((3,), 24, 16, 4, names=bwd), "dx, dA, dB and the base gradients dW, db")
+    yield case("backward-lora_bias", "linear.backward", "bfloat16", linear_params(8, 16, want_base_grads=True),
+               _linear_inputs((4,), 20, 12, 8, names=bwd + ("lora_bias",)), "dlora_bias = s * sum(dy), with dW and db")
     yield case("backward-rslora", "linear.backward", "float32", linear_params(4, 6, rslora=True),
                _linear_inputs((2, 3), 24, 16, 4, names=bwd), "rsLoRA scale in every LoRA gradient")
     for dtype in ("float32", "bfloat16"):

@@ -16,7 +16,7 @@ three: input × A × B, or × mask), two roundings for computing s = alpha/r or 
 and one for rounding s itself, and up to three additions of bias / base / LoRA terms:
     forward y   K = in + r + 6        backward dx K = out + r + 6
     dA          K = out + rows + 6    dB          K = in + rows + 6
-    dW          K = rows + 2          db          K = rows + 1
+    dW          K = rows + 2          db          K = rows + 1          dlora_bias  K = rows + 4
     merge / unmerge (W ± s B A)       K = r + 6
 """
 
@@ -151,19 +151,23 @@ def _linear_backward(inputs: Inputs, params: Params, absolute: bool) -> tuple[di
         terms["dW"] = [(Fraction(1), dW.T if params.get("fan_in_fan_out", False) else dW)]
         terms["db"] = [(Fraction(1), dY.sum(axis=0))]
         shapes["dW"], shapes["db"] = tuple(inputs["W"].shape), (lin.out_features,)
+        if "lora_bias" in inputs:
+            terms["dlora_bias"] = [(lin.s, dY.sum(axis=0))]
+            shapes["dlora_bias"] = (lin.out_features,)
     return terms, shapes
 
 
 @register("linear.backward", "SPEC 2.4, C.3")
 def linear_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """dx = dY W + s((dY B) A)∘mask, dA = s (dY B)^T (X∘mask), dB = s dY^T ((X∘mask) A^T), dW = dY^T X, db = Σ dY."""
+    """dx = dY W + s((dY B) A)∘mask, dA = s (dY B)^T (X∘mask), dB = s dY^T ((X∘mask) A^T), dW = dY^T X, db = Σ dY,
+    and with a lora_bias input dlora_bias = s Σ dY (the base gradients only with want_base_grads)."""
     terms, shapes = _linear_backward(inputs, params, False)
     abs_terms, _ = _linear_backward(inputs, params, True)
     r, in_features = inputs["A"].shape
     out_features = inputs["B"].shape[0]
     rows = int(np.prod(inputs["x"].shape[:-1], dtype=np.int64))
     depth = {"dx": out_features + r + 6, "dA": out_features + rows + 6, "dB": in_features + rows + 6,
-             "dW": rows + 2, "db": rows + 1}
+             "dW": rows + 2, "db": rows + 1, "dlora_bias": rows + 4}
     return {name: bounded(terms[name], abs_terms[name], shapes[name], depth[name]) for name in terms}
 
 

@@ -42,6 +42,8 @@ def _linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     outputs = {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB}
     if want_base:
         outputs.update(dW=grads.dW, db=grads.db)
+        if "lora_bias" in inputs:
+            outputs["dlora_bias"] = grads.dlora_bias
     return outputs
 
 

@@ -139,6 +139,8 @@ class PeftImplementation:
             bias_grad = layer.base_layer.bias.grad if layer.base_layer.bias is not None else None
             out["db"] = self.array(bias_grad, t) if bias_grad is not None else round_to(
                 self.array(self.tensor(inputs["dy"]).to(self.torch.float64).reshape(-1, inputs["dy"].shape[-1]).sum(0), np.float64), t)
+            if "lora_bias" in inputs:
+                out["dlora_bias"] = self.array(layer.lora_B["default"].bias.grad, t)
         return out
 
     def linear_merge(self, params, inputs):
