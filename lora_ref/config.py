@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .errors import ConfigError, FileFormatError
+from .errors import ConfigError
+from .jsonfile import read_json
 
 CONFIG_NAME = "adapter_config.json"
 _BIAS_CHOICES = ("none", "all", "lora_only")
@@ -145,18 +146,7 @@ class LoraConfig:
     def load(cls, directory: str | Path) -> LoraConfig:
         """Read ``<directory>/adapter_config.json``."""
         path = Path(directory) / CONFIG_NAME
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileFormatError(f"{path}: missing adapter config") from None
-        except UnicodeDecodeError:
-            raise FileFormatError(f"{path}: not UTF-8 text") from None
-        except OSError as exc:  # a directory, no permission, ...
-            raise FileFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, too-long integers, deep nesting
-            raise FileFormatError(f"{path}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+        data = read_json(path, what="adapter config")
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

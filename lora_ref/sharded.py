@@ -26,6 +26,7 @@ from .adapter import Adapter
 from .atomic import write_text_atomic
 from .checkpoint import CheckpointReport, base_key, merge_checkpoint, unmerge_checkpoint
 from .errors import FileFormatError, LoraRefError, TargetNotFoundError
+from .jsonfile import read_json
 from .merge import BLOCK_BYTES
 from .safetensors_io import SafetensorsFile
 
@@ -65,18 +66,7 @@ def _fail(path: Path, message: str) -> FileFormatError:
 def read_index(path: str | os.PathLike[str]) -> ShardedIndex:
     """Read and validate an index and the headers of all its shards (module doc)."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise FileFormatError(f"{path}: no such index file") from None
-    if size > MAX_INDEX_BYTES:
-        raise _fail(path, f"{size} bytes exceeds the {MAX_INDEX_BYTES}-byte limit")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(path, f"cannot be read as UTF-8 text ({exc})") from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too-long integers, deep nesting
-        raise _fail(path, f"not JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    data = read_json(path, what="sharded checkpoint index", max_bytes=MAX_INDEX_BYTES)
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict) or not data["weight_map"]:
         raise _fail(path, "needs a non-empty 'weight_map' object")
     metadata = data.get("metadata", {})

@@ -36,6 +36,7 @@ from .adapter import Adapter, load_adapter, save_adapter
 from .atomic import write_text_atomic
 from .checkpoint import base_key
 from .errors import ConfigError, FileFormatError, TargetNotFoundError
+from .jsonfile import read_json
 from .ledger import MergeLedger
 
 TREE_FILE = "tree.json"
@@ -141,12 +142,7 @@ class AdapterTree:
         """Read a tree directory; the JSON is validated before any adapter is loaded."""
         directory = Path(directory)
         path = directory / TREE_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TreeFormatError(f"{path}: missing tree description") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TreeFormatError(f"{path}: invalid JSON ({exc})") from None
+        data = read_json(path, error=TreeFormatError, what="tree description")
         if not isinstance(data, dict) or data.get("format") != TREE_FORMAT or not isinstance(data.get("nodes"), list):
             raise TreeFormatError(f"{path}: expected {{\"format\": \"{TREE_FORMAT}\", \"nodes\": [...]}}")
         entries = []
@@ -154,6 +150,8 @@ class AdapterTree:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("adapter"), str) \
                     or not (entry.get("parent") is None or isinstance(entry.get("parent"), str)):
                 raise TreeFormatError(f"{path}: each node needs a string name and adapter and a string or null parent: {entry!r}")
+            if "\x00" in entry["adapter"]:
+                raise TreeFormatError(f"{path}: node {entry['name']!r} has a NUL byte in its adapter path")
             adapter_dir = (directory / entry["adapter"]).resolve()
             if not adapter_dir.is_relative_to(directory.resolve()):
                 raise TreeFormatError(f"{path}: node {entry['name']!r} points outside the tree directory: {entry['adapter']!r}")

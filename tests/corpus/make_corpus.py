@@ -589,7 +589,6 @@ def _outside_adapter(tree: Path) -> None:
     shutil.copytree(tree / "a", tree.parent / "outside_adapter")
 
 
-_TREE_BUG = "lora_ref/tree.AdapterTree.load lets {} escape untyped"
 tree_case("tree_not_json", "tree.json is not JSON", text="{nodes: [")
 tree_case("tree_wrong_format", "format lora-ref-tree/9", text=json.dumps({"format": "lora-ref-tree/9", "nodes": []}))
 tree_case("tree_adapter_parent", "a node's adapter is '../outside_adapter' (a real adapter outside the tree)",
@@ -607,12 +606,9 @@ tree_case("tree_name_not_string", "a node named 7", text=_tree_json((7, None, "a
 tree_case("tree_pickle_node", "node b's directory holds only adapter_model.bin (a pickle)", error="UnsafeFileError",
           files=lambda tree: ((tree / "b" / WEIGHTS_NAME).unlink(),
                               (tree / "b" / "adapter_model.bin").write_bytes(marker_pickle(tree.parent / PICKLE_MARKER))))
-tree_case("tree_nul_in_path", "a node's adapter path holds a NUL byte", text=_tree_json(("a", None, "a\u0000b")),
-          known_bug=_TREE_BUG.format("ValueError (embedded null byte)"))
-tree_case("tree_deep_json", "tree.json nested 100k deep", text="[" * 100_000 + "]" * 100_000,
-          known_bug=_TREE_BUG.format("RecursionError"))
-tree_case("tree_huge_int", "an integer of 5000 digits", text='{"format": ' + "9" * 5000 + "}",
-          known_bug=_TREE_BUG.format("ValueError (int digit limit)"))
+tree_case("tree_nul_in_path", "a node's adapter path holds a NUL byte", text=_tree_json(("a", None, "a\u0000b")))
+tree_case("tree_deep_json", "tree.json nested 100k deep", text="[" * 100_000 + "]" * 100_000)
+tree_case("tree_huge_int", "an integer of 5000 digits", text='{"format": ' + "9" * 5000 + "}")
 
 
 # -- driver ---------------------------------------------------------------------------------------
