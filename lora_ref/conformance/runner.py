@@ -329,10 +329,13 @@ def check_outputs(case: Case, expected: Mapping[str, np.ndarray], outputs: Mappi
     return checks
 
 
-def run_case(path: Path, case_id: str, driver: Driver, layout: Layout, profile: str, timeout: float) -> CaseResult:
-    """Run and check one case; never raises for a problem of this case or implementation."""
+def run_case(path: Path, case_id: str, driver: Driver, layout: Layout, profile: str, timeout: float,
+             operation: str = "?", dtype: str = "?") -> CaseResult:
+    """Run and check one case; never raises for a problem of this case or implementation.
+
+    ``operation`` and ``dtype`` (from the manifest) label the result until case.json is read.
+    """
     start = time.perf_counter()
-    operation = dtype = "?"
     try:
         case = load_case(path)
         operation, dtype = case.operation, case.dtype
@@ -381,18 +384,14 @@ def select_cases(suite: str | Path, selection: Selection = Selection()) -> tuple
 
 
 def run_suite(suite: str | Path, driver: Driver, *, layout: str = "canonical", profile: str = "float32",
-              selection: Selection = Selection(), timeout: float = 60.0, progress: Any = None) -> SuiteResult:
+              selection: Selection = Selection(), timeout: float = 60.0) -> SuiteResult:
     """Run every selected case of ``suite`` through ``driver``; the driver is closed at the end."""
     compute_dtype_for(profile, "float32")  # validate the profile before running anything
     chosen = get_layout(layout)
     version, cases = select_cases(suite, selection)
-    results = []
     try:
-        for case_id, _, _ in cases:
-            result = run_case(case_dir(suite, case_id), case_id, driver, chosen, profile, timeout)
-            results.append(result)
-            if progress is not None:
-                progress(result)
+        results = [run_case(case_dir(suite, case_id), case_id, driver, chosen, profile, timeout, operation, dtype)
+                   for case_id, operation, dtype in cases]
     finally:
         driver.close()
     return SuiteResult(version, driver.name, layout, profile, results)
