@@ -85,6 +85,8 @@ def test_dyadic_dot_is_exact(values):
 @given(st.fractions(min_value=0, max_value=10**6))
 def test_sqrt_fraction_is_accurate(value):
     root = sqrt_fraction(value)
+    # isqrt truncates the root carrying >= SQRT_BITS = 200 bits: relative error <= 2^-198 in the root, so
+    # <= 2^-196 in its square; 2^-190 leaves margin, 2^-400 covers value = 0 exactly (root 0)
     assert abs(root * root - value) <= value * Fraction(1, 2**190) + Fraction(1, 2**400)
 
 
