@@ -49,3 +49,7 @@ class MergeStateError(LoraRefError, RuntimeError):
 
 class ResidualMismatchError(LoraRefError, ValueError):
     """An exact-unmerge residual belongs to another weight or another adapter."""
+
+
+class OverwriteRefusedError(LoraRefError, ValueError):
+    """An output path names one of the command's inputs (only ``--in-place`` may replace an input)."""

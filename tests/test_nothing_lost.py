@@ -201,13 +201,7 @@ def test_in_place_refuses_when_not_verifiable(work: Path, capsys: pytest.Capture
     assert _leftovers(work, {FIXTURES, "base.safetensors", "r.safetensors"}) == []
 
 
-_OVERWRITE_BUG = "{} writes over its own input when -o names it (no --in-place guard); owner told"
-
-
-@pytest.mark.parametrize("command", [
-    pytest.param("combine", marks=pytest.mark.xfail(strict=True, reason=_OVERWRITE_BUG.format("lora-ref combine"))),
-    pytest.param("export", marks=pytest.mark.xfail(strict=True, reason=_OVERWRITE_BUG.format("lora-ref export"))),
-])
+@pytest.mark.parametrize("command", ["combine", "export"])
 def test_other_commands_never_overwrite_inputs(work: Path, command: str) -> None:
     """The same rule for every command that writes: -o may not name one of its inputs."""
     adapter = work / FIXTURES / "adapter"

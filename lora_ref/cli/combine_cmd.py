@@ -8,6 +8,7 @@ import json
 from ..adapter import load_adapter, save_adapter
 from ..combine import METHODS, combine
 from ..errors import ConfigError, FileFormatError
+from .paths import refuse_overwrites
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):
         raise ConfigError(f"{len(args.adapters)} adapter(s) but {len(weights)} weight(s); give one weight per adapter")
+    refuse_overwrites({"output adapter directory": args.output},
+                      {f"input adapter {d}": d for d in args.adapters})
     adapters = [load_adapter(d, name=f"adapter{i}") for i, d in enumerate(args.adapters)]
     result = combine(adapters, weights, args.method, rank=args.rank, dtype=args.dtype)
     try:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..adapter import load_adapter
+from .paths import refuse_overwrites
 
 #: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
 PROGRESS_MIN_BYTES = 64 * 2**20
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from lora_ref.export import export  # lazy: onnx / onnxruntime only when exporting
     from lora_ref.export.graphio import load_model, tensor_bytes
 
+    refuse_overwrites({"output graph": args.output, "adapter output folder": args.adapter_out},
+                      {"model": args.model, "base weights": args.base_weights,
+                       **{f"adapter {d}": d for d in args.adapters}})
     names = [Path(d).resolve().name or "adapter" for d in args.adapters]
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     model = load_model(args.model)

@@ -33,12 +33,9 @@ from ..atomic import atomic_path
 from ..checkpoint import merge_checkpoint, unmerge_checkpoint
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
-from ..errors import LoraRefError, MergeStateError
+from ..errors import MergeStateError, OverwriteRefusedError
 from ..sharded import INDEX_SUFFIX, merge_sharded, unmerge_sharded
-
-
-class OverwriteRefusedError(LoraRefError, ValueError):
-    """An output path names one of the command's inputs and ``--in-place`` was not given."""
+from .paths import refuse_overwrites
 
 
 class InPlaceVerificationError(MergeStateError):
@@ -73,27 +70,11 @@ def _progress(name: str) -> None:
         print(f"\r  {name[:70]:<70}", end="", file=sys.stderr, flush=True)
 
 
-def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name one file: same inode if both exist, else the same resolved path."""
-    with contextlib.suppress(OSError):
-        return os.path.samefile(a, b)
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def _refuse_overwrites(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str) -> None:
-    """Raise OverwriteRefusedError if an output would replace an input (or another output)."""
-    named_inputs = {k: v for k, v in inputs.items() if v is not None}
+    """Refuse an output that would replace an input (the adapter's files included) or another output."""
+    named_inputs = dict(inputs)
     named_inputs.update({f"adapter {n}": str(Path(adapter_dir) / n) for n in (WEIGHTS_NAME, CONFIG_NAME)})
-    named_outputs = [(k, v) for k, v in outputs.items() if v is not None]
-    for out_label, out in named_outputs:
-        for in_label, source in named_inputs.items():
-            if _same_file(out, source):
-                raise OverwriteRefusedError(
-                    f"{out}: the {out_label} would overwrite the {in_label}; write elsewhere "
-                    "(or use --in-place, which keeps a verified way back)")
-    for (label_a, a), (label_b, b) in zip(named_outputs, named_outputs[1:]):
-        if _same_file(a, b):
-            raise OverwriteRefusedError(f"{a}: the {label_a} and the {label_b} are the same file")
+    refuse_overwrites(outputs, named_inputs, hint="write elsewhere (or use --in-place, which keeps a verified way back)")
 
 
 @contextlib.contextmanager
