@@ -5,6 +5,10 @@ It refuses to merge an adapter twice, to unmerge one that is not merged, and to 
 of order: unmerge is LIFO, like PEFT's ``merged_adapters``. In exact mode every merge keeps
 its residual, so any sequence of merges and unmerges returns the weights bit for bit.
 Weights are updated in place (row block by row block).
+
+DoRA modules merge as W' = (m/n)(W + ΔW) with n computed from the weight as it is when that
+adapter is merged; the ledger keeps n with the entry, since unmerge needs it and the merged
+weight does not determine it (SPEC 4.3).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class _Entry:
     adapter_name: str
     delta_digest: str
     residual: Residual | None
+    dora_norm: np.ndarray | None = None
 
 
 class MergeLedger:
@@ -53,7 +58,8 @@ class MergeLedger:
         missing = [key for key in targets if key not in self.weights]
         if missing:
             raise TargetNotFoundError(f"adapter {name!r} targets tensors the model lacks: {', '.join(missing[:5])}")
-        deltas = {key: target_delta(adapter, target) for key, target in targets.items()}
+        deltas = {key: target_delta(adapter, target, **self._dora_base(adapter, target, key))
+                  for key, target in targets.items()}
         for key, delta in deltas.items():  # validate every target before touching any weight
             if self.weights[key].shape != delta.shape:  # SPEC 3.7: adapter vs base dimensions
                 raise ShapeError(
@@ -65,22 +71,32 @@ class MergeLedger:
         for key, delta in deltas.items():
             weight = self.weights[key]
             result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)
-            self._stacks.setdefault(key, []).append(_Entry(name, digest_arrays(*delta.factors()), result.residual))
+            self._stacks.setdefault(key, []).append(
+                _Entry(name, digest_arrays(*delta.factors()), result.residual, getattr(delta, "norm", None))
+            )
         self._order.append(name)
+
+    def _dora_base(self, adapter: Adapter, target: tuple[str, str], key: str) -> dict[str, np.ndarray]:
+        """``base=`` for a DoRA weight target (its norm comes from the weight as it is now)."""
+        module, part = target
+        is_dora = part == "weight" and adapter.modules[module].magnitude is not None
+        return {"base": self.weights[key]} if is_dora and key in self.weights else {}
 
     def unmerge(self, adapter: Adapter, name: str | None = None) -> None:
         """Undo the merge of ``adapter``; it must be the most recently merged on every weight it touched."""
         name = name or adapter.name
         if name not in self._order:
             raise MergeStateError(f"adapter {name!r} is not merged (merged: {self._order or 'none'})")
-        deltas = {key: target_delta(adapter, target) for key, target in merge_targets(adapter).items()}
-        for key, delta in deltas.items():
+        deltas = {}
+        for key, target in merge_targets(adapter).items():
             stack = self._stacks.get(key, [])
             if not stack or stack[-1].adapter_name != name:
                 top = stack[-1].adapter_name if stack else "nothing"
                 raise MergeStateError(
-                    f"{delta.module}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
+                    f"{target[0]}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
                 )
+            norm = stack[-1].dora_norm
+            delta = deltas[key] = target_delta(adapter, target, **({"norm": norm} if norm is not None else {}))
             if stack[-1].delta_digest != digest_arrays(*delta.factors()):
                 raise MergeStateError(f"{delta.module}: the adapter given for {name!r} is not the one that was merged")
         for key, delta in deltas.items():
