@@ -6,7 +6,8 @@ one tensor plus one float64 row block, because the input is memory-mapped and th
 written incrementally (its header is known before any data). The output is atomic.
 
 Residual file (exact mode): a safetensors file with, per merged tensor ``<key>``, the tensors
-``<key>::indices`` (int64) and ``<key>::values`` (the weight's dtype), and a metadata entry
+``<key>::indices`` (uint32; int64 for weights of more than 2^32 elements) and
+``<key>::values`` (the weight's dtype), and a metadata entry
 ``lora_ref.residual`` holding JSON: format version, and per key the shape and the two checksums.
 A DoRA module's merge is not additive and its unmerge needs the weight norm n of the unmerged
 weight (W' does not determine it), so the residual file also holds ``<key>::dora_norm``
@@ -269,7 +270,8 @@ def load_residuals(path: str | Path) -> dict[str, Residual]:
             merged_digest, delta_digest = str(info["merged_digest"]), str(info["delta_digest"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FileFormatError(f"{path}: residual entry {key!r} is incomplete ({exc})") from None
-        if indices.dtype != np.int64 or indices.ndim != 1 or values.dtype != dtype or values.shape != indices.shape:
+        if indices.dtype not in (np.uint32, np.int64) or indices.ndim != 1 or values.dtype != dtype \
+                or values.shape != indices.shape:
             raise FileFormatError(f"{path}: residual entry {key!r} has inconsistent indices/values")
         residuals[key] = Residual(indices, values, shape, merged_digest, delta_digest)
     return residuals

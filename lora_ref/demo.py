@@ -78,10 +78,12 @@ def print_demo(rows: list[dict]) -> None:
     weights = sum(o * i for o, i in LAYERS.values())
     print(f"lora-ref demo: {len(LAYERS)} Linear layers ({weights:,} weights), PEFT adapter r=8 alpha=16, "
           "merge -> unmerge through safetensors files")
-    print(f"{'dtype':<9} {'residual':>18} {'exact restore':>14} {'fast: changed':>16} {'fast: max ulp':>14} {'merged vs LoRA fwd':>19}")
+    print(f"{'dtype':<9} {'residual':>18} {'residual bytes':>15} {'exact restore':>14} {'fast: changed':>16} {'fast: max ulp':>14} {'merged vs LoRA fwd':>19}")
     for row in rows:
         share = row["residual_elements"] / row["elements"]
+        weight_bytes = row["elements"] * np.dtype(STORAGE_DTYPES[row["dtype"]]).itemsize
         print(f"{row['dtype']:<9} {row['residual_elements']:>7} ({share:6.3%}) "
+              f"{row['residual_bytes'] / weight_bytes:>14.2%} "
               f"{'bit-identical' if row['exact_identical'] else 'DIFFERS':>14} "
               f"{row['fast_changed_elements']:>7} ({row['fast_changed_elements'] / row['elements']:6.3%}) "
               f"{row['fast_max_ulps']:>14} {row['merged_vs_lora_forward_max_abs']:>19.3g}")

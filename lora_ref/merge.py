@@ -66,8 +66,9 @@ class DeltaSource(Protocol):
 class Residual:
     """What exact unmerge needs beyond Δ to restore W bit for bit.
 
-    ``indices``: flat int64 positions in W; ``values``: W's original elements there, in W's
-    dtype; ``merged_digest`` / ``delta_digest``: BLAKE2b checksums of the merged weight and of
+    ``indices``: flat positions in W, uint32 when W has at most 2^32 elements (halving the
+    residual's size; see :func:`residual_index_dtype`), else int64; ``values``: W's original
+    elements there, in W's dtype; ``merged_digest`` / ``delta_digest``: BLAKE2b checksums of the merged weight and of
     the adapter factors it belongs to.
     """
 
@@ -84,6 +85,11 @@ class Residual:
     @property
     def nbytes(self) -> int:
         return int(self.indices.nbytes + self.values.nbytes)
+
+
+def residual_index_dtype(size: int) -> np.dtype:
+    """The dtype of residual indices into a weight of ``size`` elements: uint32 if they fit, else int64."""
+    return np.dtype(np.uint32) if size <= 2**32 else np.dtype(np.int64)
 
 
 def digest_arrays(*arrays: np.ndarray) -> str:
@@ -201,7 +207,8 @@ def merge(
                 restored = round_to(merged.astype(float64) - d if additive
                                     else unmerged_block(delta, rows, merged.astype(float64)), W.dtype)
                 positions = np.flatnonzero((bits_of(restored) != bits_of(original)).reshape(-1))
-                found = (positions.astype(np.int64) + rows.start * flat_row, original.reshape(-1)[positions])
+                flat = positions.astype(np.int64) + rows.start * flat_row
+                found = (flat.astype(residual_index_dtype(W.size)), original.reshape(-1)[positions])
             result[rows] = merged
             return found
 
@@ -210,7 +217,7 @@ def merge(
     residual = None
     if exact:
         residual = Residual(
-            indices=np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64),
+            indices=np.concatenate(index_parts) if index_parts else np.zeros(0, residual_index_dtype(W.size)),
             values=np.concatenate(value_parts) if value_parts else np.zeros(0, W.dtype),
             shape=tuple(W.shape),
             merged_digest=digest_arrays(result),
