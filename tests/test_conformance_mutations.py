@@ -24,6 +24,7 @@ one real bug seen in public LoRA implementations and must fail at least one case
   mixed_index_wraps       index -1 wraps to the last adapter (Python negative indexing)
   dora_bias_scaled        DoRA gain applied to the bias too (PEFT does not scale it)
   dora_norm_without_delta DoRA norm of W alone instead of W + s B A (huggingface/peft#1588 class)
+  dora_norm_not_detached  DoRA backward through the norm (the DoRA paper, section 4.3, and PEFT detach it)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ MUTATIONS = [
     "scale_base_too", "ignore_rslora", "raw_alpha", "mlx_scale_over_r", "dropout_at_inference", "ignore_dropout_mask",
     "low_precision_merge", "low_precision_unmerge", "forget_fan_in_fan_out", "backward_no_scale", "lora_bias_unscaled",
     "exact_no_residual", "low_precision_lora_path", "embedding_reshape", "conv_channels_last", "mixed_index_wraps",
-    "dora_bias_scaled", "dora_norm_without_delta",
+    "dora_bias_scaled", "dora_norm_without_delta", "dora_norm_not_detached",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx"}
@@ -313,6 +314,26 @@ class Alt:
         b = self.w(inputs["b"])
         y = g * (z + b) if self.bug == "dora_bias_scaled" else g * z + b
         return {"y": self.out(y, inputs["x"].dtype)}
+
+    def dora_backward(self, params, inputs):
+        x, W, dy = self.w(inputs["x"]), self.w(inputs["W"]), self.w(inputs["dy"])
+        A, B = self.factors(inputs)
+        s = self.scale(params)
+        V = W + s * self.mm(B, A)
+        n = np.sqrt((V * V).sum(axis=1))
+        g = self.w(inputs["magnitude"]) / n
+        G = dy * g
+        z = self.mm(x, W.T) + s * self.mm(self.mm(x, A.T), B.T)
+        dA, dB = s * self.mm(self.mm(G, B).T, x), s * self.mm(G.T, self.mm(x, A.T))
+        if self.bug == "dora_norm_not_detached":  # also differentiate through n = ||W + s B A||
+            GV = (-(self.w(inputs["magnitude"]) / n**3) * (dy * z).sum(axis=0))[:, None] * V
+            dA, dB = dA + s * self.mm(B.T, GV), dB + s * self.mm(GV, A.T)
+        t = inputs["x"].dtype
+        out = {"dx": self.out(self.mm(G, W) + s * self.mm(self.mm(G, B), A), t), "dA": self.out(dA, t), "dB": self.out(dB, t),
+               "dmagnitude": self.out((dy * z).sum(axis=0) / n, t), "db": self.out(dy.sum(axis=0), t)}
+        if "lora_a" in inputs:
+            out["dA"], out["dB"] = out["dA"].T.copy(), out["dB"].T.copy()
+        return out
 
     def dora_unmerge(self, params, inputs):
         """Exact round trip: merge, W'/g − s B A with g from this merge, then this implementation's residual."""

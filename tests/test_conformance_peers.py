@@ -20,7 +20,7 @@ DEVIATIONS = {
     # P-C1: the base layer runs in fp16/bf16: its output (and in backward its gradients) is rounded to the
     # storage dtype before the LoRA term is added
     "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "conv2d.forward", "conv2d.backward", "embedding.backward",
-                                "mixed_batch.forward", "dora.forward") for t in LOW},
+                                "mixed_batch.forward", "dora.forward", "dora.backward") for t in LOW},
     # P-C2: unmerge subtracts the delta cast to the weight dtype (double rounding: the bf16 drift users report)
     "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv2d.unmerge") for t in LOW},
     # P-C3: Embedding merge adds the delta cast to the weight dtype (double rounding)

@@ -302,6 +302,9 @@ def _layer_cases() -> Iterator[CaseSpec]:
     for dtype in ALL_DTYPES:
         yield case("dora", "merge", "dora.merge", dtype, linear_params(4, 8),
                    {k: v for k, v in dora_in.items() if k in ("W", "A", "B", "magnitude")}, "W' = g (W + s B A)")
+    for dtype in ("float32", "float16"):
+        yield case("dora", "backward", "dora.backward", dtype, linear_params(4, 8), {**dora_in, "dy": ((3, 12), 1.0)},
+                   "dx, dA, dB with G = g dY (the norm is a constant), dmagnitude, db")
     for dtype in ("float32", "bfloat16"):
         yield case("dora", "unmerge-exact", "dora.unmerge", dtype, linear_params(4, 8, exact=True),
                    {k: v for k, v in dora_in.items() if k in ("W", "A", "B", "magnitude")},

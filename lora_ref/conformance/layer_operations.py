@@ -21,6 +21,7 @@ magnitude M and a depth K per output (bounds.py). Depths:
     dora.forward (Linear, eval)   y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b,  g = m / ‖W + s B A‖_row
     dora.merge (Linear)           W' = g ∘ (W + s B A)
     dora.unmerge (Linear, exact)  round trip: W_merged as dora.merge, W_restored = W bit for bit
+    dora.backward (Linear, eval)  G = g ∘ dY: dx, dA, dB as Linear LoRA with dY -> G; dm = Σ dY ∘ z / n; db
 
 DoRA is not a sum of products (a norm, a square root, a division), so its bound is derived
 to first order: with z = x Wᵀ + s (x Aᵀ) Bᵀ (error ≤ γ_{K1} M_z, K1 = in + r + 6), V = W + sBA
@@ -330,6 +331,36 @@ def dora_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     magnitude = abs(g)[None, :] * Mz + abs(g[None, :] * z) * (ratio[None, :] + 2) + np.abs(b)[None, :]
     k1 = inputs["x"].shape[1] + inputs["A"].shape[0] + 6
     return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * (k1 + 3))}
+
+
+@register("dora.backward", "SPEC 4.3, C.3")
+def dora_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Linear DoRA at inference (no mask), n constant: with G = g ∘ dY,
+    dx = G W + s ((G B) A), dA = s (G B)ᵀ X, dB = s Gᵀ (X Aᵀ), dmagnitude = Σ_rows dY ∘ z / n, db = Σ_rows dY.
+
+    Bound (module docstring): g's relative error is ≤ γ_{Kg}(‖N_c‖/n_c + 1), Kg = in + r + 9, so the
+    g-weighted outputs get M = the same expression on |G| ∘ (‖N_c‖/n_c + 2) and K = 2 (Kc + Kg).
+    """
+    s = exact_scale(params)
+    _, _, norms, abs_norms = _dora_pieces(inputs, params)
+    g = _exact(inputs, "magnitude", False).fractions() / norms
+    rho = abs_norms / norms + 2
+    X, W, A, B, dY = (_exact(inputs, n, False).fractions() for n in ("x", "W", "A", "B", "dy"))
+    Xa, Wa, Aa, Ba, dYa = (np.abs(t) for t in (X, W, A, B, dY))
+    G, Ga = dY * g[None, :], dYa * (np.abs(g) * rho)[None, :]
+    z = X @ W.T + s * ((X @ A.T) @ B.T)
+    Mz = Xa @ Wa.T + abs(s) * ((Xa @ Aa.T) @ Ba.T)
+    rows, in_f, r, out_f = X.shape[0], X.shape[1], A.shape[0], W.shape[0]
+    kg = in_f + r + 9
+    values = {
+        "dx": (G @ W + s * ((G @ B) @ A), Ga @ Wa + abs(s) * ((Ga @ Ba) @ Aa), 2 * (out_f + r + 6 + kg)),
+        "dA": (s * ((G @ B).T @ X), abs(s) * ((Ga @ Ba).T @ Xa), 2 * (out_f + rows + 6 + kg)),
+        "dB": (s * (G.T @ (X @ A.T)), abs(s) * (Ga.T @ (Xa @ Aa.T)), 2 * (in_f + rows + 6 + kg)),
+        "dmagnitude": ((dY * z).sum(axis=0) / norms, (dYa * (Mz + np.abs(z) * rho[None, :])).sum(axis=0) / norms,
+                       2 * (in_f + r + rows + 8 + kg)),
+        "db": (dY.sum(axis=0), dYa.sum(axis=0), rows + 1),
+    }
+    return {name: Expected("bound", to_float64(v), to_float64(m), k) for name, (v, m, k) in values.items()}
 
 
 @register("dora.unmerge", "SPEC 4.3, 3.4, C.3")

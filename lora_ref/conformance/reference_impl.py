@@ -127,6 +127,12 @@ def _dora_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
 
 
+def _dora_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    layer = dora.linear(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
+    grads = dora.backward(layer, inputs["x"], inputs["dy"], inputs["A"], inputs["B"], bias_dtype=inputs["b"].dtype)
+    return {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude, "db": grads.db}
+
+
 def _dora_source(params: Mapping[str, Any], inputs: Arrays) -> dora.DoraDelta:
     return dora.dora_delta(LinearDelta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["W"], axis=0)
 
@@ -159,6 +165,7 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "mixed_batch.forward": _mixed_batch_forward,
     "mixed_batch.backward": _mixed_batch_backward,
     "dora.forward": _dora_forward,
+    "dora.backward": _dora_backward,
     "dora.merge": _dora_merge,
     "dora.unmerge": _dora_unmerge,
 }

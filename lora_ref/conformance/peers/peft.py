@@ -294,6 +294,19 @@ class PeftImplementation:
             y = layer(self.tensor(inputs["x"]))
         return {"y": self.array(y, inputs["x"].dtype)}
 
+    def dora_backward(self, params, inputs):
+        layer = self._dora(params, inputs)
+        layer.train()
+        layer.base_layer.bias.requires_grad_(True)
+        x = self.tensor(inputs["x"], requires_grad=True)
+        y = layer(x)
+        y.backward(self.tensor(inputs["dy"]).to(y.dtype))
+        t = inputs["x"].dtype
+        return {"dx": self.array(x.grad, t), "dA": self.array(layer.lora_A["default"].weight.grad, t),
+                "dB": self.array(layer.lora_B["default"].weight.grad, t),
+                "dmagnitude": self.array(layer.lora_magnitude_vector["default"].weight.grad, t),
+                "db": self.array(layer.base_layer.bias.grad, t)}
+
     def dora_unmerge(self, params, inputs):
         raise NotImplementedError("PEFT has no exact (residual) unmerge")
 
