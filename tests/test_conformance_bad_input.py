@@ -47,7 +47,7 @@ def _statuses(result):
 
 @pytest.mark.parametrize("damage, reason", [
     (lambda d: (d / "case.json").unlink(), "case.json: missing"),
-    (lambda d: (d / "case.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "case.json").write_text("{not json"), "invalid JSON"),
     (lambda d: (d / "case.json").write_text("[]"), "must be a JSON object"),
     (lambda d: (d / "inputs.safetensors").unlink(), "no such file"),
     (lambda d: (d / "expected.safetensors").write_bytes((d / "expected.safetensors").read_bytes()[:40]), "not a valid safetensors"),

@@ -5,9 +5,7 @@ unmerge of a checkpoint, ONNX export, loading an ``.onnx_adapter`` against a dyn
 loading a conformance case or an adapter tree) is run through the library and, where a command reads that input,
 through the CLI. Asserted: the exact error class (not a subclass, not a built-in), CLI exit code
 2 with a one-line message, no file in the output folder afterwards (no merged file, no residual,
-no leftover ``.partial``), the inputs unchanged, and no pickle payload executed. Cases whose
-loader still lets an untyped error out are marked ``known_bug`` and xfail strictly, so a fix
-shows up as an unexpected pass.
+no leftover ``.partial``), the inputs unchanged, and no pickle payload executed.
 """
 
 from __future__ import annotations
@@ -85,8 +83,7 @@ def _cli_args(inputs: dict[str, Path], operation: str, out: Path) -> list[str]:
 
 
 def _params(cases):
-    return [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=c.known_bug)] if c.known_bug else [])
-            for c in cases]
+    return [pytest.param(c, id=c.name) for c in cases]
 
 
 #: Operations a CLI command performs on its input (no command reads .onnx_adapter, case.json or a tree alone).

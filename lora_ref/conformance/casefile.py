@@ -21,6 +21,7 @@ import numpy as np
 from ..atomic import write_text_atomic
 from ..dtypes import STORAGE_DTYPES, dtype_name
 from ..errors import FileFormatError
+from ..jsonfile import read_json
 from ..safetensors_io import load_file, save_file
 
 CASE_JSON, INPUTS, EXPECTED, OUTPUTS, MANIFEST = "case.json", "inputs.safetensors", "expected.safetensors", "outputs.safetensors", "manifest.json"
@@ -109,12 +110,7 @@ def load_case(path: str | Path) -> Case:
     """Read and validate ``<path>/case.json`` (tensor files are checked when loaded)."""
     path = Path(path)
     json_path = path / CASE_JSON
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CaseFormatError(f"{json_path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CaseFormatError(f"{json_path}: not valid JSON ({exc})") from None
+    data = read_json(json_path, error=CaseFormatError, what="case description")
     if not isinstance(data, dict):
         raise CaseFormatError(f"{json_path}: must be a JSON object")
     dtype = _require(json_path, data, "dtype", str)
@@ -157,12 +153,9 @@ class ManifestEntry:
 def read_manifest(suite: str | Path) -> tuple[str, list[ManifestEntry]]:
     """(suite_version, entries) from ``<suite>/manifest.json``."""
     path = Path(suite) / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CaseFormatError(f"{path}: no manifest (is {suite} a conformance suite directory?)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CaseFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not path.exists():
+        raise CaseFormatError(f"{path}: no manifest (is {suite} a conformance suite directory?)")
+    data = read_json(path, error=CaseFormatError, what="suite manifest")
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise CaseFormatError(f"{path}: must be an object with a 'cases' list")
     entries = []

