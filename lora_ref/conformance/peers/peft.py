@@ -143,19 +143,29 @@ class PeftImplementation:
                 out["dlora_bias"] = self.array(layer.lora_B["default"].bias.grad, t)
         return out
 
-    def linear_merge(self, params, inputs):
-        _, layer = self._linear(params, inputs, _name(inputs["W"].dtype))
+    def _merge(self, layer, dtype: np.dtype) -> Arrays:
+        """PEFT's merge() of a built layer; the merged base weight."""
         layer.merge()
-        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+        return {"W_merged": self.array(layer.base_layer.weight, dtype)}
+
+    def _unmerge(self, build, params, inputs) -> Arrays:
+        """PEFT's unmerge() of a layer built around the merged weight (marked as merged first)."""
+        merged = inputs["W_merged"]
+        layer = build(params, {**inputs, "W": merged})
+        layer.merged_adapters.append("default")  # the weight it holds is merged
+        layer.unmerge()
+        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+
+    def _linear_layer(self, params, inputs):
+        return self._linear(params, inputs, _name(inputs["W"].dtype))[1]
+
+    def linear_merge(self, params, inputs):
+        return self._merge(self._linear_layer(params, inputs), inputs["W"].dtype)
 
     def linear_unmerge(self, params, inputs):
         if params.get("exact", False):
             raise NotImplementedError("PEFT has no exact (residual) unmerge")
-        merged = inputs["W_merged"]
-        _, layer = self._linear(params, {**inputs, "W": merged}, _name(merged.dtype))
-        layer.merged_adapters.append("default")  # the weight it holds is merged
-        layer.unmerge()
-        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+        return self._unmerge(self._linear_layer, params, inputs)
 
     # -- Embedding -----------------------------------------------------------------------------------
     def _embedding(self, params, inputs):
@@ -174,16 +184,10 @@ class PeftImplementation:
         return {"y": self.array(y, inputs["W"].dtype)}
 
     def embedding_merge(self, params, inputs):
-        layer = self._embedding(params, inputs)
-        layer.merge()
-        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+        return self._merge(self._embedding(params, inputs), inputs["W"].dtype)
 
     def embedding_unmerge(self, params, inputs):
-        merged = inputs["W_merged"]
-        layer = self._embedding(params, {**inputs, "W": merged})
-        layer.merged_adapters.append("default")  # the weight it holds is merged
-        layer.unmerge()
-        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+        return self._unmerge(self._embedding, params, inputs)
 
     def embedding_backward(self, params, inputs):
         layer = self._embedding(params, inputs)
@@ -219,16 +223,10 @@ class PeftImplementation:
         return {"y": self.array(y, inputs["x"].dtype)}
 
     def conv2d_merge(self, params, inputs):
-        layer = self._conv2d(params, inputs)
-        layer.merge()
-        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+        return self._merge(self._conv2d(params, inputs), inputs["W"].dtype)
 
     def conv2d_unmerge(self, params, inputs):
-        merged = inputs["W_merged"]
-        layer = self._conv2d(params, {**inputs, "W": merged})
-        layer.merged_adapters.append("default")
-        layer.unmerge()
-        return {"W": self.array(layer.base_layer.weight, merged.dtype)}
+        return self._unmerge(self._conv2d, params, inputs)
 
     def conv2d_backward(self, params, inputs):
         layer = self._conv2d(params, inputs)
@@ -311,9 +309,7 @@ class PeftImplementation:
         raise NotImplementedError("PEFT has no exact (residual) unmerge")
 
     def dora_merge(self, params, inputs):
-        layer = self._dora(params, inputs)
-        layer.merge()
-        return {"W_merged": self.array(layer.base_layer.weight, inputs["W"].dtype)}
+        return self._merge(self._dora(params, inputs), inputs["W"].dtype)
 
 
 def _name(dtype: np.dtype) -> str:
