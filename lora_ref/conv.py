@@ -24,7 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .dtypes import check_float_array, float64, resolve_dtype, round_to
 from .errors import ConfigError, ShapeError
-from .linear import rank_one_sum
+from .linear import LoraGrads, rank_one_sum
 
 #: torch padding_mode -> numpy.pad mode (``zeros`` pads with a constant 0).
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -252,18 +252,6 @@ def forward(
     return round_to(y, resolve_dtype(out_dtype) if out_dtype is not None else np.asarray(x).dtype)
 
 
-@dataclass(frozen=True)
-class ConvGrads:
-    """Gradients given dy = dL/dy, each rounded once to its tensor's dtype (base ones on request)."""
-
-    dx: np.ndarray
-    dA: np.ndarray
-    dB: np.ndarray
-    dW: np.ndarray | None = None
-    db: np.ndarray | None = None
-    dlora_bias: np.ndarray | None = None
-
-
 def backward(
     x: np.ndarray,
     dy: np.ndarray,
@@ -275,7 +263,7 @@ def backward(
     geometry: ConvGeometry = ConvGeometry(),
     dropout_mask: np.ndarray | None = None,
     want_base_grads: bool = False,
-) -> ConvGrads:
+) -> LoraGrads:
     """Gradients of :func:`forward` (SPEC 4.2), with h = conv(x̃, A), x̃ = x ∘ mask:
 
         dx = convᵀ(dY, W) + convᵀ(dH, A) ∘ mask,   dH = s Bᵀ dY (per position)
@@ -302,7 +290,7 @@ def backward(
         grads["dW"] = round_to(ops.conv_vjp_kernel(x64, dy64), np.asarray(W).dtype)
         grads["db"] = round_to(column_sum, np.asarray(W).dtype)
         grads["dlora_bias"] = round_to(scale * column_sum, np.asarray(B).dtype)
-    return ConvGrads(**grads)
+    return LoraGrads(**grads)
 
 
 class ConvDelta:

@@ -93,8 +93,8 @@ def _vector(v: np.ndarray, length: int, what: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class LinearGrads:
-    """Gradients of a scalar loss L with respect to each input, given dy = dL/dy.
+class LoraGrads:
+    """Gradients of a scalar loss L with respect to each input of a Linear or Conv LoRA layer, given dy = dL/dy.
 
     Each is rounded once to the dtype of the tensor it differentiates. ``dW``, ``db`` and
     ``dlora_bias`` are None unless requested.
@@ -121,7 +121,7 @@ def backward(
     want_base_grads: bool = False,
     bias_dtype: object = None,
     lora_bias_dtype: object = None,
-) -> LinearGrads:
+) -> LoraGrads:
     """Gradients of the forward above (SPEC 2.4), with X, dY flattened over leading axes.
 
         dx = dY W + s ((dY B) A) ∘ mask        dA = s (dY B)^T (X ∘ mask)
@@ -158,7 +158,7 @@ def backward(
         grads["dlora_bias"] = round_to(
             scale * column_sum, resolve_dtype(lora_bias_dtype) if lora_bias_dtype is not None else np.asarray(B).dtype
         )
-    return LinearGrads(**grads)
+    return LoraGrads(**grads)
 
 
 class LinearDelta:
