@@ -89,7 +89,7 @@ def main(workdir: Path) -> dict[str, float]:
             make_adapter(base, workdir / "adapter_b", r=8, alpha=4, seed=2)]
     ids = example_ids(base.config.vocab_size)
     onnx_path = workdir / "llama.onnx"
-    program = torch.onnx.export(LogitsOnly(base), (ids,), dynamo=True, input_names=["input_ids"], output_names=["logits"],
+    program = torch.onnx.export(LogitsOnly(base).eval(), (ids,), dynamo=True, input_names=["input_ids"], output_names=["logits"],
                                 dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}})
     program.save(str(onnx_path))
 
