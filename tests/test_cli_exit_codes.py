@@ -2,13 +2,14 @@
 
 0 ok; 1 a check failed (conformance); 2 user error: a LoraRefError or bad arguments, one line on
 stderr starting ``lora-ref: error:``; 3 internal error (a bug): one line naming the exception and
-``--verbose``. ``--verbose`` adds the traceback. Real processes are run for each code, so the
+``--verbose``. ``--verbose`` adds the traceback; 130 interrupted (Ctrl-C). Real processes are run for each code, so the
 console entry point's propagation of the code is tested too; message details are checked
 in-process.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from corpus.make_corpus import write_fixtures
-from lora_ref.cli import EXIT_CHECK_FAILED, EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_USER_ERROR, main, merge_cmd
+from lora_ref.cli import EXIT_CHECK_FAILED, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, main, merge_cmd
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +105,16 @@ def test_interrupt_is_reported_on_one_line(fx: Path, tmp_path: Path, capsys: pyt
 
     monkeypatch.setattr(merge_cmd, "merge_checkpoint", interrupted)
     code = main(["merge", str(fx / "base.safetensors"), str(fx / "adapter"), "-o", str(tmp_path / "m.safetensors")])
-    assert code == EXIT_USER_ERROR
+    assert code == EXIT_INTERRUPTED == 128 + signal.SIGINT
     assert _one_line(capsys.readouterr().err) == "lora-ref: interrupted"
+
+
+def test_a_newline_in_a_path_keeps_the_message_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    odd = tmp_path / "two\nlines"
+    odd.mkdir()
+    assert main(["inspect", str(odd)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert _one_line(err).startswith("lora-ref: error: ") and "two\\nlines" in err
 
 
 def test_success_prints_one_summary_line(fx: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
