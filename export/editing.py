@@ -35,35 +35,70 @@ def lora_b_name(module: str) -> str:
     return f"{module}.lora_B.weight"
 
 
-def check_exportable(adapter: Adapter, module: str) -> None:
-    """Refuse adapter features the exported graphs do not express (typed ExportConfigError)."""
+def lora_bias_name(module: str) -> str:
+    """Graph input holding s·lora_bias [out] (dynamic graphs of modules with lora_bias)."""
+    return f"{module}.lora_B.bias"
+
+
+#: The layer kinds each graph kind expresses. DoRA is merged only: its output is
+#: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
+#: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
+EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear",), "batched": ("linear",)}
+
+
+def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> None:
+    """Refuse adapter features the ``mode`` graph does not express (typed ExportConfigError), and non-finite values."""
     lora = adapter.modules[module]
     where = f"adapter {adapter.name!r}, module {module}"
-    if lora.kind != "linear":
-        raise ExportConfigError(f"{where}: {lora.kind} LoRA layers are not exported to ONNX (Linear only)")
-    if adapter.config.use_dora or lora.magnitude is not None:
-        raise ExportConfigError(f"{where}: DoRA adapters are not exported to ONNX")
-    if lora.lora_bias is not None:
-        raise ExportConfigError(f"{where}: lora_bias is not exported to ONNX")
-    if not (np.all(np.isfinite(lora.A)) and np.all(np.isfinite(lora.B))):
+    kinds = EXPORTABLE_KINDS[mode]
+    if lora.kind not in kinds:
+        raise ExportConfigError(f"{where}: {lora.kind} LoRA layers are exported to {mode} graphs only as {'/'.join(kinds)}; "
+                                "use --mode merged")
+    if mode != "merged" and (adapter.config.use_dora or lora.magnitude is not None):
+        raise ExportConfigError(f"{where}: DoRA rescales the whole layer by m / ||W + sBA|| (not a low-rank additive term), "
+                                f"so it is exported to merged graphs only, not {mode} ones")
+    if not all(np.all(np.isfinite(array)) for array in lora.arrays().values()):
         raise NonFiniteError(f"{where}: the adapter holds NaN or infinity; refusing to export it")
 
 
-def check_fits(adapter: Adapter, module: str, site: TargetSite) -> None:
-    """ShapeError unless the module's A [r, in] and B [out, r] fit the graph weight's in/out."""
+def check_fits(adapter: Adapter, module: str, site: TargetSite, mode: str = "merged") -> None:
+    """ShapeError unless the module's tensors fit the graph weight at ``site`` (kind, in/out, kernel).
+
+    Merging lora_bias needs a base bias in the graph (as PEFT and the core's checkpoint merge).
+    """
     from lora_ref.errors import ShapeError
 
+    from .errors import UnsupportedGraphError
+
     lora = adapter.modules[module]
-    if lora.A.shape[1] != site.in_features or lora.B.shape[0] != site.out_features:
+    where = f"adapter {adapter.name!r}, module {module}"
+    if lora.kind != site.kind:
+        raise ShapeError(f"{where}: a {lora.kind} adapter, but the graph uses {site.weight!r} as a {site.kind} weight")
+    in_features = lora.A.shape[1]
+    fits = in_features == site.in_features and lora.B.shape[0] == site.out_features
+    if lora.kind == "conv":
+        fits = fits and tuple(lora.A.shape[2:]) == tuple(site.weight_shape[2:])
+    if not fits:
         raise ShapeError(
-            f"adapter {adapter.name!r}, module {module}: lora_A {lora.A.shape} / lora_B {lora.B.shape} do not fit the "
-            f"graph weight {site.weight!r} ({site.in_features} in, {site.out_features} out)"
+            f"{where}: lora_A {lora.A.shape} / lora_B {lora.B.shape} do not fit the "
+            f"graph weight {site.weight!r} {site.weight_shape} ({site.in_features} in, {site.out_features} out)"
         )
+    if mode == "merged" and lora.lora_bias is not None and site.bias is None:
+        raise UnsupportedGraphError(f"{where}: lora_bias merges into the base layer's bias, but the graph's "
+                                    f"{site.weight!r} layer has none (export it --mode dynamic instead)")
+
+
+def lora_bias_term(adapter: Adapter, module: str, dtype: np.dtype) -> np.ndarray:
+    """round_t(s · lora_bias) [out]; zeros when the module has no lora_bias."""
+    lora = adapter.modules[module]
+    if lora.lora_bias is None:
+        return np.zeros(lora.B.shape[0], dtype)
+    return round_to(adapter.scale_for(module) * lora.lora_bias.astype(np.float64), dtype)
 
 
 def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(A^T [in, r'], s·B^T [r', out]) rounded once to ``dtype``; r' = ``pad_to`` (zero-padded) or r."""
-    check_exportable(adapter, module)
+    check_exportable(adapter, module, "dynamic")
     lora = adapter.modules[module]
     r = lora.rank
     width = r if pad_to is None else pad_to

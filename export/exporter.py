@@ -2,7 +2,8 @@
 
 Order of work, so that bad input leaves no file behind: read the graph and make sure
 onnxruntime can read what will be written (IR version, opset); locate every targeted module
-(all misses reported together); check every adapter against its sites (layer kind, DoRA,
+(all misses reported together); check every adapter against its sites (layer kind and what
+the graph kind expresses: merged graphs take Linear, Embedding, Conv, DoRA and lora_bias;
 shapes, ranks); build the graph and the adapter tensors in memory; only then write the graph
 (checked by onnx.checker, atomic) and the ``.onnx_adapter`` files (checked against the graph's
 LoRA inputs, atomic).
@@ -96,19 +97,21 @@ def build_graph(
     loadable_ir_version(model)  # refuse early; the input model is not modified
     if tensor_bytes(model) < EXTERNAL_DATA_BYTES:  # larger in-memory models are checked when read from a path
         check_graph(model, where="input model")
-    modules = list(dict.fromkeys(m for adapter in adapters for m in adapter.modules))
+    kinds: dict[str, str] = {}
     for adapter in adapters:
-        for module in adapter.modules:
-            check_exportable(adapter, module)
+        for module, lora in adapter.modules.items():
+            check_exportable(adapter, module, mode)
+            if kinds.setdefault(module, lora.kind) != lora.kind:
+                raise ExportConfigError(f"module {module}: the adapters disagree on its layer kind ({kinds[module]} vs {lora.kind})")
     if isinstance(base_weights, (str, os.PathLike)):
         with SafetensorsFile(base_weights) as handle:
-            sites = locate_targets(model, modules, base_weights=_LazyTensors(handle))
+            sites = locate_targets(model, list(kinds), base_weights=_LazyTensors(handle), kinds=kinds)
     else:
-        sites = locate_targets(model, modules, base_weights=base_weights)
+        sites = locate_targets(model, list(kinds), base_weights=base_weights, kinds=kinds)
     for adapter in adapters:
         for module in adapter.modules:
             for site in sites[module]:
-                check_fits(adapter, module, site)
+                check_fits(adapter, module, site, mode)
             if max_rank is not None and adapter.modules[module].rank > max_rank:
                 raise ExportConfigError(
                     f"adapter {adapter.name!r}, module {module}: rank {adapter.modules[module].rank} exceeds --max-rank {max_rank}"

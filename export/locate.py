@@ -6,6 +6,13 @@ A Linear layer y = x W^T (+ b), W [out, in] in torch's layout, appears in a grap
 * ``MatMul(x, Transpose(W))`` with W [out, in], layout ``out_in``;
 * ``Gemm(x, W, b, transB=1)`` (layout ``out_in``) or ``Gemm(x, W_io, b, transB=0)`` (``in_out``).
 
+An Embedding y = W[ids], W [num_embeddings, embedding_dim], is ``Gather(W, ids, axis=0)``
+(layout ``rows``); a Conv1d/2d/3d is ``Conv(x, W, b)`` with W [out, in, *k] (layout
+``kernel``, group = 1). The module's kind (``kinds``, default ``"linear"``) says which of these
+uses count, so a weight tied between an embedding and an output projection gets sites of the
+adapted kind only. A site's base bias, when the graph has one, is Gemm's or Conv's third input
+or the 1-D initializer of an ``Add`` that is the only reader of a MatMul's output.
+
 The module path is found three ways, tried in this order for every module:
 
 1. **name scopes**: the dynamo exporter records the module stack of each node in the metadata
@@ -42,9 +49,12 @@ NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 class TargetSite:
     """One use of a module's weight as a Linear layer in the graph.
 
-    ``node`` is the index (in ``graph.node``) of the MatMul/Gemm computing y from x; ``x`` and
-    ``y`` are its activation input and output; ``weight`` the initializer, stored ``[in, out]``
-    (``layout == "in_out"``) or ``[out, in]`` (``"out_in"``); ``found_by`` the strategy used.
+    ``node`` is the index (in ``graph.node``) of the MatMul/Gemm/Gather/Conv computing y from x;
+    ``x`` and ``y`` are its activation input (ids for a Gather) and output; ``weight`` the
+    initializer, stored ``[in, out]`` (``layout == "in_out"``), ``[out, in]`` (``"out_in"``),
+    ``[num_embeddings, dim]`` (``"rows"``, in = num_embeddings) or ``[out, in, *k]``
+    (``"kernel"``); ``found_by`` the strategy used. ``bias`` is the base bias initializer
+    ([out]) and ``bias_node`` the node that adds it (``node`` itself for Gemm/Conv), or None.
     """
 
     module: str
@@ -56,6 +66,10 @@ class TargetSite:
     in_features: int
     out_features: int
     found_by: str
+    kind: str = "linear"
+    weight_shape: tuple[int, ...] = ()
+    bias: str | None = None
+    bias_node: int | None = None
 
 
 class GraphIndex:
@@ -72,13 +86,17 @@ class GraphIndex:
                 if name:
                     self.consumers[name].append((i, pos))
 
-    def linear_uses(self, weight: str) -> tuple[list[tuple[int, str]], list[str]]:
-        """(node index, layout) of every MatMul/Gemm using initializer ``weight`` as its W, and notes."""
+    def uses(self, weight: str, kind: str = "linear") -> tuple[list[tuple[int, str]], list[str]]:
+        """(node index, layout) of every node using initializer ``weight`` as a ``kind`` layer's W, and notes."""
         uses: list[tuple[int, str]] = []
         notes: list[str] = []
         for i, pos in self.consumers.get(weight, []):
             node = self.graph.node[i]
-            if node.op_type == "Transpose" and pos == 0 and _is_2d_swap(node):
+            if kind != "linear":
+                layout = _other_layout(node, pos, kind, notes)
+                if layout:
+                    uses.append((i, layout))
+            elif node.op_type == "Transpose" and pos == 0 and _is_2d_swap(node):
                 for j, pos2 in self.consumers.get(node.output[0], []):
                     layout = _linear_layout(self.graph.node[j], pos2, transposed=True, notes=notes)
                     if layout:
@@ -117,6 +135,26 @@ def _linear_layout(node: onnx.NodeProto, pos: int, *, transposed: bool, notes: l
     return None
 
 
+def _other_layout(node: onnx.NodeProto, pos: int, kind: str, notes: list[str]) -> str | None:
+    """``"rows"`` for an embedding's Gather, ``"kernel"`` for a conv's Conv, else None."""
+    if kind == "embedding" and node.op_type == "Gather" and pos == 0:
+        if _attr(node, "axis", 0) != 0:
+            notes.append(f"Gather {node.name or node.output[0]!r} gathers along axis {_attr(node, 'axis', 0)} (not an embedding)")
+            return None
+        return "rows"
+    if kind == "conv" and node.op_type == "Conv" and pos == 1:
+        if _attr(node, "group", 1) != 1:
+            notes.append(f"Conv {node.name or node.output[0]!r} has group={_attr(node, 'group', 1)} (grouped convs cannot merge a LoRA delta)")
+            return None
+        return "kernel"
+    return None
+
+
+#: Per layer kind: the op types of its nodes, the input position of the weight, its ranks.
+KIND_OPS = {"linear": (("MatMul", "Gemm"), 1, (2,)), "embedding": (("Gather",), 0, (2,)), "conv": (("Conv",), 1, (3, 4, 5))}
+KINDS = tuple(KIND_OPS)
+
+
 def _innermost_scope(node: onnx.NodeProto) -> str | None:
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES_KEY:
@@ -133,44 +171,79 @@ def _path_matches(candidate: str, module: str) -> bool:
     return candidate == module or candidate.endswith("." + module)
 
 
-def _sites(index: GraphIndex, module: str, weight: str, found_by: str) -> list[TargetSite]:
+def _bias(index: GraphIndex, node_index: int, out_features: int) -> tuple[str | None, int | None]:
+    """(base bias initializer [out], the node adding it) of a site, or (None, None)."""
+    node = index.graph.node[node_index]
+    if node.op_type in ("Gemm", "Conv"):
+        name = node.input[2] if len(node.input) > 2 else ""
+        tensor = index.initializers.get(name)
+        if tensor is not None and int(np.prod(tensor.dims)) == out_features and tensor.dims[-1:] == [out_features]:
+            return name, node_index
+        return None, None
+    if node.op_type != "MatMul":
+        return None, None
+    readers = index.consumers.get(node.output[0], [])
+    if len(readers) != 1 or index.graph.node[readers[0][0]].op_type != "Add":
+        return None, None
+    add = index.graph.node[readers[0][0]]
+    other = add.input[1 - readers[0][1]]
+    tensor = index.initializers.get(other)
+    if tensor is not None and list(tensor.dims) == [out_features]:
+        return other, readers[0][0]
+    return None, None
+
+
+def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str) -> list[TargetSite]:
     tensor = index.initializers[weight]
-    uses, _ = index.linear_uses(weight)
+    uses, _ = index.uses(weight, kind)
+    dims = tuple(int(d) for d in tensor.dims)
     sites = []
     for node_index, layout in uses:
         node = index.graph.node[node_index]
-        rows, cols = tensor.dims
-        in_f, out_f = (rows, cols) if layout == "in_out" else (cols, rows)
-        sites.append(TargetSite(module, node_index, node.input[0], node.output[0], weight, layout, int(in_f), int(out_f), found_by))
+        if layout in ("in_out", "rows"):
+            in_f, out_f = dims
+        else:  # out_in, kernel
+            out_f, in_f = dims[:2]
+        x = node.input[1] if layout == "rows" else node.input[0]
+        bias, bias_node = _bias(index, node_index, out_f)
+        sites.append(TargetSite(module, node_index, x, node.output[0], weight, layout, in_f, out_f, found_by,
+                                kind, dims, bias, bias_node))
     return sites
 
 
-def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str]) -> tuple[set[str], str]:
+def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str], kind: str) -> tuple[set[str], str]:
+    op_types, position, ranks = KIND_OPS[kind]
     weights: set[str] = set()
     seen = []
     for i, scope in scopes.items():
-        if not _path_matches(scope, module):
-            continue
         node = index.graph.node[i]
+        if node.op_type not in op_types or not _path_matches(scope, module):
+            continue
         seen.append(node.name or node.output[0])
-        weight = node.input[1] if len(node.input) > 1 else ""
+        weight = node.input[position] if len(node.input) > position else ""
         producer = index.graph.node[index.producer[weight]] if weight in index.producer else None
-        if producer is not None and producer.op_type == "Transpose" and _is_2d_swap(producer):
+        if kind == "linear" and producer is not None and producer.op_type == "Transpose" and _is_2d_swap(producer):
             weight = producer.input[0]
-        if weight in index.initializers and len(index.initializers[weight].dims) == 2:
+        if weight in index.initializers and _is_weight(index.initializers[weight], ranks):
             weights.add(weight)
+    what = "/".join(op_types)
     if not seen:
-        return weights, f"name scopes: no MatMul/Gemm has a {NAME_SCOPES_KEY} scope ending in {module!r}"
+        return weights, f"name scopes: no {what} has a {NAME_SCOPES_KEY} scope ending in {module!r}"
     if not weights:
-        return weights, f"name scopes: nodes {seen} match but none takes a 2-D initializer as its weight"
+        return weights, f"name scopes: nodes {seen} match but none takes a floating {'/'.join(map(str, ranks))}-D initializer as its weight"
     return weights, f"name scopes: {len(seen)} node(s) match, weights {sorted(weights)}"
 
 
-def _by_name(index: GraphIndex, module: str) -> tuple[set[str], str]:
+def _is_weight(tensor: onnx.TensorProto, ranks: tuple[int, ...]) -> bool:
+    return len(tensor.dims) in ranks and np.issubdtype(helper.tensor_dtype_to_np_dtype(tensor.data_type), np.floating)
+
+
+def _by_name(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str]:
+    ranks = KIND_OPS[kind][2]
     key = f"{module}.weight"
-    weights = {name for name, t in index.initializers.items() if _path_matches(name, key) and len(t.dims) == 2}
+    weights = {name for name, t in index.initializers.items() if _path_matches(name, key) and _is_weight(t, ranks)}
     if not weights:
-        return weights, f"initializer names: no 2-D initializer named {key!r} or '*.{key}'"
+        return weights, f"initializer names: no floating {'/'.join(map(str, ranks))}-D initializer named {key!r} or '*.{key}'"
     return weights, f"initializer names: {sorted(weights)}"
 
 
@@ -191,26 +264,28 @@ def _equal(value: np.ndarray, target: np.ndarray) -> bool:
     return bool(np.array_equal(value, target, equal_nan=True))
 
 
-def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | None) -> tuple[set[str], str]:
+def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | None, kind: str) -> tuple[set[str], str]:
     if base is None:
         return set(), "values: not tried (no --base-weights file given)"
     key = next((k for k in base if _path_matches(k, f"{module}.weight")), None)
     if key is None:
         return set(), f"values: the base weights have no tensor '{module}.weight'"
     W = np.asarray(base[key])
+    shapes = (W.shape, W.shape[::-1]) if kind == "linear" else (W.shape,)  # only a Linear's weight may be transposed
     weights = set()
     for name, tensor in index.initializers.items():
-        if len(tensor.dims) != 2 or tuple(tensor.dims) not in (W.shape, W.shape[::-1]):
+        if tuple(tensor.dims) not in shapes or not _is_weight(tensor, KIND_OPS[kind][2]):
             continue
         value = _view(tensor)
-        if not np.issubdtype(value.dtype, np.floating):
-            continue
         target = round_to(np.asarray(W, dtype=np.float64), value.dtype)
-        if _equal(value, target) or _equal(value, target.T):
+        if _equal(value, target) or (kind == "linear" and _equal(value, target.T)):
             weights.add(name)
     if not weights:
         return weights, f"values: no initializer equals base tensor {key!r} {W.shape} or its transpose"
     return weights, f"values: {sorted(weights)} equal base tensor {key!r}"
+
+
+_KIND_FORMS = {"linear": "MatMul, Transpose+MatMul, or Gemm", "embedding": "Gather along axis 0", "conv": "Conv with group=1"}
 
 
 def locate_targets(
@@ -218,34 +293,41 @@ def locate_targets(
     modules: Iterable[str],
     *,
     base_weights: Mapping[str, np.ndarray] | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> dict[str, list[TargetSite]]:
-    """The Linear sites of each module in ``modules`` (see module docstring for the strategies).
+    """The sites of each module in ``modules`` (see module docstring for the strategies).
 
-    Raises GraphTargetNotFoundError naming every unresolved module and what each strategy saw,
-    and UnsupportedGraphError when a found weight is not used as a Linear layer anywhere.
+    ``kinds`` maps a module to its layer kind (``"linear"``, ``"embedding"``, ``"conv"``;
+    default linear). Raises GraphTargetNotFoundError naming every unresolved module and what
+    each strategy saw, and UnsupportedGraphError when a found weight is not used as a layer of
+    that kind anywhere.
     """
     index = GraphIndex(model.graph)
-    scopes = {i: s for i, n in enumerate(model.graph.node) if n.op_type in ("MatMul", "Gemm") and (s := _innermost_scope(n))}
+    op_types = {op for ops, _, _ in KIND_OPS.values() for op in ops}
+    scopes = {i: s for i, n in enumerate(model.graph.node) if n.op_type in op_types and (s := _innermost_scope(n))}
     found: dict[str, list[TargetSite]] = {}
     failures: dict[str, list[str]] = {}
     for module in modules:
+        kind = (kinds or {}).get(module, "linear")
+        if kind not in KIND_OPS:
+            raise UnsupportedGraphError(f"{module}: layer kind {kind!r} cannot be located (kinds: {KINDS})")
         tried = []
         for found_by, strategy in (
-            ("name scopes", lambda: _by_scopes(index, module, scopes)),
-            ("initializer name", lambda: _by_name(index, module)),
-            ("value match", lambda: _by_value(index, module, base_weights)),
+            ("name scopes", lambda: _by_scopes(index, module, scopes, kind)),
+            ("initializer name", lambda: _by_name(index, module, kind)),
+            ("value match", lambda: _by_value(index, module, base_weights, kind)),
         ):
             weights, note = strategy()  # lazily: value matching reads tensors
             if len(weights) == 1:
                 weight = next(iter(weights))
-                sites = _sites(index, module, weight, found_by)
+                sites = _sites(index, module, weight, found_by, kind)
                 if found_by == "name scopes":  # a weight shared with another module keeps that module's nodes
                     sites = [site for site in sites if _path_matches(scopes.get(site.node, ""), module)]
                 if not sites:
-                    _, notes = index.linear_uses(weight)
+                    _, notes = index.uses(weight, kind)
                     raise UnsupportedGraphError(
-                        f"{module}: weight {weight!r} (found by {found_by}) is not used as a Linear layer "
-                        f"(MatMul, Transpose+MatMul, or Gemm){': ' + '; '.join(notes) if notes else ''}"
+                        f"{module}: weight {weight!r} (found by {found_by}) is not used as a {kind} layer "
+                        f"({_KIND_FORMS[kind]}){': ' + '; '.join(notes) if notes else ''}"
                     )
                 found[module] = sites
                 break

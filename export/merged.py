@@ -1,11 +1,19 @@
-"""The merged graph: each targeted weight initializer replaced by round_t(W + Δ) (the core's merge).
+"""The merged graph: each targeted weight initializer replaced by the core's merge of it.
+
+For every merge target of an adapter (:func:`lora_ref.checkpoint.merge_targets`: a module's
+weight, and its base bias when the module has ``lora_bias``) the initializer becomes
+``merge(W, target_delta(adapter, target, base=W)).weight`` (:mod:`lora_ref.merge`): round_t(W + Δ)
+for Linear, Embedding (the Gather's table) and Conv (the kernel) weights, round_t(b + s·lora_bias)
+for the bias, and round_t(g ∘ (W + Δ)) for DoRA (g = m / ‖W + Δ‖_c from the unmerged W). A
+Linear weight stored in the other layout than the adapter's (``fan_in_fan_out``) is merged
+transposed, which is exact, so the initializer is bit for bit the core's merged weight.
 
 Nothing else in the graph changes, so the merged graph has exactly the base graph's latency.
 With several adapters the merges are applied in the given order (W1 = merge(W0, Δ1), ...), as a
 PEFT model that merges them one after another. When ``dtype`` differs from the stored dtype
 (the fp16 export), the merge is evaluated in float64 and rounded once to ``dtype``.
-A weight initializer that something other than the targeted Linear layers also reads (tied
-embeddings) is copied first, so those other readers still see the base weight.
+An initializer that something other than the targeted layers also reads (tied embeddings) is
+copied first, so those other readers still see the base value.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ import onnx
 from onnx import numpy_helper
 
 from lora_ref.adapter import Adapter
+from lora_ref.checkpoint import target_delta
 from lora_ref.dtypes import round_to
-from lora_ref.linear import LinearDelta
 from lora_ref.merge import merge
 
 from .editing import Namer, check_exportable, check_fits
@@ -27,29 +35,61 @@ from .errors import UnsupportedGraphError
 from .locate import GraphIndex, TargetSite
 
 
-def _private_readers(index: GraphIndex, weight: str, sites: Sequence[TargetSite]) -> tuple[bool, list[int]]:
-    """(whether only the sites read ``weight``, the nodes that read it directly on the sites' behalf)."""
-    site_nodes = {site.node for site in sites}
+def _private_readers(index: GraphIndex, name: str, nodes: set[int]) -> tuple[bool, list[int]]:
+    """(whether only ``nodes`` read ``name``, the nodes that read it directly on their behalf)."""
     direct, private = [], True
-    for i, _ in index.consumers.get(weight, []):
+    for i, _ in index.consumers.get(name, []):
         node = index.graph.node[i]
-        if i in site_nodes:
+        if i in nodes:
             direct.append(i)
-        elif node.op_type == "Transpose" and {j for j, _ in index.consumers.get(node.output[0], [])} <= site_nodes:
+        elif node.op_type == "Transpose" and {j for j, _ in index.consumers.get(node.output[0], [])} <= nodes:
             direct.append(i)
         else:
             private = False
     return private, direct
 
 
-def merged_weight(stored: np.ndarray, layout: str, module: str, adapters: Sequence[Adapter], dtype: np.dtype) -> np.ndarray:
-    """The stored weight with every adapter's Δ merged in order, in the stored layout, as ``dtype``."""
+def _stored_layout(adapter: Adapter, layout: str) -> bool:
+    """Whether a weight stored in ``layout`` is the transpose of the layout the adapter's delta has."""
+    if layout not in ("in_out", "out_in"):
+        return False  # embedding rows and conv kernels are stored as the core expects
+    return layout != ("in_out" if adapter.config.fan_in_fan_out else "out_in")
+
+
+def merged_tensor(stored: np.ndarray, layout: str, module: str, part: str, adapters: Sequence[Adapter], dtype: np.dtype) -> np.ndarray:
+    """The stored weight (``part="weight"``) or bias (``"bias"``) with every adapter merged in order, as ``dtype``."""
     W = stored if np.dtype(dtype) == stored.dtype else stored.astype(np.float64)
     for adapter in adapters:
-        lora = adapter.modules[module]
-        delta = LinearDelta(lora.A, lora.B, adapter.scale_for(module), fan_in_fan_out=layout == "in_out", module=module)
-        W = merge(W, delta).weight
-    return round_to(W, dtype) if W.dtype != np.dtype(dtype) else W
+        if part == "bias":
+            if adapter.modules[module].lora_bias is not None:
+                W = merge(W.reshape(-1), target_delta(adapter, (module, part))).weight.reshape(W.shape)
+            continue
+        flip = _stored_layout(adapter, layout)
+        core = W.T if flip else W
+        merged = merge(core, target_delta(adapter, (module, part), base=core)).weight
+        W = merged.T if flip else merged
+    return np.ascontiguousarray(round_to(W, dtype) if W.dtype != np.dtype(dtype) else W)
+
+
+def _replace(graph: onnx.GraphProto, index: GraphIndex, namer: Namer, name: str, readers: set[int], value: np.ndarray, module: str) -> None:
+    """Set initializer ``name`` to ``value`` for ``readers``; a copy when other nodes read it too."""
+    private, direct = _private_readers(index, name, readers)
+    if private:
+        index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+        return
+    fresh = namer(f"{name}.merged.{module}")
+    graph.initializer.append(numpy_helper.from_array(value, fresh))
+    for i in direct:
+        node = graph.node[i]
+        for pos, current in enumerate(node.input):
+            if current == name:
+                node.input[pos] = fresh
+
+
+def _one(module: str, what: str, values: set) -> object:
+    if len(values) != 1:
+        raise UnsupportedGraphError(f"{module}: its sites disagree on the {what}: {sorted(map(str, values))}")
+    return next(iter(values))
 
 
 def build_merged(
@@ -60,7 +100,7 @@ def build_merged(
     dtype: np.dtype | None = None,
     progress=None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with the targeted weights merged (see module docstring)."""
+    """A copy of ``model`` with the targeted weights (and lora_bias biases) merged (see module docstring)."""
     out = copy.deepcopy(model)
     graph = out.graph
     index = GraphIndex(graph)
@@ -70,25 +110,18 @@ def build_merged(
             progress(step, len(sites), module)
         users = [a for a in adapters if module in a.modules]
         for adapter in users:
-            check_exportable(adapter, module)
+            check_exportable(adapter, module, "merged")
             for site in module_sites:
-                check_fits(adapter, module, site)
-        weight, layouts = module_sites[0].weight, {site.layout for site in module_sites}
-        if len(layouts) != 1:
-            raise UnsupportedGraphError(f"{module}: weight {weight!r} is read in both layouts {sorted(layouts)}")
-        tensor = index.initializers[weight]
-        stored = numpy_helper.to_array(tensor)
+                check_fits(adapter, module, site, "merged")
+        weight = module_sites[0].weight
+        layout = _one(module, f"layout of {weight!r}", {site.layout for site in module_sites})
+        stored = numpy_helper.to_array(index.initializers[weight])
         target = np.dtype(dtype) if dtype is not None else stored.dtype
-        merged = merged_weight(stored, layouts.pop(), module, users, target)
-        private, direct = _private_readers(index, weight, module_sites)
-        if private:
-            tensor.CopyFrom(numpy_helper.from_array(merged, weight))
-            continue
-        fresh = namer(f"{weight}.merged.{module}")
-        graph.initializer.append(numpy_helper.from_array(merged, fresh))
-        for i in direct:
-            node = graph.node[i]
-            for pos, name in enumerate(node.input):
-                if name == weight:
-                    node.input[pos] = fresh
+        merged = merged_tensor(stored, layout, module, "weight", users, target)
+        _replace(graph, index, namer, weight, {site.node for site in module_sites}, merged, module)
+        if any(adapter.modules[module].lora_bias is not None for adapter in users):
+            bias = _one(module, "base bias", {site.bias for site in module_sites})
+            stored = numpy_helper.to_array(index.initializers[bias])
+            merged = merged_tensor(stored, "bias", module, "bias", users, np.dtype(dtype) if dtype is not None else stored.dtype)
+            _replace(graph, index, namer, bias, {site.bias_node for site in module_sites}, merged, module)
     return out

@@ -1,7 +1,8 @@
 """The reference's own small models, built directly as ONNX graphs, with float64 forwards.
 
-Two models, each returned as a :class:`SmallModel` (the ONNX graph, its weights in torch's
-``state_dict`` layout, the Linear module paths, and a float64 NumPy forward):
+Four models, each returned as a :class:`SmallModel` (the ONNX graph, its weights in torch's
+``state_dict`` layout, the adapted module paths and their layer kinds, and a float64 NumPy
+forward):
 
 * :func:`mlp` — x [batch, in] -> Gemm(fc1, transB=1) -> Relu -> Gemm(fc2, transB=1) -> y [batch, out];
   weights are initializers named ``fc1.weight`` ([out, in]) etc.
@@ -10,21 +11,32 @@ Two models, each returned as a :class:`SmallModel` (the ONNX graph, its weights 
   projections are pre-transposed ``[in, out]`` initializers with anonymous names
   (``w_up``/``w_down``), found only through ``pkg.torch.onnx.name_scopes`` metadata, as in
   graphs from torch's dynamo exporter. So the two models exercise all three weight layouts.
+* :func:`embedding_model` — ids [batch, seq] -> ``Gather(embed.weight, ids)`` (with a name
+  scope, as the dynamo exporter writes it) -> ``MatMul(h, Transpose(proj.weight)) + proj.bias``
+  (a Linear whose bias is a separate Add) -> y [batch, seq, out].
+* :func:`conv_model` — x [N, C, H, W] -> Conv2d ``conv1`` (3x3, padding 1, bias) -> Relu ->
+  Reshape [N, C1, H·W] -> Conv1d ``conv2`` (kernel 3, stride 2, bias; anonymous weight found
+  by its name scope) -> y [N, C2, L].
 
-The float64 forward uses the core's :func:`lora_ref.linear.forward` for every adapted Linear
-layer (LoRA unmerged), so it is the oracle for all three exported graph kinds.
+The float64 forward uses the core's forward of each adapted layer (:func:`layer64`: Linear,
+Embedding, Conv, with lora_bias and DoRA; LoRA unmerged), so it is the oracle for all three
+exported graph kinds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lora_ref import dora
 from lora_ref.adapter import Adapter
+from lora_ref.conv import ConvGeometry
+from lora_ref.conv import forward as conv_forward
+from lora_ref.embedding import forward as embedding_forward
 from lora_ref.linear import forward as linear_forward
 
 from .locate import NAME_SCOPES_KEY
@@ -34,24 +46,62 @@ OPSET = 20
 
 @dataclass
 class SmallModel:
-    """An ONNX graph with its weights (torch layout, float32) and a float64 reference forward."""
+    """An ONNX graph with its weights (torch layout, float32) and a float64 reference forward.
+
+    ``linear_modules`` lists every adaptable module (the name predates Embedding and Conv);
+    ``kinds`` gives the layer kind of those that are not Linear, ``geometry`` each conv's.
+    """
 
     name: str
     onnx: onnx.ModelProto
     weights: dict[str, np.ndarray]
     linear_modules: list[str]
     reference: Callable[[np.ndarray, Adapter | None], np.ndarray]
+    kinds: dict[str, str] = field(default_factory=dict)
+    geometry: dict[str, ConvGeometry] = field(default_factory=dict)
+
+    def kind(self, module: str) -> str:
+        return self.kinds.get(module, "linear")
+
+    def layer(self, module: str, x: np.ndarray, adapter: Adapter | None = None, *, bias: bool = True) -> np.ndarray:
+        """:func:`layer64` of ``module`` in this model (``bias=False``: without the base bias)."""
+        return layer64(x, self.weights, module, adapter, kind=self.kind(module), geometry=self.geometry.get(module), bias=bias)
 
 
-def _linear64(x: np.ndarray, weights: Mapping[str, np.ndarray], module: str, adapter: Adapter | None) -> np.ndarray:
-    """x W^T + b (+ s (x A^T) B^T when ``adapter`` targets ``module``), all in float64."""
-    W = weights[f"{module}.weight"].astype(np.float64)
-    b = weights.get(f"{module}.bias")
-    if adapter is not None and module in adapter.modules:
-        lora = adapter.modules[module]
-        return linear_forward(x, W, lora.A, lora.B, adapter.scale_for(module), bias=b, out_dtype=np.float64)
-    y = np.asarray(x, np.float64) @ W.T
-    return y if b is None else y + b.astype(np.float64)
+def _zero_factors(kind: str, W_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-1 zero A, B of ``kind`` for W: the layer without an adapter (adds exact zeros)."""
+    if kind == "embedding":
+        return np.zeros((1, W_shape[0])), np.zeros((W_shape[1], 1))
+    if kind == "conv":
+        return np.zeros((1, *W_shape[1:])), np.zeros((W_shape[0], 1) + (1,) * (len(W_shape) - 2))
+    return np.zeros((1, W_shape[1])), np.zeros((W_shape[0], 1))
+
+
+def layer64(x: np.ndarray, weights: Mapping[str, np.ndarray], module: str, adapter: Adapter | None, *,
+            kind: str = "linear", geometry: ConvGeometry | None = None, bias: bool = True) -> np.ndarray:
+    """One layer in float64 through the core's forward: base + LoRA (+ s·lora_bias), or DoRA.
+
+    Linear y = x W^T + b + s (x A^T) B^T + s lora_bias; Embedding y = W[ids] + s A^T[ids] B^T;
+    Conv y = conv(x, W) + b + s conv(conv(x, A), B) + s lora_bias; with a magnitude, the
+    kind's DoRA forward. Without ``adapter`` (or a module it lacks) the base layer.
+    """
+    W = weights[f"{module}.weight"]
+    b = weights.get(f"{module}.bias") if bias else None
+    lora = adapter.modules.get(module) if adapter is not None else None
+    s = adapter.scale_for(module) if lora is not None else 0.0
+    A, B = (lora.A, lora.B) if lora is not None else _zero_factors(kind, W.shape)
+    geometry = geometry or ConvGeometry()
+    if lora is not None and lora.magnitude is not None:
+        layer = {"linear": lambda: dora.linear(W, A, B, s, lora.magnitude, module=module),
+                 "embedding": lambda: dora.embedding(W, A, B, s, lora.magnitude, module=module),
+                 "conv": lambda: dora.conv(W, A, B, s, lora.magnitude, geometry=geometry, module=module)}[kind]()
+        return dora.forward(layer, x, bias=b, out_dtype=np.float64)
+    lora_bias = lora.lora_bias if lora is not None else None
+    if kind == "embedding":
+        return embedding_forward(x, W, A, B, s, out_dtype=np.float64, module=module)
+    if kind == "conv":
+        return conv_forward(x, W, A, B, s, geometry=geometry, bias=b, lora_bias=lora_bias, out_dtype=np.float64)
+    return linear_forward(x, W, A, B, s, bias=b, lora_bias=lora_bias, out_dtype=np.float64)
 
 
 def _model(nodes, inputs, outputs, initializers, name: str) -> onnx.ModelProto:
@@ -84,8 +134,8 @@ def mlp(in_features: int = 16, hidden: int = 32, out_features: int = 8, *, seed:
     model = _model(nodes, inputs, outputs, [numpy_helper.from_array(v, k) for k, v in weights.items()], "lora_ref_mlp")
 
     def reference(x: np.ndarray, adapter: Adapter | None = None) -> np.ndarray:
-        h = np.maximum(_linear64(x, weights, "fc1", adapter), 0.0)
-        return _linear64(h, weights, "fc2", adapter)
+        h = np.maximum(layer64(x, weights, "fc1", adapter), 0.0)
+        return layer64(h, weights, "fc2", adapter)
 
     return SmallModel("mlp", model, weights, ["fc1", "fc2"], reference)
 
@@ -161,23 +211,93 @@ def transformer_block(d_model: int = 32, heads: int = 4, d_ff: int = 64, *, seed
         batch, seq, _ = x.shape
         h1 = _layer_norm64(x, weights["ln1.weight"], weights["ln1.bias"], eps)
         q, k, v = (
-            _linear64(h1, weights, m, adapter).reshape(batch, seq, heads, dh).transpose(0, 2, 1, 3) for m in attn[:3]
+            layer64(h1, weights, m, adapter).reshape(batch, seq, heads, dh).transpose(0, 2, 1, 3) for m in attn[:3]
         )
         scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dh)
         probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, d_model)
-        x1 = x + _linear64(ctx, weights, "attn.o_proj", adapter)
+        x1 = x + layer64(ctx, weights, "attn.o_proj", adapter)
         h2 = _layer_norm64(x1, weights["ln2.weight"], weights["ln2.bias"], eps)
-        up = np.maximum(_linear64(h2, weights, "mlp.up_proj", adapter), 0.0)
-        return x1 + _linear64(up, weights, "mlp.down_proj", adapter)
+        up = np.maximum(layer64(h2, weights, "mlp.up_proj", adapter), 0.0)
+        return x1 + layer64(up, weights, "mlp.down_proj", adapter)
 
     return SmallModel("transformer_block", model, weights, attn + mlp_modules, reference)
 
 
+def _scoped(node: onnx.NodeProto, module: str, op: str) -> onnx.NodeProto:
+    """``node`` with the dynamo exporter's name-scope metadata for ``module``."""
+    entry = node.metadata_props.add()
+    entry.key, entry.value = NAME_SCOPES_KEY, repr(["", module, op])
+    return node
+
+
+def embedding_model(vocab: int = 20, dim: int = 8, out_features: int = 6, *, seed: int = 0) -> SmallModel:
+    """Gather(embed.weight, ids) -> MatMul(., Transpose(proj.weight)) + proj.bias; modules ``embed``, ``proj``."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "embed.weight": rng.standard_normal((vocab, dim)).astype(np.float32),
+        "proj.weight": _normal(rng, (out_features, dim), dim),
+        "proj.bias": _normal(rng, (out_features,), dim),
+    }
+    nodes = [
+        _scoped(helper.make_node("Gather", ["embed.weight", "ids"], ["h"], name="embed.gather", axis=0), "embed", "embedding"),
+        helper.make_node("Transpose", ["proj.weight"], ["proj_wT"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "proj_wT"], ["proj_mm"], name="proj.matmul"),
+        helper.make_node("Add", ["proj_mm", "proj.bias"], ["y"], name="proj.bias_add"),
+    ]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", out_features])]
+    model = _model(nodes, inputs, outputs, [numpy_helper.from_array(v, k) for k, v in weights.items()], "lora_ref_embedding")
+    kinds = {"embed": "embedding"}
+
+    def reference(ids: np.ndarray, adapter: Adapter | None = None) -> np.ndarray:
+        return layer64(layer64(ids, weights, "embed", adapter, kind="embedding"), weights, "proj", adapter)
+
+    return SmallModel("embedding", model, weights, ["embed", "proj"], reference, kinds)
+
+
+def conv_model(channels: int = 3, size: int = 6, hidden: int = 4, out_channels: int = 5, *, seed: int = 0) -> SmallModel:
+    """Conv2d ``conv1`` (3x3, pad 1) -> Relu -> Reshape -> Conv1d ``conv2`` (k 3, stride 2; weight found by name scope)."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "conv1.weight": _normal(rng, (hidden, channels, 3, 3), channels * 9),
+        "conv1.bias": _normal(rng, (hidden,), channels * 9),
+        "conv2.weight": _normal(rng, (out_channels, hidden, 3), hidden * 3),
+        "conv2.bias": _normal(rng, (out_channels,), hidden * 3),
+    }
+    geometry = {"conv1": ConvGeometry(padding=1), "conv2": ConvGeometry(stride=2)}
+    inits = [numpy_helper.from_array(weights[k], k) for k in ("conv1.weight", "conv1.bias", "conv2.bias")]
+    inits += [numpy_helper.from_array(weights["conv2.weight"], "w_conv2"),
+              numpy_helper.from_array(np.array([0, hidden, -1], np.int64), "flat_shape")]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a1"]),
+        helper.make_node("Reshape", ["a1", "flat_shape"], ["flat"]),
+        _scoped(helper.make_node("Conv", ["flat", "w_conv2", "conv2.bias"], ["y"], name="conv2.conv", kernel_shape=[3], strides=[2]),
+                "conv2", "conv1d"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, size, size])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_channels, None])]
+    model = _model(nodes, inputs, outputs, inits, "lora_ref_conv")
+    kinds = {"conv1": "conv", "conv2": "conv"}
+
+    def reference(x: np.ndarray, adapter: Adapter | None = None) -> np.ndarray:
+        h = np.maximum(layer64(x, weights, "conv1", adapter, kind="conv", geometry=geometry["conv1"]), 0.0)
+        return layer64(h.reshape(h.shape[0], hidden, -1), weights, "conv2", adapter, kind="conv", geometry=geometry["conv2"])
+
+    return SmallModel("conv", model, weights, ["conv1", "conv2"], reference, kinds, geometry)
+
+
 def random_adapter(model: SmallModel, r: int, *, alpha: float | None = None, seed: int = 0, modules: list[str] | None = None,
-                   name: str = "default", use_rslora: bool = False, magnitude: float = 0.5) -> Adapter:
-    """A PEFT-style adapter on ``modules`` (default: every Linear) with random A and non-zero B."""
+                   name: str = "default", use_rslora: bool = False, magnitude: float = 0.5, lora_bias: bool = False,
+                   use_dora: bool = False) -> Adapter:
+    """A PEFT-style adapter on ``modules`` (default: every adaptable one) with random A and non-zero B.
+
+    Shapes follow each module's kind (Linear A [r, in], B [out, r]; Embedding A [r, V],
+    B [D, r]; Conv A [r, C, *k], B [O, r, 1...]). ``lora_bias`` adds a random lora_B.bias to
+    Linear and Conv modules; ``use_dora`` a magnitude per output channel near ‖W‖ of that channel.
+    """
     from lora_ref.adapter import LoraModule
     from lora_ref.config import LoraConfig
 
@@ -185,9 +305,21 @@ def random_adapter(model: SmallModel, r: int, *, alpha: float | None = None, see
     chosen = list(model.linear_modules if modules is None else modules)
     loras = {}
     for module in chosen:
-        out_features, in_features = model.weights[f"{module}.weight"].shape
-        A = (rng.standard_normal((r, in_features)) * magnitude / np.sqrt(in_features)).astype(np.float32)
-        B = (rng.standard_normal((out_features, r)) * magnitude).astype(np.float32)
-        loras[module] = LoraModule(module, A, B)
-    config = LoraConfig(r=r, lora_alpha=float(2 * r if alpha is None else alpha), target_modules=chosen, use_rslora=use_rslora)
+        W = model.weights[f"{module}.weight"]
+        kind = model.kind(module)
+        if kind == "embedding":
+            (fan_in, out), a_shape, b_shape, axis = W.shape, (r, W.shape[0]), (W.shape[1], r), 1
+        else:
+            out, fan_in = W.shape[0], int(np.prod(W.shape[1:]))
+            a_shape, b_shape, axis = (r, *W.shape[1:]), (out, r) + (1,) * (W.ndim - 2), 0
+        A = (rng.standard_normal(a_shape) * magnitude / np.sqrt(fan_in)).astype(np.float32)
+        B = (rng.standard_normal(b_shape) * magnitude).astype(np.float32)
+        bias = (rng.standard_normal(out) * magnitude).astype(np.float32) if lora_bias and kind != "embedding" else None
+        m = None
+        if use_dora:
+            norms = np.sqrt((W.astype(np.float64) ** 2).sum(axis=tuple(k for k in range(W.ndim) if k != axis)))
+            m = (norms * (1 + 0.2 * rng.standard_normal(norms.shape))).astype(np.float32)
+        loras[module] = LoraModule(module, A, B, lora_bias=bias, magnitude=m, kind=kind)
+    config = LoraConfig(r=r, lora_alpha=float(2 * r if alpha is None else alpha), target_modules=chosen, use_rslora=use_rslora,
+                        use_dora=use_dora, lora_bias=lora_bias)
     return Adapter(config, loras, name=name)

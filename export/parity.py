@@ -35,16 +35,57 @@ def gamma(n: int, u: float) -> float:
 def site_bound(x: np.ndarray, W: np.ndarray, *, A: np.ndarray | None = None, B: np.ndarray | None = None,
                scale: float = 0.0, bias: np.ndarray | None = None, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
     """The elementwise bound above; W [out, in], A [r, in], B [out, r] in PEFT layout, x [..., in]."""
-    x_abs = np.abs(np.asarray(x, np.float64))
-    magnitude = x_abs @ np.abs(np.asarray(W, np.float64)).T
-    r = 0
-    if A is not None and B is not None:
-        r = A.shape[0]
-        magnitude = magnitude + abs(scale) * ((x_abs @ np.abs(np.asarray(A, np.float64)).T) @ np.abs(np.asarray(B, np.float64)).T)
+    return layer_bound(x, W, A=A, B=B, scale=scale, bias=bias, dtype=dtype)
+
+
+def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: str = "linear", A: np.ndarray | None = None, B: np.ndarray | None = None,
+                scale: float = 0.0, bias: np.ndarray | None = None, lora_bias: np.ndarray | None = None,
+                gain: np.ndarray | None = None, geometry=None, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """γ_K · M for one layer of any kind, the bound above generalised:
+
+        M = |g| ∘ (base(|x|; |W|) + |s| lora(|x|; |A|, |B|)) + |b| + |s| |lora_bias|
+
+    base/lora are the kind's maps (Linear x W^T and (x A^T) B^T; Embedding W[ids] and
+    A^T[ids] B^T; Conv conv(x, W) and conv(conv(x, A), B)) evaluated on absolute values, so M
+    bounds the absolute value of every term any evaluation order adds. g is DoRA's per-channel
+    gain m / ‖W + sBA‖ (1 without DoRA); it multiplies the merged weight, whose one rounding
+    is among the K. K = n + r + 4 with n the inner length of the base map (Linear: in; Conv:
+    in·Πk; Embedding: 0, a lookup sums nothing).
+    """
+    from lora_ref.conv import ConvGeometry, ConvOps
+
+    W_abs = np.abs(np.asarray(W, np.float64))
+    r = 0 if A is None else int(np.shape(A)[0])
+    if kind == "embedding":
+        ids = np.asarray(x)
+        magnitude = W_abs[ids]
+        lora = (np.abs(np.asarray(A, np.float64)).T[ids] @ np.abs(np.asarray(B, np.float64)).T) if r else 0.0
+        n, channel = 0, -1
+    elif kind == "conv":
+        A_abs = np.abs(np.asarray(A, np.float64)) if r else np.zeros((1, *W_abs.shape[1:]))
+        B_abs = np.abs(np.asarray(B, np.float64)) if r else np.zeros((W_abs.shape[0], 1) + (1,) * (W_abs.ndim - 2))
+        ops = ConvOps(W_abs, A_abs, B_abs, 1.0, geometry or ConvGeometry())
+        x_abs = np.abs(np.asarray(x, np.float64))
+        magnitude, lora = ops.base(x_abs), ops.lora(x_abs)
+        n, channel = int(np.prod(W_abs.shape[1:])), 1
+    else:
+        x_abs = np.abs(np.asarray(x, np.float64))
+        magnitude = x_abs @ W_abs.T
+        lora = ((x_abs @ np.abs(np.asarray(A, np.float64)).T) @ np.abs(np.asarray(B, np.float64)).T) if r else 0.0
+        n, channel = W_abs.shape[1], -1
+    magnitude = magnitude + abs(scale) * lora
+
+    def along(v: np.ndarray) -> np.ndarray:
+        v = np.abs(np.asarray(v, np.float64)).reshape(-1)
+        return v.reshape((-1,) + (1,) * (magnitude.ndim - 2)) if channel == 1 else v
+
+    if gain is not None:
+        magnitude = along(gain) * magnitude
     if bias is not None:
-        magnitude = magnitude + np.abs(np.asarray(bias, np.float64))
-    K = np.shape(W)[1] + r + 4
-    return gamma(K, UNIT_ROUNDOFF[np.dtype(dtype)]) * magnitude
+        magnitude = magnitude + along(bias)
+    if lora_bias is not None:
+        magnitude = magnitude + abs(scale) * along(lora_bias)
+    return gamma(n + r + 4, UNIT_ROUNDOFF[np.dtype(dtype)]) * magnitude
 
 
 def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

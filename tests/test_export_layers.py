@@ -1,0 +1,242 @@
+"""Merged graphs for every layer kind the core merges: Linear + lora_bias, Embedding, Conv, DoRA.
+
+Two oracles:
+* the initializers: each merged weight (and lora_bias bias) equals, bit for bit, the core's
+  ``merge(W, target_delta(adapter, target, base=W))`` on the torch-layout weight (transposed
+  where the graph stores it [in, out]): the exporter must call the same function, no other;
+* the sites in ONNX Runtime: every site's output against the core's float64 forward of the
+  unmerged layer (linear/embedding/conv/dora ``forward``) at the input x̂ ORT computed there,
+  within lora_ref.export.parity.layer_bound: γ_K(u_t) M + 2 γ_K(2^-53) M, M the magnitude of
+  all terms (DoRA's gain included), K = n + r + 4 (n: in for Linear, in·Πk for Conv, 0 for
+  Embedding), the second term covering the float64 oracle's own roundings (its sums, and for
+  DoRA the norm: at most n/2 + 3 more, < K). Errors are reported in units of the bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from conftest import require_peer
+
+require_peer("onnxruntime")
+require_peer("onnx")
+
+from lora_ref.checkpoint import merge_targets, target_delta  # noqa: E402
+from lora_ref.deltas import delta_for  # noqa: E402
+from lora_ref.merge import merge  # noqa: E402
+from lora_ref.export import (  # noqa: E402
+    ExportConfigError,
+    UnsupportedGraphError,
+    build_graph,
+    locate_targets,
+    models,
+    open_session,
+)
+from lora_ref.export.parity import expose, layer_bound  # noqa: E402
+
+#: Each example builds a graph and a session, for each of 11 cases: a quarter of the profile's count (ci: 2, deep: 50).
+EXAMPLES = max(1, settings.default.max_examples // 4)
+MLP = models.mlp(in_features=7, hidden=9, out_features=5, seed=11)
+BLOCK = models.transformer_block(d_model=8, heads=2, d_ff=12, seed=12)
+EMBED = models.embedding_model(vocab=17, dim=6, out_features=5, seed=13)
+CONV = models.conv_model(channels=2, size=5, hidden=3, out_channels=4, seed=14)
+VARIANTS = {"plain": {}, "lora_bias": {"lora_bias": True}, "dora": {"use_dora": True}}
+WORST: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst_errors():
+    yield
+    for label, ratio in sorted(WORST.items()):
+        print(f"\n{label:<28} worst error = {ratio:.3g} x bound", end="")
+
+
+def _feeds(model: models.SmallModel, batch: int, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if model is EMBED:
+        return {"ids": rng.integers(0, 17, (batch, 3))}
+    if model is CONV:
+        return {"x": rng.standard_normal((batch, 2, 5, 5)).astype(dtype)}
+    if model is MLP:
+        return {"x": rng.standard_normal((batch, 7)).astype(dtype)}
+    return {"x": rng.standard_normal((batch, 3, 8)).astype(dtype)}
+
+
+def _init(graph: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in graph.graph.initializer if t.name == name)
+
+
+def _adapter(model, variant, r, seed, **kwargs):
+    return models.random_adapter(model, r, seed=seed, **VARIANTS[variant], **kwargs)
+
+
+def _usable(model, variant) -> bool:
+    """lora_bias needs a base bias to merge into (the block's attention has none)."""
+    return not (variant == "lora_bias" and model is BLOCK)
+
+
+CASES = [(m, v) for m in (MLP, BLOCK, EMBED, CONV) for v in VARIANTS if _usable(m, v)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-{c[1]}")
+@settings(max_examples=EXAMPLES)
+@given(r=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_merged_initializers_are_the_core_merge_bit_for_bit(case, r, seed):
+    model, variant = case
+    adapter = _adapter(model, variant, r, seed)
+    graph, sites = build_graph(model.onnx, [adapter], "merged")
+    for key, target in merge_targets(adapter).items():
+        module, part = target
+        base = model.weights[key]
+        want = merge(base, target_delta(adapter, target, base=base)).weight
+        site = sites[module][0]
+        name = site.weight if part == "weight" else site.bias
+        got = _init(graph, name)
+        if part == "weight" and site.layout == "in_out":
+            got = got.T
+        assert np.array_equal(got.reshape(want.shape).view(np.uint32), want.view(np.uint32)), f"{variant} {key}"
+    untouched = {t.name for t in model.onnx.graph.initializer} - {
+        (s.weight if p == "weight" else s.bias) for k, (m, p) in merge_targets(adapter).items() for s in sites[m]}
+    for name in untouched:
+        np.testing.assert_array_equal(_init(graph, name), _init(model.onnx, name))
+
+
+def _site_output(model: models.SmallModel, site) -> tuple[str, bool]:
+    """The tensor holding the site's output, and whether it includes the base bias."""
+    if site.bias_node is not None and site.bias_node != site.node:
+        return model.onnx.graph.node[site.bias_node].output[0], True
+    return site.y, site.bias is not None
+
+
+def _bound(model, module, x, adapter, include_bias, dtype):
+    W = model.weights[f"{module}.weight"]
+    lora = adapter.modules.get(module) if adapter is not None else None
+    kwargs = {"kind": model.kind(module), "geometry": model.geometry.get(module),
+              "bias": model.weights.get(f"{module}.bias") if include_bias else None}
+    if lora is not None:
+        kwargs.update(A=lora.A, B=lora.B, scale=adapter.scale_for(module), lora_bias=lora.lora_bias)
+        if lora.magnitude is not None:
+            kwargs["gain"] = delta_for(adapter, module, base=W).gain
+    return layer_bound(x, W, dtype=dtype, **kwargs) + 2 * layer_bound(x, W, dtype=np.float64, **kwargs)
+
+
+def check_sites(label, model, graph, sites, feeds, adapter, dtype=np.float32):
+    outputs = {m: _site_output(model, s) for m, module_sites in sites.items() for s in module_sites}
+    names = [n for m, module_sites in sites.items() for s in module_sites for n in (s.x, outputs[m][0])]
+    session = open_session(expose(graph, names))
+    values = dict(zip([o.name for o in session.session.get_outputs()], session.session.run(None, feeds)))
+    worst = 0.0
+    for module, module_sites in sites.items():
+        for site in module_sites:
+            name, include_bias = outputs[module]
+            x, y = values[site.x], values[name].astype(np.float64)
+            want = model.layer(module, x, adapter, bias=include_bias)
+            bound = _bound(model, module, x, adapter, include_bias, dtype)
+            err = np.abs(y - want)
+            assert np.all(err <= bound), f"{label} {module}: error/bound {np.max(err / bound):.3g}"
+            worst = max(worst, float(np.max(err / bound)))
+    WORST[label] = max(WORST.get(label, 0.0), worst)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-{c[1]}")
+@settings(max_examples=EXAMPLES)
+@given(r=st.integers(1, 5), seed=st.integers(0, 2**16), batch=st.integers(1, 3))
+def test_merged_sites_match_float64_reference(case, r, seed, batch):
+    model, variant = case
+    adapter = _adapter(model, variant, r, seed)
+    graph, sites = build_graph(model.onnx, [adapter], "merged")
+    check_sites(f"merged {model.name} {variant}", model, graph, sites, _feeds(model, batch, seed), adapter)
+
+
+@pytest.mark.parametrize("model", [EMBED, CONV], ids=lambda m: m.name)
+def test_two_dora_adapters_merge_in_order_float16(model):
+    """float16 export: merged in float64 (each DoRA norm from the weight as merged so far), rounded once."""
+    first, second = _adapter(model, "dora", 2, 1, name="a"), _adapter(model, "dora", 3, 2, name="b")
+    graph, sites = build_graph(model.onnx, [first, second], "merged", dtype="float16")
+    for module, module_sites in sites.items():
+        W = model.weights[f"{module}.weight"].astype(np.float64)
+        for adapter in (first, second):
+            W = merge(W, delta_for(adapter, module, base=W)).weight
+        got = _init(graph, module_sites[0].weight)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, W.astype(np.float16))  # one rounding float64 -> float16 (RNE)
+
+
+def _strip_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in out.graph.node:
+        del node.metadata_props[:]
+    return out
+
+
+def _anonymous(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = _strip_metadata(model)
+    rename = {t.name: f"anonymous_{k}" for k, t in enumerate(out.graph.initializer)}
+    for tensor in out.graph.initializer:
+        tensor.name = rename[tensor.name]
+    for node in out.graph.node:
+        for pos, name in enumerate(node.input):
+            node.input[pos] = rename.get(name, name)
+    return out
+
+
+@pytest.mark.parametrize("model", [EMBED, CONV], ids=lambda m: m.name)
+def test_embedding_and_conv_weights_found_by_scope_name_and_value(model):
+    kinds = model.kinds
+    modules = [m for m in model.linear_modules if m in kinds]
+    scoped = locate_targets(model.onnx, modules, kinds=kinds)
+    found = {m: s[0].found_by for m, s in scoped.items()}
+    assert found == ({"embed": "name scopes"} if model is EMBED else {"conv1": "initializer name", "conv2": "name scopes"})
+    if model is EMBED:  # without metadata the table is still found by its name
+        assert locate_targets(_strip_metadata(model.onnx), modules, kinds=kinds)["embed"][0].found_by == "initializer name"
+    anonymous = _anonymous(model.onnx)
+    by_value = locate_targets(anonymous, modules, kinds=kinds, base_weights=model.weights)
+    assert {s[0].found_by for s in by_value.values()} == {"value match"}
+    adapter = _adapter(model, "dora", 3, 5)
+    feeds = _feeds(model, 2, 5)
+    named = open_session(build_graph(model.onnx, [adapter], "merged")[0]).run(feeds)[0]
+    found_graph, _ = build_graph(anonymous, [adapter], "merged", base_weights=model.weights)
+    np.testing.assert_array_equal(open_session(found_graph).run(feeds)[0], named)
+
+
+def test_tied_embedding_merges_into_a_copy_for_the_lookup_only():
+    """A table read by the Gather and (transposed) by an output projection: only the lookup is adapted."""
+    graph = onnx.ModelProto.FromString(EMBED.onnx.SerializeToString())
+    graph.graph.node.extend([
+        helper.make_node("Transpose", ["embed.weight"], ["embed_T"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "embed_T"], ["logits"], name="lm_head"),
+    ])
+    graph.graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", "seq", 17]))
+    adapter = _adapter(EMBED, "plain", 2, 3, modules=["embed"])
+    sites = locate_targets(graph, ["embed"], kinds=EMBED.kinds)
+    assert [graph.graph.node[s.node].op_type for s in sites["embed"]] == ["Gather"]
+    merged, _ = build_graph(graph, [adapter], "merged")
+    W = EMBED.weights["embed.weight"]
+    gather = next(n for n in merged.graph.node if n.op_type == "Gather")
+    transpose = next(n for n in merged.graph.node if n.op_type == "Transpose" and n.output[0] == "embed_T")
+    np.testing.assert_array_equal(_init(merged, gather.input[0]), merge(W, delta_for(adapter, "embed")).weight)
+    assert transpose.input[0] == "embed.weight" and _init(merged, "embed.weight").tobytes() == W.tobytes()
+    feeds = _feeds(EMBED, 2, 3)
+    _, logits, h = open_session(expose(merged, ["h"])).run(feeds)
+    assert not np.array_equal(h, open_session(expose(graph, ["h"])).run(feeds)[2])
+
+
+def test_refusals_are_typed_and_name_the_module():
+    with pytest.raises(ExportConfigError, match="embed: embedding LoRA layers"):
+        build_graph(EMBED.onnx, [_adapter(EMBED, "plain", 2, 0)], "dynamic")
+    with pytest.raises(ExportConfigError, match="conv1: conv LoRA layers"):
+        build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], "batched")
+    for mode in ("dynamic", "batched"):
+        with pytest.raises(ExportConfigError, match="DoRA"):
+            build_graph(MLP.onnx, [_adapter(MLP, "dora", 2, 0)], mode)
+    with pytest.raises(UnsupportedGraphError, match="attn.q_proj.*has none"):
+        build_graph(BLOCK.onnx, [_adapter(BLOCK, "lora_bias", 2, 0, modules=["attn.q_proj"])], "merged")
+    grouped = onnx.ModelProto.FromString(CONV.onnx.SerializeToString())
+    grouped.graph.node[0].attribute.append(helper.make_attribute("group", 2))
+    with pytest.raises(UnsupportedGraphError, match="group=2"):
+        locate_targets(grouped, ["conv1"], kinds=CONV.kinds)
