@@ -21,6 +21,7 @@ one real bug seen in public LoRA implementations and must fail at least one case
   low_precision_lora_path x A^T rounded to the storage dtype before B
   embedding_reshape       embedding delta (B A) reshaped instead of transposed
   conv_channels_last      conv lora_A read as [r, kh, kw, C] (NHWC/NCHW confusion)
+  conv_dilation_ignored   conv lora_A built without the base's dilation (PEFT 0.21, huggingface/peft#3697)
   mixed_index_wraps       index -1 wraps to the last adapter (Python negative indexing)
   dora_bias_scaled        DoRA gain applied to the bias too (PEFT does not scale it)
   dora_norm_without_delta DoRA norm of W alone instead of W + s B A (huggingface/peft#1588 class)
@@ -39,7 +40,7 @@ from lora_ref.cli.conformance_cmd import DEFAULT_SUITE
 MUTATIONS = [
     "scale_base_too", "ignore_rslora", "raw_alpha", "mlx_scale_over_r", "dropout_at_inference", "ignore_dropout_mask",
     "low_precision_merge", "low_precision_unmerge", "forget_fan_in_fan_out", "backward_no_scale", "lora_bias_unscaled",
-    "exact_no_residual", "low_precision_lora_path", "embedding_reshape", "conv_channels_last", "mixed_index_wraps",
+    "exact_no_residual", "low_precision_lora_path", "embedding_reshape", "conv_channels_last", "conv_dilation_ignored", "mixed_index_wraps",
     "dora_bias_scaled", "dora_norm_without_delta", "dora_norm_not_detached",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
@@ -90,6 +91,9 @@ class Alt:
 
     # -- protocol ---------------------------------------------------------------------------------
     def run(self, op, params, inputs):
+        kind, _, action = op.partition(".")
+        if kind in ("conv1d", "conv2d", "conv3d"):
+            op = f"conv.{action}"
         return getattr(self, op.replace(".", "_"))(params, inputs)
 
     def linear_forward(self, params, inputs):
@@ -209,64 +213,85 @@ class Alt:
             out["dW"] = self.out(G, t)
         return out
 
-    def _conv_cols(self, x, k, stride, padding):
-        xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
-        n, c, ho, wo = win.shape[:4]
-        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, -1), (n, ho, wo)
+    def _conv_cols(self, x, kernel, params, *, lora=False):
+        """im2col [N·∏out, C·∏k] of x [N, C, *S] with the case's stride, zero padding and dilation."""
+        d = len(kernel)
+        stride, padding, dilation = (int(params.get(k, v)) for k, v in (("stride", 1), ("padding", 0), ("dilation", 1)))
+        if lora and self.bug == "conv_dilation_ignored":  # PEFT 0.21's lora_A: the base's kernel, stride, padding, not dilation
+            dilation = 1
+        xp = np.pad(x, ((0, 0), (0, 0)) + ((padding, padding),) * d)
+        span = tuple(dilation * (k - 1) + 1 for k in kernel)
+        win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
+        win = win[(slice(None),) * 2 + (slice(None, None, stride),) * d + (slice(None, None, dilation),) * d]
+        out = win.shape[2 : 2 + d]
+        cols = win.transpose((0,) + tuple(range(2, 2 + d)) + (1,) + tuple(range(2 + d, 2 + 2 * d)))
+        return cols.reshape(x.shape[0] * int(np.prod(out)), -1), out, (stride, padding, dilation)
 
     def _conv_A(self, A):
-        if self.bug == "conv_channels_last":  # read [r, C, kh, kw] memory as [r, kh, kw, C]
+        if self.bug == "conv_channels_last" and A.ndim == 4:  # read [r, C, kh, kw] memory as [r, kh, kw, C]
             r, c, kh, kw = A.shape
             return A.reshape(r, kh, kw, c).transpose(0, 3, 1, 2)
         return A
 
-    def conv2d_forward(self, params, inputs):
+    @staticmethod
+    def _channels_first(t, n, out):
+        d = len(out)
+        return t.reshape((n,) + tuple(out) + (-1,)).transpose((0, d + 1) + tuple(range(1, d + 1)))
+
+    def conv_forward(self, params, inputs):
         x, W = self.w(inputs["x"]), self.w(inputs["W"])
         A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
         o, r = W.shape[0], A.shape[0]
-        cols, (n, ho, wo) = self._conv_cols(x, W.shape[2], int(params.get("stride", 1)), int(params.get("padding", 0)))
-        y = self.mm(cols, W.reshape(o, -1).T) + self.scale(params) * self.mm(self.mm(cols, A.reshape(r, -1).T), B.reshape(o, r).T)
+        cols, out, _ = self._conv_cols(x, W.shape[2:], params)
+        lora_cols, _, _ = self._conv_cols(x, W.shape[2:], params, lora=True)
+        y = self.mm(cols, W.reshape(o, -1).T) + self.scale(params) * self.mm(self.mm(lora_cols, A.reshape(r, -1).T), B.reshape(o, r).T)
         if "b" in inputs:
             y = y + self.w(inputs["b"])
-        return {"y": self.out(y.reshape(n, ho, wo, o).transpose(0, 3, 1, 2), inputs["x"].dtype)}
+        return {"y": self.out(self._channels_first(y, x.shape[0], out), inputs["x"].dtype)}
 
-    def conv2d_backward(self, params, inputs):
+    def _col2im(self, dcols, x_shape, kernel, out, geometry):
+        stride, padding, dilation = geometry
+        d = len(kernel)
+        n, c = x_shape[:2]
+        patches = dcols.reshape((n,) + tuple(out) + (c,) + tuple(kernel))
+        dx = np.zeros((n, c) + tuple(s + 2 * padding for s in x_shape[2:]), self.c)
+        for tap in np.ndindex(*kernel):
+            where = tuple(slice(t * dilation, t * dilation + stride * (o - 1) + 1, stride) for t, o in zip(tap, out))
+            dx[(slice(None),) * 2 + where] += patches[(Ellipsis,) + tap].transpose((0, d + 1) + tuple(range(1, d + 1)))
+        return dx[(slice(None),) * 2 + tuple(slice(padding, padding + s) for s in x_shape[2:])]
+
+    def conv_backward(self, params, inputs):
         x, W, dy = self.w(inputs["x"]), self.w(inputs["W"]), self.w(inputs["dy"])
         A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
-        o, r, k = W.shape[0], A.shape[0], W.shape[2]
-        stride, padding = int(params.get("stride", 1)), int(params.get("padding", 0))
-        cols, (n, ho, wo) = self._conv_cols(x, k, stride, padding)
-        dY = dy.transpose(0, 2, 3, 1).reshape(-1, o)
+        o, r, kernel = W.shape[0], A.shape[0], W.shape[2:]
+        cols, out, geometry = self._conv_cols(x, kernel, params)
+        lora_cols, _, lora_geometry = self._conv_cols(x, kernel, params, lora=True)
+        d = len(kernel)
+        dY = dy.transpose((0,) + tuple(range(2, 2 + d)) + (1,)).reshape(-1, o)
         s = self.scale(params)
         dH = s * self.mm(dY, B.reshape(o, r))
-        dcols = (self.mm(dY, W.reshape(o, -1)) + self.mm(dH, A.reshape(r, -1))).reshape(n, ho, wo, x.shape[1], k, k)
-        dx = np.zeros((n, x.shape[1], x.shape[2] + 2 * padding, x.shape[3] + 2 * padding), self.c)
-        for i in range(k):
-            for j in range(k):
-                dx[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += dcols[..., i, j].transpose(0, 3, 1, 2)
-        dx = dx[:, :, padding : padding + x.shape[2], padding : padding + x.shape[3]]
+        dx = self._col2im(self.mm(dY, W.reshape(o, -1)), x.shape, kernel, out, geometry)
+        dx = dx + self._col2im(self.mm(dH, A.reshape(r, -1)), x.shape, kernel, out, lora_geometry)
         t = inputs["x"].dtype
-        out = {"dx": self.out(dx, t), "dA": self.out(self.mm(dH.T, cols).reshape(A.shape), t),
-               "dB": self.out(s * self.mm(dY.T, self.mm(cols, A.reshape(r, -1).T)).reshape(B.shape), t)}
+        out_grads = {"dx": self.out(dx, t), "dA": self.out(self.mm(dH.T, lora_cols).reshape(A.shape), t),
+                     "dB": self.out(s * self.mm(dY.T, self.mm(lora_cols, A.reshape(r, -1).T)).reshape(B.shape), t)}
         if params.get("want_base_grads", False):
-            out["dW"] = self.out(self.mm(dY.T, cols).reshape(W.shape), t)
-            out["db"] = self.out(dY.sum(axis=0), t)
-        return out
+            out_grads["dW"] = self.out(self.mm(dY.T, cols).reshape(W.shape), t)
+            out_grads["db"] = self.out(dY.sum(axis=0), t)
+        return out_grads
 
-    def conv2d_unmerge(self, params, inputs):
+    def _conv_delta(self, params, inputs, shape):
+        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
+        r = A.shape[0]
+        return self.scale(params) * self.mm(B.reshape(B.shape[0], r), A.reshape(r, -1)).reshape(shape)
+
+    def conv_unmerge(self, params, inputs):
         W = inputs["W_merged"]
-        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
-        r = A.shape[0]
-        d = self.scale(params) * self.mm(B.reshape(B.shape[0], r), A.reshape(r, -1)).reshape(W.shape)
-        return {"W": self._merge(W, d, -1)}
+        return {"W": self._merge(W, self._conv_delta(params, inputs, W.shape), -1)}
 
-    def conv2d_merge(self, params, inputs):
+    def conv_merge(self, params, inputs):
         W = inputs["W"]
-        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
-        r = A.shape[0]
-        d = self.scale(params) * self.mm(B.reshape(B.shape[0], r), A.reshape(r, -1)).reshape(W.shape)
-        return {"W_merged": self._merge(W, d, +1)}
+        return {"W_merged": self._merge(W, self._conv_delta(params, inputs, W.shape), +1)}
 
     def mixed_batch_forward(self, params, inputs):
         x, W = self.w(inputs["x"]), self.w(inputs["W"])
@@ -388,6 +413,8 @@ def test_each_mutation_fails_a_case(bug):
     errors = [(r.case_id, r.detail) for r in result.results if r.status == "error"]
     if bug == "forget_fan_in_fan_out":
         assert all("fan_in_fan_out" in case_id for case_id, _ in errors), errors
+    elif bug == "conv_dilation_ignored":  # where the LoRA path's output size differs, the shapes clash (as in PEFT)
+        assert all("dilation" in case_id for case_id, _ in errors), errors
     else:
         assert not errors, errors
     print(f"{bug}: {len(failed)} of {len(result.results)} cases fail, e.g. {failed[:3]}")

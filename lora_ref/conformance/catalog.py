@@ -311,8 +311,65 @@ def _layer_cases() -> Iterator[CaseSpec]:
                    "exact round trip: merge, then unmerge (W'/g - s B A) with the residual -> W's bits")
 
 
+def _conv_nd_cases() -> Iterator[CaseSpec]:
+    """Conv1d and Conv3d (Conv2d is in :func:`_layer_cases`): dilation, stride, 1-wide and 1x1x1 kernels."""
+    seed = 7000
+
+    def case(d: int, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str) -> CaseSpec:
+        nonlocal seed
+        seed += 1
+        return CaseSpec(f"conv{d}d", f"{name}-{dtype}", f"conv{d}d.{operation}", dtype, params, shapes, seed, description)
+
+    def shapes(d: int, n: int, c: int, size: int, o: int, k: int, rank: int, out: int | None = None,
+               names: tuple[str, ...] = ("x", "W", "b", "A", "B")) -> dict:
+        every = {"x": ((n, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0),
+                 "A": ((rank, c) + (k,) * d, 1.0), "B": ((o, rank) + (1,) * d, 1.0),
+                 "W_merged": ((o, c) + (k,) * d, 4.0), "dy": ((n, o) + (out or 0,) * d, 1.0)}
+        return {name: every[name] for name in names}
+
+    grads = ("x", "dy", "W", "b", "A", "B")
+    # Conv1d: [N, C, L]; dilation 2 with padding 2 keeps L (a lora_A without dilation would not)
+    yield case(1, "forward-dilation2", "forward", "float32", linear_params(3, 6, stride=1, padding=2, dilation=2),
+               shapes(1, 2, 3, 9, 4, 3, 3), "k = 3, dilation 2, padding 2: lora_A must use the base's dilation")
+    yield case(1, "forward-dilation2", "forward", "bfloat16", linear_params(2, 4, stride=2, padding=1, dilation=2),
+               shapes(1, 2, 4, 10, 5, 3, 2), "dilation 2 with stride 2")
+    yield case(1, "forward-dilation2_stride3", "forward", "float32", linear_params(2, 4, stride=3, padding=1, dilation=2),
+               shapes(1, 2, 3, 9, 4, 3, 2), "dilation 2, stride 3: a lora_A without dilation has the same output size here, silently wrong")
+    yield case(1, "forward-stride2", "forward", "float16", linear_params(4, 8, rslora=True, stride=2, padding=1),
+               shapes(1, 2, 3, 11, 6, 5, 4), "k = 5, stride 2, padding 1, rsLoRA")
+    yield case(1, "backward-dilation2", "backward", "float32", linear_params(2, 4, stride=1, padding=2, dilation=2, want_base_grads=True),
+               shapes(1, 2, 3, 8, 4, 3, 2, 8, grads), "dx scatters taps two apart; dA, dB, dW, db")
+    yield case(1, "backward-stride2", "backward", "bfloat16", linear_params(3, 6, stride=2, padding=0),
+               shapes(1, 2, 3, 9, 4, 3, 3, 4, grads), "stride 2, no padding")
+    for dtype in ("float32", "float16"):
+        yield case(1, "merge", "merge", dtype, linear_params(3, 6), shapes(1, 1, 6, 1, 8, 3, 3, names=("W", "A", "B")),
+                   "delta s B A reshaped to [O, C, k]")
+    for dtype in ("float32", "bfloat16"):
+        yield case(1, "unmerge", "unmerge", dtype, linear_params(2, 4), shapes(1, 1, 6, 1, 8, 3, 2, names=("W_merged", "A", "B")),
+                   "W_merged - s (B A) (fast)")
+    # Conv3d: [N, C, D, H, W]
+    yield case(3, "forward-3x3x3", "forward", "float32", linear_params(2, 4, stride=1, padding=1),
+               shapes(3, 1, 2, 4, 3, 3, 2), "3x3x3 kernel, padding 1, bias")
+    yield case(3, "forward-1x1x1", "forward", "float16", linear_params(2, 8, stride=1, padding=0),
+               shapes(3, 2, 4, 3, 5, 1, 2), "1x1x1 kernel")
+    yield case(3, "forward-dilation2", "forward", "bfloat16", linear_params(2, 4, stride=1, padding=2, dilation=2),
+               shapes(3, 1, 2, 4, 3, 3, 2), "3x3x3 kernel, dilation 2, padding 2")
+    yield case(3, "backward-3x3x3_dilation2", "backward", "float32", linear_params(2, 4, stride=2, padding=1, dilation=2, want_base_grads=True),
+               shapes(3, 1, 2, 5, 3, 3, 2, 2, grads), "stride 2, dilation 2: dx, dA, dB, dW, db")
+    yield case(3, "backward-1x1x1", "backward", "bfloat16", linear_params(2, 4, stride=1, padding=0),
+               shapes(3, 1, 3, 3, 4, 1, 2, 3, grads), "1x1x1 kernel")
+    for dtype in ("float32", "bfloat16"):
+        yield case(3, "merge-1x1x1", "merge", dtype, linear_params(2, 4), shapes(3, 1, 12, 1, 10, 1, 2, names=("W", "A", "B")),
+                   "1x1x1 kernel (PEFT's 1x1 special case crashes on it)")
+    yield case(3, "merge-3x3x3", "merge", "float16", linear_params(3, 6, rslora=True), shapes(3, 1, 3, 1, 4, 3, 3, names=("W", "A", "B")),
+               "rsLoRA, kernel-shaped delta [O, C, 3, 3, 3]")
+    for dtype in ("float32", "float16"):
+        yield case(3, "unmerge-1x1x1", "unmerge", dtype, linear_params(2, 4),
+                   shapes(3, 1, 12, 1, 10, 1, 2, names=("W_merged", "A", "B")), "1x1x1 kernel (fast)")
+
+
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases]
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases]
 
 
 def all_cases() -> list[CaseSpec]:

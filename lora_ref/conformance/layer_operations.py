@@ -1,4 +1,4 @@
-"""Oracles for the layer kinds beyond Linear: Embedding, Conv2d, mixed batch and DoRA (SPEC 4).
+"""Oracles for the layer kinds beyond Linear: Embedding, mixed batch and DoRA (SPEC 4); Conv in ``conv_operations.py``.
 
 Same rules as ``operations.py``: exact dyadic arithmetic, one rounding to float64, a
 magnitude M and a depth K per output (bounds.py). Depths:
@@ -7,12 +7,6 @@ magnitude M and a depth K per output (bounds.py). Depths:
     embedding.merge    W + s Aᵀ Bᵀ (unmerge: W' − s Aᵀ Bᵀ)       K = r + 6
     embedding.backward dB = s dYᵀ Aᵀ[ids]                        K = P + 6      (P = number of ids)
                        dA = s (G B)ᵀ, dW = G, G[v] = Σ_{id_p = v} dY[p]   K = P + D + 6, P + 1
-    conv2d.forward     conv(x, W) + b + s conv1x1(conv(x, A), B)  K = C·kh·kw + r + 6
-    conv2d.merge       W + s (B A) reshaped to the kernel (unmerge: −)    K = r + 6
-    conv2d.backward    with cols = im2col(x) [P, C·kh·kw], dY [P, O], dH = s dY B:
-                       dx = col2im(dY W + dH A)      K = O + r + kh·kw + 6
-                       dA = dHᵀ cols  K = P + O + 6;  dB = s dYᵀ (cols Aᵀ)  K = P + C·kh·kw + 6
-                       dW = dYᵀ cols  K = P + 2;      db = Σ dY           K = P + 1
     mixed_batch.forward  y[b] = x[b] Wᵀ + b + s_i (x[b] A_iᵀ) B_iᵀ, i = index[b] (−1: base only)
                                                                   K = in + max r_i + 6
     mixed_batch.backward dx = dY W + s_i ((dY B_i) A_i) per row   K = out + max r_i + 6
@@ -40,7 +34,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import ConfigError
 from .exact import Dyadic, sqrt_fraction, to_float64
@@ -122,116 +115,6 @@ def embedding_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     P, D = int(np.asarray(inputs["ids"]).size), inputs["B"].shape[0]
     shapes = {"dA": inputs["A"].shape, "dB": inputs["B"].shape, "dW": inputs["W"].shape}
     depth = {"dA": P + D + 6, "dB": P + 6, "dW": P + 1}
-    return {n: bounded(terms[n], abs_terms[n], tuple(shapes[n]), depth[n]) for n in terms}
-
-
-# -- Conv2d -------------------------------------------------------------------------------------
-def _im2col(x: Dyadic, kernel: tuple[int, int], stride: int, padding: int) -> tuple[Dyadic, tuple[int, int]]:
-    """Patches [N·Ho·Wo, C·kh·kw] of x [N, C, H, W] (zero padding), and (Ho, Wo)."""
-    n, c, h, w = x.shape
-    ints = np.empty((n, c, h + 2 * padding, w + 2 * padding), dtype=object)
-    ints[...] = 0  # Python int zeros (np.pad would insert numpy int64 zeros, which overflow in products)
-    ints[:, :, padding : padding + h, padding : padding + w] = x.ints
-    windows = sliding_window_view(ints, kernel, axis=(2, 3))[:, :, ::stride, ::stride]  # [N, C, Ho, Wo, kh, kw]
-    n, c, ho, wo, kh, kw = windows.shape
-    cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
-    return Dyadic(np.array(cols, dtype=object), x.exp), (ho, wo)
-
-
-def _conv2d_forward(inputs: Inputs, params: Params, absolute: bool) -> tuple[list, tuple[int, ...]]:
-    x, W, A, B = (_exact(inputs, n, absolute) for n in ("x", "W", "A", "B"))
-    out_ch, r = W.shape[0], A.shape[0]
-    cols, (ho, wo) = _im2col(x, W.shape[2:], int(params.get("stride", 1)), int(params.get("padding", 0)))
-    n = x.shape[0]
-    base = cols @ W.reshape(out_ch, -1).T  # [N·Ho·Wo, O]
-    if "b" in inputs:
-        base = base + _exact(inputs, "b", absolute).reshape(1, -1)
-    lora = (cols @ A.reshape(r, -1).T) @ B.reshape(out_ch, r).T
-
-    def nchw(t: Dyadic) -> Dyadic:
-        return Dyadic(t.ints.reshape(n, ho, wo, out_ch).transpose(0, 3, 1, 2), t.exp)
-
-    return [(Fraction(1), nchw(base)), (_scale(params, absolute), nchw(lora))], (n, out_ch, ho, wo)
-
-
-@register("conv2d.forward", "SPEC 4.2, C.3")
-def conv2d_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """y = conv(x, W) + b + s conv1x1(conv(x, A), B): x [N, C, H, W], W [O, C, kh, kw], A [r, C, kh, kw], B [O, r, 1, 1]."""
-    terms, shape = _conv2d_forward(inputs, params, False)
-    abs_terms, _ = _conv2d_forward(inputs, params, True)
-    depth = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6
-    return {"y": bounded(terms, abs_terms, shape, depth)}
-
-
-@register("conv2d.merge", "SPEC 4.2, C.3")
-def conv2d_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """W_merged = round_t(W + s (B A) reshaped to [O, C, kh, kw])."""
-    W = inputs["W"]
-    return {"W_merged": merge_expected(W, _conv_delta(inputs, params, W.shape), +1, inputs["A"].shape[0] + 6)}
-
-
-@register("conv2d.unmerge", "SPEC 4.2, C.3")
-def conv2d_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """W = round_t(W_merged − s (B A) reshaped to the kernel) (fast mode)."""
-    return {"W": merge_expected(inputs["W_merged"], _conv_delta(inputs, params, inputs["W_merged"].shape), -1, inputs["A"].shape[0] + 6)}
-
-
-def _conv_delta(inputs: Inputs, params: Params, shape: tuple[int, ...]):
-    def delta(absolute: bool):
-        A, B = _exact(inputs, "A", absolute), _exact(inputs, "B", absolute)
-        r = A.shape[0]
-        return _scale(params, absolute), (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(*shape)
-
-    return delta
-
-
-def _col2im(dcols: Dyadic, x_shape: tuple[int, ...], kernel: tuple[int, int], stride: int, padding: int, out_hw: tuple[int, int]) -> Dyadic:
-    """The adjoint of :func:`_im2col`: scatter-add patch gradients [N·Ho·Wo, C·kh·kw] back onto x's shape."""
-    n, c, h, w = x_shape
-    (kh, kw), (ho, wo) = kernel, out_hw
-    patches = dcols.ints.reshape(n, ho, wo, c, kh, kw)
-    padded = np.empty((n, c, h + 2 * padding, w + 2 * padding), dtype=object)
-    padded[...] = 0
-    for i in range(kh):
-        for j in range(kw):
-            window = padded[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
-            window += patches[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-    return Dyadic(np.ascontiguousarray(padded[:, :, padding : padding + h, padding : padding + w]), dcols.exp)
-
-
-def _conv2d_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
-    x, W, A, B = (_exact(inputs, n, absolute) for n in ("x", "W", "A", "B"))
-    out_ch, r = W.shape[0], A.shape[0]
-    stride, padding = int(params.get("stride", 1)), int(params.get("padding", 0))
-    cols, (ho, wo) = _im2col(x, W.shape[2:], stride, padding)
-    dy = _exact(inputs, "dy", absolute)
-    dY = Dyadic(np.ascontiguousarray(dy.ints.transpose(0, 2, 3, 1)).reshape(-1, out_ch), dy.exp)  # [P, O]
-    s = _scale(params, absolute)
-    W_flat, A_flat, B_flat = W.reshape(out_ch, -1), A.reshape(r, -1), B.reshape(out_ch, r)
-    dYB = dY @ B_flat  # dH / s, [P, r]
-    x_shape = tuple(inputs["x"].shape)
-    terms = {
-        "dx": [(Fraction(1), _col2im(dY @ W_flat, x_shape, W.shape[2:], stride, padding, (ho, wo))),
-               (s, _col2im(dYB @ A_flat, x_shape, W.shape[2:], stride, padding, (ho, wo)))],
-        "dA": [(s, (dYB.T @ cols).reshape(*A.shape))],
-        "dB": [(s, (dY.T @ (cols @ A_flat.T)).reshape(*B.shape))],
-    }
-    if params.get("want_base_grads", False):
-        terms["dW"] = [(Fraction(1), (dY.T @ cols).reshape(*W.shape))]
-        terms["db"] = [(Fraction(1), dY.sum(axis=0))]
-    return terms
-
-
-@register("conv2d.backward", "SPEC 4.2, C.3")
-def conv2d_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """Gradients of conv2d.forward given dy [N, O, Ho, Wo]: dx, dA, dB (+ dW, db with want_base_grads)."""
-    terms, abs_terms = _conv2d_backward(inputs, params, False), _conv2d_backward(inputs, params, True)
-    W, r = inputs["W"], inputs["A"].shape[0]
-    P = int(np.prod(inputs["dy"].shape)) // W.shape[0]
-    taps = int(np.prod(W.shape[2:]))
-    shapes = {"dx": inputs["x"].shape, "dA": inputs["A"].shape, "dB": inputs["B"].shape, "dW": W.shape, "db": (W.shape[0],)}
-    depth = {"dx": W.shape[0] + r + taps + 6, "dA": P + W.shape[0] + 6, "dB": P + int(np.prod(W.shape[1:])) + 6,
-             "dW": P + 2, "db": P + 1}
     return {n: bounded(terms[n], abs_terms[n], tuple(shapes[n]), depth[n]) for n in terms}
 
 

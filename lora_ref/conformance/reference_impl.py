@@ -83,23 +83,24 @@ def _embedding_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
 
 
 def _geometry(params: Mapping[str, Any]) -> conv.ConvGeometry:
-    return conv.ConvGeometry(stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)))
+    return conv.ConvGeometry(stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)),
+                             dilation=int(params.get("dilation", 1)))
 
 
-def _conv2d_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+def _conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"y": conv.forward(inputs["x"], inputs["W"], inputs["A"], inputs["B"], scale_of(params),
                               geometry=_geometry(params), bias=inputs.get("b"))}
 
 
-def _conv2d_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+def _conv_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"W_merged": merge(inputs["W"], conv.ConvDelta(inputs["A"], inputs["B"], scale_of(params))).weight}
 
 
-def _conv2d_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+def _conv_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"W": unmerge(inputs["W_merged"], conv.ConvDelta(inputs["A"], inputs["B"], scale_of(params)))}
 
 
-def _conv2d_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+def _conv_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     want_base = bool(params.get("want_base_grads", False))
     grads = conv.backward(inputs["x"], inputs["dy"], inputs["W"], inputs["A"], inputs["B"], scale_of(params),
                           geometry=_geometry(params), want_base_grads=want_base)
@@ -158,10 +159,8 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "embedding.merge": _embedding_merge,
     "embedding.unmerge": _embedding_unmerge,
     "embedding.backward": _embedding_backward,
-    "conv2d.forward": _conv2d_forward,
-    "conv2d.merge": _conv2d_merge,
-    "conv2d.unmerge": _conv2d_unmerge,
-    "conv2d.backward": _conv2d_backward,
+    **{f"conv{d}d.{name}": fn for d in (1, 2, 3)
+       for name, fn in (("forward", _conv_forward), ("merge", _conv_merge), ("unmerge", _conv_unmerge), ("backward", _conv_backward))},
     "mixed_batch.forward": _mixed_batch_forward,
     "mixed_batch.backward": _mixed_batch_backward,
     "dora.forward": _dora_forward,

@@ -1,7 +1,7 @@
 """PEFT (on torch) as a conformance implementation: ``--impl lora_ref.conformance.peers.peft:factory``.
 
 Builds a one-layer torch module per case (nn.Linear, transformers' Conv1D for
-``fan_in_fan_out``, nn.Embedding, nn.Conv2d), wraps it the way users do
+``fan_in_fan_out``, nn.Embedding, nn.Conv1d/2d/3d), wraps it the way users do
 (``peft.get_peft_model`` with its defaults, so fp16/bf16 adapter weights are kept in float32),
 copies the case tensors in, and calls PEFT's own forward / backward / merge / unmerge. Torch
 and PEFT are imported lazily, so lora_ref never depends on them. Failures against the SPEC are
@@ -9,7 +9,9 @@ listed and explained in SPEC.md's "PEFT deviations"; they are not hidden here.
 
 Takes the ``peft`` layout (PEFT derives s from lora_alpha, r and use_rslora itself).
 Unsupported (skipped): exact unmerge (PEFT has none) and mixed-batch backward (PEFT refuses
-``adapter_names`` in training mode).
+``adapter_names`` in training mode). Where PEFT crashes on a documented deviation (conv
+dilation, P-C4; the Conv3d 1x1x1 merge, P-C5) the crash is reported as that case's error,
+prefixed with the deviation's id (:func:`known_crash`).
 """
 
 from __future__ import annotations
@@ -71,10 +73,19 @@ class PeftImplementation:
 
     # -- protocol --------------------------------------------------------------------------------
     def run(self, op: str, params: dict[str, Any], inputs: Arrays) -> Arrays:
+        kind, _, action = op.partition(".")
+        if kind in ("conv1d", "conv2d", "conv3d"):  # one torch path for every conv rank
+            op = f"conv.{action}"
         handler = getattr(self, op.replace(".", "_"), None)
         if handler is None:
             raise NotImplementedError(f"the PEFT peer does not map {op!r}")
-        return handler(params, inputs)
+        try:
+            return handler(params, inputs)
+        except RuntimeError as exc:  # name the documented deviation behind a PEFT crash, keep the crash
+            deviation = known_crash(kind, action, params, inputs)
+            if deviation is None:
+                raise
+            raise RuntimeError(f"{deviation}: {exc}") from exc
 
     # -- Linear ----------------------------------------------------------------------------------
     def _linear(self, params, inputs, dtype):
@@ -202,11 +213,12 @@ class PeftImplementation:
             out["dW"] = self.array(layer.base_layer.weight.grad, t)
         return out
 
-    # -- Conv2d ---------------------------------------------------------------------------------------
-    def _conv2d(self, params, inputs):
+    # -- Conv1d / Conv2d / Conv3d ------------------------------------------------------------------
+    def _conv(self, params, inputs):
         W = inputs["W"]
-        base = self.torch.nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], stride=int(params.get("stride", 1)),
-                                    padding=int(params.get("padding", 0)), bias="b" in inputs)
+        kind = {3: self.torch.nn.Conv1d, 4: self.torch.nn.Conv2d, 5: self.torch.nn.Conv3d}[W.ndim]
+        base = kind(W.shape[1], W.shape[0], W.shape[2:], stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)),
+                    dilation=int(params.get("dilation", 1)), bias="b" in inputs)
         _, layer = self.wrap(base, params, _name(W.dtype))
         self.set_(layer.base_layer.weight, W)
         if "b" in inputs:
@@ -216,20 +228,20 @@ class PeftImplementation:
         layer.eval()
         return layer
 
-    def conv2d_forward(self, params, inputs):
-        layer = self._conv2d(params, inputs)
+    def conv_forward(self, params, inputs):
+        layer = self._conv(params, inputs)
         with self.torch.no_grad():
             y = layer(self.tensor(inputs["x"]))
         return {"y": self.array(y, inputs["x"].dtype)}
 
-    def conv2d_merge(self, params, inputs):
-        return self._merge(self._conv2d(params, inputs), inputs["W"].dtype)
+    def conv_merge(self, params, inputs):
+        return self._merge(self._conv(params, inputs), inputs["W"].dtype)
 
-    def conv2d_unmerge(self, params, inputs):
-        return self._unmerge(self._conv2d, params, inputs)
+    def conv_unmerge(self, params, inputs):
+        return self._unmerge(self._conv, params, inputs)
 
-    def conv2d_backward(self, params, inputs):
-        layer = self._conv2d(params, inputs)
+    def conv_backward(self, params, inputs):
+        layer = self._conv(params, inputs)
         layer.train()
         want_base = bool(params.get("want_base_grads", False))
         layer.base_layer.weight.requires_grad_(want_base)
@@ -310,6 +322,17 @@ class PeftImplementation:
 
     def dora_merge(self, params, inputs):
         return self._merge(self._dora(params, inputs), inputs["W"].dtype)
+
+
+def known_crash(kind: str, action: str, params: Mapping[str, Any], inputs: Arrays) -> str | None:
+    """The SPEC deviation that makes PEFT 0.21.2 raise on this case, if it is one of the known ones."""
+    if kind in ("conv1d", "conv2d", "conv3d", "dora_conv2d"):
+        if int(params.get("dilation", 1)) > 1 and action in ("forward", "backward"):
+            return "P-C4 (PEFT builds lora_A without the base conv's dilation: the LoRA path's output has another size)"
+        weight = inputs.get("W", inputs.get("W_merged"))
+        if kind == "conv3d" and weight is not None and tuple(weight.shape[2:4]) == (1, 1) and action in ("merge", "unmerge"):
+            return "P-C5 (PEFT's 1x1 conv delta path tests weight.size()[2:4] == (1, 1) and fails on a 1x1xk Conv3d kernel)"
+    return None
 
 
 def _name(dtype: np.dtype) -> str:
