@@ -1,7 +1,8 @@
 """ONNX Runtime's ``.onnx_adapter`` files for dynamic graphs, written and read with checks.
 
 Writing: a PEFT adapter becomes, per module, ``<m>.lora_A.weight`` = A^T [in, r] and
-``<m>.lora_B.weight`` = s·B^T [r, out] (:func:`lora_ref.export.editing.lora_factors`),
+``<m>.lora_B.weight`` = s·B^T [r, out] (:func:`lora_ref.export.editing.lora_factors`), and
+``<m>.lora_B.bias`` = s·lora_bias [out] for a module with lora_bias,
 zero-padded to the graph's static rank if it has one, checked against the graph's LoRA inputs
 (:mod:`lora_ref.export.slots`) and written atomically through ``onnxruntime.AdapterFormat``.
 Reading: ``AdapterFormat.read_adapter`` (ORT's own reader) gives the tensors, which are
@@ -23,7 +24,7 @@ from lora_ref.adapter import Adapter
 from lora_ref.atomic import atomic_path
 from lora_ref.errors import FileFormatError
 
-from .editing import lora_a_name, lora_b_name, lora_factors
+from .editing import lora_a_name, lora_b_name, lora_bias_name, lora_bias_term, lora_factors
 from .slots import Slot, check_tensors
 
 SUFFIX = ".onnx_adapter"
@@ -37,6 +38,8 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot]) -> dict[str, np
         dtype = slot.dtype if slot is not None else np.dtype(np.float32)
         a, b = lora_factors(adapter, module, dtype, pad_to=slot.rank if slot is not None else None)
         tensors[lora_a_name(module)], tensors[lora_b_name(module)] = a, b
+        if adapter.modules[module].lora_bias is not None:  # a graph exported without a bias slot refuses it below
+            tensors[lora_bias_name(module)] = lora_bias_term(adapter, module, dtype)
     check_tensors({k: (v.shape, v.dtype) for k, v in tensors.items()}, slots, f"adapter {adapter.name!r}")
     return tensors
 

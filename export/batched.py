@@ -6,6 +6,11 @@ For module m and adapters 0..N-1 (ranks zero-padded to r_max, scales folded into
     m.lora_B.bank  [N, r_max, out]    bank_B[i] = s_i · B_i^T (zero rows beyond r_i)
 
 are initializers that are also graph inputs (overridable: feed another bank of any N / r_max).
+A module an adapter has ``lora_bias`` on also gets
+
+    m.lora_B.bias.bank  [N, out]      bank_b[i] = round_t(s_i · lora_bias_i) (zeros without one)
+
+gathered per row and added to that row's delta: d += Unsqueeze(Gather(bank_b, i'), 1).
 The graph input ``adapter_index`` (int64 [batch]) picks the adapter of each row; -1 means the
 base model. For a site with input x [batch, ..., in] and base output y:
 
@@ -32,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_ref.adapter import Adapter
 
-from .editing import Namer, check_fits, elem_type, lora_factors, np_dtype, rename_output, splice
+from .editing import Namer, check_fits, elem_type, lora_bias_term, lora_factors, np_dtype, rename_output, splice
 from .errors import ExportConfigError, UnsupportedGraphError
 from .graphio import default_opset
 from .locate import TargetSite
@@ -49,13 +54,28 @@ def bank_b_name(module: str) -> str:
     return f"{module}.lora_B.bank"
 
 
+def bank_bias_name(module: str) -> str:
+    return f"{module}.lora_B.bias.bank"
+
+
+def build_bias_bank(module: str, site: TargetSite, adapters: Sequence[Adapter], dtype: np.dtype) -> np.ndarray | None:
+    """bank_b [N, out] = round_t(s_i · lora_bias_i) (zero rows for adapters without), or None when no adapter has one."""
+    if not any(module in a.modules and a.modules[module].lora_bias is not None for a in adapters):
+        return None
+    bank = np.zeros((len(adapters), site.out_features), dtype)
+    for i, adapter in enumerate(adapters):
+        if module in adapter.modules:
+            bank[i] = lora_bias_term(adapter, module, dtype)
+    return bank
+
+
 def build_banks(
     module: str, site: TargetSite, adapters: Sequence[Adapter], dtype: np.dtype, max_rank: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(bank_A [N, in, r_max], bank_B [N, r_max, out]) for ``module``; zeros for adapters without it."""
     users = [a for a in adapters if module in a.modules]
     for adapter in users:
-        check_fits(adapter, module, site)
+        check_fits(adapter, module, site, "batched")
     r_max = max(a.modules[module].rank for a in users)
     if max_rank is not None:
         if max_rank < r_max:
@@ -101,6 +121,7 @@ def build_batched(
     ]
     zeros: dict[int, str] = {}
     row_shapes: dict[int, str] = {}
+    axis_1: str | None = None
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     for step, (module, module_sites) in enumerate(sites.items()):
         if progress:
@@ -109,7 +130,9 @@ def build_batched(
         data_type = elem_type(graph, first.weight)
         bank_a, bank_b = build_banks(module, first, adapters, np_dtype(data_type), max_rank)
         a_name, b_name = bank_a_name(module), bank_b_name(module)
-        for name, bank in ((a_name, bank_a), (b_name, bank_b)):
+        bias_bank = build_bias_bank(module, first, adapters, np_dtype(data_type))
+        banks = [(a_name, bank_a), (b_name, bank_b)] + ([(bank_bias_name(module), bias_bank)] if bias_bank is not None else [])
+        for name, bank in banks:
             if name in namer.used:
                 raise UnsupportedGraphError(f"{module}: the graph already has a tensor named {name!r}")
             namer.used.add(name)
@@ -122,6 +145,17 @@ def build_batched(
             helper.make_node("Gather", [a_name, index], [a_rows], axis=0, name=namer(f"{module}.lora_A.gather")),
             helper.make_node("Gather", [b_name, index], [b_rows], axis=0, name=namer(f"{module}.lora_B.gather")),
         ]
+        bias_rows = None
+        if bias_bank is not None:
+            if axis_1 is None:
+                axis_1 = namer("lora_axes_1")
+                graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axis_1))
+            bias_name, gathered, bias_rows = bank_bias_name(module), namer(f"{module}.lora_B.bias.rows_2d"), namer(f"{module}.lora_B.bias.rows")
+            graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [ADAPTER_AXIS, first.out_features]))
+            prelude += [
+                helper.make_node("Gather", [bias_name, index], [gathered], axis=0, name=namer(f"{module}.lora_B.bias.gather")),
+                helper.make_node("Unsqueeze", [gathered, axis_1], [bias_rows], name=namer(f"{module}.lora_B.bias.unsqueeze")),
+            ]
         if data_type not in zeros:
             zeros[data_type] = namer(f"lora_zero_{data_type}")
             graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), zeros[data_type]))
@@ -135,10 +169,15 @@ def build_batched(
             x3, xa, d3, masked, shape, delta = (
                 namer(f"{module}.lora_{n}") for n in ("x_rows", "xA", "delta_rows", "delta_kept", "out_shape", "delta")
             )
-            after[site.node] += [
+            nodes = [
                 helper.make_node("Reshape", [site.x, row_shapes[first.in_features]], [x3], name=namer(f"{module}.lora_reshape_in")),
                 helper.make_node("MatMul", [x3, a_rows], [xa], name=namer(f"{module}.lora_A")),
                 helper.make_node("MatMul", [xa, b_rows], [d3], name=namer(f"{module}.lora_B")),
+            ]
+            if bias_rows is not None:
+                d3_plain, d3 = d3, namer(f"{module}.lora_delta_rows_bias")
+                nodes.append(helper.make_node("Add", [d3_plain, bias_rows], [d3], name=namer(f"{module}.lora_bias")))
+            after[site.node] += nodes + [
                 helper.make_node("Where", [keep, d3, zeros[data_type]], [masked], name=namer(f"{module}.lora_keep")),
                 helper.make_node("Shape", [base], [shape], name=namer(f"{module}.lora_shape")),
                 helper.make_node("Reshape", [masked, shape], [delta], name=namer(f"{module}.lora_reshape_out")),

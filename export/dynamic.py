@@ -9,7 +9,10 @@ Gemm accumulates into C, so the add costs no separate pass over y (a MatMul + Ad
 ~20% slower than the merged graph at r=16 on CPU; this form 3-10%; see bench/bench_onnx.py).
 
 For module m, ``m.lora_A.weight`` is A_g = A^T [in, r] and ``m.lora_B.weight`` is B_g = s·B^T
-[r, out]. The names follow the Olive / onnxruntime-genai convention; note that the scale s is
+[r, out]. For a module in ``bias_modules`` (one an exported adapter has ``lora_bias`` on) the
+graph also has the input ``m.lora_B.bias`` = round_t(s·lora_bias) [out], default zeros, added
+to the base output before the Gemm: C = Flatten(y0 + b_g). Other modules get no such input,
+so a plain LoRA graph costs nothing extra. The names follow the Olive / onnxruntime-genai convention; note that the scale s is
 folded into B here, so a file from a tool that keeps s as a graph constant needs its B scaled.
 The rank axis is symbolic (``<m>.lora_r``), and each input has a default initializer of rank 0,
 so a session fed no adapter computes x·A_g = [.., 0] and adds exact zeros: the base model.
@@ -22,13 +25,13 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import Namer, elem_type, lora_a_name, lora_b_name, np_dtype, rename_output, splice
+from .editing import Namer, elem_type, lora_a_name, lora_b_name, lora_bias_name, np_dtype, rename_output, splice
 from .errors import UnsupportedGraphError
 from .locate import TargetSite
 
@@ -43,6 +46,7 @@ def build_dynamic(
     sites: Mapping[str, Sequence[TargetSite]],
     *,
     max_rank: int | None = None,
+    bias_modules: Collection[str] = (),
     progress=None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with a LoRA branch on every site (see module docstring)."""
@@ -56,7 +60,8 @@ def build_dynamic(
         first = module_sites[0]
         data_type = elem_type(graph, first.weight)
         a_name, b_name = lora_a_name(module), lora_b_name(module)
-        for name in (a_name, b_name):
+        bias_name = lora_bias_name(module) if module in bias_modules else None
+        for name in (a_name, b_name, *([bias_name] if bias_name else [])):
             if name in namer.used:
                 raise UnsupportedGraphError(f"{module}: the graph already has a tensor named {name!r} (is it already a LoRA graph?)")
             namer.used.add(name)
@@ -67,13 +72,21 @@ def build_dynamic(
         dtype = np_dtype(data_type)
         graph.initializer.append(numpy_helper.from_array(np.zeros((first.in_features, width), dtype), a_name))
         graph.initializer.append(numpy_helper.from_array(np.zeros((width, first.out_features), dtype), b_name))
+        if bias_name:
+            graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [first.out_features]))
+            graph.initializer.append(numpy_helper.from_array(np.zeros(first.out_features, dtype), bias_name))
         for site in module_sites:
             base = rename_output(graph, site, namer)
             xa, xa2, base2, y2, shape = (namer(f"{module}.lora_{n}") for n in ("xA", "xA_2d", "base_2d", "out_2d", "out_shape"))
-            after[site.node] += [
+            nodes = []
+            accumulate = base
+            if bias_name:
+                accumulate = namer(f"{module}.lora_base_plus_bias")
+                nodes.append(helper.make_node("Add", [base, bias_name], [accumulate], name=namer(f"{module}.lora_bias")))
+            after[site.node] += nodes + [
                 helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
                 helper.make_node("Flatten", [xa], [xa2], axis=-1, name=namer(f"{module}.lora_flatten_xA")),
-                helper.make_node("Flatten", [base], [base2], axis=-1, name=namer(f"{module}.lora_flatten_base")),
+                helper.make_node("Flatten", [accumulate], [base2], axis=-1, name=namer(f"{module}.lora_flatten_base")),
                 helper.make_node("Gemm", [xa2, b_name, base2], [y2], name=namer(f"{module}.lora_B")),
                 helper.make_node("Shape", [base], [shape], name=namer(f"{module}.lora_shape")),
                 helper.make_node("Reshape", [y2, shape], [site.y], name=namer(f"{module}.lora_reshape")),

@@ -124,7 +124,8 @@ def build_graph(
     else:
         base = to_float16(copy.deepcopy(model)) if half else model  # deepcopy: protobuf bytes cap at 2 GiB
         if mode == "dynamic":
-            graph = build_dynamic(base, sites, max_rank=max_rank, progress=progress)
+            biased = {m for adapter in adapters for m, lora in adapter.modules.items() if lora.lora_bias is not None}
+            graph = build_dynamic(base, sites, max_rank=max_rank, bias_modules=biased, progress=progress)
         else:
             graph = build_batched(base, sites, adapters, max_rank=max_rank, progress=progress)
     make_loadable(graph)

@@ -65,7 +65,7 @@ class LoraSession:
         proto = model if isinstance(model, onnx.ModelProto) else _header_only(Path(model))
         check_readable(proto, where=str(model) if not isinstance(model, onnx.ModelProto) else "model")
         self.slots: dict[str, Slot] = slots_from_model(proto)
-        self.bank_sizes = {t.name: int(t.dims[0]) for t in proto.graph.initializer if t.name.endswith(".lora_A.bank")}
+        self.bank_sizes = {t.name: int(t.dims[0]) for t in proto.graph.initializer if t.name.endswith(".bank")}
         self.requested = list(providers)
         chosen = resolve_providers(providers)
         options = options or ort.SessionOptions()

@@ -1,9 +1,10 @@
 """The LoRA inputs a dynamic graph declares, and checks that a set of adapter tensors fits them.
 
-A slot is one graph input ``<module>.lora_A.weight`` ([in, r]) or ``<module>.lora_B.weight``
-([r, out]); r is symbolic (a string) or, in a fixed-max-rank graph, a number. Tensors fit when
-every name is a slot, each static axis matches, the dtype matches, and for each module the A
-and B tensors given agree on r. ORT itself would run the base model for a misspelt name in
+A slot is one graph input ``<module>.lora_A.weight`` ([in, r]), ``<module>.lora_B.weight``
+([r, out]) or ``<module>.lora_B.bias`` ([out], s·lora_bias, only in graphs exported for an
+adapter with lora_bias); r is symbolic (a string) or, in a fixed-max-rank graph, a number.
+Tensors fit when every name is a slot, each static axis matches, the dtype matches, for each
+module the A and B tensors given agree on r, and a bias comes with its module's A and B. ORT itself would run the base model for a misspelt name in
 some paths and fail with a bare "Invalid input name" in others; these checks name the problem.
 """
 
@@ -18,7 +19,8 @@ from onnx import helper
 
 from .errors import AdapterNameError
 
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+A_SUFFIX, B_SUFFIX, BIAS_SUFFIX = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
+SUFFIXES = (A_SUFFIX, B_SUFFIX, BIAS_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -31,27 +33,35 @@ class Slot:
 
     @property
     def module(self) -> str:
-        return self.name[: -len(A_SUFFIX)] if self.name.endswith(A_SUFFIX) else self.name[: -len(B_SUFFIX)]
+        return next(self.name[: -len(suffix)] for suffix in SUFFIXES if self.name.endswith(suffix))
 
     @property
     def is_a(self) -> bool:
         return self.name.endswith(A_SUFFIX)
 
     @property
+    def is_bias(self) -> bool:
+        return self.name.endswith(BIAS_SUFFIX)
+
+    @property
     def rank(self) -> int | None:
-        """The static rank, or None when the rank axis is symbolic."""
+        """The static rank, or None when the rank axis is symbolic (or the slot is a bias)."""
+        if self.is_bias:
+            return None
         axis = self.shape[1] if self.is_a else self.shape[0]
         return axis if isinstance(axis, int) else None
 
     def default(self) -> np.ndarray:
-        """What the graph's default initializer holds: zeros at the static rank, or rank 0."""
+        """What the graph's default initializer holds: zeros at the static rank, or rank 0 (a bias: zeros [out])."""
+        if self.is_bias:
+            return np.zeros(self.shape, self.dtype)
         rank = self.rank or 0
         shape = (self.shape[0], rank) if self.is_a else (rank, self.shape[1])
         return np.zeros(shape, self.dtype)
 
 
 def _is_lora(name: str) -> bool:
-    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
+    return name.endswith(SUFFIXES)
 
 
 def slots_from_model(model: onnx.ModelProto) -> dict[str, Slot]:
@@ -92,10 +102,15 @@ def check_tensors(tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]], slots
             raise AdapterNameError(f"{where}: {name} has shape {tuple(shape)}, the graph expects {slot.shape}")
         if np.dtype(dtype) != slot.dtype:
             raise AdapterNameError(f"{where}: {name} is {np.dtype(dtype)}, the graph expects {slot.dtype}")
-        ranks.setdefault(slot.module, set()).add(shape[1] if slot.is_a else shape[0])
+        if not slot.is_bias:
+            ranks.setdefault(slot.module, set()).add(shape[1] if slot.is_a else shape[0])
     mismatched = sorted(module for module, rs in ranks.items() if len(rs) > 1)
     if mismatched:
         raise AdapterNameError(f"{where}: lora_A and lora_B disagree on the rank of {mismatched}")
     lonely = sorted(m for m in ranks if (m + A_SUFFIX in tensors) != (m + B_SUFFIX in tensors))
     if lonely:
         raise AdapterNameError(f"{where}: {lonely} have lora_A without lora_B or the reverse")
+    biased = sorted(slots[name].module for name in tensors if slots[name].is_bias)
+    orphans = [m for m in biased if m not in ranks]
+    if orphans:
+        raise AdapterNameError(f"{where}: {orphans} have lora_B.bias without lora_A and lora_B")

@@ -1,4 +1,5 @@
-"""Merged graphs for every layer kind the core merges: Linear + lora_bias, Embedding, Conv, DoRA.
+"""Layer kinds beyond plain Linear LoRA: merged Linear + lora_bias, Embedding, Conv, DoRA; lora_bias
+in dynamic and batched graphs (and their .onnx_adapter files and the adapter cache).
 
 Two oracles:
 * the initializers: each merged weight (and lora_bias bias) equals, bit for bit, the core's
@@ -30,12 +31,18 @@ from lora_ref.checkpoint import merge_targets, target_delta  # noqa: E402
 from lora_ref.deltas import delta_for  # noqa: E402
 from lora_ref.merge import merge  # noqa: E402
 from lora_ref.export import (  # noqa: E402
+    AdapterCache,
+    AdapterNameError,
     ExportConfigError,
     UnsupportedGraphError,
+    adapter_tensors,
     build_graph,
+    export,
     locate_targets,
     models,
     open_session,
+    read_onnx_adapter,
+    slots_from_model,
 )
 from lora_ref.export.parity import expose, layer_bound  # noqa: E402
 
@@ -125,21 +132,23 @@ def _bound(model, module, x, adapter, include_bias, dtype):
     return layer_bound(x, W, dtype=dtype, **kwargs) + 2 * layer_bound(x, W, dtype=np.float64, **kwargs)
 
 
-def check_sites(label, model, graph, sites, feeds, adapter, dtype=np.float32):
+def check_sites(label, model, graph, sites, run, row_adapters, dtype=np.float32):
+    """Run ``graph`` (``run(session)``) with site tensors exposed; each row vs its adapter's float64 layer."""
     outputs = {m: _site_output(model, s) for m, module_sites in sites.items() for s in module_sites}
     names = [n for m, module_sites in sites.items() for s in module_sites for n in (s.x, outputs[m][0])]
     session = open_session(expose(graph, names))
-    values = dict(zip([o.name for o in session.session.get_outputs()], session.session.run(None, feeds)))
+    values = dict(zip([o.name for o in session.session.get_outputs()], run(session)))
     worst = 0.0
     for module, module_sites in sites.items():
         for site in module_sites:
             name, include_bias = outputs[module]
-            x, y = values[site.x], values[name].astype(np.float64)
-            want = model.layer(module, x, adapter, bias=include_bias)
-            bound = _bound(model, module, x, adapter, include_bias, dtype)
-            err = np.abs(y - want)
-            assert np.all(err <= bound), f"{label} {module}: error/bound {np.max(err / bound):.3g}"
-            worst = max(worst, float(np.max(err / bound)))
+            for row, adapter in enumerate(row_adapters):
+                x, y = values[site.x][row : row + 1], values[name][row : row + 1].astype(np.float64)
+                want = model.layer(module, x, adapter, bias=include_bias)
+                bound = _bound(model, module, x, adapter, include_bias, dtype)
+                err = np.abs(y - want)
+                assert np.all(err <= bound), f"{label} {module} row {row}: error/bound {np.max(err / bound):.3g}"
+                worst = max(worst, float(np.max(err / bound)))
     WORST[label] = max(WORST.get(label, 0.0), worst)
 
 
@@ -150,7 +159,8 @@ def test_merged_sites_match_float64_reference(case, r, seed, batch):
     model, variant = case
     adapter = _adapter(model, variant, r, seed)
     graph, sites = build_graph(model.onnx, [adapter], "merged")
-    check_sites(f"merged {model.name} {variant}", model, graph, sites, _feeds(model, batch, seed), adapter)
+    feeds = _feeds(model, batch, seed)
+    check_sites(f"merged {model.name} {variant}", model, graph, sites, lambda s: s.session.run(None, feeds), [adapter] * batch)
 
 
 @pytest.mark.parametrize("model", [EMBED, CONV], ids=lambda m: m.name)
@@ -240,3 +250,70 @@ def test_refusals_are_typed_and_name_the_module():
     grouped.graph.node[0].attribute.append(helper.make_attribute("group", 2))
     with pytest.raises(UnsupportedGraphError, match="group=2"):
         locate_targets(grouped, ["conv1"], kinds=CONV.kinds)
+
+
+# -- lora_bias in dynamic and batched graphs --------------------------------------------------
+
+#: (model, modules): lora_bias where the graph has a base bias (Gemm C, MatMul + Add) and where it has none.
+BIAS_CASES = [(MLP, None), (BLOCK, None), (EMBED, ["proj"])]
+
+
+@pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c[0].name)
+@settings(max_examples=EXAMPLES)
+@given(r=st.integers(1, 5), seed=st.integers(0, 2**16), max_rank=st.sampled_from([None, 6]))
+def test_dynamic_graph_with_lora_bias_matches_reference(case, r, seed, max_rank):
+    model, modules = case
+    biased = _adapter(model, "lora_bias", r, seed, modules=modules, name="biased")
+    plain = _adapter(model, "plain", 2, seed + 1, modules=modules, name="plain")
+    graph, sites = build_graph(model.onnx, [biased, plain], "dynamic", max_rank=max_rank)
+    slots = slots_from_model(graph)
+    assert {name for name in slots if name.endswith(".lora_B.bias")} == {f"{m}.lora_B.bias" for m in biased.modules}
+    feeds = _feeds(model, 2, seed)
+    for adapter in (biased, plain, None):
+        tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
+        check_sites(f"dynamic lora_bias {model.name}", model, graph, sites,
+                    lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [adapter, adapter])
+    base = open_session(model.onnx).run(feeds)[0]
+    np.testing.assert_array_equal(open_session(graph).run(feeds)[0], base)  # defaults: rank 0 and a zero bias
+
+
+@pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c[0].name)
+@settings(max_examples=EXAMPLES)
+@given(seed=st.integers(0, 2**16), index=st.lists(st.integers(-1, 2), min_size=1, max_size=4))
+def test_batched_graph_with_lora_bias_rows_use_their_own_adapter(case, seed, index):
+    model, modules = case
+    adapters = [_adapter(model, "lora_bias", 3, seed, modules=modules, name="b3"),
+                _adapter(model, "plain", 1, seed + 1, modules=modules, name="p1"),
+                _adapter(model, "lora_bias", 2, seed + 2, modules=(modules or model.linear_modules)[:1], name="partial")]
+    graph, sites = build_graph(model.onnx, adapters, "batched")
+    bank = _init(graph, f"{next(iter(sites))}.lora_B.bias.bank")
+    assert bank.shape[0] == 3 and not bank[1].any()  # the adapter without lora_bias has a zero row
+    feeds = _feeds(model, len(index), seed)
+    check_sites(f"batched lora_bias {model.name}", model, graph, sites, lambda s: s.run_batched(feeds, index),
+                [adapters[i] if i >= 0 else None for i in index])
+
+
+def test_lora_bias_onnx_adapter_file_and_cache(tmp_path):
+    biased = _adapter(BLOCK, "lora_bias", 3, 7, name="biased")
+    plain = _adapter(BLOCK, "plain", 2, 8, name="plain")
+    report = export(BLOCK.onnx, [biased, plain], "dynamic", tmp_path / "d.onnx", adapter_out=tmp_path / "adapters")
+    session = open_session(report.output)
+    written = read_onnx_adapter(report.adapter_files["biased"])  # ORT's own reader
+    for module, lora in biased.modules.items():
+        want = (biased.scale_for(module) * lora.lora_bias.astype(np.float64)).astype(np.float32)  # one rounding
+        np.testing.assert_array_equal(written[f"{module}.lora_B.bias"], want)
+    feeds = _feeds(BLOCK, 2, 7)
+    cache = AdapterCache(session)
+    cache.add("biased", biased)
+    cache.add("plain", session.load_adapter(report.adapter_files["plain"]))
+    for name, adapter in (("biased", biased), ("plain", plain), ("biased", biased), (None, None)):
+        cache.activate(name)
+        via_cache = cache.run(feeds)[0]
+        tensors = adapter_tensors(adapter, session.slots) if adapter is not None else {}
+        np.testing.assert_array_equal(via_cache, session.run({**feeds, **tensors})[0], err_msg=str(name))
+        if adapter is not None:
+            loaded = session.load_adapter(report.adapter_files[name])
+            np.testing.assert_array_equal(session.run(feeds, loaded)[0], via_cache)
+    unbiased_graph, _ = build_graph(BLOCK.onnx, [plain], "dynamic")
+    with pytest.raises(AdapterNameError, match="lora_B.bias"):
+        adapter_tensors(biased, slots_from_model(unbiased_graph))
