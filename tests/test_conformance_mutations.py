@@ -26,6 +26,7 @@ one real bug seen in public LoRA implementations and must fail at least one case
   dora_bias_scaled        DoRA gain applied to the bias too (PEFT does not scale it)
   dora_norm_without_delta DoRA norm of W alone instead of W + s B A (huggingface/peft#1588 class)
   dora_norm_not_detached  DoRA backward through the norm (the DoRA paper, section 4.3, and PEFT detach it)
+  dora_conv_norm_dim1     DoRA on a conv kernel with Linear's norm over dim 1 only (one norm per output channel and tap)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ MUTATIONS = [
     "low_precision_merge", "low_precision_unmerge", "forget_fan_in_fan_out", "backward_no_scale", "lora_bias_unscaled",
     "exact_no_residual", "low_precision_lora_path", "embedding_reshape", "conv_channels_last", "conv_dilation_ignored", "mixed_index_wraps",
     "dora_bias_scaled", "dora_norm_without_delta", "dora_norm_not_detached",
+    "dora_conv_norm_dim1",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx"}
@@ -238,16 +240,25 @@ class Alt:
         d = len(out)
         return t.reshape((n,) + tuple(out) + (-1,)).transpose((0, d + 1) + tuple(range(1, d + 1)))
 
-    def conv_forward(self, params, inputs):
-        x, W = self.w(inputs["x"]), self.w(inputs["W"])
-        A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
-        o, r = W.shape[0], A.shape[0]
+    def _conv_value(self, params, inputs, W=None):
+        """conv(x, W) + b + s conv1x1(conv(x, A), B) in the compute dtype; with ``W`` given, conv(x, W) + b only."""
+        x = self.w(inputs["x"])
+        merged = W is not None
+        W = self.w(inputs["W"]) if W is None else W
         cols, out, _ = self._conv_cols(x, W.shape[2:], params)
-        lora_cols, _, _ = self._conv_cols(x, W.shape[2:], params, lora=True)
-        y = self.mm(cols, W.reshape(o, -1).T) + self.scale(params) * self.mm(self.mm(lora_cols, A.reshape(r, -1).T), B.reshape(o, r).T)
+        o = W.shape[0]
+        y = self.mm(cols, W.reshape(o, -1).T)
+        if not merged:
+            A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
+            r = A.shape[0]
+            lora_cols, _, _ = self._conv_cols(x, W.shape[2:], params, lora=True)
+            y = y + self.scale(params) * self.mm(self.mm(lora_cols, A.reshape(r, -1).T), B.reshape(o, r).T)
         if "b" in inputs:
             y = y + self.w(inputs["b"])
-        return {"y": self.out(self._channels_first(y, x.shape[0], out), inputs["x"].dtype)}
+        return self._channels_first(y, x.shape[0], out)
+
+    def conv_forward(self, params, inputs):
+        return {"y": self.out(self._conv_value(params, inputs), inputs["x"].dtype)}
 
     def _col2im(self, dcols, x_shape, kernel, out, geometry):
         stride, padding, dilation = geometry
@@ -379,6 +390,61 @@ class Alt:
         g = self._gain(params, inputs)
         V = W + self.scale(params) * self.mm(B, A)
         return {"W_merged": self.out(g[:, None] * V, inputs["W"].dtype)}
+
+
+    # -- DoRA on Embedding and Conv2d: g along W's output-channel axis, broadcastable to W ------------
+    def _dora_parts(self, kind, params, inputs):
+        """(g shaped to broadcast over W, ΔW, V = W + ΔW) in the compute dtype."""
+        W = self.w(inputs["W"])
+        if kind == "embedding":
+            A, B = self.factors(inputs)
+            delta = self.scale(params) * self.mm(B, A).T  # [V, D]
+            V = W + delta
+            return (self.w(inputs["magnitude"]) / np.sqrt((V * V).sum(axis=0)))[None, :], delta, V
+        delta = self._conv_delta(params, inputs, W.shape)
+        V = W + delta
+        m = self.w(inputs["magnitude"]).reshape((-1,) + (1,) * (W.ndim - 1))
+        if self.bug == "dora_conv_norm_dim1":  # Linear's norm over dim 1 applied to a conv kernel: one norm per (o, tap)
+            return m / np.sqrt((V * V).sum(axis=1, keepdims=True)), delta, V
+        return m / np.sqrt((V * V).reshape(W.shape[0], -1).sum(axis=1)).reshape(m.shape), delta, V
+
+    def dora_embedding_forward(self, params, inputs):
+        ids, W = inputs["ids"], self.w(inputs["W"])
+        A, B = self.factors(inputs)
+        g, _, _ = self._dora_parts("embedding", params, inputs)
+        z = W[ids] + self.scale(params) * self.mm(A.T[ids], B.T)
+        return {"y": self.out(g[0] * z, inputs["W"].dtype)}
+
+    def dora_conv2d_forward(self, params, inputs):
+        """The merged-weight association conv(x, g ∘ (W + ΔW)) + b: equal to g ∘ (base + lora) + b."""
+        g, _, V = self._dora_parts("conv", params, inputs)
+        return {"y": self.out(self._conv_value(params, inputs, W=g * V), inputs["x"].dtype)}
+
+    def _dora_kind_merge(self, kind, params, inputs):
+        g, _, V = self._dora_parts(kind, params, inputs)
+        return {"W_merged": self.out(g * V, inputs["W"].dtype)}
+
+    def _dora_kind_unmerge(self, kind, params, inputs):
+        W = inputs["W"]
+        g, delta, _ = self._dora_parts(kind, params, inputs)
+        merged = self._dora_kind_merge(kind, params, inputs)["W_merged"]
+        restored = self.out(self.w(merged) / g - delta, W.dtype)
+        if self.bug != "exact_no_residual":
+            differs = bits_of(restored) != bits_of(W)
+            restored[differs] = W[differs]
+        return {"W_merged": merged, "W_restored": restored}
+
+    def dora_embedding_merge(self, params, inputs):
+        return self._dora_kind_merge("embedding", params, inputs)
+
+    def dora_embedding_unmerge(self, params, inputs):
+        return self._dora_kind_unmerge("embedding", params, inputs)
+
+    def dora_conv2d_merge(self, params, inputs):
+        return self._dora_kind_merge("conv", params, inputs)
+
+    def dora_conv2d_unmerge(self, params, inputs):
+        return self._dora_kind_unmerge("conv", params, inputs)
 
 
 def _run(impl, layout="canonical", profile="float32"):

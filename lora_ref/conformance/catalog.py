@@ -368,8 +368,48 @@ def _conv_nd_cases() -> Iterator[CaseSpec]:
                    shapes(3, 1, 12, 1, 10, 1, 2, names=("W_merged", "A", "B")), "1x1x1 kernel (fast)")
 
 
+def _dora_layer_cases() -> Iterator[CaseSpec]:
+    """DoRA on Embedding (norm per column of [V, D]) and Conv2d (norm per output channel over C, kh, kw)."""
+    seed = 9000
+
+    def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str) -> CaseSpec:
+        nonlocal seed
+        seed += 1
+        return CaseSpec(group, f"{name}-{dtype}", f"{group}.{operation}", dtype, params, shapes, seed, description)
+
+    V, D, r = 20, 12, 4
+    emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0), "magnitude": ((D,), 4.0)}
+    weights = {k: v for k, v in emb.items() if k != "ids"}
+    for dtype in ("float32", "bfloat16"):
+        yield case("dora_embedding", "forward", "forward", dtype, linear_params(r, 8), emb,
+                   "g ∘ (W[ids] + s Aᵀ[ids] Bᵀ), g = m / ‖W + s Aᵀ Bᵀ‖ per column (over the vocabulary)")
+    for dtype in ALL_DTYPES:
+        yield case("dora_embedding", "merge", "merge", dtype, linear_params(r, 8, rslora=dtype == "float16"), weights,
+                   "W' = g ∘ (W + s Aᵀ Bᵀ), g per embedding dimension")
+    for dtype in ("float32", "bfloat16"):
+        yield case("dora_embedding", "unmerge-exact", "unmerge", dtype, linear_params(r, 8, exact=True), weights,
+                   "exact round trip: merge, then unmerge with the residual -> W's bits")
+
+    def conv(c: int, o: int, k: int, rank: int, names=("x", "W", "b", "A", "B", "magnitude")) -> dict:
+        every = {"x": ((2, c, 5, 5), 2.0), "W": ((o, c, k, k), 1.0), "b": ((o,), 1.0), "A": ((rank, c, k, k), 1.0),
+                 "B": ((o, rank, 1, 1), 1.0), "magnitude": ((o,), 4.0)}
+        return {name: every[name] for name in names}
+
+    for dtype in ("float32", "bfloat16"):
+        yield case("dora_conv2d", "forward-3x3", "forward", dtype, linear_params(2, 4, stride=1, padding=1), conv(3, 4, 3, 2),
+                   "g ∘ (conv(x, W) + s conv1x1(conv(x, A), B)) + b, g = m / ‖W + ΔW‖ over (C, kh, kw)")
+    yield case("dora_conv2d", "forward-1x1", "forward", "float16", linear_params(2, 8, stride=1, padding=0), conv(6, 5, 1, 2),
+               "1x1 kernel")
+    for dtype in ALL_DTYPES:
+        yield case("dora_conv2d", "merge-3x3", "merge", dtype, linear_params(3, 6), conv(3, 8, 3, 3, ("W", "A", "B", "magnitude")),
+                   "W' = g ∘ (W + ΔW), g per output channel")
+    for dtype in ("float32", "bfloat16"):
+        yield case("dora_conv2d", "unmerge-exact", "unmerge", dtype, linear_params(2, 4, exact=True),
+                   conv(3, 8, 3, 2, ("W", "A", "B", "magnitude")), "exact round trip -> W's bits")
+
+
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases]
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases]
 
 
 def all_cases() -> list[CaseSpec]:

@@ -215,4 +215,4 @@ def linear_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
             "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 
-from . import conv_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)
+from . import conv_operations, dora_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)

@@ -134,20 +134,35 @@ def _dora_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude, "db": grads.db}
 
 
-def _dora_source(params: Mapping[str, Any], inputs: Arrays) -> dora.DoraDelta:
-    return dora.dora_delta(LinearDelta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["W"], axis=0)
+#: DoRA kind -> (its plain delta source, W's output-channel axis)
+_DORA_DELTAS = {"linear": (LinearDelta, 0), "embedding": (embedding.EmbeddingDelta, 1), "conv": (conv.ConvDelta, 0)}
 
 
-def _dora_merge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
-    return {"W_merged": merge(inputs["W"], _dora_source(params, inputs)).weight}
+def _dora_source(kind: str, params: Mapping[str, Any], inputs: Arrays) -> dora.DoraDelta:
+    delta, axis = _DORA_DELTAS[kind]
+    return dora.dora_delta(delta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["W"], axis=axis)
 
 
-def _dora_unmerge(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+def _dora_merge(params: Mapping[str, Any], inputs: Arrays, kind: str = "linear") -> Arrays:
+    return {"W_merged": merge(inputs["W"], _dora_source(kind, params, inputs)).weight}
+
+
+def _dora_unmerge(params: Mapping[str, Any], inputs: Arrays, kind: str = "linear") -> Arrays:
     if not params.get("exact", False):
         raise NotImplementedError("fast DoRA unmerge needs the norm of the unmerged weight")
-    source = _dora_source(params, inputs)
+    source = _dora_source(kind, params, inputs)
     merged = merge(inputs["W"], source, exact=True)
     return {"W_merged": merged.weight, "W_restored": unmerge(merged.weight, source, residual=merged.residual)}
+
+
+def _dora_embedding_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    layer = dora.embedding(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
+    return {"y": dora.forward(layer, inputs["ids"])}
+
+
+def _dora_conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    layer = dora.conv(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"], geometry=_geometry(params))
+    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
 
 
 OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
@@ -167,6 +182,12 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "dora.backward": _dora_backward,
     "dora.merge": _dora_merge,
     "dora.unmerge": _dora_unmerge,
+    "dora_embedding.forward": _dora_embedding_forward,
+    "dora_embedding.merge": lambda params, inputs: _dora_merge(params, inputs, "embedding"),
+    "dora_embedding.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "embedding"),
+    "dora_conv2d.forward": _dora_conv_forward,
+    "dora_conv2d.merge": lambda params, inputs: _dora_merge(params, inputs, "conv"),
+    "dora_conv2d.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "conv"),
 }
 
 

@@ -56,7 +56,8 @@ class PeftImplementation:
     def config(self, params: Mapping[str, Any], targets: list[str], **extra: Any):
         return self.peft.LoraConfig(r=int(params["r"]), lora_alpha=params["lora_alpha"], use_rslora=bool(params.get("use_rslora", False)),
                                     fan_in_fan_out=bool(params.get("fan_in_fan_out", False)), target_modules=targets,
-                                    lora_dropout=float(params.get("lora_dropout", 0.0)), init_lora_weights=False, **extra)
+                                    lora_dropout=float(params.get("lora_dropout", 0.0)), init_lora_weights=False,
+                                    use_dora=bool(params.get("use_dora", False)), **extra)
 
     def wrap(self, base, params: Mapping[str, Any], dtype: str, **extra: Any):
         """get_peft_model around a module holding ``base`` as ``layer``; returns (model, lora layer)."""
@@ -288,7 +289,7 @@ class PeftImplementation:
     # -- DoRA ------------------------------------------------------------------------------------------
     def _dora(self, params, inputs):
         W = inputs["W"]
-        _, layer = self.wrap(self.torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs), params, _name(W.dtype), use_dora=True)
+        _, layer = self.wrap(self.torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs), {**params, "use_dora": True}, _name(W.dtype))
         self.set_(layer.base_layer.weight, W)
         if "b" in inputs:
             self.set_(layer.base_layer.bias, inputs["b"])
@@ -319,6 +320,32 @@ class PeftImplementation:
 
     def dora_unmerge(self, params, inputs):
         raise NotImplementedError("PEFT has no exact (residual) unmerge")
+
+    def _dora_layer(self, build, params, inputs):
+        """An Embedding or Conv layer built by ``build`` with use_dora, its magnitude set."""
+        layer = build({**params, "use_dora": True}, inputs)
+        self.set_(layer.lora_magnitude_vector["default"].weight, inputs["magnitude"])
+        return layer
+
+    def dora_embedding_forward(self, params, inputs):
+        layer = self._dora_layer(self._embedding, params, inputs)
+        with self.torch.no_grad():
+            y = layer(self.tensor(inputs["ids"]))
+        return {"y": self.array(y, inputs["W"].dtype)}
+
+    def dora_embedding_merge(self, params, inputs):
+        return self._merge(self._dora_layer(self._embedding, params, inputs), inputs["W"].dtype)
+
+    def dora_conv2d_forward(self, params, inputs):
+        layer = self._dora_layer(self._conv, params, inputs)
+        with self.torch.no_grad():
+            y = layer(self.tensor(inputs["x"]))
+        return {"y": self.array(y, inputs["x"].dtype)}
+
+    def dora_conv2d_merge(self, params, inputs):
+        return self._merge(self._dora_layer(self._conv, params, inputs), inputs["W"].dtype)
+
+    dora_embedding_unmerge = dora_conv2d_unmerge = dora_unmerge
 
     def dora_merge(self, params, inputs):
         return self._merge(self._dora(params, inputs), inputs["W"].dtype)
