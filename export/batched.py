@@ -20,6 +20,10 @@ base model. For a site with input x [batch, ..., in] and base output y:
     y   += Reshape(Where(keep, d, 0), shape(y))
 
 Rows with -1 get exact zeros (Where, not a multiply, so a non-finite delta cannot leak in).
+An Embedding site (ids [batch, ...], banks of A_g = lora_embedding_A^T [V, r] and
+B_g = s·lora_embedding_B^T [r, D]) looks its rows up in the bank viewed as one table
+[N·V, r] instead of multiplying: t = Gather(Flatten(bank_A), i'·V + Reshape(ids, [batch, -1]))
+[batch, L, r], then d = t @ B_s as above (ids must lie in [0, V), as torch requires).
 Requires the batch to be the leading axis of every targeted Linear's input. Indices outside
 [-1, N) are refused by :mod:`lora_ref.export.runtime` before a run (ONNX Runtime would raise an
 untyped error, or wrap negative indices silently).
@@ -120,8 +124,16 @@ def build_batched(
         helper.make_node("Unsqueeze", [keep_1d, axes], [keep], name=namer("lora_keep_unsqueeze")),
     ]
     zeros: dict[int, str] = {}
-    row_shapes: dict[int, str] = {}
-    axis_1: str | None = None
+    constants: dict[tuple[int, ...], str] = {}
+
+    def constant(*values: int) -> str:
+        """A shared int64 initializer holding ``values``."""
+        if values not in constants:
+            constants[values] = namer("lora_i64_" + "_".join(str(v).replace("-", "m") for v in values))
+            graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), constants[values]))
+        return constants[values]
+
+    index_col: str | None = None
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     for step, (module, module_sites) in enumerate(sites.items()):
         if progress:
@@ -141,39 +153,49 @@ def build_batched(
         graph.input.append(helper.make_tensor_value_info(a_name, data_type, [ADAPTER_AXIS, first.in_features, r_axis]))
         graph.input.append(helper.make_tensor_value_info(b_name, data_type, [ADAPTER_AXIS, r_axis, first.out_features]))
         a_rows, b_rows = namer(f"{module}.lora_A.rows"), namer(f"{module}.lora_B.rows")
-        prelude += [
-            helper.make_node("Gather", [a_name, index], [a_rows], axis=0, name=namer(f"{module}.lora_A.gather")),
-            helper.make_node("Gather", [b_name, index], [b_rows], axis=0, name=namer(f"{module}.lora_B.gather")),
-        ]
+        embedding = first.kind == "embedding"
+        if (embedding or bias_bank is not None) and index_col is None:
+            index_col = namer("lora_index_col")
+            prelude.append(helper.make_node("Unsqueeze", [index, constant(1)], [index_col], name=namer("lora_index_unsqueeze")))
+        if embedding:  # bank_A as one table [N·V, r]; row i·V + id is adapter i's A^T[id]
+            offset = namer(f"{module}.lora_A.offset")
+            prelude += [
+                helper.make_node("Flatten", [a_name], [a_rows], axis=2, name=namer(f"{module}.lora_A.flatten")),
+                helper.make_node("Mul", [index_col, constant(first.in_features)], [offset], name=namer(f"{module}.lora_A.offset")),
+            ]
+        else:
+            prelude.append(helper.make_node("Gather", [a_name, index], [a_rows], axis=0, name=namer(f"{module}.lora_A.gather")))
+        prelude.append(helper.make_node("Gather", [b_name, index], [b_rows], axis=0, name=namer(f"{module}.lora_B.gather")))
         bias_rows = None
         if bias_bank is not None:
-            if axis_1 is None:
-                axis_1 = namer("lora_axes_1")
-                graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axis_1))
             bias_name, gathered, bias_rows = bank_bias_name(module), namer(f"{module}.lora_B.bias.rows_2d"), namer(f"{module}.lora_B.bias.rows")
             graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [ADAPTER_AXIS, first.out_features]))
             prelude += [
                 helper.make_node("Gather", [bias_name, index], [gathered], axis=0, name=namer(f"{module}.lora_B.bias.gather")),
-                helper.make_node("Unsqueeze", [gathered, axis_1], [bias_rows], name=namer(f"{module}.lora_B.bias.unsqueeze")),
+                helper.make_node("Unsqueeze", [gathered, constant(1)], [bias_rows], name=namer(f"{module}.lora_B.bias.unsqueeze")),
             ]
         if data_type not in zeros:
             zeros[data_type] = namer(f"lora_zero_{data_type}")
             graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), zeros[data_type]))
-        if first.in_features not in row_shapes:
-            row_shapes[first.in_features] = namer(f"lora_rows_shape_{first.in_features}")
-            graph.initializer.append(
-                numpy_helper.from_array(np.array([0, -1, first.in_features], np.int64), row_shapes[first.in_features])
-            )
         for site in module_sites:
             base = rename_output(graph, site, namer)
             x3, xa, d3, masked, shape, delta = (
                 namer(f"{module}.lora_{n}") for n in ("x_rows", "xA", "delta_rows", "delta_kept", "out_shape", "delta")
             )
-            nodes = [
-                helper.make_node("Reshape", [site.x, row_shapes[first.in_features]], [x3], name=namer(f"{module}.lora_reshape_in")),
-                helper.make_node("MatMul", [x3, a_rows], [xa], name=namer(f"{module}.lora_A")),
-                helper.make_node("MatMul", [xa, b_rows], [d3], name=namer(f"{module}.lora_B")),
-            ]
+            if embedding:
+                ids64, rows = namer(f"{module}.lora_ids_i64"), namer(f"{module}.lora_ids_rows")
+                nodes = [
+                    helper.make_node("Cast", [site.x], [ids64], to=TensorProto.INT64, name=namer(f"{module}.lora_ids_cast")),
+                    helper.make_node("Reshape", [ids64, constant(0, -1)], [rows], name=namer(f"{module}.lora_reshape_in")),
+                    helper.make_node("Add", [rows, offset], [x3], name=namer(f"{module}.lora_ids_offset")),
+                    helper.make_node("Gather", [a_rows, x3], [xa], axis=0, name=namer(f"{module}.lora_A")),
+                ]
+            else:
+                nodes = [
+                    helper.make_node("Reshape", [site.x, constant(0, -1, first.in_features)], [x3], name=namer(f"{module}.lora_reshape_in")),
+                    helper.make_node("MatMul", [x3, a_rows], [xa], name=namer(f"{module}.lora_A")),
+                ]
+            nodes.append(helper.make_node("MatMul", [xa, b_rows], [d3], name=namer(f"{module}.lora_B")))
             if bias_rows is not None:
                 d3_plain, d3 = d3, namer(f"{module}.lora_delta_rows_bias")
                 nodes.append(helper.make_node("Add", [d3_plain, bias_rows], [d3], name=namer(f"{module}.lora_bias")))

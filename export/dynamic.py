@@ -2,14 +2,15 @@
 
 Nodes per site (x [..., in], base output y0 [..., out]):
 
-    t  = MatMul(x, A_g)                                   [..., r]
+    t  = MatMul(x, A_g)                                   [..., r]   (Embedding: Gather(A_g, ids))
     y  = Reshape(Gemm(Flatten(t), B_g, C=Flatten(y0)), Shape(y0))
 
 Gemm accumulates into C, so the add costs no separate pass over y (a MatMul + Add pair was
 ~20% slower than the merged graph at r=16 on CPU; this form 3-10%; see bench/bench_onnx.py).
 
 For module m, ``m.lora_A.weight`` is A_g = A^T [in, r] and ``m.lora_B.weight`` is B_g = s·B^T
-[r, out]. For a module in ``bias_modules`` (one an exported adapter has ``lora_bias`` on) the
+[r, out]; for an Embedding A_g = lora_embedding_A^T [num_embeddings, r] and B_g = s·lora_embedding_B^T
+[r, dim], so the same names and the same [in, r] / [r, out] shapes hold. For a module in ``bias_modules`` (one an exported adapter has ``lora_bias`` on) the
 graph also has the input ``m.lora_B.bias`` = round_t(s·lora_bias) [out], default zeros, added
 to the base output before the Gemm: C = Flatten(y0 + b_g). Other modules get no such input,
 so a plain LoRA graph costs nothing extra. The names follow the Olive / onnxruntime-genai convention; note that the scale s is
@@ -84,7 +85,8 @@ def build_dynamic(
                 accumulate = namer(f"{module}.lora_base_plus_bias")
                 nodes.append(helper.make_node("Add", [base, bias_name], [accumulate], name=namer(f"{module}.lora_bias")))
             after[site.node] += nodes + [
-                helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
+                helper.make_node("Gather", [a_name, site.x], [xa], axis=0, name=namer(f"{module}.lora_A"))
+                if site.kind == "embedding" else helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
                 helper.make_node("Flatten", [xa], [xa2], axis=-1, name=namer(f"{module}.lora_flatten_xA")),
                 helper.make_node("Flatten", [accumulate], [base2], axis=-1, name=namer(f"{module}.lora_flatten_base")),
                 helper.make_node("Gemm", [xa2, b_name, base2], [y2], name=namer(f"{module}.lora_B")),

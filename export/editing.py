@@ -6,7 +6,9 @@ Also the one place that turns a PEFT module into the graph's LoRA factors:
     B_g = s · B^T        [r, out]     (scale folded into B)
 
 each computed in float64 and rounded once to the graph's dtype, so that
-x A_g B_g = s (x A^T) B^T, the LoRA term of SPEC 2.3 in PEFT's layout.
+x A_g B_g = s (x A^T) B^T, the LoRA term of SPEC 2.3 in PEFT's layout. For an Embedding
+(A = lora_embedding_A [r, V], B = lora_embedding_B [D, r]) the same formulas give A_g [V, r]
+(in = num_embeddings) and B_g [r, D], and the LoRA term is A_g[ids] B_g = s A^T[ids] B^T.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def lora_bias_name(module: str) -> str:
 #: The layer kinds each graph kind expresses. DoRA is merged only: its output is
 #: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
 #: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
-EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear",), "batched": ("linear",)}
+EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear", "embedding"), "batched": ("linear", "embedding")}
 
 
 def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> None:

@@ -237,10 +237,11 @@ def test_tied_embedding_merges_into_a_copy_for_the_lookup_only():
 
 
 def test_refusals_are_typed_and_name_the_module():
-    with pytest.raises(ExportConfigError, match="embed: embedding LoRA layers"):
-        build_graph(EMBED.onnx, [_adapter(EMBED, "plain", 2, 0)], "dynamic")
-    with pytest.raises(ExportConfigError, match="conv1: conv LoRA layers"):
-        build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], "batched")
+    for mode in ("dynamic", "batched"):
+        with pytest.raises(ExportConfigError, match="conv1: conv LoRA layers"):
+            build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], mode)
+        with pytest.raises(ExportConfigError, match="DoRA"):
+            build_graph(EMBED.onnx, [_adapter(EMBED, "dora", 2, 0)], mode)
     for mode in ("dynamic", "batched"):
         with pytest.raises(ExportConfigError, match="DoRA"):
             build_graph(MLP.onnx, [_adapter(MLP, "dora", 2, 0)], mode)
@@ -252,10 +253,11 @@ def test_refusals_are_typed_and_name_the_module():
         locate_targets(grouped, ["conv1"], kinds=CONV.kinds)
 
 
-# -- lora_bias in dynamic and batched graphs --------------------------------------------------
+# -- lora_bias and Embedding LoRA in dynamic and batched graphs -------------------------------
 
-#: (model, modules): lora_bias where the graph has a base bias (Gemm C, MatMul + Add) and where it has none.
-BIAS_CASES = [(MLP, None), (BLOCK, None), (EMBED, ["proj"])]
+#: (model, modules): lora_bias where the graph has a base bias (Gemm C, MatMul + Add) and where it has none;
+#: the embedding model adds Embedding LoRA (no lora_bias there) next to a biased Linear.
+BIAS_CASES = [(MLP, None), (BLOCK, None), (EMBED, None)]
 
 
 @pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c[0].name)
@@ -267,7 +269,8 @@ def test_dynamic_graph_with_lora_bias_matches_reference(case, r, seed, max_rank)
     plain = _adapter(model, "plain", 2, seed + 1, modules=modules, name="plain")
     graph, sites = build_graph(model.onnx, [biased, plain], "dynamic", max_rank=max_rank)
     slots = slots_from_model(graph)
-    assert {name for name in slots if name.endswith(".lora_B.bias")} == {f"{m}.lora_B.bias" for m in biased.modules}
+    assert {name for name in slots if name.endswith(".lora_B.bias")} == {
+        f"{m}.lora_B.bias" for m, lora in biased.modules.items() if lora.lora_bias is not None}
     feeds = _feeds(model, 2, seed)
     for adapter in (biased, plain, None):
         tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
@@ -286,7 +289,8 @@ def test_batched_graph_with_lora_bias_rows_use_their_own_adapter(case, seed, ind
                 _adapter(model, "plain", 1, seed + 1, modules=modules, name="p1"),
                 _adapter(model, "lora_bias", 2, seed + 2, modules=(modules or model.linear_modules)[:1], name="partial")]
     graph, sites = build_graph(model.onnx, adapters, "batched")
-    bank = _init(graph, f"{next(iter(sites))}.lora_B.bias.bank")
+    biased = next(m for m, lora in adapters[0].modules.items() if lora.lora_bias is not None)
+    bank = _init(graph, f"{biased}.lora_B.bias.bank")
     assert bank.shape[0] == 3 and not bank[1].any()  # the adapter without lora_bias has a zero row
     feeds = _feeds(model, len(index), seed)
     check_sites(f"batched lora_bias {model.name}", model, graph, sites, lambda s: s.run_batched(feeds, index),
@@ -317,3 +321,21 @@ def test_lora_bias_onnx_adapter_file_and_cache(tmp_path):
     unbiased_graph, _ = build_graph(BLOCK.onnx, [plain], "dynamic")
     with pytest.raises(AdapterNameError, match="lora_B.bias"):
         adapter_tensors(biased, slots_from_model(unbiased_graph))
+
+
+def test_embedding_adapter_file_round_trip(tmp_path):
+    """Embedding LoRA in a dynamic graph: <m>.lora_A.weight = A^T [V, r], <m>.lora_B.weight = s B^T [r, D]."""
+    adapter = _adapter(EMBED, "plain", 3, 9, modules=["embed"], name="emb")
+    report = export(EMBED.onnx, [adapter], "dynamic", tmp_path / "d.onnx", adapter_out=tmp_path / "a", max_rank=4)
+    written = read_onnx_adapter(report.adapter_files["emb"])
+    lora = adapter.modules["embed"]
+    assert sorted(written) == ["embed.lora_A.weight", "embed.lora_B.weight"]
+    np.testing.assert_array_equal(written["embed.lora_A.weight"][:, :3], lora.A.T)  # a transpose: exact
+    assert written["embed.lora_A.weight"].shape == (17, 4) and not written["embed.lora_A.weight"][:, 3:].any()
+    session = open_session(report.output)
+    feeds = _feeds(EMBED, 2, 9)
+    via_file = session.run(feeds, session.load_adapter(report.adapter_files["emb"]))[0]
+    np.testing.assert_array_equal(via_file, session.run({**feeds, **written})[0])
+    sites = locate_targets(EMBED.onnx, ["embed"], kinds=EMBED.kinds)
+    check_sites("dynamic embedding file", EMBED, report.model, sites, lambda s: s.session.run(None, {**feeds, **written}),
+                [adapter, adapter])
