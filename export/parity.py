@@ -11,7 +11,8 @@ Stability of Numerical Algorithms, 2nd ed., §3.1)
 
 with y the exact (float64) value of the reference forward at x̂. Checking each site from its
 own input keeps the bound free of the error propagated through LayerNorm, softmax and the
-rest of the network, which the graph rewrite does not touch.
+rest of the network, which the graph rewrite does not touch. :func:`layer_bound` extends it to
+Embedding and Conv sites, lora_bias and DoRA's gain (SPEC E.5).
 """
 
 from __future__ import annotations
