@@ -202,3 +202,44 @@ def test_misbehaving_persistent_server_is_restarted(small_suite, tmp_path, first
     got_status, detail = statuses[CASES[0]]
     assert got_status == status and reason in detail, detail
     assert statuses[CASES[1]][0] == statuses[CASES[2]][0] == "pass"
+
+
+# -- product outputs (combine.svd): the runner forms B̂Â from the returned factors --------------------
+SVD_CASE = "combine/svd-truncated-float32"
+
+
+@pytest.fixture
+def svd_suite(tmp_path):
+    suite = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE / "cases" / SVD_CASE, suite / "cases" / SVD_CASE)
+    (suite / "manifest.json").write_text(json.dumps({"suite_version": "test", "cases": [
+        {"id": SVD_CASE, "operation": "combine.svd", "dtype": "float32"}]}))
+    return suite
+
+
+class _Factors:
+    """Returns the reference's factors, transformed by ``change``."""
+
+    def __init__(self, change):
+        self.change, self.reference = change, factory()
+
+    def run(self, op, params, inputs):
+        return self.change(self.reference.run(op, params, inputs))
+
+
+@pytest.mark.parametrize("change, status, reason", [
+    (lambda o: {"A": -o["A"], "B": -o["B"]}, "pass", ""),  # a sign flip per component leaves B A unchanged
+    (lambda o: {"A": o["A"][:2], "B": o["B"][:, :2]}, "error", "output 'A' has shape"),
+    (lambda o: {"A": o["A"], "B": o["B"][:, ::-1].copy()}, "fail", "BA["),  # components paired wrongly
+    (lambda o: {"A": o["A"]}, "error", "no output 'B'"),
+])
+def test_product_output_is_formed_from_the_factors(svd_suite, change, status, reason):
+    result = run_suite(svd_suite, InProcessDriver(_Factors(change)), timeout=0)
+    got_status, detail = _statuses(result)[SVD_CASE]
+    assert got_status == status and reason in detail, (got_status, detail)
+
+
+def test_product_naming_a_non_factor_output_is_a_case_format_error(svd_suite):
+    _edit(svd_suite / "cases" / SVD_CASE, lambda c: c["outputs"]["BA"].update(factors=["B", "BA"]))
+    status, detail = _statuses(run_suite(svd_suite, InProcessDriver(factory()), timeout=0))[SVD_CASE]
+    assert status == "error" and "factors must name two outputs" in detail

@@ -27,6 +27,7 @@ one real bug seen in public LoRA implementations and must fail at least one case
   dora_norm_without_delta DoRA norm of W alone instead of W + s B A (huggingface/peft#1588 class)
   dora_norm_not_detached  DoRA backward through the norm (the DoRA paper, section 4.3, and PEFT detach it)
   dora_conv_norm_dim1     DoRA on a conv kernel with Linear's norm over dim 1 only (one norm per output channel and tap)
+  combine_weight_on_both  weighted combination applying c_i = w_i s_i to A_i and to B_i (c_i² in the delta)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ MUTATIONS = [
     "low_precision_merge", "low_precision_unmerge", "forget_fan_in_fan_out", "backward_no_scale", "lora_bias_unscaled",
     "exact_no_residual", "low_precision_lora_path", "embedding_reshape", "conv_channels_last", "conv_dilation_ignored", "mixed_index_wraps",
     "dora_bias_scaled", "dora_norm_without_delta", "dora_norm_not_detached",
-    "dora_conv_norm_dim1",
+    "dora_conv_norm_dim1", "combine_weight_on_both",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx"}
@@ -445,6 +446,41 @@ class Alt:
 
     def dora_conv2d_unmerge(self, params, inputs):
         return self._dora_kind_unmerge("conv", params, inputs)
+
+    # -- weighted combination (SPEC M.3) ----------------------------------------------------------
+    def _combine_terms(self, params, inputs):
+        """[(c_i, A_i, B_i)] in the compute dtype, c_i = w_i s_i."""
+        terms = []
+        for i, (w, adapter) in enumerate(zip(params["weights"], params["adapters"])):
+            A, B = self.factors(inputs, f".{i}")
+            c = self.c.type(w) * self.c.type(self.scale(adapter))
+            terms.append((c, A, c * B if self.bug == "combine_weight_on_both" else B))
+        return terms
+
+    def _combined(self, inputs, A, B):
+        t = inputs["A.0"].dtype if "A.0" in inputs else inputs["lora_a.0"].dtype
+        A, B = self.out(A, t), self.out(B, t)
+        return {"lora_a": A.T.copy(), "lora_b": B.T.copy()} if "lora_a.0" in inputs else {"A": A, "B": B}
+
+    def combine_cat(self, params, inputs):
+        terms = self._combine_terms(params, inputs)
+        return self._combined(inputs, np.concatenate([c * A for c, A, _ in terms]), np.concatenate([B for _, _, B in terms], axis=1))
+
+    def combine_svd(self, params, inputs):
+        """Rank-k factors of Δ = B_cat A_cat via QR of both factors and an SVD of the small core, in the compute dtype."""
+        terms = self._combine_terms(params, inputs)
+        B_cat = np.concatenate([B for _, _, B in terms], axis=1)
+        A_cat = np.concatenate([c * A for c, A, _ in terms])
+        q1, r1 = np.linalg.qr(B_cat)
+        q2, r2 = np.linalg.qr(A_cat.T)
+        u, sigma, vt = np.linalg.svd(self.mm(r1, r2.T))
+        k = int(params["rank"])
+        root = np.zeros(k, self.c)
+        root[: min(k, sigma.size)] = np.sqrt(sigma[:k])
+        U = np.zeros((B_cat.shape[0], k), self.c)
+        Vt = np.zeros((k, A_cat.shape[1]), self.c)
+        U[:, : min(k, sigma.size)], Vt[: min(k, sigma.size)] = self.mm(q1, u[:, :k]), self.mm(vt[:k], q2.T)
+        return self._combined(inputs, root[:, None] * Vt, U * root)
 
 
 def _run(impl, layout="canonical", profile="float32"):

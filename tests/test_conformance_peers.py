@@ -38,8 +38,9 @@ CRASHES = {
              "conv3d/unmerge-1x1x1-float16"),
 }
 
-#: P-C4 without a crash: where a lora_A without dilation happens to give the base's output size, PEFT is silently wrong.
-SILENT = {"P-C4": ("conv1d/forward-dilation2_stride3-float32",)}
+#: Silent float32 failures: P-C4 where a lora_A without dilation happens to give the base's output size;
+#: P-C6 add_weighted_adapter copies use_rslora from the first adapter while setting alpha = r (scale √r, not 1).
+SILENT = {"P-C4": ("conv1d/forward-dilation2_stride3-float32",), "P-C6": ("combine/cat-rslora_first-float32",)}
 SILENT_IDS = {case_id for ids in SILENT.values() for case_id in ids}
 
 

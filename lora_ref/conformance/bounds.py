@@ -60,8 +60,15 @@ def ulp_at(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def tolerance(expected: np.ndarray, magnitude: np.ndarray, depth: int, storage: np.dtype, compute: np.dtype) -> np.ndarray:
-    """tol = E + ½ ulp_t(|y| + E), E = γ_K(u_c) M + K η_c (module docstring)."""
+    """tol = E + ½ ulp_t(|y| + E), E = γ_K(u_c) M + K η_c (module docstring).
+
+    Where K u_c ≥ 1 the standard model bounds nothing (e.g. a combine.svd case under the
+    ``storage`` profile in bfloat16): the tolerance is then infinite, and such a profile does
+    not constrain that output.
+    """
     compute = np.dtype(compute)
+    if depth * UNIT_ROUNDOFF[compute] >= 1.0:
+        return np.full(np.shape(expected), np.inf)
     error = gamma(depth, UNIT_ROUNDOFF[compute]) * np.asarray(magnitude, dtype=float64) + depth * SMALLEST_SUBNORMAL[compute]
     return error + 0.5 * ulp_at(np.abs(expected) + error, storage)
 

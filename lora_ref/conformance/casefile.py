@@ -25,7 +25,9 @@ from ..jsonfile import read_json
 from ..safetensors_io import load_file, save_file
 
 CASE_JSON, INPUTS, EXPECTED, OUTPUTS, MANIFEST = "case.json", "inputs.safetensors", "expected.safetensors", "outputs.safetensors", "manifest.json"
-CHECKS = ("bound", "bitwise")
+CHECKS = ("bound", "bitwise", "factor", "product")
+#: Outputs the implementation returns (a "product" output is formed by the runner from two "factor" outputs).
+RETURNED_CHECKS = ("bound", "bitwise", "factor")
 
 
 class CaseFormatError(FileFormatError):
@@ -57,10 +59,12 @@ class Case:
         arrays = _load(self.path / EXPECTED)
         wanted = {}
         for name, spec in self.outputs.items():
-            if spec["check"] == "bound":
+            if spec["check"] in ("bound", "product"):
                 wanted[name] = ("float64", spec["shape"])
                 wanted[f"{name}.magnitude"] = ("float64", spec["shape"])
-            else:
+                if spec["check"] == "product":
+                    wanted[f"{name}.slack"] = ("float64", spec["shape"])
+            elif spec["check"] == "bitwise":
                 wanted[name] = (spec["dtype"], spec["shape"])
         _check_tensors(self.path / EXPECTED, arrays, wanted)
         return arrays
@@ -94,15 +98,21 @@ def _tensor_specs(path: Path, entries: Any, what: str, *, outputs: bool) -> dict
         raise CaseFormatError(f"{path}: {what!r} must be a non-empty object")
     allowed = set(STORAGE_DTYPES) | (set() if outputs else {"int64"})  # int64: token ids, adapter indices
     for name, spec in entries.items():
-        if not isinstance(spec, dict) or spec.get("dtype") not in allowed or not isinstance(spec.get("shape"), list) or not all(
+        product = outputs and isinstance(spec, dict) and spec.get("check") == "product"
+        dtypes = {"float64"} if product else allowed  # a product is formed in float64 by the runner
+        if not isinstance(spec, dict) or spec.get("dtype") not in dtypes or not isinstance(spec.get("shape"), list) or not all(
             type(d) is int and d >= 0 for d in spec["shape"]
         ):
-            raise CaseFormatError(f"{path}: {what}[{name!r}] needs a dtype in {sorted(allowed)} and a shape list, got {spec!r}")
+            raise CaseFormatError(f"{path}: {what}[{name!r}] needs a dtype in {sorted(dtypes)} and a shape list, got {spec!r}")
         if outputs:
             if spec.get("check") not in CHECKS:
                 raise CaseFormatError(f"{path}: outputs[{name!r}].check must be one of {CHECKS}")
-            if spec["check"] == "bound" and not (type(spec.get("K")) is int and spec["K"] > 0):
+            if spec["check"] in ("bound", "product") and not (type(spec.get("K")) is int and spec["K"] > 0):
                 raise CaseFormatError(f"{path}: outputs[{name!r}].K must be a positive integer")
+            factors = spec.get("factors")
+            if product and not (isinstance(factors, list) and len(factors) == 2
+                                and all(isinstance(f, str) and entries.get(f, {}).get("check") == "factor" for f in factors)):
+                raise CaseFormatError(f"{path}: outputs[{name!r}].factors must name two outputs whose check is 'factor'")
     return entries
 
 

@@ -408,8 +408,39 @@ def _dora_layer_cases() -> Iterator[CaseSpec]:
                    conv(3, 8, 3, 2, ("W", "A", "B", "magnitude")), "exact round trip -> W's bits")
 
 
+def _combine_cases() -> Iterator[CaseSpec]:
+    """Weighted combination of two adapters (SPEC M.3): cat (exact stacking) and svd (lossless and truncated)."""
+    seed = 11000
+
+    def case(name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str) -> CaseSpec:
+        nonlocal seed
+        seed += 1
+        return CaseSpec("combine", f"{name}-{dtype}", operation, dtype, params, shapes, seed, description)
+
+    def factors(ranks: tuple[int, ...], n_in: int = 16, n_out: int = 12) -> dict:
+        shapes = {}
+        for i, r in enumerate(ranks):
+            shapes[f"A.{i}"], shapes[f"B.{i}"] = ((r, n_in), 1.0), ((n_out, r), 1.0)
+        return shapes
+
+    mixed = {"adapters": [linear_params(2, 4), linear_params(3, 6, rslora=True)], "weights": [0.75, -1.5]}
+    for dtype in ALL_DTYPES:
+        yield case("cat", "combine.cat", dtype, mixed, factors((2, 3)),
+                   "A = [c_1 A_1; c_2 A_2], B = [B_1, B_2], c_i = w_i s_i (second adapter rsLoRA, negative weight)")
+    yield case("cat-rslora_first", "combine.cat", "float32", {"adapters": [linear_params(4, 8, rslora=True), linear_params(2, 4)],
+                                                               "weights": [1.0, 0.5]}, factors((4, 2)),
+               "the first adapter uses rsLoRA: the combined adapter's scale must still be 1")
+    for dtype in ("float32", "bfloat16"):
+        yield case("svd-lossless", "combine.svd", dtype, {**mixed, "rank": 5}, factors((2, 3)),
+                   "rank 5 = r_1 + r_2: B A = Δ up to rounding")
+    gap = {"adapters": [linear_params(3, 6), linear_params(2, 4)], "weights": [1.0, 2.0**-6], "rank": 3}
+    for dtype in ALL_DTYPES:
+        yield case("svd-truncated", "combine.svd", dtype, gap, factors((3, 2)),
+                   "rank 3 of 5, the second adapter weighted 2^-6: the discarded singular values are small")
+
+
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases]
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _combine_cases]
 
 
 def all_cases() -> list[CaseSpec]:

@@ -33,12 +33,15 @@ def build_case(spec: CaseSpec) -> tuple[dict[str, Any], dict[str, np.ndarray], d
     expected: dict[str, np.ndarray] = {}
     for name, result in results.items():
         entry = {"dtype": spec.dtype, "shape": list(result.value.shape), "check": result.check}
-        if result.check == "bound":
+        if result.check in ("bound", "product"):
             entry["K"] = result.depth
             entry["magnitude"] = f"{name}.magnitude"
             expected[name] = result.value
             expected[f"{name}.magnitude"] = result.magnitude
-        else:
+        if result.check == "product":  # formed by the runner in float64 from two returned factors
+            entry.update(dtype="float64", factors=list(result.factors), slack=f"{name}.slack")
+            expected[f"{name}.slack"] = result.slack
+        elif result.check == "bitwise":
             expected[name] = result.value
         outputs[name] = entry
     case_json = {

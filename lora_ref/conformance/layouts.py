@@ -13,7 +13,8 @@ runs and rewrites its outputs back before they are checked:
                removed, here and in each of a mixed batch's ``adapters``; conv factors, which mlx-lm
                has no convention for, keep their names and shapes); W always [out, in] (a
                fan_in_fan_out case is transposed in and its weight outputs transposed back);
-               gradients ``dA``/``dB`` are returned in the lora_a/lora_b layout.
+               gradients ``dA``/``dB`` are returned in the lora_a/lora_b layout, and combined
+               factors (``combine.*``) as ``lora_a`` [in, r], ``lora_b`` [r, out].
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class _Mlx(Layout):
         result = {}
         for name, array in outputs.items():
             array = np.asarray(array)
-            if name.startswith("d") and _factor_name(name[1:]) is not None and array.ndim == 2:  # dA, dB.1, ...
+            if name in ("lora_a", "lora_b") and array.ndim == 2:  # combined factors, back to A [r, in], B [out, r]
+                name, array = name[-1].upper(), np.ascontiguousarray(array.T)
+            elif name.startswith("d") and _factor_name(name[1:]) is not None and array.ndim == 2:  # dA, dB.1, ...
                 array = np.ascontiguousarray(array.T)
             elif name in _WEIGHT_OUTPUTS and params.get("fan_in_fan_out", False) and array.ndim == 2:
                 array = np.ascontiguousarray(array.T)

@@ -38,12 +38,17 @@ Params = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Expected:
-    """One output of a case: ``check`` is "bound" (value, magnitude, depth) or "bitwise" (value in t)."""
+    """One output of a case: ``check`` is "bound" (value, magnitude, depth), "bitwise" (value in t),
+    "factor" (returned, only its dtype and shape are checked; ``value`` gives the shape) or "product"
+    (not returned: the runner forms ``factors[0] @ factors[1]`` in float64 and bounds it like "bound",
+    plus an absolute ``slack`` per element)."""
 
     check: str
     value: np.ndarray
     magnitude: np.ndarray | None = None
     depth: int = 0
+    slack: np.ndarray | None = None
+    factors: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,4 +220,4 @@ def linear_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
             "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 
-from . import conv_operations, dora_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)
+from . import combine_operations, conv_operations, dora_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)

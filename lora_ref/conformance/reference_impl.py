@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import conv, dora, embedding
-from ..config import lora_scale
+from .. import combine, conv, dora, embedding
+from ..adapter import Adapter, LoraModule
+from ..config import LoraConfig, lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
 from ..mixed_batch import LoraFactors, mixed_backward, mixed_forward
@@ -165,6 +166,17 @@ def _dora_conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
 
 
+def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """combine.combine of one-module adapters built from A.i, B.i and params adapters[i] (SPEC M.3)."""
+    adapters = []
+    for i, p in enumerate(params["adapters"]):
+        config = LoraConfig(r=int(p["r"]), lora_alpha=p["lora_alpha"], use_rslora=bool(p.get("use_rslora", False)), target_modules=["layer"])
+        adapters.append(Adapter(config, {"layer": LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"])}, name=f"a{i}"))
+    rank = int(params["rank"]) if method == "svd" else None
+    module = combine.combine(adapters, params["weights"], method, rank=rank).adapter.modules["layer"]
+    return {"A": module.A, "B": module.B}
+
+
 OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "linear.forward": _linear_forward,
     "linear.backward": _linear_backward,
@@ -188,6 +200,8 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "dora_conv2d.forward": _dora_conv_forward,
     "dora_conv2d.merge": lambda params, inputs: _dora_merge(params, inputs, "conv"),
     "dora_conv2d.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "conv"),
+    "combine.cat": lambda params, inputs: _combine("cat", params, inputs),
+    "combine.svd": lambda params, inputs: _combine("svd", params, inputs),
 }
 
 

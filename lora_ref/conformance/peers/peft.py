@@ -351,6 +351,35 @@ class PeftImplementation:
         return self._merge(self._dora(params, inputs), inputs["W"].dtype)
 
 
+    # -- weighted combination ------------------------------------------------------------------------
+    def _combine(self, method, params, inputs, **extra):
+        """``add_weighted_adapter`` over one Linear layer holding the case's adapters; the combined factors,
+        with the combined adapter's own scale folded into A (so B A is the delta PEFT would apply)."""
+        torch = self.torch
+        A0, adapters = inputs["A.0"], params["adapters"]
+        holder = torch.nn.Module()
+        holder.layer = torch.nn.Linear(A0.shape[1], inputs["B.0"].shape[0], bias=False)
+        holder.to(self.torch_dtypes[_name(A0.dtype)])
+        model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
+        for i, adapter in enumerate(adapters[1:], start=1):
+            model.add_adapter(f"a{i}", self.config(adapter, ["layer"]))
+        layer = model.base_model.model.layer
+        for i in range(len(adapters)):
+            self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
+            self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
+        model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], [float(w) for w in params["weights"]], "combined",
+                                   combination_type=method, **extra)
+        scale = float(layer.scaling["combined"])
+        A = layer.lora_A["combined"].weight.detach().to(torch.float64) * scale
+        return {"A": self.array(A, A0.dtype), "B": self.array(layer.lora_B["combined"].weight, A0.dtype)}
+
+    def combine_cat(self, params, inputs):
+        return self._combine("cat", params, inputs)
+
+    def combine_svd(self, params, inputs):
+        return self._combine("svd", params, inputs, svd_rank=int(params["rank"]))
+
+
 def known_crash(kind: str, action: str, params: Mapping[str, Any], inputs: Arrays) -> str | None:
     """The SPEC deviation that makes PEFT 0.21.2 raise on this case, if it is one of the known ones."""
     if kind in ("conv1d", "conv2d", "conv3d", "dora_conv2d"):
