@@ -54,7 +54,7 @@ def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> Non
     where = f"adapter {adapter.name!r}, module {module}"
     kinds = EXPORTABLE_KINDS[mode]
     if lora.kind not in kinds:
-        raise ExportConfigError(f"{where}: {lora.kind} LoRA layers are exported to {mode} graphs only as {'/'.join(kinds)}; "
+        raise ExportConfigError(f"{where}: {mode} graphs take {'/'.join(kinds)} LoRA layers, not {lora.kind} ones; "
                                 "use --mode merged")
     if mode != "merged" and (adapter.config.use_dora or lora.magnitude is not None):
         raise ExportConfigError(f"{where}: DoRA rescales the whole layer by m / ||W + sBA|| (not a low-rank additive term), "

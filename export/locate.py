@@ -20,10 +20,12 @@ The module path is found three ways, tried in this order for every module:
    equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix);
 2. **initializer names**: an initializer named ``<path>.weight`` or ``<prefix>.<path>.weight``;
 3. **values**: with base weights from a safetensors file (key ``<path>.weight``), the
-   initializer holding exactly those values (after rounding to its dtype), transposed or not.
+   initializer holding exactly those values (after rounding to its dtype), transposed or not
+   (Linear only).
 
-A strategy succeeds when it yields exactly one weight initializer; every place it is used as a
-Linear weight becomes a :class:`TargetSite`. Modules no strategy resolves are reported together
+Each strategy considers only floating initializers of the kind's rank (2-D; Conv 3-5-D) read by
+the kind's ops. A strategy succeeds when it yields exactly one weight initializer; every place
+it is used as a layer of the module's kind becomes a :class:`TargetSite`. Modules no strategy resolves are reported together
 in one :class:`GraphTargetNotFoundError` that lists what each strategy saw.
 """
 

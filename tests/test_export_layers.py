@@ -238,7 +238,7 @@ def test_tied_embedding_merges_into_a_copy_for_the_lookup_only():
 
 def test_refusals_are_typed_and_name_the_module():
     for mode in ("dynamic", "batched"):
-        with pytest.raises(ExportConfigError, match="conv1: conv LoRA layers"):
+        with pytest.raises(ExportConfigError, match="conv1: .* not conv ones; use --mode merged"):
             build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], mode)
         with pytest.raises(ExportConfigError, match="DoRA"):
             build_graph(EMBED.onnx, [_adapter(EMBED, "dora", 2, 0)], mode)
