@@ -168,3 +168,41 @@ def test_cli_exit_codes_for_failure_and_user_error(tmp_path, capsys):
     assert main(["conformance", "run", "--impl", "no_such_module_xyz:make"]) == 2
     assert main(["conformance", "run", "--impl", "lora_ref.conformance.reference_impl:factory", "--suite", str(tmp_path)]) == 2
     assert main(["conformance", "run", "--cmd", "true", "--timeout", "0"]) == 2
+
+
+# -- the suite ships with the package -----------------------------------------------------------------
+def test_default_suite_resolves_and_lists_every_case(capsys):
+    """Without --suite, ``conformance list`` finds the shipped suite and lists every catalog case."""
+    ids = [spec.case_id for spec in all_cases()]
+    assert [e.case_id for e in read_manifest(DEFAULT_SUITE)[1]] == ids
+    assert main(["conformance", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"{len(ids)} cases" in listed and all(case_id in listed for case_id in ids)
+
+
+def test_default_suite_prefers_the_copy_inside_an_installed_package(tmp_path):
+    from lora_ref.conformance.casefile import default_suite
+
+    assert default_suite(tmp_path) == DEFAULT_SUITE  # no suite/ there: the source tree's conformance/
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "manifest.json").write_text("{}")
+    assert default_suite(tmp_path) == tmp_path / "suite"  # the wheel's layout: lora_ref/conformance/suite
+
+
+def test_package_data_globs_cover_every_frozen_file():
+    """pyproject's package-data for lora_ref.conformance.suite (mapped onto conformance/) matches every file
+    the suite needs, so a wheel carries the cases without a second copy in git."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "lora_ref.conformance.suite" in config["packages"]
+    assert (Path(__file__).resolve().parents[1] / config["package-dir"]["lora_ref.conformance.suite"]).resolve() == DEFAULT_SUITE.resolve()
+    patterns = config["package-data"]["lora_ref.conformance.suite"]
+    files = [p.relative_to(DEFAULT_SUITE).as_posix() for p in DEFAULT_SUITE.rglob("*") if p.is_file()]
+    needed = [f for f in files if f == "manifest.json" or f.startswith("cases/")]
+    assert len(needed) == 1 + 3 * len(all_cases())
+    # setuptools' '*' does not cross '/', unlike fnmatch's: compare segment counts too
+    unmatched = [f for f in needed if not any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/") for p in patterns)]
+    assert unmatched == []

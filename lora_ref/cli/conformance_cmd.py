@@ -14,13 +14,14 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..errors import ConfigError
 from ..conformance.bridge import load_factory
+from ..conformance.casefile import default_suite
 from ..conformance.generator import compare_suites, generate
 from ..conformance.layouts import LAYOUTS
 from ..conformance.report import table, to_json_text, to_junit
 from ..conformance.runner import COMPUTE_PROFILES, InProcessDriver, Selection, SubprocessDriver, run_suite, select_cases
 
-#: The suite shipped in the source tree (conformance/ beside the package).
-DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "conformance"
+#: The shipped suite: inside the installed package, or conformance/ in a source checkout.
+DEFAULT_SUITE = default_suite()
 
 
 def _suite(args: argparse.Namespace) -> Path:

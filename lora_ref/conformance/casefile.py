@@ -178,6 +178,15 @@ def read_manifest(suite: str | Path) -> tuple[str, list[ManifestEntry]]:
     return str(data.get("suite_version", "")), entries
 
 
+def default_suite(package_dir: str | Path | None = None) -> Path:
+    """Where the frozen suite is: ``suite/`` inside this package in an installed wheel (pyproject maps
+    ``lora_ref.conformance.suite`` onto ``conformance/``), else ``conformance/`` of the source tree."""
+    packaged = Path(package_dir if package_dir is not None else Path(__file__).resolve().parent) / "suite"
+    if (packaged / MANIFEST).is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "conformance"
+
+
 def case_dir(suite: str | Path, case_id: str) -> Path:
     """Where case ``<group>/<name>`` lives in a suite."""
     return Path(suite) / "cases" / case_id
