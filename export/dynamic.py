@@ -20,6 +20,17 @@ so a session fed no adapter computes x·A_g = [.., 0] and adds exact zeros: the 
 With ``max_rank`` R the axis is static (R) and the defaults are zeros [in, R] / [R, out]; an
 adapter of rank r <= R is zero-padded, which adds exact zeros (static shapes for TensorRT and
 CUDA graphs). Switching adapters in a live session is feeding other tensors.
+
+A Conv site (x [N, C, *S], base Conv with W [O, C, *k], group 1) keeps PEFT's conv layouts:
+``m.lora_A.weight`` = A [r, C, *k] and ``m.lora_B.weight`` = s·B [O, r, 1, ...], and
+
+    t = Conv(x, A_g)           same kernel_shape/strides/pads/dilations/auto_pad as the base Conv
+    y = Add(y0, Conv(t, B_g, b_g))        1x1 kernel, stride 1, no padding; b_g = s·lora_bias
+
+(the lora_bias, when the module has one, is the 1x1 Conv's own bias input). The rank axis is
+axis 0 of A_g and 1 of B_g; the rank-0 defaults ([0, C, *k] and [O, 0, 1...]) are a Conv with
+zero output channels followed by one with zero input channels, which ONNX Runtime runs (CPU
+provider checked by the tests) and which gives an exact zero delta.
 """
 
 from __future__ import annotations
@@ -68,15 +79,20 @@ def build_dynamic(
             namer.used.add(name)
         rank: int | str = max_rank if max_rank is not None else rank_dim(module)
         width = max_rank or 0
-        graph.input.append(helper.make_tensor_value_info(a_name, data_type, [first.in_features, rank]))
-        graph.input.append(helper.make_tensor_value_info(b_name, data_type, [rank, first.out_features]))
+        a_shape, b_shape = _factor_shapes(first, rank)
+        graph.input.append(helper.make_tensor_value_info(a_name, data_type, a_shape))
+        graph.input.append(helper.make_tensor_value_info(b_name, data_type, b_shape))
         dtype = np_dtype(data_type)
-        graph.initializer.append(numpy_helper.from_array(np.zeros((first.in_features, width), dtype), a_name))
-        graph.initializer.append(numpy_helper.from_array(np.zeros((width, first.out_features), dtype), b_name))
+        a_default, b_default = _factor_shapes(first, width)
+        graph.initializer.append(numpy_helper.from_array(np.zeros(a_default, dtype), a_name))
+        graph.initializer.append(numpy_helper.from_array(np.zeros(b_default, dtype), b_name))
         if bias_name:
             graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [first.out_features]))
             graph.initializer.append(numpy_helper.from_array(np.zeros(first.out_features, dtype), bias_name))
         for site in module_sites:
+            if site.kind == "conv":
+                after[site.node] += conv_branch(graph, site, namer, a_name, b_name, bias_name)
+                continue
             base = rename_output(graph, site, namer)
             xa, xa2, base2, y2, shape = (namer(f"{module}.lora_{n}") for n in ("xA", "xA_2d", "base_2d", "out_2d", "out_shape"))
             nodes = []
@@ -95,3 +111,35 @@ def build_dynamic(
             ]
     splice(graph, after)
     return out
+
+
+def _factor_shapes(site: TargetSite, rank: int | str) -> tuple[list[int | str], list[int | str]]:
+    """Shapes of A_g and B_g at ``site`` with rank axis ``rank`` (module docstring)."""
+    if site.kind == "conv":
+        ones = [1] * (len(site.weight_shape) - 2)
+        return [rank, *site.weight_shape[1:]], [site.out_features, rank, *ones]
+    return [site.in_features, rank], [rank, site.out_features]
+
+
+#: Base Conv attributes the A conv copies (group is 1: the locator refuses grouped convs).
+CONV_GEOMETRY = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
+
+
+def conv_branch(graph: onnx.GraphProto, site: TargetSite, namer: Namer, a: str, b: str, bias: str | None) -> list[onnx.NodeProto]:
+    """y = y0 + Conv(Conv(x, a; base geometry), b, bias; 1x1) for the Conv site ``site``; returns the nodes.
+
+    ``a`` is [r, C, *k], ``b`` [O, r, 1...] and ``bias`` [O] (or None).
+    """
+    module = site.module
+    base_node = graph.node[site.node]
+    geometry = [attribute for attribute in base_node.attribute if attribute.name in CONV_GEOMETRY]
+    base = rename_output(graph, site, namer)
+    xa, delta = namer(f"{module}.lora_xA"), namer(f"{module}.lora_delta")
+    conv_a = helper.make_node("Conv", [site.x, a], [xa], name=namer(f"{module}.lora_A"))
+    conv_a.attribute.extend(geometry)
+    ones = [1] * (len(site.weight_shape) - 2)
+    return [
+        conv_a,
+        helper.make_node("Conv", [xa, b, *([bias] if bias else [])], [delta], kernel_shape=ones, name=namer(f"{module}.lora_B")),
+        helper.make_node("Add", [base, delta], [site.y], name=namer(f"{module}.lora_add")),
+    ]

@@ -9,6 +9,8 @@ each computed in float64 and rounded once to the graph's dtype, so that
 x A_g B_g = s (x A^T) B^T, the LoRA term of SPEC 2.3 in PEFT's layout. For an Embedding
 (A = lora_embedding_A [r, V], B = lora_embedding_B [D, r]) the same formulas give A_g [V, r]
 (in = num_embeddings) and B_g [r, D], and the LoRA term is A_g[ids] B_g = s A^T[ids] B^T.
+A Conv keeps PEFT's conv layouts instead, A_g = A [r, C, *k] and B_g = s·B [O, r, 1, ...], so
+that conv₁ₓ₁(conv(x, A_g), B_g) is the LoRA term of SPEC 4.2 with two plain ONNX Conv nodes.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def lora_bias_name(module: str) -> str:
 #: The layer kinds each graph kind expresses. DoRA is merged only: its output is
 #: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
 #: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
-EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear", "embedding"), "batched": ("linear", "embedding")}
+EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear", "embedding", "conv"), "batched": ("linear", "embedding")}
 
 
 def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> None:
@@ -99,17 +101,27 @@ def lora_bias_term(adapter: Adapter, module: str, dtype: np.dtype) -> np.ndarray
 
 
 def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(A^T [in, r'], s·B^T [r', out]) rounded once to ``dtype``; r' = ``pad_to`` (zero-padded) or r."""
+    """The graph's (A_g, B_g) rounded once to ``dtype``, rank r' = ``pad_to`` (zero-padded) or r.
+
+    Linear/Embedding: (A^T [in, r'], s·B^T [r', out]); Conv: (A [r', C, *k], s·B [O, r', 1...]).
+    """
     check_exportable(adapter, module, "dynamic")
     lora = adapter.modules[module]
     r = lora.rank
     width = r if pad_to is None else pad_to
     if width < r:
         raise ExportConfigError(f"adapter {adapter.name!r}, module {module}: rank {r} exceeds the maximum rank {width}")
-    A = np.zeros((lora.A.shape[1], width), np.float64)
-    B = np.zeros((width, lora.B.shape[0]), np.float64)
-    A[:, :r] = lora.A.astype(np.float64).T
-    B[:r, :] = adapter.scale_for(module) * lora.B.astype(np.float64).T
+    s = adapter.scale_for(module)
+    if lora.kind == "conv":
+        A = np.zeros((width, *lora.A.shape[1:]), np.float64)
+        B = np.zeros((lora.B.shape[0], width, *lora.B.shape[2:]), np.float64)
+        A[:r] = lora.A.astype(np.float64)
+        B[:, :r] = s * lora.B.astype(np.float64)
+    else:
+        A = np.zeros((lora.A.shape[1], width), np.float64)
+        B = np.zeros((width, lora.B.shape[0]), np.float64)
+        A[:, :r] = lora.A.astype(np.float64).T
+        B[:r, :] = s * lora.B.astype(np.float64).T
     return round_to(A, dtype), round_to(B, dtype)
 
 

@@ -1,8 +1,10 @@
 """The LoRA inputs a dynamic graph declares, and checks that a set of adapter tensors fits them.
 
-A slot is one graph input ``<module>.lora_A.weight`` ([in, r]), ``<module>.lora_B.weight``
-([r, out]) or ``<module>.lora_B.bias`` ([out], s·lora_bias, only in graphs exported for an
-adapter with lora_bias); r is symbolic (a string) or, in a fixed-max-rank graph, a number.
+A slot is one graph input ``<module>.lora_A.weight`` ([in, r]; a Conv's [r, C, *k]),
+``<module>.lora_B.weight`` ([r, out]; a Conv's [O, r, 1...]) or ``<module>.lora_B.bias``
+([out], s·lora_bias, only in graphs exported for an adapter with lora_bias); r is symbolic (a
+string) or, in a fixed-max-rank graph, a number. The rank axis is 1 of A and 0 of B for 2-D
+slots (Linear, Embedding), 0 of A and 1 of B for 3-5-D ones (Conv, PEFT's conv layouts).
 Tensors fit when every name is a slot, each static axis matches, the dtype matches, for each
 module the A and B tensors given agree on r, and a bias comes with its module's A and B. ORT itself would run the base model for a misspelt name in
 some paths and fail with a bare "Invalid input name" in others; these checks name the problem.
@@ -44,20 +46,32 @@ class Slot:
         return self.name.endswith(BIAS_SUFFIX)
 
     @property
+    def rank_axis(self) -> int:
+        """The axis holding r (see module docstring); meaningless for a bias."""
+        return rank_axis(self.is_a, len(self.shape))
+
+    @property
     def rank(self) -> int | None:
         """The static rank, or None when the rank axis is symbolic (or the slot is a bias)."""
         if self.is_bias:
             return None
-        axis = self.shape[1] if self.is_a else self.shape[0]
+        axis = self.shape[self.rank_axis]
         return axis if isinstance(axis, int) else None
 
     def default(self) -> np.ndarray:
         """What the graph's default initializer holds: zeros at the static rank, or rank 0 (a bias: zeros [out])."""
         if self.is_bias:
             return np.zeros(self.shape, self.dtype)
-        rank = self.rank or 0
-        shape = (self.shape[0], rank) if self.is_a else (rank, self.shape[1])
+        shape = list(self.shape)
+        shape[self.rank_axis] = self.rank or 0
         return np.zeros(shape, self.dtype)
+
+
+def rank_axis(is_a: bool, ndim: int) -> int:
+    """The rank axis of a LoRA A (``is_a``) or B tensor with ``ndim`` axes: 2-D [in, r] / [r, out]; conv [r, C, *k] / [O, r, 1...]."""
+    if ndim == 2:
+        return 1 if is_a else 0
+    return 0 if is_a else 1
 
 
 def _is_lora(name: str) -> bool:
@@ -103,7 +117,7 @@ def check_tensors(tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]], slots
         if np.dtype(dtype) != slot.dtype:
             raise AdapterNameError(f"{where}: {name} is {np.dtype(dtype)}, the graph expects {slot.dtype}")
         if not slot.is_bias:
-            ranks.setdefault(slot.module, set()).add(shape[1] if slot.is_a else shape[0])
+            ranks.setdefault(slot.module, set()).add(shape[slot.rank_axis])
     mismatched = sorted(module for module, rs in ranks.items() if len(rs) > 1)
     if mismatched:
         raise AdapterNameError(f"{where}: lora_A and lora_B disagree on the rank of {mismatched}")

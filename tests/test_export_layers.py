@@ -237,9 +237,11 @@ def test_tied_embedding_merges_into_a_copy_for_the_lookup_only():
 
 
 def test_refusals_are_typed_and_name_the_module():
+    with pytest.raises(ExportConfigError, match="conv1: .* not conv ones; use --mode merged"):
+        build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], "batched")
+    with pytest.raises(ExportConfigError, match="DoRA"):
+        build_graph(CONV.onnx, [_adapter(CONV, "dora", 2, 0)], "dynamic")
     for mode in ("dynamic", "batched"):
-        with pytest.raises(ExportConfigError, match="conv1: .* not conv ones; use --mode merged"):
-            build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], mode)
         with pytest.raises(ExportConfigError, match="DoRA"):
             build_graph(EMBED.onnx, [_adapter(EMBED, "dora", 2, 0)], mode)
     for mode in ("dynamic", "batched"):
@@ -256,11 +258,13 @@ def test_refusals_are_typed_and_name_the_module():
 # -- lora_bias and Embedding LoRA in dynamic and batched graphs -------------------------------
 
 #: (model, modules): lora_bias where the graph has a base bias (Gemm C, MatMul + Add) and where it has none;
-#: the embedding model adds Embedding LoRA (no lora_bias there) next to a biased Linear.
+#: the embedding model adds Embedding LoRA (no lora_bias there) next to a biased Linear; the conv
+#: model has Conv2d (padding 1) and Conv1d (stride 2) LoRA, lora_bias on both.
 BIAS_CASES = [(MLP, None), (BLOCK, None), (EMBED, None)]
+DYNAMIC_CASES = BIAS_CASES + [(CONV, None)]
 
 
-@pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c[0].name)
+@pytest.mark.parametrize("case", DYNAMIC_CASES, ids=lambda c: c[0].name)
 @settings(max_examples=EXAMPLES)
 @given(r=st.integers(1, 5), seed=st.integers(0, 2**16), max_rank=st.sampled_from([None, 6]))
 def test_dynamic_graph_with_lora_bias_matches_reference(case, r, seed, max_rank):
@@ -339,3 +343,42 @@ def test_embedding_adapter_file_round_trip(tmp_path):
     sites = locate_targets(EMBED.onnx, ["embed"], kinds=EMBED.kinds)
     check_sites("dynamic embedding file", EMBED, report.model, sites, lambda s: s.session.run(None, {**feeds, **written}),
                 [adapter, adapter])
+
+
+def test_conv_adapter_file_cache_and_live_switching(tmp_path):
+    """Conv LoRA in a dynamic graph: <m>.lora_A.weight = A [r, C, *k], <m>.lora_B.weight = s·B [O, r, 1...].
+
+    The .onnx_adapter file (ORT's own reader), the adapter cache and plain feeds give the same
+    outputs bit for bit while one session switches between adapters of different ranks and back to
+    the base (rank-0 defaults), and every site stays within the bound of the float64 reference.
+    """
+    wide = _adapter(CONV, "lora_bias", 3, 21, name="wide")
+    narrow = _adapter(CONV, "plain", 1, 22, name="narrow")
+    report = export(CONV.onnx, [wide, narrow], "dynamic", tmp_path / "d.onnx", adapter_out=tmp_path / "a")
+    written = read_onnx_adapter(report.adapter_files["wide"])
+    lora = wide.modules["conv1"]
+    assert written["conv1.lora_A.weight"].shape == lora.A.shape  # [r, C, 3, 3]: PEFT's layout, exact
+    np.testing.assert_array_equal(written["conv1.lora_A.weight"], lora.A)
+    want_b = (wide.scale_for("conv1") * lora.B.astype(np.float64)).astype(np.float32)  # one rounding
+    np.testing.assert_array_equal(written["conv1.lora_B.weight"], want_b)
+    session = open_session(report.output)
+    feeds = _feeds(CONV, 2, 21)
+    base = open_session(CONV.onnx).run(feeds)[0]
+    cache = AdapterCache(session)
+    cache.add("wide", session.load_adapter(report.adapter_files["wide"]))
+    cache.add("narrow", narrow)
+    sites = locate_targets(CONV.onnx, CONV.linear_modules, kinds=CONV.kinds)
+    for name, adapter in (("wide", wide), ("narrow", narrow), (None, None), ("wide", wide)):
+        cache.activate(name)
+        via_cache = cache.run(feeds)[0]
+        tensors = adapter_tensors(adapter, session.slots) if adapter is not None else {}
+        np.testing.assert_array_equal(via_cache, session.run({**feeds, **tensors})[0], err_msg=str(name))
+        if adapter is None:
+            np.testing.assert_array_equal(via_cache, base)
+            continue
+        np.testing.assert_array_equal(session.run(feeds, session.load_adapter(report.adapter_files[name]))[0], via_cache)
+        check_sites("dynamic conv switching", CONV, report.model, sites,
+                    lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [adapter, adapter])
+    with pytest.raises(AdapterNameError, match="conv1.lora_A.weight has shape"):
+        cache.add("transposed", {"conv1.lora_A.weight": np.zeros((2, 3, 3, 3), np.float32),
+                                 "conv1.lora_B.weight": np.zeros((2, 3, 1, 1), np.float32)})

@@ -139,11 +139,12 @@ def test_merged_graph_matches_peft_at_every_site(setup, name):
     _check(f"merged {name}", proto, graph, sites, lambda s: s.session.run(None, feeds), [(peers[name], ours[name])] * 3, base)
 
 
-def test_dynamic_and_batched_embedding_and_lora_bias_match_peft(setup, tmp_path):
+def test_dynamic_and_batched_embedding_conv_and_lora_bias_match_peft(setup, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     proto, base, peers, ours = setup
-    # The "bias" adapter on proj only (Conv LoRA is merged-only), next to the embedding adapter.
+    # The "bias" adapter on proj only, next to the embedding adapter; the dynamic graph also takes the
+    # full "bias" adapter (Conv1d stride 2 and Conv2d padding 1 LoRA with lora_bias).
     biased_dir = tmp_path / "proj_bias"
     model = get_peft_model(copy.deepcopy(base).float(), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_bias=True,
                                                                   init_lora_weights=False))
@@ -153,9 +154,9 @@ def test_dynamic_and_batched_embedding_and_lora_bias_match_peft(setup, tmp_path)
     biased_peer, biased = model.double().eval(), load_adapter(biased_dir, name="proj_bias")
     plain_peer, plain = peers["plain"], ours["plain"]
     feeds = _feeds(2)
-    graph, sites = build_graph(proto, [plain, biased], "dynamic")
+    graph, sites = build_graph(proto, [plain, biased, ours["bias"]], "dynamic")
     slots = slots_from_model(graph)
-    for peer, adapter in ((plain_peer, plain), (biased_peer, biased), (None, None)):
+    for peer, adapter in ((plain_peer, plain), (biased_peer, biased), (peers["bias"], ours["bias"]), (None, None)):
         tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
         _check(f"dynamic {adapter.name if adapter else 'none'}", proto, graph, sites,
                lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [(peer, adapter)] * 3, base)
