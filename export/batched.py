@@ -24,6 +24,22 @@ An Embedding site (ids [batch, ...], banks of A_g = lora_embedding_A^T [V, r] an
 B_g = s·lora_embedding_B^T [r, D]) looks its rows up in the bank viewed as one table
 [N·V, r] instead of multiplying: t = Gather(Flatten(bank_A), i'·V + Reshape(ids, [batch, -1]))
 [batch, L, r], then d = t @ B_s as above (ids must lie in [0, V), as torch requires).
+A Conv site (x [batch, C, *S], base kernel W [O, C, *k], group 1) has banks in PEFT's conv
+layouts, bank_A [N, r_max, C, *k] (A_i) and bank_B [N, O, r_max, 1...] (s_i·B_i). ONNX's Conv
+takes one kernel for the whole batch (and ``group`` is a static attribute, so the batch cannot
+be folded into groups), so every row is convolved with all N adapters' A at once and keeps only
+its own channels:
+
+    t   = Conv(x, Reshape(bank_A, [N·r_max, C, *k]))       [batch, N·r_max, *S']  base geometry
+    own = Equal(index[:, None], channel // r_max)           [batch, N·r_max]      (-1: none own)
+    d   = Conv(Where(own, t, 0), B_cat; 1x1)                B_cat = bank_B as [O, N·r_max, 1...]
+    y  += d (+ Where(keep, Gather(bank_b, i'), 0) along the channels, with lora_bias)
+
+The other adapters' channels are exact zeros, so each row's delta sums the same non-zero terms
+as its own adapter's conv pair (the error bound is the dynamic graph's). The cost is what grows:
+the A conv computes N·r_max channels per row instead of r (multiply-adds ~ N·r_max·C·Πk per
+output position, against O·C·Πk for the base conv) and the 1x1 conv N·r_max·O, so this pays off
+while N·r_max stays small next to O; beyond that, run one dynamic session per adapter.
 Requires the batch to be the leading axis of every targeted Linear's input. Indices outside
 [-1, N) are refused by :mod:`lora_ref.export.runtime` before a run (ONNX Runtime would raise an
 untyped error, or wrap negative indices silently).
@@ -41,7 +57,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_ref.adapter import Adapter
 
-from .editing import Namer, check_fits, elem_type, lora_bias_term, lora_factors, np_dtype, rename_output, splice
+from .dynamic import CONV_GEOMETRY
+from .editing import Namer, check_fits, elem_type, factor_shapes, lora_bias_term, lora_factors, np_dtype, rename_output, splice
 from .errors import ExportConfigError, UnsupportedGraphError
 from .graphio import default_opset
 from .locate import TargetSite
@@ -76,7 +93,10 @@ def build_bias_bank(module: str, site: TargetSite, adapters: Sequence[Adapter], 
 def build_banks(
     module: str, site: TargetSite, adapters: Sequence[Adapter], dtype: np.dtype, max_rank: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(bank_A [N, in, r_max], bank_B [N, r_max, out]) for ``module``; zeros for adapters without it."""
+    """(bank_A [N, in, r_max], bank_B [N, r_max, out]) for ``module``; zeros for adapters without it.
+
+    A Conv module's banks are [N, r_max, C, *k] and [N, O, r_max, 1...] (module docstring).
+    """
     users = [a for a in adapters if module in a.modules]
     for adapter in users:
         check_fits(adapter, module, site, "batched")
@@ -85,8 +105,9 @@ def build_banks(
         if max_rank < r_max:
             raise ExportConfigError(f"{module}: an adapter has rank {r_max}, above --max-rank {max_rank}")
         r_max = max_rank
-    bank_a = np.zeros((len(adapters), site.in_features, r_max), dtype)
-    bank_b = np.zeros((len(adapters), r_max, site.out_features), dtype)
+    a_shape, b_shape = factor_shapes(site, r_max)
+    bank_a = np.zeros((len(adapters), *a_shape), dtype)
+    bank_b = np.zeros((len(adapters), *b_shape), dtype)
     for i, adapter in enumerate(adapters):
         if module in adapter.modules:
             bank_a[i], bank_b[i] = lora_factors(adapter, module, dtype, pad_to=r_max)
@@ -124,14 +145,15 @@ def build_batched(
         helper.make_node("Unsqueeze", [keep_1d, axes], [keep], name=namer("lora_keep_unsqueeze")),
     ]
     zeros: dict[int, str] = {}
-    constants: dict[tuple[int, ...], str] = {}
+    constants: dict[tuple, str] = {}
 
-    def constant(*values: int) -> str:
-        """A shared int64 initializer holding ``values``."""
-        if values not in constants:
-            constants[values] = namer("lora_i64_" + "_".join(str(v).replace("-", "m") for v in values))
-            graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), constants[values]))
-        return constants[values]
+    def constant(*values: int, scalar: bool = False) -> str:
+        """A shared int64 initializer holding ``values`` (a 0-D one for ``scalar``)."""
+        key = (*values, "scalar") if scalar else values
+        if key not in constants:
+            constants[key] = namer("lora_i64_" + "_".join(str(v).replace("-", "m") for v in key))
+            graph.initializer.append(numpy_helper.from_array(np.array(values[0] if scalar else values, np.int64), constants[key]))
+        return constants[key]
 
     index_col: str | None = None
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
@@ -149,9 +171,21 @@ def build_batched(
                 raise UnsupportedGraphError(f"{module}: the graph already has a tensor named {name!r}")
             namer.used.add(name)
             graph.initializer.append(numpy_helper.from_array(bank, name))
-        r_axis = f"{module}.lora_r_max"
-        graph.input.append(helper.make_tensor_value_info(a_name, data_type, [ADAPTER_AXIS, first.in_features, r_axis]))
-        graph.input.append(helper.make_tensor_value_info(b_name, data_type, [ADAPTER_AXIS, r_axis, first.out_features]))
+        a_shape, b_shape = factor_shapes(first, f"{module}.lora_r_max")
+        graph.input.append(helper.make_tensor_value_info(a_name, data_type, [ADAPTER_AXIS, *a_shape]))
+        graph.input.append(helper.make_tensor_value_info(b_name, data_type, [ADAPTER_AXIS, *b_shape]))
+        if data_type not in zeros:
+            zeros[data_type] = namer(f"lora_zero_{data_type}")
+            graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), zeros[data_type]))
+        if first.kind == "conv":
+            bias_name = bank_bias_name(module) if bias_bank is not None else None
+            if bias_name:
+                graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [ADAPTER_AXIS, first.out_features]))
+            nodes, site_nodes = _conv_banks(first, a_name, b_name, bias_name, keep_1d, index, zeros[data_type], namer, constant)
+            prelude += nodes
+            for site in module_sites:
+                after[site.node] += site_nodes(graph, site)
+            continue
         a_rows, b_rows = namer(f"{module}.lora_A.rows"), namer(f"{module}.lora_B.rows")
         embedding = first.kind == "embedding"
         if (embedding or bias_bank is not None) and index_col is None:
@@ -174,9 +208,6 @@ def build_batched(
                 helper.make_node("Gather", [bias_name, index], [gathered], axis=0, name=namer(f"{module}.lora_B.bias.gather")),
                 helper.make_node("Unsqueeze", [gathered, constant(1)], [bias_rows], name=namer(f"{module}.lora_B.bias.unsqueeze")),
             ]
-        if data_type not in zeros:
-            zeros[data_type] = namer(f"lora_zero_{data_type}")
-            graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), zeros[data_type]))
         for site in module_sites:
             base = rename_output(graph, site, namer)
             x3, xa, d3, masked, shape, delta = (
@@ -207,3 +238,61 @@ def build_batched(
             ]
     splice(graph, after, prelude)
     return out
+
+
+def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | None, keep_1d: str, index: str, zero: str,
+                namer: Namer, constant) -> tuple[list[onnx.NodeProto], object]:
+    """The once-per-run nodes of a Conv module's banks, and a function giving each site's nodes (module docstring).
+
+    Prelude: A_cat = Reshape(bank_A, [-1, C, *k]); B_cat = Reshape(Transpose(bank_B, [1, 0, 2, ...]), [O, -1, 1...]);
+    own [batch, N·r_max, 1...] = Equal(adapter_index[:, None], Range(0, N·r_max) // r_max); the row's masked bias [batch, O, 1...].
+    """
+    module, d = first.module, len(first.weight_shape) - 2
+    spatial = list(range(2, 2 + d))
+    ones = [1] * d
+    n = lambda what: namer(f"{module}.lora_{what}")  # noqa: E731 - a local naming shorthand
+    a_cat, b_perm, b_cat, a_shape, cat_shape, r_max, nr, channels, owner, raw_col, own_2d, own = (
+        n(w) for w in ("A.cat", "B.perm", "B.cat", "A.shape", "A.cat_shape", "r_max", "channels", "channel_ids", "channel_owner",
+                       "index_col", "own_2d", "own"))
+    nodes = [
+        helper.make_node("Reshape", [a_bank, constant(-1, *first.weight_shape[1:])], [a_cat], name=n("A.concat")),
+        helper.make_node("Transpose", [b_bank], [b_perm], perm=[1, 0, 2, *[3 + i for i in range(d)]], name=n("B.transpose")),
+        helper.make_node("Reshape", [b_perm, constant(first.out_features, -1, *ones)], [b_cat], name=n("B.concat")),
+        helper.make_node("Shape", [a_bank], [a_shape], name=n("A.shape")),
+        helper.make_node("Gather", [a_shape, constant(1, scalar=True)], [r_max], axis=0, name=n("A.r_max")),
+        helper.make_node("Shape", [a_cat], [cat_shape], name=n("A.cat_shape")),
+        helper.make_node("Gather", [cat_shape, constant(0, scalar=True)], [nr], axis=0, name=n("A.channels")),
+        helper.make_node("Range", [constant(0, scalar=True), nr, constant(1, scalar=True)], [channels], name=n("A.range")),
+        helper.make_node("Div", [channels, r_max], [owner], name=n("A.owner")),
+        helper.make_node("Unsqueeze", [INDEX_INPUT, constant(1)], [raw_col], name=n("index_unsqueeze")),
+        helper.make_node("Equal", [raw_col, owner], [own_2d], name=n("own")),
+        helper.make_node("Unsqueeze", [own_2d, constant(*spatial)], [own], name=n("own_unsqueeze")),
+    ]
+    bias_rows = None
+    if bias_bank is not None:
+        gathered, keep_col, kept, bias_rows = (n(w) for w in ("B.bias.rows_2d", "keep_col", "B.bias.kept", "B.bias.rows"))
+        nodes += [
+            helper.make_node("Gather", [bias_bank, index], [gathered], axis=0, name=n("B.bias.gather")),
+            helper.make_node("Unsqueeze", [keep_1d, constant(1)], [keep_col], name=n("keep_col")),
+            helper.make_node("Where", [keep_col, gathered, zero], [kept], name=n("B.bias.keep")),
+            helper.make_node("Unsqueeze", [kept, constant(*spatial)], [bias_rows], name=n("B.bias.unsqueeze")),
+        ]
+
+    def site_nodes(graph: onnx.GraphProto, site: TargetSite) -> list[onnx.NodeProto]:
+        geometry = [attribute for attribute in graph.node[site.node].attribute if attribute.name in CONV_GEOMETRY]
+        base = rename_output(graph, site, namer)
+        t, masked, delta = n("xA_all"), n("xA_own"), n("delta")
+        conv_a = helper.make_node("Conv", [site.x, a_cat], [t], name=n("A"))
+        conv_a.attribute.extend(geometry)
+        site_list = [
+            conv_a,
+            helper.make_node("Where", [own, t, zero], [masked], name=n("A.own")),
+            helper.make_node("Conv", [masked, b_cat], [delta], kernel_shape=ones, name=n("B")),
+        ]
+        if bias_rows is not None:
+            plain, delta = delta, n("delta_bias")
+            site_list.append(helper.make_node("Add", [plain, bias_rows], [delta], name=n("bias")))
+        site_list.append(helper.make_node("Add", [base, delta], [site.y], name=n("add")))
+        return site_list
+
+    return nodes, site_nodes

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import Namer, elem_type, lora_a_name, lora_b_name, lora_bias_name, np_dtype, rename_output, splice
+from .editing import Namer, elem_type, factor_shapes, lora_a_name, lora_b_name, lora_bias_name, np_dtype, rename_output, splice
 from .errors import UnsupportedGraphError
 from .locate import TargetSite
 
@@ -79,11 +79,11 @@ def build_dynamic(
             namer.used.add(name)
         rank: int | str = max_rank if max_rank is not None else rank_dim(module)
         width = max_rank or 0
-        a_shape, b_shape = _factor_shapes(first, rank)
+        a_shape, b_shape = factor_shapes(first, rank)
         graph.input.append(helper.make_tensor_value_info(a_name, data_type, a_shape))
         graph.input.append(helper.make_tensor_value_info(b_name, data_type, b_shape))
         dtype = np_dtype(data_type)
-        a_default, b_default = _factor_shapes(first, width)
+        a_default, b_default = factor_shapes(first, width)
         graph.initializer.append(numpy_helper.from_array(np.zeros(a_default, dtype), a_name))
         graph.initializer.append(numpy_helper.from_array(np.zeros(b_default, dtype), b_name))
         if bias_name:
@@ -111,14 +111,6 @@ def build_dynamic(
             ]
     splice(graph, after)
     return out
-
-
-def _factor_shapes(site: TargetSite, rank: int | str) -> tuple[list[int | str], list[int | str]]:
-    """Shapes of A_g and B_g at ``site`` with rank axis ``rank`` (module docstring)."""
-    if site.kind == "conv":
-        ones = [1] * (len(site.weight_shape) - 2)
-        return [rank, *site.weight_shape[1:]], [site.out_features, rank, *ones]
-    return [site.in_features, rank], [rank, site.out_features]
 
 
 #: Base Conv attributes the A conv copies (group is 1: the locator refuses grouped convs).

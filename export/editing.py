@@ -47,7 +47,7 @@ def lora_bias_name(module: str) -> str:
 #: The layer kinds each graph kind expresses. DoRA is merged only: its output is
 #: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
 #: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
-EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear", "embedding", "conv"), "batched": ("linear", "embedding")}
+EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear", "embedding", "conv"), "batched": ("linear", "embedding", "conv")}
 
 
 def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> None:
@@ -123,6 +123,14 @@ def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int 
         A[:, :r] = lora.A.astype(np.float64).T
         B[:r, :] = s * lora.B.astype(np.float64).T
     return round_to(A, dtype), round_to(B, dtype)
+
+
+def factor_shapes(site: TargetSite, rank: int | str) -> tuple[list[int | str], list[int | str]]:
+    """Shapes of (A_g, B_g) at ``site`` with rank ``rank``: [in, r] / [r, out]; Conv [r, C, *k] / [O, r, 1...]."""
+    if site.kind == "conv":
+        ones = [1] * (len(site.weight_shape) - 2)
+        return [rank, *site.weight_shape[1:]], [site.out_features, rank, *ones]
+    return [site.in_features, rank], [rank, site.out_features]
 
 
 class Namer:

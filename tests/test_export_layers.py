@@ -28,6 +28,7 @@ require_peer("onnxruntime")
 require_peer("onnx")
 
 from lora_ref.checkpoint import merge_targets, target_delta  # noqa: E402
+from lora_ref.conv import ConvGeometry  # noqa: E402
 from lora_ref.deltas import delta_for  # noqa: E402
 from lora_ref.merge import merge  # noqa: E402
 from lora_ref.export import (  # noqa: E402
@@ -237,11 +238,9 @@ def test_tied_embedding_merges_into_a_copy_for_the_lookup_only():
 
 
 def test_refusals_are_typed_and_name_the_module():
-    with pytest.raises(ExportConfigError, match="conv1: .* not conv ones; use --mode merged"):
-        build_graph(CONV.onnx, [_adapter(CONV, "plain", 2, 0)], "batched")
-    with pytest.raises(ExportConfigError, match="DoRA"):
-        build_graph(CONV.onnx, [_adapter(CONV, "dora", 2, 0)], "dynamic")
     for mode in ("dynamic", "batched"):
+        with pytest.raises(ExportConfigError, match="DoRA"):
+            build_graph(CONV.onnx, [_adapter(CONV, "dora", 2, 0)], mode)
         with pytest.raises(ExportConfigError, match="DoRA"):
             build_graph(EMBED.onnx, [_adapter(EMBED, "dora", 2, 0)], mode)
     for mode in ("dynamic", "batched"):
@@ -260,11 +259,10 @@ def test_refusals_are_typed_and_name_the_module():
 #: (model, modules): lora_bias where the graph has a base bias (Gemm C, MatMul + Add) and where it has none;
 #: the embedding model adds Embedding LoRA (no lora_bias there) next to a biased Linear; the conv
 #: model has Conv2d (padding 1) and Conv1d (stride 2) LoRA, lora_bias on both.
-BIAS_CASES = [(MLP, None), (BLOCK, None), (EMBED, None)]
-DYNAMIC_CASES = BIAS_CASES + [(CONV, None)]
+BIAS_CASES = [(MLP, None), (BLOCK, None), (EMBED, None), (CONV, None)]
 
 
-@pytest.mark.parametrize("case", DYNAMIC_CASES, ids=lambda c: c[0].name)
+@pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c[0].name)
 @settings(max_examples=EXAMPLES)
 @given(r=st.integers(1, 5), seed=st.integers(0, 2**16), max_rank=st.sampled_from([None, 6]))
 def test_dynamic_graph_with_lora_bias_matches_reference(case, r, seed, max_rank):
@@ -382,3 +380,52 @@ def test_conv_adapter_file_cache_and_live_switching(tmp_path):
     with pytest.raises(AdapterNameError, match="conv1.lora_A.weight has shape"):
         cache.add("transposed", {"conv1.lora_A.weight": np.zeros((2, 3, 3, 3), np.float32),
                                  "conv1.lora_B.weight": np.zeros((2, 3, 1, 1), np.float32)})
+
+
+def _conv3d_model() -> models.SmallModel:
+    """One Conv3d ``conv3`` (k 3, dilation 2, padding 2, strides (1, 2, 1), bias): the geometry the A conv must copy."""
+    rng = np.random.default_rng(15)
+    weights = {"conv3.weight": (rng.standard_normal((3, 2, 3, 3, 3)) / np.sqrt(54)).astype(np.float32),
+               "conv3.bias": (rng.standard_normal(3) / np.sqrt(54)).astype(np.float32)}
+    geometry = {"conv3": ConvGeometry(stride=(1, 2, 1), padding=2, dilation=2)}
+    node = helper.make_node("Conv", ["x", "conv3.weight", "conv3.bias"], ["y"], name="conv3", kernel_shape=[3, 3, 3],
+                            pads=[2] * 6, strides=[1, 2, 1], dilations=[2, 2, 2])
+    graph = helper.make_graph([node], "conv3d", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 5, 6, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 5, 3, 5])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+    proto.ir_version = 9
+    small = models.SmallModel("conv3d", proto, weights, ["conv3"], reference=None, kinds={"conv3": "conv"}, geometry=geometry)
+    small.reference = lambda x, adapter: small.layer("conv3", x, adapter)
+    return small
+
+
+def test_conv3d_dynamic_and_batched_match_reference():
+    """Conv3d falls out of the same code: dynamic (switching in one session) and batched rows vs float64."""
+    model = _conv3d_model()
+    adapters = [_adapter(model, "lora_bias", 2, 31, name="a"), _adapter(model, "plain", 3, 32, name="b")]
+    rng = np.random.default_rng(33)
+    feeds = {"x": rng.standard_normal((3, 2, 5, 6, 5)).astype(np.float32)}
+    sites = locate_targets(model.onnx, ["conv3"], kinds=model.kinds)
+    graph, _ = build_graph(model.onnx, adapters, "dynamic")
+    slots = slots_from_model(graph)
+    assert slots["conv3.lora_A.weight"].shape == ("conv3.lora_r", 2, 3, 3, 3)
+    assert slots["conv3.lora_B.weight"].shape == (3, "conv3.lora_r", 1, 1, 1)
+    for adapter in (*adapters, None):
+        tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
+        check_sites("dynamic conv3d", model, graph, sites, lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [adapter] * 3)
+    graph, _ = build_graph(model.onnx, adapters, "batched")
+    check_sites("batched conv3d", model, graph, sites, lambda s: s.run_batched(feeds, [1, -1, 0]), [adapters[1], None, adapters[0]])
+
+
+def test_conv_banks_can_be_fed_with_other_adapter_counts_and_ranks():
+    """A batched conv graph takes fed banks of another N and r_max (the bank inputs' axes are symbolic)."""
+    adapters = [_adapter(CONV, "lora_bias", r, seed, name=f"a{seed}") for r, seed in ((2, 41), (3, 42), (1, 43))]
+    small, _ = build_graph(CONV.onnx, adapters[:2], "batched")
+    large, sites = build_graph(CONV.onnx, adapters, "batched", max_rank=5)
+    banks = {t.name: numpy_helper.to_array(t) for t in large.graph.initializer if t.name.endswith(".bank")}
+    assert banks["conv1.lora_A.bank"].shape == (3, 5, 2, 3, 3) and banks["conv1.lora_B.bank"].shape == (3, 3, 5, 1, 1)
+    feeds = _feeds(CONV, 4, 44)
+    index = [2, -1, 0, 1]
+    check_sites("batched conv fed banks", CONV, small, sites, lambda s: s.run_batched({**feeds, **banks}, index),
+                [adapters[i] if i >= 0 else None for i in index])

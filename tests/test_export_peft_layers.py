@@ -143,8 +143,8 @@ def test_dynamic_and_batched_embedding_conv_and_lora_bias_match_peft(setup, tmp_
     from peft import LoraConfig, get_peft_model
 
     proto, base, peers, ours = setup
-    # The "bias" adapter on proj only, next to the embedding adapter; the dynamic graph also takes the
-    # full "bias" adapter (Conv1d stride 2 and Conv2d padding 1 LoRA with lora_bias).
+    # The "bias" adapter on proj only, next to the embedding adapter, and the full "bias" adapter
+    # (Conv1d stride 2 and Conv2d padding 1 LoRA with lora_bias on proj and both convs).
     biased_dir = tmp_path / "proj_bias"
     model = get_peft_model(copy.deepcopy(base).float(), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_bias=True,
                                                                   init_lora_weights=False))
@@ -160,6 +160,8 @@ def test_dynamic_and_batched_embedding_conv_and_lora_bias_match_peft(setup, tmp_
         tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
         _check(f"dynamic {adapter.name if adapter else 'none'}", proto, graph, sites,
                lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [(peer, adapter)] * 3, base)
-    graph, sites = build_graph(proto, [plain, biased], "batched")
-    _check("batched rows plain, proj_bias, base", proto, graph, sites, lambda s: s.run_batched(feeds, [0, 1, -1]),
-           [(plain_peer, plain), (biased_peer, biased), (None, None)], base)
+    graph, sites = build_graph(proto, [plain, biased, ours["bias"]], "batched")
+    _check("batched rows bias, plain, base", proto, graph, sites, lambda s: s.run_batched(feeds, [2, 0, -1]),
+           [(peers["bias"], ours["bias"]), (plain_peer, plain), (None, None)], base)
+    _check("batched rows proj_bias, bias, plain", proto, graph, sites, lambda s: s.run_batched(feeds, [1, 2, 0]),
+           [(biased_peer, biased), (peers["bias"], ours["bias"]), (plain_peer, plain)], base)
