@@ -23,6 +23,8 @@ from .errors import (
     GraphTargetNotFoundError,
     IRVersionError,
     ProviderFallbackWarning,
+    TokenIdError,
+    UncheckedIdsWarning,
     UnsupportedGraphError,
 )
 from .exporter import MODES, ExportReport, build_graph, export
@@ -36,7 +38,7 @@ from .slots import slots_from_model, slots_from_session
 __all__ = [
     "MODES", "INDEX_INPUT", "AdapterCache", "AdapterIndexError", "AdapterNameError", "ExportConfigError", "ExportReport",
     "GraphTargetNotFoundError", "IRVersionError", "LoadedAdapter", "LoraSession", "ProviderFallbackWarning", "TargetSite",
-    "UnsupportedGraphError", "adapter_tensors", "build_batched", "build_dynamic", "build_graph", "build_merged", "export",
+    "TokenIdError", "UncheckedIdsWarning", "UnsupportedGraphError", "adapter_tensors", "build_batched", "build_dynamic", "build_graph", "build_merged", "export",
     "load_model", "load_onnx_adapter", "locate_targets", "make_loadable", "open_session", "read_onnx_adapter",
     "runtime_limits", "save_model", "slots_from_model", "slots_from_session", "to_float16", "write_onnx_adapter",
 ]

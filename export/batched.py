@@ -23,7 +23,10 @@ Rows with -1 get exact zeros (Where, not a multiply, so a non-finite delta canno
 An Embedding site (ids [batch, ...], banks of A_g = lora_embedding_A^T [V, r] and
 B_g = s·lora_embedding_B^T [r, D]) looks its rows up in the bank viewed as one table
 [N·V, r] instead of multiplying: t = Gather(Flatten(bank_A), i'·V + Reshape(ids, [batch, -1]))
-[batch, L, r], then d = t @ B_s as above (ids must lie in [0, V), as torch requires).
+[batch, L, r], then d = t @ B_s as above. The ids must lie in [0, V), as torch requires: any
+other id would read another adapter's rows of the table, so the model's metadata_props key
+``lora_ref.embedding_ids`` records (JSON) each embedding site's ids tensor and V, and
+:meth:`lora_ref.export.runtime.LoraSession.run_batched` refuses ids outside [0, V) before a run.
 A Conv site (x [batch, C, *S], base kernel W [O, C, *k], group 1) has banks in PEFT's conv
 layouts, bank_A [N, r_max, C, *k] (A_i) and bank_B [N, O, r_max, 1...] (s_i·B_i). ONNX's Conv
 takes one kernel for the whole batch (and ``group`` is a static attribute, so the batch cannot
@@ -48,6 +51,7 @@ untyped error, or wrap negative indices silently).
 from __future__ import annotations
 
 import copy
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -64,6 +68,8 @@ from .graphio import default_opset
 from .locate import TargetSite
 
 INDEX_INPUT = "adapter_index"
+#: metadata_props key: JSON {ids tensor name: V} of the batched graph's Embedding LoRA sites.
+EMBEDDING_IDS_KEY = "lora_ref.embedding_ids"
 ADAPTER_AXIS = "lora_adapters"
 
 
@@ -156,6 +162,7 @@ def build_batched(
         return constants[key]
 
     index_col: str | None = None
+    embedding_ids: dict[str, int] = {}
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     for step, (module, module_sites) in enumerate(sites.items()):
         if progress:
@@ -214,6 +221,7 @@ def build_batched(
                 namer(f"{module}.lora_{n}") for n in ("x_rows", "xA", "delta_rows", "delta_kept", "out_shape", "delta")
             )
             if embedding:
+                embedding_ids[site.x] = min(site.in_features, embedding_ids.get(site.x, site.in_features))
                 ids64, rows = namer(f"{module}.lora_ids_i64"), namer(f"{module}.lora_ids_rows")
                 nodes = [
                     helper.make_node("Cast", [site.x], [ids64], to=TensorProto.INT64, name=namer(f"{module}.lora_ids_cast")),
@@ -237,6 +245,11 @@ def build_batched(
                 helper.make_node("Add", [base, delta], [site.y], name=namer(f"{module}.lora_add")),
             ]
     splice(graph, after, prelude)
+    for i in reversed([i for i, prop in enumerate(out.metadata_props) if prop.key == EMBEDDING_IDS_KEY]):
+        del out.metadata_props[i]
+    if embedding_ids:
+        entry = out.metadata_props.add()
+        entry.key, entry.value = EMBEDDING_IDS_KEY, json.dumps(embedding_ids, sort_keys=True)
     return out
 
 

@@ -25,6 +25,17 @@ class AdapterIndexError(ShapeError):
     """A batched graph's ``adapter_index`` holds a value outside [-1, N)."""
 
 
+class TokenIdError(ShapeError):
+    """Token ids fed to a batched graph's Embedding LoRA lie outside [0, num_embeddings).
+
+    In the bank viewed as one table [N·V, r], such an id would read another adapter's rows.
+    """
+
+
+class UncheckedIdsWarning(UserWarning):
+    """A batched graph's Embedding LoRA reads ids computed inside the graph, which cannot be checked before a run."""
+
+
 class ExportConfigError(ConfigError):
     """An export option or adapter feature the chosen graph kind cannot express."""
 

@@ -10,11 +10,15 @@
   active one's tensors as ordinary inputs of an IOBinding. A switch re-binds host OrtValues (on
   CPU: no copy) or copies them host-to-device into device buffers (``update_inplace`` when the
   shape is unchanged, as with a fixed-max-rank graph); the session is never rebuilt.
-* :meth:`LoraSession.run_batched` checks ``adapter_index`` against the bank size first.
+* :meth:`LoraSession.run_batched` checks ``adapter_index`` against the bank size first, and the
+  token ids of Embedding LoRA sites against [0, V) (read from the graph's
+  ``lora_ref.embedding_ids`` metadata and traced back to the graph input that feeds them
+  through value-preserving ops; ids computed in the graph are not checked, with a warning).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import Counter
@@ -28,8 +32,8 @@ import onnxruntime as ort
 from lora_ref.adapter import Adapter
 
 from .adapter_files import LoadedAdapter, adapter_tensors, load_onnx_adapter
-from .batched import INDEX_INPUT
-from .errors import AdapterIndexError, ProviderFallbackWarning
+from .batched import EMBEDDING_IDS_KEY, INDEX_INPUT
+from .errors import AdapterIndexError, ProviderFallbackWarning, TokenIdError, UncheckedIdsWarning
 from .graphio import check_readable
 from .slots import Slot, check_tensors, slots_from_model
 
@@ -66,6 +70,7 @@ class LoraSession:
         check_readable(proto, where=str(model) if not isinstance(model, onnx.ModelProto) else "model")
         self.slots: dict[str, Slot] = slots_from_model(proto)
         self.bank_sizes = {t.name: int(t.dims[0]) for t in proto.graph.initializer if t.name.endswith(".bank")}
+        self.token_ids = _token_id_inputs(proto)
         self.requested = list(providers)
         chosen = resolve_providers(providers)
         options = options or ort.SessionOptions()
@@ -125,7 +130,43 @@ class LoraSession:
         bad = index[(index < -1) | (index >= n)]
         if bad.size:
             raise AdapterIndexError(f"{INDEX_INPUT} holds {bad[:5].tolist()}: valid values are -1 (base) and 0..{n - 1}")
+        for name, vocab in self.token_ids.items():
+            ids = np.asarray(feeds[name]) if name in feeds else None
+            if ids is None or ids.dtype.kind not in "iu":
+                continue  # ORT reports a missing or mistyped input itself
+            bad = ids[(ids < 0) | (ids >= vocab)]
+            if bad.size:
+                raise TokenIdError(f"{name} holds token ids {bad[:5].tolist()} outside [0, {vocab}): in the batched "
+                                   "graph's embedding bank they would read another adapter's rows")
         return self.session.run(None, {**feeds, INDEX_INPUT: index})
+
+
+#: Ops that pass their input's values through unchanged (a token id keeps its value).
+_VALUE_PRESERVING = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def _token_id_inputs(proto: onnx.ModelProto) -> dict[str, int]:
+    """Graph input -> V for each Embedding LoRA site of a batched graph (from ``EMBEDDING_IDS_KEY`` metadata).
+
+    An ids tensor is traced back through value-preserving ops to a graph input; one that is
+    computed otherwise cannot be checked before a run (UncheckedIdsWarning).
+    """
+    entry = next((prop.value for prop in proto.metadata_props if prop.key == EMBEDDING_IDS_KEY), None)
+    if entry is None:
+        return {}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    inputs = {info.name for info in proto.graph.input}
+    checked: dict[str, int] = {}
+    for name, vocab in json.loads(entry).items():
+        source = name
+        while source not in inputs and source in producer and producer[source].op_type in _VALUE_PRESERVING:
+            source = producer[source].input[0]
+        if source in inputs:
+            checked[source] = min(int(vocab), checked.get(source, int(vocab)))
+        else:
+            warnings.warn(f"the embedding ids {name!r} are computed in the graph; run_batched cannot check them against "
+                          f"[0, {vocab})", UncheckedIdsWarning, stacklevel=3)
+    return checked
 
 
 def _set_config(options: ort.SessionOptions, key: str, value: str) -> None:

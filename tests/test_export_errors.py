@@ -132,6 +132,44 @@ def test_index_outside_bank_is_refused():
     session.run_batched({"x": x}, [1, -1, 0])
 
 
+def test_batched_embedding_ids_outside_the_vocabulary_are_refused():
+    """An id outside [0, V) would read another adapter's rows of the bank table [N·V, r]; run_batched refuses it."""
+    from lora_ref.export import TokenIdError, UncheckedIdsWarning
+
+    embed = models.embedding_model(vocab=11, dim=4, out_features=3, seed=5)
+    adapters = [models.random_adapter(embed, 2, seed=s, modules=["embed"], name=f"a{s}") for s in (6, 7)]
+    graph, _ = build_graph(embed.onnx, adapters, "batched")
+    session = open_session(graph)
+    ids = np.array([[0, 3, 10], [1, 2, 4]], np.int64)
+    session.run_batched({"ids": ids}, [0, 1])
+    for bad in (11, -1, 2**40):
+        fed = ids.copy()
+        fed[0, 1] = bad
+        with pytest.raises(TokenIdError, match=f"ids holds token ids \\[{bad}\\] outside \\[0, 11\\)"):
+            session.run_batched({"ids": fed}, [0, 1])
+    # the hazard is real: ONNX's Gather wraps -1 to V-1 for the base table, but in the bank table [N·V, r]
+    # row 1·V - 1 is adapter 0's last row: unchecked, a row using adapter 1 with id -1 depends on adapter 0
+    bank = onnx.numpy_helper.to_array(next(t for t in graph.graph.initializer if t.name == "embed.lora_A.bank"))
+    emptied = bank.copy()
+    emptied[0] = 0.0  # adapter 0 without LoRA
+
+    def unchecked(token: int, a_bank: np.ndarray) -> np.ndarray:
+        feeds = {"ids": np.array([[token]], np.int64), "adapter_index": np.array([1], np.int64), "embed.lora_A.bank": a_bank}
+        return session.session.run(None, feeds)[0]
+
+    np.testing.assert_array_equal(unchecked(10, bank), unchecked(10, emptied))  # a valid id: only adapter 1 counts
+    assert not np.array_equal(unchecked(-1, bank), unchecked(-1, emptied))
+    # ids the graph computes (here ids + 0) cannot be checked before a run: the session says so
+    computed = onnx.ModelProto.FromString(embed.onnx.SerializeToString())
+    computed.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), "zero_shift"))
+    for node in computed.graph.node:
+        node.input[:] = ["ids_shifted" if name == "ids" else name for name in node.input]
+    computed.graph.node.insert(0, helper.make_node("Add", ["ids", "zero_shift"], ["ids_shifted"]))
+    graph, _ = build_graph(computed, adapters, "batched")
+    with pytest.warns(UncheckedIdsWarning, match="ids_shifted"):
+        assert open_session(graph).token_ids == {}
+
+
 def test_ir_version_and_opset_the_runtime_cannot_read(tmp_path):
     from lora_ref.export import runtime_limits
 
