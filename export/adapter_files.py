@@ -1,7 +1,8 @@
 """ONNX Runtime's ``.onnx_adapter`` files for dynamic graphs, written and read with checks.
 
 Writing: a PEFT adapter becomes, per module, ``<m>.lora_A.weight`` = A^T [in, r] and
-``<m>.lora_B.weight`` = s·B^T [r, out] (:func:`lora_ref.export.editing.lora_factors`), and
+``<m>.lora_B.weight`` = s·B^T [r, out] (a Conv module: A [r, C, *k] and s·B [O, r, 1...];
+:func:`lora_ref.export.editing.lora_factors`), and
 ``<m>.lora_B.bias`` = s·lora_bias [out] for a module with lora_bias,
 zero-padded to the graph's static rank if it has one, checked against the graph's LoRA inputs
 (:mod:`lora_ref.export.slots`) and written atomically through ``onnxruntime.AdapterFormat``.
