@@ -61,8 +61,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_ref.adapter import Adapter
 
-from .dynamic import CONV_GEOMETRY
-from .editing import Namer, check_fits, elem_type, factor_shapes, lora_bias_term, lora_factors, np_dtype, rename_output, splice
+from .editing import (
+    Namer,
+    check_fits,
+    conv_with_base_geometry,
+    elem_type,
+    factor_shapes,
+    lora_bias_term,
+    lora_factors,
+    np_dtype,
+    rename_output,
+    splice,
+)
 from .errors import ExportConfigError, UnsupportedGraphError
 from .graphio import default_opset
 from .locate import TargetSite
@@ -292,11 +302,9 @@ def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | No
         ]
 
     def site_nodes(graph: onnx.GraphProto, site: TargetSite) -> list[onnx.NodeProto]:
-        geometry = [attribute for attribute in graph.node[site.node].attribute if attribute.name in CONV_GEOMETRY]
-        base = rename_output(graph, site, namer)
         t, masked, delta = n("xA_all"), n("xA_own"), n("delta")
-        conv_a = helper.make_node("Conv", [site.x, a_cat], [t], name=n("A"))
-        conv_a.attribute.extend(geometry)
+        conv_a = conv_with_base_geometry(graph, site, a_cat, t, n("A"))
+        base = rename_output(graph, site, namer)
         site_list = [
             conv_a,
             helper.make_node("Where", [own, t, zero], [masked], name=n("A.own")),

@@ -43,7 +43,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import Namer, elem_type, factor_shapes, lora_a_name, lora_b_name, lora_bias_name, np_dtype, rename_output, splice
+from .editing import (
+    Namer,
+    conv_with_base_geometry,
+    elem_type,
+    factor_shapes,
+    lora_a_name,
+    lora_b_name,
+    lora_bias_name,
+    np_dtype,
+    rename_output,
+    splice,
+)
 from .errors import UnsupportedGraphError
 from .locate import TargetSite
 
@@ -113,22 +124,15 @@ def build_dynamic(
     return out
 
 
-#: Base Conv attributes the A conv copies (group is 1: the locator refuses grouped convs).
-CONV_GEOMETRY = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
-
-
 def conv_branch(graph: onnx.GraphProto, site: TargetSite, namer: Namer, a: str, b: str, bias: str | None) -> list[onnx.NodeProto]:
     """y = y0 + Conv(Conv(x, a; base geometry), b, bias; 1x1) for the Conv site ``site``; returns the nodes.
 
     ``a`` is [r, C, *k], ``b`` [O, r, 1...] and ``bias`` [O] (or None).
     """
     module = site.module
-    base_node = graph.node[site.node]
-    geometry = [attribute for attribute in base_node.attribute if attribute.name in CONV_GEOMETRY]
-    base = rename_output(graph, site, namer)
     xa, delta = namer(f"{module}.lora_xA"), namer(f"{module}.lora_delta")
-    conv_a = helper.make_node("Conv", [site.x, a], [xa], name=namer(f"{module}.lora_A"))
-    conv_a.attribute.extend(geometry)
+    conv_a = conv_with_base_geometry(graph, site, a, xa, namer(f"{module}.lora_A"))
+    base = rename_output(graph, site, namer)
     ones = [1] * (len(site.weight_shape) - 2)
     return [
         conv_a,

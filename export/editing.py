@@ -47,7 +47,7 @@ def lora_bias_name(module: str) -> str:
 #: The layer kinds each graph kind expresses. DoRA is merged only: its output is
 #: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
 #: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
-EXPORTABLE_KINDS = {"merged": ("linear", "embedding", "conv"), "dynamic": ("linear", "embedding", "conv"), "batched": ("linear", "embedding", "conv")}
+EXPORTABLE_KINDS = {mode: ("linear", "embedding", "conv") for mode in ("merged", "dynamic", "batched")}
 
 
 def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> None:
@@ -131,6 +131,17 @@ def factor_shapes(site: TargetSite, rank: int | str) -> tuple[list[int | str], l
         ones = [1] * (len(site.weight_shape) - 2)
         return [rank, *site.weight_shape[1:]], [site.out_features, rank, *ones]
     return [site.in_features, rank], [rank, site.out_features]
+
+
+#: Base Conv attributes a LoRA A conv copies (group is 1: the locator refuses grouped convs).
+CONV_GEOMETRY = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
+
+
+def conv_with_base_geometry(graph: onnx.GraphProto, site: TargetSite, kernel: str, output: str, name: str) -> onnx.NodeProto:
+    """Conv(site.x, kernel) -> output with the site's base Conv geometry (SPEC 4.2: A uses the base's)."""
+    node = helper.make_node("Conv", [site.x, kernel], [output], name=name)
+    node.attribute.extend(a for a in graph.node[site.node].attribute if a.name in CONV_GEOMETRY)
+    return node
 
 
 class Namer:
