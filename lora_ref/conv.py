@@ -158,7 +158,6 @@ class ConvOps:
 
     def conv_vjp_input(self, dY: np.ndarray, kernel64: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
         """d/dx of Σ dY · conv(x, kernel): scatter each kernel tap back, then fold the padding."""
-        d = len(self.kernel)
         padded_shape = tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[2:], self.pads))
         out_shape = dY.shape[2:]
         grad = np.zeros((x_shape[0], x_shape[1]) + padded_shape, dtype=float64)

@@ -17,7 +17,7 @@ from lora_ref.dtypes import BITS_VIEW, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_o
 from lora_ref.errors import LoraRefError, NonFiniteError, ResidualMismatchError, ShapeError
 from lora_ref.linear import LinearDelta
 from lora_ref.merge import fast_roundtrip_bound, merge, unmerge
-from test_linear import ErrorLog, absolute, exact, exact_case, gamma, linear_cases, oracle_of, to_float
+from test_linear import ErrorLog, exact, exact_case, gamma, linear_cases, oracle_of, to_float
 
 STORAGE = ["float32", "float16", "bfloat16"]
 U64 = UNIT_ROUNDOFF[float64]

@@ -281,7 +281,7 @@ def test_merged_weights_match_merge_and_unload(torch, tmp_path: Path, model_kind
 
 def test_lora_bias_is_merged_into_the_base_bias(torch, tmp_path: Path) -> None:
     """PEFT's merge adds s·lora_bias to the base layer's bias; the merged model must equal the adapted one."""
-    peft = require_peer("peft")
+    require_peer("peft")
     _, base_state, model = peft_mlp(torch, "lora_bias+dropout(eval)", seed=8)
     adapter = saved_adapter(model, tmp_path / "adapter")
     peft_merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}

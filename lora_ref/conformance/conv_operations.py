@@ -25,17 +25,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .exact import Dyadic
-from .operations import Expected, Inputs, Params, bounded, exact_scale, merge_expected, register
-
-
-def _exact(inputs: Inputs, name: str, absolute: bool) -> Dyadic:
-    value = Dyadic.of(inputs[name], what=name)
-    return value.abs() if absolute else value
-
-
-def _scale(params: Params, absolute: bool) -> Fraction:
-    s = exact_scale(params)
-    return abs(s) if absolute else s
+from .operations import Expected, Inputs, Params, bounded, exact_input, merge_expected, register, scale_term
 
 
 def _geometry(params: Params) -> tuple[int, int, int]:
@@ -94,15 +84,15 @@ def _positions(dy: Dyadic, channels: int) -> Dyadic:
 
 
 def _forward(inputs: Inputs, params: Params, absolute: bool) -> tuple[list, tuple[int, ...]]:
-    x, W, A, B = (_exact(inputs, n, absolute) for n in ("x", "W", "A", "B"))
+    x, W, A, B = (exact_input(inputs, n, absolute) for n in ("x", "W", "A", "B"))
     out_ch, r = W.shape[0], A.shape[0]
     cols, out = _im2col(x, tuple(W.shape[2:]), *_geometry(params))
     n = x.shape[0]
     base = cols @ W.reshape(out_ch, -1).T  # [P, O]
     if "b" in inputs:
-        base = base + _exact(inputs, "b", absolute).reshape(1, -1)
+        base = base + exact_input(inputs, "b", absolute).reshape(1, -1)
     lora = (cols @ A.reshape(r, -1).T) @ B.reshape(out_ch, r).T
-    terms = [(Fraction(1), _channels_first(base, n, out, out_ch)), (_scale(params, absolute), _channels_first(lora, n, out, out_ch))]
+    terms = [(Fraction(1), _channels_first(base, n, out, out_ch)), (scale_term(params, absolute), _channels_first(lora, n, out, out_ch))]
     return terms, (n, out_ch) + out
 
 
@@ -118,9 +108,9 @@ def conv_delta(inputs: Inputs, params: Params, shape: tuple[int, ...]):
     """ΔW = s (B A) reshaped to the kernel shape, as ``merge_expected`` wants it (value or |value|)."""
 
     def delta(absolute: bool):
-        A, B = _exact(inputs, "A", absolute), _exact(inputs, "B", absolute)
+        A, B = exact_input(inputs, "A", absolute), exact_input(inputs, "B", absolute)
         r = A.shape[0]
-        return _scale(params, absolute), (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(*shape)
+        return scale_term(params, absolute), (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(*shape)
 
     return delta
 
@@ -138,13 +128,13 @@ def conv_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 
 def _backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
-    x, W, A, B = (_exact(inputs, n, absolute) for n in ("x", "W", "A", "B"))
+    x, W, A, B = (exact_input(inputs, n, absolute) for n in ("x", "W", "A", "B"))
     out_ch, r = W.shape[0], A.shape[0]
     geometry = _geometry(params)
     kernel = tuple(W.shape[2:])
     cols, out = _im2col(x, kernel, *geometry)
-    dY = _positions(_exact(inputs, "dy", absolute), out_ch)  # [P, O]
-    s = _scale(params, absolute)
+    dY = _positions(exact_input(inputs, "dy", absolute), out_ch)  # [P, O]
+    s = scale_term(params, absolute)
     W_flat, A_flat, B_flat = W.reshape(out_ch, -1), A.reshape(r, -1), B.reshape(out_ch, r)
     dYB = dY @ B_flat  # dH / s, [P, r]
     x_shape = tuple(inputs["x"].shape)

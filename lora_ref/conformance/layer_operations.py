@@ -37,27 +37,17 @@ import numpy as np
 
 from ..errors import ConfigError
 from .exact import Dyadic, sqrt_fraction, to_float64
-from .operations import Expected, Inputs, Params, bounded, exact_scale, merge_expected, register
-
-
-def _exact(inputs: Inputs, name: str, absolute: bool) -> Dyadic:
-    value = Dyadic.of(inputs[name], what=name)
-    return value.abs() if absolute else value
-
-
-def _scale(params: Params, absolute: bool) -> Fraction:
-    s = exact_scale(params)
-    return abs(s) if absolute else s
+from .operations import Expected, Inputs, Params, bounded, exact_input, exact_scale, merge_expected, register, scale_term
 
 
 # -- Embedding --------------------------------------------------------------------------------
 def _embedding_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
     ids = np.asarray(inputs["ids"]).reshape(-1)
-    W, A, B = (_exact(inputs, n, absolute) for n in ("W", "A", "B"))
+    W, A, B = (exact_input(inputs, n, absolute) for n in ("W", "A", "B"))
     shape = tuple(inputs["ids"].shape) + (W.shape[1],)
     base = W[ids].reshape(*shape)
     lora = (A.T[ids] @ B.T).reshape(*shape)
-    return [(Fraction(1), base), (_scale(params, absolute), lora)]
+    return [(Fraction(1), base), (scale_term(params, absolute), lora)]
 
 
 @register("embedding.forward", "SPEC 4.1, C.3")
@@ -82,7 +72,7 @@ def embedding_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 def _embedding_delta(inputs: Inputs, params: Params):
     def delta(absolute: bool):
-        return _scale(params, absolute), _exact(inputs, "A", absolute).T @ _exact(inputs, "B", absolute).T
+        return scale_term(params, absolute), exact_input(inputs, "A", absolute).T @ exact_input(inputs, "B", absolute).T
 
     return delta
 
@@ -98,9 +88,9 @@ def _scatter_rows(ids: np.ndarray, rows: Dyadic, count: int) -> Dyadic:
 
 def _embedding_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
     ids = np.asarray(inputs["ids"]).reshape(-1)
-    A, B = _exact(inputs, "A", absolute), _exact(inputs, "B", absolute)
-    dY = _exact(inputs, "dy", absolute).reshape(-1, B.shape[0])
-    s = _scale(params, absolute)
+    A, B = exact_input(inputs, "A", absolute), exact_input(inputs, "B", absolute)
+    dY = exact_input(inputs, "dy", absolute).reshape(-1, B.shape[0])
+    s = scale_term(params, absolute)
     G = _scatter_rows(ids, dY, A.shape[1])
     terms = {"dA": [(s, (G @ B).T)], "dB": [(s, dY.T @ A.T[ids])]}
     if params.get("want_base_grads", False):
@@ -120,18 +110,18 @@ def embedding_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 # -- Mixed batch --------------------------------------------------------------------------------
 def _mixed_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
-    X, W = _exact(inputs, "x", absolute), _exact(inputs, "W", absolute)
+    X, W = exact_input(inputs, "x", absolute), exact_input(inputs, "W", absolute)
     index = np.asarray(inputs["index"]).reshape(-1)
     terms = [(Fraction(1), X @ W.T)]
     if "b" in inputs:
-        terms.append((Fraction(1), _exact(inputs, "b", absolute).reshape(1, -1)))
+        terms.append((Fraction(1), exact_input(inputs, "b", absolute).reshape(1, -1)))
     for i, adapter in enumerate(params["adapters"]):
         rows = index == i
         if not rows.any():
             continue
-        lora = (X @ _exact(inputs, f"A.{i}", absolute).T) @ _exact(inputs, f"B.{i}", absolute).T
+        lora = (X @ exact_input(inputs, f"A.{i}", absolute).T) @ exact_input(inputs, f"B.{i}", absolute).T
         lora.ints[~rows] = 0  # rows routed elsewhere contribute nothing (Python int zeros)
-        terms.append((_scale(adapter, absolute), lora))
+        terms.append((scale_term(adapter, absolute), lora))
     return terms
 
 
@@ -145,14 +135,14 @@ def mixed_batch_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 
 def _mixed_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
-    X, W = _exact(inputs, "x", absolute), _exact(inputs, "W", absolute)
-    dY = _exact(inputs, "dy", absolute)
+    X, W = exact_input(inputs, "x", absolute), exact_input(inputs, "W", absolute)
+    dY = exact_input(inputs, "dy", absolute)
     index = np.asarray(inputs["index"]).reshape(-1)
     terms = {"dx": [(Fraction(1), dY @ W)]}
     for i, adapter in enumerate(params["adapters"]):
-        A, B = _exact(inputs, f"A.{i}", absolute), _exact(inputs, f"B.{i}", absolute)
+        A, B = exact_input(inputs, f"A.{i}", absolute), exact_input(inputs, f"B.{i}", absolute)
         rows = np.flatnonzero(index == i)
-        s = _scale(adapter, absolute)
+        s = scale_term(adapter, absolute)
         dYi, Xi = dY[rows], X[rows]
         lora_dx = (dY @ B) @ A
         lora_dx.ints[index != i] = 0  # rows of other adapters and of the base
@@ -180,7 +170,7 @@ def mixed_batch_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
 def _dora_pieces(inputs: Inputs, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(V exact Fractions [out, in], N = |W| + |s||B||A| as Fractions, n_c exact-ish, ‖N_c‖)."""
     s = exact_scale(params)
-    W, A, B = (_exact(inputs, n, False) for n in ("W", "A", "B"))
+    W, A, B = (exact_input(inputs, n, False) for n in ("W", "A", "B"))
     V = combine_fractions([(Fraction(1), W), (s, B @ A)])
     N = combine_fractions([(Fraction(1), W.abs()), (abs(s), B.abs() @ A.abs())])
     norms = np.array([sqrt_fraction(sum((v * v for v in row), Fraction(0))) for row in V], dtype=object)
@@ -202,13 +192,13 @@ def dora_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """Linear DoRA at inference: y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b, g = m / ‖W + s B A‖ per output row."""
     s = exact_scale(params)
     _, _, norms, abs_norms = _dora_pieces(inputs, params)
-    m = _exact(inputs, "magnitude", False).fractions()
+    m = exact_input(inputs, "magnitude", False).fractions()
     g = m / norms
-    X, W, A, B = (_exact(inputs, n, False) for n in ("x", "W", "A", "B"))
+    X, W, A, B = (exact_input(inputs, n, False) for n in ("x", "W", "A", "B"))
     Xa, Wa, Aa, Ba = (t.abs() for t in (X, W, A, B))
     z = combine_fractions([(Fraction(1), X @ W.T), (s, (X @ A.T) @ B.T)])
     Mz = combine_fractions([(Fraction(1), Xa @ Wa.T), (abs(s), (Xa @ Aa.T) @ Ba.T)])
-    b = _exact(inputs, "b", False).fractions() if "b" in inputs else np.zeros(len(m), dtype=object) + Fraction(0)
+    b = exact_input(inputs, "b", False).fractions() if "b" in inputs else np.zeros(len(m), dtype=object) + Fraction(0)
     y = g[None, :] * z + b[None, :]
     ratio = abs_norms / norms
     magnitude = abs(g)[None, :] * Mz + abs(g[None, :] * z) * (ratio[None, :] + 2) + np.abs(b)[None, :]
@@ -226,9 +216,9 @@ def dora_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """
     s = exact_scale(params)
     _, _, norms, abs_norms = _dora_pieces(inputs, params)
-    g = _exact(inputs, "magnitude", False).fractions() / norms
+    g = exact_input(inputs, "magnitude", False).fractions() / norms
     rho = abs_norms / norms + 2
-    X, W, A, B, dY = (_exact(inputs, n, False).fractions() for n in ("x", "W", "A", "B", "dy"))
+    X, W, A, B, dY = (exact_input(inputs, n, False).fractions() for n in ("x", "W", "A", "B", "dy"))
     Xa, Wa, Aa, Ba, dYa = (np.abs(t) for t in (X, W, A, B, dY))
     G, Ga = dY * g[None, :], dYa * (np.abs(g) * rho)[None, :]
     z = X @ W.T + s * ((X @ A.T) @ B.T)
@@ -259,7 +249,7 @@ def dora_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
 def dora_merge(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """Linear DoRA merge: W' = round_t(g ∘ (W + s B A)), g = m / ‖W + s B A‖ per output row."""
     V, N, norms, abs_norms = _dora_pieces(inputs, params)
-    g = _exact(inputs, "magnitude", False).fractions() / norms
+    g = exact_input(inputs, "magnitude", False).fractions() / norms
     value = g[:, None] * V
     magnitude = np.abs(g)[:, None] * (N + np.abs(V) * ((abs_norms / norms)[:, None] + 2))
     depth = 2 * (inputs["A"].shape[0] + inputs["W"].shape[1] + 9)

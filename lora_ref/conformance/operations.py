@@ -81,6 +81,18 @@ def exact_scale(params: Params) -> Fraction:
     return alpha / sqrt_fraction(Fraction(r)) if params.get("use_rslora", False) else alpha / r
 
 
+def exact_input(inputs: Inputs, name: str, absolute: bool = False) -> Dyadic:
+    """Input ``name`` as exact dyadic rationals, or their absolute values (for the bound's magnitudes)."""
+    value = Dyadic.of(inputs[name], what=name)
+    return value.abs() if absolute else value
+
+
+def scale_term(params: Params, absolute: bool = False) -> Fraction:
+    """The exact scale s, or |s| (for the bound's magnitudes)."""
+    s = exact_scale(params)
+    return abs(s) if absolute else s
+
+
 def bounded(terms: list[tuple[Fraction, Dyadic]], abs_terms: list[tuple[Fraction, Dyadic]], shape: tuple[int, ...], depth: int) -> Expected:
     """An Expected from exact terms Σ c_i T_i and their absolute counterparts Σ |c_i| |T|_i."""
     return Expected("bound", combine(terms, shape), combine(abs_terms, shape), depth)
