@@ -155,6 +155,16 @@ class PeftImplementation:
                 out["dlora_bias"] = self.array(layer.lora_B["default"].bias.grad, t)
         return out
 
+    @staticmethod
+    def _train(layer, params) -> bool:
+        """Training mode; the base weight (and bias, if any) take gradients only when the case asks."""
+        layer.train()
+        want_base = bool(params.get("want_base_grads", False))
+        layer.base_layer.weight.requires_grad_(want_base)
+        if getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(want_base)
+        return want_base
+
     def _merge(self, layer, dtype: np.dtype) -> Arrays:
         """PEFT's merge() of a built layer; the merged base weight."""
         layer.merge()
@@ -203,9 +213,7 @@ class PeftImplementation:
 
     def embedding_backward(self, params, inputs):
         layer = self._embedding(params, inputs)
-        layer.train()
-        want_base = bool(params.get("want_base_grads", False))
-        layer.base_layer.weight.requires_grad_(want_base)
+        want_base = self._train(layer, params)
         y = layer(self.tensor(inputs["ids"]))
         y.backward(self.tensor(inputs["dy"]).to(y.dtype))
         t = inputs["W"].dtype
@@ -243,11 +251,7 @@ class PeftImplementation:
 
     def conv_backward(self, params, inputs):
         layer = self._conv(params, inputs)
-        layer.train()
-        want_base = bool(params.get("want_base_grads", False))
-        layer.base_layer.weight.requires_grad_(want_base)
-        if layer.base_layer.bias is not None:
-            layer.base_layer.bias.requires_grad_(want_base)
+        want_base = self._train(layer, params)
         x = self.tensor(inputs["x"], requires_grad=True)
         y = layer(x)
         y.backward(self.tensor(inputs["dy"]).to(y.dtype))
