@@ -25,3 +25,13 @@ def require_peer(module: str):
         if os.environ.get("LORA_REF_REQUIRE_PEERS") == "1":
             pytest.fail(f"peer {module!r} is required (LORA_REF_REQUIRE_PEERS=1) but cannot be imported: {exc}")
         pytest.skip(f"peer {module!r} not installed")
+
+
+@pytest.fixture(scope="module")
+def torch():
+    """torch for the PEFT peer tests: PEFT importable too, the pinned version, a fixed seed."""
+    torch = require_peer("torch")
+    require_peer("peft")
+    assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
+    torch.manual_seed(0)
+    return torch

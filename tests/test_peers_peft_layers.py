@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import require_peer
 from lora_ref import dora
 from lora_ref.adapter import load_adapter, save_adapter
 from lora_ref.conv import ConvDelta, ConvGeometry, ConvOps
@@ -45,14 +44,6 @@ LOG = ErrorLog("Layers vs PEFT 0.21.2 / torch 2.13.0")
 def _print_errors(request: pytest.FixtureRequest):
     yield
     LOG.print(request)
-
-
-@pytest.fixture(scope="module")
-def torch():
-    torch = require_peer("torch")
-    require_peer("peft")
-    torch.manual_seed(0)
-    return torch
 
 
 def modules(nn):

@@ -41,14 +41,6 @@ def _print_errors(request: pytest.FixtureRequest):
     LOG.print(request)
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = require_peer("torch")
-    require_peer("peft")
-    assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
-    return torch
-
-
 def peer_bound(y: np.ndarray, magnitude: np.ndarray, k: int) -> np.ndarray:
     """γ_K(u32)·M + u32·|y| + 2·γ_K(u64)·M + η32/2 (module doc)."""
     return gamma(k, U32) * magnitude + U32 * np.abs(y) + 2 * gamma(k + 2, U64) * magnitude + ETA32 / 2
