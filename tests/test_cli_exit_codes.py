@@ -1,4 +1,4 @@
-"""The CLI's exit codes and messages (README, section hardening; lora_ref/cli/__init__.py).
+"""The CLI's exit codes and messages (docs/hardening.md; lora_ref/cli/__init__.py).
 
 0 ok; 1 a check failed (conformance); 2 user error: a LoraRefError or bad arguments, one line on
 stderr starting ``lora-ref: error:``; 3 internal error (a bug): one line naming the exception and
