@@ -5,6 +5,9 @@ Each command group lives in its own module with ``register(subparsers)``; add ne
 (a LoraRefError, printed on one line), 3 internal error (``--verbose`` shows the traceback),
 130 interrupted (Ctrl-C; 128 + SIGINT, the shell convention). Messages are always one line:
 a newline inside one (from a file name, say) is printed as ``\n``.
+
+The global options ``--verbose`` and ``--quiet`` may stand before or after the subcommand
+(``lora-ref --quiet merge ...`` and ``lora-ref merge ... --quiet`` mean the same).
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import importlib
 import sys
 import traceback
 
+from .. import __version__
 from ..errors import LoraRefError
 
 COMMAND_MODULES = ["inspect_cmd", "merge_cmd", "demo_cmd", "combine_cmd", "export_cmd", "conformance_cmd"]
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+GLOBAL_FLAGS = {"--verbose": "verbose", "--quiet": "quiet"}
 
 
 def one_line(message: object) -> str:
@@ -26,23 +31,51 @@ def one_line(message: object) -> str:
     return str(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default (unless it is unset or its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    """One-line usage errors, and every option's default shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse would exit 2 with usage; keep it one line
         self.exit(EXIT_USER_ERROR, f"lora-ref: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-ref", description="Reference LoRA: inspect, merge, unmerge, export, conformance.")
-    parser.add_argument("--verbose", action="store_true", help="print a traceback on errors")
+    parser.add_argument("--version", action="version", version=f"lora-ref {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="print a traceback on errors (before or after the subcommand)")
+    parser.add_argument("--quiet", action="store_true", help="print only errors and results a script needs (before or after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 
+def split_global_flags(argv: list[str]) -> tuple[list[str], set[str]]:
+    """``argv`` without the global flags (anywhere before a ``--``), and the flags' names found."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    found = {GLOBAL_FLAGS[token] for token in argv[:end] if token in GLOBAL_FLAGS}
+    return [token for token in argv[:end] if token not in GLOBAL_FLAGS] + argv[end:], found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    rest, flags = split_global_flags(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(rest)
+    for flag in flags:
+        setattr(args, flag, True)
     try:
         code = args.func(args)
         return EXIT_OK if code is None else int(code)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "linear (PEFT-compatible, with cross terms)")
     p.add_argument("adapters", nargs="+", help="PEFT adapter directories")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: all 1)")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="cat: exact (ranks add up); svd: best rank --rank approximation; linear: PEFT's weighted sum")
     p.add_argument("--rank", type=int, help="target rank for svd (default: the largest source rank)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
                    help="stored dtype (default: the first adapter's)")

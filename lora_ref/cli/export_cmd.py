@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write an ONNX graph with LoRA adapters: merged, dynamic or batched")
     p.add_argument("model", help="base ONNX model (e.g. from torch.onnx.export(..., dynamo=True))")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories (batched: bank order)")
-    p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"])
+    p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"],
+                   help="merged: weights replaced; dynamic: adapters fed as inputs; batched: adapter banks + per-row adapter_index")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--base-weights", help="base .safetensors: find weights by value when names and metadata do not")
     p.add_argument("--adapter-out", help="dynamic mode: write one <adapter>.onnx_adapter per adapter into this directory")
