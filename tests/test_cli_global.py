@@ -57,3 +57,26 @@ def test_every_option_has_help_text() -> None:
                for action in parser._actions
                if not isinstance(action, (argparse._SubParsersAction, argparse._HelpAction)) and not action.help]
     assert not missing, f"options without help text: {missing}"
+
+
+def test_a_closed_output_pipe_is_not_an_internal_error(tmp_path) -> None:
+    """``lora-ref conformance list | head -1``: the reader leaves early; exit 2, one line, no traceback.
+
+    The reader here closes its end before anything is written, so the first write fails (a real
+    ``head`` may leave after the output already fits in the pipe's buffer, which proves nothing).
+    """
+    script = f"{sys.executable} -m lora_ref conformance list | (exec 0<&-; sleep 1); echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "2", done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1 and "pipe" in done.stderr
+
+
+def test_a_missing_optional_package_names_the_extra(tmp_path) -> None:
+    """Hide onnx from the interpreter: `export` says which pip extra installs it (exit 2), not 'internal error'."""
+    hider = tmp_path / "sitecustomize.py"
+    hider.write_text("import sys\nsys.modules['onnx'] = None\n")  # makes `import onnx` raise ModuleNotFoundError
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "lora_ref", "export", "m.onnx", "a", "--mode", "merged", "-o", "o.onnx"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'lora-ref[export]'" in done.stderr and "Traceback" not in done.stderr

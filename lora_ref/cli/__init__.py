@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
@@ -24,6 +25,8 @@ COMMAND_MODULES = ["inspect_cmd", "merge_cmd", "demo_cmd", "combine_cmd", "expor
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 GLOBAL_FLAGS = {"--verbose": "verbose", "--quiet": "quiet"}
+# optional dependencies -> the extra that installs them (a missing one is a set-up mistake, not a bug)
+OPTIONAL_EXTRAS = {"onnx": "export", "onnxruntime": "export", "onnxscript": "peers", "torch": "peers", "peft": "peers"}
 
 
 def one_line(message: object) -> str:
@@ -87,9 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-ref: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: say so plainly
+    except BrokenPipeError:  # the reader went away (`lora-ref inspect --json | head -1`): not a bug
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        print("lora-ref: error: output pipe closed before the output was written", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in OPTIONAL_EXTRAS:
+            return _internal_error(exc, args.verbose)
         if args.verbose:
             traceback.print_exc()
-        print(f"lora-ref: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --verbose for a traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
+        print(f"lora-ref: error: this command needs the optional package {top!r}: "
+              f"pip install 'lora-ref[{OPTIONAL_EXTRAS[top]}]'", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a bug: say so plainly
+        return _internal_error(exc, args.verbose)
+
+
+def _internal_error(exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"lora-ref: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --verbose for a traceback)",
+          file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
