@@ -9,7 +9,7 @@ Imports onnx and onnxruntime; the NumPy core (``lora_ref``) never imports this p
                     adapter_out="adapters/")
     session = open_session("model.lora.onnx", providers=["cuda", "cpu"])
     print(session.describe())                       # which provider runs the nodes
-    adapter = session.load_adapter("adapters/default.onnx_adapter")
+    adapter = session.load_adapter("adapters/my_adapter.onnx_adapter")
     logits = session.run({"input_ids": ids}, adapter)
 """
 

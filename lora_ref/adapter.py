@@ -163,9 +163,15 @@ def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapt
     return modules, extra
 
 
-def load_adapter(directory: str | Path, name: str = "default") -> Adapter:
-    """Read a PEFT adapter directory (config + safetensors). Pickled weights are refused."""
+def load_adapter(directory: str | Path, name: str | None = None) -> Adapter:
+    """Read a PEFT adapter directory (config + safetensors). Pickled weights are refused.
+
+    ``name`` defaults to the directory's own name, so two adapters loaded from two folders
+    never share a name (in a ledger, a cache, an export's adapter files).
+    """
     directory = Path(directory)
+    if name is None:
+        name = directory.resolve().name or "default"
     if not directory.is_dir():
         raise FileFormatError(f"{directory}: not an adapter directory")
     weights = directory / WEIGHTS_NAME

@@ -86,3 +86,24 @@ def test_document_blocks_run(document: Path, tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # a block may write a module and import it, as a user would
     run_document(document, tmp_path)
+
+
+def test_the_package_docstring_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lora_ref/__init__``'s map of the public API: every example runs and prints what it shows."""
+    import doctest
+
+    import lora_ref
+
+    monkeypatch.chdir(tmp_path)
+    failures, tried = doctest.testmod(lora_ref, verbose=False, report=True)
+    assert tried > 10 and failures == 0
+
+
+def test_the_package_map_names_every_public_entry() -> None:
+    """Each name in ``lora_ref.__all__`` is importable, and each is used in the map's examples."""
+    import lora_ref
+
+    missing = [name for name in lora_ref.__all__ if not hasattr(lora_ref, name)]
+    assert not missing
+    unused = [name for name in lora_ref.__all__ if name not in lora_ref.__doc__ and name[0].islower()]
+    assert not unused, f"public functions without an example in lora_ref/__init__: {unused}"
