@@ -24,13 +24,7 @@ import onnx
 from onnx import helper
 
 from lora_ref.dtypes import UNIT_ROUNDOFF
-
-
-def gamma(n: int, u: float) -> float:
-    """γ_n = n u / (1 - n u); requires n u < 1."""
-    if n * u >= 1:
-        raise ValueError(f"gamma_{n} undefined for u={u}")
-    return n * u / (1 - n * u)
+from lora_ref.numerics import gamma
 
 
 def site_bound(x: np.ndarray, W: np.ndarray, *, A: np.ndarray | None = None, B: np.ndarray | None = None,

@@ -26,6 +26,7 @@ from .config import LoraConfig
 from .dora import check_magnitude
 from .dtypes import check_float_array
 from .errors import ConfigError, FileFormatError, ShapeError, UnsafeFileError
+from .kinds import KindName, kind_for_tensors, kind_of
 from .safetensors_io import load_file, save_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,8 +53,8 @@ _PART_FIELD = {
 class LoraModule:
     """The trained tensors of one adapted module.
 
-    ``kind`` is ``"linear"`` (A 2-D from ``lora_A``), ``"embedding"`` (``lora_embedding_*``)
-    or ``"conv"`` (A with kernel axes).
+    ``kind`` names its layer kind in :mod:`lora_ref.kinds` (``"linear"``: A 2-D from ``lora_A``;
+    ``"embedding"``: ``lora_embedding_*``; ``"conv"``: A with kernel axes).
     """
 
     name: str
@@ -61,7 +62,7 @@ class LoraModule:
     B: np.ndarray
     lora_bias: np.ndarray | None = None
     magnitude: np.ndarray | None = None
-    kind: str = "linear"
+    kind: KindName = "linear"
 
     @property
     def rank(self) -> int:
@@ -75,10 +76,8 @@ class LoraModule:
     def peft_keys(self) -> dict[str, np.ndarray]:
         """This module's tensors under PEFT's checkpoint keys."""
         base = PREFIX + self.name
-        if self.kind == "embedding":
-            keys = {f"{base}.lora_embedding_A": self.A, f"{base}.lora_embedding_B": self.B}
-        else:
-            keys = {f"{base}.lora_A.weight": self.A, f"{base}.lora_B.weight": self.B}
+        part_A, part_B = kind_of(self.kind).peft_parts
+        keys = {f"{base}.{part_A}": self.A, f"{base}.{part_B}": self.B}
         if self.lora_bias is not None:
             keys[f"{base}.lora_B.bias"] = self.lora_bias
         if self.magnitude is not None:
@@ -141,7 +140,7 @@ def validate_module(module: LoraModule, config: LoraConfig) -> None:
 def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapter") -> tuple[dict[str, LoraModule], dict[str, np.ndarray]]:
     """Group PEFT checkpoint keys into LoraModules; return (modules, uninterpreted tensors)."""
     parts: dict[str, dict[str, np.ndarray]] = {}
-    kinds: dict[str, str] = {}
+    key_parts: dict[str, set[str]] = {}
     extra: dict[str, np.ndarray] = {}
     for key, array in tensors.items():
         match = _KEY.match(key)
@@ -149,8 +148,7 @@ def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapt
             extra[key] = array
             continue
         module, part = match["module"], match["part"]
-        if part.startswith("lora_embedding"):
-            kinds[module] = "embedding"
+        key_parts.setdefault(module, set()).add(part)
         parts.setdefault(module, {})[_PART_FIELD[part]] = array
     modules = {}
     for name, fields_ in parts.items():
@@ -158,8 +156,8 @@ def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapt
         if missing:
             label = {"A": "lora_A", "B": "lora_B"}
             raise FileFormatError(f"{source}: module {name!r} has no {' or '.join(label[m] for m in missing)} tensor")
-        kind = kinds.get(name) or ("conv" if fields_["A"].ndim > 2 else "linear")
-        modules[name] = LoraModule(name=name, kind=kind, **fields_)
+        kind = kind_for_tensors(key_parts[name], fields_["A"].ndim)
+        modules[name] = LoraModule(name=name, kind=kind.name, **fields_)
     return modules, extra
 
 

@@ -34,14 +34,18 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
 from .adapter import Adapter, LoraModule
 from .dtypes import float64, resolve_dtype, round_to
 from .errors import ConfigError, ShapeError
+from .kinds import kind_of
 
-METHODS = ("cat", "svd", "linear")
+#: PEFT's ``combination_type`` values this module implements (module doc).
+Method = Literal["cat", "svd", "linear"]
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class ModuleReport:
 @dataclass
 class CombineResult:
     adapter: Adapter
-    method: str
+    method: Method
     weights: tuple[float, ...]
     modules: dict[str, ModuleReport] = field(default_factory=dict)
 
@@ -96,7 +100,7 @@ def factored_frobenius(left: np.ndarray, right: np.ndarray) -> float:
 def combine(
     adapters: Sequence[Adapter],
     weights: Sequence[float],
-    method: str,
+    method: Method,
     *,
     rank: int | None = None,
     name: str = "combined",
@@ -180,7 +184,7 @@ def _truncated_svd(B_cat: np.ndarray, A_cat: np.ndarray, k: int) -> tuple[np.nda
     return A, B, sigma
 
 
-def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float], method: str, rank: int | None) -> list[float]:
+def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float], method: Method, rank: int | None) -> list[float]:
     if method not in METHODS:
         raise ConfigError(f"unknown combination method {method!r}; expected one of {', '.join(METHODS)}")
     if not adapters:
@@ -202,7 +206,7 @@ def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float], method:
         if adapter.config.use_dora:
             raise ConfigError(f"adapter {adapter.name!r} uses DoRA; combining DoRA adapters is not defined here")
         for module in adapter.modules.values():
-            if module.kind != "linear" or module.lora_bias is not None or module.magnitude is not None:
+            if not kind_of(module.kind).composable or module.lora_bias is not None or module.magnitude is not None:
                 raise ConfigError(f"{module.name} in adapter {adapter.name!r}: only plain Linear LoRA modules can be combined")
     return weights
 

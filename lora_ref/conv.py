@@ -24,7 +24,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .dtypes import check_float_array, float64, resolve_dtype, round_to
 from .errors import ConfigError, ShapeError
-from .linear import LoraGrads, rank_one_sum
+from .kinds import ExportFacts, Kind, register
+from .linear import LoraGrads
+from .numerics import check_mask, rank_one_sum, wide, wide_vector
 
 #: torch padding_mode -> numpy.pad mode (``zeros`` pads with a constant 0).
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -96,11 +98,6 @@ def check_conv_shapes(W_shape: tuple[int, ...], A: np.ndarray, B: np.ndarray, mo
     return out_ch, in_ch, A.shape[0]
 
 
-def _wide(array: np.ndarray, what: str) -> np.ndarray:
-    check_float_array(array, what)
-    return np.asarray(array).astype(float64)
-
-
 class ConvOps:
     """The float64 linear maps of one conv LoRA layer and their vector-Jacobian products.
 
@@ -113,9 +110,9 @@ class ConvOps:
     def __init__(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, geometry: ConvGeometry, module: str = "") -> None:
         geometry.check(module)
         self.out_ch, self.in_ch, self.rank = check_conv_shapes(np.shape(W), np.asarray(A), np.asarray(B), module)
-        self.W = _wide(W, "W")
-        self.A = _wide(A, "lora_A")
-        self.B2 = _wide(B, "lora_B").reshape(self.out_ch, self.rank)
+        self.W = wide(W, "W")
+        self.A = wide(A, "lora_A")
+        self.B2 = wide(B, "lora_B").reshape(self.out_ch, self.rank)
         self.scale = float(scale)
         self.geometry = geometry
         self.kernel = tuple(np.shape(W)[2:])
@@ -125,9 +122,10 @@ class ConvOps:
         self.pads = geometry.pads(self.kernel)
 
     # -- convolution primitives --------------------------------------------------------------
-    def check_input(self, x: np.ndarray) -> None:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != len(self.kernel) + 2 or x.shape[1] != self.in_ch:
             raise ShapeError(f"x has shape {x.shape}; expected [N, {self.in_ch}, *spatial] with {len(self.kernel)} spatial axes")
+        return x
 
     def _windows(self, x64: np.ndarray) -> np.ndarray:
         """[N, C, *out, *k]: the input patch each output position sees (padding applied)."""
@@ -205,24 +203,8 @@ class ConvOps:
         return dx, dA, dB.reshape((self.out_ch, self.rank) + (1,) * len(self.kernel))
 
 
-def _vector(v: np.ndarray, length: int, what: str) -> np.ndarray:
-    v64 = _wide(v, what)
-    if v64.shape != (length,):
-        raise ShapeError(f"{what} has shape {v64.shape}, expected ({length},)")
-    return v64
-
-
 def _channel(v64: np.ndarray, ndim: int) -> np.ndarray:
     return v64.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def _mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    if mask is None:
-        return None
-    mask64 = np.asarray(mask, dtype=float64)
-    if mask64.shape != shape:
-        raise ShapeError(f"dropout mask has shape {mask64.shape}, expected {shape}")
-    return mask64
 
 
 def forward(
@@ -240,14 +222,14 @@ def forward(
 ) -> np.ndarray:
     """y = conv(x, W) + b + s conv₁ₓ₁(conv(x ∘ mask, A), B) + s lora_bias, rounded once."""
     ops = ConvOps(W, A, B, scale, geometry)
-    x64 = _wide(x, "x")
+    x64 = wide(x, "x")
     ops.check_input(x64)
-    mask = _mask(dropout_mask, x64.shape)
+    mask = check_mask(dropout_mask, x64.shape)
     y = ops.base(x64) + ops.lora(x64 if mask is None else x64 * mask)
     if bias is not None:
-        y = y + _channel(_vector(bias, ops.out_ch, "bias"), y.ndim)
+        y = y + _channel(wide_vector(bias, ops.out_ch, "bias"), y.ndim)
     if lora_bias is not None:
-        y = y + scale * _channel(_vector(lora_bias, ops.out_ch, "lora_bias"), y.ndim)
+        y = y + scale * _channel(wide_vector(lora_bias, ops.out_ch, "lora_bias"), y.ndim)
     return round_to(y, resolve_dtype(out_dtype) if out_dtype is not None else np.asarray(x).dtype)
 
 
@@ -270,9 +252,9 @@ def backward(
         db = Σ_{n,pos} dY   dlora_bias = s db
     """
     ops = ConvOps(W, A, B, scale, geometry)
-    x64, dy64 = _wide(x, "x"), _wide(dy, "dy")
+    x64, dy64 = wide(x, "x"), wide(dy, "dy")
     ops.check_input(x64)
-    mask = _mask(dropout_mask, x64.shape)
+    mask = check_mask(dropout_mask, x64.shape)
     expected = ops.base(np.zeros((1,) + x64.shape[1:])).shape[2:]
     if dy64.shape != (x64.shape[0], ops.out_ch) + expected:
         raise ShapeError(f"dy has shape {dy64.shape}, expected {(x64.shape[0], ops.out_ch) + expected}")
@@ -299,8 +281,6 @@ class ConvDelta:
     increasing j, no BLAS), so Δ is bit-reproducible; the 1x1 and kxk cases are one formula.
     """
 
-    kind = "conv"
-
     def __init__(self, A: np.ndarray, B: np.ndarray, scale: float, *, module: str = "") -> None:
         check_float_array(A, f"{module} lora_A".strip())
         check_float_array(B, f"{module} lora_B".strip())
@@ -323,3 +303,31 @@ class ConvDelta:
 
     def full(self) -> np.ndarray:
         return self.block(slice(None))
+
+
+class ConvKind(Kind):
+    """Conv1d / Conv2d / Conv3d (groups = 1): W [O, C, *k], A [r, C, *k], B [O, r, 1...]."""
+
+    name = "conv"
+    label = "Conv"
+    kernel_axes = True
+    export = ExportFacts(ops=("Conv",), weight_input=1, weight_ranks=(3, 4, 5), transposable=False,
+                         form="Conv with group=1", lora_a_op="Conv", factor_layout="kernel")
+
+    def check_shapes(self, W_shape, A, B, *, fan_in_fan_out=False, module=""):
+        return check_conv_shapes(W_shape, np.asarray(A), np.asarray(B), module)
+
+    def lora_shapes(self, W_shape, r, *, fan_in_fan_out=False):
+        if len(W_shape) not in (3, 4, 5):
+            raise ShapeError(f"conv weight must have 3-5 axes, got {W_shape}")
+        return (r,) + tuple(W_shape[1:]), (W_shape[0], r) + (1,) * (len(W_shape) - 2)
+
+    def delta(self, A, B, scale, *, fan_in_fan_out=False, module=""):
+        return ConvDelta(A, B, scale, module=module)
+
+    def ops(self, W, A, B, scale, *, fan_in_fan_out=False, geometry=None, padding_idx=None, module=""):
+        self.refuse_options(module, padding_idx=padding_idx)
+        return ConvOps(W, A, B, scale, geometry or ConvGeometry(), module)
+
+
+CONV = register(ConvKind())

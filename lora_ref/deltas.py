@@ -1,15 +1,12 @@
-"""Pick the delta source for one adapted module, by layer kind (linear, embedding, conv) and DoRA."""
+"""Pick the delta source for one adapted module: its layer kind's (:mod:`lora_ref.kinds`), and DoRA's."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .adapter import Adapter
-from .conv import ConvDelta
-from .dora import DoraDelta, DoraNormMissingError, dora_axis, dora_delta
-from .embedding import EmbeddingDelta
-from .errors import LoraRefError
-from .linear import LinearDelta
+from .dora import DoraDelta, DoraNormMissingError, dora_delta
+from .kinds import kind_of
 from .merge import DeltaSource
 
 
@@ -20,19 +17,12 @@ def delta_for(adapter: Adapter, module: str, *, base: np.ndarray | None = None, 
     ``base`` weight to merge (n is computed from it), or the cached ``norm`` n to unmerge.
     """
     lora = adapter.modules[module]
-    scale = adapter.scale_for(module)
     fan_in_fan_out = adapter.config.fan_in_fan_out
-    if lora.kind == "linear":
-        source: DeltaSource = LinearDelta(lora.A, lora.B, scale, fan_in_fan_out=fan_in_fan_out, module=module)
-    elif lora.kind == "embedding":
-        source = EmbeddingDelta(lora.A, lora.B, scale, module=module)
-    elif lora.kind == "conv":
-        source = ConvDelta(lora.A, lora.B, scale, module=module)
-    else:
-        raise LoraRefError(f"{module}: unknown LoRA layer kind {lora.kind!r}")
+    kind = kind_of(lora.kind)
+    source = kind.delta(lora.A, lora.B, adapter.scale_for(module), fan_in_fan_out=fan_in_fan_out, module=module)
     if lora.magnitude is None:
         return source
-    axis = dora_axis(lora.kind, fan_in_fan_out)
+    axis = kind.dora_axis(fan_in_fan_out)
     if norm is not None:
         return DoraDelta(source, lora.magnitude, norm, axis)
     if base is not None:

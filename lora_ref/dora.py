@@ -21,75 +21,18 @@ the residual's checksum covers m and n, so exact unmerge needs the n that merge 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from .conv import ConvDelta, ConvGeometry, ConvOps
 from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, check_float_array, float64, resolve_dtype, round_to
-from .embedding import EmbeddingDelta, EmbeddingOps
 from .errors import ConfigError, MergeStateError, ShapeError
-from .linear import check_lora_shapes
-from .merge import BLOCK_BYTES, DeltaSource, _row_slices, block_rows
+from .kinds import Kind, KindName, LayerOps, kind_of
+from .merge import BLOCK_BYTES, DeltaSource, block_rows, row_slices
+from .numerics import check_mask, wide
 
 
 class DoraNormMissingError(MergeStateError):
     """A DoRA merge/unmerge lacks the weight norm n (unmerge cannot recover it from W')."""
-
-
-def dora_axis(kind: str, fan_in_fan_out: bool = False) -> int:
-    """The output-channel axis of a stored base weight: what m indexes and n is not taken over."""
-    if kind == "embedding":
-        return 1  # W [num_embeddings, embedding_dim]: m per embedding dimension
-    if kind == "linear" and fan_in_fan_out:
-        return 1  # W stored [in, out]
-    return 0  # Linear [out, in], Conv [out, in, *k]
-
-
-class LayerOps(Protocol):
-    """What DoRA needs from a layer kind (see :class:`lora_ref.conv.ConvOps`)."""
-
-    channel_axis: int
-
-    def base(self, x: np.ndarray) -> np.ndarray: ...
-    def base_vjp(self, x: np.ndarray, dY: np.ndarray) -> np.ndarray | None: ...
-    def lora(self, x: np.ndarray) -> np.ndarray: ...
-    def lora_vjp(self, x: np.ndarray, dY: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]: ...
-
-
-class LinearOps:
-    """Linear's float64 maps: base(x) = x Wᵀ, lora(x) = s (x Aᵀ) Bᵀ; W taken as [out, in]."""
-
-    channel_axis = -1
-
-    def __init__(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *, fan_in_fan_out: bool = False, module: str = "") -> None:
-        check_lora_shapes(np.shape(W), np.asarray(A), np.asarray(B), fan_in_fan_out=fan_in_fan_out, module=module)
-        for array, what in ((W, "W"), (A, "lora_A"), (B, "lora_B")):
-            check_float_array(array, f"{module} {what}".strip())
-        W64 = np.asarray(W).astype(float64)
-        self.W = W64.T if fan_in_fan_out else W64
-        self.A, self.B = np.asarray(A).astype(float64), np.asarray(B).astype(float64)
-        self.scale = float(scale)
-
-    def check_input(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[-1:] != (self.W.shape[1],):
-            raise ShapeError(f"x has shape {x.shape}; its last axis must be in_features={self.W.shape[1]}")
-        return x
-
-    def base(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.W.T
-
-    def base_vjp(self, x: np.ndarray, dY: np.ndarray) -> np.ndarray:
-        return dY @ self.W
-
-    def lora(self, x: np.ndarray) -> np.ndarray:
-        return self.scale * ((x @ self.A.T) @ self.B.T)
-
-    def lora_vjp(self, x: np.ndarray, dY: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        X, dY2 = x.reshape(-1, x.shape[-1]), dY.reshape(-1, dY.shape[-1])
-        d_hidden = self.scale * (dY2 @ self.B)
-        dB = self.scale * (dY2.T @ (X @ self.A.T))
-        return (d_hidden @ self.A).reshape(x.shape), d_hidden.T @ X, dB
 
 
 def check_magnitude(magnitude: np.ndarray, channels: int, module: str = "") -> np.ndarray:
@@ -117,7 +60,7 @@ def weight_norm(W: np.ndarray, delta: DeltaSource, axis: int, *, block_bytes: in
     if axis not in (0, 1):
         raise ShapeError(f"{delta.module}: DoRA channel axis must be 0 or 1, got {axis}")
     sums = np.zeros(W.shape[axis], dtype=float64)
-    for rows in _row_slices(W.shape[0], block_rows(W.shape, block_bytes)):
+    for rows in row_slices(W.shape[0], block_rows(W.shape, block_bytes)):
         V = np.asarray(W[rows], dtype=float64) + delta.block(rows)
         squares = (V * V).reshape(V.shape[0], -1) if axis == 0 else (V * V).reshape(V.shape[0], V.shape[1], -1)
         if axis == 0:
@@ -135,8 +78,6 @@ class DoraDelta:
     fan_in_fan_out Linear columns). ``norm`` is n, computed from the *unmerged* W (see
     :func:`dora_delta`) and needed again for unmerge.
     """
-
-    kind = "dora"
 
     def __init__(self, lora: DeltaSource, magnitude: np.ndarray, norm: np.ndarray, axis: int) -> None:
         self.lora = lora
@@ -215,32 +156,27 @@ class DoraGrads:
 
 
 class Dora:
-    """One DoRA layer: a kind's :class:`LayerOps`, its ΔW and m, with g = m / n fixed at build.
+    """One DoRA layer: a kind's :class:`~lora_ref.kinds.LayerOps`, its m and n, with g = m / n fixed at build.
 
-    Build with :func:`linear`, :func:`conv` or :func:`embedding` below. ``V`` is W + ΔW in
-    float64 (in the ops' orientation) and ``W_axis`` its output-channel axis.
+    Build with :func:`build` (any registered kind) or its spellings :func:`linear`, :func:`conv`,
+    :func:`embedding`. ``n`` is :func:`weight_norm` of the unmerged W, the norm merge uses too.
     """
 
-    def __init__(self, ops: LayerOps, V: np.ndarray, W_axis: int, magnitude: np.ndarray, weight_dtype: np.dtype, *,
+    def __init__(self, ops: LayerOps, n: np.ndarray, magnitude: np.ndarray, weight_dtype: np.dtype, *,
                  dropout_ok: bool = True, module: str = "") -> None:
         self.ops = ops
         self.module = module
         self.weight_dtype = weight_dtype
         self.magnitude_shape = np.shape(magnitude)
         self.magnitude_dtype = np.asarray(magnitude).dtype
-        self.n = np.sqrt((V * V).sum(axis=tuple(i for i in range(V.ndim) if i != W_axis)))
+        self.n = np.asarray(n, dtype=float64)
         self.g = check_magnitude(magnitude, self.n.size, module) / self.n
         self.dropout_ok = dropout_ok
 
     def _mask(self, x64: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
-        if mask is None:
-            return None
-        if not self.dropout_ok:
+        if mask is not None and not self.dropout_ok:
             raise ConfigError(f"{self.module or 'embedding'}: embeddings take no dropout (PEFT applies none)")
-        mask64 = np.asarray(mask, dtype=float64)
-        if mask64.shape != x64.shape:
-            raise ShapeError(f"dropout mask has shape {mask64.shape}, expected {x64.shape}")
-        return mask64
+        return check_mask(mask, x64.shape)
 
     def _g(self, ndim: int) -> np.ndarray:
         return _along(self.g, ndim, self.ops.channel_axis)
@@ -292,31 +228,36 @@ def _round_grads(layer: Dora, x: np.ndarray, A: np.ndarray, B: np.ndarray, grads
     )
 
 
+def build(kind: KindName | Kind, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *,
+          fan_in_fan_out: bool = False, geometry=None, padding_idx: int | None = None, module: str = "") -> Dora:
+    """DoRA on a layer of any registered kind: the kind's ops, n = :func:`weight_norm` of W + ΔW
+    over every stored axis but the kind's DoRA axis, and m (one entry per output channel)."""
+    k = kind_of(kind)
+    ops = k.ops(W, A, B, scale, fan_in_fan_out=fan_in_fan_out, geometry=geometry, padding_idx=padding_idx, module=module)
+    n = weight_norm(W, k.delta(A, B, scale, fan_in_fan_out=fan_in_fan_out, module=module), k.dora_axis(fan_in_fan_out))
+    return Dora(ops, n, magnitude, np.asarray(W).dtype, dropout_ok=k.dropout, module=module)
+
+
 def linear(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *, fan_in_fan_out: bool = False, module: str = "") -> Dora:
     """DoRA on a Linear layer (m: [out], n over the input axis)."""
-    ops = LinearOps(W, A, B, scale, fan_in_fan_out=fan_in_fan_out, module=module)
-    return Dora(ops, ops.W + scale * (ops.B @ ops.A), 0, magnitude, np.asarray(W).dtype, module=module)
+    return build("linear", W, A, B, scale, magnitude, fan_in_fan_out=fan_in_fan_out, module=module)
 
 
 def conv(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *,
-         geometry: ConvGeometry | None = None, module: str = "") -> Dora:
+         geometry=None, module: str = "") -> Dora:
     """DoRA on a Conv layer (m: [O] or PEFT's [1, O, 1...], n over (in, *k))."""
-    ops = ConvOps(W, A, B, scale, geometry or ConvGeometry(), module)
-    return Dora(ops, ops.W + ConvDelta(A, B, scale, module=module).full(), 0, magnitude, np.asarray(W).dtype, module=module)
+    return build("conv", W, A, B, scale, magnitude, geometry=geometry, module=module)
 
 
 def embedding(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, magnitude: np.ndarray, *, padding_idx: int | None = None, module: str = "") -> Dora:
     """DoRA on an Embedding layer (m: [D], n over the vocabulary axis; no dropout)."""
-    ops = EmbeddingOps(W, A, B, scale, padding_idx=padding_idx, module=module)
-    return Dora(ops, ops.W + EmbeddingDelta(A, B, scale, module=module).full(), 1, magnitude, np.asarray(W).dtype,
-                dropout_ok=False, module=module)
+    return build("embedding", W, A, B, scale, magnitude, padding_idx=padding_idx, module=module)
 
 
 def _input(layer: Dora, x: np.ndarray) -> np.ndarray:
     if np.asarray(x).dtype.kind in "iu":  # embedding ids
         return layer.ops.check_input(x)  # type: ignore[attr-defined]
-    check_float_array(x, "x")
-    x64 = np.asarray(x).astype(float64)
+    x64 = wide(x, "x")
     layer.ops.check_input(x64)  # type: ignore[attr-defined]
     return x64
 
@@ -337,8 +278,7 @@ def backward(layer: Dora, x: np.ndarray, dy: np.ndarray, A: np.ndarray, B: np.nd
         dm_c = Σ_{all but c} dY ∘ (base(x̃) + lora(x̃)) / n_c          db_c = Σ_{all but c} dY
     """
     x_in = _input(layer, x)
-    check_float_array(dy, "dy")
-    dy64 = np.asarray(dy).astype(float64)
+    dy64 = wide(dy, "dy")
     expected = layer.ops.base(x_in).shape
     if dy64.shape != expected:
         raise ShapeError(f"{layer.module or 'dora'}: dy has shape {dy64.shape}, expected {expected}")

@@ -20,7 +20,8 @@ import numpy as np
 
 from .dtypes import check_float_array, float64, resolve_dtype, round_to
 from .errors import DTypeError, ShapeError
-from .linear import rank_one_sum
+from .kinds import ExportFacts, Kind, register
+from .numerics import rank_one_sum, wide
 
 
 class EmbeddingIndexError(ShapeError):
@@ -54,11 +55,6 @@ def check_ids(ids: np.ndarray, num_embeddings: int, module: str = "") -> np.ndar
     return ids.astype(np.int64)
 
 
-def _wide(array: np.ndarray, what: str) -> np.ndarray:
-    check_float_array(array, what)
-    return np.asarray(array).astype(float64)
-
-
 class EmbeddingOps:
     """The float64 maps of one embedding LoRA layer and their vector-Jacobian products.
 
@@ -70,7 +66,7 @@ class EmbeddingOps:
 
     def __init__(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *, padding_idx: int | None = None, module: str = "") -> None:
         self.V, self.D, self.rank = check_embedding_shapes(np.shape(W), np.asarray(A), np.asarray(B), module)
-        self.W, self.A, self.B = _wide(W, "W"), _wide(A, "lora_embedding_A"), _wide(B, "lora_embedding_B")
+        self.W, self.A, self.B = wide(W, "W"), wide(A, "lora_embedding_A"), wide(B, "lora_embedding_B")
         self.scale = float(scale)
         self.module = module
         if padding_idx is not None and not -self.V <= padding_idx < self.V:
@@ -153,7 +149,7 @@ def backward(
     """
     ops = EmbeddingOps(W, A, B, scale, padding_idx=padding_idx, module=module)
     ids = ops.check_input(ids)
-    dy64 = _wide(dy, "dy")
+    dy64 = wide(dy, "dy")
     if dy64.shape != ids.shape + (ops.D,):
         raise ShapeError(f"{module or 'embedding'}: dy has shape {dy64.shape}, expected {ids.shape + (ops.D,)}")
     _, dA, dB = ops.lora_vjp(ids, dy64)
@@ -163,8 +159,6 @@ def backward(
 
 class EmbeddingDelta:
     """ΔW = s Aᵀ Bᵀ [V, D] in row blocks over V (SPEC 4.1), rank-one terms in increasing j."""
-
-    kind = "embedding"
 
     def __init__(self, A: np.ndarray, B: np.ndarray, scale: float, *, module: str = "") -> None:
         check_float_array(A, f"{module} lora_embedding_A".strip())
@@ -185,3 +179,41 @@ class EmbeddingDelta:
 
     def full(self) -> np.ndarray:
         return self.block(slice(None))
+
+
+class EmbeddingKind(Kind):
+    """Embedding (torch ``nn.Embedding``): W [V, D], PEFT's lora_embedding_A [r, V], lora_embedding_B [D, r]."""
+
+    name = "embedding"
+    label = "Embedding"
+    peft_parts = ("lora_embedding_A", "lora_embedding_B")
+    dropout = False  # PEFT applies none to embeddings
+    lora_bias = False
+    reversed_init = True
+    export = ExportFacts(ops=("Gather",), weight_input=0, weight_ranks=(2,), transposable=False,
+                         form="Gather along axis 0", lora_a_op="Gather", factor_layout="matrix")
+
+    def check_shapes(self, W_shape, A, B, *, fan_in_fan_out=False, module=""):
+        V, D, r = check_embedding_shapes(W_shape, np.asarray(A), np.asarray(B), module)
+        return D, V, r
+
+    def lora_shapes(self, W_shape, r, *, fan_in_fan_out=False):
+        if len(W_shape) != 2:
+            raise ShapeError(f"embedding weight must be 2-D, got {W_shape}")
+        return (r, W_shape[0]), (W_shape[1], r)
+
+    def delta(self, A, B, scale, *, fan_in_fan_out=False, module=""):
+        return EmbeddingDelta(A, B, scale, module=module)
+
+    def ops(self, W, A, B, scale, *, fan_in_fan_out=False, geometry=None, padding_idx=None, module=""):
+        self.refuse_options(module, geometry=geometry)
+        return EmbeddingOps(W, A, B, scale, padding_idx=padding_idx, module=module)
+
+    def dora_axis(self, fan_in_fan_out=False):
+        return 1  # W [num_embeddings, embedding_dim]: m per embedding dimension
+
+    def inner_length(self, W_shape):
+        return 0  # a lookup sums nothing
+
+
+EMBEDDING = register(EmbeddingKind())

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
 from .config import lora_scale
 from .dtypes import check_float_array, float32, float64, resolve_dtype, round_to
 from .errors import ConfigError, ShapeError
+from .kinds import Kind, KindName, kind_of
 
-METHODS = ("default", "gaussian", "pissa", "olora")
-KINDS = ("linear", "conv", "embedding")
+#: PEFT 0.21's init methods (``init_lora_weights``).
+Method = Literal["default", "gaussian", "pissa", "olora"]
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -62,31 +65,13 @@ def _draws(draws: np.ndarray | None, rng: np.random.Generator | int | None, shap
     return generator.standard_normal(shape) if normal else generator.random(shape)
 
 
-def lora_shapes(kind: str, weight_shape: tuple[int, ...], r: int, *, fan_in_fan_out: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(A's shape, B's shape) for a base weight of ``weight_shape``, in PEFT's layout."""
-    if kind == "linear":
-        if len(weight_shape) != 2:
-            raise ShapeError(f"Linear weight must be 2-D, got {weight_shape}")
-        out_f, in_f = (weight_shape[1], weight_shape[0]) if fan_in_fan_out else weight_shape
-        return (r, in_f), (out_f, r)
-    if kind == "conv":
-        if len(weight_shape) not in (3, 4, 5):
-            raise ShapeError(f"conv weight must have 3-5 axes, got {weight_shape}")
-        return (r,) + tuple(weight_shape[1:]), (weight_shape[0], r) + (1,) * (len(weight_shape) - 2)
-    if kind == "embedding":
-        if len(weight_shape) != 2:
-            raise ShapeError(f"embedding weight must be 2-D, got {weight_shape}")
-        return (r, weight_shape[0]), (weight_shape[1], r)
-    raise ConfigError(f"unknown layer kind {kind!r}; expected one of {KINDS}")
-
-
 def init_lora(
-    kind: str,
+    kind: KindName | Kind,
     weight: np.ndarray,
     r: int,
     lora_alpha: float,
     *,
-    method: str = "default",
+    method: Method = "default",
     use_rslora: bool = False,
     fan_in_fan_out: bool = False,
     draws: np.ndarray | None = None,
@@ -102,10 +87,12 @@ def init_lora(
         raise ConfigError(f"init method {method!r} is not supported; expected one of {METHODS}")
     dtype = resolve_dtype(dtype)
     scale = lora_scale(r, lora_alpha, use_rslora)
-    A_shape, B_shape = lora_shapes(kind, tuple(np.shape(weight)), r, fan_in_fan_out=fan_in_fan_out)
-    if kind == "embedding":  # PEFT: A = 0, B ~ N(0, 1), whatever the method string says
-        if method in ("pissa", "olora"):
-            raise ConfigError(f"init method {method!r} is defined for Linear layers only")
+    layer = kind_of(kind)
+    A_shape, B_shape = layer.lora_shapes(tuple(np.shape(weight)), r, fan_in_fan_out=fan_in_fan_out)
+    decomposition = method in ("pissa", "olora")
+    if decomposition and not layer.decomposition_init:
+        raise ConfigError(f"init method {method!r} is defined for Linear layers only (PEFT 0.21 rejects it on {layer.name})")
+    if layer.reversed_init:  # PEFT's embeddings: A = 0, B ~ N(0, 1), whatever the method string says
         N = _draws(draws, rng, B_shape, normal=True)
         return InitResult(np.zeros(A_shape, dtype), round_to(N, dtype))
     if method == "default":
@@ -116,8 +103,6 @@ def init_lora(
         N = _draws(draws, rng, A_shape, normal=True)
         sigma = float(round_to(np.float64(1.0 / r), dtype))
         return InitResult(round_to(N * sigma, dtype), np.zeros(B_shape, dtype))
-    if kind != "linear":
-        raise ConfigError(f"init method {method!r} is defined for Linear layers only (PEFT 0.21 rejects it on {kind})")
     return _decomposition_init(np.asarray(weight), r, scale, method, fan_in_fan_out, dtype)
 
 

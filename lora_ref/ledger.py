@@ -20,7 +20,7 @@ import numpy as np
 from .adapter import Adapter
 from .checkpoint import merge_targets, target_delta
 from .errors import MergeStateError, ShapeError, TargetNotFoundError
-from .merge import Residual, _check_factors_finite, digest_arrays, merge, unmerge
+from .merge import Residual, check_factors_finite, digest_arrays, merge, unmerge
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class MergeLedger:
                     f"but the adapter's delta has {delta.shape}"
                 )
             if not allow_nonfinite:  # refuse before any weight changes, not after the first module
-                _check_factors_finite(delta)
+                check_factors_finite(delta)
         for key, delta in deltas.items():
             weight = self.weights[key]
             result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)

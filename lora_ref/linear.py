@@ -19,6 +19,8 @@ import numpy as np
 
 from .dtypes import check_float_array, float64, resolve_dtype, round_to
 from .errors import ShapeError
+from .kinds import ExportFacts, Kind, register
+from .numerics import check_mask, lora_vjp, rank_one_sum, wide, wide_vector
 
 
 def check_lora_shapes(W_shape: tuple[int, ...], A: np.ndarray, B: np.ndarray, *, fan_in_fan_out: bool, module: str = "") -> tuple[int, int, int]:
@@ -36,13 +38,6 @@ def check_lora_shapes(W_shape: tuple[int, ...], A: np.ndarray, B: np.ndarray, *,
     if B.shape[0] != out_features:
         raise ShapeError(f"{where}lora_B {B.shape} does not fit the base weight's {out_features} output features")
     return out_features, in_features, A.shape[0]
-
-
-def _wide(array: np.ndarray | None, what: str) -> np.ndarray | None:
-    if array is None:
-        return None
-    check_float_array(array, what)
-    return np.asarray(array).astype(float64)
 
 
 def _weight_out_in(W: np.ndarray, fan_in_fan_out: bool) -> np.ndarray:
@@ -64,32 +59,19 @@ def forward(
 ) -> np.ndarray:
     """y = x W^T + b + s ((x ∘ mask) A^T) B^T + s lora_bias, rounded once to ``out_dtype``."""
     out_features, in_features, _ = check_lora_shapes(np.shape(W), np.asarray(A), np.asarray(B), fan_in_fan_out=fan_in_fan_out)
-    x64 = _wide(x, "x")
+    x64 = wide(x, "x")
     if x64.shape[-1:] != (in_features,):
         raise ShapeError(f"x has shape {x64.shape}; its last axis must be in_features={in_features}")
-    W64 = _weight_out_in(_wide(W, "W"), fan_in_fan_out)
-    A64, B64 = _wide(A, "lora_A"), _wide(B, "lora_B")
-    lora_in = x64 if dropout_mask is None else x64 * _mask(dropout_mask, x64.shape)
+    W64 = _weight_out_in(wide(W, "W"), fan_in_fan_out)
+    A64, B64 = wide(A, "lora_A"), wide(B, "lora_B")
+    mask = check_mask(dropout_mask, x64.shape)
+    lora_in = x64 if mask is None else x64 * mask
     y = x64 @ W64.T + scale * ((lora_in @ A64.T) @ B64.T)
     if bias is not None:
-        y = y + _vector(bias, out_features, "bias")
+        y = y + wide_vector(bias, out_features, "bias")
     if lora_bias is not None:
-        y = y + scale * _vector(lora_bias, out_features, "lora_bias")
+        y = y + scale * wide_vector(lora_bias, out_features, "lora_bias")
     return round_to(y, resolve_dtype(out_dtype) if out_dtype is not None else np.asarray(x).dtype)
-
-
-def _mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    mask64 = np.asarray(mask, dtype=float64)
-    if mask64.shape != shape:
-        raise ShapeError(f"dropout mask has shape {mask64.shape}, expected {shape}")
-    return mask64
-
-
-def _vector(v: np.ndarray, length: int, what: str) -> np.ndarray:
-    v64 = _wide(v, what)
-    if v64.shape != (length,):
-        raise ShapeError(f"{what} has shape {v64.shape}, expected ({length},)")
-    return v64
 
 
 @dataclass(frozen=True)
@@ -129,22 +111,16 @@ def backward(
         db = Σ_rows dY                         dlora_bias = s Σ_rows dY
     """
     out_features, in_features, _ = check_lora_shapes(np.shape(W), np.asarray(A), np.asarray(B), fan_in_fan_out=fan_in_fan_out)
-    x64, dy64 = _wide(x, "x"), _wide(dy, "dy")
+    x64, dy64 = wide(x, "x"), wide(dy, "dy")
     if x64.shape[-1:] != (in_features,) or dy64.shape != x64.shape[:-1] + (out_features,):
         raise ShapeError(f"x {x64.shape} and dy {dy64.shape} do not fit a {in_features}->{out_features} layer")
-    W64 = _weight_out_in(_wide(W, "W"), fan_in_fan_out)
-    A64, B64 = _wide(A, "lora_A"), _wide(B, "lora_B")
-    mask = None if dropout_mask is None else _mask(dropout_mask, x64.shape)
+    W64 = _weight_out_in(wide(W, "W"), fan_in_fan_out)
+    A64, B64 = wide(A, "lora_A"), wide(B, "lora_B")
+    mask = check_mask(dropout_mask, x64.shape)
     X = x64.reshape(-1, in_features)
     dY = dy64.reshape(-1, out_features)
-    Xm = X if mask is None else X * mask.reshape(-1, in_features)
-    dYB = dY @ B64  # [rows, r]
-    lora_dx = (dYB @ A64) * scale
-    if mask is not None:
-        lora_dx = lora_dx * mask.reshape(-1, in_features)
+    lora_dx, dA, dB = lora_vjp(X, dY, A64, B64, scale, None if mask is None else mask.reshape(-1, in_features))
     dx = (dY @ W64 + lora_dx).reshape(x64.shape)
-    dA = scale * (dYB.T @ Xm)
-    dB = scale * (dY.T @ (Xm @ A64.T))
     grads = {
         "dx": round_to(dx, np.asarray(x).dtype),
         "dA": round_to(dA, np.asarray(A).dtype),
@@ -169,8 +145,6 @@ class LinearDelta:
     (no BLAS), then multiplied by s. With ``fan_in_fan_out`` the delta is transposed to the
     stored [in, out] layout.
     """
-
-    kind = "linear"
 
     def __init__(self, A: np.ndarray, B: np.ndarray, scale: float, *, fan_in_fan_out: bool = False, module: str = "") -> None:
         check_float_array(A, f"{module} lora_A".strip())
@@ -211,8 +185,6 @@ class LinearBiasDelta:
     float64 multiply per element, so Δb is bit-reproducible.
     """
 
-    kind = "linear_bias"
-
     def __init__(self, lora_bias: np.ndarray, scale: float, *, module: str = "") -> None:
         check_float_array(lora_bias, f"{module} lora_B.bias".strip())
         self.lora_bias = np.asarray(lora_bias)
@@ -230,29 +202,65 @@ class LinearBiasDelta:
         return self.lora_bias[rows].astype(float64) * self.scale
 
 
-#: Elements of one accumulator tile in :func:`rank_one_sum` (256 KiB of float64: stays in cache
-#: while the r rank-one terms are added to it).
-TILE_ELEMENTS = 32 * 1024
+class LinearOps:
+    """Linear's float64 maps (:class:`lora_ref.kinds.LayerOps`): base(x) = x Wᵀ, lora(x) = s (x Aᵀ) Bᵀ; W taken as [out, in]."""
+
+    channel_axis = -1
+
+    def __init__(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *, fan_in_fan_out: bool = False, module: str = "") -> None:
+        check_lora_shapes(np.shape(W), np.asarray(A), np.asarray(B), fan_in_fan_out=fan_in_fan_out, module=module)
+        W64 = wide(W, f"{module} W".strip())
+        self.W = _weight_out_in(W64, fan_in_fan_out)
+        self.A, self.B = wide(A, f"{module} lora_A".strip()), wide(B, f"{module} lora_B".strip())
+        self.scale = float(scale)
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[-1:] != (self.W.shape[1],):
+            raise ShapeError(f"x has shape {x.shape}; its last axis must be in_features={self.W.shape[1]}")
+        return x
+
+    def base(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.W.T
+
+    def base_vjp(self, x: np.ndarray, dY: np.ndarray) -> np.ndarray:
+        return dY @ self.W
+
+    def lora(self, x: np.ndarray) -> np.ndarray:
+        return self.scale * ((x @ self.A.T) @ self.B.T)
+
+    def lora_vjp(self, x: np.ndarray, dY: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dX, dA, dB = lora_vjp(x.reshape(-1, x.shape[-1]), dY.reshape(-1, dY.shape[-1]), self.A, self.B, self.scale)
+        return dX.reshape(x.shape), dA, dB
 
 
-def rank_one_sum(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Σ_k left[:, k] ⊗ right[k, :] in float64, accumulated in increasing k (no BLAS).
+class LinearKind(Kind):
+    """Linear (torch ``nn.Linear``, GPT-2's ``Conv1D`` with fan_in_fan_out): W [out, in] or [in, out]."""
 
-    Every element is 0 + p_0 + p_1 + ... + p_{r-1} with p_k = left[i, k] · right[k, j], one
-    float64 multiply and one float64 add per term, in this order. The rows are processed in
-    tiles small enough to stay in cache while all r terms are added; the tiling changes no
-    element's sequence of operations, so the result is bitwise the same for any tile size.
-    """
-    left = np.asarray(left, dtype=float64)
-    right = np.asarray(right, dtype=float64)
-    n_rows, n_cols = left.shape[0], right.shape[1]
-    acc = np.zeros((n_rows, n_cols), dtype=float64)
-    step = max(1, TILE_ELEMENTS // max(n_cols, 1))
-    term = np.empty((min(step, n_rows), n_cols), dtype=float64)
-    for start in range(0, n_rows, step):
-        tile = acc[start : start + step]
-        scratch = term[: tile.shape[0]]
-        for k in range(left.shape[1]):
-            np.multiply(left[start : start + step, k, None], right[k], out=scratch)
-            tile += scratch
-    return acc
+    name = "linear"
+    label = "Linear"
+    decomposition_init = True
+    composable = True
+    export = ExportFacts(ops=("MatMul", "Gemm"), weight_input=1, weight_ranks=(2,), transposable=True,
+                         form="MatMul, Transpose+MatMul, or Gemm", lora_a_op="MatMul", factor_layout="matrix")
+
+    def check_shapes(self, W_shape, A, B, *, fan_in_fan_out=False, module=""):
+        return check_lora_shapes(W_shape, np.asarray(A), np.asarray(B), fan_in_fan_out=fan_in_fan_out, module=module)
+
+    def lora_shapes(self, W_shape, r, *, fan_in_fan_out=False):
+        if len(W_shape) != 2:
+            raise ShapeError(f"Linear weight must be 2-D, got {W_shape}")
+        out_f, in_f = (W_shape[1], W_shape[0]) if fan_in_fan_out else W_shape
+        return (r, in_f), (out_f, r)
+
+    def delta(self, A, B, scale, *, fan_in_fan_out=False, module=""):
+        return LinearDelta(A, B, scale, fan_in_fan_out=fan_in_fan_out, module=module)
+
+    def ops(self, W, A, B, scale, *, fan_in_fan_out=False, geometry=None, padding_idx=None, module=""):
+        self.refuse_options(module, geometry=geometry, padding_idx=padding_idx)
+        return LinearOps(W, A, B, scale, fan_in_fan_out=fan_in_fan_out, module=module)
+
+    def dora_axis(self, fan_in_fan_out=False):
+        return 1 if fan_in_fan_out else 0  # W stored [in, out] with fan_in_fan_out
+
+
+LINEAR = register(LinearKind())

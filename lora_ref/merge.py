@@ -122,7 +122,8 @@ def unmerged_block(delta: DeltaSource, rows: slice, M64: np.ndarray) -> np.ndarr
         return custom(rows, M64) if custom is not None else M64 - delta.block(rows)
 
 
-def _row_slices(n_rows: int, step: int):
+def row_slices(n_rows: int, step: int):
+    """slice(start, start + step) over [0, n_rows), the last one shorter: W's row blocks."""
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -138,11 +139,11 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     threads = MAX_THREADS
     step = block_rows(shape, max(1, block_bytes // threads))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
-        return [fn(rows) for rows in _row_slices(shape[0], block_rows(shape, block_bytes))]
+        return [fn(rows) for rows in row_slices(shape[0], block_rows(shape, block_bytes))]
     results: list[_T] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque[Future[_T]] = deque()
-        for rows in _row_slices(shape[0], step):
+        for rows in row_slices(shape[0], step):
             pending.append(pool.submit(fn, rows))
             if len(pending) >= 2 * threads:
                 results.append(pending.popleft().result())
@@ -156,7 +157,8 @@ def _check(W: np.ndarray, delta: DeltaSource) -> None:
         raise ShapeError(f"{delta.module}: base weight has shape {tuple(W.shape)} but the adapter's delta has {tuple(delta.shape)}")
 
 
-def _check_factors_finite(delta: DeltaSource) -> None:
+def check_factors_finite(delta: DeltaSource) -> None:
+    """NonFiniteError unless every factor of ``delta`` is finite (merge refuses NaN/inf adapters)."""
     for array in delta.factors():
         if not np.all(np.isfinite(np.asarray(array, dtype=float64))):
             raise NonFiniteError(
@@ -190,7 +192,7 @@ def merge(
     """
     _check(W, delta)
     if not allow_nonfinite:
-        _check_factors_finite(delta)
+        check_factors_finite(delta)
     W = np.asarray(W)
     result = np.empty_like(W) if out is None else out
     flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1

@@ -37,7 +37,9 @@ import numpy as np
 from .adapter import Adapter
 from .dtypes import check_float_array, float64, resolve_dtype, round_to
 from .errors import ConfigError, ShapeError
+from .kinds import kind_of
 from .linear import check_lora_shapes
+from .numerics import check_mask, lora_vjp
 
 
 class RoutingError(ShapeError):
@@ -65,7 +67,7 @@ def factors_for(adapters: Sequence[Adapter], module: str) -> list[LoraFactors | 
         if lora is None:
             result.append(None)
             continue
-        if lora.kind != "linear" or lora.lora_bias is not None or lora.magnitude is not None:
+        if not kind_of(lora.kind).composable or lora.lora_bias is not None or lora.magnitude is not None:
             raise ConfigError(f"{module} in adapter {adapter.name!r}: mixed batches support plain Linear LoRA only "
                               "(no lora_bias, DoRA, embedding or conv)")
         result.append(LoraFactors(lora.A, lora.B, adapter.scale_for(module)))
@@ -109,11 +111,8 @@ def _prepare(x, W, factors, index, dropout_mask, fan_in_fan_out):
         raise ShapeError(f"x has shape {x64.shape}; expected [batch, ..., {W64.shape[1]}]")
     idx = check_index(index, x64.shape[0], len(factors))
     X = x64.reshape(x64.shape[0], -1, x64.shape[-1])
-    mask = None
-    if dropout_mask is not None:
-        mask = np.asarray(dropout_mask, dtype=float64)
-        if mask.shape != x64.shape:
-            raise ShapeError(f"dropout mask has shape {mask.shape}, expected {x64.shape}")
+    mask = check_mask(dropout_mask, x64.shape)
+    if mask is not None:
         mask = mask.reshape(X.shape)
     return x64, X, W64, mask, idx
 
@@ -208,17 +207,9 @@ def mixed_backward(
     dB: list[np.ndarray | None] = [None if f is None else np.zeros(np.shape(f.B), float64) for f in factors]
     for i, f, rows in _groups(idx, factors):
         A64, B64 = np.asarray(f.A, dtype=float64), np.asarray(f.B, dtype=float64)
-        Xr = X[rows].reshape(-1, X.shape[2])
-        if mask is not None:
-            Xr = Xr * mask[rows].reshape(-1, X.shape[2])
-        dYr = dY[rows].reshape(-1, W64.shape[0])
-        dYB = dYr @ B64
-        lora_dx = f.scale * (dYB @ A64)
-        if mask is not None:
-            lora_dx = lora_dx * mask[rows].reshape(-1, X.shape[2])
+        mask_r = None if mask is None else mask[rows].reshape(-1, X.shape[2])
+        lora_dx, dA[i], dB[i] = lora_vjp(X[rows].reshape(-1, X.shape[2]), dY[rows].reshape(-1, W64.shape[0]), A64, B64, f.scale, mask_r)
         dX[rows] += lora_dx.reshape(rows.size, X.shape[1], X.shape[2])
-        dA[i] = f.scale * (dYB.T @ Xr)
-        dB[i] = f.scale * (dYr.T @ (Xr @ A64.T))
     return MixedGrads(
         dx=round_to(dX.reshape(x64.shape), np.asarray(x).dtype),
         dA=[None if g is None else round_to(g, np.asarray(f.A).dtype) for g, f in zip(dA, factors)],

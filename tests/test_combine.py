@@ -23,13 +23,10 @@ from lora_ref.combine import combine
 from lora_ref.config import LoraConfig
 from lora_ref.dtypes import UNIT_ROUNDOFF, round_to
 from lora_ref.errors import ConfigError, ShapeError
+from lora_ref.numerics import gamma
 
 U64 = 2.0**-53
 MODULES = {"q": (6, 5), "v": (4, 7)}  # module -> (out, in)
-
-
-def gamma(n: int) -> float:
-    return n * U64 / (1 - n * U64)
 
 
 def make_adapter(rng, r, alpha, rslora=False, dtype=np.float64, modules=MODULES, name="a"):
@@ -78,7 +75,7 @@ def test_cat_is_the_exact_weighted_sum(params, dtype):
     assert result.adapter.config.r == R and result.adapter.scale_for("q") == 1.0
     for module in MODULES:
         target, P = weighted_delta(adapters, weights, module)
-        bound = (UNIT_ROUNDOFF[np.dtype(dtype)] + 2 * gamma(R + 2)) * P
+        bound = (UNIT_ROUNDOFF[np.dtype(dtype)] + 2 * gamma(R + 2, U64)) * P
         assert np.all(np.abs(stored_delta(result, module) - target) <= bound)
 
 
@@ -118,9 +115,9 @@ def test_linear_is_peft_formula_with_cross_terms(params):
         cross = sum((b_coef[i] * a_coef[j]) * (B[i] @ A[j]) for i in range(len(A)) for j in range(len(A)) if i != j)
         P_all = sum(b_coef[i] * abs(a_coef[j]) * (np.abs(B[i]) @ np.abs(A[j])) for i in range(len(A)) for j in range(len(A)))
         n = len(A) * (r + 2) + 2
-        assert np.all(np.abs(stored_delta(result, module) - (diagonal + cross)) <= 2 * gamma(n) * P_all)
+        assert np.all(np.abs(stored_delta(result, module) - (diagonal + cross)) <= 2 * gamma(n, U64) * P_all)
         cross_norm = float(np.linalg.norm(cross)) if len(A) > 1 else 0.0
-        tol = 2 * gamma(n) * float(np.linalg.norm(P_all)) + 8 * (sum(MODULES[module]) + 2 * r * len(A)) * U64 * float(np.linalg.norm(P_all))
+        tol = 2 * gamma(n, U64) * float(np.linalg.norm(P_all)) + 8 * (sum(MODULES[module]) + 2 * r * len(A)) * U64 * float(np.linalg.norm(P_all))
         assert abs(result.modules[module].stored_error_frobenius - cross_norm) <= tol
 
 
@@ -147,7 +144,7 @@ def test_modules_present_in_some_adapters_and_zero_padding(tmp_path):
     assert loaded.config.target_modules == ["q", "v"] and loaded.scale_for("v") == 1.0
     for module in MODULES:
         target, P = weighted_delta([a, b], [1.0, 0.5], module)
-        assert np.all(np.abs(loaded.modules[module].B @ loaded.modules[module].A - target) <= 3 * gamma(7) * P)
+        assert np.all(np.abs(loaded.modules[module].B @ loaded.modules[module].A - target) <= 3 * gamma(7, U64) * P)
 
 
 def test_bad_input_is_typed():

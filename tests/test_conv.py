@@ -31,53 +31,16 @@ from lora_ref.conv import ConvDelta, ConvGeometry, ConvGroupsError, ConvOps, bac
 from lora_ref.dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_of, float64, resolve_dtype, round_to
 from lora_ref.errors import ConfigError, ShapeError
 from lora_ref.merge import fast_roundtrip_bound, merge, unmerge
-from test_linear import ErrorLog, exact, gamma, rounding_bound, to_float
-from test_merge import finite_max
+from lora_ref.numerics import exact, gamma, to_float
+
+from helpers import error_log, finite_max, oracle_conv, rounding_bound
 
 STORAGE = ["float32", "float16", "bfloat16"]
 U64 = UNIT_ROUNDOFF[float64]
-LOG = ErrorLog("Conv LoRA vs exact oracle")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
+LOG, _print_errors = error_log("Conv LoRA vs exact oracle")
 
 
 # -- the exact oracle -----------------------------------------------------------------------------
-
-
-def source_index(i: int, n: int, before: int, mode: str) -> int | None:
-    """Which input element padded position i copies (None: a zero), written from torch's docs."""
-    j = i - before
-    if 0 <= j < n:
-        return j
-    if mode == "zeros":
-        return None
-    if mode == "replicate":
-        return min(max(j, 0), n - 1)
-    if mode == "circular":
-        return j % n
-    return -j if j < 0 else 2 * (n - 1) - j  # reflect (edge not repeated); needs pad < n
-
-
-def oracle_conv(x, kernel, stride, dilation, pads, mode):
-    """Exact conv on Fraction object arrays: x [N, C, *S], kernel [K, C, *k] -> [N, K, *out]."""
-    N, C, S = x.shape[0], x.shape[1], x.shape[2:]
-    k = kernel.shape[2:]
-    out = tuple((s + lo + hi - dl * (kk - 1) - 1) // st_ + 1 for s, (lo, hi), dl, kk, st_ in zip(S, pads, dilation, k, stride))
-    y = np.empty((N, kernel.shape[0]) + out, dtype=object)
-    flat_kernel = kernel.reshape(kernel.shape[0], -1)
-    for p in np.ndindex(*out):
-        patch = np.empty((N, C) + k, dtype=object)
-        for tap in np.ndindex(*k):
-            src = [source_index(pi * st_ + t * dl, s, lo, mode) for pi, st_, t, dl, s, (lo, _) in zip(p, stride, tap, dilation, S, pads)]
-            for n in range(N):
-                for c in range(C):
-                    patch[(n, c) + tap] = Fraction(0) if None in src else x[(n, c) + tuple(src)]
-        y[(slice(None), slice(None)) + p] = patch.reshape(N, -1) @ flat_kernel.T
-    return y
 
 
 def oracle_forward(e: dict, geo: dict):

@@ -28,27 +28,21 @@ from hypothesis import strategies as st
 from lora_ref import dora
 from lora_ref.adapter import Adapter, LoraModule, load_adapter, save_adapter
 from lora_ref.config import LoraConfig
-from lora_ref.conv import ConvDelta, ConvGeometry
+from lora_ref.conv import ConvGeometry
 from lora_ref.deltas import delta_for
 from lora_ref.dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_of, float64, resolve_dtype, round_to
-from lora_ref.embedding import EmbeddingDelta
 from lora_ref.errors import ConfigError, FileFormatError, ShapeError
+from lora_ref.kinds import kind_of
 from lora_ref.linear import LinearDelta
 from lora_ref.merge import merge, unmerge
 from lora_ref.safetensors_io import load_file, save_file
-from test_conv import oracle_conv
-from test_linear import ErrorLog, exact, gamma, to_float
-from test_merge import finite_max
+from lora_ref.numerics import exact, gamma, to_float
+
+from helpers import error_log, finite_max, oracle_conv
 
 STORAGE = ["float32", "float16", "bfloat16"]
 U64 = UNIT_ROUNDOFF[float64]
-LOG = ErrorLog("DoRA vs exact oracle")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
+LOG, _print_errors = error_log("DoRA vs exact oracle")
 
 
 # -- per-kind exact maps -------------------------------------------------------------------------------
@@ -265,15 +259,11 @@ def test_backward_is_the_directional_derivative_at_constant_norm(case: dict, whi
 
 
 def lora_source(case: dict):
-    if case["kind"] == "linear":
-        return LinearDelta(case["A"], case["B"], case["s"], fan_in_fan_out=case["ffo"], module="layer")
-    if case["kind"] == "conv":
-        return ConvDelta(case["A"], case["B"], case["s"], module="layer")
-    return EmbeddingDelta(case["A"], case["B"], case["s"], module="layer")
+    return kind_of(case["kind"]).delta(case["A"], case["B"], case["s"], fan_in_fan_out=case["ffo"], module="layer")
 
 
 def merge_source(case: dict) -> dora.DoraDelta:
-    axis = dora.dora_axis(case["kind"], case["ffo"])
+    axis = kind_of(case["kind"]).dora_axis(case["ffo"])
     return dora.dora_delta(lora_source(case), case["m"], case["W"], axis)
 
 
@@ -319,7 +309,7 @@ def test_exact_round_trip_is_bitwise(case: dict, special: bool) -> None:
         pick = rng.random(bits.size) < 0.3
         bits[pick] = raw[pick]
         W = bits.view(W.dtype).reshape(W.shape)
-    src = dora.DoraDelta(lora_source(case), case["m"], merge_source(case).norm, dora.dora_axis(case["kind"], case["ffo"]))
+    src = dora.DoraDelta(lora_source(case), case["m"], merge_source(case).norm, kind_of(case["kind"]).dora_axis(case["ffo"]))
     result = merge(W, src, exact=True, allow_nonfinite=True)
     back = unmerge(result.weight, src, residual=result.residual)
     assert np.array_equal(bits_of(back), bits_of(W))

@@ -23,17 +23,13 @@ from lora_ref.dtypes import UNIT_ROUNDOFF, bits_of, float64, resolve_dtype, roun
 from lora_ref.embedding import EmbeddingDelta, EmbeddingIndexError, backward, forward
 from lora_ref.errors import DTypeError, ShapeError
 from lora_ref.merge import fast_roundtrip_bound, merge, unmerge
-from test_linear import ErrorLog, exact, gamma, rounding_bound, to_float
+from lora_ref.numerics import exact, gamma, to_float
+
+from helpers import error_log, rounding_bound
 
 STORAGE = ["float32", "float16", "bfloat16"]
 U64 = UNIT_ROUNDOFF[float64]
-LOG = ErrorLog("Embedding LoRA vs exact oracle")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
+LOG, _print_errors = error_log("Embedding LoRA vs exact oracle")
 
 
 def oracle_forward(ids, W, A, B, s):

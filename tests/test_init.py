@@ -21,16 +21,11 @@ from lora_ref.dtypes import UNIT_ROUNDOFF, float32, float64, resolve_dtype, roun
 from lora_ref.errors import ConfigError, ShapeError
 from lora_ref.init import init_lora, init_magnitude, kaiming_uniform_bound
 from lora_ref.linear import LinearDelta
-from test_linear import ErrorLog
+
+from helpers import error_log
 
 U64, U32 = UNIT_ROUNDOFF[float64], UNIT_ROUNDOFF[float32]
-LOG = ErrorLog("Init methods")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
+LOG, _print_errors = error_log("Init methods")
 
 
 @given(kind=st.sampled_from(["linear", "conv"]), r=st.integers(1, 4), n_in=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))

@@ -19,7 +19,8 @@ from lora_ref.dtypes import BITS_VIEW, bits_of, float64, resolve_dtype, round_to
 from lora_ref.errors import MergeStateError, ShapeError, TargetNotFoundError
 from lora_ref.ledger import MergeLedger
 from lora_ref.merge import fast_roundtrip_bound
-from test_linear import ErrorLog
+
+from helpers import ErrorLog
 
 STORAGE = ["float32", "float16", "bfloat16"]
 LAYERS = {"blocks.0.attn.q_proj": (24, 16), "blocks.0.mlp.up_proj": (32, 24), "blocks.1.attn.q_proj": (24, 16)}

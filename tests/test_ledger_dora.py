@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_ref import Adapter, LoraConfig, LoraModule, MergeLedger
-from lora_ref.dora import dora_axis, dora_delta
+from lora_ref.dora import dora_delta
+from lora_ref.kinds import kind_of
 from lora_ref.dtypes import STORAGE_DTYPES, bits_of, round_to
 from lora_ref.errors import MergeStateError
 from lora_ref.linear import LinearDelta
@@ -44,7 +45,7 @@ def test_dora_on_top_of_a_plain_adapter_round_trips_bitwise(seed: int, dtype_nam
 
     module = dora.modules["proj"]
     lora = LinearDelta(module.A, module.B, dora.scale_for("proj"), module="proj")
-    expected = merge(after_plain, dora_delta(lora, module.magnitude, after_plain, dora_axis("linear", False))).weight
+    expected = merge(after_plain, dora_delta(lora, module.magnitude, after_plain, kind_of("linear").dora_axis(False))).weight
     assert np.array_equal(bits_of(weights["proj.weight"]), bits_of(expected))
 
     with pytest.raises(MergeStateError, match="last-in, first-out"):

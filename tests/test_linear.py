@@ -23,8 +23,6 @@ Observed errors are recorded in units of the bound and printed at the end of the
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -32,150 +30,23 @@ from hypothesis import strategies as st
 
 from lora_ref.config import lora_scale
 from lora_ref.dropout import dropout_mask
-from lora_ref.dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_of, float64, resolve_dtype, round_to
+from lora_ref.dtypes import bits_of, float64, resolve_dtype
 from lora_ref.errors import ConfigError, DTypeError, LoraRefError, ShapeError
-from lora_ref.linear import LinearDelta, backward, forward, rank_one_sum
+from lora_ref.linear import LinearDelta, backward, forward
+from lora_ref.numerics import exact, rank_one_sum, to_float
 
-DTYPES = ["float32", "float16", "bfloat16", "float64"]
-U64 = UNIT_ROUNDOFF[float64]
+from helpers import absolute, error_log, exact_case, linear_cases, oracle_of, rounding_bound
 
-
-# -- shared helpers (imported by test_merge, test_ledger and the peer tests) -------------------
-
-
-def gamma(k: int, u: float) -> float:
-    """γ_k(u) = k·u / (1 − k·u): the relative error bound of k roundings with unit roundoff u."""
-    assert k * u < 1
-    return k * u / (1 - k * u)
-
-
-def exact(array: np.ndarray | float | None) -> np.ndarray | None:
-    """An object array of Fractions holding the exact values of ``array`` (any float dtype)."""
-    if array is None:
-        return None
-    a = np.asarray(array)
-    flat = [Fraction(float(v)) for v in a.astype(float64).reshape(-1)]  # widening to float64 is exact
-    return np.array(flat + [None], dtype=object)[:-1].reshape(a.shape)
-
-
-def to_float(array: np.ndarray) -> np.ndarray:
-    """Fractions -> float64 (each correctly rounded)."""
-    return np.array([float(v) for v in np.asarray(array).reshape(-1)], dtype=float64).reshape(np.shape(array))
-
-
-class ErrorLog:
-    """The largest observed error in units of its bound, per label; printed at module teardown."""
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-        self.worst: dict[str, float] = {}
-
-    def check(self, label: str, got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
-        """Assert |got − want| <= bound elementwise (got in any float dtype; want, bound float64)."""
-        got64 = np.asarray(got).astype(float64)
-        err = np.abs(got64 - np.asarray(want, dtype=float64))
-        bound = np.asarray(bound, dtype=float64)
-        assert np.all(err <= bound), (
-            f"{label}: error {err.max():.3e} exceeds bound; worst ratio {np.max(err / np.maximum(bound, 1e-300)):.3g}"
-        )
-        ratio = float(np.max(err / np.where(bound > 0, bound, 1.0), initial=0.0))
-        self.worst[label] = max(self.worst.get(label, 0.0), ratio)
-
-    def print(self, request: pytest.FixtureRequest) -> None:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is None or not self.worst:
-            return
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled():  # print past pytest's output capture
-            reporter.write_line("")
-            reporter.write_line(f"{self.title}: max observed error in units of its bound")
-            for label, ratio in sorted(self.worst.items()):
-                reporter.write_line(f"  {label:<44} {ratio:.3g}")
-
-
-LOG = ErrorLog("Linear forward/backward vs exact oracle")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
-
-
-def rounding_bound(want: np.ndarray, magnitude: np.ndarray, k: int, dtype: np.dtype) -> np.ndarray:
-    """u_t·|y| + (1 + u_t)·γ_k(u64)·M + η_t/2 (module doc); float64 has no final rounding."""
-    u_t = 0.0 if dtype == float64 else UNIT_ROUNDOFF[dtype]
-    floor = 0.0 if dtype == float64 else SMALLEST_SUBNORMAL[dtype] / 2
-    # one more γ term covers the rounding of M and |y| themselves to float64 here
-    return u_t * np.abs(want) + (1 + u_t) * gamma(k + 2, U64) * magnitude + floor
+LOG, _print_errors = error_log("Linear forward/backward vs exact oracle")
 
 
 # -- the exact oracle ----------------------------------------------------------------------------
-
-
-def oracle_forward(x, W, A, B, s, bias=None, lora_bias=None, mask=None, fan_in_fan_out=False):
-    """SPEC 2.3 in exact arithmetic on Fraction object arrays (W stored [in, out] with fan_in_fan_out)."""
-    W_oi = W.T if fan_in_fan_out else W
-    lora_in = x if mask is None else x * mask
-    y = x @ W_oi.T + ((lora_in @ A.T) @ B.T) * s
-    if bias is not None:
-        y = y + bias
-    if lora_bias is not None:
-        y = y + lora_bias * s
-    return y
-
-
-def absolute(case: dict) -> dict:
-    return {k: (np.abs(v) if isinstance(v, np.ndarray) else abs(v) if isinstance(v, Fraction) else v)
-            for k, v in case.items()}
-
-
-@st.composite
-def linear_cases(draw: st.DrawFn, dtypes=DTYPES, max_dim: int = 5) -> dict:
-    """Random Linear LoRA inputs of one storage dtype; every option drawn."""
-    dtype = resolve_dtype(draw(st.sampled_from(dtypes)))
-    rows, n_in, n_out, r = (draw(st.integers(1, 3)), draw(st.integers(1, max_dim)),
-                            draw(st.integers(1, max_dim)), draw(st.integers(1, 4)))
-    lead = (rows,) if draw(st.booleans()) else (1, rows)  # leading axes are flattened
-    fan_in_fan_out = draw(st.booleans())
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    magnitude = 2.0 ** draw(st.integers(-6, 3))
-
-    def sample(shape, scale=1.0):
-        return round_to(rng.normal(0, scale * magnitude, shape), dtype)
-
-    alpha = draw(st.integers(1, 64))
-    use_rslora = draw(st.booleans())
-    p = draw(st.sampled_from([0.0, 0.1, 0.5]))
-    return {
-        "dtype": dtype,
-        "x": sample(lead + (n_in,)),
-        "W": sample((n_in, n_out) if fan_in_fan_out else (n_out, n_in)),
-        "A": sample((r, n_in)),
-        "B": sample((n_out, r)),
-        "s": lora_scale(r, alpha, use_rslora),
-        "bias": sample((n_out,)) if draw(st.booleans()) else None,
-        "lora_bias": sample((n_out,)) if draw(st.booleans()) else None,
-        "mask": dropout_mask(lead + (n_in,), p, seed) if p else None,
-        "fan_in_fan_out": fan_in_fan_out,
-        "dy": sample(lead + (n_out,)),
-    }
 
 
 def run_forward(case: dict, **overrides) -> np.ndarray:
     c = {**case, **overrides}
     return forward(c["x"], c["W"], c["A"], c["B"], c["s"], bias=c["bias"], lora_bias=c["lora_bias"],
                    dropout_mask=c["mask"], fan_in_fan_out=c["fan_in_fan_out"], out_dtype=c.get("out_dtype"))
-
-
-def exact_case(case: dict) -> dict:
-    names = ("x", "W", "A", "B", "bias", "lora_bias", "mask")
-    return {**{k: exact(case[k]) for k in names}, "s": Fraction(case["s"]), "fan_in_fan_out": case["fan_in_fan_out"]}
-
-
-def oracle_of(e: dict):
-    return oracle_forward(e["x"], e["W"], e["A"], e["B"], e["s"], e["bias"], e["lora_bias"], e["mask"], e["fan_in_fan_out"])
 
 
 def forward_depth(case: dict) -> int:

@@ -17,22 +17,13 @@ from lora_ref.dtypes import BITS_VIEW, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_o
 from lora_ref.errors import LoraRefError, NonFiniteError, ResidualMismatchError, ShapeError
 from lora_ref.linear import LinearDelta
 from lora_ref.merge import fast_roundtrip_bound, merge, unmerge
-from test_linear import ErrorLog, exact, exact_case, gamma, linear_cases, oracle_of, to_float
+from lora_ref.numerics import exact, gamma, to_float
+
+from helpers import error_log, exact_case, finite_max, linear_cases, oracle_of
 
 STORAGE = ["float32", "float16", "bfloat16"]
 U64 = UNIT_ROUNDOFF[float64]
-LOG = ErrorLog("Merge numerics")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
-
-
-def finite_max(dtype: np.dtype) -> float:
-    return float(np.array([np.inf], float64).astype(dtype).view(BITS_VIEW[dtype]).__sub__(1)
-                 .astype(BITS_VIEW[dtype]).view(dtype).astype(float64)[0])
+LOG, _print_errors = error_log("Merge numerics")
 
 
 @st.composite

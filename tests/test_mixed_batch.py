@@ -30,12 +30,9 @@ from lora_ref.mixed_batch import (
     mixed_backward,
     mixed_forward,
 )
+from lora_ref.numerics import gamma
 
 U64 = 2.0**-53
-
-
-def gamma(n: int) -> float:
-    return n * U64 / (1 - n * U64)
 
 
 def make_case(seed: int, n_adapters: int, batch: int, seq: int, d_in: int, d_out: int, dtype=np.float32):
@@ -87,7 +84,7 @@ def test_mixed_forward_equals_per_adapter_runs(params, fan_in_fan_out, p):
         else:
             expected[b] = forward(x[b], W_stored, f.A, f.B, f.scale, bias=bias, dropout_mask=mask[b],
                                   fan_in_fan_out=fan_in_fan_out, out_dtype=np.float64)
-    bound = 2 * gamma(d_in + r_max(factors) + 3) * abs_forward(x * mask.max(initial=1.0), W, bias, factors, index)
+    bound = 2 * gamma(d_in + r_max(factors) + 3, U64) * abs_forward(x * mask.max(initial=1.0), W, bias, factors, index)
     assert np.all(np.abs(y - expected) <= bound)
 
 
@@ -96,7 +93,7 @@ def test_stacked_bank_equals_grouped_and_padding_is_invisible(params, extra):
     seed, n, batch, seq, d_in, d_out = params
     W, bias, x, factors, index = make_case(seed, n, batch, seq, d_in, d_out)
     grouped = mixed_forward(x, W, factors, index, bias=bias, out_dtype=np.float64)
-    bound = 2 * gamma(d_in + r_max(factors) + extra + 3) * abs_forward(x, W, bias, factors, index)
+    bound = 2 * gamma(d_in + r_max(factors) + extra + 3, U64) * abs_forward(x, W, bias, factors, index)
     tight = StackedBank.from_factors(factors, d_out, d_in)
     padded = StackedBank.from_factors(factors, d_out, d_in, r_max=r_max(factors) + extra)
     assert padded.A.shape[1] == r_max(factors) + extra
@@ -137,9 +134,9 @@ def test_mixed_backward_equals_per_adapter_backward_on_own_rows(params):
             assert not g.dA[i].any() and not g.dB[i].any()
             continue
         ref = backward(x[rows], dy[rows], W, f.A, f.B, f.scale)
-        assert np.all(np.abs(g.dA[i] - ref.dA) <= 2 * gamma(n_chain) * P.dA[i])
-        assert np.all(np.abs(g.dB[i] - ref.dB) <= 2 * gamma(n_chain) * P.dB[i])
-        assert np.all(np.abs(g.dx[rows] - ref.dx) <= 2 * gamma(n_chain) * P.dx[rows])
+        assert np.all(np.abs(g.dA[i] - ref.dA) <= 2 * gamma(n_chain, U64) * P.dA[i])
+        assert np.all(np.abs(g.dB[i] - ref.dB) <= 2 * gamma(n_chain, U64) * P.dB[i])
+        assert np.all(np.abs(g.dx[rows] - ref.dx) <= 2 * gamma(n_chain, U64) * P.dx[rows])
 
 
 @given(case_params)
@@ -190,7 +187,7 @@ def test_routed_gradients_match_finite_differences(params):
             (lp, ap), (lm, am) = loss_and_abs(plus), loss_and_abs(minus)
             fd = (lp - lm) / 2
             directional = float(np.sum(grad * E))
-            tol = gamma(n_chain) * (ap + am) + 2 * gamma(n_chain) * float(np.sum(np.abs(grad) * np.abs(E)))
+            tol = gamma(n_chain, U64) * (ap + am) + 2 * gamma(n_chain, U64) * float(np.sum(np.abs(grad) * np.abs(E)))
             assert abs(fd - directional) <= tol
 
 
@@ -248,4 +245,4 @@ def test_active_stack_equals_forward_through_the_merged_stack(params):
     P_W = np.abs(W) + sum(abs(f.scale) * (np.abs(f.B) @ np.abs(f.A)) for f in stack)
     P = np.abs(x) @ P_W.T + np.abs(bias)
     n_chain = d_in + sum(f.A.shape[0] for f in stack) + len(stack) + 3
-    assert np.all(np.abs(y - expected) <= 2 * gamma(n_chain) * P)
+    assert np.all(np.abs(y - expected) <= 2 * gamma(n_chain, U64) * P)

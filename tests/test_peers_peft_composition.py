@@ -19,13 +19,10 @@ from lora_ref.adapter import Adapter, LoraModule, save_adapter
 from lora_ref.combine import combine
 from lora_ref.config import LoraConfig
 from lora_ref.mixed_batch import LoraFactors, factors_for, mixed_forward
+from lora_ref.numerics import gamma
 
 U64, U32 = 2.0**-53, 2.0**-24
 LAYERS = {"proj": (5, 7), "head": (3, 5)}  # module -> (out, in)
-
-
-def gamma(n: int, u: float = U64) -> float:
-    return n * u / (1 - n * u)
 
 
 def torch_net(torch, weights: dict[str, np.ndarray], dtype):
@@ -90,7 +87,7 @@ def test_mixed_batch_forward_matches_peft_adapter_names(tmp_path):
     P = mixed_forward(np.abs(x), np.abs(weights["proj.weight"]),
                       [LoraFactors(np.abs(f.A), np.abs(f.B), abs(f.scale)) for f in factors], index,
                       bias=np.abs(weights["proj.bias"]))
-    assert np.all(np.abs(ours - theirs) <= 2 * gamma(7 + 5 + 3) * P)
+    assert np.all(np.abs(ours - theirs) <= 2 * gamma(7 + 5 + 3, U64) * P)
 
 
 def peft_factors(net, adapter_name: str, module: str) -> tuple[np.ndarray, np.ndarray, float]:

@@ -24,7 +24,7 @@ from lora_ref.conv import ConvDelta, ConvGeometry, ConvOps
 from lora_ref.conv import backward as conv_backward
 from lora_ref.conv import forward as conv_forward
 from lora_ref.deltas import delta_for
-from lora_ref.dora import LinearOps
+from lora_ref.linear import LinearOps
 from lora_ref.dtypes import UNIT_ROUNDOFF, float32, float64
 from lora_ref.embedding import EmbeddingOps
 from lora_ref.embedding import backward as emb_backward
@@ -33,17 +33,13 @@ from lora_ref.init import init_lora
 from lora_ref.linear import backward as lin_backward
 from lora_ref.linear import forward as lin_forward
 from lora_ref.merge import merge
-from test_linear import ErrorLog, gamma
+from lora_ref.numerics import gamma
+
+from helpers import error_log
 
 U32 = UNIT_ROUNDOFF[float32]
 U64 = UNIT_ROUNDOFF[float64]
-LOG = ErrorLog("Layers vs PEFT 0.21.2 / torch 2.13.0")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
+LOG, _print_errors = error_log("Layers vs PEFT 0.21.2 / torch 2.13.0")
 
 
 def modules(nn):

@@ -29,16 +29,12 @@ from lora_ref.dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, float32, float64
 from lora_ref.linear import LinearDelta, backward, forward
 from lora_ref.merge import merge
 from lora_ref.safetensors_io import load_file, save_file
-from test_linear import ErrorLog, gamma
+from lora_ref.numerics import gamma
+
+from helpers import error_log
 
 U32, U64, ETA32 = UNIT_ROUNDOFF[float32], UNIT_ROUNDOFF[float64], SMALLEST_SUBNORMAL[float32]
-LOG = ErrorLog("Peers (PEFT 0.21.2, torch 2.13.0 float32)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_errors(request: pytest.FixtureRequest):
-    yield
-    LOG.print(request)
+LOG, _print_errors = error_log("Peers (PEFT 0.21.2, torch 2.13.0 float32)")
 
 
 def peer_bound(y: np.ndarray, magnitude: np.ndarray, k: int) -> np.ndarray:
