@@ -60,6 +60,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_ref.adapter import Adapter
+from lora_ref.kinds import kind_of
 
 from .editing import (
     Namer,
@@ -194,7 +195,7 @@ def build_batched(
         if data_type not in zeros:
             zeros[data_type] = namer(f"lora_zero_{data_type}")
             graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), zeros[data_type]))
-        if first.kind == "conv":
+        if kind_of(first.kind).export.factor_layout == "kernel":
             bias_name = bank_bias_name(module) if bias_bank is not None else None
             if bias_name:
                 graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [ADAPTER_AXIS, first.out_features]))
@@ -204,7 +205,7 @@ def build_batched(
                 after[site.node] += site_nodes(graph, site)
             continue
         a_rows, b_rows = namer(f"{module}.lora_A.rows"), namer(f"{module}.lora_B.rows")
-        embedding = first.kind == "embedding"
+        embedding = kind_of(first.kind).export.lora_a_op == "Gather"
         if (embedding or bias_bank is not None) and index_col is None:
             index_col = namer("lora_index_col")
             prelude.append(helper.make_node("Unsqueeze", [index, constant(1)], [index_col], name=namer("lora_index_unsqueeze")))

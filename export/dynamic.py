@@ -55,6 +55,8 @@ from .editing import (
     rename_output,
     splice,
 )
+from lora_ref.kinds import kind_of
+
 from .errors import UnsupportedGraphError
 from .locate import TargetSite
 
@@ -101,7 +103,7 @@ def build_dynamic(
             graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [first.out_features]))
             graph.initializer.append(numpy_helper.from_array(np.zeros(first.out_features, dtype), bias_name))
         for site in module_sites:
-            if site.kind == "conv":
+            if kind_of(site.kind).export.factor_layout == "kernel":
                 after[site.node] += conv_branch(graph, site, namer, a_name, b_name, bias_name)
                 continue
             base = rename_output(graph, site, namer)
@@ -113,7 +115,7 @@ def build_dynamic(
                 nodes.append(helper.make_node("Add", [base, bias_name], [accumulate], name=namer(f"{module}.lora_bias")))
             after[site.node] += nodes + [
                 helper.make_node("Gather", [a_name, site.x], [xa], axis=0, name=namer(f"{module}.lora_A"))
-                if site.kind == "embedding" else helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
+                if kind_of(site.kind).export.lora_a_op == "Gather" else helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
                 helper.make_node("Flatten", [xa], [xa2], axis=-1, name=namer(f"{module}.lora_flatten_xA")),
                 helper.make_node("Flatten", [accumulate], [base2], axis=-1, name=namer(f"{module}.lora_flatten_base")),
                 helper.make_node("Gemm", [xa2, b_name, base2], [y2], name=namer(f"{module}.lora_B")),

@@ -24,6 +24,8 @@ from onnx import helper
 from lora_ref.adapter import Adapter
 from lora_ref.dtypes import round_to
 from lora_ref.errors import NonFiniteError
+from lora_ref.kinds import kind_of
+from lora_ref.kinds import kinds as registered_kinds
 
 from .errors import ExportConfigError
 from .locate import TargetSite
@@ -47,7 +49,7 @@ def lora_bias_name(module: str) -> str:
 #: The layer kinds each graph kind expresses. DoRA is merged only: its output is
 #: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
 #: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
-EXPORTABLE_KINDS = {mode: ("linear", "embedding", "conv") for mode in ("merged", "dynamic", "batched")}
+EXPORTABLE_KINDS = {mode: tuple(registered_kinds()) for mode in ("merged", "dynamic", "batched")}
 
 
 def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> None:
@@ -80,7 +82,7 @@ def check_fits(adapter: Adapter, module: str, site: TargetSite, mode: str = "mer
         raise ShapeError(f"{where}: a {lora.kind} adapter, but the graph uses {site.weight!r} as a {site.kind} weight")
     in_features = lora.A.shape[1]
     fits = in_features == site.in_features and lora.B.shape[0] == site.out_features
-    if lora.kind == "conv":
+    if kind_of(lora.kind).kernel_axes:
         fits = fits and tuple(lora.A.shape[2:]) == tuple(site.weight_shape[2:])
     if not fits:
         raise ShapeError(
@@ -112,7 +114,7 @@ def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int 
     if width < r:
         raise ExportConfigError(f"adapter {adapter.name!r}, module {module}: rank {r} exceeds the maximum rank {width}")
     s = adapter.scale_for(module)
-    if lora.kind == "conv":
+    if kind_of(lora.kind).export.factor_layout == "kernel":
         A = np.zeros((width, *lora.A.shape[1:]), np.float64)
         B = np.zeros((lora.B.shape[0], width, *lora.B.shape[2:]), np.float64)
         A[:r] = lora.A.astype(np.float64)
@@ -127,7 +129,7 @@ def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int 
 
 def factor_shapes(site: TargetSite, rank: int | str) -> tuple[list[int | str], list[int | str]]:
     """Shapes of (A_g, B_g) at ``site`` with rank ``rank``: [in, r] / [r, out]; Conv [r, C, *k] / [O, r, 1...]."""
-    if site.kind == "conv":
+    if kind_of(site.kind).export.factor_layout == "kernel":
         ones = [1] * (len(site.weight_shape) - 2)
         return [rank, *site.weight_shape[1:]], [site.out_features, rank, *ones]
     return [site.in_features, rank], [rank, site.out_features]

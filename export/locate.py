@@ -41,6 +41,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lora_ref.dtypes import round_to
+from lora_ref.kinds import KindName, kind_of
+from lora_ref.kinds import kinds as registered_kinds
 
 from .errors import GraphTargetNotFoundError, UnsupportedGraphError
 
@@ -68,7 +70,7 @@ class TargetSite:
     in_features: int
     out_features: int
     found_by: str
-    kind: str = "linear"
+    kind: KindName = "linear"
     weight_shape: tuple[int, ...] = ()
     bias: str | None = None
     bias_node: int | None = None
@@ -94,7 +96,7 @@ class GraphIndex:
         notes: list[str] = []
         for i, pos in self.consumers.get(weight, []):
             node = self.graph.node[i]
-            if kind != "linear":
+            if not kind_of(kind).export.transposable:
                 layout = _other_layout(node, pos, kind, notes)
                 if layout:
                     uses.append((i, layout))
@@ -139,22 +141,20 @@ def _linear_layout(node: onnx.NodeProto, pos: int, *, transposed: bool, notes: l
 
 def _other_layout(node: onnx.NodeProto, pos: int, kind: str, notes: list[str]) -> str | None:
     """``"rows"`` for an embedding's Gather, ``"kernel"`` for a conv's Conv, else None."""
-    if kind == "embedding" and node.op_type == "Gather" and pos == 0:
+    facts = kind_of(kind).export
+    if node.op_type not in facts.ops or pos != facts.weight_input:
+        return None
+    if node.op_type == "Gather":
         if _attr(node, "axis", 0) != 0:
             notes.append(f"Gather {node.name or node.output[0]!r} gathers along axis {_attr(node, 'axis', 0)} (not an embedding)")
             return None
         return "rows"
-    if kind == "conv" and node.op_type == "Conv" and pos == 1:
+    if node.op_type == "Conv":
         if _attr(node, "group", 1) != 1:
             notes.append(f"Conv {node.name or node.output[0]!r} has group={_attr(node, 'group', 1)} (grouped convs cannot merge a LoRA delta)")
             return None
         return "kernel"
     return None
-
-
-#: Per layer kind: the op types of its nodes, the input position of the weight, its ranks.
-KIND_OPS = {"linear": (("MatMul", "Gemm"), 1, (2,)), "embedding": (("Gather",), 0, (2,)), "conv": (("Conv",), 1, (3, 4, 5))}
-KINDS = tuple(KIND_OPS)
 
 
 def _innermost_scope(node: onnx.NodeProto) -> str | None:
@@ -214,7 +214,8 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
 
 
 def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str], kind: str) -> tuple[set[str], str]:
-    op_types, position, ranks = KIND_OPS[kind]
+    facts = kind_of(kind).export
+    op_types, position, ranks = facts.ops, facts.weight_input, facts.weight_ranks
     weights: set[str] = set()
     seen = []
     for i, scope in scopes.items():
@@ -224,7 +225,7 @@ def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str], kind: 
         seen.append(node.name or node.output[0])
         weight = node.input[position] if len(node.input) > position else ""
         producer = index.graph.node[index.producer[weight]] if weight in index.producer else None
-        if kind == "linear" and producer is not None and producer.op_type == "Transpose" and _is_2d_swap(producer):
+        if facts.transposable and producer is not None and producer.op_type == "Transpose" and _is_2d_swap(producer):
             weight = producer.input[0]
         if weight in index.initializers and _is_weight(index.initializers[weight], ranks):
             weights.add(weight)
@@ -241,7 +242,7 @@ def _is_weight(tensor: onnx.TensorProto, ranks: tuple[int, ...]) -> bool:
 
 
 def _by_name(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str]:
-    ranks = KIND_OPS[kind][2]
+    ranks = kind_of(kind).export.weight_ranks
     key = f"{module}.weight"
     weights = {name for name, t in index.initializers.items() if _path_matches(name, key) and _is_weight(t, ranks)}
     if not weights:
@@ -273,21 +274,19 @@ def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | N
     if key is None:
         return set(), f"values: the base weights have no tensor '{module}.weight'"
     W = np.asarray(base[key])
-    shapes = (W.shape, W.shape[::-1]) if kind == "linear" else (W.shape,)  # only a Linear's weight may be transposed
+    facts = kind_of(kind).export
+    shapes = (W.shape, W.shape[::-1]) if facts.transposable else (W.shape,)  # only a Linear's weight may be transposed
     weights = set()
     for name, tensor in index.initializers.items():
-        if tuple(tensor.dims) not in shapes or not _is_weight(tensor, KIND_OPS[kind][2]):
+        if tuple(tensor.dims) not in shapes or not _is_weight(tensor, facts.weight_ranks):
             continue
         value = _view(tensor)
         target = round_to(np.asarray(W, dtype=np.float64), value.dtype)
-        if _equal(value, target) or (kind == "linear" and _equal(value, target.T)):
+        if _equal(value, target) or (facts.transposable and _equal(value, target.T)):
             weights.add(name)
     if not weights:
         return weights, f"values: no initializer equals base tensor {key!r} {W.shape} or its transpose"
     return weights, f"values: {sorted(weights)} equal base tensor {key!r}"
-
-
-_KIND_FORMS = {"linear": "MatMul, Transpose+MatMul, or Gemm", "embedding": "Gather along axis 0", "conv": "Conv with group=1"}
 
 
 def locate_targets(
@@ -305,14 +304,14 @@ def locate_targets(
     that kind anywhere.
     """
     index = GraphIndex(model.graph)
-    op_types = {op for ops, _, _ in KIND_OPS.values() for op in ops}
+    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops}
     scopes = {i: s for i, n in enumerate(model.graph.node) if n.op_type in op_types and (s := _innermost_scope(n))}
     found: dict[str, list[TargetSite]] = {}
     failures: dict[str, list[str]] = {}
     for module in modules:
         kind = (kinds or {}).get(module, "linear")
-        if kind not in KIND_OPS:
-            raise UnsupportedGraphError(f"{module}: layer kind {kind!r} cannot be located (kinds: {KINDS})")
+        if kind not in registered_kinds():
+            raise UnsupportedGraphError(f"{module}: layer kind {kind!r} cannot be located (kinds: {tuple(registered_kinds())})")
         tried = []
         for found_by, strategy in (
             ("name scopes", lambda: _by_scopes(index, module, scopes, kind)),
@@ -329,7 +328,7 @@ def locate_targets(
                     _, notes = index.uses(weight, kind)
                     raise UnsupportedGraphError(
                         f"{module}: weight {weight!r} (found by {found_by}) is not used as a {kind} layer "
-                        f"({_KIND_FORMS[kind]}){': ' + '; '.join(notes) if notes else ''}"
+                        f"({kind_of(kind).export.form}){': ' + '; '.join(notes) if notes else ''}"
                     )
                 found[module] = sites
                 break

@@ -35,9 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lora_ref import dora
 from lora_ref.adapter import Adapter
 from lora_ref.conv import ConvGeometry
-from lora_ref.conv import forward as conv_forward
-from lora_ref.embedding import forward as embedding_forward
-from lora_ref.linear import forward as linear_forward
+from lora_ref.kinds import KindName, kind_of
 
 from .locate import NAME_SCOPES_KEY
 
@@ -57,10 +55,10 @@ class SmallModel:
     weights: dict[str, np.ndarray]
     linear_modules: list[str]
     reference: Callable[[np.ndarray, Adapter | None], np.ndarray]
-    kinds: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, KindName] = field(default_factory=dict)
     geometry: dict[str, ConvGeometry] = field(default_factory=dict)
 
-    def kind(self, module: str) -> str:
+    def kind(self, module: str) -> KindName:
         return self.kinds.get(module, "linear")
 
     def layer(self, module: str, x: np.ndarray, adapter: Adapter | None = None, *, bias: bool = True) -> np.ndarray:
@@ -68,17 +66,8 @@ class SmallModel:
         return layer64(x, self.weights, module, adapter, kind=self.kind(module), geometry=self.geometry.get(module), bias=bias)
 
 
-def _zero_factors(kind: str, W_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-1 zero A, B of ``kind`` for W: the layer without an adapter (adds exact zeros)."""
-    if kind == "embedding":
-        return np.zeros((1, W_shape[0])), np.zeros((W_shape[1], 1))
-    if kind == "conv":
-        return np.zeros((1, *W_shape[1:])), np.zeros((W_shape[0], 1) + (1,) * (len(W_shape) - 2))
-    return np.zeros((1, W_shape[1])), np.zeros((W_shape[0], 1))
-
-
 def layer64(x: np.ndarray, weights: Mapping[str, np.ndarray], module: str, adapter: Adapter | None, *,
-            kind: str = "linear", geometry: ConvGeometry | None = None, bias: bool = True) -> np.ndarray:
+            kind: KindName = "linear", geometry: ConvGeometry | None = None, bias: bool = True) -> np.ndarray:
     """One layer in float64 through the core's forward: base + LoRA (+ s·lora_bias), or DoRA.
 
     Linear y = x W^T + b + s (x A^T) B^T + s lora_bias; Embedding y = W[ids] + s A^T[ids] B^T;
@@ -89,19 +78,13 @@ def layer64(x: np.ndarray, weights: Mapping[str, np.ndarray], module: str, adapt
     b = weights.get(f"{module}.bias") if bias else None
     lora = adapter.modules.get(module) if adapter is not None else None
     s = adapter.scale_for(module) if lora is not None else 0.0
-    A, B = (lora.A, lora.B) if lora is not None else _zero_factors(kind, W.shape)
-    geometry = geometry or ConvGeometry()
+    layer_kind = kind_of(kind)
+    A, B = (lora.A, lora.B) if lora is not None else layer_kind.zero_factors(W.shape)
     if lora is not None and lora.magnitude is not None:
-        layer = {"linear": lambda: dora.linear(W, A, B, s, lora.magnitude, module=module),
-                 "embedding": lambda: dora.embedding(W, A, B, s, lora.magnitude, module=module),
-                 "conv": lambda: dora.conv(W, A, B, s, lora.magnitude, geometry=geometry, module=module)}[kind]()
+        layer = dora.build(layer_kind, W, A, B, s, lora.magnitude, geometry=geometry, module=module)
         return dora.forward(layer, x, bias=b, out_dtype=np.float64)
     lora_bias = lora.lora_bias if lora is not None else None
-    if kind == "embedding":
-        return embedding_forward(x, W, A, B, s, out_dtype=np.float64, module=module)
-    if kind == "conv":
-        return conv_forward(x, W, A, B, s, geometry=geometry, bias=b, lora_bias=lora_bias, out_dtype=np.float64)
-    return linear_forward(x, W, A, B, s, bias=b, lora_bias=lora_bias, out_dtype=np.float64)
+    return layer_kind.forward(x, W, A, B, s, bias=b, lora_bias=lora_bias, geometry=geometry, out_dtype=np.float64, module=module)
 
 
 def _model(nodes, inputs, outputs, initializers, name: str) -> onnx.ModelProto:
@@ -306,20 +289,17 @@ def random_adapter(model: SmallModel, r: int, *, alpha: float | None = None, see
     loras = {}
     for module in chosen:
         W = model.weights[f"{module}.weight"]
-        kind = model.kind(module)
-        if kind == "embedding":
-            (fan_in, out), a_shape, b_shape, axis = W.shape, (r, W.shape[0]), (W.shape[1], r), 1
-        else:
-            out, fan_in = W.shape[0], int(np.prod(W.shape[1:]))
-            a_shape, b_shape, axis = (r, *W.shape[1:]), (out, r) + (1,) * (W.ndim - 2), 0
+        kind = kind_of(model.kind(module))
+        a_shape, b_shape = kind.lora_shapes(W.shape, r)
+        fan_in, out, axis = int(np.prod(a_shape[1:])), b_shape[0], kind.dora_axis()
         A = (rng.standard_normal(a_shape) * magnitude / np.sqrt(fan_in)).astype(np.float32)
         B = (rng.standard_normal(b_shape) * magnitude).astype(np.float32)
-        bias = (rng.standard_normal(out) * magnitude).astype(np.float32) if lora_bias and kind != "embedding" else None
+        bias = (rng.standard_normal(out) * magnitude).astype(np.float32) if lora_bias and kind.lora_bias else None
         m = None
         if use_dora:
             norms = np.sqrt((W.astype(np.float64) ** 2).sum(axis=tuple(k for k in range(W.ndim) if k != axis)))
             m = (norms * (1 + 0.2 * rng.standard_normal(norms.shape))).astype(np.float32)
-        loras[module] = LoraModule(module, A, B, lora_bias=bias, magnitude=m, kind=kind)
+        loras[module] = LoraModule(module, A, B, lora_bias=bias, magnitude=m, kind=kind.name)
     config = LoraConfig(r=r, lora_alpha=float(2 * r if alpha is None else alpha), target_modules=chosen, use_rslora=use_rslora,
                         use_dora=use_dora, lora_bias=lora_bias)
     return Adapter(config, loras, name=name)

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper
 
 from lora_ref.dtypes import UNIT_ROUNDOFF
+from lora_ref.kinds import KindName, kind_of
 from lora_ref.numerics import gamma
 
 
@@ -33,7 +34,7 @@ def site_bound(x: np.ndarray, W: np.ndarray, *, A: np.ndarray | None = None, B: 
     return layer_bound(x, W, A=A, B=B, scale=scale, bias=bias, dtype=dtype)
 
 
-def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: str = "linear", A: np.ndarray | None = None, B: np.ndarray | None = None,
+def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: KindName = "linear", A: np.ndarray | None = None, B: np.ndarray | None = None,
                 scale: float = 0.0, bias: np.ndarray | None = None, lora_bias: np.ndarray | None = None,
                 gain: np.ndarray | None = None, geometry=None, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
     """γ_K · M for one layer of any kind, the bound above generalised:
@@ -47,27 +48,15 @@ def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: str = "linear", A: np.nda
     is among the K. K = n + r + 4 with n the inner length of the base map (Linear: in; Conv:
     in·Πk; Embedding: 0, a lookup sums nothing).
     """
-    from lora_ref.conv import ConvGeometry, ConvOps
-
+    layer = kind_of(kind)
     W_abs = np.abs(np.asarray(W, np.float64))
     r = 0 if A is None else int(np.shape(A)[0])
-    if kind == "embedding":
-        ids = np.asarray(x)
-        magnitude = W_abs[ids]
-        lora = (np.abs(np.asarray(A, np.float64)).T[ids] @ np.abs(np.asarray(B, np.float64)).T) if r else 0.0
-        n, channel = 0, -1
-    elif kind == "conv":
-        A_abs = np.abs(np.asarray(A, np.float64)) if r else np.zeros((1, *W_abs.shape[1:]))
-        B_abs = np.abs(np.asarray(B, np.float64)) if r else np.zeros((W_abs.shape[0], 1) + (1,) * (W_abs.ndim - 2))
-        ops = ConvOps(W_abs, A_abs, B_abs, 1.0, geometry or ConvGeometry())
-        x_abs = np.abs(np.asarray(x, np.float64))
-        magnitude, lora = ops.base(x_abs), ops.lora(x_abs)
-        n, channel = int(np.prod(W_abs.shape[1:])), 1
-    else:
-        x_abs = np.abs(np.asarray(x, np.float64))
-        magnitude = x_abs @ W_abs.T
-        lora = ((x_abs @ np.abs(np.asarray(A, np.float64)).T) @ np.abs(np.asarray(B, np.float64)).T) if r else 0.0
-        n, channel = W_abs.shape[1], -1
+    A_abs, B_abs = (np.abs(np.asarray(A, np.float64)), np.abs(np.asarray(B, np.float64))) if r else layer.zero_factors(W_abs.shape)
+    ops = layer.ops(W_abs, A_abs, B_abs, 1.0, geometry=geometry)
+    x = np.asarray(x)
+    x_in = x if np.issubdtype(x.dtype, np.integer) else np.abs(x.astype(np.float64))  # embedding ids stay ids
+    magnitude, lora = ops.base(x_in), ops.lora(x_in)
+    n, channel = layer.inner_length(W_abs.shape), ops.channel_axis
     magnitude = magnitude + abs(scale) * lora
 
     def along(v: np.ndarray) -> np.ndarray:

@@ -329,5 +329,10 @@ class ConvKind(Kind):
         self.refuse_options(module, padding_idx=padding_idx)
         return ConvOps(W, A, B, scale, geometry or ConvGeometry(), module)
 
+    def forward(self, x, W, A, B, scale, *, bias=None, lora_bias=None, dropout_mask=None, fan_in_fan_out=False,
+                geometry=None, out_dtype=None, module=""):
+        return forward(x, W, A, B, scale, geometry=geometry or ConvGeometry(), bias=bias, lora_bias=lora_bias,
+                       dropout_mask=dropout_mask, out_dtype=out_dtype)
+
 
 CONV = register(ConvKind())

@@ -209,6 +209,11 @@ class EmbeddingKind(Kind):
         self.refuse_options(module, geometry=geometry)
         return EmbeddingOps(W, A, B, scale, padding_idx=padding_idx, module=module)
 
+    def forward(self, x, W, A, B, scale, *, bias=None, lora_bias=None, dropout_mask=None, fan_in_fan_out=False,
+                geometry=None, out_dtype=None, module=""):
+        self.refuse_options(module, bias=bias, lora_bias=lora_bias, dropout_mask=dropout_mask, geometry=geometry)
+        return forward(x, W, A, B, scale, out_dtype=out_dtype, module=module)
+
     def dora_axis(self, fan_in_fan_out=False):
         return 1  # W [num_embeddings, embedding_dim]: m per embedding dimension
 

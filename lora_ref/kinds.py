@@ -119,6 +119,13 @@ class Kind:
         """The kind's :class:`LayerOps`; an option the kind does not take is a ConfigError."""
         raise NotImplementedError
 
+    def forward(self, x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *,
+                bias: np.ndarray | None = None, lora_bias: np.ndarray | None = None, dropout_mask: np.ndarray | None = None,
+                fan_in_fan_out: bool = False, geometry=None, out_dtype: object = None, module: str = "") -> np.ndarray:
+        """The kind's LoRA forward (its module's ``forward``), rounded once to ``out_dtype``;
+        an option the kind does not take is a ConfigError."""
+        raise NotImplementedError
+
     def dora_axis(self, fan_in_fan_out: bool = False) -> int:
         """The output-channel axis of the stored W: what DoRA's m indexes and its norm is not taken over."""
         return 0

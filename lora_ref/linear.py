@@ -259,6 +259,12 @@ class LinearKind(Kind):
         self.refuse_options(module, geometry=geometry, padding_idx=padding_idx)
         return LinearOps(W, A, B, scale, fan_in_fan_out=fan_in_fan_out, module=module)
 
+    def forward(self, x, W, A, B, scale, *, bias=None, lora_bias=None, dropout_mask=None, fan_in_fan_out=False,
+                geometry=None, out_dtype=None, module=""):
+        self.refuse_options(module, geometry=geometry)
+        return forward(x, W, A, B, scale, bias=bias, lora_bias=lora_bias, dropout_mask=dropout_mask,
+                       fan_in_fan_out=fan_in_fan_out, out_dtype=out_dtype)
+
     def dora_axis(self, fan_in_fan_out=False):
         return 1 if fan_in_fan_out else 0  # W stored [in, out] with fan_in_fan_out
 
