@@ -23,6 +23,7 @@ kinds are imported on the first lookup, so kind modules may import this one free
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -79,8 +80,8 @@ class ExportFacts:
     factor_layout: FactorLayout
 
 
-class Kind:
-    """One layer kind. Subclasses set the facts and implement the methods below."""
+class Kind(ABC):
+    """One layer kind. Subclasses set the facts and implement the abstract methods."""
 
     #: Registry name (:data:`KindName`) and the name in messages.
     name: str
@@ -101,30 +102,30 @@ class Kind:
     composable: bool = False
     export: ExportFacts
 
+    @abstractmethod
     def check_shapes(self, W_shape: tuple[int, ...], A: np.ndarray, B: np.ndarray, *,
                      fan_in_fan_out: bool = False, module: str = "") -> tuple[int, int, int]:
         """Validate W/A/B shapes (ShapeError naming ``module``); return (out, in, r)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def lora_shapes(self, W_shape: tuple[int, ...], r: int, *, fan_in_fan_out: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(A's shape, B's shape) of rank ``r`` for a base weight of ``W_shape``, in PEFT's layout."""
-        raise NotImplementedError
 
+    @abstractmethod
     def delta(self, A: np.ndarray, B: np.ndarray, scale: float, *, fan_in_fan_out: bool = False, module: str = ""):
         """ΔW = s·(B A in the kind's form) in W's stored layout, as a :class:`~lora_ref.merge.DeltaSource`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def ops(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *, fan_in_fan_out: bool = False,
             geometry=None, padding_idx: int | None = None, module: str = "") -> LayerOps:
         """The kind's :class:`LayerOps`; an option the kind does not take is a ConfigError."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *,
                 bias: np.ndarray | None = None, lora_bias: np.ndarray | None = None, dropout_mask: np.ndarray | None = None,
                 fan_in_fan_out: bool = False, geometry=None, out_dtype: object = None, module: str = "") -> np.ndarray:
         """The kind's LoRA forward (its module's ``forward``), rounded once to ``out_dtype``;
         an option the kind does not take is a ConfigError."""
-        raise NotImplementedError
 
     def dora_axis(self, fan_in_fan_out: bool = False) -> int:
         """The output-channel axis of the stored W: what DoRA's m indexes and its norm is not taken over."""

@@ -39,7 +39,7 @@ from .dtypes import check_float_array, float64, resolve_dtype, round_to
 from .errors import ConfigError, ShapeError
 from .kinds import kind_of
 from .linear import check_lora_shapes
-from .numerics import check_mask, lora_vjp
+from .numerics import check_mask, lora_vjp, wide
 
 
 class RoutingError(ShapeError):
@@ -101,12 +101,9 @@ def _check_factors(factors: Sequence[LoraFactors | None], W_shape: tuple[int, ..
 
 def _prepare(x, W, factors, index, dropout_mask, fan_in_fan_out):
     """Common checks; returns float64 views: X [batch, m, in], W [out, in], mask, idx."""
-    check_float_array(x, "x")
-    check_float_array(W, "W")
+    x64, W64 = wide(x, "x"), wide(W, "W")
     _check_factors(factors, np.shape(W), fan_in_fan_out)
-    W64 = np.asarray(W, dtype=float64)
     W64 = W64.T if fan_in_fan_out else W64
-    x64 = np.asarray(x, dtype=float64)
     if x64.ndim < 2 or x64.shape[-1] != W64.shape[1]:
         raise ShapeError(f"x has shape {x64.shape}; expected [batch, ..., {W64.shape[1]}]")
     idx = check_index(index, x64.shape[0], len(factors))
@@ -254,9 +251,7 @@ class StackedBank:
     def forward(self, x: np.ndarray, W: np.ndarray, index: np.ndarray | Sequence[int], *,
                 bias: np.ndarray | None = None, out_dtype: object = None) -> np.ndarray:
         """y[b] = x[b] W^T + bias + s[j] (x[b] A[j]^T) B[j]^T with j = idx[b] (no term where j = -1)."""
-        check_float_array(x, "x")
-        check_float_array(W, "W")
-        x64, W64 = np.asarray(x, dtype=float64), np.asarray(W, dtype=float64)
+        x64, W64 = wide(x, "x"), wide(W, "W")
         if W64.shape != (self.B.shape[1], self.A.shape[2]):
             raise ShapeError(f"W has shape {W64.shape}; the bank is for {(self.B.shape[1], self.A.shape[2])}")
         if x64.ndim < 2 or x64.shape[-1] != W64.shape[1]:
