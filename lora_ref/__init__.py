@@ -13,7 +13,8 @@ Adapters in PEFT's files, without torch (``adapter``, ``config``)::
     >>> lora_ref.save_adapter(adapter, "my_adapter"); lora_ref.load_adapter("my_adapter").name
     'my_adapter'
 
-One layer: forward, backward, delta (``linear``; ``embedding``, ``conv``, ``dora`` likewise)::
+One layer: forward, backward, delta (``linear``; ``embedding``, ``conv``, ``dora`` likewise); what
+differs between layer kinds is one registry entry per kind (``kinds``)::
 
     >>> lora_ref.lora_scale(8, 16), lora_ref.lora_scale(16, 16, use_rslora=True)   # alpha/r, alpha/sqrt(r)
     (2.0, 4.0)
@@ -22,6 +23,8 @@ One layer: forward, backward, delta (``linear``; ``embedding``, ``conv``, ``dora
     (2, 256)
     >>> lora_ref.lora_backward(x, np.ones_like(y), W, module.A, module.B, s).dA.shape
     (8, 256)
+    >>> lora_ref.kind_of(module.kind).lora_shapes(W.shape, r=8)   # (A's shape, B's shape)
+    ((8, 256), (256, 8))
 
 Merge and unmerge one weight, fast or exact (``merge``), or every targeted weight (``MergeLedger``)::
 
@@ -66,6 +69,7 @@ from .checkpoint import merge_checkpoint, unmerge_checkpoint
 from .config import LoraConfig, lora_scale
 from .deltas import delta_for
 from .errors import LoraRefError
+from .kinds import kind_of
 from .ledger import MergeLedger
 from .linear import backward as lora_backward
 from .linear import forward as lora_forward
@@ -90,6 +94,7 @@ __all__ = [
     "TreeSwitcher",
     "delta_for",
     "factors_for",
+    "kind_of",
     "load_adapter",
     "load_file",
     "lora_backward",
