@@ -9,9 +9,10 @@ On disk (PEFT): ``adapter_config.json`` + ``adapter_model.safetensors`` with key
     base_model.model.<module>.lora_embedding_B       B  [embedding_dim, r]
     base_model.model.<module>.lora_magnitude_vector  DoRA magnitude (``.weight`` suffix tolerated)
 
-Keys lora-ref does not interpret (``modules_to_save`` copies, ...) are kept in
-``Adapter.extra_tensors`` and written back unchanged. ``adapter_model.bin`` (a pickle) is
-refused and never opened.
+Other keys (``modules_to_save`` copies, trainable base biases, trainable-token deltas) are kept
+in ``Adapter.extra_tensors`` and written back unchanged; :meth:`Adapter.carried_tensors` says
+what each one changes (:mod:`lora_ref.carried`), and loading refuses any key it cannot apply.
+``adapter_model.bin`` (a pickle) is refused and never opened.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .carried import CarriedTensor, classify
 from .config import LoraConfig
 from .dora import check_magnitude
 from .dtypes import check_float_array
@@ -93,10 +95,17 @@ class Adapter:
     modules: dict[str, LoraModule]
     name: str = "default"
     extra_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The digest that names this adapter in merge records (lora_ref.provenance.adapter_digest);
+    #: None until computed. A part of an adapter (one shard's modules) keeps the whole one's.
+    content_digest: str | None = None
 
     def __post_init__(self) -> None:
         for module in self.modules.values():
             validate_module(module, self.config)
+
+    def carried_tensors(self, source: str | None = None) -> dict[str, CarriedTensor]:
+        """The non-LoRA tensors by the base key each changes; CarriedTensorError for one that cannot be applied."""
+        return classify(self.config, self.extra_tensors, source=source or f"adapter {self.name!r}")
 
     def scale_for(self, module: str) -> float:
         """The LoRA scale s of ``module`` (rank_pattern / alpha_pattern / rsLoRA applied)."""
@@ -194,9 +203,11 @@ def load_adapter(directory: str | Path, name: str | None = None) -> Adapter:
                 f"in {weights.name}, e.g. {untargeted[0]!r}"
             )
     try:
-        return Adapter(config=config, modules=modules, name=name, extra_tensors=extra)
+        adapter = Adapter(config=config, modules=modules, name=name, extra_tensors=extra)
+        adapter.carried_tensors(source=str(weights))  # refuses a tensor it could not apply
     except (ShapeError, ConfigError, FileFormatError) as exc:
         raise type(exc)(f"{weights}: {exc}") from None
+    return adapter
 
 
 def save_adapter(adapter: Adapter, directory: str | Path) -> None:

@@ -5,6 +5,11 @@ tensor of the input is written to the output (targeted ones merged); peak memory
 one tensor plus one float64 row block, because the input is memory-mapped and the output is
 written incrementally (its header is known before any data). The output is atomic.
 
+Besides the LoRA targets (:func:`merge_targets`), a merge applies the tensors the adapter
+carries (:mod:`lora_ref.carried`: ``modules_to_save`` copies, trainable biases, trainable-token
+rows), which *replace* base values: only an exact unmerge (with the residual, which holds the
+replaced originals) can undo them, and a fast unmerge of such a merge is refused.
+
 Residual file (exact mode): a safetensors file with, per merged tensor ``<key>``, the tensors
 ``<key>::indices`` (uint32; int64 for weights of more than 2^32 elements) and
 ``<key>::values`` (the weight's dtype), and a metadata entry
@@ -12,6 +17,14 @@ Residual file (exact mode): a safetensors file with, per merged tensor ``<key>``
 A DoRA module's merge is not additive and its unmerge needs the weight norm n of the unmerged
 weight (W' does not determine it), so the residual file also holds ``<key>::dora_norm``
 (float64 [C]); unmerging a DoRA checkpoint without it raises DoraNormMissingError.
+
+Format 2 (:data:`RESIDUAL_FORMAT`) adds what makes exactness verified rather than assumed:
+``targets`` (every tensor the merge changed, so a removed entry is seen), ``merge_id`` (the
+merge record's, :mod:`lora_ref.provenance`), and per key ``payload_digest`` = digest_arrays
+(indices, values[, dora_norm]) (a flipped bit in the payload is refused before anything is
+written) and ``base_digest`` = digest_arrays of the tensor before the merge, which the unmerged
+tensor must reproduce. Format 1 files (lora-ref 0.1.0 before this) are still read; they cannot
+be verified, which :attr:`CheckpointReport.verified` and the CLI say.
 """
 
 from __future__ import annotations
@@ -19,23 +32,29 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .adapter import Adapter
+from .carried import ReplacementDelta
 from .deltas import delta_for
 from .dora import DoraDelta
 from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
-from .errors import FileFormatError, TargetNotFoundError
+from .errors import CarriedTensorError, ExactnessError, FileFormatError, TargetNotFoundError
 from .linear import LinearBiasDelta
-from .merge import BLOCK_BYTES, DeltaSource, Residual, block_rows, merge, unmerge
+from .merge import BLOCK_BYTES, DeltaSource, Residual, block_rows, digest_arrays, merge, unmerge
+from .provenance import PROVENANCE_KEY, adapter_digest, merge_record, popped, pushed, tensors_digest
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
 
-RESIDUAL_FORMAT = "lora-ref-residual/1"
+RESIDUAL_FORMAT = "lora-ref-residual/2"
+#: The format lora-ref 0.1.0 wrote before residuals carried checksums; read, never verified.
+RESIDUAL_FORMAT_V1 = "lora-ref-residual/1"
 RESIDUAL_META_KEY = "lora_ref.residual"
+#: The ``part`` of a checkpoint target that a carried tensor (lora_ref.carried) changes.
+CARRIED = "carried"
 
 
 def base_key(module: str) -> str:
@@ -53,9 +72,27 @@ def merge_targets(adapter: Adapter) -> dict[str, tuple[str, str]]:
     return targets
 
 
+def checkpoint_targets(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """What a checkpoint merge changes: :func:`merge_targets` and every carried tensor's base key -> (key, CARRIED).
+
+    Raises CarriedTensorError when a carried tensor and a LoRA merge would change one base tensor
+    (their order is undefined).
+    """
+    targets = merge_targets(adapter)
+    for key in adapter.carried_tensors():
+        if key in targets:
+            raise CarriedTensorError(f"adapter {adapter.name!r}: base tensor {key!r} is both replaced by a carried tensor "
+                                     "and changed by a LoRA merge; the order is undefined")
+        targets[key] = (key, CARRIED)
+    return targets
+
+
 def target_delta(adapter: Adapter, target: tuple[str, str], **kwargs: object) -> DeltaSource:
-    """The delta source of one merge target (``kwargs`` go to :func:`delta_for` for weights)."""
+    """The delta source of one merge target (``kwargs`` go to :func:`delta_for` for weights; a
+    carried target needs ``shape``, the base tensor's)."""
     module, part = target
+    if part == CARRIED:
+        return ReplacementDelta(adapter.carried_tensors()[module], kwargs["shape"])  # type: ignore[arg-type]
     if part == "bias":
         return LinearBiasDelta(adapter.modules[module].lora_bias, adapter.scale_for(module), module=module)
     return delta_for(adapter, module, **kwargs)  # type: ignore[arg-type]
@@ -69,10 +106,13 @@ class CheckpointReport:
     merged: dict[str, int] = field(default_factory=dict)  # key -> element count
     residual_counts: dict[str, int] = field(default_factory=dict)
     residual_bytes: int = 0
+    #: Exact unmerge: every restored tensor matched the base digest its residual recorded
+    #: (False for a format-1 residual, which records none).
+    verified: bool = False
 
 
 def _check_targets(adapter: Adapter, handle: SafetensorsFile) -> None:
-    missing = [key for key in merge_targets(adapter) if key not in handle]
+    missing = [key for key in checkpoint_targets(adapter) if key not in handle]
     if missing:
         lora_bias = [key for key in missing if key.endswith(".bias")]
         raise TargetNotFoundError(
@@ -92,8 +132,13 @@ def merge_checkpoint(
     allow_nonfinite: bool = False,
     progress: Callable[[str], None] | None = None,
     block_bytes: int = BLOCK_BYTES,
+    metadata: Mapping[str, str] | None = None,
 ) -> CheckpointReport:
     """Write base + adapter to ``out_path``; with ``residual_path`` merge exactly and save the residual.
+
+    The output's ``__metadata__`` is the base's with this merge's record pushed
+    (:mod:`lora_ref.provenance`), or ``metadata`` when given (a re-merge that must reproduce a
+    file's bytes, as ``unmerge --in-place`` checks).
 
     ``dtype`` converts every floating tensor (rounded once) before merging; the residual then
     restores the converted base. Converted and merged tensors are computed straight into the
@@ -106,10 +151,15 @@ def merge_checkpoint(
     report = CheckpointReport()
     residuals: dict[str, Residual] = {}
     norms: dict[str, np.ndarray] = {}
-    targets = merge_targets(adapter)
+    base_digests: dict[str, str] = {}
+    targets = checkpoint_targets(adapter)
     with _ResidualSpill(residual_path) as spill, SafetensorsFile(base_path) as base:
         _check_targets(adapter, base)
         names = base.keys()
+        # one read of the targeted tensors before any output: the record goes into the header
+        input_digests = {name: digest_arrays(base.get(name)) for name in names if name in targets}
+        record = merge_record(adapter, exact=residual_path is not None, base_digest=tensors_digest(input_digests),
+                              dtype=dtype_name(target_dtype) if target_dtype is not None else None, targets=len(targets))
 
         def out_dtype(name: str) -> np.dtype:
             stored = base.tensors[name].dtype
@@ -117,7 +167,8 @@ def merge_checkpoint(
             return target_dtype if target_dtype is not None and is_float else stored
 
         specs = [(n, out_dtype(n), base.tensors[n].shape) for n in names]
-        with SafetensorsWriter(out_path, specs, base.metadata) as writer:
+        header = pushed(base.metadata, record, base_path) if metadata is None else metadata
+        with SafetensorsWriter(out_path, specs, header) as writer:
             for name in names:
                 tensor = base.get(name)
                 if out_dtype(name) == tensor.dtype and name not in targets:
@@ -131,7 +182,10 @@ def merge_checkpoint(
                 if name in targets:
                     if progress:
                         progress(name)
-                    delta = target_delta(adapter, targets[name], base=tensor)
+                    base_digests[name] = input_digests[name] if out_dtype(name) == base.tensors[name].dtype \
+                        else digest_arrays(tensor)
+                    kwargs = {"shape": tensor.shape} if targets[name][1] == CARRIED else {"base": tensor}
+                    delta = target_delta(adapter, targets[name], **kwargs)
                     result = merge(tensor, delta, exact=residual_path is not None, allow_nonfinite=allow_nonfinite,
                                    out=out, block_bytes=block_bytes)
                     if isinstance(delta, DoraDelta):
@@ -144,7 +198,7 @@ def merge_checkpoint(
                         report.residual_bytes += result.residual.nbytes
                 report.tensors_written += 1
         if residual_path is not None:
-            save_residuals(residual_path, residuals, norms)
+            save_residuals(residual_path, residuals, norms, base_digests=base_digests, record=record)
     return report
 
 
@@ -189,27 +243,44 @@ def unmerge_checkpoint(
     """Write merged − adapter to ``out_path``; with the residual the result is bit-identical to the base.
 
     Streams like :func:`merge_checkpoint` (row blocks of about ``block_bytes`` into the mapped output).
+    With a residual, every targeted tensor must have its entry and (format 2) pass its payload
+    checksum before anything is written, and each restored tensor must match its recorded base
+    digest (ExactnessError otherwise, nothing left at ``out_path``); ``report.verified`` says the
+    check ran. Without a residual, carried tensors (replacements) are refused: they cannot be undone.
     """
-    residuals = load_residuals(residual_path) if residual_path is not None else {}
-    norms = load_dora_norms(residual_path) if residual_path is not None else {}
-    targets = merge_targets(adapter)
-    unknown = sorted(set(residuals) - set(targets))
-    if unknown:
-        raise FileFormatError(f"{residual_path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
-    report = CheckpointReport()
+    targets = checkpoint_targets(adapter)
+    record = read_residual_file(residual_path) if residual_path is not None else None
+    if record is None:
+        replaced = [key for key, (_, part) in targets.items() if part == CARRIED]
+        if replaced:
+            raise CarriedTensorError(
+                f"{merged_path}: the merge replaced {len(replaced)} base tensor(s) with the adapter's carried copies "
+                f"({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}); only the exact residual holds the "
+                "originals: pass the --residual written by the merge")
+    else:
+        record.check_covers(targets, residual_path)
+    residuals = record.residuals if record else {}
+    norms = record.norms if record else {}
+    report = CheckpointReport(verified=bool(record and record.base_digests is not None))
     with SafetensorsFile(merged_path) as merged:
         _check_targets(adapter, merged)
         names = merged.keys()
         specs = [(n, merged.tensors[n].dtype, merged.tensors[n].shape) for n in names]
-        with SafetensorsWriter(out_path, specs, merged.metadata) as writer:
+        metadata = popped(merged.metadata, adapter_digest(adapter), merged_path)
+        with SafetensorsWriter(out_path, specs, metadata) as writer:
             for name in names:
                 tensor = merged.get(name)
                 if name in targets:
                     if progress:
                         progress(name)
-                    delta = target_delta(adapter, targets[name], norm=norms.get(name))
-                    unmerge(tensor, delta, residual=residuals.get(name), out=writer.reserve(name),
-                            block_bytes=block_bytes)
+                    kwargs = {"shape": tensor.shape} if targets[name][1] == CARRIED else {"norm": norms.get(name)}
+                    delta = target_delta(adapter, targets[name], **kwargs)
+                    out = writer.reserve(name)
+                    unmerge(tensor, delta, residual=residuals.get(name), out=out, block_bytes=block_bytes)
+                    if record is not None and record.base_digests is not None \
+                            and digest_arrays(out) != record.base_digests[name]:
+                        raise ExactnessError(f"{name}: the exact unmerge does not reproduce the base digest recorded at "
+                                             f"merge in {residual_path}; nothing was written")
                     report.merged[name] = int(tensor.size)
                 else:
                     writer.write(name, tensor)
@@ -228,10 +299,28 @@ def _convert_into(source: np.ndarray, out: np.ndarray, block_bytes: int) -> None
         out[rows] = round_to(np.asarray(source[rows], dtype=np.float64), out.dtype)
 
 
-def save_residuals(path: str | Path, residuals: dict[str, Residual], norms: dict[str, np.ndarray] | None = None) -> None:
-    """Write residuals and DoRA weight norms (see module doc) atomically."""
-    tensors: dict[str, np.ndarray] = {f"{key}::dora_norm": norm for key, norm in (norms or {}).items()}
-    meta: dict[str, object] = {"format": RESIDUAL_FORMAT, "tensors": {}}
+def _payload_digest(residual: Residual, norm: np.ndarray | None) -> str:
+    return digest_arrays(residual.indices, residual.values, *([] if norm is None else [norm]))
+
+
+def save_residuals(
+    path: str | Path,
+    residuals: dict[str, Residual],
+    norms: dict[str, np.ndarray] | None = None,
+    *,
+    base_digests: dict[str, str] | None = None,
+    record: dict | None = None,
+) -> None:
+    """Write residuals and DoRA weight norms (see module doc, format 2) atomically.
+
+    ``base_digests`` (key -> digest_arrays of the tensor before the merge) and ``record`` (the
+    merge's provenance record) are what a verified unmerge checks; without them the entries
+    carry an empty base digest and the unmerge cannot be verified.
+    """
+    norms = norms or {}
+    tensors: dict[str, np.ndarray] = {f"{key}::dora_norm": norm for key, norm in norms.items()}
+    meta: dict[str, object] = {"format": RESIDUAL_FORMAT, "tensors": {}, "targets": sorted(residuals),
+                               "merge_id": (record or {}).get("merge_id")}
     for key, residual in residuals.items():
         tensors[f"{key}::indices"] = residual.indices
         tensors[f"{key}::values"] = residual.values
@@ -240,25 +329,65 @@ def save_residuals(path: str | Path, residuals: dict[str, Residual], norms: dict
             "dtype": dtype_name(residual.values.dtype),
             "merged_digest": residual.merged_digest,
             "delta_digest": residual.delta_digest,
+            "payload_digest": _payload_digest(residual, norms.get(key)),
+            "base_digest": (base_digests or {}).get(key, ""),
         }
-    save_file(path, tensors, metadata={RESIDUAL_META_KEY: json.dumps(meta, sort_keys=True)})
+    metadata = {RESIDUAL_META_KEY: json.dumps(meta, sort_keys=True)}
+    if record is not None:
+        metadata[PROVENANCE_KEY] = pushed({}, record, path)[PROVENANCE_KEY]
+    save_file(path, tensors, metadata=metadata)
 
 
-def load_residuals(path: str | Path) -> dict[str, Residual]:
-    """Read a residual file written by :func:`save_residuals`; malformed files raise FileFormatError."""
+@dataclass
+class ResidualFile:
+    """A residual file, read and checked: the residuals and DoRA norms by base key, and what
+    verifies them (format 2: ``targets``, ``base_digests``, ``merge_id``; None for format 1)."""
+
+    residuals: dict[str, Residual]
+    norms: dict[str, np.ndarray]
+    targets: list[str] | None
+    base_digests: dict[str, str] | None
+    merge_id: str | None
+
+    def check_covers(self, targets: Mapping[str, object], path: object) -> None:
+        """Raise unless this file holds exactly one entry per target the adapter's merge changes."""
+        unknown = sorted(set(self.residuals) - set(targets))
+        if unknown:
+            raise FileFormatError(f"{path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
+        missing = sorted(set(targets) - set(self.residuals))
+        if missing:
+            raise ExactnessError(f"{path}: the residual has no entry for {len(missing)} targeted tensor(s) "
+                                 f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): removed, or from "
+                                 "another merge; refusing (an exact unmerge needs every entry)")
+
+
+def read_residual_file(path: str | Path) -> ResidualFile:
+    """Read and check a residual file (:func:`save_residuals`, format 1 or 2).
+
+    Malformed files raise FileFormatError; a format-2 file whose target list and entries disagree,
+    or an entry whose payload does not match its checksum, raises ExactnessError.
+    """
     with SafetensorsFile(path) as handle:
         raw = handle.metadata.get(RESIDUAL_META_KEY)
     if raw is None:
         raise FileFormatError(f"{path}: not a lora-ref residual file (no {RESIDUAL_META_KEY!r} metadata)")
     try:
         meta = json.loads(raw)
-        if meta.get("format") != RESIDUAL_FORMAT or not isinstance(meta.get("tensors"), dict):
+        if meta.get("format") not in (RESIDUAL_FORMAT, RESIDUAL_FORMAT_V1) or not isinstance(meta.get("tensors"), dict):
             raise ValueError("unknown format")
+        v2 = meta["format"] == RESIDUAL_FORMAT
+        if v2 and (not isinstance(meta.get("targets"), list) or not all(isinstance(t, str) for t in meta["targets"])):
+            raise ValueError("'targets' must be a list of tensor names")
     except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: hostile nesting
         raise FileFormatError(f"{path}: residual metadata is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if v2 and set(meta["targets"]) != set(meta["tensors"]):
+        gone = sorted(set(meta["targets"]) ^ set(meta["tensors"]))
+        raise ExactnessError(f"{path}: the residual lists {len(meta['targets'])} targets but holds entries for "
+                             f"{len(meta['tensors'])} (differ: {', '.join(gone[:3])}); it was edited or truncated")
+    norms = load_dora_norms(path)
     with SafetensorsFile(path) as handle:  # read-only views: the mapping outlives the handle while they live
         arrays = {name: handle.get(name) for name in handle.keys()}
-    residuals = {}
+    residuals, base_digests = {}, {}
     for key, info in meta["tensors"].items():
         try:
             indices, values = arrays[f"{key}::indices"], arrays[f"{key}::values"]
@@ -268,13 +397,25 @@ def load_residuals(path: str | Path) -> dict[str, Residual]:
             shape = tuple(shape)
             dtype = resolve_dtype(info["dtype"], allow_float64=False)
             merged_digest, delta_digest = str(info["merged_digest"]), str(info["delta_digest"])
+            if v2:
+                payload, base_digests[key] = str(info["payload_digest"]), str(info["base_digest"])
         except (KeyError, TypeError, ValueError) as exc:
             raise FileFormatError(f"{path}: residual entry {key!r} is incomplete ({exc})") from None
         if indices.dtype not in (np.uint32, np.int64) or indices.ndim != 1 or values.dtype != dtype \
                 or values.shape != indices.shape:
             raise FileFormatError(f"{path}: residual entry {key!r} has inconsistent indices/values")
         residuals[key] = Residual(indices, values, shape, merged_digest, delta_digest)
-    return residuals
+        if v2 and payload != _payload_digest(residuals[key], norms.get(key)):
+            raise ExactnessError(f"{path}: residual entry {key!r} fails its checksum (its indices, values or DoRA norm "
+                                 "changed since the merge wrote it); refusing")
+    verifiable = v2 and all(base_digests.values())
+    return ResidualFile(residuals, norms, list(meta["targets"]) if v2 else None, base_digests if verifiable else None,
+                        meta.get("merge_id") if v2 else None)
+
+
+def load_residuals(path: str | Path) -> dict[str, Residual]:
+    """The residuals of a residual file, by base key (:func:`read_residual_file` checks them)."""
+    return read_residual_file(path).residuals
 
 
 def load_dora_norms(path: str | Path) -> dict[str, np.ndarray]:

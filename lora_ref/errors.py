@@ -53,3 +53,15 @@ class ResidualMismatchError(LoraRefError, ValueError):
 
 class OverwriteRefusedError(LoraRefError, ValueError):
     """An output path names one of the command's inputs (only ``--in-place`` may replace an input)."""
+
+
+class CarriedTensorError(LoraRefError, ValueError):
+    """An adapter file carries a tensor lora-ref cannot apply here; it is refused, never ignored."""
+
+
+class ProvenanceError(MergeStateError):
+    """A command contradicts the merge record a lora-ref file carries (double merge, not merged, order)."""
+
+
+class ExactnessError(ResidualMismatchError):
+    """A residual's checksums fail, or an exact unmerge did not reproduce the recorded base digest."""

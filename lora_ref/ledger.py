@@ -19,7 +19,7 @@ import numpy as np
 
 from .adapter import Adapter
 from .checkpoint import merge_targets, target_delta
-from .errors import MergeStateError, ShapeError, TargetNotFoundError
+from .errors import CarriedTensorError, MergeStateError, ShapeError, TargetNotFoundError
 from .merge import Residual, check_factors_finite, digest_arrays, merge, unmerge
 
 
@@ -54,6 +54,9 @@ class MergeLedger:
         name = name or adapter.name
         if name in self._order:
             raise MergeStateError(f"adapter {name!r} is already merged")
+        if adapter.carried_tensors():  # never ignored: the ledger merges LoRA deltas only
+            raise CarriedTensorError(f"adapter {name!r} carries {', '.join(sorted(adapter.carried_tensors())[:3])} "
+                                     "(modules_to_save / trainable tokens / biases); merge it with lora-ref merge instead")
         targets = merge_targets(adapter)  # weights, and base biases of lora_bias modules (as PEFT)
         missing = [key for key in targets if key not in self.weights]
         if missing:

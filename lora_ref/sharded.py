@@ -24,10 +24,11 @@ from pathlib import Path
 
 from .adapter import Adapter
 from .atomic import write_text_atomic
-from .checkpoint import CheckpointReport, base_key, merge_checkpoint, unmerge_checkpoint
+from .checkpoint import CheckpointReport, base_key, checkpoint_targets, merge_checkpoint, unmerge_checkpoint
 from .errors import FileFormatError, LoraRefError, TargetNotFoundError
 from .jsonfile import read_json
 from .merge import BLOCK_BYTES
+from .provenance import adapter_digest
 from .safetensors_io import SafetensorsFile
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -106,9 +107,12 @@ def _check_output(index: ShardedIndex, out_dir: Path, residual_dir: Path | None)
 
 
 def _restricted(adapter: Adapter, keys: set[str]) -> Adapter:
-    """The adapter's modules whose base weight is among ``keys`` (one shard's share)."""
+    """The adapter's modules whose base weight is among ``keys`` and the carried tensors that change
+    one of ``keys`` (one shard's share); it keeps the whole adapter's digest (its merge records)."""
     modules = {name: module for name, module in adapter.modules.items() if base_key(name) in keys}
-    return Adapter(config=adapter.config, modules=modules, name=adapter.name)
+    extra = {c.key: c.values for target, c in adapter.carried_tensors().items() if target in keys}
+    return Adapter(config=adapter.config, modules=modules, name=adapter.name, extra_tensors=extra,
+                   content_digest=adapter_digest(adapter))
 
 
 def _per_shard(
@@ -119,7 +123,7 @@ def _per_shard(
     step: Callable[[Path, Adapter, Path, Path | None], CheckpointReport],
 ) -> CheckpointReport:
     index = read_index(index_path)
-    missing = sorted(base_key(m) for m in adapter.modules if base_key(m) not in index.weight_map)
+    missing = sorted(key for key in checkpoint_targets(adapter) if key not in index.weight_map)
     if missing:
         raise TargetNotFoundError(f"{index.path}: the adapter targets {len(missing)} weight(s) no shard holds: "
                                   f"{', '.join(missing[:5])}")
@@ -134,6 +138,7 @@ def _per_shard(
         total.merged.update(report.merged)
         total.residual_counts.update(report.residual_counts)
         total.residual_bytes += report.residual_bytes
+        total.verified = report.verified if shard == index.shards[0] else total.verified and report.verified
     size = 0
     for shard in index.shards:
         with SafetensorsFile(out_dir / shard) as handle:

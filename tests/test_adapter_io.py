@@ -45,8 +45,11 @@ def adapters(draw: st.DrawFn) -> Adapter:
             B=round_to(rng.normal(size=(out_f, rank)), dtype),
             lora_bias=round_to(rng.normal(size=out_f), dtype) if lora_bias else None,
         )
-    extra = {"base_model.model.score.modules_to_save.default.weight": np.arange(6, dtype=np.float32).reshape(2, 3)} \
-        if draw(st.booleans()) else {}
+    if draw(st.booleans()):  # a modules_to_save copy, keyed as PEFT 0.21.2 saves it (wrapper names stripped)
+        config.extra["modules_to_save"] = ["score"]
+        extra = {"base_model.model.score.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    else:
+        extra = {}
     return Adapter(config, modules, extra_tensors=extra)
 
 

@@ -15,6 +15,12 @@ verified way back exists:
 
 A sharded checkpoint is given by its ``*.safetensors.index.json``; ``-o`` and ``--residual`` are
 then folders (:mod:`lora_ref.sharded`), and ``--in-place`` is not offered.
+
+Before any work, the merge record of the input (each shard's) is checked (:mod:`lora_ref.provenance`):
+a double merge, an unmerge of an adapter the record does not hold or not on top, and an exact
+residual of another merge are refused unless ``--force``; an exact merge unmerged without its
+residual needs ``--fast``. "exactly" is printed only when the restored tensors matched the base
+digests the residual recorded (docs/integrity.md).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import filecmp
+import json
 import os
 import sys
 import tempfile
@@ -33,8 +40,11 @@ from ..atomic import atomic_path
 from ..checkpoint import merge_checkpoint, unmerge_checkpoint
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
+from ..checkpoint import RESIDUAL_META_KEY
 from ..errors import MergeStateError, OverwriteRefusedError
-from ..sharded import INDEX_SUFFIX, merge_sharded, unmerge_sharded
+from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
+from ..safetensors_io import SafetensorsFile
+from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
 from .paths import refuse_overwrites
 
 
@@ -53,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--residual", help="also write the exact-unmerge residual here")
     m.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), help="convert floating tensors before merging")
     m.add_argument("--allow-nonfinite", action="store_true", help="merge adapters holding NaN/inf")
+    m.add_argument("--force", action="store_true", help="merge even if BASE's merge record already holds this adapter")
     m.set_defaults(func=run_merge)
     u = sub.add_parser("unmerge", help="write MERGED - adapter; bit-exact with --residual")
     u.add_argument("merged", help="merged weights (.safetensors or a sharded *.safetensors.index.json)")
@@ -62,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--in-place", action="store_true",
                         help="replace MERGED with the unmerged weights (only if merging them again gives MERGED back)")
     u.add_argument("--residual", help="residual written by merge --residual")
+    u.add_argument("--fast", action="store_true", help="accept a rounding unmerge of an exactly merged file (no residual)")
+    u.add_argument("--force", action="store_true",
+                   help="unmerge even if the merge record does not hold this adapter on top, or the residual is another merge's")
     u.set_defaults(func=run_unmerge)
 
 
@@ -89,6 +103,25 @@ def _scratch(beside: Path, tag: str) -> Iterator[Path]:
             os.unlink(name)
 
 
+def _records(path: str, residual: str | None) -> list[tuple[str, list[dict] | None, str | None]]:
+    """(file, its merge records or None, the merge id of its residual or None) for a file or each shard."""
+    if path.endswith(INDEX_SUFFIX):
+        index = read_index(path)
+        files = [(str(index.shard_path(s)), str(Path(residual) / s) if residual else None) for s in index.shards]
+    else:
+        files = [(path, residual)]
+    out = []
+    for file, res in files:
+        with SafetensorsFile(file) as handle:
+            stack = read_stack(handle.metadata, file)
+        merge_id = None
+        if res is not None and Path(res).is_file():
+            with SafetensorsFile(res) as handle, contextlib.suppress(ValueError, AttributeError, RecursionError):
+                merge_id = json.loads(handle.metadata.get(RESIDUAL_META_KEY, "{}")).get("merge_id")
+        out.append((file, stack, merge_id))
+    return out
+
+
 def _refuse_sharded_in_place(path: str, in_place: bool) -> bool:
     """Whether ``path`` is a sharded index; --in-place is refused for those."""
     sharded = path.endswith(INDEX_SUFFIX)
@@ -109,6 +142,8 @@ def run_merge(args: argparse.Namespace) -> int:
     else:
         _refuse_overwrites({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter)
     adapter = load_adapter(args.adapter)
+    for file, stack, _ in _records(args.base, None):
+        check_merge(stack, adapter_digest(adapter), file, force=args.force)
     kwargs = dict(residual_path=args.residual, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite, progress=_progress)
     if args.in_place:
         base = Path(args.base)
@@ -144,12 +179,15 @@ def run_unmerge(args: argparse.Namespace) -> int:
     else:
         _refuse_overwrites({"output": args.output}, inputs, args.adapter)
     adapter = load_adapter(args.adapter)
+    notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
+                           force=args.force, residual_merge_id=merge_id)
+             for file, stack, merge_id in _records(args.merged, args.residual)}
     if args.in_place:
         merged = Path(args.merged)
         with atomic_path(merged) as unmerged:
             report = unmerge_checkpoint(merged, adapter, unmerged, residual_path=args.residual, progress=_progress)
-            with _scratch(merged, "verify") as remerged:
-                merge_checkpoint(unmerged, adapter, remerged)
+            with _scratch(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
+                merge_checkpoint(unmerged, adapter, remerged, metadata=handle.metadata)  # MERGED's own header back
                 if not filecmp.cmp(remerged, merged, shallow=False):
                     raise InPlaceVerificationError(
                         f"{merged}: merging the unmerged weights again does not give back the original bytes "
@@ -158,7 +196,16 @@ def run_unmerge(args: argparse.Namespace) -> int:
         report = unmerge_sharded(args.merged, adapter, args.output, residual_dir=args.residual, progress=_progress)
     else:
         report = unmerge_checkpoint(args.merged, adapter, args.output, residual_path=args.residual, progress=_progress)
-    mode = "exactly (residual applied)" if args.residual else "fast (no residual: within the SPEC 3.3 bound)"
+    if not args.residual:
+        mode = "fast (no residual: within the SPEC 3.3 bound)"
+    elif report.verified:
+        mode = "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
+    else:
+        mode = "with the residual, unverified"
+        print(f"note: {args.residual} predates residual checksums (lora-ref-residual/1): the restore could not be "
+              "verified against the base; re-merge with this version to get a verifiable residual", file=sys.stderr)
     where = f"{args.merged} in place (verified: merging again gives the original bytes)" if args.in_place else args.output
+    for note in sorted(n for n in notes if n):  # after the work, so a refusal stays one line
+        print(note, file=sys.stderr)
     print(f"unmerged {len(report.merged)} tensors {mode} into {where}")
     return 0
