@@ -38,12 +38,16 @@ def describe(adapter_dir: str, base: str | None = None) -> dict:
             "parameters": int(sum(a.size for a in arrays.values())),
             "bytes": int(sum(a.nbytes for a in arrays.values())),
         })
+    carried = [{"key": c.key, "target": c.target, "kind": c.kind, "module": c.module, "shape": list(c.values.shape),
+                "dtype": dtype_name(c.values.dtype), **({"rows": list(c.rows)} if c.rows is not None else {})}
+               for c in sorted(adapter.carried_tensors().values(), key=lambda c: c.target)]
     report = {
         "adapter": str(adapter_dir),
         "use_rslora": config.use_rslora,
         "fan_in_fan_out": config.fan_in_fan_out,
         "use_dora": config.use_dora,
         "modules": rows,
+        "carried": carried,  # tensors applied besides LoRA factors (lora_ref.carried): they replace base values
         "total_parameters": adapter.parameter_count(),
         "total_bytes": adapter.nbytes(),
     }
@@ -68,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         shapes = " ".join(f"{k}{tuple(v)}" for k, v in row["shapes"].items())
         print(f"{row['module']:<48} {row['kind']:<9} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>9.4g} "
               f"{row['parameters']:>10} {row['bytes']:>10}  {shapes}")
+    for row in report["carried"]:
+        rows = f" rows {row['rows'][:8]}{' ...' if len(row['rows']) > 8 else ''}" if "rows" in row else ""
+        print(f"{row['target']:<48} {row['kind']:<17} replaces {tuple(row['shape'])} {row['dtype']}{rows}")
     print(f"total: {len(report['modules'])} modules, {report['total_parameters']} parameters, {report['total_bytes']} bytes")
     if "size_ratio" in report:
         print(f"targeted base weights: {report['targeted_base_bytes']} bytes; adapter/base = {report['size_ratio']:.4%}")
