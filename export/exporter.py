@@ -32,7 +32,7 @@ from .errors import ExportConfigError
 from .fp16 import to_float16
 from .graphio import EXTERNAL_DATA_BYTES, check_graph, load_model, loadable_ir_version, make_loadable, save_model, tensor_bytes
 from .locate import TargetSite, locate_targets
-from .merged import build_merged
+from .merged import build_merged, carried_sites
 from .slots import slots_from_model
 
 MODES = ("merged", "dynamic", "batched")
@@ -103,6 +103,16 @@ def build_graph(
             check_exportable(adapter, module, mode)
             if kinds.setdefault(module, lora.kind) != lora.kind:
                 raise ExportConfigError(f"module {module}: the adapters disagree on its layer kind ({kinds[module]} vs {lora.kind})")
+    carried = carried_sites(adapters)
+    if carried and mode != "merged":
+        names = sorted({c.module for _, _, c in carried.values()})
+        raise ExportConfigError(
+            f"the adapter carries full trained copies ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: "
+            f"modules_to_save / trainable tokens / biases) that replace base tensors; {mode} graphs switch adapters as "
+            "low-rank inputs and cannot switch full copies; export --mode merged")
+    for module, kind, _ in carried.values():
+        if kinds.setdefault(module, kind) != kind:
+            raise ExportConfigError(f"module {module}: a carried tensor needs it as a {kind} layer, the LoRA layer is {kinds[module]}")
     if isinstance(base_weights, (str, os.PathLike)):
         with SafetensorsFile(base_weights) as handle:
             sites = locate_targets(model, list(kinds), base_weights=_LazyTensors(handle), kinds=kinds)

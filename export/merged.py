@@ -14,6 +14,14 @@ PEFT model that merges them one after another. When ``dtype`` differs from the s
 (the fp16 export), the merge is evaluated in float64 and rounded once to ``dtype``.
 An initializer that something other than the targeted layers also reads (tied embeddings) is
 copied first, so those other readers still see the base value.
+
+Tensors an adapter carries besides LoRA factors (:mod:`lora_ref.carried`) replace base values,
+as in a checkpoint merge: a ``modules_to_save`` copy or trainable bias of a Linear ``<m>.weight``
+/ ``<m>.bias`` replaces the initializer of module m's weight (transposed for an ``in_out``
+layout, which is exact) or its base bias, W' = round_t(C); trainable-token rows replace rows
+of an embedding's Gather table, W'[I] = round_t(D). :func:`carried_sites` says which module
+and layer kind each one needs located; a carried tensor of any other parameter (a LayerNorm's,
+a buffer) has no place the exporter can find and is refused by name.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import onnx
 from onnx import numpy_helper
 
 from lora_ref.adapter import Adapter
-from lora_ref.checkpoint import target_delta
+from lora_ref.carried import CarriedTensor
+from lora_ref.checkpoint import checkpoint_targets, target_delta
 from lora_ref.dtypes import round_to
 from lora_ref.merge import merge
 
-from .editing import Namer, check_exportable, check_fits
-from .errors import UnsupportedGraphError
+from .editing import Namer, check_exportable, check_fits, np_dtype, rename_output, splice
+from .errors import ExportConfigError, UnsupportedGraphError
 from .locate import GraphIndex, TargetSite
 
 
@@ -92,6 +101,43 @@ def _one(module: str, what: str, values: set) -> object:
     return next(iter(values))
 
 
+def carried_sites(adapters: Sequence[Adapter]) -> dict[str, tuple[str, str, CarriedTensor]]:
+    """The carried tensors of ``adapters`` by base key -> (module to locate, its layer kind, tensor).
+
+    Refuses (ExportConfigError) a carried tensor that is not a Linear weight/bias or trainable
+    token rows, and two adapters carrying copies of one base tensor.
+    """
+    out: dict[str, tuple[str, str, CarriedTensor]] = {}
+    for adapter in adapters:
+        checkpoint_targets(adapter)  # refuses a carried tensor that a LoRA merge also changes
+        for key, carried in adapter.carried_tensors().items():
+            if key in out:
+                raise ExportConfigError(f"adapters {out[key][2].key!r} and {carried.key!r} both carry base tensor {key!r}")
+            module, _, part = key.rpartition(".")
+            kind = "embedding" if carried.kind == "trainable_tokens" else "linear"
+            if part not in ("weight", "bias") or (kind == "linear" and carried.values.ndim != (2 if part == "weight" else 1)):
+                raise ExportConfigError(
+                    f"adapter {adapter.name!r}: carried {carried.kind} tensor {carried.key!r} {tuple(carried.values.shape)} is "
+                    "not a Linear weight or bias, so its place in the graph cannot be found; merge the checkpoint with "
+                    "lora-ref merge and export the merged model instead")
+            out[key] = (module, kind, carried)
+    return out
+
+
+def _carried_value(carried: CarriedTensor, stored: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:
+    """The initializer's new value: the copy rounded once to ``dtype`` (transposed for ``in_out``), or rows replaced."""
+    values = np.asarray(carried.values, dtype=np.float64)
+    if carried.rows is not None:
+        out = np.asarray(stored, dtype=np.float64).copy()
+        out[list(carried.rows)] = values
+        return np.ascontiguousarray(round_to(out, dtype))
+    value = values.T if layout == "in_out" else values
+    if value.shape != stored.shape:
+        raise ExportConfigError(f"carried tensor {carried.key!r} {tuple(carried.values.shape)} does not fit graph "
+                                f"initializer of shape {tuple(stored.shape)}")
+    return np.ascontiguousarray(round_to(value, dtype))
+
+
 def build_merged(
     model: onnx.ModelProto,
     sites: Mapping[str, Sequence[TargetSite]],
@@ -100,7 +146,8 @@ def build_merged(
     dtype: np.dtype | None = None,
     progress=None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with the targeted weights (and lora_bias biases) merged (see module docstring)."""
+    """A copy of ``model`` with the targeted weights (and lora_bias biases) merged and carried tensors
+    applied (see module docstring); ``sites`` must hold the modules :func:`carried_sites` names."""
     out = copy.deepcopy(model)
     graph = out.graph
     index = GraphIndex(graph)
@@ -109,6 +156,8 @@ def build_merged(
         if progress:
             progress(step, len(sites), module)
         users = [a for a in adapters if module in a.modules]
+        if not users:
+            continue  # located for a carried tensor only
         for adapter in users:
             check_exportable(adapter, module, "merged")
             for site in module_sites:
@@ -124,4 +173,41 @@ def build_merged(
             stored = numpy_helper.to_array(index.initializers[bias])
             merged = merged_tensor(stored, "bias", module, "bias", users, np.dtype(dtype) if dtype is not None else stored.dtype)
             _replace(graph, index, namer, bias, {site.bias_node for site in module_sites}, merged, module)
+    added: dict[int, list[onnx.NodeProto]] = {}
+    for key, (module, _, carried) in carried_sites(adapters).items():
+        module_sites = sites[module]
+        if key.endswith(".bias"):
+            name = _one(module, "base bias", {site.bias for site in module_sites})
+            if name is None:
+                _add_bias(graph, namer, module_sites, carried, np.dtype(dtype) if dtype is not None else None, added)
+                continue
+            readers, layout = {site.bias_node for site in module_sites}, "bias"
+        else:
+            name = module_sites[0].weight
+            readers = {site.node for site in module_sites}
+            layout = _one(module, f"layout of {name!r}", {site.layout for site in module_sites})
+        stored = numpy_helper.to_array(index.initializers[name])
+        value = _carried_value(carried, stored, layout, np.dtype(dtype) if dtype is not None else stored.dtype)
+        _replace(graph, index, namer, name, readers, value, module)
+    splice(graph, added)
     return out
+
+
+def _add_bias(graph: onnx.GraphProto, namer: Namer, module_sites: Sequence[TargetSite], carried: CarriedTensor,
+              dtype: np.dtype | None, added: dict[int, list[onnx.NodeProto]]) -> None:
+    """Give a bias-less Linear layer the carried bias b (exporters drop all-zero biases): Gemm's C
+    input, or ``Add(MatMul(x, W), b)``; the value is round_t(b), t the weight's dtype (or ``dtype``)."""
+    weight = next(t for t in graph.initializer if t.name == module_sites[0].weight)
+    target = dtype if dtype is not None else np_dtype(weight.data_type)
+    name = namer(f"{module_sites[0].module}.bias.carried")
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(round_to(np.asarray(carried.values, np.float64), target)), name))
+    for site in module_sites:
+        node = graph.node[site.node]
+        if node.op_type == "Gemm" and len(node.input) < 3:
+            node.input.append(name)
+        elif node.op_type == "MatMul":
+            fresh = rename_output(graph, site, namer)
+            added.setdefault(site.node, []).append(onnx.helper.make_node("Add", [fresh, name], [site.y], name=namer(f"{name}.add")))
+        else:
+            raise UnsupportedGraphError(f"{site.module}: the adapter carries {carried.key!r}, but the graph's "
+                                        f"{node.op_type} layer has an input where its bias would go")
