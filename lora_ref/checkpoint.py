@@ -380,10 +380,13 @@ def read_residual_file(path: str | Path) -> ResidualFile:
             raise ValueError("'targets' must be a list of tensor names")
     except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: hostile nesting
         raise FileFormatError(f"{path}: residual metadata is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if v2 and set(meta["targets"]) != set(meta["tensors"]):
-        gone = sorted(set(meta["targets"]) ^ set(meta["tensors"]))
-        raise ExactnessError(f"{path}: the residual lists {len(meta['targets'])} targets but holds entries for "
-                             f"{len(meta['tensors'])} (differ: {', '.join(gone[:3])}); it was edited or truncated")
+    if v2 and set(meta["targets"]) - set(meta["tensors"]):
+        gone = sorted(set(meta["targets"]) - set(meta["tensors"]))
+        raise ExactnessError(f"{path}: the residual lists {len(meta['targets'])} targets but has no entry for "
+                             f"{len(gone)} ({', '.join(gone[:3])}); it was edited or truncated")
+    if v2 and set(meta["tensors"]) - set(meta["targets"]):
+        raise FileFormatError(f"{path}: the residual holds entries its target list lacks: "
+                              f"{', '.join(sorted(set(meta['tensors']) - set(meta['targets']))[:3])}")
     norms = load_dora_norms(path)
     with SafetensorsFile(path) as handle:  # read-only views: the mapping outlives the handle while they live
         arrays = {name: handle.get(name) for name in handle.keys()}

@@ -162,7 +162,8 @@ def test_merged_model_and_onnx_graph_match_peft(case, tmp_path, capsys):
     scale = np.max(np.abs(want))
     effect = np.max(np.abs(want - plain)) / scale
     diffs = {"merged checkpoint": np.max(np.abs(ours - want)) / scale, "merged ONNX (ORT)": np.max(np.abs(onnx_out - want)) / scale}
-    print(f"{name}: adapter effect {effect:.3g}; " + ", ".join(f"{k} vs PEFT {v:.3g}" for k, v in diffs.items()))
+    with capsys.disabled():
+        print(f"\n{name}: adapter effect {effect:.3g}; " + ", ".join(f"{k} vs PEFT {v:.3g}" for k, v in diffs.items()))
     assert effect > 1e3 * max(diffs.values()), diffs
     # the carried initializers are the copies, bit for bit (transposed where the graph stores [in, out])
     model = onnx.load(str(tmp_path / "merged.onnx"))

@@ -436,6 +436,47 @@ def _meta(path: Path) -> str:
     return read_metadata(path)["lora_ref.residual"]
 
 
+# -- integrity (docs/integrity.md): carried tensors applied or refused, verified residuals ---------
+def _integrity_cases() -> None:
+    """Adapters carrying tensors that cannot be applied, and residuals edited after the merge."""
+    head = {"modules_to_save": ["q"]}
+    adapter_case("ad_unknown_tensor", "CarriedTensorError", "a key that is no LoRA factor nor a declared carried tensor "
+                 "(PEFT's unstripped modules_to_save.default form)",
+                 tensors=lambda t: {**t, PREFIX + "layer.q.modules_to_save.default.weight": np.zeros((6, 5), np.float32)})
+    adapter_case("ad_tokens_without_indices", "CarriedTensorError", "a trainable_tokens_delta with no trainable_token_indices",
+                 tensors=lambda t: {**t, PREFIX + "layer.token_adapter.trainable_tokens_delta": np.zeros((2, 5), np.float32)})
+    adapter_case("ad_tokens_count_mismatch", "CarriedTensorError", "3 trainable token ids for a delta of 2 rows",
+                 config={"trainable_token_indices": [0, 1, 2]},
+                 tensors=lambda t: {**t, PREFIX + "layer.token_adapter.trainable_tokens_delta": np.zeros((2, 5), np.float32)})
+    adapter_case("ad_saved_copy_wrong_shape", "ShapeError", "a modules_to_save copy of layer.q.bias with 4 entries, base has 6",
+                 config=head, tensors=lambda t: {**t, PREFIX + "layer.q.bias": np.zeros(4, np.float32)})
+    adapter_case("ad_saved_copy_and_lora", "CarriedTensorError", "a modules_to_save copy of layer.q.weight, which LoRA also merges",
+                 config=head, tensors=lambda t: {**t, PREFIX + "layer.q.weight": np.zeros((6, 5), np.float32)})
+
+    def flipped(suffix: str) -> Callable[[Path, Path], None]:
+        def make(out: Path, fx: Path) -> None:
+            tensors = {k: np.array(v) for k, v in load_file(fx / "residual.safetensors").items()}
+            key = next(k for k in tensors if k.endswith(suffix) and tensors[k].size)
+            tensors[key].reshape(-1).view(np.uint8)[0] ^= 1
+            save_file(out, tensors, metadata=read_metadata(fx / "residual.safetensors"))
+        return make
+
+    residual_case("res_bit_flipped_in_values", "ExactnessError", "one bit of a residual value flipped (checksum)")(flipped("::values"))
+    residual_case("res_bit_flipped_in_indices", "ExactnessError", "one bit of a residual index flipped (checksum)")(flipped("::indices"))
+
+    @residual_case("res_entry_removed", "ExactnessError", "a target's entry removed from tensors and metadata, still listed")
+    def _res_entry_removed(out: Path, fx: Path) -> None:
+        tensors = load_file(fx / "residual.safetensors")
+        meta = json.loads(_meta(fx / "residual.safetensors"))
+        key = sorted(meta["tensors"])[0]
+        del meta["tensors"][key]
+        kept = {k: v for k, v in tensors.items() if not k.startswith(key + "::")}
+        save_file(out, kept, metadata={**read_metadata(fx / "residual.safetensors"), "lora_ref.residual": json.dumps(meta)})
+
+
+_integrity_cases()
+
+
 # -- ONNX graphs (export) and .onnx_adapter files (the exporter's loaders) --------------------------
 def _external_case(name: str, reason: str, location: Callable[[Path], str], link: bool = False) -> None:
     """A graph whose external data points outside its folder (at a real file holding valid data)."""
