@@ -262,3 +262,10 @@ def test_carried_shape_mismatch_and_ledger_refuse(work: Path) -> None:
 
     with pytest.raises(CarriedTensorError):
         MergeLedger({k: np.array(v) for k, v in tensors.items()}).merge(adapter)
+
+
+def test_combine_refuses_carried(work: Path) -> None:
+    from lora_ref.combine import combine
+
+    with pytest.raises(CarriedTensorError):
+        combine([load_adapter(_carrying(work)), load_adapter(work / "a")], [0.5, 0.5], "cat")
