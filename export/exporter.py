@@ -31,8 +31,8 @@ from .editing import check_exportable, check_fits
 from .errors import ExportConfigError
 from .fp16 import to_float16
 from .graphio import EXTERNAL_DATA_BYTES, check_graph, load_model, loadable_ir_version, make_loadable, save_model, tensor_bytes
-from .locate import TargetSite, locate_targets
-from .merged import build_merged, carried_sites
+from .locate import GraphIndex, TargetSite, locate_targets
+from .merged import build_merged, carried_sites, check_graph_base_copies
 from .slots import slots_from_model
 
 MODES = ("merged", "dynamic", "batched")
@@ -126,6 +126,7 @@ def build_graph(
                 raise ExportConfigError(
                     f"adapter {adapter.name!r}, module {module}: rank {adapter.modules[module].rank} exceeds --max-rank {max_rank}"
                 )
+    check_graph_base_copies(GraphIndex(model.graph), sites, adapters)
     half = target == np.dtype(np.float16)
     if mode == "merged":
         graph = build_merged(model, sites, adapters, dtype=target, progress=progress)

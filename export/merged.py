@@ -34,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from lora_ref.adapter import Adapter
-from lora_ref.carried import CarriedTensor
+from lora_ref.carried import CarriedTensor, check_base_copies, replacing
 from lora_ref.checkpoint import checkpoint_targets, target_delta
 from lora_ref.dtypes import round_to
 from lora_ref.merge import merge
@@ -110,7 +110,7 @@ def carried_sites(adapters: Sequence[Adapter]) -> dict[str, tuple[str, str, Carr
     out: dict[str, tuple[str, str, CarriedTensor]] = {}
     for adapter in adapters:
         checkpoint_targets(adapter)  # refuses a carried tensor that a LoRA merge also changes
-        for key, carried in adapter.carried_tensors().items():
+        for key, carried in replacing(adapter.carried_tensors()).items():
             if key in out:
                 raise ExportConfigError(f"adapters {out[key][2].key!r} and {carried.key!r} both carry base tensor {key!r}")
             module, _, part = key.rpartition(".")
@@ -122,6 +122,19 @@ def carried_sites(adapters: Sequence[Adapter]) -> dict[str, tuple[str, str, Carr
                     "lora-ref merge and export the merged model instead")
             out[key] = (module, kind, carried)
     return out
+
+
+def check_graph_base_copies(index: GraphIndex, sites: Mapping[str, Sequence[TargetSite]], adapters: Sequence[Adapter]) -> None:
+    """Refuse an adapter whose frozen ``base_layer`` copy differs from the graph's weight (lora_ref.carried)."""
+    def lookup(key: str) -> np.ndarray | None:
+        module_sites = sites.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if not module_sites:
+            return None
+        value = numpy_helper.to_array(index.initializers[module_sites[0].weight])
+        return value.T if module_sites[0].layout == "in_out" else value
+
+    for adapter in adapters:
+        check_base_copies(adapter.carried_tensors(), lookup, f"adapter {adapter.name!r}")
 
 
 def _carried_value(carried: CarriedTensor, stored: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:

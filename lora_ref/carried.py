@@ -12,6 +12,11 @@ PEFT 0.21.2 ``save_pretrained`` writes, under ``base_model.model.``, next to the
   model rounds the same way).
 - **trainable base biases** (``bias`` = ``"all"`` or ``"lora_only"``): ``<path>.bias`` and, for
   LoRA layers, ``<path>.base_layer.bias``; they replace the base bias ``<path>.bias``.
+- **frozen base copies** (LoRA on an embedding or ``lm_head`` makes PEFT set
+  ``save_embedding_layers``): ``<path>.base_layer.weight``, the base weight the adapter was
+  trained on, loaded by PEFT before the LoRA delta. Not trained, so it must equal the base
+  tensor (after rounding to its dtype): :func:`check_base_copies` verifies that, and a
+  different one (a resized vocabulary, another base model) is refused, never merged over.
 - **trainable-token deltas** (``trainable_token_indices``): ``<path>.token_adapter.trainable_tokens_delta``
   D [k, dim] with the config's k token ids I (a list: the input embedding; a dict: module suffix
   -> ids). PEFT merges them by ``index_copy``: rows I of ``<path>.weight`` are replaced, W'[I] = round_t(D).
@@ -35,7 +40,7 @@ from .errors import CarriedTensorError
 PREFIX = "base_model.model."
 TOKEN_SUFFIX = ".token_adapter.trainable_tokens_delta"
 #: The kinds of carried tensor, as ``inspect`` and error messages name them.
-KINDS = ("modules_to_save", "bias", "trainable_tokens")
+KINDS = ("modules_to_save", "bias", "trainable_tokens", "base_layer")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ class CarriedTensor:
     module: str
     values: np.ndarray
     rows: tuple[int, ...] | None = None
+
+    @property
+    def replaces(self) -> bool:
+        """Whether applying it changes the base (every kind but a frozen ``base_layer`` copy)."""
+        return self.kind != "base_layer"
 
     def apply(self, W64: np.ndarray, rows: slice) -> np.ndarray:
         """The float64 result for W[rows] (W64 = W[rows] in float64), before the one rounding."""
@@ -147,6 +157,9 @@ def classify(config: LoraConfig, extra: Mapping[str, np.ndarray], source: str = 
             owner = next((p for p in owners if any(p.endswith(e) for e in saved)), None)
             if owner is not None:
                 item = CarriedTensor(key, path, "modules_to_save", owner, values)
+            elif path.endswith(".base_layer.weight"):
+                target = path[: -len(".base_layer.weight")] + ".weight"
+                item = CarriedTensor(key, target, "base_layer", target[: -len(".weight")], values)
             elif config.bias in ("all", "lora_only") and path.endswith(".bias"):
                 target = path[: -len(".base_layer.bias")] + ".bias" if path.endswith(".base_layer.bias") else path
                 item = CarriedTensor(key, target, "bias", target[: -len(".bias")], values)
@@ -159,3 +172,31 @@ def classify(config: LoraConfig, extra: Mapping[str, np.ndarray], source: str = 
                                      f"base tensor {item.target!r}")
         carried[item.target] = item
     return carried
+
+
+def replacing(carried: Mapping[str, CarriedTensor]) -> dict[str, CarriedTensor]:
+    """The carried tensors that change the base (all but frozen base copies), by base key."""
+    return {key: c for key, c in carried.items() if c.replaces}
+
+
+def check_base_copies(carried: Mapping[str, CarriedTensor], lookup, where: object) -> None:
+    """Refuse a frozen ``base_layer`` copy that differs from the base tensor ``lookup(target)``.
+
+    The copy is rounded to the base tensor's dtype first (PEFT's load rounds it so); equality
+    is bitwise. ``lookup`` returns the tensor in torch's layout, or None when it is absent.
+    """
+    from .dtypes import bits_of, round_to
+
+    for key, c in carried.items():
+        if c.replaces:
+            continue
+        base = lookup(key)
+        if base is None:
+            raise CarriedTensorError(f"{where}: the adapter holds a frozen copy {c.key!r} of base tensor {key!r}, "
+                                     "which the base lacks (or cannot be compared here)")
+        base = np.asarray(base)
+        copy = round_to(np.asarray(c.values, dtype=np.float64), base.dtype) if base.dtype != c.values.dtype else c.values
+        if base.shape != copy.shape or not np.array_equal(bits_of(base), bits_of(copy)):
+            raise CarriedTensorError(
+                f"{where}: the adapter's frozen copy {c.key!r} {tuple(c.values.shape)} differs from base tensor {key!r} "
+                f"{tuple(base.shape)}: it was trained on another base (a resized vocabulary?); merge it into that base")

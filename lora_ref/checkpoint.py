@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import Adapter
-from .carried import ReplacementDelta
+from .carried import ReplacementDelta, check_base_copies, replacing
 from .deltas import delta_for
 from .dora import DoraDelta
 from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
@@ -79,7 +79,7 @@ def checkpoint_targets(adapter: Adapter) -> dict[str, tuple[str, str]]:
     (their order is undefined).
     """
     targets = merge_targets(adapter)
-    for key in adapter.carried_tensors():
+    for key in replacing(adapter.carried_tensors()):
         if key in targets:
             raise CarriedTensorError(f"adapter {adapter.name!r}: base tensor {key!r} is both replaced by a carried tensor "
                                      "and changed by a LoRA merge; the order is undefined")
@@ -155,6 +155,7 @@ def merge_checkpoint(
     targets = checkpoint_targets(adapter)
     with _ResidualSpill(residual_path) as spill, SafetensorsFile(base_path) as base:
         _check_targets(adapter, base)
+        check_base_copies(adapter.carried_tensors(), lambda key: base.get(key) if key in base else None, base_path)
         names = base.keys()
         # one read of the targeted tensors before any output: the record goes into the header
         input_digests = {name: digest_arrays(base.get(name)) for name in names if name in targets}

@@ -40,6 +40,7 @@ import numpy as np
 
 from .adapter import Adapter, LoraModule
 from .dtypes import float64, resolve_dtype, round_to
+from .carried import replacing
 from .errors import CarriedTensorError, ConfigError, ShapeError
 from .kinds import kind_of
 
@@ -112,7 +113,7 @@ def combine(
     cat and linear. ``dtype``: the stored dtype (default: the first adapter's lora_A dtype).
     """
     weights = _check_inputs(adapters, weights, method, rank)
-    carrying = [a.name for a in adapters if a.carried_tensors()]
+    carrying = [a.name for a in adapters if replacing(a.carried_tensors())]
     if carrying:  # never dropped silently: a weighted sum of full copies is no LoRA combination
         raise CarriedTensorError(f"adapter(s) {', '.join(carrying[:3])} carry modules_to_save / trainable-token / bias "
                                  "tensors, which combine cannot weigh; combine adapters without them")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .adapter import Adapter
+from .carried import check_base_copies, replacing
 from .checkpoint import merge_targets, target_delta
 from .errors import CarriedTensorError, MergeStateError, ShapeError, TargetNotFoundError
 from .merge import Residual, check_factors_finite, digest_arrays, merge, unmerge
@@ -54,9 +55,12 @@ class MergeLedger:
         name = name or adapter.name
         if name in self._order:
             raise MergeStateError(f"adapter {name!r} is already merged")
-        if adapter.carried_tensors():  # never ignored: the ledger merges LoRA deltas only
-            raise CarriedTensorError(f"adapter {name!r} carries {', '.join(sorted(adapter.carried_tensors())[:3])} "
+        carried = adapter.carried_tensors()
+        if replacing(carried):  # never ignored: the ledger merges LoRA deltas only
+            raise CarriedTensorError(f"adapter {name!r} carries {', '.join(sorted(replacing(carried))[:3])} "
                                      "(modules_to_save / trainable tokens / biases); merge it with lora-ref merge instead")
+        # against the weight as no adapter has changed it yet (the first merge onto it checked it)
+        check_base_copies(carried, lambda k: None if self._stacks.get(k) else self.weights.get(k), f"adapter {name!r}")
         targets = merge_targets(adapter)  # weights, and base biases of lora_bias modules (as PEFT)
         missing = [key for key in targets if key not in self.weights]
         if missing:

@@ -58,10 +58,11 @@ def _models():
 class LogitsOnly(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model = model.eval()
 
     def forward(self, input_ids):
-        return self.model(input_ids=input_ids).logits
+        out = self.model(input_ids=input_ids, **({"use_cache": False} if hasattr(self.model.config, "use_cache") else {}))
+        return out.logits
 
 
 @pytest.fixture(scope="module", params=list(_models()))
@@ -95,16 +96,15 @@ def test_peft_saves_what_carried_documents(case):
     assert {k.removeprefix(PREFIX) for k in keys} == heads
 
 
-def test_checkpoint_merge_matches_peft_merge_and_unload(case, capsys):
-    name, _, base, _, work = case
+def _check_against_merge_and_unload(base, work) -> int:
+    """``lora-ref merge`` of ``work/adapter`` into ``work/base.safetensors`` vs PEFT's float64 merge_and_unload
+    (bounds in the module doc); returns how many tensors differ from the base."""
     assert main(["merge", str(work / "base.safetensors"), str(work / "adapter"), "-o", str(work / "merged.safetensors"),
                  "--residual", str(work / "residual.safetensors")]) == 0
     ours = load_file(work / "merged.safetensors")
     peft_model = _peft64(base, work)
-    lora_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
-                   and "default" in getattr(m, "lora_A", {})}
-    factors = {path: (m.base_layer.weight.detach().numpy(), m.lora_A["default"].weight.detach().numpy(),
-                      m.lora_B["default"].weight.detach().numpy(), m.scaling["default"]) for path, m in lora_layers.items()}
+    factors = {n.removeprefix("base_model.model."): (m.base_layer.weight.detach().numpy(), m, m.scaling["default"])
+               for n, m in peft_model.named_modules() if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
     reference = {k: v.detach().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
     base_tensors = load_file(work / "base.safetensors")
     changed = 0
@@ -112,22 +112,77 @@ def test_checkpoint_merge_matches_peft_merge_and_unload(case, capsys):
         want = reference[key]
         module = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and module in factors:
-            W, A, B, s = factors[module]
-            r = A.shape[0]
-            g = (r + 2) * UNIT_ROUNDOFF[np.dtype(np.float64)]
-            bound = UNIT_ROUNDOFF[np.dtype(np.float32)] * np.abs(want) + g / (1 - g) * (np.abs(W) + abs(s) * np.abs(B) @ np.abs(A))
+            W, layer, s = factors[module]
+            embedding = "default" in getattr(layer, "lora_embedding_A", {})
+            A = (layer.lora_embedding_A if embedding else layer.lora_A)["default"]
+            B = (layer.lora_embedding_B if embedding else layer.lora_B)["default"]
+            A, B = (t.detach().numpy() if embedding else t.weight.detach().numpy() for t in (A, B))
+            g = (A.shape[0] + 2) * UNIT_ROUNDOFF[np.dtype(np.float64)]
+            delta = abs(s) * np.abs(B) @ np.abs(A)
+            bound = UNIT_ROUNDOFF[np.dtype(np.float32)] * np.abs(want) + g / (1 - g) * (np.abs(W) + (delta.T if embedding else delta))
             assert np.all(np.abs(value.astype(np.float64) - want) <= bound), key
         else:  # copied, or replaced by a carried tensor: exactly PEFT's value (float32 into float32)
             assert np.array_equal(value.astype(np.float64), want), key
         changed += not np.array_equal(value, base_tensors[key])
-    assert changed >= 4  # the heads (and token rows) really were replaced
-    # exact unmerge restores the base bytes; a fast one cannot restore replaced tensors
-    assert main(["unmerge", str(work / "merged.safetensors"), str(work / "adapter"), "-o", str(work / "fast.safetensors"),
-                 "--fast"]) == 2
+    # exact unmerge restores the base bytes
     assert main(["unmerge", str(work / "merged.safetensors"), str(work / "adapter"), "-o", str(work / "back.safetensors"),
                  "--residual", str(work / "residual.safetensors")]) == 0
     assert (work / "back.safetensors").read_bytes() == (work / "base.safetensors").read_bytes()
+    return changed
+
+
+def test_checkpoint_merge_matches_peft_merge_and_unload(case, capsys):
+    name, _, base, _, work = case
+    # every head tensor (RoBERTa: 4, BERT: 2) and the token rows replaced, and the 2 LoRA weights merged
+    assert _check_against_merge_and_unload(base, work) == {"roberta-seq-cls": 4 + 2, "bert-token-cls": 2 + 1 + 2}[name]
     assert "exactly" in capsys.readouterr().out
+    # a fast unmerge cannot restore replaced tensors
+    assert main(["unmerge", str(work / "merged.safetensors"), str(work / "adapter"), "-o", str(work / "fast.safetensors"),
+                 "--fast"]) == 2
+    assert "--residual" in capsys.readouterr().err
+
+
+def _save_peft(base, config, work):
+    save_file(work / "base.safetensors", {k: v.detach().numpy().copy() for k, v in base.state_dict().items()})
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(work / "adapter")
+
+
+def test_embedding_lora_base_layer_copy_and_trainable_biases(tmp_path, torch, capsys):
+    """LoRA on embed_tokens (PEFT saves the frozen ``base_layer.weight``) and ``bias="all"``."""
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, tie_word_embeddings=False)).eval()
+    _save_peft(llama, peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]), tmp_path / "emb")
+    keys = [k for k in load_file(tmp_path / "emb" / "adapter" / "adapter_model.safetensors") if "lora_" not in k]
+    assert keys == [PREFIX + "model.embed_tokens.base_layer.weight"]
+    assert _check_against_merge_and_unload(llama, tmp_path / "emb") == 2  # q_proj and embed_tokens merged
+    # another base (a different embedding than the one the adapter was trained on): refused, not merged over
+    other = {k: np.array(v) for k, v in load_file(tmp_path / "emb" / "base.safetensors").items()}
+    other["model.embed_tokens.weight"][0, 0] += 1
+    save_file(tmp_path / "other.safetensors", other)
+    assert main(["merge", str(tmp_path / "other.safetensors"), str(tmp_path / "emb" / "adapter"),
+                 "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "frozen copy" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    # exports check the copy against the graph's weight, and it is no replacement: dynamic graphs take it too
+    ids = _ids(40)
+    torch.onnx.export(LogitsOnly(copy.deepcopy(llama)), (ids,), dynamo=True, input_names=["input_ids"],
+                      output_names=["logits"]).save(str(tmp_path / "llama.onnx"))
+    for mode in ("merged", "dynamic"):
+        assert main(["export", str(tmp_path / "llama.onnx"), str(tmp_path / "emb" / "adapter"), "--mode", mode,
+                     "-o", str(tmp_path / f"{mode}.onnx")]) == 0, capsys.readouterr().err
+
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=48), add_pooling_layer=False).eval()
+    _save_peft(bert, peft.LoraConfig(r=2, target_modules=["query", "value"], bias="all"), tmp_path / "bias")
+    keys = [k for k in load_file(tmp_path / "bias" / "adapter" / "adapter_model.safetensors") if "lora_" not in k]
+    assert PREFIX + "encoder.layer.0.attention.self.query.base_layer.bias" in keys and len(keys) > 4
+    assert _check_against_merge_and_unload(bert, tmp_path / "bias") == 2 + len(keys)  # LoRA weights + every bias
 
 
 def _ids(vocab: int) -> torch.Tensor:
