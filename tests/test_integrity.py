@@ -9,6 +9,8 @@ residuals had checksums (tests/data/residual_v1/, made by its make.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ import pytest
 
 from lora_ref.adapter import PREFIX, Adapter, LoraModule, load_adapter, save_adapter
 from lora_ref.checkpoint import RESIDUAL_META_KEY, merge_checkpoint, unmerge_checkpoint
+from lora_ref.cli import main
 from lora_ref.config import LoraConfig
 from lora_ref.dtypes import bfloat16, bits_of
 from lora_ref.errors import CarriedTensorError, ExactnessError
@@ -44,9 +47,13 @@ def _refused(result: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr
-    return result
+def _ok(*args: object) -> subprocess.CompletedProcess:
+    """A command that must succeed, run in-process (faster; the refusals above run real processes)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    assert code == 0, err.getvalue()
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _adapter(seed: int, dtype=np.float32, **config) -> Adapter:
@@ -77,7 +84,7 @@ def work(tmp_path: Path) -> Path:
 # -- provenance -------------------------------------------------------------------------------------
 def test_merge_record_stack_and_refusals(work: Path) -> None:
     base, a, b = work / "base.safetensors", work / "a", work / "b"
-    _ok(_run("merge", base, a, "-o", work / "m1.safetensors", "--residual", work / "r1.safetensors"))
+    _ok("merge", base, a, "-o", work / "m1.safetensors", "--residual", work / "r1.safetensors")
     with SafetensorsFile(work / "m1.safetensors") as handle:
         stack = read_stack(handle.metadata, "m1")
     assert [r["mode"] for r in stack] == ["exact"]
@@ -85,7 +92,7 @@ def test_merge_record_stack_and_refusals(work: Path) -> None:
     # double merge: refused, nothing written; --force overrides
     _refused(_run("merge", work / "m1.safetensors", a, "-o", work / "m2.safetensors"), "already merged", "--force")
     assert not (work / "m2.safetensors").exists()
-    _ok(_run("merge", work / "m1.safetensors", b, "-o", work / "m2.safetensors"))  # another adapter: fine
+    _ok("merge", work / "m1.safetensors", b, "-o", work / "m2.safetensors")  # another adapter: fine
     with SafetensorsFile(work / "m2.safetensors") as handle:
         assert [r["mode"] for r in read_stack(handle.metadata, "m2")] == ["exact", "fast"]
     # LIFO: a is under b
@@ -98,20 +105,20 @@ def test_merge_record_stack_and_refusals(work: Path) -> None:
     # an exact merge unmerged without its residual: needs --fast
     _refused(_run("unmerge", work / "m1.safetensors", a, "-o", work / "u.safetensors"), "--fast", "--residual")
     assert not (work / "u.safetensors").exists()
-    _ok(_run("unmerge", work / "m1.safetensors", a, "-o", work / "u.safetensors", "--fast"))
+    _ok("unmerge", work / "m1.safetensors", a, "-o", work / "u.safetensors", "--fast")
     # the residual of another merge of the same adapter (into another base) is refused
     save_file(work / "base2.safetensors", _base(seed=10))
-    _ok(_run("merge", work / "base2.safetensors", a, "-o", work / "n1.safetensors", "--residual", work / "s1.safetensors"))
+    _ok("merge", work / "base2.safetensors", a, "-o", work / "n1.safetensors", "--residual", work / "s1.safetensors")
     _refused(_run("unmerge", work / "m1.safetensors", a, "-o", work / "v.safetensors", "--residual", work / "s1.safetensors"),
              "another merge")
     # the whole exact round trip gives the base's bytes back, header included, and says "exactly"
-    done = _ok(_run("unmerge", work / "m1.safetensors", a, "-o", work / "w.safetensors", "--residual", work / "r1.safetensors"))
+    done = _ok("unmerge", work / "m1.safetensors", a, "-o", work / "w.safetensors", "--residual", work / "r1.safetensors")
     assert "exactly" in done.stdout and (work / "w.safetensors").read_bytes() == base.read_bytes()
 
 
 def test_unrecorded_file_still_works_with_note(work: Path) -> None:
     """A merged file from another tool (no record): unmerge works and says it could not check."""
-    done = _ok(_run("unmerge", work / "base.safetensors", work / "a", "-o", work / "u.safetensors"))
+    done = _ok("unmerge", work / "base.safetensors", work / "a", "-o", work / "u.safetensors")
     assert "no lora-ref merge record" in done.stderr and done.stdout.startswith("unmerged")
 
 
@@ -124,13 +131,13 @@ def test_sharded_records_per_shard(work: Path) -> None:
         save_file(work / "in" / name, {k: tensors[k] for k in keys})
     index = work / "in" / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
-    _ok(_run("merge", index, work / "a", "-o", work / "out", "--residual", work / "res"))
+    _ok("merge", index, work / "a", "-o", work / "out", "--residual", work / "res")
     for name in shards:
         with SafetensorsFile(work / "out" / name) as handle:
             assert len(read_stack(handle.metadata, name)) == 1
     _refused(_run("merge", work / "out" / index.name, work / "a", "-o", work / "out2"), "already merged")
     _refused(_run("unmerge", work / "out" / index.name, work / "a", "-o", work / "back"), "--fast")
-    done = _ok(_run("unmerge", work / "out" / index.name, work / "a", "-o", work / "back", "--residual", work / "res"))
+    done = _ok("unmerge", work / "out" / index.name, work / "a", "-o", work / "back", "--residual", work / "res")
     assert "exactly" in done.stdout
     for name in shards:
         assert (work / "back" / name).read_bytes() == (work / "in" / name).read_bytes()
@@ -167,7 +174,7 @@ def _drop(tensors: dict, meta: dict, key: str, keep_listed: bool) -> None:
     pytest.param(lambda t, m: _drop(t, m, "layer.q.weight", keep_listed=False), id="entry-and-listing-removed"),
 ])
 def test_tampered_residual_refused_before_writing(work: Path, edit) -> None:
-    _ok(_run("merge", work / "base.safetensors", work / "a", "-o", work / "m.safetensors", "--residual", work / "r.safetensors"))
+    _ok("merge", work / "base.safetensors", work / "a", "-o", work / "m.safetensors", "--residual", work / "r.safetensors")
     _tampered(work / "r.safetensors", work / "bad.safetensors", edit)
     _refused(_run("unmerge", work / "m.safetensors", work / "a", "-o", work / "u.safetensors", "--residual", work / "bad.safetensors"))
     assert sorted(p.name for p in work.iterdir()) == ["a", "b", "bad.safetensors", "base.safetensors", "m.safetensors",
@@ -194,8 +201,9 @@ def test_format1_residual_from_previous_release_still_unmerges(tmp_path: Path) -
     """Files written by lora-ref 0.1.0 (no record, no checksums): exact restore, but not claimed verified."""
     shutil.copytree(V1, tmp_path / "v1")
     fx = tmp_path / "v1"
-    done = _ok(_run("unmerge", fx / "merged.safetensors", fx / "adapter", "-o", fx / "u.safetensors",
-                    "--residual", fx / "residual.safetensors"))
+    done = _run("unmerge", fx / "merged.safetensors", fx / "adapter", "-o", fx / "u.safetensors",
+                "--residual", fx / "residual.safetensors")  # a real process, as a user of the old release runs it
+    assert done.returncode == 0, done.stderr
     assert (fx / "u.safetensors").read_bytes() == (fx / "base.safetensors").read_bytes()
     assert "exactly" not in done.stdout and "unverified" in done.stdout
     assert "could not be verified" in done.stderr and "no lora-ref merge record" in done.stderr
@@ -223,7 +231,7 @@ def test_carried_tensors_replace_and_exact_unmerge_restores(work: Path) -> None:
     carry = _carrying(work)
     base = load_file(work / "base.safetensors")
     file = load_file(carry / "adapter_model.safetensors")
-    _ok(_run("merge", work / "base.safetensors", carry, "-o", work / "m.safetensors", "--residual", work / "r.safetensors"))
+    _ok("merge", work / "base.safetensors", carry, "-o", work / "m.safetensors", "--residual", work / "r.safetensors")
     merged = load_file(work / "m.safetensors")
     for key in ("head.weight", "head.bias"):  # the copy, rounded once to the base dtype
         want = np.asarray(file[PREFIX + key], dtype=np.float64).astype(bfloat16)
@@ -233,13 +241,13 @@ def test_carried_tensors_replace_and_exact_unmerge_restores(work: Path) -> None:
     assert np.array_equal(bits_of(merged["embed.weight"]), bits_of(want))
     # fast unmerge cannot restore replaced tensors: refused even with --fast
     _refused(_run("unmerge", work / "m.safetensors", carry, "-o", work / "u.safetensors", "--fast"), "--residual")
-    done = _ok(_run("unmerge", work / "m.safetensors", carry, "-o", work / "u.safetensors", "--residual", work / "r.safetensors"))
+    done = _ok("unmerge", work / "m.safetensors", carry, "-o", work / "u.safetensors", "--residual", work / "r.safetensors")
     assert "exactly" in done.stdout
     assert (work / "u.safetensors").read_bytes() == (work / "base.safetensors").read_bytes()
-    listing = json.loads(_ok(_run("inspect", carry, "--json")).stdout)
+    listing = json.loads(_ok("inspect", carry, "--json").stdout)
     kinds = {row["target"]: row["kind"] for row in listing["carried"]}
     assert kinds == {"head.weight": "modules_to_save", "head.bias": "modules_to_save", "embed.weight": "trainable_tokens"}
-    assert "modules_to_save" in _ok(_run("inspect", carry)).stdout
+    assert "modules_to_save" in _ok("inspect", carry).stdout
 
 
 def test_unknown_tensor_refused_by_name(work: Path) -> None:
