@@ -39,8 +39,8 @@ from typing import Literal, get_args
 import numpy as np
 
 from .adapter import Adapter, LoraModule
-from .dtypes import float64, resolve_dtype, round_to
 from .carried import replacing
+from .dtypes import float64, resolve_dtype, round_to
 from .errors import CarriedTensorError, ConfigError, ShapeError
 from .kinds import kind_of
 
