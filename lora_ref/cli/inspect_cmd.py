@@ -47,7 +47,7 @@ def describe(adapter_dir: str, base: str | None = None) -> dict:
         "fan_in_fan_out": config.fan_in_fan_out,
         "use_dora": config.use_dora,
         "modules": rows,
-        "carried": carried,  # tensors applied besides LoRA factors (lora_ref.carried): they replace base values
+        "carried": carried,  # tensors besides LoRA factors (lora_ref.carried): replacements, or frozen copies checked
         "total_parameters": adapter.parameter_count(),
         "total_bytes": adapter.nbytes(),
     }
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
               f"{row['parameters']:>10} {row['bytes']:>10}  {shapes}")
     for row in report["carried"]:
         rows = f" rows {row['rows'][:8]}{' ...' if len(row['rows']) > 8 else ''}" if "rows" in row else ""
-        print(f"{row['target']:<48} {row['kind']:<17} replaces {tuple(row['shape'])} {row['dtype']}{rows}")
+        verb = "must equal" if row["kind"] == "base_layer" else "replaces"  # a frozen copy is checked, not applied
+        print(f"{row['target']:<48} {row['kind']:<17} {verb} {tuple(row['shape'])} {row['dtype']}{rows}")
     print(f"total: {len(report['modules'])} modules, {report['total_parameters']} parameters, {report['total_bytes']} bytes")
     if "size_ratio" in report:
         print(f"targeted base weights: {report['targeted_base_bytes']} bytes; adapter/base = {report['size_ratio']:.4%}")
