@@ -131,6 +131,114 @@ def build_banks(
     return bank_a, bank_b
 
 
+class _Builder:
+    """The state one batched rewrite shares across modules: the graph, fresh names, shared constants and the prelude.
+
+    The prelude (nodes run once, before the base graph) validates and clamps ``adapter_index``:
+
+        N     = Shape(first bank)[0]
+        i''   = Where(index < -1, index - N, Max(index, 0))    every invalid value lands outside [-N, N)
+        i'    = Gather(Range(0, N), i'')                       = i'' for valid rows; ORT refuses the run otherwise
+        keep  = index >= 0
+
+    so an index outside [-1, N) fails the run (ORT names the offending value and the range
+    [-N, N-1]) instead of wrapping (Gather takes negative indices) or silently running the
+    base model; callers get a typed error before that from :meth:`LoraSession.run_batched` or
+    the Triton client helper.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.namer = Namer(self.graph)
+        self.prelude: list[onnx.NodeProto] = []
+        self.after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        self.zeros: dict[int, str] = {}
+        self.constants: dict[tuple, str] = {}
+        self.embedding_ids: dict[str, int] = {}
+        self._index_col: str | None = None
+        self.ranks = _activation_ranks(model)
+        if INDEX_INPUT in self.namer.used:
+            raise UnsupportedGraphError(f"the graph already has a tensor named {INDEX_INPUT!r}")
+        self.namer.used.add(INDEX_INPUT)
+        self.graph.input.append(helper.make_tensor_value_info(INDEX_INPUT, TensorProto.INT64, ["batch"]))
+        self.index = self.keep_1d = self.keep = ""
+
+    def node(self, op: str, inputs: Sequence[str], output: str, **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, list(inputs), [output], name=self.namer(f"{output}.node"), **attrs)
+
+    def constant(self, *values: int, scalar: bool = False) -> str:
+        """A shared int64 initializer holding ``values`` (a 0-D one for ``scalar``)."""
+        key = (*values, "scalar") if scalar else values
+        if key not in self.constants:
+            self.constants[key] = self.namer("lora_i64_" + "_".join(str(v).replace("-", "m") for v in key))
+            value = np.array(values[0] if scalar else values, np.int64)
+            self.graph.initializer.append(numpy_helper.from_array(value, self.constants[key]))
+        return self.constants[key]
+
+    def zero(self, data_type: int) -> str:
+        if data_type not in self.zeros:
+            self.zeros[data_type] = self.namer(f"lora_zero_{data_type}")
+            self.graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), self.zeros[data_type]))
+        return self.zeros[data_type]
+
+    def index_prelude(self, first_bank: str) -> None:
+        """The checked index i', keep [batch] and keep [batch, 1, 1] (class docstring)."""
+        n = self.namer
+        shape, count, span, low, clamped, shifted, checked_in = (
+            n(w) for w in ("lora_bank_shape", "lora_adapters", "lora_index_range", "lora_index_low", "lora_index_clamped",
+                           "lora_index_shifted", "lora_index_unchecked"))
+        self.index, self.keep_1d, self.keep = n("lora_index"), n("lora_keep_1d"), n("lora_keep")
+        minus_one, zero_s = self.constant(-1, scalar=True), self.constant(0, scalar=True)
+        self.prelude += [
+            self.node("Shape", [first_bank], shape),
+            self.node("Gather", [shape, zero_s], count, axis=0),
+            self.node("Range", [zero_s, count, self.constant(1, scalar=True)], span),
+            self.node("Less", [INDEX_INPUT, minus_one], low),
+            self.node("Max", [INDEX_INPUT, zero_s], clamped),
+            self.node("Sub", [INDEX_INPUT, count], shifted),
+            self.node("Where", [low, shifted, clamped], checked_in),
+            self.node("Gather", [span, checked_in], self.index, axis=0),
+            self.node("GreaterOrEqual", [INDEX_INPUT, zero_s], self.keep_1d),
+            self.node("Unsqueeze", [self.keep_1d, self.constant(1, 2)], self.keep),
+        ]
+
+    def index_col(self) -> str:
+        """i' as [batch, 1] (shared by Embedding offsets and bias rows)."""
+        if self._index_col is None:
+            self._index_col = self.namer("lora_index_col")
+            self.prelude.append(self.node("Unsqueeze", [self.index, self.constant(1)], self._index_col))
+        return self._index_col
+
+    def add_bank(self, name: str, bank: np.ndarray, dims: Sequence[int | str], data_type: int) -> None:
+        """``bank`` as an initializer that is also an (overridable) graph input with a symbolic adapter axis."""
+        if name in self.namer.used:
+            raise UnsupportedGraphError(f"the graph already has a tensor named {name!r}")
+        self.namer.used.add(name)
+        self.graph.initializer.append(numpy_helper.from_array(bank, name))
+        self.graph.input.append(helper.make_tensor_value_info(name, data_type, [ADAPTER_AXIS, *dims]))
+
+    def finish(self) -> onnx.ModelProto:
+        splice(self.graph, self.after, self.prelude)
+        out = self.model
+        for i in reversed([i for i, prop in enumerate(out.metadata_props) if prop.key == EMBEDDING_IDS_KEY]):
+            del out.metadata_props[i]
+        if self.embedding_ids:
+            entry = out.metadata_props.add()
+            entry.key, entry.value = EMBEDDING_IDS_KEY, json.dumps(self.embedding_ids, sort_keys=True)
+        return out
+
+
+def _activation_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of each tensor ONNX shape inference knows ({} when it cannot run, e.g. a model past 2 GiB)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a missing rank only costs the generic Reshape path
+        return {}
+    infos = (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
+
+
 def build_batched(
     model: onnx.ModelProto,
     sites: Mapping[str, Sequence[TargetSite]],
@@ -144,124 +252,94 @@ def build_batched(
         raise ExportConfigError("a batched graph needs at least one adapter")
     if default_opset(model) < 13:
         raise ExportConfigError(f"a batched graph needs opset >= 13 (Unsqueeze with axes input); the model has {default_opset(model)}")
-    out = copy.deepcopy(model)
-    graph = out.graph
-    namer = Namer(graph)
-    if INDEX_INPUT in namer.used:
-        raise UnsupportedGraphError(f"the graph already has a tensor named {INDEX_INPUT!r}")
-    namer.used.add(INDEX_INPUT)
-    graph.input.append(helper.make_tensor_value_info(INDEX_INPUT, TensorProto.INT64, ["batch"]))
-    zero_i, axes, index, keep_1d, keep = (namer(n) for n in ("lora_zero_i64", "lora_axes_12", "lora_index", "lora_keep_1d", "lora_keep"))
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(0, np.int64), zero_i),
-        numpy_helper.from_array(np.array([1, 2], np.int64), axes),
-    ])
-    prelude = [
-        helper.make_node("Max", [INDEX_INPUT, zero_i], [index], name=namer("lora_index_clamp")),
-        helper.make_node("GreaterOrEqual", [INDEX_INPUT, zero_i], [keep_1d], name=namer("lora_index_valid")),
-        helper.make_node("Unsqueeze", [keep_1d, axes], [keep], name=namer("lora_keep_unsqueeze")),
-    ]
-    zeros: dict[int, str] = {}
-    constants: dict[tuple, str] = {}
-
-    def constant(*values: int, scalar: bool = False) -> str:
-        """A shared int64 initializer holding ``values`` (a 0-D one for ``scalar``)."""
-        key = (*values, "scalar") if scalar else values
-        if key not in constants:
-            constants[key] = namer("lora_i64_" + "_".join(str(v).replace("-", "m") for v in key))
-            graph.initializer.append(numpy_helper.from_array(np.array(values[0] if scalar else values, np.int64), constants[key]))
-        return constants[key]
-
-    index_col: str | None = None
-    embedding_ids: dict[str, int] = {}
-    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    b = _Builder(copy.deepcopy(model))
     for step, (module, module_sites) in enumerate(sites.items()):
         if progress:
             progress(step, len(sites), module)
         first = module_sites[0]
-        data_type = elem_type(graph, first.weight)
+        data_type = elem_type(b.graph, first.weight)
         bank_a, bank_b = build_banks(module, first, adapters, np_dtype(data_type), max_rank)
-        a_name, b_name = bank_a_name(module), bank_b_name(module)
         bias_bank = build_bias_bank(module, first, adapters, np_dtype(data_type))
-        banks = [(a_name, bank_a), (b_name, bank_b)] + ([(bank_bias_name(module), bias_bank)] if bias_bank is not None else [])
-        for name, bank in banks:
-            if name in namer.used:
-                raise UnsupportedGraphError(f"{module}: the graph already has a tensor named {name!r}")
-            namer.used.add(name)
-            graph.initializer.append(numpy_helper.from_array(bank, name))
         a_shape, b_shape = factor_shapes(first, f"{module}.lora_r_max")
-        graph.input.append(helper.make_tensor_value_info(a_name, data_type, [ADAPTER_AXIS, *a_shape]))
-        graph.input.append(helper.make_tensor_value_info(b_name, data_type, [ADAPTER_AXIS, *b_shape]))
-        if data_type not in zeros:
-            zeros[data_type] = namer(f"lora_zero_{data_type}")
-            graph.initializer.append(numpy_helper.from_array(np.array(0, np_dtype(data_type)), zeros[data_type]))
-        if kind_of(first.kind).export.factor_layout == "kernel":
-            bias_name = bank_bias_name(module) if bias_bank is not None else None
-            if bias_name:
-                graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [ADAPTER_AXIS, first.out_features]))
-            nodes, site_nodes = _conv_banks(first, a_name, b_name, bias_name, keep_1d, index, zeros[data_type], namer, constant)
-            prelude += nodes
-            for site in module_sites:
-                after[site.node] += site_nodes(graph, site)
-            continue
-        a_rows, b_rows = namer(f"{module}.lora_A.rows"), namer(f"{module}.lora_B.rows")
-        embedding = kind_of(first.kind).export.lora_a_op == "Gather"
-        if (embedding or bias_bank is not None) and index_col is None:
-            index_col = namer("lora_index_col")
-            prelude.append(helper.make_node("Unsqueeze", [index, constant(1)], [index_col], name=namer("lora_index_unsqueeze")))
-        if embedding:  # bank_A as one table [N·V, r]; row i·V + id is adapter i's A^T[id]
-            offset = namer(f"{module}.lora_A.offset")
-            prelude += [
-                helper.make_node("Flatten", [a_name], [a_rows], axis=2, name=namer(f"{module}.lora_A.flatten")),
-                helper.make_node("Mul", [index_col, constant(first.in_features)], [offset], name=namer(f"{module}.lora_A.offset")),
-            ]
-        else:
-            prelude.append(helper.make_node("Gather", [a_name, index], [a_rows], axis=0, name=namer(f"{module}.lora_A.gather")))
-        prelude.append(helper.make_node("Gather", [b_name, index], [b_rows], axis=0, name=namer(f"{module}.lora_B.gather")))
-        bias_rows = None
+        b.add_bank(bank_a_name(module), bank_a, a_shape, data_type)
+        b.add_bank(bank_b_name(module), bank_b, b_shape, data_type)
+        bias_name = None
         if bias_bank is not None:
-            bias_name, gathered, bias_rows = bank_bias_name(module), namer(f"{module}.lora_B.bias.rows_2d"), namer(f"{module}.lora_B.bias.rows")
-            graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [ADAPTER_AXIS, first.out_features]))
-            prelude += [
-                helper.make_node("Gather", [bias_name, index], [gathered], axis=0, name=namer(f"{module}.lora_B.bias.gather")),
-                helper.make_node("Unsqueeze", [gathered, constant(1)], [bias_rows], name=namer(f"{module}.lora_B.bias.unsqueeze")),
-            ]
-        for site in module_sites:
-            base = rename_output(graph, site, namer)
-            x3, xa, d3, masked, shape, delta = (
-                namer(f"{module}.lora_{n}") for n in ("x_rows", "xA", "delta_rows", "delta_kept", "out_shape", "delta")
-            )
-            if embedding:
-                embedding_ids[site.x] = min(site.in_features, embedding_ids.get(site.x, site.in_features))
-                ids64, rows = namer(f"{module}.lora_ids_i64"), namer(f"{module}.lora_ids_rows")
-                nodes = [
-                    helper.make_node("Cast", [site.x], [ids64], to=TensorProto.INT64, name=namer(f"{module}.lora_ids_cast")),
-                    helper.make_node("Reshape", [ids64, constant(0, -1)], [rows], name=namer(f"{module}.lora_reshape_in")),
-                    helper.make_node("Add", [rows, offset], [x3], name=namer(f"{module}.lora_ids_offset")),
-                    helper.make_node("Gather", [a_rows, x3], [xa], axis=0, name=namer(f"{module}.lora_A")),
-                ]
-            else:
-                nodes = [
-                    helper.make_node("Reshape", [site.x, constant(0, -1, first.in_features)], [x3], name=namer(f"{module}.lora_reshape_in")),
-                    helper.make_node("MatMul", [x3, a_rows], [xa], name=namer(f"{module}.lora_A")),
-                ]
-            nodes.append(helper.make_node("MatMul", [xa, b_rows], [d3], name=namer(f"{module}.lora_B")))
-            if bias_rows is not None:
-                d3_plain, d3 = d3, namer(f"{module}.lora_delta_rows_bias")
-                nodes.append(helper.make_node("Add", [d3_plain, bias_rows], [d3], name=namer(f"{module}.lora_bias")))
-            after[site.node] += nodes + [
-                helper.make_node("Where", [keep, d3, zeros[data_type]], [masked], name=namer(f"{module}.lora_keep")),
-                helper.make_node("Shape", [base], [shape], name=namer(f"{module}.lora_shape")),
-                helper.make_node("Reshape", [masked, shape], [delta], name=namer(f"{module}.lora_reshape_out")),
-                helper.make_node("Add", [base, delta], [site.y], name=namer(f"{module}.lora_add")),
-            ]
-    splice(graph, after, prelude)
-    for i in reversed([i for i, prop in enumerate(out.metadata_props) if prop.key == EMBEDDING_IDS_KEY]):
-        del out.metadata_props[i]
-    if embedding_ids:
-        entry = out.metadata_props.add()
-        entry.key, entry.value = EMBEDDING_IDS_KEY, json.dumps(embedding_ids, sort_keys=True)
-    return out
+            bias_name = bank_bias_name(module)
+            b.add_bank(bias_name, bias_bank, [first.out_features], data_type)
+        if step == 0:
+            b.index_prelude(bank_a_name(module))
+        if kind_of(first.kind).export.factor_layout == "kernel":
+            _conv_module(b, module_sites, bias_name, data_type)
+        else:
+            _matmul_module(b, module_sites, bias_name, data_type)
+    return b.finish()
+
+
+def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: str | None, data_type: int) -> None:
+    """A Linear or Embedding module: gather each row's A_s [batch, in, r] (Embedding: look up rows) and B_s [batch, r, out].
+
+    Per site: d = Reshape(x, [batch, -1, in]) @ A_s @ B_s (+ bias_s); y = base + Reshape(d, Shape(base)).
+    The mask goes on the small tensor xA [batch, L, r] (Where(keep, xA, 0)) and on bias_s, so a -1
+    row adds 0 @ B_0 = exact zeros (the banks are finite: export refuses non-finite adapters).
+    A site whose input is known to be rank 3 [batch, L, in] skips both Reshapes and the Shape.
+    """
+    first = module_sites[0]
+    module, n = first.module, lambda what: b.namer(f"{first.module}.lora_{what}")
+    a_bank, b_bank = bank_a_name(module), bank_b_name(module)
+    zero = b.zero(data_type)
+    a_rows, b_rows = n("A.rows"), n("B.rows")
+    embedding = kind_of(first.kind).export.lora_a_op == "Gather"
+    if embedding:  # bank_A as one table [N·V, r]; row i·V + id is adapter i's A^T[id]
+        offset = n("A.offset")
+        b.prelude += [b.node("Flatten", [a_bank], a_rows, axis=2),
+                      b.node("Mul", [b.index_col(), b.constant(first.in_features)], offset)]
+    else:
+        b.prelude.append(b.node("Gather", [a_bank, b.index], a_rows, axis=0))
+    b.prelude.append(b.node("Gather", [b_bank, b.index], b_rows, axis=0))
+    bias_rows = None
+    if bias_bank is not None:
+        gathered, kept, bias_rows = n("B.bias.rows_2d"), n("B.bias.kept"), n("B.bias.rows")
+        b.prelude += [b.node("Gather", [bias_bank, b.index], gathered, axis=0),
+                      b.node("Unsqueeze", [b.keep_1d, b.constant(1)], kept + ".keep"),
+                      b.node("Where", [kept + ".keep", gathered, zero], kept),
+                      b.node("Unsqueeze", [kept, b.constant(1)], bias_rows)]
+    for site in module_sites:
+        base = rename_output(b.graph, site, b.namer)
+        x3, xa, xa_kept, d3 = n("x_rows"), n("xA"), n("xA_kept"), n("delta_rows")
+        direct = not embedding and b.ranks.get(site.x) == 3
+        if embedding:
+            b.embedding_ids[site.x] = min(site.in_features, b.embedding_ids.get(site.x, site.in_features))
+            ids64, rows = n("ids_i64"), n("ids_rows")
+            nodes = [b.node("Cast", [site.x], ids64, to=TensorProto.INT64),
+                     b.node("Reshape", [ids64, b.constant(0, -1)], rows),
+                     b.node("Add", [rows, offset], x3),
+                     b.node("Gather", [a_rows, x3], xa, axis=0)]
+        elif direct:
+            nodes = [b.node("MatMul", [site.x, a_rows], xa)]
+        else:
+            nodes = [b.node("Reshape", [site.x, b.constant(0, -1, first.in_features)], x3),
+                     b.node("MatMul", [x3, a_rows], xa)]
+        nodes += [b.node("Where", [b.keep, xa, zero], xa_kept), b.node("MatMul", [xa_kept, b_rows], d3)]
+        if bias_rows is not None:
+            plain, d3 = d3, n("delta_rows_bias")
+            nodes.append(b.node("Add", [plain, bias_rows], d3))
+        if direct:
+            nodes.append(b.node("Add", [base, d3], site.y))
+        else:
+            shape, delta = n("out_shape"), n("delta")
+            nodes += [b.node("Shape", [base], shape), b.node("Reshape", [d3, shape], delta), b.node("Add", [base, delta], site.y)]
+        b.after[site.node] += nodes
+
+
+def _conv_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: str | None, data_type: int) -> None:
+    """A Conv module: the once-per-run nodes in the prelude, each site's nodes after its base Conv (module docstring)."""
+    first = module_sites[0]
+    nodes, site_nodes = _conv_banks(first, bank_a_name(first.module), bank_b_name(first.module), bias_bank, b.keep_1d,
+                                    b.index, b.zero(data_type), b.namer, b.constant)
+    b.prelude += nodes
+    for site in module_sites:
+        b.after[site.node] += site_nodes(b.graph, site)
 
 
 def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | None, keep_1d: str, index: str, zero: str,
@@ -275,9 +353,9 @@ def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | No
     spatial = list(range(2, 2 + d))
     ones = [1] * d
     n = lambda what: namer(f"{module}.lora_{what}")  # noqa: E731 - a local naming shorthand
-    a_cat, b_perm, b_cat, a_shape, cat_shape, r_max, nr, channels, owner, raw_col, own_2d, own = (
+    a_cat, b_perm, b_cat, a_shape, cat_shape, r_max, nr, channels, owner, raw_col, own_eq, keep_col, own_2d, own = (
         n(w) for w in ("A.cat", "B.perm", "B.cat", "A.shape", "A.cat_shape", "r_max", "channels", "channel_ids", "channel_owner",
-                       "index_col", "own_2d", "own"))
+                       "index_col", "own_eq", "keep_col", "own_2d", "own"))
     nodes = [
         helper.make_node("Reshape", [a_bank, constant(-1, *first.weight_shape[1:])], [a_cat], name=n("A.concat")),
         helper.make_node("Transpose", [b_bank], [b_perm], perm=[1, 0, 2, *[3 + i for i in range(d)]], name=n("B.transpose")),
@@ -288,16 +366,17 @@ def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | No
         helper.make_node("Gather", [cat_shape, constant(0, scalar=True)], [nr], axis=0, name=n("A.channels")),
         helper.make_node("Range", [constant(0, scalar=True), nr, constant(1, scalar=True)], [channels], name=n("A.range")),
         helper.make_node("Div", [channels, r_max], [owner], name=n("A.owner")),
-        helper.make_node("Unsqueeze", [INDEX_INPUT, constant(1)], [raw_col], name=n("index_unsqueeze")),
-        helper.make_node("Equal", [raw_col, owner], [own_2d], name=n("own")),
+        helper.make_node("Unsqueeze", [index, constant(1)], [raw_col], name=n("index_unsqueeze")),
+        helper.make_node("Equal", [raw_col, owner], [own_eq], name=n("own_eq")),
+        helper.make_node("Unsqueeze", [keep_1d, constant(1)], [keep_col], name=n("keep_col")),
+        helper.make_node("And", [own_eq, keep_col], [own_2d], name=n("own")),
         helper.make_node("Unsqueeze", [own_2d, constant(*spatial)], [own], name=n("own_unsqueeze")),
     ]
     bias_rows = None
     if bias_bank is not None:
-        gathered, keep_col, kept, bias_rows = (n(w) for w in ("B.bias.rows_2d", "keep_col", "B.bias.kept", "B.bias.rows"))
+        gathered, kept, bias_rows = (n(w) for w in ("B.bias.rows_2d", "B.bias.kept", "B.bias.rows"))
         nodes += [
             helper.make_node("Gather", [bias_bank, index], [gathered], axis=0, name=n("B.bias.gather")),
-            helper.make_node("Unsqueeze", [keep_1d, constant(1)], [keep_col], name=n("keep_col")),
             helper.make_node("Where", [keep_col, gathered, zero], [kept], name=n("B.bias.keep")),
             helper.make_node("Unsqueeze", [kept, constant(*spatial)], [bias_rows], name=n("B.bias.unsqueeze")),
         ]
