@@ -27,6 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from lora_ref.atomic import write_text_atomic
 from lora_ref.errors import LoraRefError
 
 from .triton import CONFIG, versions
@@ -55,19 +56,34 @@ def pytriton_root() -> Path:
 
 
 def python_stand_in(repo: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """A copy of ``repo`` whose models run on the python backend (module docstring); returns ``out``."""
+    """Mirror ``repo`` into ``out`` with every model on the python backend (module docstring); returns ``out``.
+
+    Incremental and atomic like the writer: version folders missing from ``out`` are staged and
+    renamed into place, folders gone from ``repo`` are removed, then each config is replaced,
+    so a server polling ``out`` sees the same version flow as one polling ``repo``.
+    """
     source, target = Path(repo), Path(out)
-    shutil.copytree(source, target)
     paths = json.dumps(sorted({p for p in sys.path if p and Path(p).is_dir()}))
-    for config in target.glob(f"*/{CONFIG}"):
+    for config in sorted(source.glob(f"*/{CONFIG}")):
         text = config.read_text("utf-8")
         if 'platform: "onnxruntime_onnx"' not in text:
             raise TritonUnavailableError(f"{config}: not an ONNX Runtime model written by lora-ref")
+        model_dir = target / config.parent.name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        wanted = versions(config.parent)
+        for version in wanted:
+            if not (model_dir / str(version)).is_dir():
+                staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=model_dir))
+                shutil.copytree(config.parent / str(version), staging, dirs_exist_ok=True)
+                shutil.copyfile(STAND_IN, staging / "model.py")
+                os.chmod(staging, 0o755)
+                os.replace(staging, model_dir / str(version))
         text = text.replace('platform: "onnxruntime_onnx"', 'backend: "python"')
         text += f"parameters {{ key: \"lora_ref.sys_path\" value: {{ string_value: {json.dumps(paths)} }} }}\n"
-        config.write_text(text, "utf-8")
-        for version in versions(config.parent):
-            shutil.copyfile(STAND_IN, config.parent / str(version) / "model.py")
+        write_text_atomic(model_dir / CONFIG, text)
+        for version in versions(model_dir):
+            if version not in wanted:
+                shutil.rmtree(model_dir / str(version))
     return target
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..adapter import load_adapter
+from ..errors import ConfigError
 from .paths import refuse_overwrites
 
 #: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
@@ -23,12 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories (batched: bank order)")
     p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"],
                    help="merged: weights replaced; dynamic: adapters fed as inputs; batched: adapter banks + per-row adapter_index")
-    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("-o", "--output", help="ONNX file to write (not with --triton-repo)")
     p.add_argument("--base-weights", help="base .safetensors: find weights by value when names and metadata do not")
     p.add_argument("--adapter-out", help="dynamic mode: write one <adapter>.onnx_adapter per adapter into this directory")
     p.add_argument("--max-rank", type=int, help="static, zero-padded rank (dynamic: for TensorRT/CUDA graphs; batched: bank width)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage/compute dtype of the graph")
     p.add_argument("--external-data", action="store_true", help="write tensors to OUT.onnx.data (automatic above 2 GiB)")
+    p.add_argument("--triton-repo", metavar="DIR", help="batched mode: write the next version of a Triton model repository "
+                   "(DIR/NAME/config.pbtxt, DIR/NAME/<v>/model.onnx, adapters.json) instead of -o")
+    p.add_argument("--name", default="lora", help="Triton model name in --triton-repo (default: lora)")
     p.set_defaults(func=run)
 
 
@@ -47,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from lora_ref.export import export  # lazy: onnx / onnxruntime only when exporting
     from lora_ref.export.graphio import load_model, tensor_bytes
 
+    if (args.output is None) == (args.triton_repo is None):
+        raise ConfigError("give exactly one of -o/--output and --triton-repo")
+    if args.triton_repo is not None:
+        return _run_triton(args)
     refuse_overwrites({"output graph": args.output, "adapter output folder": args.adapter_out},
                       {"model": args.model, "base weights": args.base_weights,
                        **{f"adapter {d}": d for d in args.adapters}})
@@ -66,4 +74,23 @@ def run(args: argparse.Namespace) -> int:
         print("  adapter_index -1: base model")
     for name, path in report.adapter_files.items():
         print(f"  {name}: {path}")
+    return 0
+
+
+def _run_triton(args: argparse.Namespace) -> int:
+    """``--triton-repo DIR [--name NAME]``: the batched graph as the next version of model NAME (export/triton.py)."""
+    from lora_ref.export import build_graph
+    from lora_ref.export.graphio import load_model
+    from lora_ref.export.triton import write_repository
+
+    if args.mode != "batched" or args.adapter_out is not None:
+        raise ConfigError("--triton-repo takes --mode batched (and no --adapter-out)")
+    names = [Path(d).resolve().name or "adapter" for d in args.adapters]
+    adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
+    graph, _ = build_graph(load_model(args.model), adapters, "batched", base_weights=args.base_weights, max_rank=args.max_rank,
+                           dtype=args.dtype)
+    version = write_repository(graph, args.triton_repo, names, name=args.name, external_data=True if args.external_data else None)
+    print(f"Triton model {args.name!r} version {version.name} with {len(names)} adapter(s) -> {version}")
+    for i, name in enumerate(names):
+        print(f"  adapter {name!r}: adapter_index {i}")
     return 0
