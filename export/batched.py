@@ -14,12 +14,14 @@ gathered per row and added to that row's delta: d += Unsqueeze(Gather(bank_b, i'
 The graph input ``adapter_index`` (int64 [batch]) picks the adapter of each row; -1 means the
 base model. For a site with input x [batch, ..., in] and base output y:
 
-    i'   = max(index, 0);  keep = index >= 0
+    i'   = max(index, 0) (checked, see _Builder);  keep = index >= 0
     A_s  = Gather(bank_A, i') [batch, in, r];   B_s = Gather(bank_B, i') [batch, r, out]
-    d    = Reshape(x, [batch, -1, in]) @ A_s @ B_s          (batched MatMul)
-    y   += Reshape(Where(keep, d, 0), shape(y))
+    d    = Where(keep, Reshape(x, [batch, -1, in]) @ A_s, 0) @ B_s     (batched MatMul)
+    y   += Reshape(d, shape(y))                                       (no Reshapes for x [batch, L, in])
 
-Rows with -1 get exact zeros (Where, not a multiply, so a non-finite delta cannot leak in).
+Rows with -1 get exact zeros: their x·A_s is selected to zeros (Where, not a multiply, so a
+non-finite x·A cannot leak in) before the product with the finite B_s. The selection is on the
+r-wide tensor, not the out-wide delta.
 An Embedding site (ids [batch, ...], banks of A_g = lora_embedding_A^T [V, r] and
 B_g = s·lora_embedding_B^T [r, D]) looks its rows up in the bank viewed as one table
 [N·V, r] instead of multiplying: t = Gather(Flatten(bank_A), i'·V + Reshape(ids, [batch, -1]))
@@ -44,8 +46,15 @@ the A conv computes N·r_max channels per row instead of r (multiply-adds ~ N·r
 output position, against O·C·Πk for the base conv) and the 1x1 conv N·r_max·O, so this pays off
 while N·r_max stays small next to O; beyond that, run one dynamic session per adapter.
 Requires the batch to be the leading axis of every targeted Linear's input. Indices outside
-[-1, N) are refused by :mod:`lora_ref.export.runtime` before a run (ONNX Runtime would raise an
-untyped error, or wrap negative indices silently).
+[-1, N) are refused by :mod:`lora_ref.export.runtime` (and the Triton client helper) before a
+run with a typed error; fed to the graph anyway they fail the run (see :class:`_Builder`)
+instead of wrapping (Gather takes negative indices) or running the base model.
+
+Cost (issue 13, bench/bench_onnx.py): per row and module the Gathers copy r·(in + out) bank
+values and the LoRA products add r·(in + out) multiply-adds per token, next to in·out for the
+base. The measured speedup of one 16-row run over 16 one-row runs is bounded by what the base
+graph alone gains from batching (printed beside it): with 32 tokens per row that is about 1x
+on one CPU thread, as the base GEMMs already have 32 rows.
 """
 
 from __future__ import annotations

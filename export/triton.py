@@ -128,11 +128,14 @@ def _spec(info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(info.name, TRITON_TYPES[tensor.elem_type], tuple(dims[1:]))
 
 
-def graph_specs(graph: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The request inputs (graph inputs that are not initializers: not the banks) and the outputs."""
+def graph_specs(graph: onnx.ModelProto, *, batched: bool = True) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The request inputs (graph inputs that are not initializers: not the banks) and the outputs.
+
+    ``batched=False`` also takes a graph without ``adapter_index`` (e.g. a merged one, for comparisons).
+    """
     initializers = {t.name for t in graph.graph.initializer}
     inputs = [_spec(i) for i in graph.graph.input if i.name not in initializers]
-    if INDEX_INPUT not in {s.name for s in inputs}:
+    if batched and INDEX_INPUT not in {s.name for s in inputs}:
         raise ExportConfigError(f"a Triton repository takes a batched graph (with an {INDEX_INPUT!r} input)")
     return inputs, [_spec(o) for o in graph.graph.output]
 

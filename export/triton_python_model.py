@@ -61,20 +61,22 @@ class TritonPythonModel:
         good, feeds = [], {name: [] for name in self.inputs}
         for k, request in enumerate(requests):
             arrays = {name: np.from_dlpack(pb.get_input_tensor_by_name(request, name)).copy() for name in self.inputs}
-            index = arrays["adapter_index"].reshape(-1).astype(np.int64)
-            bad = index[(index < -1) | (index >= self.adapters)]
-            if bad.size:
-                message = f"adapter_index {int(bad[0])} is outside [-1, {self.adapters}): {self.adapters} adapters, -1 = base model"
-                responses[k] = pb.InferenceResponse(error=pb.TritonError(message))
-                continue
-            arrays["adapter_index"] = index
-            good.append((k, len(index)))
+            rows = len(next(iter(arrays.values())))
+            if "adapter_index" in arrays:  # a batched graph (a merged one, for comparisons, has none)
+                index = arrays["adapter_index"].reshape(-1).astype(np.int64)
+                bad = index[(index < -1) | (index >= self.adapters)]
+                if bad.size:
+                    message = f"adapter_index {int(bad[0])} is outside [-1, {self.adapters}): {self.adapters} adapters, -1 = base model"
+                    responses[k] = pb.InferenceResponse(error=pb.TritonError(message))
+                    continue
+                arrays["adapter_index"] = index
+            good.append((k, rows))
             for name in self.inputs:
                 feeds[name].append(arrays[name])
         if good:
             joined = {name: np.concatenate(parts, axis=0) for name, parts in feeds.items()}
             results = self.session.run(self.outputs, joined)
-            adapters = len(np.unique(joined["adapter_index"]))
+            adapters = len(np.unique(joined["adapter_index"])) if "adapter_index" in joined else 0
             self.batches.increment(1)
             self.distinct.increment(adapters)
             self.widest.set(max(self.widest.value(), adapters))
