@@ -141,7 +141,7 @@ def graph_specs(graph: onnx.ModelProto, *, batched: bool = True) -> tuple[list[T
 
 
 def _quote(text: str) -> str:
-    return json.dumps(text)  # a JSON string literal is a valid protobuf text-format string
+    return json.dumps(text, ensure_ascii=False)  # a JSON string literal (UTF-8 kept) is a valid protobuf text-format string
 
 
 def model_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], maps: Mapping[int, Mapping[str, int]],
