@@ -10,7 +10,8 @@ it knows, so a name always means the bank row it had in that version. An unknown
 index outside [-1, N), is refused here (:class:`AdapterIndexError` naming the index and N)
 before any request; the server's own refusal (the python stand-in answers the same way) comes
 back as :class:`TritonRequestError`. A version that went away (a new one replaced it) makes the
-client re-read the config and retry once.
+client re-read the config and retry once when the adapter was named (a bare index is not
+retried: it may name another adapter in the new version).
 
 Padding (SPEC E.6): with ``padding == "right"`` the ids are right-padded with token 0 to the
 next multiple of ``pad_multiple`` (plus ``attention_mask`` zeros where the graph has that
@@ -80,9 +81,30 @@ class LoraTritonClient:
         return index
 
     def infer(self, ids: Sequence[int] | np.ndarray, adapter: str | int | None = None, *, check: bool = True) -> np.ndarray:
-        """Logits [len(ids), vocab] for one sequence with ``adapter``; ``check=False`` sends the index unchecked (tests)."""
-        index = self.index_of(adapter) if check else int(adapter)
+        """Logits [len(ids), vocab] for one sequence with ``adapter``; ``check=False`` sends an index unchecked (tests).
+
+        When the pinned version went away, a name (or None) is looked up again in the new
+        version's map and the request retried once; a bare index is not (it may name another
+        adapter there): that is a :class:`TritonRequestError`.
+        """
         ids = np.asarray(ids, np.int64).reshape(-1)
+        for attempt in range(2):
+            index = self.index_of(adapter) if check else int(adapter)
+            try:
+                return self._send(ids, index)
+            except TritonRequestError as exc:
+                message = str(exc).lower()
+                if attempt == 1 or not ("unavailable" in message or "version" in message):
+                    raise
+                version = self.version
+                self.refresh()
+                if not (adapter is None or isinstance(adapter, str)):
+                    raise TritonRequestError(f"model {self.model!r} version {version} went away (now {self.version}); "
+                                             f"adapter_index {adapter} may name another adapter there: ask by name") from None
+        raise AssertionError("unreachable")
+
+    def _send(self, ids: np.ndarray, index: int) -> np.ndarray:
+        """One request to the pinned version: ids right-padded per ``padding``; the real positions' logits."""
         length = len(ids)
         width = -(-length // self.pad_multiple) * self.pad_multiple if self.padding == "right" else length
         row = np.zeros((1, width), np.int64)
@@ -90,23 +112,14 @@ class LoraTritonClient:
         tensors = {self.ids_input: row, INDEX_INPUT: np.array([[index]], np.int64)}
         if MASK_INPUT in self.inputs:
             tensors[MASK_INPUT] = (np.arange(width) < length).astype(np.int64)[None, :]
-        for attempt in range(2):
-            inputs = []
-            for name, value in tensors.items():
-                item = self._grpc.InferInput(name, list(value.shape), self.inputs[name]["data_type"].removeprefix("TYPE_"))
-                item.set_data_from_numpy(value)
-                inputs.append(item)
-            try:
-                result = self.client.infer(self.model, inputs, model_version=str(self.version),
-                                           outputs=[self._grpc.InferRequestedOutput(self.output)], client_timeout=self.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - tritonclient raises InferenceServerException
-                message = str(exc)
-                gone = "unavailable" in message.lower() or "version" in message.lower()
-                if attempt == 0 and gone:
-                    self.refresh()
-                    if isinstance(adapter, str):
-                        tensors[INDEX_INPUT][0, 0] = self.index_of(adapter)
-                    continue
-                raise TritonRequestError(f"model {self.model!r} v{self.version}: {message}") from None
-            return result.as_numpy(self.output)[0, :length]
-        raise TritonRequestError(f"model {self.model!r}: no ready version after a refresh")
+        inputs = []
+        for name, value in tensors.items():
+            item = self._grpc.InferInput(name, list(value.shape), self.inputs[name]["data_type"].removeprefix("TYPE_"))
+            item.set_data_from_numpy(value.astype(np.int32) if "INT32" in self.inputs[name]["data_type"] else value)
+            inputs.append(item)
+        try:
+            result = self.client.infer(self.model, inputs, model_version=str(self.version),
+                                       outputs=[self._grpc.InferRequestedOutput(self.output)], client_timeout=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises InferenceServerException
+            raise TritonRequestError(f"model {self.model!r} v{self.version}: {exc}") from None
+        return result.as_numpy(self.output)[0, :length]

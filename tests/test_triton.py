@@ -46,11 +46,15 @@ def setup(tmp_path_factory):
     torch = require_peer("torch")
     require_peer("peft")
     require_peer("tritonclient.grpc")
-    require_peer("pytriton")
     from lora_ref import load_adapter
     from lora_ref.export import build_graph
     from lora_ref.export.triton import TritonOptions, write_repository
-    from lora_ref.export.triton_local import LocalServer, python_stand_in
+    from lora_ref.export.triton_local import LocalServer, TritonUnavailableError, python_stand_in, pytriton_root
+
+    try:
+        pytriton_root()  # the binary only: nvidia-pytriton is installed --no-deps, its Python API is not importable
+    except TritonUnavailableError as exc:
+        pytest.fail(f"LORA_REF_TRITON=1 but {exc}")
 
     spec = importlib.util.spec_from_file_location("peft_to_onnx", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
@@ -207,8 +211,10 @@ def test_new_version_loads_while_clients_keep_sending(setup):
     from lora_ref.export.triton import write_repository
     from lora_ref.export.triton_local import python_stand_in
 
+    from lora_ref.export.triton_client import TritonRequestError
+
     adapters = setup["adapters"]
-    client = _client(setup)
+    client, stale_by_index, stale_by_name = _client(setup), _client(setup), _client(setup)
     ids = np.array([5, 6, 7, 8], np.int64)
     failures: list[Exception] = []
     done = threading.Event()
@@ -242,6 +248,11 @@ def test_new_version_loads_while_clients_keep_sending(setup):
     assert client.version == 2 and client.adapters == {"adapter_2": 0, "adapter_0": 1}
     want = open_session(setup["repo"] / "llama" / "2" / "model.onnx").run_batched({"input_ids": ids[None, :]}, [1])[0][0]
     np.testing.assert_array_equal(client.infer(ids, "adapter_0"), want)
+    # clients still pinned to version 1: a name is looked up again in version 2's map, a bare index is refused
+    assert stale_by_name.version == 1 and stale_by_index.version == 1
+    np.testing.assert_array_equal(stale_by_name.infer(ids, "adapter_0"), want)
+    with pytest.raises(TritonRequestError, match="version 1 went away .* adapter_index 0 may name another adapter"):
+        stale_by_index.infer(ids, 0)
     assert len(answers) > 2 and all(np.array_equal(a, answers[0]) for a in answers)  # adapter_0 before, during and after
 
 
