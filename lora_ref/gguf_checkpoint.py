@@ -1,0 +1,227 @@
+"""Merge a PEFT adapter into a GGUF model and unmerge it, tensor by tensor (SPEC G.4).
+
+Float tensors (F32, F16, BF16) keep their type: W' = round_t(W + s·B·A) with PEFT's exact s and
+B's rows permuted as the GGUF stores them (:mod:`lora_ref.gguf_model`), through
+:func:`lora_ref.merge.merge`, so the exact residual and bit-exact unmerge are the safetensors
+ones (the residual file is the same format, keyed by GGUF tensor name).
+
+Quantized targets (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are refused by default: their blocks cannot
+hold W + Δ exactly. With ``requantize`` the tensor is dequantized, Δ added in float64, rounded to
+float32 and quantized again with ``gguf.quants`` (byte-identical to ggml's reference quantizers),
+and each such tensor is reported: the error e = deq(q(W + Δ)) − (W + Δ) against Δ itself
+(max |e|, RMS e / RMS Δ), so a user sees how much of the adapter's effect the blocks kept.
+Requantized tensors cannot be restored bit for bit: a residual is refused with them.
+
+The output copies every metadata key and untargeted tensor byte for byte (one tensor in memory at
+a time; the input is memory-mapped) and adds ``lora_ref.merge`` (JSON: adapter digest, exact or
+fast, requantized tensors). Merge refuses a file holding that key; unmerge requires it, with the
+same adapter, and removes it, so an exact unmerge gives back the original file's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .adapter import Adapter
+from .atomic import atomic_path
+from .checkpoint import load_residuals, save_residuals
+from .dtypes import float32, float64
+from .errors import FileFormatError, MergeStateError, ResidualMismatchError
+from .gguf_model import GgufFile, GgufUnsupportedError, ModuleSite, QuantizedTensorError, gguf_module, locate_modules
+from .merge import Residual, digest_arrays, merge, unmerge
+
+MERGE_KEY = "lora_ref.merge"
+MERGE_FORMAT = "lora-ref-gguf-merge/1"
+REQUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+@dataclass
+class GgufMergeReport:
+    """Per targeted tensor: elements merged, residual sizes, requantization errors."""
+
+    tensors_written: int = 0
+    merged: dict[str, int] = field(default_factory=dict)
+    residual_counts: dict[str, int] = field(default_factory=dict)
+    residual_bytes: int = 0
+    requantized: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def adapter_digest(adapter: Adapter, sites: dict[str, ModuleSite]) -> str:
+    """BLAKE2b over each module's GGUF tensor name, A, B and PEFT scale (in tensor-name order)."""
+    ordered = sorted(sites.values(), key=lambda s: s.tensor)
+    arrays = []
+    for site in ordered:
+        lora = adapter.modules[site.module]
+        arrays += [np.frombuffer(site.tensor.encode(), np.uint8), lora.A, lora.B, np.float64(adapter.scale_for(site.module))]
+    return digest_arrays(*arrays)
+
+
+def _targets(adapter: Adapter, model: GgufFile, requantize: bool, exact: bool) -> dict[str, ModuleSite]:
+    sites = {site.tensor: site for site in locate_modules(adapter, model).values()}
+    if model.reader.endianess.name != "LITTLE":
+        raise GgufUnsupportedError(f"{model.path}: big-endian GGUF files are not supported")
+    quantized = {n: model.type_name(n) for n in sites if model.type_name(n) not in ("F32", "F16", "BF16")}
+    if quantized and not requantize:
+        name, kind = next(iter(quantized.items()))
+        raise QuantizedTensorError(
+            f"{model.path}: {len(quantized)} targeted tensor(s) are quantized, e.g. {name} ({kind}): W + ΔW does not fit "
+            "their blocks; pass --requantize to requantize them (lossy, with an error report) or use a float base")
+    unsupported = {n: k for n, k in quantized.items() if k not in REQUANTIZABLE}
+    if unsupported:
+        name, kind = next(iter(unsupported.items()))
+        raise GgufUnsupportedError(f"{name} is {kind}: requantization supports {', '.join(REQUANTIZABLE)} only")
+    if quantized and exact:
+        raise GgufUnsupportedError(
+            f"{next(iter(quantized))}: requantized tensors cannot be restored bit for bit; drop --residual or keep the original file")
+    return sites
+
+
+def _copy_metadata(model: GgufFile, writer: object, record: dict[str, object] | None) -> None:
+    """Every metadata key of ``model`` in its order (``lora_ref.merge`` dropped), then ``record``."""
+    gguf = gguf_module()
+    writer.kv_data = [{}]  # type: ignore[attr-defined]  # drop the writer's own general.architecture: keep the file's order
+    for f in model.reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == MERGE_KEY:
+            continue
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 2:
+            raise GgufUnsupportedError(f"{model.path}: metadata {f.name} is a nested array, which is not copied")
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)  # type: ignore[attr-defined]
+        if f.name == "general.alignment":
+            writer.data_alignment = int(f.contents())  # type: ignore[attr-defined]
+    if record is not None:
+        writer.add_string(MERGE_KEY, json.dumps(record, sort_keys=True))  # type: ignore[attr-defined]
+
+
+def _write(model: GgufFile, out_path: str | Path, record: dict[str, object] | None,
+           produce: Callable[[str], np.ndarray | None]) -> int:
+    """Write ``model`` to ``out_path`` atomically with each tensor ``produce(name)`` (None: copy its bytes)."""
+    gguf = gguf_module()
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, model.architecture)
+        _copy_metadata(model, writer, record)
+        for t in model.reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in model.reader.tensors:
+            data = produce(t.name)
+            if data is None:
+                data = t.data  # the mapped bytes, copied as they are
+            elif t.tensor_type.name == "BF16":
+                data = np.ascontiguousarray(data).view(np.uint8)  # the writer takes BF16 as raw bytes
+            writer.write_tensor_data(data)
+        writer.close()
+    return len(model.reader.tensors)
+
+
+def _requantize(model: GgufFile, name: str, combine: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, dict[str, object]]:
+    """Quantized blocks of ``combine(deq(W))`` (float64 in, float64 out) and the error report."""
+    gguf = gguf_module()
+    tensor = model.tensors[name]
+    before = gguf.dequantize(tensor.data, tensor.tensor_type).astype(float64)
+    target = combine(before)
+    blocks = gguf.quantize(target.astype(float32), tensor.tensor_type)
+    error = gguf.dequantize(blocks, tensor.tensor_type).astype(float64) - target
+    effect = target - before
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    info = {"type": tensor.tensor_type.name, "max_abs_error": float(np.max(np.abs(error))), "rms_error": rms(error),
+            "rms_delta": rms(effect), "error_over_effect": rms(error) / rms(effect) if rms(effect) > 0 else float("inf")}
+    return blocks, info
+
+
+def merge_gguf(
+    base_path: str | Path,
+    adapter: Adapter,
+    out_path: str | Path,
+    *,
+    residual_path: str | Path | None = None,
+    requantize: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> GgufMergeReport:
+    """Write the GGUF model ``base_path`` + adapter to ``out_path`` (module doc); exact with ``residual_path``."""
+    model = GgufFile(base_path)
+    existing = model.value(MERGE_KEY)
+    if existing is not None:
+        raise MergeStateError(f"{base_path}: already holds a lora-ref merge ({MERGE_KEY}); unmerge it first")
+    exact = residual_path is not None
+    sites = _targets(adapter, model, requantize, exact)
+    report = GgufMergeReport()
+    residuals: dict[str, Residual] = {}
+
+    def produce(name: str) -> np.ndarray | None:
+        site = sites.get(name)
+        if site is None:
+            return None
+        if progress:
+            progress(name)
+        delta = site.peft_delta(adapter)
+        report.merged[name] = int(np.prod(delta.shape))
+        if model.type_name(name) in REQUANTIZABLE:
+            blocks, report.requantized[name] = _requantize(model, name, lambda W: W + delta.block(slice(None)))
+            return blocks
+        result = merge(model.array(name), delta, exact=exact, allow_nonfinite=allow_nonfinite)
+        if result.residual is not None:
+            residuals[name] = result.residual
+            report.residual_counts[name] = result.residual.count
+            report.residual_bytes += result.residual.nbytes
+        return result.weight
+
+    record = {"format": MERGE_FORMAT, "adapter_digest": adapter_digest(adapter, sites), "exact": exact,
+              "requantized": sorted(n for n in sites if model.type_name(n) in REQUANTIZABLE)}
+    report.tensors_written = _write(model, out_path, record, produce)
+    if residual_path is not None:
+        save_residuals(residual_path, residuals)
+    return report
+
+
+def unmerge_gguf(
+    merged_path: str | Path,
+    adapter: Adapter,
+    out_path: str | Path,
+    *,
+    residual_path: str | Path | None = None,
+    requantize: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> GgufMergeReport:
+    """Write merged − adapter; with the merge's residual every tensor (and the file) is bit-identical to the base."""
+    model = GgufFile(merged_path)
+    raw = model.value(MERGE_KEY)
+    if raw is None:
+        raise MergeStateError(f"{merged_path}: holds no lora-ref merge record ({MERGE_KEY}); it was not merged by lora-ref")
+    try:
+        record = json.loads(raw)
+        digest = record["adapter_digest"]
+    except (ValueError, TypeError, KeyError):
+        raise FileFormatError(f"{merged_path}: the {MERGE_KEY} record is malformed") from None
+    sites = _targets(adapter, model, requantize, residual_path is not None)
+    if digest != adapter_digest(adapter, sites):
+        raise MergeStateError(f"{merged_path}: was merged with another adapter (digest differs); refusing to unmerge")
+    residuals = load_residuals(residual_path) if residual_path is not None else {}
+    unknown = sorted(set(residuals) - set(sites))
+    if unknown:
+        raise ResidualMismatchError(f"{residual_path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
+    report = GgufMergeReport()
+
+    def produce(name: str) -> np.ndarray | None:
+        site = sites.get(name)
+        if site is None:
+            return None
+        if progress:
+            progress(name)
+        delta = site.peft_delta(adapter)
+        report.merged[name] = int(np.prod(delta.shape))
+        if model.type_name(name) in REQUANTIZABLE:
+            blocks, report.requantized[name] = _requantize(model, name, lambda W: W - delta.block(slice(None)))
+            return blocks
+        return unmerge(model.array(name), delta, residual=residuals.get(name))
+
+    report.tensors_written = _write(model, out_path, None, produce)
+    return report
