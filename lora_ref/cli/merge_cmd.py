@@ -45,6 +45,7 @@ from ..errors import MergeStateError, OverwriteRefusedError
 from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
 from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
+from . import gguf_cmd
 from .paths import refuse_overwrites
 
 
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), help="convert floating tensors before merging")
     m.add_argument("--allow-nonfinite", action="store_true", help="merge adapters holding NaN/inf")
     m.add_argument("--force", action="store_true", help="merge even if BASE's merge record already holds this adapter")
+    m.add_argument("--requantize", action="store_true", help="GGUF: requantize quantized targets (lossy, reported)")
     m.set_defaults(func=run_merge)
     u = sub.add_parser("unmerge", help="write MERGED - adapter; bit-exact with --residual")
     u.add_argument("merged", help="merged weights (.safetensors or a sharded *.safetensors.index.json)")
@@ -76,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--fast", action="store_true", help="accept a rounding unmerge of an exactly merged file (no residual)")
     u.add_argument("--force", action="store_true",
                    help="unmerge even if the merge record does not hold this adapter on top, or the residual is another merge's")
+    u.add_argument("--requantize", action="store_true", help="GGUF: requantize quantized targets (lossy, reported)")
     u.set_defaults(func=run_unmerge)
 
 
@@ -131,6 +134,8 @@ def _refuse_sharded_in_place(path: str, in_place: bool) -> bool:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    if args.base.endswith(".gguf"):
+        return gguf_cmd.run_merge_gguf(args)
     output = args.base if args.in_place else args.output
     sharded = _refuse_sharded_in_place(args.base, args.in_place)
     if args.in_place:
@@ -172,6 +177,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_unmerge(args: argparse.Namespace) -> int:
+    if args.merged.endswith(".gguf"):
+        return gguf_cmd.run_unmerge_gguf(args)
     sharded = _refuse_sharded_in_place(args.merged, args.in_place)
     inputs = {"merged checkpoint": args.merged, "residual": args.residual}
     if args.in_place:
