@@ -360,3 +360,69 @@ def test_quantized_targets_refused_then_requantized_with_a_report(tmp_path: Path
     save_adapter(adapter, tmp_path / "ad")
     assert main(["merge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "c.gguf"), "--requantize"]) == 0
     assert "requantized blk.0.ffn_down.weight" in capsys.readouterr().out
+
+
+def test_peft_llama_adapter_through_gguf_matches_peft_delta(torch, tmp_path: Path) -> None:
+    """Independent oracle: a real PEFT adapter on a tiny transformers Llama; the base GGUF written as
+    convert_hf_to_gguf.py does (gguf's own name map, LlamaModel.permute on q/k in torch); llama.cpp's
+    ΔW from our file vs PEFT's get_delta_weight, permuted the converter's way.
+
+    Bound: PEFT's float32 get_delta_weight rounds B·A (γ_r u_32 |B||A|) and the scaling (u_32); our
+    file adds ≤ 3u_32 (scale arithmetic, folded B): |ΔW_llama − ΔW_peft| ≤ (r + 6) u_32 |s| (|B||A|).
+    """
+    transformers, peft = require_peer("transformers"), require_peer("peft")
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=FF, num_hidden_layers=LAYERS,
+                                      num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+
+    def permute(weights, n_head: int, n_head_kv: int | None):  # convert_hf_to_gguf.py LlamaModel.permute
+        if n_head_kv is not None and n_head != n_head_kv:
+            n_head = n_head_kv
+        return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+                .swapaxes(1, 2).reshape(weights.shape))
+
+    def to_gguf_layout(name: str, w):
+        if name.endswith("q_proj.weight"):
+            return permute(w, H, H)
+        if name.endswith("k_proj.weight"):
+            return permute(w, H, KV)
+        return w
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS)
+    writer = gguf.GGUFWriter(tmp_path / "base.gguf", "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_head_count(H)
+    writer.add_head_count_kv(KV)
+    for name, w in model.state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), to_gguf_layout(name, w).numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=list(SHAPES),
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3.0, "layers.1.mlp.up_proj": 0.0})
+    pm = peft.get_peft_model(model, lcfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for pname, param in pm.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    pm.save_pretrained(tmp_path / "ad")
+    to_gguf(load_adapter(tmp_path / "ad"), tmp_path / "base.gguf", tmp_path / "a.gguf")
+    alpha, pairs, _ = read_pairs(tmp_path / "a.gguf")
+    checked = 0
+    for name, layer in pm.named_modules():
+        if not hasattr(layer, "get_delta_weight") or "default" not in getattr(layer, "lora_A", {}):
+            continue
+        hf = name.removeprefix("base_model.model.") + ".weight"
+        with torch.no_grad():
+            want = to_gguf_layout(hf, layer.get_delta_weight("default")).double().numpy()
+            A, B = layer.lora_A["default"].weight.double(), to_gguf_layout(hf, layer.lora_B["default"].weight.double())
+            magnitude = (B.abs() @ A.abs()).numpy() * layer.scaling["default"]
+        a, b = pairs[names.get_name(hf, try_suffixes=(".weight",))]
+        got = llama_scale(alpha, b) * (b @ a)
+        r = A.shape[0]
+        assert np.all(np.abs(got - want) <= (r + 6) * U32 * abs(magnitude)), name
+        checked += 1
+    assert checked == LAYERS * len(SHAPES)
