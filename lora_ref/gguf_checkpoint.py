@@ -33,7 +33,7 @@ from .checkpoint import load_residuals, save_residuals
 from .dtypes import float32, float64
 from .errors import FileFormatError, MergeStateError, ResidualMismatchError
 from .gguf_model import GgufFile, GgufUnsupportedError, ModuleSite, QuantizedTensorError, gguf_module, locate_modules
-from .merge import Residual, digest_arrays, merge, unmerge
+from .merge import DeltaSource, Residual, digest_arrays, merge, unmerge
 
 MERGE_KEY = "lora_ref.merge"
 MERGE_FORMAT = "lora-ref-gguf-merge/1"
@@ -153,20 +153,9 @@ def merge_gguf(
         raise MergeStateError(f"{base_path}: already holds a lora-ref merge ({MERGE_KEY}); unmerge it first")
     exact = residual_path is not None
     sites = _targets(adapter, model, requantize, exact)
-    report = GgufMergeReport()
     residuals: dict[str, Residual] = {}
 
-    def produce(name: str) -> np.ndarray | None:
-        site = sites.get(name)
-        if site is None:
-            return None
-        if progress:
-            progress(name)
-        delta = site.peft_delta(adapter)
-        report.merged[name] = int(np.prod(delta.shape))
-        if model.type_name(name) in REQUANTIZABLE:
-            blocks, report.requantized[name] = _requantize(model, name, lambda W: W + delta.block(slice(None)))
-            return blocks
+    def merge_float(name: str, delta: DeltaSource, report: GgufMergeReport) -> np.ndarray:
         result = merge(model.array(name), delta, exact=exact, allow_nonfinite=allow_nonfinite)
         if result.residual is not None:
             residuals[name] = result.residual
@@ -176,7 +165,7 @@ def merge_gguf(
 
     record = {"format": MERGE_FORMAT, "adapter_digest": adapter_digest(adapter, sites), "exact": exact,
               "requantized": sorted(n for n in sites if model.type_name(n) in REQUANTIZABLE)}
-    report.tensors_written = _write(model, out_path, record, produce)
+    report = _rewrite(model, adapter, sites, out_path, record, +1.0, merge_float, progress)
     if residual_path is not None:
         save_residuals(residual_path, residuals)
     return report
@@ -208,6 +197,18 @@ def unmerge_gguf(
     unknown = sorted(set(residuals) - set(sites))
     if unknown:
         raise ResidualMismatchError(f"{residual_path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
+    def unmerge_float(name: str, delta: DeltaSource, report: GgufMergeReport) -> np.ndarray:
+        return unmerge(model.array(name), delta, residual=residuals.get(name))
+
+    return _rewrite(model, adapter, sites, out_path, None, -1.0, unmerge_float, progress)
+
+
+def _rewrite(model: GgufFile, adapter: Adapter, sites: dict[str, ModuleSite], out_path: str | Path,
+             record: dict[str, object] | None, sign: float,
+             float_op: Callable[[str, DeltaSource, GgufMergeReport], np.ndarray],
+             progress: Callable[[str], None] | None) -> GgufMergeReport:
+    """Write ``model`` with each target replaced: float ones by ``float_op``, quantized ones requantized
+    from deq(W) + sign·Δ; ``record`` (or none) as the ``lora_ref.merge`` key."""
     report = GgufMergeReport()
 
     def produce(name: str) -> np.ndarray | None:
@@ -219,9 +220,9 @@ def unmerge_gguf(
         delta = site.peft_delta(adapter)
         report.merged[name] = int(np.prod(delta.shape))
         if model.type_name(name) in REQUANTIZABLE:
-            blocks, report.requantized[name] = _requantize(model, name, lambda W: W - delta.block(slice(None)))
+            blocks, report.requantized[name] = _requantize(model, name, lambda W: W + sign * delta.block(slice(None)))
             return blocks
-        return unmerge(model.array(name), delta, residual=residuals.get(name))
+        return float_op(name, delta, report)
 
-    report.tensors_written = _write(model, out_path, None, produce)
+    report.tensors_written = _write(model, out_path, record, produce)
     return report

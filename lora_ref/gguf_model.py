@@ -25,6 +25,7 @@ The other architectures here (qwen2, phi3, gemma, gemma2) store HF's rows unchan
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -32,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .adapter import Adapter
-from .dtypes import bfloat16, float16, float32
+from .adapter import PREFIX, Adapter
+from .dtypes import bfloat16, bits_of, float16, float32, round_to
 from .embedding import EmbeddingDelta
 from .errors import ConfigError, DTypeError, FileFormatError, LoraRefError, ShapeError, TargetNotFoundError
 from .linear import LinearDelta
@@ -141,6 +142,27 @@ class ModuleSite:
         return LinearDelta(lora.A, self.factors(adapter)[1], scale, module=self.tensor)
 
 
+def _check_base_copy(model: GgufFile, site: ModuleSite, copy: np.ndarray) -> None:
+    """Refuse a saved base-layer copy that is not the base model's tensor (one rounding to its type).
+
+    A copy that differs means the adapter was trained on other weights (a resized or retrained
+    vocabulary): applying its LoRA to this base would be silently wrong.
+    """
+    try:
+        base = model.array(site.tensor)
+    except QuantizedTensorError:
+        base = None
+    W = np.asarray(copy, dtype=np.float64)
+    if site.row_permutation is not None:
+        W = W[site.row_permutation]
+    if base is None or W.shape != base.shape or not np.array_equal(
+            bits_of(round_to(W, base.dtype)), bits_of(np.asarray(base))):
+        raise GgufUnsupportedError(
+            f"{site.module}: the adapter carries its own copy of the base weight ({site.module}.base_layer.weight, "
+            f"PEFT's save_embedding_layers) and it differs from {site.tensor} in {model.path} "
+            "(resized vocabulary or another base?); convert the base model from the same weights")
+
+
 def rope_row_permutation(out_features: int, n_head: int) -> np.ndarray:
     """Row order of LlamaModel.permute: gguf row h·d + 2i + j is HF row h·d + j·d/2 + i."""
     if n_head <= 0 or out_features % (2 * n_head):
@@ -149,12 +171,30 @@ def rope_row_permutation(out_features: int, n_head: int) -> np.ndarray:
     return rows.swapaxes(1, 2).reshape(-1)
 
 
+def base_layer_copies(adapter: Adapter) -> dict[str, np.ndarray]:
+    """The ``<module>.base_layer.weight`` copies PEFT saves with targeted embeddings, by module."""
+    copies = {}
+    for key, array in adapter.extra_tensors.items():
+        match = _BASE_LAYER.match(key)
+        if match and match["module"] in adapter.modules:
+            copies[match["module"]] = array
+    return copies
+
+
+_BASE_LAYER = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
+
+
 def refuse_unexpressible(adapter: Adapter) -> None:
-    """Raise GgufUnsupportedError for what a llama.cpp LoRA cannot carry, naming the module."""
-    if adapter.extra_tensors:
-        key = sorted(adapter.extra_tensors)[0]
+    """Raise GgufUnsupportedError for what a llama.cpp LoRA cannot carry, naming the module.
+
+    PEFT's copies of targeted layers' base weights (``save_embedding_layers``) are not refused
+    here: :func:`locate_modules` checks each equals the base model's tensor.
+    """
+    copies = {PREFIX + m + ".base_layer.weight" for m in base_layer_copies(adapter)}
+    extra = sorted(k for k in adapter.extra_tensors if k not in copies)
+    if extra:
         raise GgufUnsupportedError(
-            f"adapter tensor {key!r} ({len(adapter.extra_tensors)} such) is not a LoRA factor (modules_to_save?): "
+            f"adapter tensor {extra[0]!r} ({len(extra)} such) is not a LoRA factor (modules_to_save?): "
             "llama.cpp adapters carry only lora_a/lora_b pairs; merge it into the base model instead")
     if adapter.config.fan_in_fan_out:
         raise GgufUnsupportedError("fan_in_fan_out (GPT-2 Conv1D layout) adapters have no GGUF mapping here")
@@ -202,6 +242,8 @@ def locate_modules(adapter: Adapter, model: GgufFile) -> dict[str, ModuleSite]:
             raise ShapeError(f"{module}: the adapter's ΔW is {tuple(expected)} but {tensor} in {model.path} is "
                              f"{model.shape(tensor)} (another base model?)")
         sites[module] = site
+    for module, copy in base_layer_copies(adapter).items():
+        _check_base_copy(model, sites[module], copy)
     if len({s.tensor for s in sites.values()}) != len(sites):
         raise ConfigError("two adapter modules map to the same GGUF tensor")
     return sites

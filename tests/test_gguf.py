@@ -265,8 +265,16 @@ def test_verify_reports_missing_extra_and_unpermuted(tmp_path: Path) -> None:
 
 def test_refusals_name_the_module(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
-    write_base(tmp_path / "base.gguf", rng)
+    values = write_base(tmp_path / "base.gguf", rng)
     base = make_adapter(rng, LoraConfig(r=4, lora_alpha=8, target_modules=list(SHAPES)), projs=("q_proj",))
+    # PEFT's save_embedding_layers copy of a base weight: accepted when it is the base's tensor, else refused
+    v = make_adapter(rng, base.config, projs=("v_proj",))
+    key = f"base_model.model.{hf_module(0, 'v_proj')}.base_layer.weight"
+    same = Adapter(v.config, v.modules, extra_tensors={key: values["blk.0.attn_v.weight"].astype(np.float32)})
+    to_gguf(same, tmp_path / "base.gguf", tmp_path / "ok.gguf")
+    other = Adapter(v.config, v.modules, extra_tensors={key: values["blk.0.attn_v.weight"].astype(np.float32) + 1})
+    with pytest.raises(GgufUnsupportedError, match="differs from blk.0.attn_v.weight"):
+        to_gguf(other, tmp_path / "base.gguf", tmp_path / "x.gguf")
     name = hf_module(0, "q_proj")
     dora = Adapter(LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=list(SHAPES)),
                    {name: LoraModule(name, base.modules[name].A, base.modules[name].B, magnitude=np.ones(H * HD, np.float32))})
@@ -400,29 +408,60 @@ def test_peft_llama_adapter_through_gguf_matches_peft_delta(torch, tmp_path: Pat
     writer.write_tensors_to_file()
     writer.close()
 
-    lcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=list(SHAPES),
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=[*SHAPES, "embed_tokens", "lm_head"],
                            rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3.0, "layers.1.mlp.up_proj": 0.0})
     pm = peft.get_peft_model(model, lcfg)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for pname, param in pm.named_parameters():
-            if "lora_B" in pname:
+            if "lora_" in pname:  # both factors random (PEFT's init zeroes one of them)
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
     pm.save_pretrained(tmp_path / "ad")
     to_gguf(load_adapter(tmp_path / "ad"), tmp_path / "base.gguf", tmp_path / "a.gguf")
     alpha, pairs, _ = read_pairs(tmp_path / "a.gguf")
     checked = 0
     for name, layer in pm.named_modules():
-        if not hasattr(layer, "get_delta_weight") or "default" not in getattr(layer, "lora_A", {}):
+        if not hasattr(layer, "get_delta_weight") or "default" not in getattr(layer, "scaling", {}):
             continue
         hf = name.removeprefix("base_model.model.") + ".weight"
+        embedding = "default" in layer.lora_embedding_A
+        a, b = pairs[names.get_name(hf, try_suffixes=(".weight",))]
         with torch.no_grad():
             want = to_gguf_layout(hf, layer.get_delta_weight("default")).double().numpy()
-            A, B = layer.lora_A["default"].weight.double(), to_gguf_layout(hf, layer.lora_B["default"].weight.double())
-            magnitude = (B.abs() @ A.abs()).numpy() * layer.scaling["default"]
-        a, b = pairs[names.get_name(hf, try_suffixes=(".weight",))]
-        got = llama_scale(alpha, b) * (b @ a)
+            if embedding:  # ΔW [vocab, embd] = s (B A)^T; llama.cpp: scale · a b^T
+                A, B = layer.lora_embedding_A["default"].double(), layer.lora_embedding_B["default"].double()
+                magnitude = (A.abs().T @ B.abs().T).numpy() * layer.scaling["default"]
+                got = llama_scale(alpha, b) * (a @ b.T)
+            else:
+                A, B = layer.lora_A["default"].weight.double(), to_gguf_layout(hf, layer.lora_B["default"].weight.double())
+                magnitude = (B.abs() @ A.abs()).numpy() * layer.scaling["default"]
+                got = llama_scale(alpha, b) * (b @ a)
         r = A.shape[0]
         assert np.all(np.abs(got - want) <= (r + 6) * U32 * abs(magnitude)), name
         checked += 1
-    assert checked == LAYERS * len(SHAPES)
+    assert checked == LAYERS * len(SHAPES) + 2  # + embed_tokens, lm_head
+
+
+def test_core_and_cli_import_without_gguf() -> None:
+    """`gguf` is optional: importing lora_ref and building the CLI never loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import lora_ref, lora_ref.gguf_model, lora_ref.gguf_adapter, lora_ref.gguf_checkpoint; "
+            "from lora_ref.cli import build_parser; build_parser(); assert 'gguf' not in sys.modules, 'gguf imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_refuses_to_overwrite_inputs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    write_base(tmp_path / "base.gguf", rng)
+    adapter = make_adapter(rng, LoraConfig(r=4, lora_alpha=8, target_modules=list(SHAPES)), projs=("v_proj",))
+    save_adapter(adapter, tmp_path / "ad")
+    before = (tmp_path / "base.gguf").read_bytes()
+    assert main(["to-gguf", str(tmp_path / "ad"), "--base", str(tmp_path / "base.gguf"), "-o", str(tmp_path / "base.gguf")]) == 2
+    assert main(["merge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "base.gguf")]) == 2
+    assert main(["merge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "--in-place", "--residual",
+                 str(tmp_path / "r.safetensors")]) == 2
+    assert (tmp_path / "base.gguf").read_bytes() == before
+    assert main(["unmerge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "u.gguf")]) == 2  # not merged
+    assert not (tmp_path / "u.gguf").exists()
