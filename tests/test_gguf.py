@@ -368,6 +368,14 @@ def test_quantized_targets_refused_then_requantized_with_a_report(tmp_path: Path
     save_adapter(adapter, tmp_path / "ad")
     assert main(["merge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "c.gguf"), "--requantize"]) == 0
     assert "requantized blk.0.ffn_down.weight" in capsys.readouterr().out
+    # unmerging a requantized model needs --requantize too, and is reported the same way
+    assert main(["unmerge", str(tmp_path / "c.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "u.gguf")]) == 2
+    back = unmerge_gguf(tmp_path / "c.gguf", adapter, tmp_path / "u.gguf", requantize=True)
+    assert sorted(back.requantized) == sorted(report.requantized)
+    for key, info in back.requantized.items():  # back near the base: within two requantizations of it
+        t = {t.name: t for t in gguf.GGUFReader(tmp_path / "u.gguf").tensors}[key]
+        got = gguf.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float64)
+        assert info["type"] == kind and np.max(np.abs(got - values[key])) <= report.requantized[key]["max_abs_error"] + info["max_abs_error"] + 1e-12
 
 
 def test_peft_llama_adapter_through_gguf_matches_peft_delta(torch, tmp_path: Path) -> None:
@@ -465,3 +473,31 @@ def test_cli_refuses_to_overwrite_inputs(tmp_path: Path) -> None:
     assert (tmp_path / "base.gguf").read_bytes() == before
     assert main(["unmerge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "u.gguf")]) == 2  # not merged
     assert not (tmp_path / "u.gguf").exists()
+
+
+@pytest.mark.parametrize("arch, module, tensor, shape", [
+    ("qwen2", "model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight", (H * HD, E)),
+    ("gemma", "model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight", (KV * HD, E)),
+    ("phi3", "model.layers.1.self_attn.qkv_proj", "blk.1.attn_qkv.weight", ((H + 2 * KV) * HD, E)),
+    ("phi3", "model.layers.0.mlp.gate_up_proj", "blk.0.ffn_up.weight", (2 * FF, E)),
+])
+def test_other_architectures_keep_hf_rows(tmp_path: Path, arch: str, module: str, tensor: str, shape: tuple[int, int]) -> None:
+    """qwen2, gemma and phi3 GGUFs store HF's rows (no rotary permutation); phi3 keeps HF's fused qkv / gate_up."""
+    rng = np.random.default_rng(9)
+    writer = gguf.GGUFWriter(tmp_path / "base.gguf", arch)
+    writer.add_block_count(LAYERS)
+    writer.add_head_count(H)
+    writer.add_head_count_kv(KV)
+    writer.add_tensor(tensor, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    lora = LoraModule(module, rng.standard_normal((4, shape[1])).astype(np.float32), rng.standard_normal((shape[0], 4)).astype(np.float32))
+    adapter = Adapter(LoraConfig(r=4, lora_alpha=8, target_modules=[module.split(".")[-1]]), {module: lora})
+    to_gguf(adapter, tmp_path / "base.gguf", tmp_path / "a.gguf")
+    alpha, pairs, reader = read_pairs(tmp_path / "a.gguf")
+    assert reader.get_field("general.architecture").contents() == arch and alpha == 8.0
+    a, b = pairs[tensor]
+    np.testing.assert_array_equal(a, lora.A)
+    np.testing.assert_array_equal(b, lora.B)
