@@ -205,7 +205,7 @@ def write_like_vendored_converter(adapter: Adapter, path: Path) -> None:
     writer.close()
 
 
-def test_verify_flags_what_the_vendored_converter_loses(tmp_path: Path) -> None:
+def test_verify_flags_what_the_vendored_converter_loses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(2)
     write_base(tmp_path / "base.gguf", rng)
     plain = make_adapter(rng, LoraConfig(r=8, lora_alpha=16, target_modules=list(SHAPES)))
@@ -227,7 +227,10 @@ def test_verify_flags_what_the_vendored_converter_loses(tmp_path: Path) -> None:
     assert flagged == {hf_module(layer, "v_proj") for layer in range(LAYERS)}
 
     save_adapter(rs, tmp_path / "a")
+    capsys.readouterr()
     assert main(["verify-gguf", str(tmp_path / "a"), str(tmp_path / "rs.gguf"), "--base", str(tmp_path / "base.gguf"), "--json"]) == 1
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ok"] is False and {m["status"] for m in printed["modules"]} == {"scale mismatch"}
     assert main(["to-gguf", str(tmp_path / "a"), "--base", str(tmp_path / "base.gguf"), "-o", str(tmp_path / "ours.gguf")]) == 0
     assert main(["verify-gguf", str(tmp_path / "a"), str(tmp_path / "ours.gguf"), "--base", str(tmp_path / "base.gguf")]) == 0
 
