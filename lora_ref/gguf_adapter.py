@@ -54,7 +54,8 @@ def _alpha_equivalent(adapter: Adapter, module: str) -> float:
 def plan_alpha(adapter: Adapter) -> tuple[float, dict[str, float | None]]:
     """(file alpha, per module the factor folded into B, or None when the file alpha serves it)."""
     equivalents = {m: _alpha_equivalent(adapter, m) for m in adapter.modules}
-    usable = [a for a in equivalents.values() if np.isfinite(np.float32(a)) and np.float32(a) != 0]
+    with np.errstate(over="ignore"):  # an alpha beyond float32's range is not usable as the file alpha
+        usable = [a for a in equivalents.values() if np.isfinite(np.float32(a)) and np.float32(a) != 0]
     alpha = Counter(usable).most_common(1)[0][0] if usable else 1.0
     folds: dict[str, float | None] = {}
     for module, equivalent in equivalents.items():

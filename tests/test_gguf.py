@@ -19,7 +19,7 @@ import pytest
 from lora_ref.adapter import Adapter, LoraModule, load_adapter, save_adapter
 from lora_ref.cli import main
 from lora_ref.config import LoraConfig
-from lora_ref.errors import LoraRefError
+from lora_ref.errors import LoraRefError, NonFiniteError
 
 from conftest import require_peer
 
@@ -296,6 +296,10 @@ def test_refusals_name_the_module(tmp_path: Path) -> None:
                     {"model.layers.0.mlp.fc": LoraModule("model.layers.0.mlp.fc", base.modules[name].A, base.modules[name].B)})
     with pytest.raises(LoraRefError, match="model.layers.0.mlp.fc"):
         to_gguf(wrong, tmp_path / "base.gguf", tmp_path / "x.gguf")
+    huge = Adapter(LoraConfig(r=4, lora_alpha=8, alpha_pattern={"layers.1.self_attn.q_proj": 1e300}, target_modules=list(SHAPES)),
+                   make_adapter(rng, base.config, projs=("q_proj",)).modules)
+    with pytest.raises(NonFiniteError, match="model.layers.1.self_attn.q_proj: lora_b"):  # folding overflows float32
+        to_gguf(huge, tmp_path / "base.gguf", tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 
