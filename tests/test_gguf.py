@@ -508,3 +508,28 @@ def test_other_architectures_keep_hf_rows(tmp_path: Path, arch: str, module: str
     a, b = pairs[tensor]
     np.testing.assert_array_equal(a, lora.A)
     np.testing.assert_array_equal(b, lora.B)
+
+
+@pytest.mark.parametrize("outtype", ["float16", "bfloat16"])
+def test_half_precision_adapters_verify_within_their_rounding(tmp_path: Path, outtype: str) -> None:
+    """An F16/BF16 file verifies (its bound has u_16 / u_bf16), and one element moved by 1% of the factor does not."""
+    rng = np.random.default_rng(10)
+    write_base(tmp_path / "base.gguf", rng)
+    adapter = make_adapter(rng, CONFIGS["patterns"][0])
+    to_gguf(adapter, tmp_path / "base.gguf", tmp_path / "a.gguf", outtype=outtype)
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert {t.tensor_type.name for t in reader.tensors} == {"F16" if outtype == "float16" else "BF16"}
+    report = verify_gguf(adapter, tmp_path / "a.gguf", tmp_path / "base.gguf")
+    assert report.ok, [m for m in report.modules if m.status != "ok"]
+    # corrupt one element of one lora_a in place: verify must catch it and name the module
+    data = tmp_path / "a.gguf"
+    target = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight.lora_a")
+    raw = bytearray(data.read_bytes())
+    width = 2
+    value = np.frombuffer(raw[target.data_offset:target.data_offset + width], np.float16 if outtype == "float16" else ml_dtypes.bfloat16)[0]
+    bumped = np.array([float(value) * 1.01 + 1e-3], dtype=np.float16 if outtype == "float16" else ml_dtypes.bfloat16)
+    raw[target.data_offset:target.data_offset + width] = bumped.tobytes()
+    del reader, target
+    data.write_bytes(bytes(raw))
+    bad = [m for m in verify_gguf(adapter, data, tmp_path / "base.gguf").modules if m.status != "ok"]
+    assert [(m.module, m.status) for m in bad] == [(hf_module(1, "v_proj"), "values differ")]
