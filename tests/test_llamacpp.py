@@ -7,7 +7,8 @@ convert_hf_to_gguf.py writes it (gguf's name map, LlamaModel.permute on q/k), wi
 
 Tolerance, measured in the same run (a full network has no useful closed-form bound): e_0 is
 llama.cpp's error on the base model alone (float32 compute, against transformers in float64);
-with our adapter the error must stay within 10 e_0, and the file the vendored converter would
+with our adapter (and with the adapter merged into the GGUF by lora-ref) the error must stay within
+10 e_0, and the file the vendored converter would
 write for the same rsLoRA adapter (alpha = lora_alpha, factors as they are) must be off by more
 than 100 e_0 — the silent loss this tool exists to prevent.
 """
@@ -68,7 +69,8 @@ def _write_base(gguf, model, path: Path) -> None:
 
 def _llama_logits(llama_cpp, base: Path, lora: Path | None) -> np.ndarray:
     kwargs = {"lora_path": str(lora)} if lora is not None else {}
-    llm = llama_cpp.Llama(model_path=str(base), n_ctx=32, n_batch=32, logits_all=True, verbose=False, n_threads=1,
+    # float32 KV cache (type 0 = GGML_TYPE_F32; the default F16 cache adds ~1e-4 relative)
+    llm = llama_cpp.Llama(model_path=str(base), n_ctx=32, n_batch=32, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0,
                           **kwargs)
     llm.eval(TOKENS)
     logits = np.array(llm.scores[: len(TOKENS)], dtype=np.float64)
@@ -84,6 +86,7 @@ def test_llama_cpp_logits_with_our_adapter_match_peft(torch, tmp_path: Path) -> 
     llama_cpp, gguf = require_peer("llama_cpp"), require_peer("gguf")
     transformers, peft = require_peer("transformers"), require_peer("peft")
     from lora_ref.gguf_adapter import to_gguf
+    from lora_ref.gguf_checkpoint import merge_gguf
 
     config = transformers.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=FF, num_hidden_layers=LAYERS,
                                       num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=64)
@@ -133,6 +136,12 @@ def test_llama_cpp_logits_with_our_adapter_match_peft(torch, tmp_path: Path) -> 
     w.write_tensors_to_file()
     w.close()
     e2 = _rel(_llama_logits(llama_cpp, tmp_path / "base.gguf", tmp_path / "vendored.gguf"), want)
-    print(f"\nllama.cpp vs float64 logits: base {e0:.3g}, our adapter {e1:.3g}, vendored-converter file {e2:.3g}")
+    # and the adapter merged into the GGUF model by lora-ref (exact residual kept), run without an adapter
+    merge_gguf(tmp_path / "base.gguf", load_adapter(tmp_path / "ad"), tmp_path / "merged.gguf",
+               residual_path=tmp_path / "r.safetensors")
+    e3 = _rel(_llama_logits(llama_cpp, tmp_path / "merged.gguf", None), want)
+    print(f"\nllama.cpp vs float64 logits: base {e0:.3g}, our adapter {e1:.3g}, merged model {e3:.3g}, "
+          f"vendored-converter file {e2:.3g}")
     assert e1 <= 10 * e0
+    assert e3 <= 10 * e0
     assert e2 >= 100 * e0
