@@ -211,10 +211,8 @@ def _check_pair(site: ModuleSite, adapter: Adapter, file: GgufFile, alpha: float
     u32, u64 = UNIT_ROUNDOFF[float32], UNIT_ROUNDOFF[float64]
     gamma = rank * u64 / (1 - rank * u64)
     kappa = (1 + 2 * u32 + u32 * u32) * (1 + u_a) * (1 + u_b) * (1 + gamma) ** 2 - 1
-    if site.kind == "embedding":
-        L, R, L0, R0, eta_L, eta_R = a, b.T, a0, b0.T, eta_a, eta_b
-    else:
-        L, R, L0, R0, eta_L, eta_R = b, a, b0, a0, eta_b, eta_a
+    (L, R), (L0, R0) = site.product(a, b), site.product(a0, b0)
+    eta_L, eta_R = (eta_a, eta_b) if site.kind == "embedding" else (eta_b, eta_a)
     R64, R0_64 = np.asarray(R, dtype=float64), np.asarray(R0, dtype=float64)
     sum_absR, absR0 = np.abs(R64).sum(axis=0), np.abs(R0_64)
 

@@ -13,14 +13,16 @@ and each such tensor is reported: the error e = deq(q(W + Δ)) − (W + Δ) agai
 Requantized tensors cannot be restored bit for bit: a residual is refused with them.
 
 The output copies every metadata key and untargeted tensor byte for byte (one tensor in memory at
-a time; the input is memory-mapped) and adds ``lora_ref.merge`` (JSON: adapter digest, exact or
-fast, requantized tensors). Merge refuses a file holding that key; unmerge requires it, with the
-same adapter, and removes it, so an exact unmerge gives back the original file's bytes.
+a time; the input is memory-mapped). The merge record is :mod:`lora_ref.provenance`'s, kept as
+the GGUF string key ``lora_ref.provenance`` (pushed by merge, popped by unmerge, in its place
+among the keys), with the same checks as safetensors merges (double merge, LIFO order, exact
+merges unmerged without residual, residual of another merge); so an exact unmerge gives back the
+original file's bytes, and each restored tensor is checked against the base digest the residual
+recorded (ExactnessError otherwise).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +31,14 @@ import numpy as np
 
 from .adapter import Adapter
 from .atomic import atomic_path
-from .checkpoint import load_residuals, save_residuals
+from .checkpoint import read_residual_file, save_residuals
 from .dtypes import float32, float64
-from .errors import FileFormatError, MergeStateError, ResidualMismatchError
+from .errors import ExactnessError
 from .gguf_model import GgufFile, GgufUnsupportedError, ModuleSite, QuantizedTensorError, gguf_module, locate_modules
 from .merge import DeltaSource, Residual, digest_arrays, merge, unmerge
+from .provenance import (PROVENANCE_KEY, adapter_digest, check_merge, check_unmerge, merge_record, popped, pushed,
+                         read_stack, tensors_digest)
 
-MERGE_KEY = "lora_ref.merge"
-MERGE_FORMAT = "lora-ref-gguf-merge/1"
 REQUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
@@ -49,16 +51,20 @@ class GgufMergeReport:
     residual_counts: dict[str, int] = field(default_factory=dict)
     residual_bytes: int = 0
     requantized: dict[str, dict[str, object]] = field(default_factory=dict)
+    verified: bool = False  # an exact unmerge checked every restored tensor against the recorded base digest
+    note: str | None = None  # e.g. the input had no lora-ref merge record
 
 
-def adapter_digest(adapter: Adapter, sites: dict[str, ModuleSite]) -> str:
-    """BLAKE2b over each module's GGUF tensor name, A, B and PEFT scale (in tensor-name order)."""
-    ordered = sorted(sites.values(), key=lambda s: s.tensor)
-    arrays = []
-    for site in ordered:
-        lora = adapter.modules[site.module]
-        arrays += [np.frombuffer(site.tensor.encode(), np.uint8), lora.A, lora.B, np.float64(adapter.scale_for(site.module))]
-    return digest_arrays(*arrays)
+def _metadata(model: GgufFile) -> dict[str, str]:
+    """The file's merge record as provenance reads it: {PROVENANCE_KEY: JSON} or {}."""
+    raw = model.value(PROVENANCE_KEY)
+    return {} if raw is None else {PROVENANCE_KEY: str(raw)}
+
+
+def _tensor_digest(model: GgufFile, name: str) -> str:
+    """digest_arrays of a tensor as stored (float view, or the raw blocks of a quantized one)."""
+    tensor = model.tensors[name]
+    return digest_arrays(model.array(name) if tensor.tensor_type.name in ("F32", "F16", "BF16") else tensor.data)
 
 
 def _targets(adapter: Adapter, model: GgufFile, requantize: bool, exact: bool) -> dict[str, ModuleSite]:
@@ -81,12 +87,16 @@ def _targets(adapter: Adapter, model: GgufFile, requantize: bool, exact: bool) -
     return sites
 
 
-def _copy_metadata(model: GgufFile, writer: object, record: dict[str, object] | None) -> None:
-    """Every metadata key of ``model`` in its order (``lora_ref.merge`` dropped), then ``record``."""
+def _copy_metadata(model: GgufFile, writer: object, provenance: str | None) -> None:
+    """Every metadata key of ``model`` in its order, the merge record replaced by ``provenance``
+    (in its place, else appended; dropped when None)."""
     gguf = gguf_module()
     writer.kv_data = [{}]  # type: ignore[attr-defined]  # drop the writer's own general.architecture: keep the file's order
     for f in model.reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name == MERGE_KEY:
+        if f.name == PROVENANCE_KEY and provenance is not None:
+            writer.add_string(PROVENANCE_KEY, provenance)  # type: ignore[attr-defined]
+            provenance = None
+        if f.name.startswith("GGUF.") or f.name == PROVENANCE_KEY:
             continue
         if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 2:
             raise GgufUnsupportedError(f"{model.path}: metadata {f.name} is a nested array, which is not copied")
@@ -94,17 +104,17 @@ def _copy_metadata(model: GgufFile, writer: object, record: dict[str, object] | 
         writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)  # type: ignore[attr-defined]
         if f.name == "general.alignment":
             writer.data_alignment = int(f.contents())  # type: ignore[attr-defined]
-    if record is not None:
-        writer.add_string(MERGE_KEY, json.dumps(record, sort_keys=True))  # type: ignore[attr-defined]
+    if provenance is not None:
+        writer.add_string(PROVENANCE_KEY, provenance)  # type: ignore[attr-defined]
 
 
-def _write(model: GgufFile, out_path: str | Path, record: dict[str, object] | None,
+def _write(model: GgufFile, out_path: str | Path, provenance: str | None,
            produce: Callable[[str], np.ndarray | None]) -> int:
     """Write ``model`` to ``out_path`` atomically with each tensor ``produce(name)`` (None: copy its bytes)."""
     gguf = gguf_module()
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, model.architecture)
-        _copy_metadata(model, writer, record)
+        _copy_metadata(model, writer, provenance)
         for t in model.reader.tensors:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)
         writer.write_header_to_file()
@@ -144,15 +154,20 @@ def merge_gguf(
     residual_path: str | Path | None = None,
     requantize: bool = False,
     allow_nonfinite: bool = False,
+    force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> GgufMergeReport:
-    """Write the GGUF model ``base_path`` + adapter to ``out_path`` (module doc); exact with ``residual_path``."""
+    """Write the GGUF model ``base_path`` + adapter to ``out_path`` (module doc); exact with ``residual_path``.
+
+    ``force`` merges even if the file's record already holds this adapter (ProvenanceError otherwise).
+    """
     model = GgufFile(base_path)
-    existing = model.value(MERGE_KEY)
-    if existing is not None:
-        raise MergeStateError(f"{base_path}: already holds a lora-ref merge ({MERGE_KEY}); unmerge it first")
+    metadata = _metadata(model)
+    check_merge(read_stack(metadata, base_path), adapter_digest(adapter), base_path, force=force)
     exact = residual_path is not None
     sites = _targets(adapter, model, requantize, exact)
+    base_digests = {name: _tensor_digest(model, name) for name in sites}
+    record = merge_record(adapter, exact=exact, base_digest=tensors_digest(base_digests), dtype=None, targets=len(sites))
     residuals: dict[str, Residual] = {}
 
     def merge_float(name: str, delta: DeltaSource, report: GgufMergeReport) -> np.ndarray:
@@ -163,11 +178,10 @@ def merge_gguf(
             report.residual_bytes += result.residual.nbytes
         return result.weight
 
-    record = {"format": MERGE_FORMAT, "adapter_digest": adapter_digest(adapter, sites), "exact": exact,
-              "requantized": sorted(n for n in sites if model.type_name(n) in REQUANTIZABLE)}
-    report = _rewrite(model, adapter, sites, out_path, record, +1.0, merge_float, progress)
+    provenance = pushed(metadata, record, base_path)[PROVENANCE_KEY]
+    report = _rewrite(model, adapter, sites, out_path, provenance, +1.0, merge_float, progress)
     if residual_path is not None:
-        save_residuals(residual_path, residuals)
+        save_residuals(residual_path, residuals, base_digests=base_digests, record=record)
     return report
 
 
@@ -178,37 +192,47 @@ def unmerge_gguf(
     *,
     residual_path: str | Path | None = None,
     requantize: bool = False,
+    fast: bool = False,
+    force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> GgufMergeReport:
-    """Write merged − adapter; with the merge's residual every tensor (and the file) is bit-identical to the base."""
-    model = GgufFile(merged_path)
-    raw = model.value(MERGE_KEY)
-    if raw is None:
-        raise MergeStateError(f"{merged_path}: holds no lora-ref merge record ({MERGE_KEY}); it was not merged by lora-ref")
-    try:
-        record = json.loads(raw)
-        digest = record["adapter_digest"]
-    except (ValueError, TypeError, KeyError):
-        raise FileFormatError(f"{merged_path}: the {MERGE_KEY} record is malformed") from None
-    sites = _targets(adapter, model, requantize, residual_path is not None)
-    if digest != adapter_digest(adapter, sites):
-        raise MergeStateError(f"{merged_path}: was merged with another adapter (digest differs); refusing to unmerge")
-    residuals = load_residuals(residual_path) if residual_path is not None else {}
-    unknown = sorted(set(residuals) - set(sites))
-    if unknown:
-        raise ResidualMismatchError(f"{residual_path}: residual holds tensors the adapter does not target: {', '.join(unknown[:5])}")
-    def unmerge_float(name: str, delta: DeltaSource, report: GgufMergeReport) -> np.ndarray:
-        return unmerge(model.array(name), delta, residual=residuals.get(name))
+    """Write merged − adapter; with the merge's residual every tensor (and the file) is bit-identical to the base.
 
-    return _rewrite(model, adapter, sites, out_path, None, -1.0, unmerge_float, progress)
+    The record checks of :func:`lora_ref.provenance.check_unmerge` run first (``fast``: accept a
+    rounding unmerge of an exact merge; ``force``: skip the record checks); with a residual, every
+    target needs its entry and every restored tensor must match the recorded base digest.
+    """
+    model = GgufFile(merged_path)
+    metadata = _metadata(model)
+    sites = _targets(adapter, model, requantize, residual_path is not None)
+    residual_file = read_residual_file(residual_path) if residual_path is not None else None
+    digest = adapter_digest(adapter)
+    note = check_unmerge(read_stack(metadata, merged_path), digest, merged_path, exact=residual_file is not None,
+                         fast=fast, force=force, residual_merge_id=residual_file.merge_id if residual_file else None)
+    if residual_file is not None:
+        residual_file.check_covers(sites, residual_path)
+    residuals = residual_file.residuals if residual_file else {}
+    base_digests = residual_file.base_digests if residual_file else None
+
+    def unmerge_float(name: str, delta: DeltaSource, report: GgufMergeReport) -> np.ndarray:
+        restored = unmerge(model.array(name), delta, residual=residuals.get(name))
+        if base_digests is not None and digest_arrays(restored) != base_digests[name]:
+            raise ExactnessError(f"{name}: the exact unmerge does not reproduce the base digest recorded at merge in "
+                                 f"{residual_path}; nothing was written")
+        return restored
+
+    provenance = popped(metadata, digest, merged_path).get(PROVENANCE_KEY)
+    report = _rewrite(model, adapter, sites, out_path, provenance, -1.0, unmerge_float, progress)
+    report.verified, report.note = base_digests is not None, note
+    return report
 
 
 def _rewrite(model: GgufFile, adapter: Adapter, sites: dict[str, ModuleSite], out_path: str | Path,
-             record: dict[str, object] | None, sign: float,
+             provenance: str | None, sign: float,
              float_op: Callable[[str, DeltaSource, GgufMergeReport], np.ndarray],
              progress: Callable[[str], None] | None) -> GgufMergeReport:
     """Write ``model`` with each target replaced: float ones by ``float_op``, quantized ones requantized
-    from deq(W) + sign·Δ; ``record`` (or none) as the ``lora_ref.merge`` key."""
+    from deq(W) + sign·Δ; ``provenance`` (or none) as the merge record key."""
     report = GgufMergeReport()
 
     def produce(name: str) -> np.ndarray | None:
@@ -224,5 +248,5 @@ def _rewrite(model: GgufFile, adapter: Adapter, sites: dict[str, ModuleSite], ou
             return blocks
         return float_op(name, delta, report)
 
-    report.tensors_written = _write(model, out_path, record, produce)
+    report.tensors_written = _write(model, out_path, provenance, produce)
     return report

@@ -35,13 +35,14 @@ import numpy as np
 
 from .adapter import PREFIX, Adapter
 from .dtypes import bfloat16, bits_of, float16, float32, round_to
-from .embedding import EmbeddingDelta
 from .errors import ConfigError, DTypeError, FileFormatError, LoraRefError, ShapeError, TargetNotFoundError
-from .linear import LinearDelta
+from .kinds import kind_of
 from .merge import DeltaSource
 
 #: GGUF architectures lora-ref maps PEFT modules into -> whether q_proj/k_proj rows are permuted.
 ARCHITECTURES: dict[str, bool] = {"llama": True, "qwen2": False, "phi3": False, "gemma": False, "gemma2": False}
+#: Layer kinds llama.cpp applies a LoRA to (the pair layouts of the module doc).
+GGUF_KINDS = ("linear", "embedding")
 #: The float GGUF tensor types and their NumPy dtypes (BF16 is stored as raw 2-byte words).
 FLOAT_TYPES = {"F32": float32, "F16": float16, "BF16": bfloat16}
 
@@ -134,12 +135,15 @@ class ModuleSite:
         B = lora.B if self.row_permutation is None else lora.B[self.row_permutation]
         return lora.A, B
 
+    def product(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(L, R) with ΔW = scale · L R for a GGUF pair: (b, a) for Linear, (a, b^T) for token_embd."""
+        return (a, b.T) if self.kind == "embedding" else (b, a)
+
     def peft_delta(self, adapter: Adapter) -> DeltaSource:
-        """PEFT's ΔW = s·B·A (s exact, float64) in the GGUF weight's layout, for merge and verify."""
-        lora, scale = adapter.modules[self.module], adapter.scale_for(self.module)
-        if self.kind == "embedding":
-            return EmbeddingDelta(lora.A, lora.B, scale, module=self.tensor)
-        return LinearDelta(lora.A, self.factors(adapter)[1], scale, module=self.tensor)
+        """PEFT's ΔW = s·B·A (s exact, float64) in the GGUF weight's layout (B's rows permuted), for merge."""
+        lora = adapter.modules[self.module]
+        B = lora.B if self.row_permutation is None else lora.B[self.row_permutation]
+        return kind_of(lora.kind).delta(lora.A, B, adapter.scale_for(self.module), module=self.tensor)
 
 
 def _check_base_copy(model: GgufFile, site: ModuleSite, copy: np.ndarray) -> None:
@@ -205,7 +209,7 @@ def refuse_unexpressible(adapter: Adapter) -> None:
         if lora.lora_bias is not None:
             raise GgufUnsupportedError(f"{name}: lora_bias (lora_B.bias) cannot be applied by llama.cpp; "
                                        "merge it into the base model (lora-ref merge) instead")
-        if lora.kind not in ("linear", "embedding"):
+        if lora.kind not in GGUF_KINDS:
             raise GgufUnsupportedError(f"{name}: {lora.kind} LoRA layers have no GGUF mapping")
 
 

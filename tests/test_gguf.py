@@ -336,7 +336,9 @@ def test_gguf_merge_is_correctly_rounded_and_unmerge_is_bit_exact(tmp_path: Path
     assert main(["unmerge", str(tmp_path / "m.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "u.gguf"),
                  "--residual", str(tmp_path / "r.safetensors")]) == 0
     assert (tmp_path / "u.gguf").read_bytes() == (tmp_path / "base.gguf").read_bytes()
-    # merged twice is refused; unmerging with another adapter is refused
+    # an exact merge unmerged without its residual needs --fast; merged twice is refused; another adapter is refused
+    assert main(["unmerge", str(tmp_path / "m.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "f.gguf")]) == 2
+    assert main(["unmerge", str(tmp_path / "m.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "f.gguf"), "--fast"]) == 0
     assert main(["merge", str(tmp_path / "m.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "mm.gguf")]) == 2
     other = make_adapter(rng, adapter.config)
     save_adapter(other, tmp_path / "other")
@@ -467,7 +469,7 @@ def test_core_and_cli_import_without_gguf() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cli_refuses_to_overwrite_inputs(tmp_path: Path) -> None:
+def test_cli_refuses_to_overwrite_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(8)
     write_base(tmp_path / "base.gguf", rng)
     adapter = make_adapter(rng, LoraConfig(r=4, lora_alpha=8, target_modules=list(SHAPES)), projs=("v_proj",))
@@ -478,8 +480,9 @@ def test_cli_refuses_to_overwrite_inputs(tmp_path: Path) -> None:
     assert main(["merge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "--in-place", "--residual",
                  str(tmp_path / "r.safetensors")]) == 2
     assert (tmp_path / "base.gguf").read_bytes() == before
-    assert main(["unmerge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "u.gguf")]) == 2  # not merged
-    assert not (tmp_path / "u.gguf").exists()
+    capsys.readouterr()  # a file without a lora-ref record unmerges with a note (lora_ref.provenance's rule)
+    assert main(["unmerge", str(tmp_path / "base.gguf"), str(tmp_path / "ad"), "-o", str(tmp_path / "u.gguf")]) == 0
+    assert "has no lora-ref merge record" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch, module, tensor, shape", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..adapter import WEIGHTS_NAME, load_adapter
 from ..config import CONFIG_NAME
@@ -77,7 +78,7 @@ def run_merge_gguf(args: argparse.Namespace) -> int:
     refuse_overwrites({"output": args.output, "residual": args.residual},
                       {"base": args.base, **_adapter_inputs(args.adapter)})
     report = merge_gguf(args.base, load_adapter(args.adapter), args.output, residual_path=args.residual,
-                        requantize=args.requantize, allow_nonfinite=args.allow_nonfinite)
+                        requantize=args.requantize, allow_nonfinite=args.allow_nonfinite, force=args.force)
     line = f"merged {len(report.merged)} tensors of {report.tensors_written} into {args.output}"
     if args.residual:
         line += f"; residual: {sum(report.residual_counts.values())} elements, {report.residual_bytes} bytes -> {args.residual}"
@@ -94,8 +95,15 @@ def run_unmerge_gguf(args: argparse.Namespace) -> int:
     refuse_overwrites({"output": args.output},
                       {"merged model": args.merged, "residual": args.residual, **_adapter_inputs(args.adapter)})
     report = unmerge_gguf(args.merged, load_adapter(args.adapter), args.output, residual_path=args.residual,
-                          requantize=args.requantize)
-    mode = "exactly (residual applied)" if args.residual else "fast (no residual: within the SPEC 3.3 bound)"
+                          requantize=args.requantize, fast=args.fast, force=args.force)
+    if report.note:
+        print(report.note, file=sys.stderr)
+    if not args.residual:
+        mode = "fast (no residual: within the SPEC 3.3 bound)"
+    elif report.verified:
+        mode = "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
+    else:
+        mode = "with the residual applied (not verified: the residual records no base digests)"
     print(f"unmerged {len(report.merged)} tensors {mode} into {args.output}")
     _print_requantized(report.requantized)
     return 0
