@@ -92,6 +92,8 @@ class Kind(ABC):
     kernel_axes: bool = False
     #: PEFT applies dropout to the LoRA input of this kind.
     dropout: bool = True
+    #: The base layer has a bias (torch's Linear and Conv do, Embedding does not).
+    base_bias: bool = True
     #: The kind can carry a lora_B.bias (PEFT's lora_bias).
     lora_bias: bool = True
     #: PEFT's default/gaussian init is reversed (A = 0, B ~ N(0, 1)).
