@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import Adapter, load_adapter, save_adapter
+from .adapter import Adapter, LoraModule, load_adapter, save_adapter
 from .atomic import write_text_atomic
 from .checkpoint import base_key
 from .errors import ConfigError, FileFormatError, TargetNotFoundError
 from .jsonfile import read_json
+from .kinds import kind_of
 from .ledger import MergeLedger
 
 TREE_FILE = "tree.json"
@@ -94,7 +95,7 @@ class AdapterTree:
         shapes: dict[str, tuple[tuple[int, int], str]] = {}
         for node in self.nodes.values():
             for module, lora in node.adapter.modules.items():
-                shape = (lora.B.shape[0], lora.A.shape[1])
+                shape = stored_shape(lora, node.adapter.config.fan_in_fan_out)
                 seen = shapes.setdefault(module, (shape, node.name))
                 if seen[0] != shape:
                     raise BaseMismatchError(
@@ -121,9 +122,7 @@ class AdapterTree:
                 if key not in weights:
                     raise TargetNotFoundError(f"tree node {node.name!r} targets {key}, which the base lacks")
                 W = weights[key]
-                expected = (lora.B.shape[0], lora.A.shape[1])
-                if node.adapter.config.fan_in_fan_out:
-                    expected = expected[::-1]
+                expected = stored_shape(lora, node.adapter.config.fan_in_fan_out)
                 if tuple(W.shape) != expected:
                     raise BaseMismatchError(f"{key}: base weight {tuple(W.shape)} but node {node.name!r} expects {expected}")
 
@@ -158,6 +157,11 @@ class AdapterTree:
             entries.append((entry["name"], entry["parent"], adapter_dir))
         tree_paths((name, parent) for name, parent, _ in entries)  # structure first, before reading weights
         return cls(TreeNode(name, parent, load_adapter(adapter_dir, name=name)) for name, parent, adapter_dir in entries)
+
+
+def stored_shape(lora: LoraModule, fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The base weight's stored shape that ``lora`` fits (any kind: its delta has W's layout)."""
+    return tuple(kind_of(lora.kind).delta(lora.A, lora.B, 1.0, fan_in_fan_out=fan_in_fan_out, module=lora.name).shape)
 
 
 def tree_paths(pairs: Iterable[tuple[str, str | None]]) -> dict[str, tuple[str, ...]]:
