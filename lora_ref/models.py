@@ -58,6 +58,8 @@ class RoutedModel:
     layers: tuple[tuple[str, int, int], ...] = ()
     kinds: dict[str, str] = {}
     geometry: dict[str, object] = {}
+    #: Weights stored [in, out] (GPT-2's Conv1D), for every adapted layer.
+    fan_in_fan_out: bool = False
 
     def __init__(self, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
@@ -79,7 +81,7 @@ class RoutedModel:
         return Tape(np.asarray(index), {name: factors_for(adapters, name) for name in self.targets}, dropout=dropout)
 
     def _options(self, name: str) -> dict:
-        return {"kind": self.kind_for(name), "geometry": self.geometry.get(name)}
+        return {"kind": self.kind_for(name), "geometry": self.geometry.get(name), "fan_in_fan_out": self.fan_in_fan_out}
 
     def _layer(self, name: str, x: np.ndarray, tape: Tape) -> np.ndarray:
         tape.inputs[name] = x
@@ -111,19 +113,20 @@ class RoutedModel:
 class LayerModel(RoutedModel):
     """One adapted layer ``layer`` of any kind, y = layer(x), frozen W (and bias where the kind has one).
 
-    Linear: x [batch, in]; Embedding: ids [batch, T]; Conv: x [N, C, *S] with ``geometry``.
+    Linear: x [batch, in] (W [out, in], or [in, out] with ``fan_in_fan_out``); Embedding: ids [batch, T]; Conv: x [N, C, *S] with ``geometry``.
     W ~ U(−1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default; Embedding: N(0, 1), as torch).
     """
 
-    def __init__(self, kind: str = "linear", weight_shape: tuple[int, ...] = (4, 6), *, geometry=None, seed: int = 0) -> None:
+    def __init__(self, kind: str = "linear", weight_shape: tuple[int, ...] = (4, 6), *, geometry=None,
+                 fan_in_fan_out: bool = False, seed: int = 0) -> None:
         k = kind_of(kind)
-        self.kinds, self.geometry = {"layer": k.name}, {"layer": geometry}
+        self.kinds, self.geometry, self.fan_in_fan_out = {"layer": k.name}, {"layer": geometry}, fan_in_fan_out
         rng = np.random.default_rng(seed)
         bound = max(k.inner_length(tuple(weight_shape)), 1) ** -0.5
         W = rng.normal(size=weight_shape) if k.reversed_init else rng.uniform(-bound, bound, weight_shape)
         self.weights = {"layer.weight": W}
         if k.base_bias:
-            self.weights["layer.bias"] = rng.uniform(-bound, bound, weight_shape[0])
+            self.weights["layer.bias"] = rng.uniform(-bound, bound, weight_shape[1 if fan_in_fan_out else 0])
 
     def forward(self, x, adapters, index, dropout=None):
         tape = self._tape(adapters, index, dropout)

@@ -74,13 +74,15 @@ def init_adapter(model: RoutedModel, r: int, alpha: float, *, seed: int, name: s
     if init_B not in ("zeros", "normal"):
         raise ConfigError(f"init_B must be 'zeros' or 'normal', got {init_B!r}")
     rng = np.random.default_rng(seed)
+    ffo = model.fan_in_fan_out
     config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(model.targets),
-                        inference_mode=False, lora_dropout=lora_dropout, lora_bias=lora_bias, use_dora=use_dora)
+                        inference_mode=False, lora_dropout=lora_dropout, lora_bias=lora_bias, use_dora=use_dora,
+                        fan_in_fan_out=ffo)
     modules = {}
     for module in model.targets:
         W = model.weights[f"{module}.weight"]
         kind = kind_of(model.kind_for(module))
-        A_shape, B_shape = kind.lora_shapes(W.shape, r)
+        A_shape, B_shape = kind.lora_shapes(W.shape, r, fan_in_fan_out=ffo)
         bound = int(np.prod(A_shape[1:])) ** -0.5
         if kind.reversed_init:
             A = np.zeros(A_shape) if init_B == "zeros" else rng.normal(0.0, r**-0.5, A_shape)
@@ -90,8 +92,8 @@ def init_adapter(model: RoutedModel, r: int, alpha: float, *, seed: int, name: s
             B = np.zeros(B_shape) if init_B == "zeros" else rng.normal(0.0, r**-0.5, B_shape)
         lora = LoraModule(name=module, A=A, B=B, kind=kind.name, lora_bias=np.zeros(B_shape[0]) if lora_bias else None)
         if use_dora:
-            delta = kind.delta(A, B, config.scale_for(module), module=module)
-            lora.magnitude = init_magnitude(W, delta, kind.dora_axis(), dtype=float64)
+            delta = kind.delta(A, B, config.scale_for(module), fan_in_fan_out=ffo, module=module)
+            lora.magnitude = init_magnitude(W, delta, kind.dora_axis(ffo), dtype=float64)
         modules[module] = lora
     return Adapter(config=config, modules=modules, name=name)
 
@@ -99,7 +101,8 @@ def init_adapter(model: RoutedModel, r: int, alpha: float, *, seed: int, name: s
 def teacher_task(model: RoutedModel, teacher: Adapter, inputs: np.ndarray) -> Task:
     """Targets = the base model with ``teacher`` applied to every row."""
     targets, _ = model.forward(inputs, [teacher], np.zeros(len(inputs), np.int64))
-    return Task(np.asarray(inputs, dtype=np.float64), targets)
+    inputs = np.asarray(inputs)
+    return Task(inputs if inputs.dtype.kind in "iu" else inputs.astype(np.float64), targets)  # ids stay ids
 
 
 def train_mixed(
