@@ -5,7 +5,8 @@ DoRA, fan_in_fan_out, the conv's spatial rank); :data:`FEATURES` the features. :
 says, for one (variant, feature), whether it is supported and, if not, the typed error raised
 and why. The tests read this table (each supported cell has a test, each refused cell checks
 its error), and :func:`render` writes it as ``docs/features.md`` (``python -m lora_ref.features``
-regenerates the file; a test checks the file matches), so code, tests and docs cannot disagree.
+regenerates the file, and the one-row-per-cell list of SPEC M.8 with :func:`spec_rows`; a test
+checks both match), so code, tests, docs and SPEC cannot disagree.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def cell(variant: Variant | str, feature: str) -> Cell:
         return Cell(True, note="no dropout: PEFT applies none to embeddings (a mask is refused)")
     if v.dora and feature == "merged_stack":
         return Cell(True, note="each DoRA step's norm is taken from the weight as merged so far; the ledger keeps it for exact unmerge")
+    if v.dora and feature == "train_dropout" and v.kind != "embedding":
+        return Cell(True, note="DoRA's dropout formula: base(x) + (g − 1) ∘ base(x̃) + g ∘ lora(x̃), x̃ = x ∘ mask")
     if v.dora and feature in ("mixed_forward", "mixed_backward"):
         return Cell(True, note="each row uses its adapter's m and n = ‖W + ΔW_i‖ (n detached); PEFT's adapter_names refuses DoRA")
     if v.lora_bias and feature in ("combine_cat", "combine_svd"):
@@ -142,8 +145,30 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "features.md"
+def spec_rows() -> str:
+    """One Markdown table row per cell, for SPEC M.8 (between its ``features:`` markers)."""
+    lines = ["| variant | feature | cell | SPEC | reason or note |", "| --- | --- | --- | --- | --- |"]
+    for v in VARIANTS:
+        for feature, (title, _, spec) in FEATURES.items():
+            c = cell(v, feature)
+            lines.append(f"| {v.label} | {title} | {'✓' if c.supported else '✗'} | {spec} | {c.note if c.supported else c.reason} |")
+    return "\n".join(lines) + "\n"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "features.md"
+SPEC = ROOT / "conformance" / "SPEC.md"
+SPEC_BEGIN, SPEC_END = "<!-- features:begin -->\n", "<!-- features:end -->"
+
+
+def with_spec_rows(spec: str) -> str:
+    """``spec`` with the M.8 block between the markers replaced by :func:`spec_rows`."""
+    head, rest = spec.split(SPEC_BEGIN, 1)
+    _, tail = rest.split(SPEC_END, 1)
+    return head + SPEC_BEGIN + spec_rows() + SPEC_END + tail
+
 
 if __name__ == "__main__":
     DOC.write_text(render(), encoding="utf-8")
-    sys.stdout.write(f"wrote {DOC}\n")
+    SPEC.write_text(with_spec_rows(SPEC.read_text(encoding="utf-8")), encoding="utf-8")
+    sys.stdout.write(f"wrote {DOC} and the rows of {SPEC} M.8\n")

@@ -11,6 +11,11 @@ lowest common ancestor c (last merged first, LIFO) and merges b's path below c i
 cost is |path(a)| − |path(c)| + |path(b)| − |path(c)| merge/unmerge steps, each touching the
 node's targeted weights; :class:`SwitchReport` gives both figures.
 
+Nodes may hold modules of any layer kind (Linear, fan_in_fan_out, Embedding, Conv), with
+lora_bias (its base bias is merged too) or DoRA: a DoRA step merges W' = (m/n)(W_prev + ΔW)
+with n = ‖W_prev + ΔW‖ of the weight as merged so far, so DoRA stacks depend on their order
+(as merging is defined), and the ledger keeps each step's n for its exact unmerge.
+
 Exact mode (the default) keeps a residual per merge step (:class:`lora_ref.ledger.MergeLedger`),
 so every unmerge restores the previous state bit for bit. By induction over the switch
 sequence the weights after any sequence of switches ending at b are bitwise the weights of

@@ -33,7 +33,7 @@ from lora_ref import dora, embedding, linear
 from lora_ref.combine import combine
 from lora_ref.dropout import dropout_mask
 from lora_ref.errors import MergeStateError
-from lora_ref.features import DOC, FEATURES, VARIANTS, Variant, cell, render
+from lora_ref.features import DOC, FEATURES, SPEC, VARIANTS, Variant, cell, render, with_spec_rows
 from lora_ref.kinds import kind_of
 from lora_ref.ledger import MergeLedger
 from lora_ref.mixed_batch import LoraFactors, active_forward, mixed_backward, mixed_forward
@@ -47,8 +47,11 @@ U64 = 2.0**-53
 CELLS = [(v.name, f) for v in VARIANTS for f in FEATURES]
 
 
-def test_doc_matches_the_table():
+def test_doc_and_spec_match_the_table():
     assert DOC.read_text(encoding="utf-8") == render(), "run `python -m lora_ref.features` to regenerate docs/features.md"
+    spec = SPEC.read_text(encoding="utf-8")
+    assert with_spec_rows(spec) == spec, "run `python -m lora_ref.features` to regenerate SPEC M.8"
+    assert spec.count("| DoRA ") >= sum(v.dora for v in VARIANTS) * len(FEATURES)  # one row per cell
 
 
 def chain(case: Case) -> int:
