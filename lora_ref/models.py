@@ -10,6 +10,7 @@ Embedding layers take none). Everything is float64 (train adapters in float64 an
 the dtype you want).
 
 * :class:`LayerModel`: one adapted layer of any kind (Linear, Embedding, Conv1d/2d/3d), y = layer(x).
+* :class:`TinyEmbedConv`: ids [batch, T] -> embed -> Conv1d over T -> tanh -> y [batch, C, T].
 * :class:`TinyMLP`: x [batch, d_in] -> fc1 -> tanh -> fc2 -> y [batch, d_out].
 * :class:`TinyTransformer`: one pre-norm-free block on x [batch, T, d]:
   h = x + o_proj(Attn(q_proj x, k_proj x, v_proj x)),  y = h + down_proj(tanh(up_proj h)),
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .adapter import Adapter
+from .conv import ConvGeometry
 from .dropout import RowDropout
 from .dtypes import float64
 from .errors import ShapeError
@@ -136,6 +138,32 @@ class LayerModel(RoutedModel):
     def backward(self, tape, dy):
         grads: AdapterGrads = [{} for _ in tape.factors["layer"]]
         return self._layer_back("layer", dy, tape, grads), grads
+
+
+class TinyEmbedConv(RoutedModel):
+    """y = tanh(conv(embed(ids)ᵀ)): ids [batch, T] -> embed [batch, T, D] -> as channels [batch, D, T]
+    -> Conv1d (D -> C, kernel 3, padding 1, adapted) -> tanh -> y [batch, C, T]. Both layers adapted."""
+
+    def __init__(self, vocab: int = 16, d: int = 6, channels: int = 4, seed: int = 0) -> None:
+        self.kinds, self.geometry = {"embed": "embedding", "conv": "conv"}, {"conv": ConvGeometry(padding=1)}
+        rng = np.random.default_rng(seed)
+        bound = (3 * d) ** -0.5  # torch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        self.weights = {"embed.weight": rng.normal(size=(vocab, d)),
+                        "conv.weight": rng.uniform(-bound, bound, (channels, d, 3)),
+                        "conv.bias": rng.uniform(-bound, bound, channels)}
+
+    def forward(self, x, adapters, index, dropout=None):
+        tape = self._tape(adapters, index, dropout)
+        e = self._layer("embed", np.asarray(x), tape)
+        y = np.tanh(self._layer("conv", e.transpose(0, 2, 1), tape))
+        tape.saved["y"] = y
+        return y, tape
+
+    def backward(self, tape, dy):
+        grads: AdapterGrads = [{} for _ in tape.factors["conv"]]
+        de = self._layer_back("conv", dy * (1.0 - tape.saved["y"] ** 2), tape, grads)
+        self._layer_back("embed", de.transpose(0, 2, 1), tape, grads)
+        return None, grads
 
 
 class TinyMLP(RoutedModel):

@@ -68,7 +68,7 @@ def init_adapter(model: RoutedModel, r: int, alpha: float, *, seed: int, name: s
     fan_in = A's elements per rank), B = 0 so the adapter starts as the identity; Embedding
     (PEFT's reversed init): A = 0, B ~ N(0, 1). ``init_B="normal"`` draws the zero factor
     ~ N(0, 1/r) instead (teachers, tests). ``lora_bias``: lora_B.bias = 0; ``use_dora``:
-    m = ‖W + ΔW‖ (= ‖W‖ at the identity start). ``lora_dropout`` goes to the config, where
+    m = ‖W + ΔW‖ (= ‖W‖ at the identity start); kinds without lora_bias (Embedding) get none. ``lora_dropout`` goes to the config, where
     :func:`train_mixed` reads it.
     """
     if init_B not in ("zeros", "normal"):
@@ -90,7 +90,7 @@ def init_adapter(model: RoutedModel, r: int, alpha: float, *, seed: int, name: s
         else:
             A = rng.uniform(-bound, bound, A_shape)
             B = np.zeros(B_shape) if init_B == "zeros" else rng.normal(0.0, r**-0.5, B_shape)
-        lora = LoraModule(name=module, A=A, B=B, kind=kind.name, lora_bias=np.zeros(B_shape[0]) if lora_bias else None)
+        lora = LoraModule(name=module, A=A, B=B, kind=kind.name, lora_bias=np.zeros(B_shape[0]) if lora_bias and kind.lora_bias else None)
         if use_dora:
             delta = kind.delta(A, B, config.scale_for(module), fan_in_fan_out=ffo, module=module)
             lora.magnitude = init_magnitude(W, delta, kind.dora_axis(ffo), dtype=float64)
