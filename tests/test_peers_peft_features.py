@@ -141,3 +141,56 @@ def test_mixed_batch_matches_peft(v, tmp_path):
         for param, field in peft_params(layer, a.name, v).items():
             theirs_g = np.zeros(param.shape) if param.grad is None else param.grad.numpy()
             assert np.max(np.abs(theirs_g.reshape(ours_i[field].shape) - ours_i[field])) <= bound * Q * 4, (a.name, field)
+
+
+@pytest.mark.parametrize("v", [v for v in PEER_VARIANTS if v.kind != "embedding"], ids=lambda v: v.name)
+def test_training_dropout_matches_peft(v):
+    """Dropout as PEFT applies it in training: PEFT's lora_dropout module replaced by a fixed mask
+    (the same mask the reference is given), PEFT in train mode, one row group per adapter.
+    For DoRA this is PEFT's training-with-dropout formula (base(x) + (g − 1) base(x̃) + g lora(x̃))."""
+    torch = require_peer("torch")
+    peft = require_peer("peft")
+    case = make_case(v, 7, missing=False)
+    if v.conv_dims:
+        case = dataclasses.replace(case, geometry=GEOMETRY[v.conv_dims])
+    net = peft_model(torch, peft, case)
+    net.train()
+    index, mask = routing(case, 7)
+    factors = case.factors
+    ours = mixed_forward(case.x, case.W, factors, index, bias=case.bias, dropout_mask=mask, **case.options)
+    dy = np.random.default_rng(8).normal(size=ours.shape)
+    grads = mixed_backward(case.x, dy, case.W, factors, index, dropout_mask=mask, **case.options)
+
+    class FixedMask(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = torch.tensor(m)
+
+        def forward(self, x):
+            return x * self.m
+
+    layer = net.base_model.model.layer
+    x_t = torch.tensor(case.x, requires_grad=True)
+    theirs = np.zeros_like(ours)
+    for i in range(-1, len(case.adapters)):
+        rows = np.flatnonzero(index == i)
+        if rows.size == 0:
+            continue
+        if i < 0:
+            with net.disable_adapter():
+                out = net(x_t[rows])
+        else:
+            name = case.adapters[i].name
+            layer.lora_dropout[name] = FixedMask(mask[rows])
+            net.set_adapter(name)
+            out = net(x_t[rows])
+        (out * torch.tensor(dy[rows])).sum().backward()
+        theirs[rows] = out.detach().numpy()
+    bound = 2 * gamma(chain(case), U64)
+    assert np.all(np.abs(ours - theirs) <= bound * magnitude_P(case, case.x, factors, index))
+    Q = float(np.sum(np.abs(dy) * magnitude_P(case, case.x, factors, index, shift=1.0)))
+    assert np.max(np.abs(x_t.grad.numpy() - grads.dx)) <= bound * Q
+    for i, a in enumerate(case.adapters):
+        ours_i = {"A": grads.dA[i], "B": grads.dB[i], "lora_bias": grads.dlora_bias[i], "magnitude": grads.dmagnitude[i]}
+        for param, field in peft_params(layer, a.name, v).items():
+            assert np.max(np.abs(param.grad.numpy().reshape(ours_i[field].shape) - ours_i[field])) <= bound * Q * 4, (a.name, field)
