@@ -100,8 +100,6 @@ class Kind(ABC):
     reversed_init: bool = False
     #: PiSSA / OLoRA (a decomposition of W) are defined for this kind.
     decomposition_init: bool = False
-    #: Mixed batches and weighted combinations (PEFT's adapter_names / add_weighted_adapter) take it.
-    composable: bool = False
     export: ExportFacts
 
     @abstractmethod
