@@ -93,6 +93,30 @@ def peft_params(layer, name, v):
     return params
 
 
+def by_groups(torch, net, case, index, x_t, dy, prepare=None) -> np.ndarray:
+    """PEFT's output row group by row group (``set_adapter``; the base with adapters disabled),
+    accumulating autograd of Σ dy · y; ``prepare(name, rows)`` runs before each adapter's group."""
+    out_all = None
+    for i in range(-1, len(case.adapters)):
+        rows = np.flatnonzero(index == i)
+        if rows.size == 0:
+            continue
+        if i < 0:
+            with net.disable_adapter():
+                out = net(x_t[rows])
+        else:
+            name = case.adapters[i].name
+            if prepare is not None:
+                prepare(name, rows)
+            net.set_adapter(name)
+            out = net(x_t[rows])
+        (out * torch.tensor(dy[rows])).sum().backward()
+        if out_all is None:
+            out_all = np.zeros((len(index),) + tuple(out.shape[1:]))
+        out_all[rows] = out.detach().numpy()
+    return out_all
+
+
 @pytest.mark.parametrize("v", PEER_VARIANTS, ids=lambda v: v.name)
 def test_mixed_batch_matches_peft(v, tmp_path):
     torch = require_peer("torch")
@@ -116,19 +140,7 @@ def test_mixed_batch_matches_peft(v, tmp_path):
     else:
         with pytest.raises(ValueError, match="DoRA"):  # on a second model: PEFT leaves its hooks behind on this error
             peft_model(torch, peft, case)(x_t, adapter_names=names)
-        theirs = np.zeros_like(ours)
-        for i in range(-1, len(case.adapters)):
-            rows = np.flatnonzero(index == i)
-            if rows.size == 0:
-                continue
-            if i < 0:
-                with net.disable_adapter():
-                    out = net(x_t[rows])
-            else:
-                net.set_adapter(case.adapters[i].name)
-                out = net(x_t[rows])
-            (out * torch.tensor(dy[rows])).sum().backward()
-            theirs[rows] = out.detach().numpy()
+        theirs = by_groups(torch, net, case, index, x_t, dy)
     P = magnitude_P(case, case.x, factors, index)
     bound = 2 * gamma(chain(case), U64)
     assert np.all(np.abs(ours - theirs) <= bound * P)
@@ -171,21 +183,11 @@ def test_training_dropout_matches_peft(v):
 
     layer = net.base_model.model.layer
     x_t = torch.tensor(case.x, requires_grad=True)
-    theirs = np.zeros_like(ours)
-    for i in range(-1, len(case.adapters)):
-        rows = np.flatnonzero(index == i)
-        if rows.size == 0:
-            continue
-        if i < 0:
-            with net.disable_adapter():
-                out = net(x_t[rows])
-        else:
-            name = case.adapters[i].name
-            layer.lora_dropout[name] = FixedMask(mask[rows])
-            net.set_adapter(name)
-            out = net(x_t[rows])
-        (out * torch.tensor(dy[rows])).sum().backward()
-        theirs[rows] = out.detach().numpy()
+
+    def masked(name, rows):
+        layer.lora_dropout[name] = FixedMask(mask[rows])
+
+    theirs = by_groups(torch, net, case, index, x_t, dy, masked)
     bound = 2 * gamma(chain(case), U64)
     assert np.all(np.abs(ours - theirs) <= bound * magnitude_P(case, case.x, factors, index))
     Q = float(np.sum(np.abs(dy) * magnitude_P(case, case.x, factors, index, shift=1.0)))
