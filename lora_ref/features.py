@@ -20,7 +20,8 @@ from .errors import UnsupportedFeatureError
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: ``kind`` (registry name), lora_bias, DoRA, fan_in_fan_out, conv spatial axes (0: not a conv)."""
+    """One row: ``kind`` (registry name), lora_bias, DoRA, fan_in_fan_out, conv spatial axes (0: not a conv),
+    ``patterns``: rsLoRA with rank_pattern / alpha_pattern giving the module its rank and alpha."""
 
     name: str
     kind: str
@@ -28,11 +29,13 @@ class Variant:
     dora: bool = False
     fan_in_fan_out: bool = False
     conv_dims: int = 0
+    patterns: bool = False
 
     @property
     def label(self) -> str:
         base = {"linear": "Linear", "embedding": "Embedding"}.get(self.kind, f"Conv{self.conv_dims}d")
-        extras = [e for e, on in (("fan_in_fan_out", self.fan_in_fan_out), ("lora_bias", self.lora_bias)) if on]
+        extras = [e for e, on in (("fan_in_fan_out", self.fan_in_fan_out), ("lora_bias", self.lora_bias),
+                                  ("rsLoRA + rank/alpha patterns", self.patterns)) if on]
         text = base + "".join(f" + {e}" for e in extras)
         return f"DoRA {text}" if self.dora else text
 
@@ -41,11 +44,14 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("linear", "linear"),
     Variant("linear_fan_in_fan_out", "linear", fan_in_fan_out=True),
     Variant("linear_lora_bias", "linear", lora_bias=True),
+    Variant("linear_rslora_patterns", "linear", patterns=True),
     Variant("embedding", "embedding"),
+    Variant("embedding_rslora_patterns", "embedding", patterns=True),
     Variant("conv1d", "conv", conv_dims=1),
     Variant("conv2d", "conv", conv_dims=2),
     Variant("conv3d", "conv", conv_dims=3),
     Variant("conv2d_lora_bias", "conv", lora_bias=True, conv_dims=2),
+    Variant("conv2d_rslora_patterns", "conv", conv_dims=2, patterns=True),
     Variant("dora_linear", "linear", dora=True),
     Variant("dora_linear_fan_in_fan_out", "linear", dora=True, fan_in_fan_out=True),
     Variant("dora_embedding", "embedding", dora=True),

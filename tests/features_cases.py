@@ -69,8 +69,15 @@ def make_case(v: Variant, seed: int, n_adapters: int = 3, batch: int = 6, missin
     adapters = []
     for i in range(n_adapters):
         r = int(rng.integers(1, 4))
-        cfg = LoraConfig(r=r, lora_alpha=float(rng.uniform(0.5, 4)), target_modules=[MODULE], fan_in_fan_out=v.fan_in_fan_out,
-                         lora_bias=v.lora_bias, use_dora=v.dora)
+        alpha = float(rng.uniform(0.5, 4))
+        if v.patterns:  # the global r and alpha are decoys: the patterns give the module r and alpha, scaled by sqrt(r)
+            cfg = LoraConfig(r=8, lora_alpha=100.0, target_modules=[MODULE], use_rslora=True, rank_pattern={MODULE: r},
+                             alpha_pattern={MODULE: alpha}, lora_bias=v.lora_bias, use_dora=v.dora)
+        else:
+            cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[MODULE], fan_in_fan_out=v.fan_in_fan_out,
+                             lora_bias=v.lora_bias, use_dora=v.dora)
+        scale = alpha / np.sqrt(r) if v.patterns else alpha / r  # SPEC 2.2, computed here
+        assert np.isclose(cfg.scale_for(MODULE), scale, rtol=4 * 2.0**-53), (cfg.scale_for(MODULE), scale)
         if missing and i == n_adapters - 1:
             adapters.append(Adapter(cfg, {}, name=f"a{i}"))
             continue

@@ -222,7 +222,7 @@ def combine_case(v: Variant, seed: int, equal_ranks: bool = False):
         for a in case.adapters:
             lora = a.modules[MODULE]
             lora.A, lora.B = lora.A[:1], lora.B[:, :1]
-            a.config = dataclasses.replace(a.config, r=1)
+            a.config = dataclasses.replace(a.config, r=1, rank_pattern={MODULE: 1} if v.patterns else {})
     weights = list(np.random.default_rng(seed).uniform(-2, 2, len(case.adapters)))
     return case, weights
 

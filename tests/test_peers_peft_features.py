@@ -62,7 +62,8 @@ def peft_model(torch, peft, case):
     net = None
     for a in case.adapters:
         cfg = peft.LoraConfig(r=a.config.r, lora_alpha=a.config.lora_alpha, target_modules=[MODULE],
-                              use_dora=v.dora, lora_bias=v.lora_bias, init_lora_weights=False)
+                              use_dora=v.dora, lora_bias=v.lora_bias, init_lora_weights=False, use_rslora=a.config.use_rslora,
+                              rank_pattern=dict(a.config.rank_pattern), alpha_pattern=dict(a.config.alpha_pattern))
         if net is None:
             net = peft.get_peft_model(Net(), cfg, adapter_name=a.name)
         else:
