@@ -1,8 +1,11 @@
 """Train two LoRA adapters at once, in one mixed batch, on two different tasks; save them as PEFT files.
 
-    python examples/train_two_adapters.py [--model transformer|mlp] [--steps 200] [--out DIR]
+    python examples/train_two_adapters.py [--model transformer|mlp|embed-conv] [--dora] [--dropout P]
+                                          [--steps 200] [--out DIR]
 
-The base is a tiny one-block transformer (or MLP) built from lora_ref layers. Task k's targets
+The base is a tiny one-block transformer (or MLP, or an Embedding + Conv1d model on token ids)
+built from lora_ref layers. ``--dora`` trains DoRA adapters, ``--dropout`` sets their lora_dropout
+(applied to the LoRA input as PEFT does, reproducible from the seed; none on the Embedding). Task k's targets
 come from the base with a random "teacher" adapter k. Each step, rows of task 0 go through
 adapter 0 and rows of task 1 through adapter 1 in the same forward/backward pass; each adapter
 has its own AdamW. Both losses fall; each adapter ends up fitting its own task only.
@@ -17,26 +20,31 @@ from pathlib import Path
 import numpy as np
 
 from lora_ref.adapter import load_adapter, save_adapter
-from lora_ref.models import TinyMLP, TinyTransformer
+from lora_ref.models import TinyEmbedConv, TinyMLP, TinyTransformer
 from lora_ref.optim import AdamW
 from lora_ref.train import init_adapter, teacher_task, train_mixed
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["transformer", "mlp"], default="transformer")
+    parser.add_argument("--model", choices=["transformer", "mlp", "embed-conv"], default="transformer")
+    parser.add_argument("--dora", action="store_true", help="train DoRA adapters")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the students' lora_dropout")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", help="directory for the two PEFT adapters (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    if args.model == "transformer":
-        model, shape = TinyTransformer(d_model=16, n_heads=2, d_ff=32, seed=0), (6, 16)
-    else:
-        model, shape = TinyMLP(d_in=8, hidden=32, d_out=4, seed=0), (8,)
     rng = np.random.default_rng(1)
-    teachers = [init_adapter(model, 2, 4.0, seed=100 + k, init_B="normal") for k in range(2)]
-    tasks = [teacher_task(model, teacher, rng.normal(size=(256, *shape))) for teacher in teachers]
-    students = [init_adapter(model, 4, 8.0, seed=k, name=f"task{k}") for k in range(2)]
+    if args.model == "transformer":
+        model, draw = TinyTransformer(d_model=16, n_heads=2, d_ff=32, seed=0), lambda: rng.normal(size=(256, 6, 16))
+    elif args.model == "mlp":
+        model, draw = TinyMLP(d_in=8, hidden=32, d_out=4, seed=0), lambda: rng.normal(size=(256, 8))
+    else:
+        model, draw = TinyEmbedConv(vocab=16, d=6, channels=4, seed=0), lambda: rng.integers(0, 16, size=(256, 8))
+    teachers = [init_adapter(model, 2, 4.0, seed=100 + k, init_B="normal", use_dora=args.dora) for k in range(2)]
+    tasks = [teacher_task(model, teacher, draw()) for teacher in teachers]
+    students = [init_adapter(model, 4, 8.0, seed=k, name=f"task{k}", use_dora=args.dora, lora_dropout=args.dropout)
+                for k in range(2)]
     optimizers = [AdamW(lr=1e-2, weight_decay=0.01) for _ in students]
 
     history = train_mixed(model, students, tasks, steps=args.steps, batch_size=16, optimizers=optimizers)

@@ -24,6 +24,15 @@ The result's config has r = the largest module rank (smaller modules are zero-pa
 changes nothing), lora_alpha = r and use_rslora = False, so its scale is exactly 1 and B A is
 the combined delta. (PEFT copies use_rslora from the first adapter while setting alpha = r, so
 with rsLoRA sources its combined adapter is scaled by sqrt(r) instead of 1; see SPEC.)
+Every layer kind works (Linear, fan_in_fan_out, Embedding, Conv): the kind's A is read as the
+matrix A.reshape(r, -1) and B as B.reshape(out, r), the formulas above apply to them, and the
+stored factors get the kind's shapes back. ``lora_bias`` (cat and svd): the combined layer's
+bias term must be Σ_i w_i s_i b_i = Σ_i c_i b_i, and since the result's scale is 1 it is stored
+as lora_bias = Σ c_i b_i, in float64 in adapter order and rounded once (the bias has no rank,
+so svd truncates nothing of it); ``linear`` mixes B with weights sqrt|c_i|, which defines no
+bias, so it refuses lora_bias. DoRA adapters are refused for every method: each layer is
+(m_i/n_i)(W + ΔW_i) with n_i depending on W, so no weighted sum of them is a LoRA delta plus one
+magnitude (both refusals raise :class:`~lora_ref.errors.UnsupportedFeatureError`).
 Every combination reports, per module, ||B A − Δ||_F of the *stored* factors, evaluated from
 the factors in float64 (:func:`factored_frobenius`), so the user sees what each method costs.
 """
@@ -41,8 +50,7 @@ import numpy as np
 from .adapter import Adapter, LoraModule
 from .carried import replacing
 from .dtypes import float64, resolve_dtype, round_to
-from .errors import CarriedTensorError, ConfigError, ShapeError
-from .kinds import kind_of
+from .errors import CarriedTensorError, ConfigError, ShapeError, UnsupportedFeatureError
 
 #: PEFT's ``combination_type`` values this module implements (module doc).
 Method = Literal["cat", "svd", "linear"]
@@ -118,17 +126,16 @@ def combine(
         raise CarriedTensorError(f"adapter(s) {', '.join(carrying[:3])} carry modules_to_save / trainable-token / bias "
                                  "tensors, which combine cannot weigh; combine adapters without them")
     modules = sorted({m for adapter in adapters for m in adapter.modules})
-    factors: dict[str, list[tuple[float, np.ndarray, np.ndarray]]] = {}
-    for module in modules:
-        factors[module] = _module_factors(adapters, weights, module)
+    factors = {module: _module_factors(adapters, weights, module) for module in modules}
     if method == "svd" and rank is None:
         rank = max(a.modules[m].rank for a in adapters for m in a.modules)
     out_dtype = resolve_dtype(dtype) if dtype is not None else next(iter(adapters[0].modules.values())).A.dtype
-    built: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    built: dict[str, tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = {}
     reports: dict[str, ModuleReport] = {}
-    for module, terms in factors.items():
-        B_cat = np.concatenate([B for _, _, B in terms], axis=1)
-        A_cat = np.concatenate([c * A for c, A, _ in terms], axis=0)  # Δ = B_cat A_cat
+    for module, (kind, terms, biases) in factors.items():
+        A_shape, B_shape = terms[0][1].shape, terms[0][2].shape  # the kind's layout: reshaped to matrices below
+        B_cat = np.concatenate([B.reshape(B.shape[0], -1) for _, _, B in terms], axis=1)
+        A_cat = np.concatenate([c * A.reshape(A.shape[0], -1) for c, A, _ in terms], axis=0)  # Δ = B_cat A_cat
         sigma: np.ndarray = np.zeros(0)
         discarded = 0.0
         if method == "cat":
@@ -138,8 +145,8 @@ def combine(
                 raise ConfigError(f"{module}: linear needs equal ranks, got {[A.shape[0] for _, A, _ in terms]}; use cat or svd")
             a = [math.copysign(math.sqrt(abs(c)), c) if c != 0 else 0.0 for c, _, _ in terms]
             b = [math.sqrt(abs(c)) for c, _, _ in terms]
-            A_new = sum(ai * A for ai, (_, A, _) in zip(a, terms))
-            B_new = sum(bi * B for bi, (_, _, B) in zip(b, terms))
+            A_new = sum(ai * A.reshape(A.shape[0], -1) for ai, (_, A, _) in zip(a, terms))
+            B_new = sum(bi * B.reshape(B.shape[0], -1) for bi, (_, _, B) in zip(b, terms))
         else:
             A_new, B_new, sigma = _truncated_svd(B_cat, A_cat, rank)
             discarded = float(math.sqrt(float(np.sum(sigma[rank:] ** 2))))
@@ -148,18 +155,21 @@ def combine(
             np.concatenate([B_store.astype(float64), -B_cat], axis=1),
             np.concatenate([A_store.astype(float64), A_cat], axis=0),
         )
-        built[module] = (A_store, B_store)
+        k = A_store.shape[0]
+        bias = None if biases is None else round_to(biases, out_dtype)
+        built[module] = (kind, A_store.reshape((k,) + A_shape[1:]), B_store.reshape((B_shape[0], k) + B_shape[2:]), bias)
         reports[module] = ModuleReport(
             module=module,
             target_rank=int(A_cat.shape[0]),
-            rank=int(A_store.shape[0]),
+            rank=int(k),
             delta_frobenius=factored_frobenius(B_cat, A_cat),
             stored_error_frobenius=error,
             discarded_frobenius=discarded,
             singular_values=tuple(float(v) for v in sigma),
         )
-    r = max(A.shape[0] for A, _ in built.values())
-    lora_modules = {m: LoraModule(name=m, A=_pad_rows(A, r), B=_pad_rows(B.T, r).T) for m, (A, B) in built.items()}
+    r = max(A.shape[0] for _, A, _, _ in built.values())
+    lora_modules = {m: LoraModule(name=m, A=_pad_rank(A, r, 0), B=_pad_rank(B, r, 1), lora_bias=bias, kind=kind)
+                    for m, (kind, A, B, bias) in built.items()}
     config = dataclasses.replace(
         adapters[0].config, r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={},
         target_modules=modules, exclude_modules=None,
@@ -167,12 +177,13 @@ def combine(
     return CombineResult(Adapter(config=config, modules=lora_modules, name=name), method, tuple(weights), reports)
 
 
-def _pad_rows(matrix: np.ndarray, rows: int) -> np.ndarray:
-    if matrix.shape[0] == rows:
-        return matrix
-    padded = np.zeros((rows,) + matrix.shape[1:], dtype=matrix.dtype)
-    padded[: matrix.shape[0]] = matrix
-    return padded
+def _pad_rank(factor: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """``factor`` zero-padded along its rank ``axis`` (A: 0, B: 1) to ``rank`` (adds exact zeros to B A)."""
+    if factor.shape[axis] == rank:
+        return factor
+    widths = [(0, 0)] * factor.ndim
+    widths[axis] = (0, rank - factor.shape[axis])
+    return np.pad(factor, widths)
 
 
 def _truncated_svd(B_cat: np.ndarray, A_cat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,23 +219,34 @@ def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float], method:
         if len(values) > 1:
             raise ConfigError(f"adapters disagree on {field_name}: {sorted(map(str, values))}; they must share one base")
     for adapter in adapters:
-        if adapter.config.use_dora:
-            raise ConfigError(f"adapter {adapter.name!r} uses DoRA; combining DoRA adapters is not defined here")
         for module in adapter.modules.values():
-            if not kind_of(module.kind).composable or module.lora_bias is not None or module.magnitude is not None:
-                raise ConfigError(f"{module.name} in adapter {adapter.name!r}: only plain Linear LoRA modules can be combined")
+            if module.magnitude is not None or adapter.config.use_dora:
+                raise UnsupportedFeatureError(
+                    f"{module.name} in adapter {adapter.name!r} is DoRA: its layer is (m/n)(W + ΔW) with n depending on W, "
+                    "so a weighted sum of DoRA layers is no LoRA delta plus one magnitude; merge them instead")
+            if module.lora_bias is not None and method == "linear":
+                raise UnsupportedFeatureError(
+                    f"{module.name} in adapter {adapter.name!r} has a lora_bias: linear mixes B with weights sqrt|c_i| "
+                    "(cross terms), which defines no bias; use cat or svd (both store Σ c_i lora_bias_i exactly)")
     return weights
 
 
 def _module_factors(adapters: Sequence[Adapter], weights: Sequence[float], module: str):
-    """(c_i, A_i, B_i) in float64 for the adapters that target ``module``; shapes checked."""
-    terms = []
+    """(kind, [(c_i, A_i, B_i)], Σ c_i lora_bias_i or None) in float64 for the adapters that target
+    ``module``, in the kind's layout; kinds and the layer's shape checked."""
+    terms, kinds_seen, bias = [], set(), None
     for adapter, w in zip(adapters, weights):
         lora = adapter.modules.get(module)
         if lora is None:
             continue
-        terms.append((w * adapter.scale_for(module), lora.A.astype(float64), lora.B.astype(float64)))
-    shapes = {(B.shape[0], A.shape[1]) for _, A, B in terms}
+        c = w * adapter.scale_for(module)
+        terms.append((c, lora.A.astype(float64), lora.B.astype(float64)))
+        kinds_seen.add(lora.kind)
+        if lora.lora_bias is not None:  # b = Σ c_i b_i: the combined layer's bias term, exactly the weighted sum
+            bias = (0.0 if bias is None else bias) + c * lora.lora_bias.astype(float64)
+    if len(kinds_seen) > 1:
+        raise ConfigError(f"{module}: adapters disagree on the layer kind: {sorted(kinds_seen)}; different bases?")
+    shapes = {(B.shape[0],) + A.shape[1:] for _, A, B in terms}
     if len(shapes) > 1:
         raise ShapeError(f"{module}: adapters disagree on the layer's (out, in) shape: {sorted(shapes)}; different bases?")
-    return terms
+    return kinds_seen.pop(), terms, bias

@@ -28,7 +28,7 @@ from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, check_float_array, float6
 from .errors import ConfigError, MergeStateError, ShapeError
 from .kinds import Kind, KindName, LayerOps, kind_of
 from .merge import BLOCK_BYTES, DeltaSource, block_rows, row_slices
-from .numerics import check_mask, wide
+from .numerics import along_axis, check_mask, wide
 
 
 class DoraNormMissingError(MergeStateError):
@@ -137,13 +137,6 @@ def fast_roundtrip_bound(W: np.ndarray, dora: DoraDelta) -> np.ndarray:
 
 # -- forward and backward ---------------------------------------------------------------------
 
-def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
-
-
-
 @dataclass(frozen=True)
 class DoraGrads:
     """Gradients given dy = dL/dy, each rounded once to its tensor's dtype (dx None for ids)."""
@@ -179,7 +172,7 @@ class Dora:
         return check_mask(mask, x64.shape)
 
     def _g(self, ndim: int) -> np.ndarray:
-        return _along(self.g, ndim, self.ops.channel_axis)
+        return along_axis(self.g, ndim, self.ops.channel_axis)
 
     def forward64(self, x64: np.ndarray, mask: np.ndarray | None = None, bias: np.ndarray | None = None) -> np.ndarray:
         """The float64 output before rounding (eval formula without a mask, dropout formula with)."""
@@ -195,7 +188,7 @@ class Dora:
             b = np.asarray(bias).astype(float64)
             if b.shape != self.g.shape:
                 raise ShapeError(f"{self.module or 'dora'}: bias has shape {b.shape}, expected {self.g.shape}")
-            y = y + _along(b, y.ndim, self.ops.channel_axis)
+            y = y + along_axis(b, y.ndim, self.ops.channel_axis)
         return y
 
     def backward64(self, x64: np.ndarray, dY: np.ndarray, mask: np.ndarray | None = None) -> tuple:

@@ -188,6 +188,7 @@ class EmbeddingKind(Kind):
     label = "Embedding"
     peft_parts = ("lora_embedding_A", "lora_embedding_B")
     dropout = False  # PEFT applies none to embeddings
+    base_bias = False
     lora_bias = False
     reversed_init = True
     export = ExportFacts(ops=("Gather",), weight_input=0, weight_ranks=(2,), transposable=False,

@@ -16,6 +16,10 @@ class ConfigError(LoraRefError, ValueError):
     """An adapter configuration value is missing, of the wrong type or out of range."""
 
 
+class UnsupportedFeatureError(ConfigError):
+    """A layer kind or variant that a feature does not define (the feature matrix, docs/features.md, says why)."""
+
+
 class ShapeError(LoraRefError, ValueError):
     """Tensor shapes disagree (A/B rank, base/adapter dimensions, batch length, ...)."""
 

@@ -92,14 +92,14 @@ class Kind(ABC):
     kernel_axes: bool = False
     #: PEFT applies dropout to the LoRA input of this kind.
     dropout: bool = True
+    #: The base layer has a bias (torch's Linear and Conv do, Embedding does not).
+    base_bias: bool = True
     #: The kind can carry a lora_B.bias (PEFT's lora_bias).
     lora_bias: bool = True
     #: PEFT's default/gaussian init is reversed (A = 0, B ~ N(0, 1)).
     reversed_init: bool = False
     #: PiSSA / OLoRA (a decomposition of W) are defined for this kind.
     decomposition_init: bool = False
-    #: Mixed batches and weighted combinations (PEFT's adapter_names / add_weighted_adapter) take it.
-    composable: bool = False
     export: ExportFacts
 
     @abstractmethod

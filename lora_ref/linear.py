@@ -239,7 +239,6 @@ class LinearKind(Kind):
     name = "linear"
     label = "Linear"
     decomposition_init = True
-    composable = True
     export = ExportFacts(ops=("MatMul", "Gemm"), weight_input=1, weight_ranks=(2,), transposable=True,
                          form="MatMul, Transpose+MatMul, or Gemm", lora_a_op="MatMul", factor_layout="matrix")
 

@@ -1,6 +1,7 @@
 """The numerics every layer kind shares, each in one place (SPEC 2.3, 2.4, 3.1).
 
 * widening: :func:`wide` (any supported float dtype -> float64, exact), :func:`wide_vector`;
+* per-channel broadcasting: :func:`along_axis`;
 * dropout masks: :func:`check_mask` (the mask's shape must be the input's);
 * the rank-one sum Σ_k left[:, k] ⊗ right[k, :] in a fixed order: :func:`rank_one_sum`;
 * the LoRA vector-Jacobian product of y = s ((x ∘ mask) Aᵀ) Bᵀ: :func:`lora_vjp`;
@@ -37,6 +38,13 @@ def wide_vector(v: np.ndarray, length: int, what: str) -> np.ndarray:
     if v64.shape != (length,):
         raise ShapeError(f"{what} has shape {v64.shape}, expected ({length},)")
     return v64
+
+
+def along_axis(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A per-channel vector ``v`` [C] shaped to broadcast along ``axis`` of an ``ndim``-axis array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.reshape(v, shape)
 
 
 def check_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -11,6 +11,11 @@ lowest common ancestor c (last merged first, LIFO) and merges b's path below c i
 cost is |path(a)| − |path(c)| + |path(b)| − |path(c)| merge/unmerge steps, each touching the
 node's targeted weights; :class:`SwitchReport` gives both figures.
 
+Nodes may hold modules of any layer kind (Linear, fan_in_fan_out, Embedding, Conv), with
+lora_bias (its base bias is merged too) or DoRA: a DoRA step merges W' = (m/n)(W_prev + ΔW)
+with n = ‖W_prev + ΔW‖ of the weight as merged so far, so DoRA stacks depend on their order
+(as merging is defined), and the ledger keeps each step's n for its exact unmerge.
+
 Exact mode (the default) keeps a residual per merge step (:class:`lora_ref.ledger.MergeLedger`),
 so every unmerge restores the previous state bit for bit. By induction over the switch
 sequence the weights after any sequence of switches ending at b are bitwise the weights of
@@ -32,11 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import Adapter, load_adapter, save_adapter
+from .adapter import Adapter, LoraModule, load_adapter, save_adapter
 from .atomic import write_text_atomic
 from .checkpoint import base_key
 from .errors import ConfigError, FileFormatError, TargetNotFoundError
 from .jsonfile import read_json
+from .kinds import kind_of
 from .ledger import MergeLedger
 
 TREE_FILE = "tree.json"
@@ -94,7 +100,7 @@ class AdapterTree:
         shapes: dict[str, tuple[tuple[int, int], str]] = {}
         for node in self.nodes.values():
             for module, lora in node.adapter.modules.items():
-                shape = (lora.B.shape[0], lora.A.shape[1])
+                shape = stored_shape(lora, node.adapter.config.fan_in_fan_out)
                 seen = shapes.setdefault(module, (shape, node.name))
                 if seen[0] != shape:
                     raise BaseMismatchError(
@@ -121,9 +127,7 @@ class AdapterTree:
                 if key not in weights:
                     raise TargetNotFoundError(f"tree node {node.name!r} targets {key}, which the base lacks")
                 W = weights[key]
-                expected = (lora.B.shape[0], lora.A.shape[1])
-                if node.adapter.config.fan_in_fan_out:
-                    expected = expected[::-1]
+                expected = stored_shape(lora, node.adapter.config.fan_in_fan_out)
                 if tuple(W.shape) != expected:
                     raise BaseMismatchError(f"{key}: base weight {tuple(W.shape)} but node {node.name!r} expects {expected}")
 
@@ -158,6 +162,11 @@ class AdapterTree:
             entries.append((entry["name"], entry["parent"], adapter_dir))
         tree_paths((name, parent) for name, parent, _ in entries)  # structure first, before reading weights
         return cls(TreeNode(name, parent, load_adapter(adapter_dir, name=name)) for name, parent, adapter_dir in entries)
+
+
+def stored_shape(lora: LoraModule, fan_in_fan_out: bool) -> tuple[int, ...]:
+    """The base weight's stored shape that ``lora`` fits (any kind: its delta has W's layout)."""
+    return tuple(kind_of(lora.kind).delta(lora.A, lora.B, 1.0, fan_in_fan_out=fan_in_fan_out, module=lora.name).shape)
 
 
 def tree_paths(pairs: Iterable[tuple[str, str | None]]) -> dict[str, tuple[str, ...]]:

@@ -20,9 +20,10 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
-def test_train_two_adapters(tmp_path, model):
-    out = run("train_two_adapters.py", "--model", model, "--steps", "60", "--out", str(tmp_path))
+@pytest.mark.parametrize("model,extra", [("mlp", ()), ("transformer", ()), ("embed-conv", ("--dropout", "0.1")),
+                                         ("embed-conv", ("--dora",))])
+def test_train_two_adapters(tmp_path, model, extra):
+    out = run("train_two_adapters.py", "--model", model, "--steps", "60", "--out", str(tmp_path), *extra)
     for k in range(2):
         first, last = map(float, re.search(rf"task {k}: loss (\S+) -> (\S+) ", out).groups())
         assert last < first

@@ -203,9 +203,11 @@ def test_adapters_of_different_ranks_and_scales_from_adapter_objects():
     fs = factors_for([a, b], "q")
     assert fs[0].scale == 2.0 and fs[1].scale == 3 / np.sqrt(3)
     assert factors_for([a], "k") == [None]
-    with_bias = Adapter(a.config, {"q": LoraModule("q", a.modules["q"].A, a.modules["q"].B, lora_bias=np.zeros(d_out))})
-    with pytest.raises(ConfigError):
-        factors_for([with_bias], "q")
+    with_bias = Adapter(a.config, {"q": LoraModule("q", a.modules["q"].A, a.modules["q"].B, lora_bias=np.ones(d_out))})
+    assert np.array_equal(factors_for([with_bias], "q")[0].lora_bias, np.ones(d_out))  # carried, not refused
+    emb = Adapter(a.config, {"q": LoraModule("q", rng.normal(size=(2, 7)), rng.normal(size=(4, 2)), kind="embedding")})
+    with pytest.raises(ConfigError, match="disagree on the layer kind"):
+        factors_for([a, emb], "q")
 
 
 @pytest.mark.parametrize("index", [[0, 2], [0, -2], [0], [0, 1, 1], [[0, 1]], [0.0, 1.0]])

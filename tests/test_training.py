@@ -5,6 +5,8 @@ PEFT files out.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,8 +14,9 @@ from hypothesis import strategies as st
 
 from conftest import require_peer
 from lora_ref.adapter import load_adapter, save_adapter
+from lora_ref.dropout import RowDropout
 from lora_ref.errors import ConfigError, ShapeError
-from lora_ref.models import TinyMLP, TinyTransformer
+from lora_ref.models import TinyEmbedConv, TinyMLP, TinyTransformer
 from lora_ref.optim import AdamW
 from lora_ref.train import Task, init_adapter, teacher_task, train_mixed
 
@@ -73,6 +76,16 @@ def test_trajectories_are_independent(cls, shape):
         assert not np.array_equal(results[0][1].modules[name].A, results[1][1].modules[name].A)
 
 
+def check_directional(loss, D: float, h: float = 1e-4) -> None:
+    """|FD(h) − D| within the Richardson estimate |FD(2h) − FD(h)| plus the float64 rounding of the
+    loss values, ≤ 2·n_ops·u·Σ|terms|/(2h) with n_ops ≤ 10^3 (``loss(t)`` gives (L, Σ|terms|))."""
+    (lp, ap), (lm, am) = loss(h), loss(-h)
+    (lp2, _), (lm2, _) = loss(2 * h), loss(-2 * h)
+    fd, fd2 = (lp - lm) / (2 * h), (lp2 - lm2) / (4 * h)
+    tol = abs(fd2 - fd) + 2 * 1e3 * U64 * (ap + am) / (2 * h)
+    assert abs(fd - D) <= tol
+
+
 @pytest.mark.parametrize("cls,shape", MODELS)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_model_backward_matches_finite_differences(cls, shape, seed):
@@ -103,12 +116,7 @@ def test_model_backward_matches_finite_differences(cls, shape, seed):
         out, _ = model.forward(x, moved, index)
         return float(np.sum(g * out)), float(np.sum(np.abs(g * out)))
 
-    h = 1e-4
-    (lp, ap), (lm, am) = loss(h), loss(-h)
-    (lp2, _), (lm2, _) = loss(2 * h), loss(-2 * h)
-    fd, fd2 = (lp - lm) / (2 * h), (lp2 - lm2) / (4 * h)
-    tol = abs(fd2 - fd) + 2 * 1e3 * U64 * (ap + am) / (2 * h)
-    assert abs(fd - D) <= tol
+    check_directional(loss, D)
 
 
 def test_adamw_matches_torch_and_decays_only_A_and_B():
@@ -173,3 +181,42 @@ def test_bad_training_input():
         init_adapter(model, 2, 2.0, seed=0, init_B="ones")
     with pytest.raises(ShapeError):
         TinyTransformer(d_model=10, n_heads=3)
+
+
+@given(seed=st.integers(0, 2**32 - 1), dora=st.booleans())
+def test_embed_conv_model_backward_with_dropout_matches_finite_differences(seed, dora):
+    """TinyEmbedConv (Embedding + Conv1d) with lora_bias or DoRA and dropout masks (the same seeded
+    masks in every evaluation): the directional derivative along every trained tensor against
+    central differences, with the Richardson tolerance of the test above. DoRA's norm depends on
+    A and B, so with DoRA only the magnitude is moved (n is detached, PEFT's gradient)."""
+    model = TinyEmbedConv(seed=seed % 97)
+    rng = np.random.default_rng(seed)
+    adapters = [init_adapter(model, 2, 4.0, seed=seed % 1000 + k, init_B="normal", name=f"a{k}", lora_bias=not dora,
+                             use_dora=dora, lora_dropout=0.3) for k in range(2)]
+    ids = rng.integers(0, 16, size=(5, 7))
+    index = np.array([0, -1, 1, 0, 1])
+
+    def dropout():
+        return RowDropout([0.3, 0.3], [np.random.default_rng([seed, k]) for k in range(2)])
+
+    y, tape = model.forward(ids, adapters, index, dropout())
+    assert "conv" in tape.masks and "embed" not in tape.masks  # PEFT applies no dropout to embeddings
+    g = rng.normal(size=y.shape)
+    _, grads = model.backward(tape, g)
+    moved_fields = ("magnitude",) if dora else ("A", "B", "lora_bias")
+    directions = [{m: {f: rng.normal(size=getattr(a.modules[m], f).shape) for f in moved_fields
+                       if getattr(a.modules[m], f) is not None} for m in a.modules} for a in adapters]
+    D = sum(float(np.sum(grads[k][m][f] * d)) for k in range(2) for m in directions[k] for f, d in directions[k][m].items())
+
+    def loss(t):
+        moved = []
+        for a, d in zip(adapters, directions):
+            copy = dataclasses.replace(a, modules={m: dataclasses.replace(lora) for m, lora in a.modules.items()})
+            for m, fields_ in d.items():
+                for f, direction in fields_.items():
+                    setattr(copy.modules[m], f, getattr(a.modules[m], f) + t * direction)
+            moved.append(copy)
+        out, _ = model.forward(ids, moved, index, dropout())
+        return float(np.sum(g * out)), float(np.sum(np.abs(g * out)))
+
+    check_directional(loss, D)
