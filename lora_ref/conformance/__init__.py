@@ -19,4 +19,4 @@ conventions), :mod:`.runner` (in-process and subprocess drivers), :mod:`.report`
 """
 
 #: Version of the case format and of the frozen case set; bump when a vector moves on purpose.
-SUITE_VERSION = "1.0.0"
+SUITE_VERSION = "2.0.0"
