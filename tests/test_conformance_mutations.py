@@ -94,7 +94,31 @@ class Alt:
         return self.w(W).T if fifo else self.w(W)
 
     # -- protocol ---------------------------------------------------------------------------------
+    def validate(self, op, params, inputs):
+        """Refuse what the suite's refusal cases hold (ValueError): what NumPy would otherwise wrap or broadcast."""
+        if "ids" in inputs and ((inputs["ids"] < 0) | (inputs["ids"] >= inputs["W"].shape[0])).any():
+            raise ValueError("token id outside [0, V)")
+        if "index" in inputs:
+            index, n = inputs["index"], len(params["adapters"])
+            if index.shape != inputs["x"].shape[:1] or ((index < -1) | (index >= n)).any():
+                raise ValueError("adapter index out of range or of the wrong length")
+        if "b" in inputs and "W" in inputs:
+            W = inputs["W"]
+            out_features = W.shape[1] if params.get("fan_in_fan_out") and W.ndim == 2 else W.shape[0]
+            if inputs["b"].shape != (out_features,):
+                raise ValueError("bias length")
+        if op.endswith(".merge") and ("A" in inputs or "lora_a" in inputs):
+            A, B = self.factors(inputs)
+            if params.get("safe_merge") and not (np.isfinite(A).all() and np.isfinite(B).all()):
+                raise ValueError("non-finite factor at a safe merge")
+            W = inputs["W"]
+            transposed = op.startswith(("embedding.", "dora_embedding.")) or (params.get("fan_in_fan_out") and W.ndim == 2)
+            rows = W.shape[1] if transposed else W.shape[0]
+            if B.shape[0] != rows:
+                raise ValueError("B does not fit W's output rows")
+
     def run(self, op, params, inputs):
+        self.validate(op, params, inputs)
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):
             op = f"conv.{action}"
@@ -548,3 +572,26 @@ def test_storage_precision_profile_accepts_low_precision_compute_but_float32_pro
     assert not _run(impl, profile="float32").ok
     storage = _run(impl, profile="storage")
     assert storage.ok, [(r.case_id, r.detail) for r in storage.results if r.status != "pass"]
+
+
+def test_semantic_bugs_fail_even_the_storage_tier():
+    """The storage profile still sees semantics: a bfloat16 rsLoRA forward with s = alpha / r (off by √r = 2 at
+    r = 4) used to pass ``--compute storage`` at 0.70 of the bound; the semantic guard cases (positive inputs, a
+    dominant LoRA term) put it far outside both tiers."""
+    result = _run(Alt(np.float32, bug="ignore_rslora"), "peft", profile="storage")
+    guard = [r for r in result.results if r.case_id == "semantic/linear-forward-rslora-bfloat16"][0]
+    assert guard.status == "fail" and guard.verdict == "semantic" and guard.tiers["storage"][1] > 2, guard
+    assert result.conformance() == "nonconformant"
+    assert {r.case_id for r in result.results if r.verdict == "semantic"} >= {
+        "semantic/linear-merge-rslora-bfloat16", "semantic/linear-backward-rslora-bfloat16", "semantic/embedding-forward-rslora-bfloat16",
+        "semantic/mixed-forward-rslora-bfloat16", "semantic/dora-forward-rslora-bfloat16"}
+
+
+def test_precision_only_implementation_is_conformant_at_storage_precision_with_its_cases_listed():
+    """One run, two verdicts: the float32 profile rejects the storage-precision implementation (exit 1), the storage
+    tier accepts every case, and the summary names the precision-only cases."""
+    result = _run(Alt(np.float32, bug="low_precision_lora_path"), profile="float32")
+    assert not result.ok and result.conformance() == "conformant at storage precision"
+    precision = result.tier_cases("storage")
+    assert precision and set(precision) == {r.case_id for r in result.results if r.status == "fail"}
+    assert not result.tier_cases("semantic")

@@ -753,9 +753,159 @@ def _covering_cases() -> Iterator[CaseSpec]:
             yield family.build(row)
 
 
+# -- expected refusals (SPEC C.4): inputs an implementation must refuse with a typed error -------
+def _set_first(name: str, value: int) -> Callable[[dict[str, np.ndarray], np.dtype], None]:
+    """Set the first element of integer input ``name`` (ids or adapter index) to ``value``."""
+
+    def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        arrays[name].reshape(-1)[0] = value
+
+    return special
+
+
+def _nan_in_A(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    arrays["A"][0, 1] = np.nan
+
+
+def _inf_in_B(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    arrays["B"][1, 0] = -np.inf
+
+
+def _refusal_cases() -> Iterator[CaseSpec]:
+    """Cases whose expected outcome is a refusal: an implementation that wraps, clamps or broadcasts fails them."""
+
+    def case(name: str, operation: str, dtype: str, params: dict, inputs: dict, why: str, special=None) -> CaseSpec:
+        return CaseSpec("refusal", f"{name}-{dtype}", operation, dtype, params, inputs, why, special, refusal=why)
+
+    emb = {"ids": ((2, 4), V_EMB), "W": ((V_EMB, D_EMB), 1.0), "A": ((3, V_EMB), 1.0), "B": ((D_EMB, 3), 1.0)}
+    for dtype in ("float32", "bfloat16"):
+        yield case("embedding-id_eq_V", "embedding.forward", dtype, linear_params(3, 6), emb,
+                   f"token id V = {V_EMB} is outside [0, V): clamping reads the last row", _set_first("ids", V_EMB))
+    for dtype in ("float32", "float16"):
+        yield case("embedding-id_negative", "embedding.forward", dtype, linear_params(3, 6), emb,
+                   "token id -1 is outside [0, V): Python/NumPy indexing wraps it to the last row", _set_first("ids", -1))
+    yield case("embedding_backward-id_negative", "embedding.backward", "float32", linear_params(3, 6),
+               {**emb, "dy": ((2, 4, D_EMB), 1.0)}, "token id -1 in backward: a scatter-add wraps it to the last row",
+               _set_first("ids", -1))
+    mixed = {"x": ((6, LIN_IN), 2.0), "W": ((LIN_OUT, LIN_IN), 1.0), "index": ((6,), 2),
+             "A.0": ((2, LIN_IN), 1.0), "B.0": ((LIN_OUT, 2), 1.0), "A.1": ((3, LIN_IN), 1.0), "B.1": ((LIN_OUT, 3), 1.0)}
+    two = {"adapters": [linear_params(2, 4), linear_params(3, 7, rslora=True)]}
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed-index_eq_n", "mixed_batch.forward", dtype, two, mixed,
+                   "adapter index 2 with 2 adapters: out of range, not the base", _set_first("index", 2))
+        yield case("mixed-index_minus2", "mixed_batch.forward", dtype, two, mixed,
+                   "adapter index -2 (only -1 means the base): negative indexing wraps it to adapter 0", _set_first("index", -2))
+    yield case("mixed-index_short", "mixed_batch.forward", "float32", two, {**mixed, "index": ((5,), 2)},
+               "5 adapter indices for 6 rows: the last row has no routing")
+    fwd = _linear_inputs((3,), LIN_IN, LIN_OUT, 3, names=("x", "W", "b", "A", "B"))
+    for dtype in ("float32", "float16"):
+        yield case("linear-x_width", "linear.forward", dtype, linear_params(3, 6), {**fwd, "x": ((3, LIN_IN + 1), 2.0)},
+                   f"x has {LIN_IN + 1} features, W and A take {LIN_IN}")
+        yield case("linear-B_rows", "linear.forward", dtype, linear_params(3, 6), {**fwd, "B": ((LIN_OUT - 1, 3), 1.0)},
+                   f"B has {LIN_OUT - 1} rows, W has {LIN_OUT} outputs")
+    yield case("linear-bias_len", "linear.forward", "bfloat16", linear_params(3, 6), {**fwd, "b": ((1,), 1.0)},
+               "bias of length 1 for 5 outputs: broadcasting it is silently wrong")
+    mrg = _linear_inputs((), LIN_IN, LIN_OUT, 3, names=("W", "A", "B"))
+    for dtype in ALL_DTYPES:
+        yield case("merge-B_one_row", "linear.merge", dtype, linear_params(3, 6), {**mrg, "B": ((1, 3), 1.0)},
+                   "B [1, r] for a W with 5 rows: broadcasting B A over W's rows is silently wrong")
+    for dtype in ("float32", "bfloat16"):
+        yield case("merge-nan_factor", "linear.merge", dtype, linear_params(3, 6, safe_merge=True), mrg,
+                   "a NaN in A at a safe merge: must be refused, not merged into the weight", _nan_in_A)
+    yield case("merge-inf_factor", "linear.merge", "float16", linear_params(3, 6, safe_merge=True), mrg,
+               "-inf in B at a safe merge: must be refused", _inf_in_B)
+    conv = {"x": ((1, 3, 6, 7), 2.0), "W": ((4, 3, 3, 3), 1.0), "b": ((4,), 1.0), "A": ((2, 2, 3, 3), 1.0), "B": ((4, 2, 1, 1), 1.0)}
+    yield case("conv2d-A_channels", "conv2d.forward", "float32", linear_params(2, 4, stride=1, padding=1), conv,
+               "lora_A has 2 input channels, the base conv 3")
+    yield case("conv2d-merge_kernel", "conv2d.merge", "float32", linear_params(2, 4),
+               {"W": ((4, 3, 3, 3), 1.0), "A": ((2, 3, 1, 1), 1.0), "B": ((4, 2, 1, 1), 1.0)},
+               "lora_A's kernel 1x1 for a 3x3 base kernel: B A does not have the kernel's shape")
+
+
+# -- semantic guards (SPEC C.5): inputs that make every semantic error exceed even the storage bound ---
+def _positive(factors: Mapping[str, float], pattern: Callable[[dict[str, np.ndarray], np.dtype], None] | None = None):
+    """Make every float input |v|·factor + factor/4 (stored in t), then apply ``pattern``.
+
+    With every input positive nothing cancels: M = |y| and the storage bound is γ_K(u_t)|y| +
+    ½ ulp, a few percent of |y| for small K. The factors make the LoRA term dominate (W, b scaled
+    down), so a scale off by √r, a transposed factor or a dropped term moves y by a large fraction
+    of itself: many times the storage bound.
+    """
+
+    def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and name not in ("dropout_mask",):
+                f = factors.get(name.split(".")[0], 1.0)
+                arrays[name] = round_to(np.abs(array.astype(np.float64)) * f + f / 4, dtype)
+        if pattern is not None:
+            pattern(arrays, dtype)
+
+    return special
+
+
+def _triangular_weight(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """W[i, j] = 1 below the diagonal, 1/16 elsewhere: W and Wᵀ give very different x Wᵀ."""
+    W = arrays["W"]
+    W[...] = round_to(np.where(np.tri(*W.shape, -1, dtype=bool), 1.0, 1 / 16), dtype)
+
+
+def _parity_input(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """x = 1 at even columns, 1/8 at odd ones: taps two apart (dilation 2) and adjacent taps see different sums."""
+    x = arrays["x"]
+    x[...] = round_to(np.where(np.arange(x.shape[-1]) % 2 == 0, 1.0, 0.125) * np.ones(x.shape), dtype)
+
+
+def _semantic_cases() -> Iterator[CaseSpec]:
+    """Small contractions, positive inputs, a dominant LoRA term: semantic bugs fail in both tiers."""
+
+    def case(name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str, special) -> CaseSpec:
+        return CaseSpec("semantic", f"{name}-{dtype}", operation, dtype, params, inputs, description, special)
+
+    small = lambda names, fifo=False, n=4: _linear_inputs((3,), n, 3 if not fifo else n, 4, fan_in_fan_out=fifo, names=names)  # noqa: E731
+    lora_heavy = _positive({"W": 1 / 16, "b": 1 / 4, "lora_bias": 1 / 4})
+    rs = linear_params(4, 8, rslora=True)  # s = 8/√4 = 4; a scale of alpha/r is 2: off by a factor 2
+    for dtype in ("bfloat16", "float16"):
+        yield case("linear-forward-rslora", "linear.forward", dtype, rs, small(("x", "W", "b", "A", "B", "lora_bias")),
+                   "rsLoRA r = 4 with positive inputs and a dominant LoRA term: s = alpha/r, an unscaled lora_bias, "
+                   "a dropped bias all exceed the storage bound", lora_heavy)
+        yield case("linear-merge-rslora", "linear.merge", dtype, rs, small(("W", "A", "B")),
+                   "rsLoRA merge with a dominant delta: a scale off by √r exceeds the storage bound", lora_heavy)
+    yield case("linear-backward-rslora", "linear.backward", "bfloat16", {**rs, "want_base_grads": True},
+               small(("x", "dy", "W", "A", "B", "lora_bias")), "rsLoRA gradients with positive inputs: s off by √r in dA, dB, dx",
+               lora_heavy)
+    yield case("linear-forward-fan_in_fan_out_square", "linear.forward", "bfloat16", linear_params(4, 2, fan_in_fan_out=True),
+               small(("x", "W", "A", "B"), fifo=True), "square W [in, out] that is far from symmetric, dominant base: "
+               "a missing transpose exceeds the storage bound", _positive({"A": 1 / 16, "B": 1 / 16}, _triangular_weight))
+    yield case("linear-merge-fan_in_fan_out_square", "linear.merge", "bfloat16", linear_params(4, 8, fan_in_fan_out=True),
+               small(("W", "A", "B"), fifo=True), "square [in, out] merge, delta far from symmetric: a delta not transposed "
+               "exceeds the storage bound", _positive({"W": 1 / 16}, lambda a, t: a["B"].__setitem__(..., round_to(
+                   np.tri(*a["B"].shape, dtype=np.float64) + 1 / 16, t))))
+    emb = {"ids": ((2, 3), 6), "W": ((6, 3), 1.0), "A": ((4, 6), 1.0), "B": ((3, 4), 1.0)}
+    yield case("embedding-forward-rslora", "embedding.forward", "bfloat16", rs, emb,
+               "Embedding rsLoRA with a dominant LoRA term: s off by √r exceeds the storage bound", _positive({"W": 1 / 16}))
+    yield case("embedding-merge-rslora", "embedding.merge", "bfloat16", rs, {k: v for k, v in emb.items() if k != "ids"},
+               "Embedding merge (Δ = s Aᵀ Bᵀ): s off by √r, or B A reshaped instead of transposed, exceeds the storage bound",
+               _positive({"W": 1 / 16}))
+    conv = {"x": ((1, 1, 8, 11), 1.0), "W": ((2, 1, 3, 3), 1.0), "b": ((2,), 1.0), "A": ((2, 1, 3, 3), 1.0), "B": ((2, 2, 1, 1), 1.0)}
+    for dtype in ("bfloat16", "float16"):
+        yield case("conv2d-forward-dilation2_stride3", "conv2d.forward", dtype, linear_params(2, 8, stride=3, padding=0, dilation=2),
+                   conv, "dilation 2, stride 3 (the output size is the same without dilation), x alternating 1 and 1/8 by column, "
+                   "dominant LoRA term: a lora_A without dilation exceeds the storage bound", _positive({"W": 1 / 16, "b": 1 / 16}, _parity_input))
+    mixed = {"x": ((4, 4), 1.0), "W": ((3, 4), 1.0), "b": ((3,), 1.0), "index": ((4,), 2),
+             "A.0": ((1, 4), 1.0), "B.0": ((3, 1), 1.0), "A.1": ((4, 4), 1.0), "B.1": ((3, 4), 1.0)}
+    route = lambda a, t: a["index"].__setitem__(..., np.array([1, -1, 0, 1]))  # noqa: E731
+    yield case("mixed-forward-rslora", "mixed_batch.forward", "bfloat16", {"adapters": [linear_params(1, 2), rs]}, mixed,
+               "mixed batch, second adapter rsLoRA r = 4, dominant LoRA terms, a base-only row: a wrong scale or a wrapped -1 "
+               "exceeds the storage bound", _positive({"W": 1 / 16, "b": 1 / 16}, route))
+    dora = {"x": ((3, 4), 1.0), "W": ((3, 4), 1.0), "b": ((3,), 1.0), "A": ((4, 4), 1.0), "B": ((3, 4), 1.0), "magnitude": ((3,), 4.0)}
+    yield case("dora-forward-rslora", "dora.forward", "bfloat16", rs, dora,
+               "DoRA rsLoRA with positive inputs and a bias as large as the output: a scaled bias, a norm without the delta "
+               "or s off by √r exceed the storage bound", _positive({"W": 1 / 16, "b": 4.0}))
+
+
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
 BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _combine_cases,
-                                                    _covering_cases]
+                                                    _covering_cases, _refusal_cases, _semantic_cases]
 
 
 def all_cases() -> list[CaseSpec]:
