@@ -151,7 +151,8 @@ def test_onnxruntime_through_our_exporter():
     strict = run_suite(DEFAULT_SUITE, InProcessDriver(factory()), layout="peft", timeout=0)
     assert sum(r.status == "pass" for r in strict.results) >= 10
     assert not [r for r in strict.results if r.status in ("error", "timeout")]
-    assert all(r.status == "pass" for r in strict.results if r.refusal)
+    assert all(r.status in ("pass", "skip") for r in strict.results if r.refusal)
+    assert any(r.status == "pass" for r in strict.results if r.refusal)
     for r in strict.results:
         if r.status == "fail":
             params = load_case(case_dir(DEFAULT_SUITE, r.case_id)).params
