@@ -72,6 +72,55 @@ def test_suite_is_small_and_covers_every_operation_and_dtype():
     assert any(s.params.get("r") == 1 for s in specs.values())
 
 
+def test_covering_cases_hold_every_valid_pair_of_every_family():
+    """Independent of the greedy construction: enumerate every valid pair and find it in the built cases."""
+    from itertools import combinations
+
+    from lora_ref.conformance.catalog import COVERAGE
+    from lora_ref.conformance.coverage import covered_pairs
+
+    for family in COVERAGE:
+        rows = family.rows()
+        assert all(family.valid(row) for row in rows), family.name
+        wanted = {((a.name, va), (b.name, vb)) for a, b in combinations(family.dimensions, 2) for va in a.values for vb in b.values
+                  if family.valid({a.name: va, b.name: vb})}
+        assert wanted <= covered_pairs(rows, family.dimensions), (family.name, sorted(wanted - covered_pairs(rows, family.dimensions)))
+        built = [spec for spec in all_cases() if spec.family == family.name]
+        assert len(built) == len(rows) and all(spec.operation in family.operations for spec in built), family.name
+
+
+def test_spec_coverage_table_is_generated_from_the_catalog():
+    from lora_ref.conformance.coverage_doc import main as coverage_doc
+
+    assert coverage_doc(["--check"]) == 0, "run: python -m lora_ref.conformance.coverage_doc"
+
+
+def test_case_seeds_depend_on_the_case_id_only():
+    """A case's vectors do not move when cases are added or reordered: its seed is a hash of its id."""
+    import dataclasses
+    import hashlib
+
+    specs = all_cases()
+    for spec in specs[:: max(1, len(specs) // 25)]:
+        case = json.loads((DEFAULT_SUITE / "cases" / spec.case_id / "case.json").read_text())
+        assert case["seed"] == int.from_bytes(hashlib.blake2b(spec.case_id.encode(), digest_size=8).digest(), "little")
+    moved = dataclasses.replace(specs[0], description="another position, another description")
+    assert all(np.array_equal(a, b) for a, b in zip(moved.make_inputs().values(), specs[0].make_inputs().values()))
+
+
+def test_rank_past_and_non_exact_scales_are_what_the_table_says():
+    from fractions import Fraction
+
+    from lora_ref.conformance.catalog import rank_past, scale_params
+
+    for limit in range(1, 40):
+        r = rank_past(limit)
+        assert r > limit and r & (r - 1) and int(r**0.5) ** 2 != r
+        alpha, _ = scale_params("non_dyadic", r)
+        s = Fraction(alpha) / r
+        assert s.denominator & (s.denominator - 1)  # not a power of two: s is not dyadic
+
+
 # -- the exact oracle -----------------------------------------------------------------------------
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=8))
 def test_dyadic_dot_is_exact(values):
