@@ -795,8 +795,9 @@ def _refusal_cases() -> Iterator[CaseSpec]:
                    "adapter index 2 with 2 adapters: out of range, not the base", _set_first("index", 2))
         yield case("mixed-index_minus2", "mixed_batch.forward", dtype, two, mixed,
                    "adapter index -2 (only -1 means the base): negative indexing wraps it to adapter 0", _set_first("index", -2))
-    yield case("mixed-index_short", "mixed_batch.forward", "float32", two, {**mixed, "index": ((5,), 2)},
-               "5 adapter indices for 6 rows: the last row has no routing")
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed-index_short", "mixed_batch.forward", dtype, two, {**mixed, "index": ((5,), 2)},
+                   "5 adapter indices for 6 rows: the last row has no routing")
     fwd = _linear_inputs((3,), LIN_IN, LIN_OUT, 3, names=("x", "W", "b", "A", "B"))
     for dtype in ("float32", "float16"):
         yield case("linear-x_width", "linear.forward", dtype, linear_params(3, 6), {**fwd, "x": ((3, LIN_IN + 1), 2.0)},
@@ -834,7 +835,7 @@ def _positive(factors: Mapping[str, float], pattern: Callable[[dict[str, np.ndar
 
     def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
         for name, array in arrays.items():
-            if array.dtype.kind == "f" and name not in ("dropout_mask",):
+            if name not in INDEX_INPUTS and name != "dropout_mask":  # (bfloat16's dtype kind is not "f")
                 f = factors.get(name.split(".")[0], 1.0)
                 arrays[name] = round_to(np.abs(array.astype(np.float64)) * f + f / 4, dtype)
         if pattern is not None:
@@ -899,8 +900,11 @@ def _semantic_cases() -> Iterator[CaseSpec]:
                "exceeds the storage bound", _positive({"W": 1 / 16, "b": 1 / 16}, route))
     dora = {"x": ((3, 4), 1.0), "W": ((3, 4), 1.0), "b": ((3,), 1.0), "A": ((4, 4), 1.0), "B": ((3, 4), 1.0), "magnitude": ((3,), 4.0)}
     yield case("dora-forward-rslora", "dora.forward", "bfloat16", rs, dora,
-               "DoRA rsLoRA with positive inputs and a bias as large as the output: a scaled bias, a norm without the delta "
-               "or s off by √r exceed the storage bound", _positive({"W": 1 / 16, "b": 4.0}))
+               "DoRA rsLoRA with positive inputs and a dominant delta: a norm without the delta exceeds the storage bound",
+               _positive({"W": 1 / 16, "b": 4.0}))
+    yield case("dora-forward-bias", "dora.forward", "bfloat16", rs, dora,
+               "DoRA with small W, A, B (gain m/‖W + sBA‖ far above 1) and a bias that dominates y: a bias scaled by the gain "
+               "exceeds the storage bound", _positive({"W": 1 / 16, "A": 1 / 16, "B": 1 / 16, "b": 4.0}))
 
 
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
