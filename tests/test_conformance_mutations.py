@@ -674,9 +674,21 @@ def test_precision_only_implementation_is_conformant_at_storage_precision_with_i
     assert not result.tier_cases("semantic")
 
 
-def test_dora_semantic_guard_sees_a_scaled_bias_and_a_norm_without_the_delta_in_the_storage_tier():
-    for bug, case_id in (("dora_bias_scaled", "semantic/dora-forward-bias-bfloat16"),
-                         ("dora_norm_without_delta", "semantic/dora-forward-rslora-bfloat16")):
-        result = _run(Alt(np.float32, bug=bug), profile="storage")
-        guard = [r for r in result.results if r.case_id == case_id][0]
-        assert guard.status == "fail" and guard.verdict == "semantic", (bug, guard.tiers)
+#: Semantic mutations and a guard case each must fail in the storage tier too (outside both bounds).
+STORAGE_TIER_CATCHES = {
+    "forget_fan_in_fan_out": "semantic/linear-forward-fan_in_fan_out_square-bfloat16",
+    "conv_dilation_ignored": "semantic/conv2d-forward-dilation2_stride3-bfloat16",
+    "mixed_index_wraps": "semantic/mixed-forward-rslora-bfloat16",
+    "embedding_reshape": "semantic/embedding-merge-rslora-bfloat16",
+    "lora_bias_unscaled": "semantic/linear-backward-rslora-bfloat16",
+    "scale_base_too": "semantic/linear-forward-fan_in_fan_out_square-bfloat16",
+    "dora_bias_scaled": "semantic/dora-forward-bias-bfloat16",
+    "dora_norm_without_delta": "semantic/dora-forward-rslora-bfloat16",
+}
+
+
+@pytest.mark.parametrize("bug", sorted(STORAGE_TIER_CATCHES))
+def test_semantic_guards_catch_semantic_mutations_in_the_storage_tier(bug):
+    result = _run(Alt(np.float32, bug=bug), MUTATION_LAYOUT.get(bug, "canonical"), profile="storage")
+    guard = [r for r in result.results if r.case_id == STORAGE_TIER_CATCHES[bug]][0]
+    assert guard.status == "fail" and guard.verdict == "semantic", (bug, guard.tiers)
