@@ -425,6 +425,67 @@ def _lora_size_differs(params: Mapping[str, Any], inputs: Arrays) -> bool:
     return sizes[0] != sizes[1]
 
 
+#: Deviation id -> (what PEFT 0.21.2 does, the source line that does it). SPEC "PEFT 0.21.2 deviations" explains each.
+DEVIATIONS: dict[str, tuple[str, str]] = {
+    "P-C1": ("the base layer runs in fp16/bf16: its output is rounded before the LoRA term is added (precision)",
+             "peft/tuners/lora/layer.py:1086 `result = self.base_layer(x, *args, **kwargs)`"),
+    "P-C2": ("unmerge subtracts the delta cast to the weight dtype: a double rounding (precision)",
+             "peft/tuners/lora/layer.py:1036 `weight.data -= delta_weight.to(orig_dtype)` (Embedding: :1389)"),
+    "P-C3": ("Embedding merge adds the delta cast to the weight dtype (precision)",
+             "peft/tuners/lora/layer.py:1359 `orig_weight += self.get_delta_weight(active_adapter).to(orig_dtype)`"),
+    "P-C4": ("conv lora_A without the base's dilation: another output size (crash) or, where the sizes agree, another function",
+             "peft/tuners/lora/layer.py:1625 `self.lora_A[adapter_name] = conv_layer(self.in_features, r, kernel_size, stride, padding, bias=False)`"),
+    "P-C5": ("Conv3d kernels with size 1 in their first two spatial axes take the 1x1 path and crash",
+             "peft/tuners/lora/layer.py:1779 `if self.get_base_layer().weight.size()[2:4] == (1, 1):`"),
+    "P-C6": ("add_weighted_adapter copies use_rslora from the first adapter with lora_alpha = r: the combination is scaled √r",
+             "peft/tuners/lora/model.py:863 `self.peft_config[adapter_name] = replace(` (huggingface/peft#3449)"),
+    "P-C7": ("svd combination past min(out, in) returns factors of rank min(out, in)",
+             "peft/tuners/lora/model.py:991 `U = U[:, :new_rank]`"),
+    "S-1": ("no exact unmerge (skipped)", "peft/tuners/lora/layer.py:1036 (unmerge subtracts; no residual)"),
+    "S-2": ("mixed batches are refused in training mode (backward skipped)", "peft/tuners/lora/model.py:634 "
+            "`raise ValueError(\"Cannot pass `adapter_names` when the model is in training mode.\")`"),
+}
+#: P-C1..P-C3: the (operation, storage dtype) pairs each precision deviation may move out of the float32 tier.
+_LOW = ("float16", "bfloat16")
+PRECISION_PAIRS: dict[str, set[tuple[str, str]]] = {
+    "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "embedding.backward", "mixed_batch.forward", "dora.forward",
+                                "dora.backward", "dora_conv2d.forward", *(f"conv{d}d.{a}" for d in (1, 2, 3) for a in ("forward", "backward")))
+             for t in _LOW},
+    "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv1d.unmerge", "conv2d.unmerge", "conv3d.unmerge") for t in _LOW},
+    "P-C3": {("embedding.merge", t) for t in _LOW},
+}
+
+
+def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
+    """The documented deviation (a :data:`DEVIATIONS` id) behind a case result that is not a float32-tier pass.
+
+    ``case`` is the loaded :class:`..casefile.Case`, ``inputs`` its canonical inputs, ``result`` the runner's
+    :class:`..runner.CaseResult`. None for a pass, or for an unexplained result (a new bug to report).
+    """
+    kind, _, action = case.operation.partition(".")
+    params = case.params
+    dilated = kind.startswith("conv") and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
+    rslora_first = kind == "combine" and params["adapters"][0].get("use_rslora", False)
+    if result.status == "skip":
+        return "S-1" if params.get("exact") else "S-2" if kind == "mixed_batch" and action == "backward" else None
+    if result.status in ("error", "timeout"):
+        if dilated and _lora_size_differs(params, inputs):
+            return "P-C4"
+        weight = inputs.get("W", inputs.get("W_merged"))
+        if kind == "conv3d" and action in ("merge", "unmerge") and tuple(weight.shape[2:4]) == (1, 1):
+            return "P-C5"
+        if case.operation == "combine.svd" and params["rank"] > min(inputs["A.0"].shape[1], inputs["B.0"].shape[0]):
+            return "P-C7"
+        return None
+    if result.verdict == "semantic":
+        return "P-C4" if dilated else "P-C6" if rslora_first else None
+    if result.verdict == "storage":
+        if rslora_first:
+            return "P-C6"
+        return next((d for d, pairs in PRECISION_PAIRS.items() if (case.operation, case.dtype) in pairs), None)
+    return None
+
+
 def _name(dtype: np.dtype) -> str:
     from ...dtypes import dtype_name
 
