@@ -34,10 +34,15 @@ OUT = Path(__file__).resolve().parents[2] / "conformance" / "RESULTS.md"
 
 
 def _version(package: str) -> str:
+    """The imported module's ``__version__`` (onnxruntime ships as onnxruntime-gpu: the module knows its version)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version(package.replace("_", "-"))
+        module = importlib.import_module(package)
+    except ImportError:
+        return "not installed"
+    try:
+        return str(getattr(module, "__version__", None) or version(package))
     except PackageNotFoundError:
         return "?"
 
