@@ -26,17 +26,22 @@ HANG = 15
 CASES = ["linear/forward-r1-float32", "linear/merge-basic-float16", "linear/forward-basic-bfloat16"]
 
 
-@pytest.fixture
-def small_suite(tmp_path):
-    """A copy of three frozen cases with their own manifest."""
+def copy_suite(tmp_path, case_ids):
+    """A copy of some frozen cases with their own manifest."""
     suite = tmp_path / "suite"
     entries = []
-    for case_id in CASES:
+    for case_id in case_ids:
         shutil.copytree(DEFAULT_SUITE / "cases" / case_id, suite / "cases" / case_id)
         data = json.loads((suite / "cases" / case_id / "case.json").read_text())
         entries.append({"id": case_id, "operation": data["operation"], "dtype": data["dtype"]})
     (suite / "manifest.json").write_text(json.dumps({"suite_version": "test", "cases": entries}))
     return suite
+
+
+@pytest.fixture
+def small_suite(tmp_path):
+    """Three ordinary cases."""
+    return copy_suite(tmp_path, CASES)
 
 
 def _edit(directory, change):
@@ -256,14 +261,7 @@ REFUSAL_CASES = ["refusal/embedding-id_negative-float32", "refusal/merge-nan_fac
 @pytest.fixture
 def refusal_suite(tmp_path):
     """Two expected-refusal cases and one ordinary case."""
-    suite = tmp_path / "suite"
-    entries = []
-    for case_id in REFUSAL_CASES:
-        shutil.copytree(DEFAULT_SUITE / "cases" / case_id, suite / "cases" / case_id)
-        data = json.loads((suite / "cases" / case_id / "case.json").read_text())
-        entries.append({"id": case_id, "operation": data["operation"], "dtype": data["dtype"]})
-    (suite / "manifest.json").write_text(json.dumps({"suite_version": "test", "cases": entries}))
-    return suite
+    return copy_suite(tmp_path, REFUSAL_CASES)
 
 
 class Wrapping:

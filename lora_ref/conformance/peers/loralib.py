@@ -39,11 +39,19 @@ class LoralibImplementation(PeftImplementation):
 
     def run(self, op: str, params: dict[str, Any], inputs: Arrays) -> Arrays:
         self._supported(op, params, inputs)
-        handler = getattr(self, "lib_" + op.replace(".", "_"), None)
-        if handler is None:
+        kind, _, action = op.partition(".")
+        layers = {"linear": (self._linear_layer, "x"), "embedding": (self._embedding_layer, "ids")}
+        if kind not in layers:
             raise NotImplementedError(f"loralib has no {op!r} (its conv factors have no PEFT layout; no mixed batch, DoRA, combine)")
+        build, x_name = layers[kind]
         try:
-            return handler(params, inputs)
+            if action == "forward":
+                return self._forward(build, params, inputs, x_name)
+            if action == "merge":
+                return self._merge(build, params, inputs)
+            if action == "unmerge":
+                return self._unmerge(build, params, inputs)
+            return getattr(self, f"_{kind}_backward")(params, inputs)
         except RuntimeError as exc:
             if any(text in str(exc) for text in _TORCH_SHAPE_ERRORS):
                 raise Refusal(f"torch refused the shapes: {exc}") from exc
@@ -103,17 +111,8 @@ class LoralibImplementation(PeftImplementation):
         layer.train()  # loralib unmerges on train()
         return {"W": self.array(layer.weight, inputs["W_merged"].dtype)}
 
-    # -- protocol handlers ---------------------------------------------------------------------------
-    def lib_linear_forward(self, params, inputs):
-        return self._forward(self._linear_layer, params, inputs, "x")
-
-    def lib_linear_merge(self, params, inputs):
-        return self._merge(self._linear_layer, params, inputs)
-
-    def lib_linear_unmerge(self, params, inputs):
-        return self._unmerge(self._linear_layer, params, inputs)
-
-    def lib_linear_backward(self, params, inputs):
+    # -- backward -------------------------------------------------------------------------------------
+    def _linear_backward(self, params, inputs):
         want_base = bool(params.get("want_base_grads", False))
         out_features = inputs["B"].shape[0]
         # with base gradients, a zero bias gives db from the layer itself
@@ -131,16 +130,7 @@ class LoralibImplementation(PeftImplementation):
             out["db"] = self.array(layer.bias.grad, t)
         return out
 
-    def lib_embedding_forward(self, params, inputs):
-        return self._forward(self._embedding_layer, params, inputs, "ids")
-
-    def lib_embedding_merge(self, params, inputs):
-        return self._merge(self._embedding_layer, params, inputs)
-
-    def lib_embedding_unmerge(self, params, inputs):
-        return self._unmerge(self._embedding_layer, params, inputs)
-
-    def lib_embedding_backward(self, params, inputs):
+    def _embedding_backward(self, params, inputs):
         layer = self._embedding_layer(params, inputs, merge_weights=False)
         want_base = bool(params.get("want_base_grads", False))
         layer.weight.requires_grad_(want_base)
