@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--cmd", help='any-language implementation, run as: CMD run <case_dir> <out_dir>')
     run.add_argument("--persistent", action="store_true", help="with --cmd: start 'CMD serve' once, one request per line")
     run.add_argument("--layout", default="canonical", choices=sorted(LAYOUTS), help="tensor/scale convention of the implementation")
-    run.add_argument("--compute", default="float32", choices=COMPUTE_PROFILES,
+    run.add_argument("--compute", default="float32", choices=list(COMPUTE_PROFILES),
                      help="compute precision the bounds allow: float32 (SPEC minimum), float64, or storage (the case dtype)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
     run.add_argument("--json", help="write the JSON report here")

@@ -54,7 +54,7 @@ def table(result: SuiteResult, *, verbose: bool = False) -> str:
     """A plain-text table (both tiers' err/bound; ``!`` marks a tier's failure), reasons, and the two-tier summary."""
     header = ("case", "op", "dtype", "status", "err/bound", "ulps", "f32", "storage", "ms")
     rows = [(r.case_id, r.operation, r.dtype, r.status.upper(), _ratio(r.ratio), "-" if r.ulps is None else str(r.ulps),
-             _tier(r, "float32"), _tier(r, "storage"), f"{r.seconds * 1000:.1f}")
+             _tier(r, "float32"), _tier(r, "storage"), f"{r.seconds * 1000:9.1f}")  # fixed width: the layout never depends on timing
             for r in result.results if verbose or r.status != "pass" or len(result.results) <= 200]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

@@ -57,8 +57,14 @@ EXIT_UNSUPPORTED = 77
 EXIT_REFUSED = 3
 #: What the in-process protocol counts as a refusal (see :class:`lora_ref.conformance.Refusal`).
 REFUSALS: tuple[type[BaseException], ...] = (Refusal, LoraRefError, ValueError, IndexError)
-#: Compute-dtype profiles: the SPEC minimum (float32), float64, or the case's own storage dtype.
-COMPUTE_PROFILES = ("float32", "float64", "storage")
+#: Compute-dtype profiles: name -> the compute dtype c (its name) for a case stored in t. The SPEC minimum
+#: (float32), float64, or the case's own storage dtype. Adding a profile is one entry here (the CLI's
+#: --compute choices and the bounds follow); a tier in TIERS must name one of these.
+COMPUTE_PROFILES: dict[str, Callable[[str], str]] = {
+    "float32": lambda storage: "float32",
+    "float64": lambda storage: "float64",
+    "storage": lambda storage: storage,
+}
 #: The two tiers every case is judged in, whatever the profile (SPEC C.5).
 TIERS = ("float32", "storage")
 
@@ -379,8 +385,8 @@ class SuiteResult:
 def compute_dtype_for(profile: str, storage: str) -> np.dtype:
     """The compute dtype a profile means for a case stored in ``storage``."""
     if profile not in COMPUTE_PROFILES:
-        raise ConfigError(f"unknown compute profile {profile!r}; choose one of {COMPUTE_PROFILES}")
-    return resolve_dtype(storage if profile == "storage" else profile)
+        raise ConfigError(f"unknown compute profile {profile!r}; choose one of {sorted(COMPUTE_PROFILES)}")
+    return resolve_dtype(COMPUTE_PROFILES[profile](storage))
 
 
 def check_outputs(case: Case, expected: Mapping[str, np.ndarray], outputs: Mapping[str, Any], profile: str) -> list[OutputCheck]:
