@@ -22,6 +22,7 @@ from lora_ref.conformance.casefile import read_manifest
 from lora_ref.conformance.catalog import all_cases
 from lora_ref.conformance.exact import Dyadic, sqrt_fraction, to_float64
 from lora_ref.conformance.generator import compare_suites, generate
+from lora_ref.conformance.layouts import Layout
 from lora_ref.conformance.operations import OPERATIONS
 from lora_ref.conformance.reference_impl import OPERATIONS as REFERENCE_OPERATIONS
 from lora_ref.conformance.reference_impl import factory
@@ -70,6 +71,55 @@ def test_suite_is_small_and_covers_every_operation_and_dtype():
     assert any(s.params.get("lora_alpha") != s.params.get("r") for s in specs.values() if "r" in s.params)
     assert any(s.inputs.get("x", ((1,),))[0][0] == 0 for s in specs.values())  # empty batch
     assert any(s.params.get("r") == 1 for s in specs.values())
+
+
+def test_covering_cases_hold_every_valid_pair_of_every_family():
+    """Independent of the greedy construction: enumerate every valid pair and find it in the built cases."""
+    from itertools import combinations
+
+    from lora_ref.conformance.catalog import COVERAGE
+    from lora_ref.conformance.coverage import covered_pairs
+
+    for family in COVERAGE:
+        rows = family.rows()
+        assert all(family.valid(row) for row in rows), family.name
+        wanted = {((a.name, va), (b.name, vb)) for a, b in combinations(family.dimensions, 2) for va in a.values for vb in b.values
+                  if family.valid({a.name: va, b.name: vb})}
+        assert wanted <= covered_pairs(rows, family.dimensions), (family.name, sorted(wanted - covered_pairs(rows, family.dimensions)))
+        built = [spec for spec in all_cases() if spec.family == family.name]
+        assert len(built) == len(rows) and all(spec.operation in family.operations for spec in built), family.name
+
+
+def test_spec_coverage_table_is_generated_from_the_catalog():
+    from lora_ref.conformance.coverage_doc import main as coverage_doc
+
+    assert coverage_doc(["--check"]) == 0, "run: python -m lora_ref.conformance.coverage_doc"
+
+
+def test_case_seeds_depend_on_the_case_id_only():
+    """A case's vectors do not move when cases are added or reordered: its seed is a hash of its id."""
+    import dataclasses
+    import hashlib
+
+    specs = all_cases()
+    for spec in specs[:: max(1, len(specs) // 25)]:
+        case = json.loads((DEFAULT_SUITE / "cases" / spec.case_id / "case.json").read_text())
+        assert case["seed"] == int.from_bytes(hashlib.blake2b(spec.case_id.encode(), digest_size=8).digest(), "little")
+    moved = dataclasses.replace(specs[0], description="another position, another description")
+    assert all(np.array_equal(a, b) for a, b in zip(moved.make_inputs().values(), specs[0].make_inputs().values()))
+
+
+def test_rank_past_and_non_exact_scales_are_what_the_table_says():
+    from fractions import Fraction
+
+    from lora_ref.conformance.catalog import rank_past, scale_params
+
+    for limit in range(1, 40):
+        r = rank_past(limit)
+        assert r > limit and r & (r - 1) and int(r**0.5) ** 2 != r
+        alpha, _ = scale_params("non_dyadic", r)
+        s = Fraction(alpha) / r
+        assert s.denominator & (s.denominator - 1)  # not a power of two: s is not dyadic
 
 
 # -- the exact oracle -----------------------------------------------------------------------------
@@ -206,3 +256,88 @@ def test_package_data_globs_cover_every_frozen_file():
     # setuptools' '*' does not cross '/', unlike fnmatch's: compare segment counts too
     unmatched = [f for f in needed if not any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/") for p in patterns)]
     assert unmatched == []
+
+
+class KerasReference:
+    """The reference behind the Keras layout: maps Keras tensors back to PEFT's with its own transposes (written
+    here from Keras 3's conventions, not with the layout's helpers), runs the reference, maps the outputs to Keras."""
+
+    def run(self, op, params, inputs):
+        kind = op.split(".")[0]
+        if "lora_rank" not in params:  # not a Keras-mapped kind: passed as canonical
+            return factory().run(op, params, inputs)
+        p = {**params, "r": params["lora_rank"]}
+        d = int(kind[4]) if kind.startswith("conv") else 0
+        canon = {}
+        for name, a in inputs.items():
+            if name in ("kernel", "kernel_merged"):
+                target = "W" if name == "kernel" else "W_merged"
+                canon[target] = a.T.copy() if kind == "linear" else np.moveaxis(np.moveaxis(a, -1, 0), -1, 1).copy() if d else a
+            elif name in ("embeddings", "embeddings_merged"):
+                canon["W" if name == "embeddings" else "W_merged"] = a
+            elif name.endswith("_a"):
+                canon["A"] = np.moveaxis(np.moveaxis(a, -1, 0), -1, 1).copy() if d else a.T.copy()
+            elif name.endswith("_b"):
+                canon["B"] = a.T.reshape(a.shape[::-1] + (1,) * d).copy() if d else a.T.copy()
+            elif name == "bias":
+                canon["b"] = a
+            elif d and name in ("x", "dy"):
+                canon[name] = np.moveaxis(a, -1, 1).copy()
+            else:
+                canon[name] = a
+        out = factory().run(op, p, canon)
+        keras = {}
+        for name, a in out.items():
+            if name in ("W", "W_merged", "W_restored", "dW") and kind == "linear":
+                a = a.T.copy()
+            elif name in ("W", "W_merged", "W_restored", "dW", "dA") and d:
+                a = np.moveaxis(np.moveaxis(a, 0, -1), 0, -2).copy()  # [O, C, *k] -> [*k, C, O]
+            elif name == "dB" and d:
+                a = a.reshape(a.shape[:2]).T.copy()
+            elif name in ("dA", "dB"):
+                a = a.T.copy()
+            elif name in ("y", "dx") and d:
+                a = np.moveaxis(a, 1, -1).copy()
+            keras[name] = a
+        return keras
+
+
+def test_keras_layout_round_trips_through_an_independent_mapping():
+    """Every case through the Keras layout (channels-last convolutions included) with the reference behind an
+    independent Keras -> PEFT mapping: everything passes, so the layout maps each tensor where Keras keeps it."""
+    result = run_suite(DEFAULT_SUITE, InProcessDriver(KerasReference()), layout="keras", timeout=0)
+    assert [(r.case_id, r.status, r.detail) for r in result.results if r.status != "pass"] == []
+
+
+class _Transposed(Layout):
+    """A user's own mapping: an implementation whose Linear factors are stored transposed (as mlx does)."""
+
+    def to_impl(self, operation, params, inputs):
+        return dict(params), {k: (v.T.copy() if k in ("A", "B") and operation.startswith("linear") else v) for k, v in inputs.items()}
+
+    def from_impl(self, operation, params, outputs):
+        return {k: (v.T.copy() if k in ("dA", "dB") and operation.startswith("linear") else v) for k, v in outputs.items()}
+
+
+MY_LAYOUT = _Transposed("transposed", "Linear A, B transposed")
+
+
+def test_own_layout_hook_module_attribute():
+    from lora_ref.conformance.layouts import get_layout
+    from lora_ref.errors import ConfigError
+
+    assert get_layout("test_conformance_suite:MY_LAYOUT").name == "transposed"
+
+    class Transposing:
+        def run(self, op, params, inputs):
+            if op.startswith("linear"):
+                inputs = {k: (v.T.copy() if k in ("A", "B") else v) for k, v in inputs.items()}
+                out = factory().run(op, params, inputs)
+                return {k: (v.T.copy() if k in ("dA", "dB") else v) for k, v in out.items()}
+            return factory().run(op, params, inputs)
+
+    result = run_suite(DEFAULT_SUITE, InProcessDriver(Transposing()), layout="test_conformance_suite:MY_LAYOUT",
+                       selection=Selection(groups=("linear",)), timeout=0)
+    assert result.ok and len(result.results) > 50
+    with pytest.raises(ConfigError, match="cannot load layout"):
+        get_layout("no_such_module_xyz:LAYOUT")

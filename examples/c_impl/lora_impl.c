@@ -337,7 +337,30 @@ static int merge_like(Tensor *in, int n, const Layer *L, int unmerge, Tensor *ou
     return 1;
 }
 
-/* Returns 0 ok, 77 unsupported, 1 error (error_message set). */
+/* Shapes that do not fit, and non-finite factors at a safe merge, are refused (exit 3), never read out of bounds. */
+#define REFUSED 3
+static int check_inputs(Tensor *in, int n, const Layer *L, int safe_merge) {
+    Tensor *x = find(in, n, "x"), *W = find(in, n, "W"), *Wm = find(in, n, "W_merged"), *A = find(in, n, "A"), *B = find(in, n, "B");
+    const char *vectors[] = {"b", "lora_bias"};
+    if (B->shape[1] != L->r) return fail("refused: B's columns differ from A's rows", NULL), REFUSED;
+    Tensor *weight = W ? W : Wm;
+    if (!weight || weight->ndim != 2) return fail("refused: a 2-D weight W or W_merged is required", NULL), REFUSED;
+    if (weight->shape[0] != (L->fan_in_fan_out ? L->in : L->out) || weight->shape[1] != (L->fan_in_fan_out ? L->out : L->in))
+        return fail("refused: the weight's shape does not fit A and B", weight->name), REFUSED;
+    if (x && (x->ndim < 1 || x->shape[x->ndim - 1] != L->in)) return fail("refused: x's last axis is not in_features", NULL), REFUSED;
+    for (int v = 0; v < 2; v++) {
+        Tensor *t = find(in, n, vectors[v]);
+        if (t && t->count != L->out) return fail("refused: a bias whose length is not out_features", vectors[v]), REFUSED;
+    }
+    Tensor *mask = find(in, n, "dropout_mask");
+    if (mask && (!x || mask->count != x->count)) return fail("refused: the dropout mask is not shaped like x", NULL), REFUSED;
+    if (safe_merge)
+        for (long k = 0; k < A->count + B->count; k++)
+            if (!isfinite(k < A->count ? A->data[k] : B->data[k - A->count])) return fail("refused: a non-finite factor at a safe merge", NULL), REFUSED;
+    return 0;
+}
+
+/* Returns 0 ok, 3 refused, 77 unsupported, 1 error (error_message set). */
 static int run_case(const char *case_dir, const char *out_dir) {
     char path[4096], op[64] = "";
     long size;
@@ -351,6 +374,7 @@ static int run_case(const char *case_dir, const char *out_dir) {
     if (!json_get(params, "scale")) { fail("needs the canonical layout (a 'scale' parameter)", NULL); free(json); return 77; }
     Layer L = {json_number(json_get(params, "scale"), 1.0), json_true(json_get(params, "fan_in_fan_out")),
                json_true(json_get(params, "exact")), 0, 0, 0};
+    int safe_merge = json_true(json_get(params, "safe_merge"));
     free(json);
     Tensor inputs[MAX_TENSORS], outputs[2];
     int n = 0, n_out = 1;
@@ -361,6 +385,11 @@ static int run_case(const char *case_dir, const char *out_dir) {
     L.r = A->shape[0];
     L.in = A->shape[1];
     L.out = B->shape[0];
+    int refused = check_inputs(inputs, n, &L, safe_merge);
+    if (refused) {
+        for (int i = 0; i < n; i++) { free(inputs[i].data); free(inputs[i].bits); }
+        return refused;
+    }
     if (is_forward) forward(inputs, n, &L, &outputs[0]);
     else merge_like(inputs, n, &L, is_unmerge, outputs, &n_out);
     int status = save_tensors(out_dir, outputs, n_out);
@@ -380,7 +409,7 @@ int main(int argc, char **argv) {
         while (fgets(line, sizeof line, stdin)) {
             if (sscanf(line, "run %4095s %4095s", case_dir, out_dir) != 2) { printf("error malformed request\n"); fflush(stdout); continue; }
             int status = run_case(case_dir, out_dir);
-            printf(status == 0 ? "ok\n" : status == 77 ? "unsupported %s\n" : "error %s\n", error_message);
+            printf(status == 0 ? "ok\n" : status == 77 ? "unsupported %s\n" : status == REFUSED ? "refused %s\n" : "error %s\n", error_message);
             fflush(stdout);
         }
         return 0;

@@ -1,7 +1,9 @@
 """``lora-ref conformance run|list|generate``: test an implementation against the frozen cases.
 
-Exit codes: 0 every selected case passed or was skipped, 1 a case failed or errored
-(or ``generate --check`` found a moved vector), 2 user error (bad flags, no suite, bad --impl).
+Exit codes: 0 every selected case passed or was skipped under the chosen ``--compute`` profile
+(the other tier is printed as information), 1 a case failed, errored or timed out under it (or
+``generate --check`` found a moved vector), 2 user error (bad flags, no suite, bad --impl).
+Progress goes to stderr, one line per case as it finishes (``--no-progress`` turns it off).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..conformance.casefile import default_suite
 from ..conformance.generator import compare_suites, generate
 from ..conformance.layouts import LAYOUTS
 from ..conformance.report import table, to_json_text, to_junit
-from ..conformance.runner import COMPUTE_PROFILES, InProcessDriver, Selection, SubprocessDriver, run_suite, select_cases
+from ..conformance.runner import COMPUTE_PROFILES, CaseResult, InProcessDriver, Selection, SubprocessDriver, run_suite, select_cases
 
 #: The shipped suite: inside the installed package, or conformance/ in a source checkout.
 DEFAULT_SUITE = default_suite()
@@ -53,12 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--cmd", help='any-language implementation, run as: CMD run <case_dir> <out_dir>')
     run.add_argument("--persistent", action="store_true", help="with --cmd: start 'CMD serve' once, one request per line")
     run.add_argument("--layout", default="canonical", choices=sorted(LAYOUTS), help="tensor/scale convention of the implementation")
-    run.add_argument("--compute", default="float32", choices=COMPUTE_PROFILES,
+    run.add_argument("--compute", default="float32", choices=list(COMPUTE_PROFILES),
                      help="compute precision the bounds allow: float32 (SPEC minimum), float64, or storage (the case dtype)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
     run.add_argument("--json", help="write the JSON report here")
     run.add_argument("--junit", help="write a JUnit XML report here")
     run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no per-case progress lines on stderr")
     _filters(run)
     run.set_defaults(func=run_command, command_name="run")
 
@@ -82,7 +85,8 @@ def run_command(args: argparse.Namespace) -> int:
         driver = InProcessDriver(load_factory(args.impl), name=args.impl)
     else:
         driver = SubprocessDriver(args.cmd, persistent=args.persistent)
-    result = run_suite(suite, driver, layout=args.layout, profile=args.compute, selection=_selection(args), timeout=args.timeout)
+    result = run_suite(suite, driver, layout=args.layout, profile=args.compute, selection=_selection(args), timeout=args.timeout,
+                       progress=_progress if args.progress else None)
     text = table(result)
     if args.quiet:
         text = "\n".join(line for line in text.splitlines() if "PASS" not in line.split())
@@ -94,6 +98,12 @@ def run_command(args: argparse.Namespace) -> int:
     if not result.results:
         print("no case matched the filters", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _progress(position: int, total: int, result: CaseResult) -> None:
+    """One stderr line per finished case: position, id, status, both tiers' verdict, time."""
+    tier = f" [{result.verdict}]" if result.verdict not in (None, "float32") else ""
+    print(f"[{position}/{total}] {result.case_id} {result.status.upper()}{tier} {result.seconds * 1000:.1f} ms", file=sys.stderr, flush=True)
 
 
 def list_command(args: argparse.Namespace) -> int:

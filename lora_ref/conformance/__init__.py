@@ -19,4 +19,15 @@ conventions), :mod:`.runner` (in-process and subprocess drivers), :mod:`.report`
 """
 
 #: Version of the case format and of the frozen case set; bump when a vector moves on purpose.
-SUITE_VERSION = "1.0.0"
+SUITE_VERSION = "2.0.0"
+
+
+class Refusal(Exception):
+    """Raise from ``run(op, params, inputs)`` to refuse a case's inputs (SPEC C.4, expected refusals).
+
+    The in-process protocol counts as a refusal this class, any :class:`lora_ref.errors.LoraRefError`,
+    and any ``ValueError`` or ``IndexError`` (what NumPy and torch raise for a shape mismatch or an
+    index out of range); through the subprocess protocol a refusal is exit status 3, or a
+    ``refused <why>`` line in persistent mode. Returning outputs for a case whose expected outcome
+    is a refusal (wrapping an index, clamping it, broadcasting a mismatched factor) fails the case.
+    """

@@ -1,7 +1,8 @@
 """Case directories on disk: write them, find them, read and validate them (SPEC C.2).
 
     <suite>/manifest.json                      {"suite_version", "cases": [{"id", "operation", "dtype"}, ...]}
-    <suite>/cases/<group>/<name>/case.json     operation, params, dtype, inputs/outputs (dtype, shape, check, K)
+    <suite>/cases/<group>/<name>/case.json     operation, params, dtype, inputs/outputs (dtype, shape, check, K);
+                                               ``refusal`` (why) when the expected outcome is a typed refusal
     <suite>/cases/<group>/<name>/inputs.safetensors     inputs in the case dtype, PEFT layout
     <suite>/cases/<group>/<name>/expected.safetensors   bound outputs: <out> (float64 exact) and
                                                         <out>.magnitude (float64 M); bitwise outputs: <out> in t
@@ -47,6 +48,8 @@ class Case:
     outputs: dict[str, dict[str, Any]]
     spec: str
     description: str
+    #: None: the outputs are checked; a reason: the expected outcome is a typed refusal (SPEC C.4).
+    refusal: str | None = None
 
     def load_inputs(self) -> dict[str, np.ndarray]:
         """inputs.safetensors, checked against the names, dtypes and shapes in case.json."""
@@ -93,8 +96,8 @@ def _require(path: Path, data: dict, key: str, kind: type | tuple[type, ...]) ->
     return data[key]
 
 
-def _tensor_specs(path: Path, entries: Any, what: str, *, outputs: bool) -> dict[str, dict[str, Any]]:
-    if not isinstance(entries, dict) or not entries and outputs:
+def _tensor_specs(path: Path, entries: Any, what: str, *, outputs: bool, refusal: bool = False) -> dict[str, dict[str, Any]]:
+    if not isinstance(entries, dict) or not entries and outputs and not refusal:
         raise CaseFormatError(f"{path}: {what!r} must be a non-empty object")
     allowed = set(STORAGE_DTYPES) | (set() if outputs else {"int64"})  # int64: token ids, adapter indices
     for name, spec in entries.items():
@@ -127,6 +130,9 @@ def load_case(path: str | Path) -> Case:
     if dtype not in STORAGE_DTYPES:
         raise CaseFormatError(f"{json_path}: dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
     _require(json_path, data, "bound", dict)
+    refusal = data.get("refusal")
+    if refusal is not None and not (isinstance(refusal, str) and refusal):
+        raise CaseFormatError(f"{json_path}: field 'refusal' must be a non-empty string (why the inputs must be refused)")
     return Case(
         path=path,
         case_id=_require(json_path, data, "id", str),
@@ -134,9 +140,10 @@ def load_case(path: str | Path) -> Case:
         dtype=dtype,
         params=_require(json_path, data, "params", dict),
         inputs=_tensor_specs(json_path, data.get("inputs"), "inputs", outputs=False),
-        outputs=_tensor_specs(json_path, data.get("outputs"), "outputs", outputs=True),
+        outputs=_tensor_specs(json_path, data.get("outputs"), "outputs", outputs=True, refusal=refusal is not None),
         spec=str(data.get("spec", "")),
         description=str(data.get("description", "")),
+        refusal=refusal,
     )
 
 

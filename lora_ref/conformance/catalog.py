@@ -5,13 +5,24 @@ whose streams may change between releases), as multiples of 2^-23 in [-1, 1) tim
 power-of-two spread, then rounded once to the case dtype: the inputs, like the exact
 oracle, are bit-for-bit reproducible anywhere.
 
-To add cases for a new operation, append :class:`CaseSpec` entries in a ``_<kind>_cases``
-function and list it in :data:`BUILDERS`.
+Two kinds of cases: *covering* cases, generated from :data:`COVERAGE` (one table listing each
+operation family's independent dimensions; :mod:`.coverage` builds rows in which every pair
+of two dimensions' values occurs, and SPEC C.2's coverage table is rendered from it), and
+*targeted* cases written by hand below (special values, regressions of real bugs, semantic
+guards, expected refusals). Each case's seed is a hash of its id, so adding or reordering
+cases never moves another case's vectors.
+
+To add a dimension or a value, edit :data:`COVERAGE` (and the family's row builder); to add
+hand-written cases, append :class:`CaseSpec` entries in a ``_<kind>_cases`` function and list it
+in :data:`BUILDERS`; then ``lora-ref conformance generate`` and ``python -m
+lora_ref.conformance.coverage_doc`` (rewrites SPEC C.2's table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +31,7 @@ import numpy as np
 
 from ..config import lora_scale
 from ..dtypes import STORAGE_DTYPES, round_to
+from .coverage import Dimension, Family, Row
 
 _MASK64 = (1 << 64) - 1
 ALL_DTYPES = ("float32", "float16", "bfloat16")
@@ -57,13 +69,21 @@ class CaseSpec:
     dtype: str
     params: dict[str, Any]
     inputs: dict[str, tuple[tuple[int, ...], float]]
-    seed: int
     description: str
     special: Callable[[dict[str, np.ndarray], np.dtype], None] | None = field(default=None, compare=False)
+    #: Expected outcome: None = outputs within their bounds; a string = a typed refusal, and why (SPEC C.4).
+    refusal: str | None = None
+    #: The coverage family that generated this case ("" for a hand-written one).
+    family: str = ""
 
     @property
     def case_id(self) -> str:
         return f"{self.group}/{self.name}"
+
+    @property
+    def seed(self) -> int:
+        """The input stream's seed: the first 8 bytes of BLAKE2b(case id), so stable per case name, not position."""
+        return int.from_bytes(hashlib.blake2b(self.case_id.encode(), digest_size=8).digest(), "little")
 
     def make_inputs(self) -> dict[str, np.ndarray]:
         """The case inputs in the case dtype (masks: exact 0 or 1/(1-p) = 2 for p = 1/2)."""
@@ -100,18 +120,19 @@ def _linear_inputs(rows: tuple[int, ...], n_in: int, n_out: int, r: int, *, fan_
     shapes = {"x": (rows + (n_in,), 2.0), "dy": (rows + (n_out,), 1.0),
               "W": ((n_in, n_out) if fan_in_fan_out else (n_out, n_in), 1.0),
               "A": ((r, n_in), 1.0), "B": ((n_out, r), 1.0), "b": ((n_out,), 1.0), "lora_bias": ((n_out,), 0.5),
-              "dropout_mask": (rows + (n_in,), 1.0), "W_merged": ((n_out, n_in), 4.0)}
+              "dropout_mask": (rows + (n_in,), 1.0), "W_merged": ((n_in, n_out) if fan_in_fan_out else (n_out, n_in), 4.0)}
     return {name: shapes[name] for name in names}
 
 
 def _special_weight(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
-    """Put NaN (with payloads), ±inf, ±0, subnormals and an overflowing element into W.
+    """Put NaN (quiet and signaling, with payloads), ±inf, ±0, subnormals and an overflowing element into W
+    (or W_merged, for a fast unmerge).
 
     Row 0: A >= 0 with A[:, 0] = 1 and B[0] = ulp(max finite), so Δ[0, 0] = s·r·ulp(max) >
     ulp(max)/2 and W[0, 0] = max finite overflows to inf. Row 1: B[1] = 0, so Δ[1, :] = 0
     exactly and W's specials there meet a zero delta.
     """
-    W, A, B = arrays["W"], arrays["A"], arrays["B"]
+    W, A, B = arrays["W"] if "W" in arrays else arrays["W_merged"], arrays["A"], arrays["B"]
     info = ml_dtypes.finfo(dtype)
     big_ulp = 2.0 ** (int(info.maxexp) - int(info.nmant) - 1)
     A[...] = np.abs(A)
@@ -126,19 +147,19 @@ def _special_weight(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
     for j, value in enumerate(specials):
         W[0, j + 1 if j else 0] = value
         W[1, j] = value
-    nans = np.array([quiet_nan_payload, quiet_nan_payload | sign_bit], dtype=width).view(dtype)
-    W[2, 1:3] = nans
+    signaling_nan_payload = {2: 0x7C05 if dtype == np.float16 else 0x7F85, 4: 0x7F800005}[dtype.itemsize]
+    nans = np.array([quiet_nan_payload, quiet_nan_payload | sign_bit, signaling_nan_payload, signaling_nan_payload | sign_bit],
+                    dtype=width).view(dtype)
+    W[2, 1:5] = nans
     W[3, 0] = nans[0]
+    W[3, 1] = nans[2]
 
 
 def _linear_cases() -> Iterator[CaseSpec]:
-    seed = 1000
     common = dict(rows=(3,), n_in=24, n_out=16, r=4)
 
     def case(name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str, special=None) -> CaseSpec:
-        nonlocal seed
-        seed += 1
-        return CaseSpec("linear", f"{name}-{dtype}", operation, dtype, params, inputs, seed, description, special)
+        return CaseSpec("linear", f"{name}-{dtype}", operation, dtype, params, inputs, description, special)
 
     fwd = ("x", "W", "b", "A", "B")
     for dtype in ALL_DTYPES:
@@ -222,17 +243,15 @@ def _every_route(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
 
 def _repeat_ids(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
     """Make id 7 occur three times, so the embedding gradients must scatter-add."""
-    arrays["ids"][0, 0] = arrays["ids"][1, 3] = arrays["ids"][0, 4] = 7
+    ids = arrays["ids"].reshape(-1)  # a view: writes reach the array
+    ids[0] = ids[ids.size // 2] = ids[-1] = 7
 
 
 def _layer_cases() -> Iterator[CaseSpec]:
     """Embedding, Conv2d, mixed batch and DoRA (Linear) cases."""
-    seed = 5000
 
     def case(group: str, name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str, special=None) -> CaseSpec:
-        nonlocal seed
-        seed += 1
-        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, inputs, seed, description, special)
+        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, inputs, description, special)
 
     V, D, r = 20, 12, 4
     emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0)}
@@ -282,6 +301,19 @@ def _layer_cases() -> Iterator[CaseSpec]:
     yield case("conv2d", "backward-1x1", "conv2d.backward", "float16", linear_params(2, 8, stride=1, padding=0),
                conv_grad_inputs(2, 6, 4, 5, 1, 2, 4), "1x1 kernel")
 
+    # Conv2d with dilation where a lora_A built without it (diffusers' LoRAConv2dLayer, PEFT 0.21) still has the
+    # base's output size: H = 8, W = 11, k = 3, stride 3, no padding -> out 2x3 with dilation 2 and without it
+    dilated = {"x": ((2, 3, 8, 11), 2.0), "W": ((4, 3, 3, 3), 1.0), "b": ((4,), 1.0), "A": ((2, 3, 3, 3), 1.0), "B": ((4, 2, 1, 1), 1.0)}
+    for dtype in ("float32", "bfloat16"):
+        yield case("conv2d", "forward-dilation2_stride3", "conv2d.forward", dtype, linear_params(2, 5, stride=3, padding=0, dilation=2),
+                   dilated, "dilation 2, stride 3: a lora_A without the base's dilation has the same output size, silently wrong")
+    yield case("conv2d", "forward-dilation_axis_stride3", "conv2d.forward", "float16",
+               linear_params(2, 5, stride=[1, 3], padding=[1, 0], dilation=[1, 2]), dilated,
+               "per-axis geometry (stride 1x3, padding 1x0, dilation 1x2): the dilated axis keeps its size without dilation")
+    yield case("conv2d", "backward-dilation2_stride3", "conv2d.backward", "float32",
+               linear_params(2, 5, stride=3, padding=0, dilation=2, want_base_grads=True), {**dilated, "dy": ((2, 4, 2, 3), 1.0)},
+               "dx, dA, dB, dW, db with dilation 2, stride 3 (sizes agree with and without dilation)")
+
     adapters = [linear_params(2, 4), linear_params(5, 10, rslora=True)]
     mixed = {"x": ((6, 16), 2.0), "W": ((12, 16), 1.0), "b": ((12,), 1.0), "index": ((6,), 2),
              "A.0": ((2, 16), 1.0), "B.0": ((12, 2), 1.0), "A.1": ((5, 16), 1.0), "B.1": ((12, 5), 1.0)}
@@ -313,12 +345,9 @@ def _layer_cases() -> Iterator[CaseSpec]:
 
 def _conv_nd_cases() -> Iterator[CaseSpec]:
     """Conv1d and Conv3d (Conv2d is in :func:`_layer_cases`): dilation, stride, 1-wide and 1x1x1 kernels."""
-    seed = 7000
 
     def case(d: int, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str) -> CaseSpec:
-        nonlocal seed
-        seed += 1
-        return CaseSpec(f"conv{d}d", f"{name}-{dtype}", f"conv{d}d.{operation}", dtype, params, shapes, seed, description)
+        return CaseSpec(f"conv{d}d", f"{name}-{dtype}", f"conv{d}d.{operation}", dtype, params, shapes, description)
 
     def shapes(d: int, n: int, c: int, size: int, o: int, k: int, rank: int, out: int | None = None,
                names: tuple[str, ...] = ("x", "W", "b", "A", "B")) -> dict:
@@ -370,12 +399,9 @@ def _conv_nd_cases() -> Iterator[CaseSpec]:
 
 def _dora_layer_cases() -> Iterator[CaseSpec]:
     """DoRA on Embedding (norm per column of [V, D]) and Conv2d (norm per output channel over C, kh, kw)."""
-    seed = 9000
 
     def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str) -> CaseSpec:
-        nonlocal seed
-        seed += 1
-        return CaseSpec(group, f"{name}-{dtype}", f"{group}.{operation}", dtype, params, shapes, seed, description)
+        return CaseSpec(group, f"{name}-{dtype}", f"{group}.{operation}", dtype, params, shapes, description)
 
     V, D, r = 20, 12, 4
     emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((r, V), 1.0), "B": ((D, r), 1.0), "magnitude": ((D,), 4.0)}
@@ -410,12 +436,9 @@ def _dora_layer_cases() -> Iterator[CaseSpec]:
 
 def _combine_cases() -> Iterator[CaseSpec]:
     """Weighted combination of two adapters (SPEC M.3): cat (exact stacking) and svd (lossless and truncated)."""
-    seed = 11000
 
     def case(name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str) -> CaseSpec:
-        nonlocal seed
-        seed += 1
-        return CaseSpec("combine", f"{name}-{dtype}", operation, dtype, params, shapes, seed, description)
+        return CaseSpec("combine", f"{name}-{dtype}", operation, dtype, params, shapes, description)
 
     def factors(ranks: tuple[int, ...], n_in: int = 16, n_out: int = 12) -> dict:
         shapes = {}
@@ -439,8 +462,454 @@ def _combine_cases() -> Iterator[CaseSpec]:
                    "rank 3 of 5, the second adapter weighted 2^-6: the discarded singular values are small")
 
 
+# -- covering cases: one table of every family's independent dimensions -------------------------
+def rank_past(limit: int) -> int:
+    """The smallest r > ``limit`` that is neither a power of two nor a square (so s stays inexact)."""
+    r = limit + 1
+    while r & (r - 1) == 0 or math.isqrt(r) ** 2 == r:
+        r += 1
+    return r
+
+
+def rank_of(label: str, out_features: int, in_features: int) -> int:
+    """``r1`` -> 1, ``r3`` -> 3, ``r_past`` -> :func:`rank_past` (min(out, in))."""
+    return {"r1": 1, "r3": 3}.get(label) or rank_past(min(out_features, in_features))
+
+
+def scale_params(label: str, r: int) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora): ``exact`` s = 2; ``non_dyadic`` s = (2r+1)/r; ``rslora`` s = (2r+1)/√r."""
+    if label == "exact":
+        return 2.0 * r, False
+    return float(2 * r + 1), label == "rslora"
+
+
+DTYPE = Dimension("dtype", ALL_DTYPES, "the storage dtype t")
+RANK = Dimension("rank", ("r1", "r3", "r_past"),
+                 "r = 1; r = 3; r_past = the smallest r > min(out, in) that is neither a power of two nor a square")
+SCALE = Dimension("scale", ("exact", "non_dyadic", "rslora"),
+                  "s = 2 (exact in every dtype); s = (2r+1)/r (not dyadic: rounds in every dtype); rsLoRA s = (2r+1)/√r (irrational)")
+
+
+def _valid_scale(row: Mapping[str, str]) -> bool:
+    """A non-dyadic alpha / r needs r > 1 (with r = 1 it is the integer alpha)."""
+    return not (row.get("rank") == "r1" and row.get("scale") == "non_dyadic")
+
+
+LIN_OUT, LIN_IN = 5, 7
+_ROWS = {"rows3": (3,), "rows2x3": (2, 3), "rows1": (1,), "rows0": (0,)}
+
+
+def _pw(group: str, row: Row, family: str, action: str, operation: str, params: dict, inputs: dict, description: str,
+        special=None) -> CaseSpec:
+    """A covering case named after its row's values: ``<group>/pw-<action>-<values...>-<dtype>``."""
+    values = [v for k, v in row.items() if k not in ("dtype", "action", "method")]
+    name = "-".join(["pw", action, *values, row["dtype"]])
+    return CaseSpec(group, name, operation, row["dtype"], params, inputs, description, special, family=family)
+
+
+def _linear_row(row: Row, action: str) -> CaseSpec:
+    special_values = row.get("values") == "special"
+    out_f, in_f = (10, 12) if special_values else (LIN_OUT, LIN_IN)
+    r = rank_of(row["rank"], out_f, in_f)
+    alpha, rslora = scale_params(row["scale"], r)
+    fifo = row.get("weight") == "in_out"
+    rows = _ROWS.get(row.get("rows", ""), ())
+    extra: dict[str, Any] = {}
+    names: tuple[str, ...] = ("W", "A", "B")
+    if action == "forward":
+        names = ("x", "W", "A", "B") + {"none": (), "bias": ("b",), "lora_bias": ("b", "lora_bias")}[row["bias"]]
+    elif action == "backward":
+        names = ("x", "dy", "W", "A", "B") + (("lora_bias",) if row["lora_bias"] == "lora_bias" else ())
+        extra["want_base_grads"] = row["base_grads"] == "dW"
+    elif action == "unmerge":
+        extra["exact"] = row["mode"] == "exact"
+        names = ("W", "A", "B") if extra["exact"] else ("W_merged", "A", "B")
+    if row.get("dropout") == "mask":
+        names += ("dropout_mask",)
+        extra["lora_dropout"] = 0.5
+    elif action == "forward":
+        extra["lora_dropout"] = 0.25  # inference: dropout must be off
+    params = linear_params(r, alpha, rslora=rslora, fan_in_fan_out=fifo, **extra)
+    special = _special_weight if special_values else None
+    return _pw("linear", row, f"linear.{action}", action, f"linear.{action}",
+               params, _linear_inputs(rows, in_f, out_f, r, fan_in_fan_out=fifo, names=names),
+               f"covering row {dict(row)}", special)
+
+
+V_EMB, D_EMB = 9, 6
+_IDS = {"ids2x4": (2, 4), "ids7": (7,), "ids_repeat": (3, 4)}
+
+
+def _embedding_row(row: Row, action: str) -> CaseSpec:
+    r = rank_of(row["rank"], D_EMB, V_EMB)
+    alpha, rslora = scale_params(row["scale"], r)
+    action = row.get("action", action)
+    weights = {"W": ((V_EMB, D_EMB), 1.0), "A": ((r, V_EMB), 1.0), "B": ((D_EMB, r), 1.0)}
+    extra: dict[str, Any] = {}
+    special = None
+    if action in ("forward", "backward"):
+        ids = _IDS[row["ids"]]
+        inputs = {"ids": (ids, V_EMB), **weights}
+        if action == "backward":
+            inputs["dy"] = (ids + (D_EMB,), 1.0)
+            extra["want_base_grads"] = row.get("base_grads") == "dW"
+        if row["ids"] == "ids_repeat":
+            special = _repeat_ids
+    elif action == "unmerge":
+        inputs = {"W_merged": ((V_EMB, D_EMB), 4.0), "A": weights["A"], "B": weights["B"]}
+    else:
+        inputs = weights
+    return _pw("embedding", row, "embedding." + ("merge" if action in ("merge", "unmerge") else action), action,
+               f"embedding.{action}", linear_params(r, alpha, rslora=rslora, **extra), inputs, f"covering row {dict(row)}", special)
+
+
+#: Per spatial rank d: batch, channels in, channels out, input size (not square in any axis).
+_CONV_SHAPES = {1: (2, 3, 4, (11,)), 2: (2, 3, 4, (6, 7)), 3: (1, 2, 3, (5, 6, 7))}
+
+
+def _conv_axis(label: str, d: int) -> int | list[int]:
+    """Geometry labels: an int for every axis, or ``*_axis``: different values per axis."""
+    per_axis = {"s_axis": [2] + [1] * (d - 1), "p_axis": [1] + [0] * (d - 1), "d_axis": [1] * (d - 1) + [2],
+                "k_ns": [3, 2, 1][:d] if d > 1 else [2]}
+    if d == 1:
+        per_axis.update(s_axis=[3], p_axis=[2], d_axis=[3])
+    if label in per_axis:
+        return per_axis[label]
+    return int(label[1:])
+
+
+def _conv_kernel(label: str, d: int) -> tuple[int, ...]:
+    value = _conv_axis(label, d)
+    return tuple(value) if isinstance(value, list) else (value,) * d
+
+
+def _each(value: int | list[int], d: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, list) else (value,) * d
+
+
+def _conv_out(row: Mapping[str, str], d: int) -> tuple[int, ...] | None:
+    """The output size of a row's geometry (None when an axis is empty)."""
+    size = _CONV_SHAPES[d][3]
+    k = _conv_kernel(row["kernel"], d)
+    s, p, dl = (_each(_conv_axis(row[name], d), d) for name in ("stride", "padding", "dilation"))
+    out = tuple((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(size, k, s, p, dl))
+    return out if all(o >= 1 and n + 2 * pp - dd * (kk - 1) - 1 >= 0 for o, n, kk, pp, dd in zip(out, size, k, p, dl)) else None
+
+
+def _conv_valid(d: int) -> Callable[[Mapping[str, str]], bool]:
+    def valid(row: Mapping[str, str]) -> bool:
+        if not _valid_scale(row):
+            return False
+        if all(name in row for name in ("kernel", "stride", "padding", "dilation")):
+            return _conv_out(row, d) is not None
+        return True
+
+    return valid
+
+
+def _conv_row(row: Row, d: int) -> CaseSpec:
+    n, c, o, size = _CONV_SHAPES[d]
+    kernel = _conv_kernel(row["kernel"], d)
+    r = rank_of(row["rank"], o, c * int(np.prod(kernel)))
+    alpha, rslora = scale_params(row["scale"], r)
+    action = row["action"]
+    weights = {"W": ((o, c) + kernel, 1.0), "A": ((r, c) + kernel, 1.0), "B": ((o, r) + (1,) * d, 1.0)}
+    if action in ("forward", "backward"):
+        geometry = {name: _conv_axis(row[name], d) for name in ("stride", "padding", "dilation")}
+        inputs = {"x": ((n, c) + size, 2.0), **weights, "b": ((o,), 1.0)}
+        if action == "backward":
+            inputs["dy"] = ((n, o) + _conv_out(row, d), 1.0)
+            geometry["want_base_grads"] = True
+        params = linear_params(r, alpha, rslora=rslora, **geometry)
+        family = f"conv{d}d.forward"
+    else:
+        inputs = weights if action == "merge" else {"W_merged": ((o, c) + kernel, 4.0), "A": weights["A"], "B": weights["B"]}
+        params = linear_params(r, alpha, rslora=rslora)
+        family = f"conv{d}d.merge"
+    return _pw(f"conv{d}d", row, family, action, f"conv{d}d.{action}", params, inputs, f"covering row {dict(row)}")
+
+
+def _mixed_row(row: Row) -> CaseSpec:
+    ranks = {"r1_r3": (1, 3), "r3_r_past": (3, rank_past(min(LIN_OUT, LIN_IN)))}[row["ranks"]]
+    labels = {"exact_rslora": ("exact", "rslora"), "non_dyadic_exact": ("non_dyadic", "exact")}[row["scales"]]
+    adapters = []
+    for r, label in zip(ranks, labels):
+        alpha, rslora = scale_params(label if not (r == 1 and label == "non_dyadic") else "exact", r)
+        adapters.append(linear_params(r, alpha, rslora=rslora))
+    rows = (6,) if row["x"] == "2d" else (6, 2)
+    inputs: dict[str, tuple[tuple[int, ...], float]] = {"x": (rows + (LIN_IN,), 2.0), "W": ((LIN_OUT, LIN_IN), 1.0), "index": ((6,), 2)}
+    if row["action"] == "forward":
+        inputs["b"] = ((LIN_OUT,), 1.0)
+    else:
+        inputs["dy"] = (rows + (LIN_OUT,), 1.0)
+    for i, r in enumerate(ranks):
+        inputs[f"A.{i}"], inputs[f"B.{i}"] = ((r, LIN_IN), 1.0), ((LIN_OUT, r), 1.0)
+    return _pw("mixed_batch", row, "mixed_batch", row["action"], f"mixed_batch.{row['action']}", {"adapters": adapters}, inputs,
+               f"covering row {dict(row)}; x [batch, seq, in] with one index per batch row when 3-D", _every_route)
+
+
+def _dora_row(row: Row) -> CaseSpec:
+    r = rank_of(row["rank"], LIN_OUT, LIN_IN)
+    alpha, rslora = scale_params(row["scale"], r)
+    action = row["action"]
+    every = {"x": ((3, LIN_IN), 2.0), "W": ((LIN_OUT, LIN_IN), 1.0), "b": ((LIN_OUT,), 1.0), "A": ((r, LIN_IN), 1.0),
+             "B": ((LIN_OUT, r), 1.0), "magnitude": ((LIN_OUT,), 4.0), "dy": ((3, LIN_OUT), 1.0)}
+    names = {"forward": ("x", "W", "b", "A", "B", "magnitude"), "backward": ("x", "W", "b", "A", "B", "magnitude", "dy"),
+             "merge": ("W", "A", "B", "magnitude"), "unmerge_exact": ("W", "A", "B", "magnitude")}[action]
+    extra = {"exact": True} if action == "unmerge_exact" else {}
+    return _pw("dora", row, "dora", action, "dora." + action.split("_")[0], linear_params(r, alpha, rslora=rslora, **extra),
+               {k: every[k] for k in names}, f"covering row {dict(row)}")
+
+
+def _combine_row(row: Row) -> CaseSpec:
+    plain, rs = linear_params(1, 2), linear_params(3, 7, rslora=True)
+    adapters = [plain, rs] if row["first"] == "plain" else [rs, plain]
+    ranks = [a["r"] for a in adapters]
+    method = row["method"]
+    params: dict[str, Any] = {"adapters": adapters, "weights": [0.75, -1.5]}
+    if method != "cat":  # sum of ranks 4 < min(out, in) = 5
+        params["rank"] = {"svd_sum": sum(ranks), "svd_min": min(LIN_OUT, LIN_IN), "svd_past_min": min(LIN_OUT, LIN_IN) + 1}[method]
+    shapes: dict[str, tuple[tuple[int, ...], float]] = {}
+    for i, r in enumerate(ranks):
+        shapes[f"A.{i}"], shapes[f"B.{i}"] = ((r, LIN_IN), 1.0), ((LIN_OUT, r), 1.0)
+    return _pw("combine", row, "combine", method, "combine." + ("cat" if method == "cat" else "svd"), params, shapes,
+               f"covering row {dict(row)}: ranks {ranks}, svd rank at / past the sum of ranks and min(out, in)")
+
+
+def _conv_family(d: int, merge: bool) -> Family:
+    if merge:
+        dims = (DTYPE, RANK, SCALE, Dimension("kernel", ("k1", "k3", "k_ns"), "1, 3 and a non-square kernel per axis"),
+                Dimension("action", ("merge", "unmerge"), "merge, fast unmerge"))
+        return Family(f"conv{d}d.merge", (f"conv{d}d.merge", f"conv{d}d.unmerge"), dims, _valid_scale, lambda row: _conv_row(row, d))
+    geometry = (Dimension("kernel", ("k1", "k3", "k_ns"), "kernel 1, 3, or non-square per axis (3x2, 3x2x1; 2 for Conv1d)"),
+                Dimension("stride", ("s1", "s2", "s_axis"), "stride 1, 2, or per axis (2 then 1s; 3 for Conv1d)"),
+                Dimension("padding", ("p0", "p1", "p_axis"), "zero padding 0, 1, or per axis (1 then 0s; 2 for Conv1d)"),
+                Dimension("dilation", ("d1", "d2", "d_axis"), "dilation 1, 2, or per axis (1s then 2; 3 for Conv1d)"),
+                Dimension("action", ("forward", "backward"), "forward; backward with dW, db"))
+    return Family(f"conv{d}d.forward", (f"conv{d}d.forward", f"conv{d}d.backward"), (DTYPE, RANK, SCALE) + geometry,
+                  _conv_valid(d), lambda row: _conv_row(row, d), note=f"input {'x'.join(map(str, _CONV_SHAPES[d][3]))}")
+
+
+#: The coverage table: every operation family, its independent dimensions and values (SPEC C.2 renders it).
+COVERAGE: tuple[Family, ...] = (
+    Family("linear.forward", ("linear.forward",), (
+        DTYPE, RANK, SCALE,
+        Dimension("weight", ("out_in", "in_out"), "W stored [out, in], or [in, out] (fan_in_fan_out)"),
+        Dimension("bias", ("none", "bias", "lora_bias"), "no bias; base bias; base bias and lora_bias (scaled by s)"),
+        Dimension("rows", tuple(_ROWS), "x [3, in], [2, 3, in] (3-D), [1, in], [0, in] (empty batch)"),
+        Dimension("dropout", ("eval", "mask"), "lora_dropout > 0 at inference (off); training with a given mask")),
+        _valid_scale, lambda row: _linear_row(row, "forward"), note=f"out {LIN_OUT}, in {LIN_IN}"),
+    Family("linear.backward", ("linear.backward",), (
+        DTYPE, RANK, SCALE,
+        Dimension("weight", ("out_in", "in_out"), "W stored [out, in], or [in, out] (fan_in_fan_out)"),
+        Dimension("lora_bias", ("no_lora_bias", "lora_bias"), "without / with lora_bias"),
+        Dimension("rows", tuple(_ROWS), "x [3, in], [2, 3, in] (3-D), [1, in], [0, in] (empty batch)"),
+        Dimension("dropout", ("eval", "mask"), "no mask; training with a given mask"),
+        Dimension("base_grads", ("no_dW", "dW"), "LoRA gradients only; also dW, db (and dlora_bias)")),
+        _valid_scale, lambda row: _linear_row(row, "backward")),
+    Family("linear.merge", ("linear.merge",), (
+        DTYPE, RANK, SCALE,
+        Dimension("weight", ("out_in", "in_out"), "W stored [out, in], or [in, out] (fan_in_fan_out)"),
+        Dimension("values", ("random", "special"), "random; NaN payloads, ±inf, ±0, subnormals (float32's too), overflow (W 10x12)")),
+        _valid_scale, lambda row: _linear_row(row, "merge")),
+    Family("linear.unmerge", ("linear.unmerge",), (
+        DTYPE, RANK, SCALE,
+        Dimension("weight", ("out_in", "in_out"), "W stored [out, in], or [in, out] (fan_in_fan_out)"),
+        Dimension("mode", ("fast", "exact"), "fast: round(W_merged − s B A); exact: round trip with the residual, bitwise"),
+        Dimension("values", ("random", "special"), "random; NaN payloads, ±inf, ±0, subnormals (float32's too), overflow (W 10x12)")),
+        _valid_scale, lambda row: _linear_row(row, "unmerge")),
+    Family("embedding.forward", ("embedding.forward",), (
+        DTYPE, RANK, SCALE, Dimension("ids", tuple(_IDS), "ids [2, 4], [7], [3, 4] with a repeated id")),
+        _valid_scale, lambda row: _embedding_row(row, "forward"), note=f"V {V_EMB}, D {D_EMB}"),
+    Family("embedding.backward", ("embedding.backward",), (
+        DTYPE, RANK, SCALE, Dimension("ids", tuple(_IDS), "ids [2, 4], [7], [3, 4] with a repeated id (scatter-add)"),
+        Dimension("base_grads", ("no_dW", "dW"), "LoRA gradients only; also dW")),
+        _valid_scale, lambda row: _embedding_row(row, "backward")),
+    Family("embedding.merge", ("embedding.merge", "embedding.unmerge"), (
+        DTYPE, RANK, SCALE, Dimension("action", ("merge", "unmerge"), "merge, fast unmerge")),
+        _valid_scale, lambda row: _embedding_row(row, "merge")),
+    *(_conv_family(d, merge) for d in (1, 2, 3) for merge in (False, True)),
+    Family("mixed_batch", ("mixed_batch.forward", "mixed_batch.backward"), (
+        DTYPE, Dimension("ranks", ("r1_r3", "r3_r_past"), "adapter ranks (1, 3) or (3, r_past)"),
+        Dimension("scales", ("exact_rslora", "non_dyadic_exact"), "adapter scales: (exact, rsLoRA) or (non-dyadic, exact)"),
+        Dimension("x", ("2d", "3d"), "x [6, in], or [6, 2, in] with one adapter index per batch row"),
+        Dimension("action", ("forward", "backward"), "forward with bias; backward")),
+        lambda row: True, _mixed_row),
+    Family("dora", ("dora.forward", "dora.backward", "dora.merge", "dora.unmerge"), (
+        DTYPE, RANK, SCALE, Dimension("action", ("forward", "backward", "merge", "unmerge_exact"), "DoRA (Linear) operations")),
+        _valid_scale, _dora_row),
+    Family("combine", ("combine.cat", "combine.svd"), (
+        DTYPE, Dimension("method", ("cat", "svd_sum", "svd_min", "svd_past_min"),
+                         "cat; svd at rank = Σ r_i (4), = min(out, in) (5), past min(out, in) (6)"),
+        Dimension("first", ("plain", "rslora"), "which adapter comes first (the combined scale must stay 1)")),
+        lambda row: True, _combine_row),
+)
+
+
+def _covering_cases() -> Iterator[CaseSpec]:
+    """Every family's pairwise rows, built into cases."""
+    for family in COVERAGE:
+        for row in family.rows():
+            yield family.build(row)
+
+
+# -- expected refusals (SPEC C.4): inputs an implementation must refuse with a typed error -------
+def _set_first(name: str, value: int) -> Callable[[dict[str, np.ndarray], np.dtype], None]:
+    """Set the first element of integer input ``name`` (ids or adapter index) to ``value``."""
+
+    def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        arrays[name].reshape(-1)[0] = value
+
+    return special
+
+
+def _nan_in_A(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    arrays["A"][0, 1] = np.nan
+
+
+def _inf_in_B(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    arrays["B"][1, 0] = -np.inf
+
+
+def _refusal_cases() -> Iterator[CaseSpec]:
+    """Cases whose expected outcome is a refusal: an implementation that wraps, clamps or broadcasts fails them."""
+
+    def case(name: str, operation: str, dtype: str, params: dict, inputs: dict, why: str, special=None) -> CaseSpec:
+        return CaseSpec("refusal", f"{name}-{dtype}", operation, dtype, params, inputs, why, special, refusal=why)
+
+    emb = {"ids": ((2, 4), V_EMB), "W": ((V_EMB, D_EMB), 1.0), "A": ((3, V_EMB), 1.0), "B": ((D_EMB, 3), 1.0)}
+    for dtype in ("float32", "bfloat16"):
+        yield case("embedding-id_eq_V", "embedding.forward", dtype, linear_params(3, 6), emb,
+                   f"token id V = {V_EMB} is outside [0, V): clamping reads the last row", _set_first("ids", V_EMB))
+    for dtype in ("float32", "float16"):
+        yield case("embedding-id_negative", "embedding.forward", dtype, linear_params(3, 6), emb,
+                   "token id -1 is outside [0, V): Python/NumPy indexing wraps it to the last row", _set_first("ids", -1))
+    yield case("embedding_backward-id_negative", "embedding.backward", "float32", linear_params(3, 6),
+               {**emb, "dy": ((2, 4, D_EMB), 1.0)}, "token id -1 in backward: a scatter-add wraps it to the last row",
+               _set_first("ids", -1))
+    mixed = {"x": ((6, LIN_IN), 2.0), "W": ((LIN_OUT, LIN_IN), 1.0), "index": ((6,), 2),
+             "A.0": ((2, LIN_IN), 1.0), "B.0": ((LIN_OUT, 2), 1.0), "A.1": ((3, LIN_IN), 1.0), "B.1": ((LIN_OUT, 3), 1.0)}
+    two = {"adapters": [linear_params(2, 4), linear_params(3, 7, rslora=True)]}
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed-index_eq_n", "mixed_batch.forward", dtype, two, mixed,
+                   "adapter index 2 with 2 adapters: out of range, not the base", _set_first("index", 2))
+        yield case("mixed-index_minus2", "mixed_batch.forward", dtype, two, mixed,
+                   "adapter index -2 (only -1 means the base): negative indexing wraps it to adapter 0", _set_first("index", -2))
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed-index_short", "mixed_batch.forward", dtype, two, {**mixed, "index": ((5,), 2)},
+                   "5 adapter indices for 6 rows: the last row has no routing")
+    fwd = _linear_inputs((3,), LIN_IN, LIN_OUT, 3, names=("x", "W", "b", "A", "B"))
+    for dtype in ("float32", "float16"):
+        yield case("linear-x_width", "linear.forward", dtype, linear_params(3, 6), {**fwd, "x": ((3, LIN_IN + 1), 2.0)},
+                   f"x has {LIN_IN + 1} features, W and A take {LIN_IN}")
+        yield case("linear-B_rows", "linear.forward", dtype, linear_params(3, 6), {**fwd, "B": ((LIN_OUT - 1, 3), 1.0)},
+                   f"B has {LIN_OUT - 1} rows, W has {LIN_OUT} outputs")
+    yield case("linear-bias_len", "linear.forward", "bfloat16", linear_params(3, 6), {**fwd, "b": ((1,), 1.0)},
+               "bias of length 1 for 5 outputs: broadcasting it is silently wrong")
+    mrg = _linear_inputs((), LIN_IN, LIN_OUT, 3, names=("W", "A", "B"))
+    for dtype in ALL_DTYPES:
+        yield case("merge-B_one_row", "linear.merge", dtype, linear_params(3, 6), {**mrg, "B": ((1, 3), 1.0)},
+                   "B [1, r] for a W with 5 rows: broadcasting B A over W's rows is silently wrong")
+    for dtype in ("float32", "bfloat16"):
+        yield case("merge-nan_factor", "linear.merge", dtype, linear_params(3, 6, safe_merge=True), mrg,
+                   "a NaN in A at a safe merge: must be refused, not merged into the weight", _nan_in_A)
+    yield case("merge-inf_factor", "linear.merge", "float16", linear_params(3, 6, safe_merge=True), mrg,
+               "-inf in B at a safe merge: must be refused", _inf_in_B)
+    conv = {"x": ((1, 3, 6, 7), 2.0), "W": ((4, 3, 3, 3), 1.0), "b": ((4,), 1.0), "A": ((2, 2, 3, 3), 1.0), "B": ((4, 2, 1, 1), 1.0)}
+    yield case("conv2d-A_channels", "conv2d.forward", "float32", linear_params(2, 4, stride=1, padding=1), conv,
+               "lora_A has 2 input channels, the base conv 3")
+    yield case("conv2d-merge_kernel", "conv2d.merge", "float32", linear_params(2, 4),
+               {"W": ((4, 3, 3, 3), 1.0), "A": ((2, 3, 1, 1), 1.0), "B": ((4, 2, 1, 1), 1.0)},
+               "lora_A's kernel 1x1 for a 3x3 base kernel: B A does not have the kernel's shape")
+
+
+# -- semantic guards (SPEC C.5): inputs that make every semantic error exceed even the storage bound ---
+def _positive(factors: Mapping[str, float], pattern: Callable[[dict[str, np.ndarray], np.dtype], None] | None = None):
+    """Make every float input |v|·factor + factor/4 (stored in t), then apply ``pattern``.
+
+    With every input positive nothing cancels: M = |y| and the storage bound is γ_K(u_t)|y| +
+    ½ ulp, a few percent of |y| for small K. The factors make the LoRA term dominate (W, b scaled
+    down), so a scale off by √r, a transposed factor or a dropped term moves y by a large fraction
+    of itself: many times the storage bound.
+    """
+
+    def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        for name, array in arrays.items():
+            if name not in INDEX_INPUTS and name != "dropout_mask":  # (bfloat16's dtype kind is not "f")
+                f = factors.get(name.split(".")[0], 1.0)
+                arrays[name] = round_to(np.abs(array.astype(np.float64)) * f + f / 4, dtype)
+        if pattern is not None:
+            pattern(arrays, dtype)
+
+    return special
+
+
+def _triangular_weight(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """W[i, j] = 1 below the diagonal, 1/16 elsewhere: W and Wᵀ give very different x Wᵀ."""
+    W = arrays["W"]
+    W[...] = round_to(np.where(np.tri(*W.shape, -1, dtype=bool), 1.0, 1 / 16), dtype)
+
+
+def _parity_input(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+    """x = 1 at even columns, 1/8 at odd ones: taps two apart (dilation 2) and adjacent taps see different sums."""
+    x = arrays["x"]
+    x[...] = round_to(np.where(np.arange(x.shape[-1]) % 2 == 0, 1.0, 0.125) * np.ones(x.shape), dtype)
+
+
+def _semantic_cases() -> Iterator[CaseSpec]:
+    """Small contractions, positive inputs, a dominant LoRA term: semantic bugs fail in both tiers."""
+
+    def case(name: str, operation: str, dtype: str, params: dict, inputs: dict, description: str, special) -> CaseSpec:
+        return CaseSpec("semantic", f"{name}-{dtype}", operation, dtype, params, inputs, description, special)
+
+    small = lambda names, fifo=False, n=4: _linear_inputs((3,), n, 3 if not fifo else n, 4, fan_in_fan_out=fifo, names=names)  # noqa: E731
+    lora_heavy = _positive({"W": 1 / 16, "b": 1 / 4, "lora_bias": 1 / 4})
+    rs = linear_params(4, 8, rslora=True)  # s = 8/√4 = 4; a scale of alpha/r is 2: off by a factor 2
+    for dtype in ("bfloat16", "float16"):
+        yield case("linear-forward-rslora", "linear.forward", dtype, rs, small(("x", "W", "b", "A", "B", "lora_bias")),
+                   "rsLoRA r = 4 with positive inputs and a dominant LoRA term: s = alpha/r, an unscaled lora_bias, "
+                   "a dropped bias all exceed the storage bound", lora_heavy)
+        yield case("linear-merge-rslora", "linear.merge", dtype, rs, small(("W", "A", "B")),
+                   "rsLoRA merge with a dominant delta: a scale off by √r exceeds the storage bound", lora_heavy)
+    yield case("linear-backward-rslora", "linear.backward", "bfloat16", {**rs, "want_base_grads": True},
+               small(("x", "dy", "W", "A", "B", "lora_bias")), "rsLoRA gradients with positive inputs: s off by √r in dA, dB, dx",
+               lora_heavy)
+    yield case("linear-forward-fan_in_fan_out_square", "linear.forward", "bfloat16", linear_params(4, 2, fan_in_fan_out=True),
+               small(("x", "W", "A", "B"), fifo=True), "square W [in, out] that is far from symmetric, dominant base: "
+               "a missing transpose exceeds the storage bound", _positive({"A": 1 / 16, "B": 1 / 16}, _triangular_weight))
+    yield case("linear-merge-fan_in_fan_out_square", "linear.merge", "bfloat16", linear_params(4, 8, fan_in_fan_out=True),
+               small(("W", "A", "B"), fifo=True), "square [in, out] merge, delta far from symmetric: a delta not transposed "
+               "exceeds the storage bound", _positive({"W": 1 / 16}, lambda a, t: a["B"].__setitem__(..., round_to(
+                   np.tri(*a["B"].shape, dtype=np.float64) + 1 / 16, t))))
+    emb = {"ids": ((2, 3), 6), "W": ((6, 3), 1.0), "A": ((4, 6), 1.0), "B": ((3, 4), 1.0)}
+    yield case("embedding-forward-rslora", "embedding.forward", "bfloat16", rs, emb,
+               "Embedding rsLoRA with a dominant LoRA term: s off by √r exceeds the storage bound", _positive({"W": 1 / 16}))
+    yield case("embedding-merge-rslora", "embedding.merge", "bfloat16", rs, {k: v for k, v in emb.items() if k != "ids"},
+               "Embedding merge (Δ = s Aᵀ Bᵀ): s off by √r, or B A reshaped instead of transposed, exceeds the storage bound",
+               _positive({"W": 1 / 16}))
+    conv = {"x": ((1, 1, 8, 11), 1.0), "W": ((2, 1, 3, 3), 1.0), "b": ((2,), 1.0), "A": ((2, 1, 3, 3), 1.0), "B": ((2, 2, 1, 1), 1.0)}
+    for dtype in ("bfloat16", "float16"):
+        yield case("conv2d-forward-dilation2_stride3", "conv2d.forward", dtype, linear_params(2, 8, stride=3, padding=0, dilation=2),
+                   conv, "dilation 2, stride 3 (the output size is the same without dilation), x alternating 1 and 1/8 by column, "
+                   "dominant LoRA term: a lora_A without dilation exceeds the storage bound", _positive({"W": 1 / 16, "b": 1 / 16}, _parity_input))
+    mixed = {"x": ((4, 4), 1.0), "W": ((3, 4), 1.0), "b": ((3,), 1.0), "index": ((4,), 2),
+             "A.0": ((1, 4), 1.0), "B.0": ((3, 1), 1.0), "A.1": ((4, 4), 1.0), "B.1": ((3, 4), 1.0)}
+    route = lambda a, t: a["index"].__setitem__(..., np.array([1, -1, 0, 1]))  # noqa: E731
+    yield case("mixed-forward-rslora", "mixed_batch.forward", "bfloat16", {"adapters": [linear_params(1, 2), rs]}, mixed,
+               "mixed batch, second adapter rsLoRA r = 4, dominant LoRA terms, a base-only row: a wrong scale or a wrapped -1 "
+               "exceeds the storage bound", _positive({"W": 1 / 16, "b": 1 / 16}, route))
+    dora = {"x": ((3, 4), 1.0), "W": ((3, 4), 1.0), "b": ((3,), 1.0), "A": ((4, 4), 1.0), "B": ((3, 4), 1.0), "magnitude": ((3,), 4.0)}
+    yield case("dora-forward-rslora", "dora.forward", "bfloat16", rs, dora,
+               "DoRA rsLoRA with positive inputs and a dominant delta: a norm without the delta exceeds the storage bound",
+               _positive({"W": 1 / 16, "b": 4.0}))
+    yield case("dora-forward-bias", "dora.forward", "bfloat16", rs, dora,
+               "DoRA with small W, A, B (gain m/‖W + sBA‖ far above 1) and a bias that dominates y: a bias scaled by the gain "
+               "exceeds the storage bound", _positive({"W": 1 / 16, "A": 1 / 16, "B": 1 / 16, "b": 4.0}))
+
+
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _combine_cases]
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _combine_cases,
+                                                    _covering_cases, _refusal_cases, _semantic_cases]
 
 
 def all_cases() -> list[CaseSpec]:

@@ -3,7 +3,7 @@
 Same rules as ``operations.py``: exact dyadic arithmetic, one rounding to float64, a magnitude
 M and a depth K per output (bounds.py). Shapes: x [N, C, *S], W [O, C, *k], A [r, C, *k],
 B [O, r, 1, ..., 1] with d = 1, 2, 3 spatial axes; params ``stride``, ``padding`` (zeros) and
-``dilation``, ints applied to every spatial axis, used by *both* convs with a kernel (the base
+``dilation``, each an int (every spatial axis) or a list with one entry per axis, used by *both* convs with a kernel (the base
 and lora_A: SPEC 4.2 gives lora_A the base's whole geometry). With cols = im2col(x)
 [P, C·∏k] (P = N·∏out positions), dY [P, O] and dH = s dY B:
 
@@ -28,9 +28,20 @@ from .exact import Dyadic
 from .operations import Expected, Inputs, Params, bounded, exact_input, merge_expected, register, scale_term
 
 
-def _geometry(params: Params) -> tuple[int, int, int]:
-    """(stride, padding, dilation) of a case."""
-    return int(params.get("stride", 1)), int(params.get("padding", 0)), int(params.get("dilation", 1))
+Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def per_axis(value: int | list[int], d: int) -> tuple[int, ...]:
+    """A geometry parameter as one int per spatial axis (an int applies to every axis)."""
+    values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * d
+    if len(values) != d:
+        raise ValueError(f"conv parameter {value!r} does not have {d} entries")
+    return values
+
+
+def _geometry(params: Params, d: int) -> Geometry:
+    """(stride, padding, dilation) of a case, per spatial axis."""
+    return tuple(per_axis(params.get(k, v), d) for k, v in (("stride", 1), ("padding", 0), ("dilation", 1)))  # type: ignore[return-value]
 
 
 def _zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -40,33 +51,35 @@ def _zeros(shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _im2col(x: Dyadic, kernel: tuple[int, ...], stride: int, padding: int, dilation: int) -> tuple[Dyadic, tuple[int, ...]]:
-    """Patches [N·∏out, C·∏k] of x [N, C, *S] (zero padding; taps ``dilation`` apart), and the output size."""
+def _im2col(x: Dyadic, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+            dilation: tuple[int, ...]) -> tuple[Dyadic, tuple[int, ...]]:
+    """Patches [N·∏out, C·∏k] of x [N, C, *S] (zero padding; taps ``dilation`` apart, per axis), and the output size."""
     d = len(kernel)
     n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    ints = _zeros((n, c) + tuple(s + 2 * padding for s in spatial))
-    ints[(slice(None), slice(None)) + tuple(slice(padding, padding + s) for s in spatial)] = x.ints
-    span = tuple(dilation * (k - 1) + 1 for k in kernel)
+    ints = _zeros((n, c) + tuple(s + 2 * p for s, p in zip(spatial, padding)))
+    ints[(slice(None), slice(None)) + tuple(slice(p, p + s) for s, p in zip(spatial, padding))] = x.ints
+    span = tuple(dl * (k - 1) + 1 for dl, k in zip(dilation, kernel))
     windows = sliding_window_view(ints, span, axis=tuple(range(2, 2 + d)))
-    windows = windows[(slice(None), slice(None)) + (slice(None, None, stride),) * d + (slice(None, None, dilation),) * d]
+    windows = windows[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in stride)
+                      + tuple(slice(None, None, dl) for dl in dilation)]
     out = windows.shape[2 : 2 + d]  # windows: [N, C, *out, *k]
     order = (0,) + tuple(range(2, 2 + d)) + (1,) + tuple(range(2 + d, 2 + 2 * d))
     cols = windows.transpose(order).reshape(n * int(np.prod(out)), c * int(np.prod(kernel)))
     return Dyadic(np.array(cols, dtype=object), x.exp), tuple(out)
 
 
-def _col2im(dcols: Dyadic, x_shape: tuple[int, ...], kernel: tuple[int, ...], stride: int, padding: int, dilation: int,
-            out: tuple[int, ...]) -> Dyadic:
+def _col2im(dcols: Dyadic, x_shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+            padding: tuple[int, ...], dilation: tuple[int, ...], out: tuple[int, ...]) -> Dyadic:
     """The adjoint of :func:`_im2col`: scatter-add patch gradients [N·∏out, C·∏k] back onto x's shape."""
     d = len(kernel)
     n, c, spatial = x_shape[0], x_shape[1], x_shape[2:]
     patches = dcols.ints.reshape((n,) + out + (c,) + kernel)
-    padded = _zeros((n, c) + tuple(s + 2 * padding for s in spatial))
+    padded = _zeros((n, c) + tuple(s + 2 * p for s, p in zip(spatial, padding)))
     to_nc = (0, d + 1) + tuple(range(1, d + 1))  # [N, *out, C] -> [N, C, *out]
     for tap in np.ndindex(*kernel):
-        where = tuple(slice(t * dilation, t * dilation + stride * (o - 1) + 1, stride) for t, o in zip(tap, out))
+        where = tuple(slice(t * dl, t * dl + st * (o - 1) + 1, st) for t, o, st, dl in zip(tap, out, stride, dilation))
         padded[(slice(None), slice(None)) + where] += patches[(Ellipsis,) + tap].transpose(to_nc)
-    inner = padded[(slice(None), slice(None)) + tuple(slice(padding, padding + s) for s in spatial)]
+    inner = padded[(slice(None), slice(None)) + tuple(slice(p, p + s) for s, p in zip(spatial, padding))]
     return Dyadic(np.ascontiguousarray(inner), dcols.exp)
 
 
@@ -86,7 +99,7 @@ def _positions(dy: Dyadic, channels: int) -> Dyadic:
 def _forward(inputs: Inputs, params: Params, absolute: bool) -> tuple[list, tuple[int, ...]]:
     x, W, A, B = (exact_input(inputs, n, absolute) for n in ("x", "W", "A", "B"))
     out_ch, r = W.shape[0], A.shape[0]
-    cols, out = _im2col(x, tuple(W.shape[2:]), *_geometry(params))
+    cols, out = _im2col(x, tuple(W.shape[2:]), *_geometry(params, len(W.shape) - 2))
     n = x.shape[0]
     base = cols @ W.reshape(out_ch, -1).T  # [P, O]
     if "b" in inputs:
@@ -130,8 +143,8 @@ def conv_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
 def _backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
     x, W, A, B = (exact_input(inputs, n, absolute) for n in ("x", "W", "A", "B"))
     out_ch, r = W.shape[0], A.shape[0]
-    geometry = _geometry(params)
     kernel = tuple(W.shape[2:])
+    geometry = _geometry(params, len(kernel))
     cols, out = _im2col(x, kernel, *geometry)
     dY = _positions(exact_input(inputs, "dy", absolute), out_ch)  # [P, O]
     s = scale_term(params, absolute)

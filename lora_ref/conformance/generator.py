@@ -28,7 +28,7 @@ def build_case(spec: CaseSpec) -> tuple[dict[str, Any], dict[str, np.ndarray], d
     """(case.json content, inputs, expected tensors) for one catalog entry."""
     operation = OPERATIONS[spec.operation]
     inputs = spec.make_inputs()
-    results = operation.oracle(inputs, spec.params)
+    results = {} if spec.refusal else operation.oracle(inputs, spec.params)
     outputs: dict[str, Any] = {}
     expected: dict[str, np.ndarray] = {}
     for name, result in results.items():
@@ -57,6 +57,8 @@ def build_case(spec: CaseSpec) -> tuple[dict[str, Any], dict[str, np.ndarray], d
         "outputs": outputs,
         "bound": {"compute_dtype": DEFAULT_COMPUTE_DTYPE, "formula": BOUND_FORMULA, "spec": "SPEC C.3"},
     }
+    if spec.refusal:
+        case_json["refusal"] = spec.refusal
     return case_json, inputs, expected
 
 

@@ -109,9 +109,22 @@ def embedding_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 
 # -- Mixed batch --------------------------------------------------------------------------------
-def _mixed_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
-    X, W = exact_input(inputs, "x", absolute), exact_input(inputs, "W", absolute)
+def _rows(inputs: Inputs, name: str, absolute: bool) -> Dyadic:
+    """x or dy [batch, ..., n] as rows [batch·∏..., n]."""
+    value = exact_input(inputs, name, absolute)
+    return value.reshape(-1, value.shape[-1])
+
+
+def _row_index(inputs: Inputs) -> np.ndarray:
+    """The adapter index of every row: index[b] repeated over batch row b's sequence positions."""
     index = np.asarray(inputs["index"]).reshape(-1)
+    per_row = int(np.prod(inputs["x"].shape[1:-1], dtype=np.int64))
+    return np.repeat(index, per_row)
+
+
+def _mixed_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
+    X, W = _rows(inputs, "x", absolute), exact_input(inputs, "W", absolute)
+    index = _row_index(inputs)
     terms = [(Fraction(1), X @ W.T)]
     if "b" in inputs:
         terms.append((Fraction(1), exact_input(inputs, "b", absolute).reshape(1, -1)))
@@ -127,17 +140,19 @@ def _mixed_forward(inputs: Inputs, params: Params, absolute: bool) -> list:
 
 @register("mixed_batch.forward", "SPEC M.1, C.3")
 def mixed_batch_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """Row b uses adapter index[b] (A.i [r_i, in], B.i [out, r_i], params adapters[i]); −1 = base only."""
-    shape = (inputs["x"].shape[0], inputs["W"].shape[0])
+    """Row b uses adapter index[b] (A.i [r_i, in], B.i [out, r_i], params adapters[i]); −1 = base only.
+    x may be [batch, in] or [batch, ..., in] (index[b] applies to every position of batch row b)."""
+    shape = tuple(inputs["x"].shape[:-1]) + (inputs["W"].shape[0],)
     max_r = max(inputs[f"A.{i}"].shape[0] for i in range(len(params["adapters"])))
-    return {"y": bounded(_mixed_forward(inputs, params, False), _mixed_forward(inputs, params, True), shape,
-                         inputs["x"].shape[1] + max_r + 6)}
+    terms, abs_terms = _mixed_forward(inputs, params, False), _mixed_forward(inputs, params, True)
+    flat = (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+    return {"y": bounded(terms, abs_terms, flat, inputs["x"].shape[-1] + max_r + 6).reshaped(shape)}
 
 
 def _mixed_backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]:
-    X, W = exact_input(inputs, "x", absolute), exact_input(inputs, "W", absolute)
-    dY = exact_input(inputs, "dy", absolute)
-    index = np.asarray(inputs["index"]).reshape(-1)
+    X, W = _rows(inputs, "x", absolute), exact_input(inputs, "W", absolute)
+    dY = _rows(inputs, "dy", absolute)
+    index = _row_index(inputs)
     terms = {"dx": [(Fraction(1), dY @ W)]}
     for i, adapter in enumerate(params["adapters"]):
         A, B = exact_input(inputs, f"A.{i}", absolute), exact_input(inputs, f"B.{i}", absolute)
@@ -157,9 +172,9 @@ def mixed_batch_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """dx for every row, and dA.i, dB.i from adapter i's rows only (zeros for an adapter without rows)."""
     terms, abs_terms = _mixed_backward(inputs, params, False), _mixed_backward(inputs, params, True)
     out_f, in_f = inputs["W"].shape
-    rows = inputs["x"].shape[0]
+    rows = int(np.prod(inputs["x"].shape[:-1], dtype=np.int64))
     max_r = max(inputs[f"A.{i}"].shape[0] for i in range(len(params["adapters"])))
-    result = {"dx": bounded(terms["dx"], abs_terms["dx"], tuple(inputs["x"].shape), out_f + max_r + 6)}
+    result = {"dx": bounded(terms["dx"], abs_terms["dx"], (rows, in_f), out_f + max_r + 6).reshaped(tuple(inputs["x"].shape))}
     for i in range(len(params["adapters"])):
         result[f"dA.{i}"] = bounded(terms[f"dA.{i}"], abs_terms[f"dA.{i}"], tuple(inputs[f"A.{i}"].shape), out_f + rows + 6)
         result[f"dB.{i}"] = bounded(terms[f"dB.{i}"], abs_terms[f"dB.{i}"], tuple(inputs[f"B.{i}"].shape), in_f + rows + 6)

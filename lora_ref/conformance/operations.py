@@ -50,6 +50,11 @@ class Expected:
     slack: np.ndarray | None = None
     factors: tuple[str, str] | None = None
 
+    def reshaped(self, shape: tuple[int, ...]) -> Expected:
+        """The same output with its value and magnitude reshaped (e.g. rows back to [batch, seq, n])."""
+        return Expected(self.check, self.value.reshape(shape), None if self.magnitude is None else self.magnitude.reshape(shape),
+                        self.depth, self.slack, self.factors)
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -193,14 +198,16 @@ def merge_expected(W: np.ndarray, delta: Callable[[bool], tuple[Fraction, Dyadic
 
     Non-finite elements of W pass through (NaN stays NaN, ±inf stays ±inf); the rest is bounded.
     """
-    finite = np.isfinite(np.asarray(W, dtype=np.float64))
+    with np.errstate(invalid="ignore"):  # a signaling NaN is quieted by the cast: only NaN-ness is used
+        wide = np.asarray(W, dtype=np.float64)
+    finite = np.isfinite(wide)
     base = Dyadic.of(np.where(finite, W, np.zeros_like(W)), what="W")
     shape = tuple(W.shape)
     c, D = delta(False)
     abs_c, abs_D = delta(True)
     value = combine([(Fraction(1), base), (sign * c, D)], shape)
     magnitude = combine([(Fraction(1), base.abs()), (abs_c, abs_D)], shape)
-    return Expected("bound", np.where(finite, value, np.asarray(W, dtype=np.float64)), np.where(finite, magnitude, 0.0), depth)
+    return Expected("bound", np.where(finite, value, wide), np.where(finite, magnitude, 0.0), depth)
 
 
 def _linear_delta(inputs: Inputs, params: Params) -> Callable[[bool], tuple[Fraction, Dyadic]]:

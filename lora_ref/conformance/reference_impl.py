@@ -84,8 +84,12 @@ def _embedding_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
 
 
 def _geometry(params: Mapping[str, Any]) -> conv.ConvGeometry:
-    return conv.ConvGeometry(stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)),
-                             dilation=int(params.get("dilation", 1)))
+    """The case's stride, padding and dilation: an int (every spatial axis) or one entry per axis."""
+    def get(key: str, default: int) -> int | tuple[int, ...]:
+        value = params.get(key, default)
+        return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+
+    return conv.ConvGeometry(stride=get("stride", 1), padding=get("padding", 0), dilation=get("dilation", 1))
 
 
 def _conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:

@@ -3,16 +3,25 @@
 Protocols (SPEC C.4):
 
 * in-process: an object with ``run(op, params, inputs) -> outputs`` (dicts of NumPy arrays);
-  ``NotImplementedError`` means unsupported (the case is skipped).
+  ``NotImplementedError`` means unsupported (the case is skipped); raising
+  :class:`lora_ref.conformance.Refusal`, a ``LoraRefError``, ``ValueError`` or ``IndexError``
+  is a refusal (:data:`REFUSALS`).
 * subprocess: ``COMMAND run <case_dir> <out_dir>`` reads ``<case_dir>/case.json`` and
   ``inputs.safetensors`` (already in the chosen layout) and writes ``<out_dir>/outputs.safetensors``;
-  exit 0 = done, 77 = unsupported, anything else = error. Persistent mode starts
+  exit 0 = done, 3 = refused, 77 = unsupported, anything else = error. Persistent mode starts
   ``COMMAND serve`` once and sends one line per case, ``run <case_dir> <out_dir>``, answered by
-  one line: ``ok``, ``unsupported`` or ``error <reason>``.
+  one line: ``ok``, ``refused <why>``, ``unsupported <why>`` or ``error <why>``.
 
-Every failure of one case (malformed case directory, an exception, a crash, a hang past the
-per-case timeout, no output, a wrong output name, dtype or shape) becomes that case's
-``error`` with the reason; the run continues with the next case.
+A case whose expected outcome is a refusal passes only when the implementation refuses; any
+other case that is refused is an ``error``. Every other failure of one case (malformed case
+directory, an exception, a crash, no output, a wrong output name, dtype or shape) becomes that
+case's ``error`` with the reason, a hang past the per-case timeout its ``timeout``; the run
+continues with the next case.
+
+Two verdicts per case (SPEC C.5): every output is checked against the float32-compute bound
+and against the storage-compute bound (c = t), whatever profile was chosen; the chosen profile
+decides pass/fail, the tiers say whether a failure is precision (within the storage bound) or
+semantics (outside both).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,15 +45,28 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..dtypes import STORAGE_DTYPES, dtype_name, resolve_dtype
-from ..errors import ConfigError, FileFormatError
+from ..errors import ConfigError, FileFormatError, LoraRefError
 from ..safetensors_io import load_file, save_file
+from . import Refusal
 from .bounds import OutputCheck, check_bitwise, check_bounded, tolerance
 from .casefile import CASE_JSON, INPUTS, OUTPUTS, Case, CaseFormatError, case_dir, load_case, read_manifest, write_json
 from .layouts import Layout, get_layout
 
 EXIT_UNSUPPORTED = 77
-#: Compute-dtype profiles: the SPEC minimum (float32), float64, or the case's own storage dtype.
-COMPUTE_PROFILES = ("float32", "float64", "storage")
+#: Subprocess protocol: the implementation refused the case's inputs (a typed refusal).
+EXIT_REFUSED = 3
+#: What the in-process protocol counts as a refusal (see :class:`lora_ref.conformance.Refusal`).
+REFUSALS: tuple[type[BaseException], ...] = (Refusal, LoraRefError, ValueError, IndexError)
+#: Compute-dtype profiles: name -> the compute dtype c (its name) for a case stored in t. The SPEC minimum
+#: (float32), float64, or the case's own storage dtype. Adding a profile is one entry here (the CLI's
+#: --compute choices and the bounds follow); a tier in TIERS must name one of these.
+COMPUTE_PROFILES: dict[str, Callable[[str], str]] = {
+    "float32": lambda storage: "float32",
+    "float64": lambda storage: "float64",
+    "storage": lambda storage: storage,
+}
+#: The two tiers every case is judged in, whatever the profile (SPEC C.5).
+TIERS = ("float32", "storage")
 
 
 class Unsupported(Exception):
@@ -55,6 +77,14 @@ class CaseError(Exception):
     """The implementation or the case failed in a way that is not a numeric mismatch."""
 
 
+class CaseTimeout(CaseError):
+    """The implementation did not answer within the per-case timeout."""
+
+
+class Refused(Exception):
+    """The implementation refused the case (in-process: one of :data:`REFUSALS`; subprocess: exit 3)."""
+
+
 class Driver(Protocol):
     name: str
 
@@ -63,27 +93,16 @@ class Driver(Protocol):
     def close(self) -> None: ...
 
 
-@contextlib.contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    """Raise CaseError after ``seconds`` (main thread only: SIGALRM cannot stop native code)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise CaseError(f"timed out after {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 class InProcessDriver:
-    """Calls ``impl.run`` directly."""
+    """Calls ``impl.run`` directly; with a timeout, in a watchdog-guarded worker thread.
+
+    A case that runs past ``timeout`` is marked ``timeout`` and the run moves on. Python cannot
+    kill a thread: the hung call keeps running in the background (a daemon thread, so it does not
+    keep the process alive), and may still hold the implementation's locks or the GIL inside
+    native code. For implementations with native code, prefer the bridge
+    (``--cmd "python -m lora_ref.conformance.bridge MODULE:FACTORY" --persistent``), whose
+    process is killed on a timeout.
+    """
 
     def __init__(self, impl: Any, name: str = "") -> None:
         if not callable(getattr(impl, "run", None)):
@@ -91,14 +110,36 @@ class InProcessDriver:
         self.impl = impl
         self.name = name or type(impl).__name__
 
+    def _call(self, case: Case, params: dict[str, Any], inputs: dict[str, np.ndarray], timeout: float) -> Any:
+        if timeout <= 0:
+            return self.impl.run(case.operation, params, inputs)
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["outputs"] = self.impl.run(case.operation, params, inputs)
+            except BaseException as exc:  # handed to the caller's thread below
+                box["exc"] = exc
+
+        worker = threading.Thread(target=work, name=f"conformance {case.case_id}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise CaseTimeout(f"timed out after {timeout:g} s (the call keeps running in a background thread, which "
+                              "Python cannot kill; run native code through the bridge, whose process is killed)")
+        if "exc" in box:
+            raise box["exc"]
+        return box["outputs"]
+
     def execute(self, case: Case, params: dict[str, Any], inputs: dict[str, np.ndarray], timeout: float) -> Mapping[str, np.ndarray]:
         try:
-            with _alarm(timeout):
-                outputs = self.impl.run(case.operation, params, inputs)
+            outputs = self._call(case, params, inputs, timeout)
         except NotImplementedError as exc:
             raise Unsupported(str(exc) or "not implemented") from None
         except CaseError:
             raise
+        except REFUSALS as exc:
+            raise Refused(f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:  # the implementation's own failure: report it for this case only
             raise CaseError(f"raised {type(exc).__name__}: {exc}") from None
         if not isinstance(outputs, Mapping):
@@ -174,9 +215,11 @@ class SubprocessDriver:
             _, stderr = process.communicate(timeout=timeout if timeout > 0 else None)
         except subprocess.TimeoutExpired:
             _kill_group(process)
-            raise CaseError(f"timed out after {timeout:g} s (process killed)") from None
+            raise CaseTimeout(f"timed out after {timeout:g} s (process killed)") from None
         if process.returncode == EXIT_UNSUPPORTED:
             raise Unsupported(_tail(stderr) or "exit 77")
+        if process.returncode == EXIT_REFUSED:
+            raise Refused(f"exit status {EXIT_REFUSED}: {_tail(stderr) or '(no stderr)'}")
         if process.returncode != 0:
             raise CaseError(f"exit status {process.returncode}: {_tail(stderr) or '(no stderr)'}")
 
@@ -202,7 +245,7 @@ class SubprocessDriver:
         line = self._read_line(server, timeout)
         if line is None:
             self._stop_server()
-            raise CaseError(f"timed out after {timeout:g} s (server killed; restarted for the next case)")
+            raise CaseTimeout(f"timed out after {timeout:g} s (server killed; restarted for the next case)")
         if line == b"":
             code = server.wait()
             self._stderr.seek(0)
@@ -214,6 +257,8 @@ class SubprocessDriver:
             return
         if reply.startswith("unsupported"):
             raise Unsupported(reply[len("unsupported"):].strip() or "unsupported")
+        if reply.startswith("refused"):
+            raise Refused(reply[len("refused"):].strip() or "refused")
         raise CaseError(reply[len("error"):].strip() if reply.startswith("error") else f"unexpected reply {reply!r}")
 
     @staticmethod
@@ -266,9 +311,17 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.wait(timeout=5)
 
 
+#: Statuses of a case (``timeout`` and ``error`` both mean the implementation gave no judgeable answer).
+STATUSES = ("pass", "fail", "skip", "error", "timeout")
+
+
 @dataclass
 class CaseResult:
-    """The outcome of one case: status is pass, fail, skip or error."""
+    """The outcome of one case under the chosen profile: status is one of :data:`STATUSES`.
+
+    ``tiers`` holds the same outputs judged in both tiers (:data:`TIERS`): tier -> (ok, err/bound).
+    It is empty where nothing was judged (skip, error, timeout; a refusal case has ratio 0).
+    """
 
     case_id: str
     operation: str
@@ -279,6 +332,18 @@ class CaseResult:
     ulps: int | None = None  # max over outputs of the ulp distance from round_t(y)
     detail: str = ""
     outputs: list[OutputCheck] = field(default_factory=list)
+    tiers: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    refusal: bool = False  # the expected outcome was a refusal
+
+    @property
+    def verdict(self) -> str | None:
+        """``float32`` (within the float32-compute bound), ``storage`` (only within the storage-compute
+        bound: precision), ``semantic`` (outside both), or None when nothing was judged."""
+        if not self.tiers:
+            return None
+        if self.tiers["float32"][0]:
+            return "float32"
+        return "storage" if self.tiers["storage"][0] else "semantic"
 
 
 @dataclass
@@ -292,19 +357,36 @@ class SuiteResult:
     results: list[CaseResult]
 
     def counts(self) -> dict[str, int]:
-        return {status: sum(r.status == status for r in self.results) for status in ("pass", "fail", "skip", "error")}
+        return {status: sum(r.status == status for r in self.results) for status in STATUSES}
 
     @property
     def ok(self) -> bool:
+        """Nothing failed, errored or timed out under the chosen profile (exit status 0)."""
         counts = self.counts()
-        return counts["fail"] == 0 and counts["error"] == 0
+        return counts["fail"] == 0 and counts["error"] == 0 and counts["timeout"] == 0
+
+    def tier_cases(self, verdict: str) -> list[str]:
+        """Ids of the cases with this verdict (``float32``, ``storage`` or ``semantic``)."""
+        return [r.case_id for r in self.results if r.verdict == verdict]
+
+    def conformance(self) -> str:
+        """The two-tier summary class of the implementation (SPEC C.5):
+
+        ``conformant`` every judged case within the float32 bound; ``conformant at storage
+        precision`` every judged case within the storage bound, some only there; ``nonconformant``
+        a semantic failure (outside both bounds), an error or a timeout.
+        """
+        counts = self.counts()
+        if self.tier_cases("semantic") or counts["error"] or counts["timeout"]:
+            return "nonconformant"
+        return "conformant at storage precision" if self.tier_cases("storage") else "conformant"
 
 
 def compute_dtype_for(profile: str, storage: str) -> np.dtype:
     """The compute dtype a profile means for a case stored in ``storage``."""
     if profile not in COMPUTE_PROFILES:
-        raise ConfigError(f"unknown compute profile {profile!r}; choose one of {COMPUTE_PROFILES}")
-    return resolve_dtype(storage if profile == "storage" else profile)
+        raise ConfigError(f"unknown compute profile {profile!r}; choose one of {sorted(COMPUTE_PROFILES)}")
+    return resolve_dtype(COMPUTE_PROFILES[profile](storage))
 
 
 def check_outputs(case: Case, expected: Mapping[str, np.ndarray], outputs: Mapping[str, Any], profile: str) -> list[OutputCheck]:
@@ -342,6 +424,14 @@ def check_outputs(case: Case, expected: Mapping[str, np.ndarray], outputs: Mappi
     return checks
 
 
+def _judge(case: Case, expected: Mapping[str, np.ndarray], outputs: Mapping[str, Any],
+           profile: str) -> tuple[list[OutputCheck], dict[str, tuple[bool, float]]]:
+    """The chosen profile's checks, and both tiers' (ok, max err/bound)."""
+    by_profile = {p: check_outputs(case, expected, outputs, p) for p in dict.fromkeys((profile, *TIERS))}
+    tiers = {tier: (all(c.ok for c in by_profile[tier]), max((c.ratio for c in by_profile[tier]), default=0.0)) for tier in TIERS}
+    return by_profile[profile], tiers
+
+
 def run_case(path: Path, case_id: str, driver: Driver, layout: Layout, profile: str, timeout: float,
              operation: str = "?", dtype: str = "?") -> CaseResult:
     """Run and check one case; never raises for a problem of this case or implementation.
@@ -349,30 +439,44 @@ def run_case(path: Path, case_id: str, driver: Driver, layout: Layout, profile: 
     ``operation`` and ``dtype`` (from the manifest) label the result until case.json is read.
     """
     start = time.perf_counter()
+    refusal: str | None = None
+
+    def result(status: str, detail: str = "", **values: Any) -> CaseResult:
+        return CaseResult(case_id, operation, dtype, status, time.perf_counter() - start, detail=detail,
+                          refusal=refusal is not None, **values)
+
     try:
         case = load_case(path)
-        operation, dtype = case.operation, case.dtype
+        operation, dtype, refusal = case.operation, case.dtype, case.refusal
         if case.case_id != case_id:
             raise CaseFormatError(f"{path / CASE_JSON}: id {case.case_id!r} does not match the manifest's {case_id!r}")
         inputs, expected = case.load_inputs(), case.load_expected()
         params, impl_inputs = layout.to_impl(case.operation, case.params, inputs)
-        outputs = driver.execute(case, params, impl_inputs, timeout)
+        try:
+            outputs = driver.execute(case, params, impl_inputs, timeout)
+        except Refused as exc:
+            if refusal is not None:
+                return result("pass", f"refused as expected ({refusal}): {exc}", ratio=0.0, ulps=0,
+                              tiers={tier: (True, 0.0) for tier in TIERS})
+            raise CaseError(f"refused a case that has a result: {exc}") from None
+        if refusal is not None:
+            return result("fail", f"returned outputs {sorted(outputs)} where a refusal was expected ({refusal}): "
+                                  "the implementation wraps, clamps or broadcasts bad input", ratio=float("inf"),
+                          tiers={tier: (False, float("inf")) for tier in TIERS})
         outputs = layout.from_impl(case.operation, case.params, outputs)
-        checks = check_outputs(case, expected, outputs, profile)
+        checks, tiers = _judge(case, expected, outputs, profile)
     except Unsupported as exc:
-        return CaseResult(case_id, operation, dtype, "skip", time.perf_counter() - start, detail=str(exc))
+        return result("skip", str(exc))
+    except CaseTimeout as exc:
+        return result("timeout", str(exc))
     except (CaseError, CaseFormatError) as exc:
-        return CaseResult(case_id, operation, dtype, "error", time.perf_counter() - start, detail=str(exc))
+        return result("error", str(exc))
     except Exception as exc:  # e.g. a layout adapter fed outputs it cannot map: still this case's error
-        return CaseResult(case_id, operation, dtype, "error", time.perf_counter() - start,
-                          detail=f"unexpected {type(exc).__name__}: {exc}")
-    seconds = time.perf_counter() - start
+        return result("error", f"unexpected {type(exc).__name__}: {exc}")
     failed = [c for c in checks if not c.ok]
-    return CaseResult(
-        case_id, operation, dtype, "fail" if failed else "pass", seconds,
-        ratio=max((c.ratio for c in checks), default=0.0), ulps=max((c.ulps for c in checks), default=0),
-        detail="; ".join(c.detail for c in failed), outputs=checks,
-    )
+    return result("fail" if failed else "pass", "; ".join(c.detail for c in failed),
+                  ratio=max((c.ratio for c in checks), default=0.0), ulps=max((c.ulps for c in checks), default=0),
+                  outputs=checks, tiers=tiers)
 
 
 @dataclass(frozen=True)
@@ -396,15 +500,22 @@ def select_cases(suite: str | Path, selection: Selection = Selection()) -> tuple
     return version, [(e.case_id, e.operation, e.dtype) for e in entries if selection.matches(e.case_id, e.operation, e.dtype)]
 
 
+#: Called after each case: (position from 1, number of cases, its result).
+Progress = Callable[[int, int, CaseResult], None]
+
+
 def run_suite(suite: str | Path, driver: Driver, *, layout: str = "canonical", profile: str = "float32",
-              selection: Selection = Selection(), timeout: float = 60.0) -> SuiteResult:
+              selection: Selection = Selection(), timeout: float = 60.0, progress: Progress | None = None) -> SuiteResult:
     """Run every selected case of ``suite`` through ``driver``; the driver is closed at the end."""
     compute_dtype_for(profile, "float32")  # validate the profile before running anything
     chosen = get_layout(layout)
     version, cases = select_cases(suite, selection)
+    results = []
     try:
-        results = [run_case(case_dir(suite, case_id), case_id, driver, chosen, profile, timeout, operation, dtype)
-                   for case_id, operation, dtype in cases]
+        for position, (case_id, operation, dtype) in enumerate(cases, 1):
+            results.append(run_case(case_dir(suite, case_id), case_id, driver, chosen, profile, timeout, operation, dtype))
+            if progress is not None:
+                progress(position, len(cases), results[-1])
     finally:
         driver.close()
     return SuiteResult(version, driver.name, layout, profile, results)

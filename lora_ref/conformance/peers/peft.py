@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...dtypes import float64, round_to
+from .. import Refusal
 
 Arrays = dict[str, np.ndarray]
 
@@ -69,6 +70,10 @@ class PeftImplementation:
         return model, model.base_model.model.layer
 
     def set_(self, parameter, array: np.ndarray) -> None:
+        """Copy a case tensor into a PEFT parameter; a shape that differs other than by size-1 axes is refused,
+        as PEFT's own loader refuses it ("size mismatch"), instead of being reshaped into place."""
+        if [d for d in np.shape(array) if d != 1] != [d for d in parameter.shape if d != 1]:
+            raise Refusal(f"size mismatch: a tensor of shape {list(np.shape(array))} for a parameter of shape {list(parameter.shape)}")
         with self.torch.no_grad():
             parameter.copy_(self.tensor(array).reshape(parameter.shape).to(parameter.dtype))
 
@@ -84,9 +89,11 @@ class PeftImplementation:
             return handler(params, inputs)
         except RuntimeError as exc:  # name the documented deviation behind a PEFT crash, keep the crash
             deviation = known_crash(kind, action, params, inputs)
-            if deviation is None:
-                raise
-            raise RuntimeError(f"{deviation}: {exc}") from exc
+            if deviation is not None:
+                raise RuntimeError(f"{deviation}: {exc}") from exc
+            if any(text in str(exc) for text in _TORCH_SHAPE_ERRORS):  # torch reports shape mismatches as RuntimeError
+                raise Refusal(f"torch refused the shapes: {exc}") from exc
+            raise
 
     # -- Linear ----------------------------------------------------------------------------------
     def _linear(self, params, inputs, dtype):
@@ -165,9 +172,9 @@ class PeftImplementation:
             layer.base_layer.bias.requires_grad_(want_base)
         return want_base
 
-    def _merge(self, layer, dtype: np.dtype) -> Arrays:
+    def _merge(self, layer, dtype: np.dtype, params: Mapping[str, Any]) -> Arrays:
         """PEFT's merge() of a built layer; the merged base weight."""
-        layer.merge()
+        layer.merge(safe_merge=bool(params.get("safe_merge", False)))
         return {"W_merged": self.array(layer.base_layer.weight, dtype)}
 
     def _unmerge(self, build, params, inputs) -> Arrays:
@@ -182,7 +189,7 @@ class PeftImplementation:
         return self._linear(params, inputs, _name(inputs["W"].dtype))[1]
 
     def linear_merge(self, params, inputs):
-        return self._merge(self._linear_layer(params, inputs), inputs["W"].dtype)
+        return self._merge(self._linear_layer(params, inputs), inputs["W"].dtype, params)
 
     def linear_unmerge(self, params, inputs):
         if params.get("exact", False):
@@ -206,7 +213,7 @@ class PeftImplementation:
         return {"y": self.array(y, inputs["W"].dtype)}
 
     def embedding_merge(self, params, inputs):
-        return self._merge(self._embedding(params, inputs), inputs["W"].dtype)
+        return self._merge(self._embedding(params, inputs), inputs["W"].dtype, params)
 
     def embedding_unmerge(self, params, inputs):
         return self._unmerge(self._embedding, params, inputs)
@@ -226,8 +233,8 @@ class PeftImplementation:
     def _conv(self, params, inputs):
         W = inputs["W"]
         kind = {3: self.torch.nn.Conv1d, 4: self.torch.nn.Conv2d, 5: self.torch.nn.Conv3d}[W.ndim]
-        base = kind(W.shape[1], W.shape[0], W.shape[2:], stride=int(params.get("stride", 1)), padding=int(params.get("padding", 0)),
-                    dilation=int(params.get("dilation", 1)), bias="b" in inputs)
+        base = kind(W.shape[1], W.shape[0], W.shape[2:], stride=_axes(params, "stride", 1), padding=_axes(params, "padding", 0),
+                    dilation=_axes(params, "dilation", 1), bias="b" in inputs)
         _, layer = self.wrap(base, params, _name(W.dtype))
         self.set_(layer.base_layer.weight, W)
         if "b" in inputs:
@@ -244,7 +251,7 @@ class PeftImplementation:
         return {"y": self.array(y, inputs["x"].dtype)}
 
     def conv_merge(self, params, inputs):
-        return self._merge(self._conv(params, inputs), inputs["W"].dtype)
+        return self._merge(self._conv(params, inputs), inputs["W"].dtype, params)
 
     def conv_unmerge(self, params, inputs):
         return self._unmerge(self._conv, params, inputs)
@@ -284,10 +291,12 @@ class PeftImplementation:
         for i in range(len(adapters)):
             self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
             self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
-        layer.eval()
-        names = ["__base__" if int(i) < 0 else f"a{int(i)}" for i in inputs["index"]]
-        with torch.no_grad():
-            y = layer(self.tensor(inputs["x"]), adapter_names=names)
+        model.eval()
+        names = ["__base__" if int(i) == -1 else f"a{int(i)}" for i in inputs["index"]]
+        # through PEFT's model-level hooks, as model(x, adapter_names=...) runs: they refuse unknown adapter names
+        # (the layer alone skips them silently) before the layer checks the batch length
+        with torch.no_grad(), model.base_model._enable_peft_forward_hooks(adapter_names=names):
+            y = layer(self.tensor(inputs["x"]))
         return {"y": self.array(y, inputs["x"].dtype)}
 
     # -- DoRA ------------------------------------------------------------------------------------------
@@ -338,7 +347,7 @@ class PeftImplementation:
         return {"y": self.array(y, inputs["W"].dtype)}
 
     def dora_embedding_merge(self, params, inputs):
-        return self._merge(self._dora_layer(self._embedding, params, inputs), inputs["W"].dtype)
+        return self._merge(self._dora_layer(self._embedding, params, inputs), inputs["W"].dtype, params)
 
     def dora_conv2d_forward(self, params, inputs):
         layer = self._dora_layer(self._conv, params, inputs)
@@ -347,12 +356,12 @@ class PeftImplementation:
         return {"y": self.array(y, inputs["x"].dtype)}
 
     def dora_conv2d_merge(self, params, inputs):
-        return self._merge(self._dora_layer(self._conv, params, inputs), inputs["W"].dtype)
+        return self._merge(self._dora_layer(self._conv, params, inputs), inputs["W"].dtype, params)
 
     dora_embedding_unmerge = dora_conv2d_unmerge = dora_unmerge
 
     def dora_merge(self, params, inputs):
-        return self._merge(self._dora(params, inputs), inputs["W"].dtype)
+        return self._merge(self._dora(params, inputs), inputs["W"].dtype, params)
 
 
     # -- weighted combination ------------------------------------------------------------------------
@@ -387,11 +396,93 @@ class PeftImplementation:
 def known_crash(kind: str, action: str, params: Mapping[str, Any], inputs: Arrays) -> str | None:
     """The SPEC deviation that makes PEFT 0.21.2 raise on this case, if it is one of the known ones."""
     if kind in ("conv1d", "conv2d", "conv3d", "dora_conv2d"):
-        if int(params.get("dilation", 1)) > 1 and action in ("forward", "backward"):
+        if any(d > 1 for d in np.atleast_1d(params.get("dilation", 1))) and action in ("forward", "backward") and _lora_size_differs(params, inputs):
             return "P-C4 (PEFT builds lora_A without the base conv's dilation: the LoRA path's output has another size)"
         weight = inputs.get("W", inputs.get("W_merged"))
         if kind == "conv3d" and weight is not None and tuple(weight.shape[2:4]) == (1, 1) and action in ("merge", "unmerge"):
             return "P-C5 (PEFT's 1x1 conv delta path tests weight.size()[2:4] == (1, 1) and fails on a 1x1xk Conv3d kernel)"
+    return None
+
+
+#: Texts of torch's RuntimeErrors for shapes that do not fit (the peer reports them as refusals).
+_TORCH_SHAPE_ERRORS = ("shapes cannot be multiplied", "size mismatch", "must match the size", "Expected weight to be",
+                       "expected input", "to have 3 channels", "channels, but got")
+
+
+def _axes(params: Mapping[str, Any], key: str, default: int) -> int | tuple[int, ...]:
+    """A conv geometry parameter as torch takes it: an int, or a tuple with one entry per spatial axis."""
+    value = params.get(key, default)
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _lora_size_differs(params: Mapping[str, Any], inputs: Arrays) -> bool:
+    """Whether PEFT's lora_A (the base's kernel, stride, padding, but no dilation) has another output size than the base."""
+    x, W = inputs["x"], inputs["W"]
+    d = W.ndim - 2
+    each = {k: np.broadcast_to(np.atleast_1d(params.get(k, v)), (d,)) for k, v in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    sizes = [[(n + 2 * p - dl * (k - 1) - 1) // s + 1 for n, k, s, p, dl in zip(x.shape[2:], W.shape[2:], each["stride"], each["padding"], dils)]
+             for dils in (each["dilation"], np.ones(d, dtype=int))]
+    return sizes[0] != sizes[1]
+
+
+#: Deviation id -> (what PEFT 0.21.2 does, the source line that does it). SPEC "PEFT 0.21.2 deviations" explains each.
+DEVIATIONS: dict[str, tuple[str, str]] = {
+    "P-C1": ("the base layer runs in fp16/bf16: its output is rounded before the LoRA term is added (precision)",
+             "peft/tuners/lora/layer.py:1086 `result = self.base_layer(x, *args, **kwargs)`"),
+    "P-C2": ("unmerge subtracts the delta cast to the weight dtype: a double rounding (precision)",
+             "peft/tuners/lora/layer.py:1036 `weight.data -= delta_weight.to(orig_dtype)` (Embedding: :1389)"),
+    "P-C3": ("Embedding merge adds the delta cast to the weight dtype (precision)",
+             "peft/tuners/lora/layer.py:1359 `orig_weight += self.get_delta_weight(active_adapter).to(orig_dtype)`"),
+    "P-C4": ("conv lora_A without the base's dilation: another output size (crash) or, where the sizes agree, another function",
+             "peft/tuners/lora/layer.py:1625 `self.lora_A[adapter_name] = conv_layer(self.in_features, r, kernel_size, stride, padding, bias=False)`"),
+    "P-C5": ("Conv3d kernels with size 1 in their first two spatial axes take the 1x1 path and crash",
+             "peft/tuners/lora/layer.py:1779 `if self.get_base_layer().weight.size()[2:4] == (1, 1):`"),
+    "P-C6": ("add_weighted_adapter copies use_rslora from the first adapter with lora_alpha = r: the combination is scaled √r",
+             "peft/tuners/lora/model.py:863 `self.peft_config[adapter_name] = replace(` (huggingface/peft#3449)"),
+    "P-C7": ("svd combination past min(out, in) returns factors of rank min(out, in)",
+             "peft/tuners/lora/model.py:991 `U = U[:, :new_rank]`"),
+    "S-1": ("no exact unmerge (skipped)", "peft/tuners/lora/layer.py:1036 (unmerge subtracts; no residual)"),
+    "S-2": ("mixed batches are refused in training mode (backward skipped)", "peft/tuners/lora/model.py:634 "
+            "`raise ValueError(\"Cannot pass `adapter_names` when the model is in training mode.\")`"),
+}
+#: P-C1..P-C3: the (operation, storage dtype) pairs each precision deviation may move out of the float32 tier.
+_LOW = ("float16", "bfloat16")
+PRECISION_PAIRS: dict[str, set[tuple[str, str]]] = {
+    "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "embedding.backward", "mixed_batch.forward", "dora.forward",
+                                "dora.backward", "dora_conv2d.forward", *(f"conv{d}d.{a}" for d in (1, 2, 3) for a in ("forward", "backward")))
+             for t in _LOW},
+    "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv1d.unmerge", "conv2d.unmerge", "conv3d.unmerge") for t in _LOW},
+    "P-C3": {("embedding.merge", t) for t in _LOW},
+}
+
+
+def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
+    """The documented deviation (a :data:`DEVIATIONS` id) behind a case result that is not a float32-tier pass.
+
+    ``case`` is the loaded :class:`..casefile.Case`, ``inputs`` its canonical inputs, ``result`` the runner's
+    :class:`..runner.CaseResult`. None for a pass, or for an unexplained result (a new bug to report).
+    """
+    kind, _, action = case.operation.partition(".")
+    params = case.params
+    dilated = kind.startswith("conv") and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
+    rslora_first = kind == "combine" and params["adapters"][0].get("use_rslora", False)
+    if result.status == "skip":
+        return "S-1" if params.get("exact") else "S-2" if kind == "mixed_batch" and action == "backward" else None
+    if result.status in ("error", "timeout"):
+        if dilated and _lora_size_differs(params, inputs):
+            return "P-C4"
+        weight = inputs.get("W", inputs.get("W_merged"))
+        if kind == "conv3d" and action in ("merge", "unmerge") and tuple(weight.shape[2:4]) == (1, 1):
+            return "P-C5"
+        if case.operation == "combine.svd" and params["rank"] > min(inputs["A.0"].shape[1], inputs["B.0"].shape[0]):
+            return "P-C7"
+        return None
+    if result.verdict == "semantic":
+        return "P-C4" if dilated else "P-C6" if rslora_first else None
+    if result.verdict == "storage":
+        if rslora_first:
+            return "P-C6"
+        return next((d for d, pairs in PRECISION_PAIRS.items() if (case.operation, case.dtype) in pairs), None)
     return None
 
 
