@@ -26,17 +26,13 @@ digests the residual recorded (docs/integrity.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import filecmp
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..adapter import WEIGHTS_NAME, load_adapter
-from ..atomic import atomic_path
+from ..atomic import atomic_path, scratch_path
 from ..checkpoint import merge_checkpoint, unmerge_checkpoint
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
@@ -94,18 +90,6 @@ def _refuse_overwrites(outputs: dict[str, str | None], inputs: dict[str, str | N
     refuse_overwrites(outputs, named_inputs, hint="write elsewhere (or use --in-place, which keeps a verified way back)")
 
 
-@contextlib.contextmanager
-def _scratch(beside: Path, tag: str) -> Iterator[Path]:
-    """A temporary file path next to ``beside`` (same filesystem), removed on exit."""
-    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.", suffix=".partial", dir=beside.parent)
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-
-
 def _records(path: str, residual: str | None) -> list[tuple[str, list[dict] | None, str | None]]:
     """(file, its merge records or None, the merge id of its residual or None) for a file or each shard."""
     if path.endswith(INDEX_SUFFIX):
@@ -154,7 +138,7 @@ def run_merge(args: argparse.Namespace) -> int:
         base = Path(args.base)
         with atomic_path(base) as merged:  # renamed onto BASE only if the block below completes
             report = merge_checkpoint(base, adapter, merged, **kwargs)
-            with _scratch(base, "verify") as restored:
+            with scratch_path(base, "verify") as restored:
                 unmerge_checkpoint(merged, adapter, restored, residual_path=args.residual)
                 if not filecmp.cmp(restored, base, shallow=False):
                     raise InPlaceVerificationError(
@@ -193,7 +177,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
         merged = Path(args.merged)
         with atomic_path(merged) as unmerged:
             report = unmerge_checkpoint(merged, adapter, unmerged, residual_path=args.residual, progress=_progress)
-            with _scratch(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
+            with scratch_path(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
                 merge_checkpoint(unmerged, adapter, remerged, metadata=handle.metadata)  # MERGED's own header back
                 if not filecmp.cmp(remerged, merged, shallow=False):
                     raise InPlaceVerificationError(
