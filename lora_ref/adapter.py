@@ -28,6 +28,7 @@ from .config import LoraConfig
 from .dora import check_magnitude
 from .dtypes import check_float_array
 from .errors import ConfigError, FileFormatError, ShapeError, UnsafeFileError
+from .inputs import require_directory
 from .kinds import KindName, kind_for_tensors, kind_of
 from .safetensors_io import load_file, save_file
 
@@ -179,8 +180,7 @@ def load_adapter(directory: str | Path, name: str | None = None) -> Adapter:
     directory = Path(directory)
     if name is None:
         name = directory.resolve().name or "default"
-    if not directory.is_dir():
-        raise FileFormatError(f"{directory}: not an adapter directory")
+    require_directory(directory, "adapter directory")
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         pickles = [p for p in PICKLE_NAMES if (directory / p).exists()]

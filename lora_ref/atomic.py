@@ -139,26 +139,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_partials(target: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporaries of ``target`` left by killed lora-ref runs; return what was removed.
+def stale_partials(target: str | os.PathLike[str]) -> list[Path]:
+    """Temporaries of ``target`` (or of its scratch files) left by lora-ref runs that are not alive.
 
-    Only names of our pattern whose process id is not alive are touched (a live run's temporaries
-    are left alone, and so is anything else in the folder).
+    Recognised by name (``.<name>[.<tag>].lora-ref-<pid>.<random>.partial`` beside the target)
+    and by the recorded process id no longer running; anything else is never touched.
     """
     target = Path(target)
-    removed = []
+    found = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(target.parent):
             match = _PARTIAL.match(entry.name)
-            name = match["name"] if match else ""
-            if not (name == target.name or name.startswith(f"{target.name}.")) or _pid_alive(int(match["pid"])):
-                continue
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed.append(Path(entry.path))
+            if match and (match["name"] == target.name or match["name"].startswith(f"{target.name}.")) \
+                    and not _pid_alive(int(match["pid"])):
+                found.append(Path(entry.path))
+    return found
+
+
+def clean_stale_partials(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove :func:`stale_partials` of ``target``; return what was removed."""
+    removed = []
+    for path in stale_partials(target):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
     return removed
 
 

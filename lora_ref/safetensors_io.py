@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import OutputFile, atomic_path
 from .dtypes import bfloat16
 from .errors import FileFormatError
+from .inputs import open_regular
 
 #: safetensors dtype codes <-> numpy dtypes (little endian).
 CODE_TO_DTYPE: dict[str, np.dtype] = {
@@ -170,12 +171,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError:
-            raise FileFormatError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise FileFormatError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        self._file = open_regular(self.path, ".safetensors file")
         try:
             size = os.fstat(self._file.fileno()).st_size
             if size < 8:
