@@ -217,6 +217,5 @@ def save_adapter(adapter: Adapter, directory: str | Path) -> None:
     for module in adapter.modules.values():
         tensors.update(module.peft_keys())
     tensors.update(adapter.extra_tensors)
-    directory.mkdir(parents=True, exist_ok=True)
     save_file(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     adapter.config.save(directory)

@@ -41,7 +41,7 @@ from ..errors import MergeStateError, OverwriteRefusedError
 from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
 from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
-from . import gguf_cmd
+from . import gguf_cmd, printable
 from .paths import PathGuard
 
 
@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _progress(name: str) -> None:
     if sys.stderr.isatty():
-        print(f"\r  {name[:70]:<70}", end="", file=sys.stderr, flush=True)
+        print(f"\r  {printable(name)[:70]:<70}", end="", file=sys.stderr, flush=True)
 
 
 def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str, sharded: bool) -> None:
