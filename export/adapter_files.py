@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_ref.adapter import Adapter
-from lora_ref.atomic import atomic_path
+from lora_ref.atomic import WriteFailedError, atomic_path
 from lora_ref.errors import FileFormatError
 from lora_ref.inputs import require_regular_file
 
@@ -63,7 +63,10 @@ def write_onnx_adapter(
     writer.set_model_version(model_version)
     writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
     with atomic_path(path) as tmp:
-        writer.export_adapter(str(tmp))
+        try:
+            writer.export_adapter(str(tmp))
+        except Exception as exc:  # noqa: BLE001 - ORT writes the file itself and raises untyped errors
+            raise WriteFailedError(f"{path}: cannot write the .onnx_adapter file ({str(exc)[:200]})") from None
     return path
 
 

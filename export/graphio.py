@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lora_ref.atomic import atomic_path
+from lora_ref.atomic import check_output, commit, scratch_folder, transaction, write_bytes_atomic, write_failed
 from lora_ref.errors import FileFormatError
 from lora_ref.inputs import require_regular_file
 
@@ -215,18 +214,20 @@ def save_model(
     use_external = tensor_bytes(model) >= EXTERNAL_DATA_BYTES if external_data is None else external_data
     if not use_external:
         check_graph(model, where=f"{path} (exported graph)")
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(model.SerializeToString())
+        write_bytes_atomic(path, model.SerializeToString())
         return path
     data_name = external_data_name(path).name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
+    check_output(path)
+    with transaction(), scratch_folder(path, "external") as staging:  # both files, or neither
+        staged = staging / path.name
+        try:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
+        except OSError as exc:  # onnx writes these files itself
+            raise write_failed(path, exc) from None
         check_graph(staged, where=f"{path} (exported graph)")  # the path form handles > 2 GiB models
-        os.replace(Path(staging) / data_name, path.parent / data_name)
-        os.replace(staged, path)
+        commit(staging / data_name, path.parent / data_name)
+        commit(staged, path)
     return path
 
 

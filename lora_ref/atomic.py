@@ -354,6 +354,14 @@ def _replace(tmp: Path, target: Path) -> None:
     _record(("file", target, backup))
 
 
+def commit(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Rename a finished temporary onto ``target`` (undone by a failing transaction)."""
+    try:
+        _replace(Path(tmp), Path(target))
+    except OSError as exc:
+        raise write_failed(target, exc) from None
+
+
 def _forget(path: Path) -> None:
     """Drop undo records for a temporary ``path`` that its owner has just removed."""
     for log in _TRANSACTIONS:
