@@ -26,11 +26,15 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _a(what: str) -> str:
+    return f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what}"
+
+
 def _check(path: Path, st: os.stat_result, what: str) -> None:
     if stat.S_ISDIR(st.st_mode):
-        raise FileFormatError(f"{path}: is a directory, expected a {what}")
+        raise FileFormatError(f"{path}: is a directory, expected {_a(what)}")
     if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFileError(f"{path}: is {_kind(st.st_mode)}, expected a {what} (a regular file); "
+        raise NotRegularFileError(f"{path}: is {_kind(st.st_mode)}, expected {_a(what)} (a regular file); "
                                   "refusing to read it")
 
 
@@ -40,7 +44,7 @@ def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise FileFormatError(f"{path}: no such file (expected a {what})") from None
+        raise FileFormatError(f"{path}: no such file (expected {_a(what)})") from None
     except (OSError, ValueError) as exc:  # no permission, a loop of links, a NUL in the name
         raise FileFormatError(f"{path}: cannot read the {what} ({getattr(exc, 'strerror', None) or exc})") from None
     _check(path, st, what)
@@ -50,17 +54,16 @@ def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os
 def require_directory(path: str | os.PathLike[str], what: str = "directory") -> None:
     """Raise unless ``path`` is (links followed) a directory: "<path>: not a <what> (<why>)"."""
     path = Path(path)
-    article = "an" if what[:1] in "aeiou" else "a"
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise FileFormatError(f"{path}: not {article} {what} (no such folder)") from None
+        raise FileFormatError(f"{path}: not {_a(what)} (no such folder)") from None
     except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{path}: not {article} {what} ({getattr(exc, 'strerror', None) or exc})") from None
+        raise FileFormatError(f"{path}: not {_a(what)} ({getattr(exc, 'strerror', None) or exc})") from None
     if not stat.S_ISDIR(st.st_mode):
         error = FileFormatError if stat.S_ISREG(st.st_mode) else NotRegularFileError
         kind = "a file" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
-        raise error(f"{path}: not {article} {what} (it is {kind})")
+        raise error(f"{path}: not {_a(what)} (it is {kind})")
 
 
 def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
@@ -70,7 +73,7 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise FileFormatError(f"{path}: no such file (expected a {what})") from None
+        raise FileFormatError(f"{path}: no such file (expected {_a(what)})") from None
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     try:

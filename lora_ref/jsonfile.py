@@ -33,9 +33,11 @@ def read_json(
             if size > max_bytes:
                 raise error(f"{path}: {size} bytes exceeds the {max_bytes}-byte limit for a {what}")
             text = handle.read(max_bytes + 1).decode("utf-8")
-    except FileFormatError as exc:
+    except FileFormatError as exc:  # from open_regular: missing, a directory, a FIFO or device
         if "no such file" in str(exc):
             raise error(f"{path}: missing {what}") from None
+        if isinstance(exc, error):
+            raise
         raise error(str(exc)) from None
     except UnicodeDecodeError:
         raise error(f"{path}: {what} is not UTF-8 text") from None
