@@ -179,8 +179,10 @@ def make_parents(target: Path) -> None:
     for folder in reversed(missing):
         try:
             folder.mkdir()
-        except FileExistsError:
-            continue
+        except FileExistsError as exc:  # made meanwhile by someone else: fine if it is a folder
+            if folder.is_dir():
+                continue
+            raise write_failed(target, exc) from None
         except OSError as exc:
             raise write_failed(target, exc) from None
         _record(("folder", folder, None))
