@@ -391,6 +391,8 @@ class PatternTable:
 
     def position(self, module: str) -> int | None:
         """The index of the first matching key, or None."""
+        if not self._keys:
+            return None
         if "\n" in module:  # '$' and '.' treat a newline specially: run every key as a regex
             if self._every is None:
                 self._every = [(p, Matcher(_pattern_key_regex(k))) for p, k in enumerate(self._keys)]

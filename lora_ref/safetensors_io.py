@@ -14,6 +14,7 @@ Tests check byte compatibility against the ``safetensors`` package in both direc
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -135,7 +136,7 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
             not isinstance(shape, list)
             or len(shape) > MAX_NDIM
             or not all(type(d) is int and d >= 0 for d in shape)
-            or int(np.prod([max(d, 1) for d in shape], dtype=object)) * CODE_TO_DTYPE[code].itemsize
+            or math.prod(max(d, 1) for d in shape) * CODE_TO_DTYPE[code].itemsize
             >= MAX_NOMINAL_BYTES
         ):
             raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
@@ -148,7 +149,7 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
         ):
             raise _fail(path, f"tensor {_short(name)} has data_offsets {_short(offsets)} outside the {data_size}-byte data section")
         dtype = CODE_TO_DTYPE[code]
-        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
             raise _fail(
                 path,
@@ -267,7 +268,7 @@ class OutputTensor:
     def __init__(self, out: OutputFile, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         self._out, self._offset = out, offset
         self.dtype, self.shape = dtype, shape
-        self.ndim, self.size = len(shape), int(np.prod(shape, dtype=np.int64))
+        self.ndim, self.size = len(shape), math.prod(shape)
         self.nbytes = self.size * dtype.itemsize
         self._row_bytes = (self.nbytes // shape[0]) if shape and shape[0] else self.nbytes
         self._view: np.ndarray | None = None
