@@ -86,7 +86,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # argparse would exit 2 with usage; keep it one line
-        self.exit(EXIT_USER_ERROR, f"lora-ref: error: {message}\n")
+        self.exit(EXIT_USER_ERROR, f"lora-ref: error: {printable(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
