@@ -343,17 +343,27 @@ def _record(entry: tuple[str, Path, Path | None]) -> None:
 
 
 def _replace(tmp: Path, target: Path) -> None:
-    """os.replace(tmp, target), keeping a hard-linked backup of the old target inside a transaction."""
-    backup = None
+    """os.replace(tmp, target), keeping a hard-linked backup of the old target inside a transaction.
+
+    Where hard links are impossible (some filesystems) the old file cannot be kept without a copy:
+    the replacement is then recorded as one the transaction cannot undo (named if it must).
+    """
+    kind, backup = "file", None
     if _TRANSACTIONS and target.is_file():
-        backup = Path(tempfile.mktemp(prefix=partial_prefix(f"{target.name}.backup"), suffix=".partial",
-                                      dir=target.parent))
-        try:
-            os.link(target, backup)
-        except OSError:  # no hard links here: keep the old file under the backup name instead
-            os.rename(target, backup)
+        for _ in range(100):
+            candidate = Path(tempfile.mktemp(prefix=partial_prefix(f"{target.name}.backup"), suffix=".partial",
+                                             dir=target.parent))
+            try:
+                os.link(target, candidate)
+            except FileExistsError:
+                continue
+            except OSError:
+                kind = "kept"
+            else:
+                backup = candidate
+            break
     os.replace(tmp, target)
-    _record(("file", target, backup))
+    _record((kind, target, backup))
 
 
 def commit(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
@@ -379,8 +389,8 @@ def transaction() -> Iterator[None]:
     """All or nothing: on an exception every file replaced inside is restored, new ones removed.
 
     Folders created inside (by :func:`make_parents` or :func:`staged_folder`) are removed too.
-    On success the backups are deleted. A transaction opened inside another joins it. Undo is best effort against a second failure of the
-    filesystem, which is then named in the error.
+    On success the backups are deleted. A transaction opened inside another joins it. Undo is
+    best effort against a second failure of the filesystem, which is then named in the error.
     """
     if _TRANSACTIONS:  # nested: part of the outer one
         yield
@@ -412,6 +422,8 @@ def _undo(log: list[tuple[str, Path, Path | None]]) -> list[Path]:
             elif kind == "folder":  # a parent we made: removed once empty (someone else's files stay)
                 with contextlib.suppress(OSError):
                     path.rmdir()
+            elif kind == "kept":  # replaced without a backup: cannot be put back
+                failed.append(path)
             elif backup is not None:
                 os.replace(backup, path)
             else:
