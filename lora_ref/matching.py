@@ -29,6 +29,7 @@ key's position); only regex keys ordered before the best literal hit are run.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ MAX_STATES = 20_000
 #: Cached DFA transitions per pattern before the cache is dropped (bounds memory, not time).
 MAX_CACHE = 200_000
 
+#: Before Python 3.14, ``\B`` never matches the empty string (re's documented exception).
+_NO_B_ON_EMPTY = sys.version_info < (3, 14)
 _UNSUPPORTED_FLAGS = {re.IGNORECASE: "IGNORECASE (?i)", re.MULTILINE: "MULTILINE (?m)", re.LOCALE: "LOCALE (?L)"}
 
 
@@ -247,7 +250,7 @@ class Matcher:
         self._steps: dict[tuple, frozenset[int]] = {}
         self._closures: dict[tuple, frozenset[int]] = {}
 
-    # context of a position i in s: (at start, at end, just before a final newline, word before, word after)
+    # context of position i in s: (at start, at end, just before a final newline, word before, word after, s empty)
     def _context(self, s: str, i: int) -> tuple:
         n = len(s)
         if self._boundaries:
@@ -255,11 +258,11 @@ class Matcher:
             after = i < n and _word(s[i], self._ascii)
         else:
             before = after = False
-        return (i == 0, i == n, i == n - 1 and s[i] == "\n", before, after)
+        return (i == 0, i == n, i == n - 1 and s[i] == "\n", before, after, n == 0)
 
     def _holds(self, at: tuple, ctx: tuple) -> bool:
         kind = at[0]
-        start, end, before_final_newline, before, after = ctx
+        start, end, before_final_newline, before, after, empty = ctx
         if kind in (C.AT_BEGINNING, C.AT_BEGINNING_STRING):
             return start
         if kind is C.AT_END:
@@ -268,7 +271,7 @@ class Matcher:
             return end
         if kind is C.AT_BOUNDARY:
             return before != after
-        return before == after  # AT_NON_BOUNDARY
+        return before == after and not (empty and _NO_B_ON_EMPTY)  # AT_NON_BOUNDARY
 
     def _closure(self, states: Iterable[int], ctx: tuple) -> frozenset[int]:
         nfa = self._nfa
