@@ -213,3 +213,20 @@ def test_sharded_output_appears_whole_in_an_existing_folder(fixtures: Path, tmp_
     assert sorted(p.name for p in (work / "merged").iterdir()) == \
         ["a.safetensors", "b.safetensors", "model.safetensors.index.json", "notes.txt"]
     shutil.rmtree(work / "merged")
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="no onnx")
+def test_library_export_writes_graph_and_adapter_files_or_nothing(fixtures: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """lora_ref.export.export: an .onnx_adapter that cannot be written takes the written graph back out."""
+    from lora_ref.adapter import load_adapter
+    from lora_ref.export import exporter
+
+    def fail(path, *args, **kwargs):
+        raise atomic.write_failed(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(exporter, "write_onnx_adapter", fail)
+    with pytest.raises(atomic.WriteFailedError, match="ENOSPC"):
+        exporter.export(fixtures / "graph" / "model.onnx", [load_adapter(fixtures / "adapter")], "dynamic",
+                        tmp_path / "out" / "dyn.onnx", adapter_out=tmp_path / "out" / "adapters")
+    assert list(tmp_path.iterdir()) == []
