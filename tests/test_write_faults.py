@@ -49,14 +49,16 @@ def _merge_in_place(w: Path) -> tuple[list[str], list[Path]]:
             str(w / "r.safetensors")], [w / "r.safetensors"]
 
 
+def _unmerge(w: Path) -> list[str]:
+    return ["unmerge", str(w / "merged.safetensors"), str(w / "adapter"), "-o", str(w / "out.safetensors")]
+
+
 def _unmerge_fast(w: Path) -> tuple[list[str], list[Path]]:
-    return ["unmerge", str(w / "merged.safetensors"), str(w / "adapter"), "-o", str(w / "out.safetensors")], \
-        [w / "out.safetensors"]
+    return _unmerge(w) + ["--fast"], [w / "out.safetensors"]  # the fixture was merged exactly: --fast says so
 
 
 def _unmerge_exact(w: Path) -> tuple[list[str], list[Path]]:
-    argv, outs = _unmerge_fast(w)
-    return argv + ["--residual", str(w / "residual.safetensors")], outs
+    return _unmerge(w) + ["--residual", str(w / "residual.safetensors")], [w / "out.safetensors"]
 
 
 def _sharded_merge(w: Path) -> tuple[list[str], list[Path]]:
