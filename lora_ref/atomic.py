@@ -275,9 +275,13 @@ def _mode_for(target: Path) -> int:
     try:
         return os.stat(target).st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
@@ -295,6 +299,7 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield staging
         try:
             if not target.exists():
+                os.chmod(staging, 0o777 & ~_umask())  # mkdtemp made it 0700; a new folder gets the usual mode
                 os.rename(staging, target)
                 _record(("tree", target, None))
                 return
