@@ -22,8 +22,9 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_ref.adapter import Adapter
-from lora_ref.atomic import atomic_path
+from lora_ref.atomic import WriteFailedError, atomic_path
 from lora_ref.errors import FileFormatError
+from lora_ref.inputs import require_regular_file
 
 from .editing import lora_a_name, lora_b_name, lora_bias_name, lora_bias_term, lora_factors
 from .slots import Slot, check_tensors
@@ -62,15 +63,17 @@ def write_onnx_adapter(
     writer.set_model_version(model_version)
     writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
     with atomic_path(path) as tmp:
-        writer.export_adapter(str(tmp))
+        try:
+            writer.export_adapter(str(tmp))
+        except Exception as exc:  # noqa: BLE001 - ORT writes the file itself and raises untyped errors
+            raise WriteFailedError(f"{path}: cannot write the .onnx_adapter file ({str(exc)[:200]})") from None
     return path
 
 
 def read_onnx_adapter(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The tensors of an ``.onnx_adapter`` file, read by ONNX Runtime's own reader (copies)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such .onnx_adapter file")
+    require_regular_file(path, ".onnx_adapter file")
     try:
         reader = ort.AdapterFormat.read_adapter(str(path))
     except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors for malformed files

@@ -6,7 +6,7 @@ onnxruntime can read what will be written (IR version, opset); locate every targ
 the graph kind expresses: merged graphs take Linear, Embedding, Conv, DoRA and lora_bias;
 shapes, ranks); build the graph and the adapter tensors in memory; only then write the graph
 (checked by onnx.checker, atomic) and the ``.onnx_adapter`` files (checked against the graph's
-LoRA inputs, atomic).
+LoRA inputs, atomic), all in one transaction: a failure leaves none of them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from lora_ref.adapter import Adapter
+from lora_ref.atomic import transaction
 from lora_ref.dtypes import resolve_dtype
 from lora_ref.safetensors_io import SafetensorsFile
 
@@ -169,8 +170,9 @@ def export(
             raise ExportConfigError(f"adapter names must be distinct to name their files, got {names}")
         for adapter in adapters:
             files[adapter.name] = (Path(adapter_out) / f"{adapter.name}{SUFFIX}", adapter_tensors(adapter, slots))
-    written = save_model(graph, output, external_data=external_data)
-    report = ExportReport(mode, written, sites, model=graph)
-    for name, (path, tensors) in files.items():
-        report.adapter_files[name] = write_onnx_adapter(path, tensors, slots)
+    with transaction():  # the graph and its adapter files, or none of them
+        written = save_model(graph, output, external_data=external_data)
+        report = ExportReport(mode, written, sites, model=graph)
+        for name, (path, tensors) in files.items():
+            report.adapter_files[name] = write_onnx_adapter(path, tensors, slots)
     return report

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lora_ref.atomic import atomic_path
+from lora_ref.atomic import check_output, commit, scratch_folder, transaction, write_bytes_atomic, write_failed
 from lora_ref.errors import FileFormatError
+from lora_ref.inputs import require_regular_file
 
 from .errors import IRVersionError
 
@@ -139,14 +139,52 @@ def check_graph(model: onnx.ModelProto | str | os.PathLike[str], *, where: str) 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read and check an ONNX file (external data included); a malformed graph is a FileFormatError."""
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such ONNX file")
+    for data in external_data_files(path):  # a FIFO there would hang onnx's reader
+        if os.path.lexists(data):
+            require_regular_file(data, "external-data file of an ONNX model")
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
         raise FileFormatError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     check_graph(path, where=str(path))
     return model
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers, Constant values, and those of subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in [attribute.g] if attribute.HasField("g") else []:
+                yield from _tensors(sub)
+            for sub in attribute.graphs:
+                yield from _tensors(sub)
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external-data files an ONNX file references (its tensors' ``location``s, beside it).
+
+    Read without loading the data, for the path guard (:mod:`lora_ref.cli.paths`): the command
+    then knows every file it reads. A file that cannot be parsed lists none (loading it fails later).
+    """
+    path = Path(path)
+    require_regular_file(path, "ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports it with its reason
+        return []
+    locations = {item.value for tensor in _tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for item in tensor.external_data if item.key == "location"}
+    return [path.parent / location for location in sorted(locations)]
+
+
+def external_data_name(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_model` puts the external data of a graph written to ``path``."""
+    path = Path(path)
+    return path.parent / f"{path.name}.data"
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -176,18 +214,20 @@ def save_model(
     use_external = tensor_bytes(model) >= EXTERNAL_DATA_BYTES if external_data is None else external_data
     if not use_external:
         check_graph(model, where=f"{path} (exported graph)")
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(model.SerializeToString())
+        write_bytes_atomic(path, model.SerializeToString())
         return path
-    data_name = f"{path.name}.data"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
+    data_name = external_data_name(path).name
+    check_output(path)
+    with transaction(), scratch_folder(path, "external") as staging:  # both files, or neither
+        staged = staging / path.name
+        try:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
+        except OSError as exc:  # onnx writes these files itself
+            raise write_failed(path, exc) from None
         check_graph(staged, where=f"{path} (exported graph)")  # the path form handles > 2 GiB models
-        os.replace(Path(staging) / data_name, path.parent / data_name)
-        os.replace(staged, path)
+        commit(staging / data_name, path.parent / data_name)
+        commit(staged, path)
     return path
 
 

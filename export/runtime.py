@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 
 from lora_ref.adapter import Adapter
+from lora_ref.inputs import require_regular_file
 
 from .adapter_files import LoadedAdapter, adapter_tensors, load_onnx_adapter
 from .batched import EMBEDDING_IDS_KEY, INDEX_INPUT
@@ -183,8 +184,7 @@ def _header_only(path: Path) -> onnx.ModelProto:
     """The model without external tensor data (enough for IR version, inputs and dims)."""
     from lora_ref.errors import FileFormatError
 
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such ONNX file")
+    require_regular_file(path, "ONNX file")
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001

@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from lora_ref.atomic import write_text_atomic
+from lora_ref.atomic import staged_folder, transaction, write_text_atomic
 
 from .batched import INDEX_INPUT
 from .errors import ExportConfigError, UnsupportedGraphError
@@ -260,21 +259,15 @@ def write_repository(graph: onnx.ModelProto, repo: str | os.PathLike[str], adapt
     maps = read_maps(model_dir)
     maps[version] = {adapter: i for i, adapter in enumerate(adapter_names)}
     text = model_config(name, inputs, outputs, maps, options, padding)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=model_dir))
-    try:
-        save_model(graph, staging / "model.onnx", external_data=external_data)
-        record = {"adapters": maps[version], "padding": padding, "ids_input": ids, "version": version}
-        write_text_atomic(staging / ADAPTERS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.chmod(staging, 0o755)
-        os.replace(staging, model_dir / str(version))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if keep_versions is not None:
-        maps = {v: m for v, m in maps.items() if v in versions(model_dir)[-keep_versions:]}
-        text = model_config(name, inputs, outputs, maps, options, padding)
-    write_text_atomic(model_dir / CONFIG, text)
+    with transaction():  # the version folder and the config naming it, or neither
+        with staged_folder(model_dir / str(version)) as staging:  # appears whole, or not at all
+            save_model(graph, staging / "model.onnx", external_data=external_data)
+            record = {"adapters": maps[version], "padding": padding, "ids_input": ids, "version": version}
+            write_text_atomic(staging / ADAPTERS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if keep_versions is not None:
+            maps = {v: m for v, m in maps.items() if v in versions(model_dir)[-keep_versions:]}
+            text = model_config(name, inputs, outputs, maps, options, padding)
+        write_text_atomic(model_dir / CONFIG, text)
     if keep_versions is not None:
         for old in versions(model_dir)[:-keep_versions]:
             shutil.rmtree(model_dir / str(old))

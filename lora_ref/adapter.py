@@ -28,6 +28,7 @@ from .config import LoraConfig
 from .dora import check_magnitude
 from .dtypes import check_float_array
 from .errors import ConfigError, FileFormatError, ShapeError, UnsafeFileError
+from .inputs import require_directory
 from .kinds import KindName, kind_for_tensors, kind_of
 from .safetensors_io import load_file, save_file
 
@@ -179,8 +180,7 @@ def load_adapter(directory: str | Path, name: str | None = None) -> Adapter:
     directory = Path(directory)
     if name is None:
         name = directory.resolve().name or "default"
-    if not directory.is_dir():
-        raise FileFormatError(f"{directory}: not an adapter directory")
+    require_directory(directory, "adapter directory")
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         pickles = [p for p in PICKLE_NAMES if (directory / p).exists()]
@@ -217,6 +217,5 @@ def save_adapter(adapter: Adapter, directory: str | Path) -> None:
     for module in adapter.modules.values():
         tensors.update(module.peft_keys())
     tensors.update(adapter.extra_tensors)
-    directory.mkdir(parents=True, exist_ok=True)
     save_file(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     adapter.config.save(directory)

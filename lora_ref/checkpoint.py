@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import Adapter
+from .atomic import scratch_folder
 from .carried import ReplacementDelta, check_base_copies, replacing
 from .deltas import delta_for
 from .dora import DoraDelta
@@ -142,7 +142,8 @@ def merge_checkpoint(
 
     ``dtype`` converts every floating tensor (rounded once) before merging; the residual then
     restores the converted base. Converted and merged tensors are computed straight into the
-    memory-mapped output in float64 row blocks of about ``block_bytes``; copied tensors go from
+    output (row blocks written with ``pwrite``, :class:`~lora_ref.safetensors_io.OutputTensor`) in
+    float64 row blocks of about ``block_bytes``; copied tensors go from
     the mapped input to the file. In exact mode each tensor's residual is spilled to a temporary
     file beside ``residual_path`` as soon as it is computed, so the heap holds a few blocks plus
     one tensor's residual, not the model's.
@@ -179,7 +180,7 @@ def merge_checkpoint(
                 out = writer.reserve(name)
                 if out_dtype(name) != tensor.dtype:
                     _convert_into(tensor, out, block_bytes)
-                    tensor = out
+                    tensor = out.view()  # read back what was written (no writable map)
                 if name in targets:
                     if progress:
                         progress(name)
@@ -210,14 +211,13 @@ class _ResidualSpill:
 
     def __init__(self, residual_path: str | Path | None) -> None:
         self._parent = None if residual_path is None else Path(residual_path).parent
+        self._residual_path = residual_path
         self._stack = contextlib.ExitStack()
         self._count = 0
 
     def __enter__(self) -> _ResidualSpill:
         if self._parent is not None:
-            self._parent.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(self._stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=".lora-ref-residual.", suffix=".partial", dir=self._parent)))
+            self._dir = self._stack.enter_context(scratch_folder(Path(self._residual_path), "spill"))
         return self
 
     def keep(self, residual: Residual) -> Residual:
@@ -243,7 +243,7 @@ def unmerge_checkpoint(
 ) -> CheckpointReport:
     """Write merged − adapter to ``out_path``; with the residual the result is bit-identical to the base.
 
-    Streams like :func:`merge_checkpoint` (row blocks of about ``block_bytes`` into the mapped output).
+    Streams like :func:`merge_checkpoint` (row blocks of about ``block_bytes`` into the output).
     With a residual, every targeted tensor must have its entry and (format 2) pass its payload
     checksum before anything is written, and each restored tensor must match its recorded base
     digest (ExactnessError otherwise, nothing left at ``out_path``); ``report.verified`` says the

@@ -5,7 +5,8 @@ Scaling (SPEC 2.2): s = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslor
 module path m, the first pattern key k (in the dict's order) for which
 ``re.match(rf"(.*\\.)?({k})$", m)`` succeeds gives the value; otherwise the global value.
 Target matching: a string is a regex that must match the whole module path; a list matches a
-module whose path equals an entry or ends with ``"." + entry``.
+module whose path equals an entry or ends with ``"." + entry``. All of it runs through
+:mod:`lora_ref.matching` (linear-time regexes, set lookups), with PEFT's answers.
 Fields lora-ref does not interpret are kept verbatim and written back on save.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -23,6 +23,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .errors import ConfigError
 from .jsonfile import read_json
+from .matching import PatternTable, TargetSpec, check_pattern
 
 CONFIG_NAME = "adapter_config.json"
 _BIAS_CHOICES = ("none", "all", "lora_only")
@@ -33,13 +34,6 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     if r <= 0:
         raise ConfigError(f"rank r must be positive, got {r}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
 
 
 @dataclass
@@ -98,18 +92,18 @@ class LoraConfig:
             if not isinstance(patterns, dict):
                 raise ConfigError(f"{name} must be an object, got {patterns!r}")
             for key, value in patterns.items():
-                _check_regex(f"{name} key {key!r}", key)
+                _check_regex(f"{name} key {key[:120]!r}", key, pattern_key=True)
                 check(f"{name}[{key!r}]", value)
 
     # -- per-module resolution ---------------------------------------------------------------
     def rank_for(self, module: str) -> int:
         """The rank of ``module``: rank_pattern's first matching key, else r."""
-        value = _pattern_value(self.rank_pattern, module)
+        value = self._compiled("rank_pattern", PatternTable).value(module)
         return self.r if value is None else int(value)
 
     def alpha_for(self, module: str) -> float:
         """The alpha of ``module``: alpha_pattern's first matching key, else lora_alpha."""
-        value = _pattern_value(self.alpha_pattern, module)
+        value = self._compiled("alpha_pattern", PatternTable).value(module)
         return self.lora_alpha if value is None else value
 
     def scale_for(self, module: str) -> float:
@@ -118,7 +112,18 @@ class LoraConfig:
 
     def targets(self, module: str) -> bool:
         """Whether PEFT would put a LoRA layer on ``module`` (exclusions applied)."""
-        return _matches(self.target_modules, module) and not _matches(self.exclude_modules, module)
+        return self._compiled("target_modules", TargetSpec)(module) \
+            and not self._compiled("exclude_modules", TargetSpec)(module)
+
+    def _compiled(self, name: str, kind: type) -> Any:
+        """The bounded matcher (:mod:`lora_ref.matching`) of field ``name``, built once per value."""
+        value = getattr(self, name)
+        cache = self.__dict__.setdefault("_matchers", {})
+        size = len(value) if value is not None else 0
+        held = cache.get(name)
+        if held is None or held[0] is not value or held[1] != size:  # the value object itself is held: no id reuse
+            cache[name] = held = (value, size, kind(value))
+        return held[2]
 
     # -- JSON ---------------------------------------------------------------------------------
     @classmethod
@@ -157,14 +162,6 @@ class LoraConfig:
         write_text_atomic(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def _matches(spec: list[str] | str | None, module: str) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
-    return any(module == key or module.endswith("." + key) for key in spec)
-
-
 def _check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -179,9 +176,6 @@ def _check_alpha(name: str, value: Any) -> None:
 _FLOAT_MAX = sys.float_info.max
 
 
-def _check_regex(name: str, pattern: str) -> None:
-    """Raise ConfigError unless ``pattern`` compiles (hostile nesting or repeat counts included)."""
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise ConfigError(f"{name} is not a valid regex: {type(exc).__name__}: {str(exc)[:120]}") from None
+def _check_regex(name: str, pattern: str, *, pattern_key: bool = False) -> None:
+    """Raise ConfigError unless ``pattern`` compiles for the bounded matcher (:mod:`lora_ref.matching`)."""
+    check_pattern(name, pattern, pattern_key=pattern_key)

@@ -69,3 +69,7 @@ class ProvenanceError(MergeStateError):
 
 class ExactnessError(ResidualMismatchError):
     """A residual's checksums fail, or an exact unmerge did not reproduce the recorded base digest."""
+
+
+class NotRegularFileError(FileFormatError):
+    """An input is a FIFO, socket or device, not a regular file or folder; it is never opened."""

@@ -36,6 +36,7 @@ import numpy as np
 from .adapter import PREFIX, Adapter
 from .dtypes import bfloat16, bits_of, float16, float32, round_to
 from .errors import ConfigError, DTypeError, FileFormatError, LoraRefError, ShapeError, TargetNotFoundError
+from .inputs import require_regular_file
 from .kinds import kind_of
 from .merge import DeltaSource
 
@@ -75,6 +76,7 @@ class GgufFile:
     def __init__(self, path: str | Path) -> None:
         gguf = gguf_module()
         self.path = Path(path)
+        require_regular_file(self.path, "GGUF file")  # gguf maps the path itself: a FIFO would hang it
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except (ValueError, OSError, KeyError, IndexError) as exc:  # gguf raises these on bad files

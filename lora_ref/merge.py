@@ -186,7 +186,9 @@ def merge(
 ) -> MergeResult:
     """W' = round_t(W + Δ) in W's dtype; with ``exact`` also the residual (see module doc).
 
-    ``out`` may be W itself to merge in place (W is read block by block before it is written).
+    ``out`` may be W itself to merge in place (W is read block by block before it is written),
+    or an output tensor of a file being written (:class:`lora_ref.safetensors_io.OutputTensor`,
+    written by row blocks).
     Refuses non-finite adapter values unless ``allow_nonfinite``; an overflow of W + Δ to
     ±inf is allowed (exact mode records it).
     """
@@ -254,7 +256,10 @@ def unmerge(
 
     _map_row_blocks(unmerge_rows, W_merged.shape, block_bytes)
     if residual is not None and residual.count:
-        result.reshape(-1)[residual.indices] = residual.values
+        if isinstance(result, np.ndarray):
+            result.reshape(-1)[residual.indices] = residual.values
+        else:  # an output tensor in a file being written (safetensors_io.OutputTensor)
+            result.put_flat(residual.indices, residual.values, block_bytes)
     return result
 
 

@@ -14,6 +14,7 @@ Tests check byte compatibility against the ``safetensors`` package in both direc
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import OutputFile, atomic_path
 from .dtypes import bfloat16
 from .errors import FileFormatError
+from .inputs import open_regular
 
 #: safetensors dtype codes <-> numpy dtypes (little endian).
 CODE_TO_DTYPE: dict[str, np.dtype] = {
@@ -134,7 +136,7 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
             not isinstance(shape, list)
             or len(shape) > MAX_NDIM
             or not all(type(d) is int and d >= 0 for d in shape)
-            or int(np.prod([max(d, 1) for d in shape], dtype=object)) * CODE_TO_DTYPE[code].itemsize
+            or math.prod(max(d, 1) for d in shape) * CODE_TO_DTYPE[code].itemsize
             >= MAX_NOMINAL_BYTES
         ):
             raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
@@ -147,7 +149,7 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
         ):
             raise _fail(path, f"tensor {_short(name)} has data_offsets {_short(offsets)} outside the {data_size}-byte data section")
         dtype = CODE_TO_DTYPE[code]
-        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
             raise _fail(
                 path,
@@ -170,12 +172,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError:
-            raise FileFormatError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise FileFormatError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        self._file = open_regular(self.path, ".safetensors file")
         try:
             size = os.fstat(self._file.fileno()).st_size
             if size < 8:
@@ -258,12 +255,81 @@ def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metada
     return struct.pack("<Q", len(raw)) + raw
 
 
+class OutputTensor:
+    """One tensor's bytes in a file being written, filled by row blocks through :func:`write_at`.
+
+    Stands where a merge would otherwise write into a writable memory map (a full disk would then
+    be a SIGBUS): ``out[rows] = block`` writes rows ``rows`` of the first axis with ``pwrite``
+    (threads may fill disjoint rows), ``put_flat`` scatters single elements, and ``view()`` (or
+    ``np.asarray(out)``) is a read-only mapping of what has been written so far (unwritten bytes
+    read as zeros). Shape [d0, ...], dtype little endian.
+    """
+
+    def __init__(self, out: OutputFile, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self._out, self._offset = out, offset
+        self.dtype, self.shape = dtype, shape
+        self.ndim, self.size = len(shape), math.prod(shape)
+        self.nbytes = self.size * dtype.itemsize
+        self._row_bytes = (self.nbytes // shape[0]) if shape and shape[0] else self.nbytes
+        self._view: np.ndarray | None = None
+
+    def _rows(self, key: object) -> tuple[int, int]:
+        if key is Ellipsis or key == ():
+            return 0, self.shape[0] if self.shape else 1
+        if isinstance(key, slice) and key.step in (None, 1) and self.shape:
+            start, stop, _ = key.indices(self.shape[0])
+            return start, max(start, stop)
+        raise TypeError(f"an output tensor is written by row slices, not {key!r}")
+
+    def __setitem__(self, key: object, value: np.ndarray) -> None:
+        start, stop = self._rows(key)
+        rows_shape = (stop - start, *self.shape[1:]) if self.shape else ()
+        block = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=self.dtype), rows_shape))
+        if block.size:
+            self._out.write_at(block.reshape(-1).view(np.uint8).data, self._offset + start * self._row_bytes)
+
+    def put_flat(self, indices: np.ndarray, values: np.ndarray, block_bytes: int = 2**16) -> None:
+        """out.reshape(-1)[indices] = values, one read-modify-write per touched run of about
+        ``block_bytes``. Ascending ``indices`` (an exact residual's) are used without a copy."""
+        if indices.size > 1 and not np.all(indices[1:] >= indices[:-1]):
+            order = np.argsort(indices, kind="stable")  # equal indices keep their order: the last wins
+            indices, values = indices[order], values[order]
+        step = max(1, block_bytes // self.dtype.itemsize)
+        flat = self.view().reshape(-1)
+        i = 0
+        while i < indices.size:
+            begin = int(indices[i]) // step * step
+            end = min(begin + step, self.size)
+            j = int(np.searchsorted(indices, end, side="left"))
+            chunk = np.array(flat[begin:end])
+            chunk[indices[i:j].astype(np.int64) - begin] = values[i:j]
+            self._out.write_at(chunk.view(np.uint8).data, self._offset + begin * self.dtype.itemsize)
+            i = j
+
+    def view(self) -> np.ndarray:
+        """A read-only array of the tensor as written so far (a shared read-only mapping)."""
+        if self._view is None:
+            if self.nbytes == 0:
+                self._view = np.zeros(self.shape, dtype=self.dtype)
+            else:
+                self._view = np.memmap(self._out.path, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape)
+        return self._view
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        view = self.view()
+        return view if dtype is None else view.astype(dtype)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        return self.view()[key]
+
+
 class SafetensorsWriter:
     """Write a safetensors file one tensor at a time, atomically.
 
     The header is written first from ``specs`` (name, dtype, shape); then ``write`` (or
     ``reserve``) must be called once per tensor in that order. On an exception, or if tensors are
-    missing at close, nothing is left at ``path``.
+    missing at close, nothing is left at ``path``. Every byte goes through
+    :func:`lora_ref.atomic.write_at` (no writable memory maps).
     """
 
     def __init__(
@@ -285,8 +351,12 @@ class SafetensorsWriter:
     def __enter__(self) -> SafetensorsWriter:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
-        self._handle = open(tmp, "w+b")  # readable too, so ``reserve`` can map it
-        self._handle.write(self._header)
+        try:
+            self._handle = OutputFile(tmp)
+            self._handle.write(self._header)
+        except BaseException as exc:
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def _check_next(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -312,8 +382,8 @@ class SafetensorsWriter:
             self._handle.write(array.reshape(-1).view(np.uint8).data)
         self._next += 1
 
-    def reserve(self, name: str) -> np.ndarray:
-        """The next tensor's bytes in the output, as a writable memory-mapped array to fill in place.
+    def reserve(self, name: str) -> OutputTensor:
+        """The next tensor's place in the output, to fill by row blocks (:class:`OutputTensor`).
 
         Lets a merge write a tensor larger than memory block by block (``merge(..., out=...)``):
         only the blocks being computed are in memory. Contents not assigned read as zeros.
@@ -323,14 +393,10 @@ class SafetensorsWriter:
         _, want_dtype, want_shape = self._specs[self._next]
         self._check_next(name, want_dtype, want_shape)
         self._next += 1
-        nbytes = int(np.prod(want_shape, dtype=np.int64)) * want_dtype.itemsize
-        if nbytes == 0:
-            return np.zeros(want_shape, dtype=want_dtype)
-        self._handle.flush()
-        offset = self._handle.tell()
-        self._handle.truncate(offset + nbytes)
-        self._handle.seek(offset + nbytes)
-        return np.memmap(self._handle, dtype=want_dtype, mode="r+", offset=offset, shape=want_shape)
+        tensor = OutputTensor(self._handle, self._handle.offset, want_dtype, want_shape)
+        self._handle.offset += tensor.nbytes
+        self._handle.extend_to(self._handle.offset)
+        return tensor
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._handle.close()

@@ -7,15 +7,18 @@ shard is opened for writing: shard names must be plain file names in the index's
 in the shard the index names, with no shard holding tensors the index does not list.
 
 Merging streams shard by shard through :func:`lora_ref.checkpoint.merge_checkpoint`, so peak
-memory stays at a few row blocks whatever the model size (DESIGN section 8). Each shard is
-written atomically under its own name into the output directory and the index is written
-last, so an interrupted run leaves a directory without an index, never an index naming a
-missing or stale shard; the output directory must not already hold any of those files. Exact
-mode writes one residual per shard, under the shard's name, into a residual directory.
+memory stays at a few row blocks whatever the model size (DESIGN section 8). All or nothing:
+the shards and the index are written into a hidden temporary folder beside the output folder
+(:func:`lora_ref.atomic.staged_folder`) that becomes the output folder only when every shard is
+done (a new folder is one rename; an existing one, which must not hold any of those names,
+receives the files then). A refused or interrupted run leaves no shard, no index and no folder
+it created. Exact mode writes one residual per shard, under the shard's name, into a residual
+folder, staged the same way and committed together with the output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter import Adapter
-from .atomic import write_text_atomic
+from .atomic import staged_folder, transaction, write_text_atomic
 from .checkpoint import CheckpointReport, base_key, checkpoint_targets, merge_checkpoint, unmerge_checkpoint
 from .errors import FileFormatError, LoraRefError, TargetNotFoundError
 from .jsonfile import read_json
@@ -121,31 +124,39 @@ def _per_shard(
     out_dir: str | os.PathLike[str],
     residual_dir: str | os.PathLike[str] | None,
     step: Callable[[Path, Adapter, Path, Path | None], CheckpointReport],
+    *,
+    write_residuals: bool,
 ) -> CheckpointReport:
     index = read_index(index_path)
     missing = sorted(key for key in checkpoint_targets(adapter) if key not in index.weight_map)
     if missing:
         raise TargetNotFoundError(f"{index.path}: the adapter targets {len(missing)} weight(s) no shard holds: "
                                   f"{', '.join(missing[:5])}")
-    out_dir = Path(out_dir)
-    _check_output(index, out_dir, None if residual_dir is None else Path(residual_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_output(index, Path(out_dir), None if residual_dir is None else Path(residual_dir))
     total = CheckpointReport()
-    for shard in index.shards:
-        residual = Path(residual_dir) / shard if residual_dir is not None else None
-        report = step(index.shard_path(shard), _restricted(adapter, index.tensors_in(shard)), out_dir / shard, residual)
-        total.tensors_written += report.tensors_written
-        total.merged.update(report.merged)
-        total.residual_counts.update(report.residual_counts)
-        total.residual_bytes += report.residual_bytes
-        total.verified = report.verified if shard == index.shards[0] else total.verified and report.verified
-    size = 0
-    for shard in index.shards:
-        with SafetensorsFile(out_dir / shard) as handle:
-            size += sum(info.nbytes for info in handle.tensors.values())
-    metadata = {**index.metadata, "total_size": size}
-    write_text_atomic(out_dir / index.path.name, json.dumps({"metadata": metadata, "weight_map": index.weight_map},
-                                                            indent=2, sort_keys=True) + "\n")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(transaction())  # both folders, or neither
+        staged_out = stack.enter_context(staged_folder(out_dir))
+        staged_residual = None
+        if residual_dir is not None:
+            staged_residual = stack.enter_context(staged_folder(residual_dir)) if write_residuals else Path(residual_dir)
+        for shard in index.shards:
+            residual = staged_residual / shard if staged_residual is not None else None
+            report = step(index.shard_path(shard), _restricted(adapter, index.tensors_in(shard)), staged_out / shard,
+                          residual)
+            total.tensors_written += report.tensors_written
+            total.merged.update(report.merged)
+            total.residual_counts.update(report.residual_counts)
+            total.residual_bytes += report.residual_bytes
+            total.verified = report.verified if shard == index.shards[0] else total.verified and report.verified
+        size = 0
+        for shard in index.shards:
+            with SafetensorsFile(staged_out / shard) as handle:
+                size += sum(info.nbytes for info in handle.tensors.values())
+        metadata = {**index.metadata, "total_size": size}
+        write_text_atomic(staged_out / index.path.name,
+                          json.dumps({"metadata": metadata, "weight_map": index.weight_map}, indent=2, sort_keys=True)
+                          + "\n")
     return total
 
 
@@ -165,7 +176,7 @@ def merge_sharded(
         return merge_checkpoint(shard, part, out, residual_path=residual, dtype=dtype, allow_nonfinite=allow_nonfinite,
                                 progress=progress, block_bytes=block_bytes)
 
-    return _per_shard(index_path, adapter, out_dir, residual_dir, step)
+    return _per_shard(index_path, adapter, out_dir, residual_dir, step, write_residuals=True)
 
 
 def unmerge_sharded(
@@ -181,4 +192,4 @@ def unmerge_sharded(
     def step(shard: Path, part: Adapter, out: Path, residual: Path | None) -> CheckpointReport:
         return unmerge_checkpoint(shard, part, out, residual_path=residual, progress=progress, block_bytes=block_bytes)
 
-    return _per_shard(index_path, adapter, out_dir, residual_dir, step)
+    return _per_shard(index_path, adapter, out_dir, residual_dir, step, write_residuals=False)

@@ -10,20 +10,27 @@ no leftover ``.partial``), the inputs unchanged, and no pickle payload executed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import re
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from corpus.make_corpus import CASES, FIXTURES, HAVE_ONNX, PICKLE_MARKER, build_corpus, inputs_for, marker_pickle
+from corpus.make_corpus import (CASES, FIXTURES, HAVE_ONNX, PICKLE_MARKER, SCENARIOS, build_corpus, inputs_for,
+                                marker_pickle, scenario_work)
 from lora_ref import errors
 from lora_ref import tree
 from lora_ref.conformance import casefile
 from lora_ref.adapter import load_adapter
 from lora_ref.checkpoint import merge_checkpoint, unmerge_checkpoint
-from lora_ref.cli import EXIT_USER_ERROR, main
+from lora_ref.atomic import transaction
+from lora_ref.cli import EXIT_USER_ERROR, MAX_MESSAGE, build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +46,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _error_class(name: str) -> type:
-    modules = [errors, casefile, tree]
+    from lora_ref import atomic
+
+    modules = [errors, casefile, tree, atomic]
     if HAVE_ONNX:
         from lora_ref.export import errors as export_errors
 
@@ -146,3 +155,77 @@ def test_cli_exit_code_2_one_line(corpus: Path, tmp_path: Path, case, capsys: py
     assert "Traceback" not in captured.err and captured.out == ""
     assert list(tmp_path.iterdir()) == []
     assert not (corpus / case.name / PICKLE_MARKER).exists()
+
+
+# -- hostile command lines (make_corpus.SCENARIOS) ---------------------------------------------------
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (hidden ones, links and FIFOs included) -> its kind and content digest.
+
+    FIFOs and devices are never opened (that would block); symlinks are recorded by target.
+    """
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = path.lstat()
+            key = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                state[key] = f"link -> {os.readlink(path)}"
+            elif stat.S_ISREG(st.st_mode):
+                state[key] = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+            else:
+                state[key] = f"kind {stat.S_IFMT(st.st_mode):o}"
+    return state
+
+
+@contextlib.contextmanager
+def _hang_guard(seconds: int = 300):
+    """Fail instead of hanging forever if a command blocks (a FIFO read, a runaway regex)."""
+    def alarm(signum, frame):
+        raise AssertionError(f"the command did not finish within {seconds} s: it hangs")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _scenario_params():
+    return [pytest.param(s, id=s.name, marks=pytest.mark.skipif(s.needs_onnx and not HAVE_ONNX, reason="no onnx"))
+            for s in SCENARIOS]
+
+
+def test_scenario_coverage() -> None:
+    """Every class of issue 10's second half has cases: guard, writes, sharded, matching, inputs, messages, manifests."""
+    prefixes = {s.name.split("_")[0] for s in SCENARIOS}
+    assert {"guard", "write", "sharded", "regex", "input", "message", "manifest"} <= prefixes
+    assert len({s.name for s in SCENARIOS}) == len(SCENARIOS) >= 30
+    for s in SCENARIOS:
+        assert issubclass(_error_class(s.error), errors.LoraRefError)
+
+
+@pytest.mark.parametrize("scenario", _scenario_params())
+def test_hostile_command_refused(corpus: Path, tmp_path: Path, scenario, capsys: pytest.CaptureFixture) -> None:
+    """The library raises the documented class; the CLI exits 2 with one safe line; nothing changes."""
+    work = scenario_work(corpus / FIXTURES, tmp_path / "work")
+    argv = scenario.build(work)
+    before = _snapshot(tmp_path)
+    args = build_parser().parse_args(argv)
+    with _hang_guard(), pytest.raises(errors.LoraRefError) as caught, transaction():
+        args.func(args)
+    assert type(caught.value).__name__ == scenario.error, f"{scenario.name}: {type(caught.value).__name__}: {caught.value}"
+    assert _snapshot(tmp_path) == before, "the refused command changed the work folder"
+    capsys.readouterr()
+    with _hang_guard():
+        code = main(argv)
+    captured = capsys.readouterr()
+    assert code == EXIT_USER_ERROR, captured.err
+    lines = captured.err.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("lora-ref: error: "), captured.err[:500]
+    assert "Traceback" not in captured.err
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", captured.err), "a control character reached the terminal"
+    assert len(lines[0]) <= MAX_MESSAGE + 200, f"a {len(lines[0])}-character message"
+    assert scenario.expect in lines[0], lines[0][:500]
+    assert _snapshot(tmp_path) == before, "the refused command changed the work folder"

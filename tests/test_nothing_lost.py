@@ -1,7 +1,7 @@
 """Nothing lost: atomic outputs, SIGKILL mid-write, and ``--in-place`` as the only way to overwrite.
 
 The interruption tests run ``lora-ref`` in a subprocess whose SafetensorsWriter pauses after its
-k-th tensor (the temporary file flushed, half written) or just after an in-place verification;
+k-th tensor (the temporary file half written; writes are unbuffered) or just after an in-place verification;
 the test then kills it with SIGKILL, the one signal no cleanup handler can catch, and checks
 that the file at the target name is byte-identical to what was there before, and that whatever
 was left behind is a hidden ``.partial`` temporary, never a file at the target name.
@@ -45,7 +45,6 @@ def hooked(method):
         result = method(self, *args, **kwargs)
         calls[0] += 1
         if str(calls[0]) == kill_at:
-            self._handle.flush()
             pause()
         return result
     return wrapper

@@ -3,8 +3,9 @@
 Each command group lives in its own module with ``register(subparsers)``; add new modules to
 ``COMMAND_MODULES``. Exit codes: 0 ok, 1 a check failed (conformance), 2 user error
 (a LoraRefError, printed on one line), 3 internal error (``--verbose`` shows the traceback),
-130 interrupted (Ctrl-C; 128 + SIGINT, the shell convention). Messages are always one line:
-a newline inside one (from a file name, say) is printed as ``\n``.
+130 interrupted (Ctrl-C; 128 + SIGINT, the shell convention). Messages are always one line and
+safe for a terminal (:func:`printable`: escapes, long names shortened). Every command runs in one
+:func:`lora_ref.atomic.transaction`, so a refused or failed command leaves no file or folder changed.
 
 The global options ``--verbose`` and ``--quiet`` may stand before or after the subcommand
 (``lora-ref --quiet merge ...`` and ``lora-ref merge ... --quiet`` mean the same).
@@ -15,10 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import traceback
 
 from .. import __version__
+from ..atomic import transaction
 from ..errors import LoraRefError
 
 COMMAND_MODULES = ["inspect_cmd", "merge_cmd", "demo_cmd", "combine_cmd", "export_cmd", "conformance_cmd", "gguf_cmd"]
@@ -29,9 +32,40 @@ GLOBAL_FLAGS = {"--verbose": "verbose", "--quiet": "quiet"}
 OPTIONAL_EXTRAS = {"onnx": "export", "onnxruntime": "export", "onnxscript": "peers", "torch": "peers", "peft": "peers"}
 
 
+#: A run of non-space characters longer than this (a hostile module name) is shortened.
+MAX_WORD = 512
+#: A whole message longer than this is cut (the start says what failed).
+MAX_MESSAGE = 2000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD + 1},}}")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def _shorten(match: re.Match[str]) -> str:
+    word = match.group()
+    return f"{word[:200]}...[{len(word)} chars]...{word[-60:]}"
+
+
+def printable(text: object, *, limit: int = MAX_MESSAGE) -> str:
+    """``str(text)`` safe to print on one terminal line: the one place untrusted strings are made safe.
+
+    Control characters (C0, DEL, C1: terminal escape sequences start with ESC or CSI) and
+    invisible or direction-changing format characters are escaped (``\\x1b``, ``\\u202e``; line
+    breaks as ``\\n``), a run of more than :data:`MAX_WORD` non-space characters (a megabyte
+    module name) keeps its start and end with its length shown, and the result is cut at ``limit``.
+    """
+    safe = _LONG_WORD.sub(_shorten, _CONTROL.sub(_escape, str(text)))
+    return safe if len(safe) <= limit else f"{safe[:limit]}...[{len(safe)} chars in all]"
+
+
 def one_line(message: object) -> str:
-    """``str(message)`` with line breaks escaped, so every error stays on one line."""
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+    """An error message on one safe line (:func:`printable`)."""
+    return printable(message)
 
 
 class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
@@ -52,7 +86,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # argparse would exit 2 with usage; keep it one line
-        self.exit(EXIT_USER_ERROR, f"lora-ref: error: {message}\n")
+        self.exit(EXIT_USER_ERROR, f"lora-ref: error: {printable(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in flags:
         setattr(args, flag, True)
     try:
-        code = args.func(args)
+        with transaction():  # all or nothing: a failed command leaves every file as it was
+            code = args.func(args)
         return EXIT_OK if code is None else int(code)
     except LoraRefError as exc:
         if args.verbose:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from ..adapter import load_adapter, save_adapter
+from ..adapter import WEIGHTS_NAME, load_adapter, save_adapter
+from ..config import CONFIG_NAME
 from ..combine import METHODS, combine
 from ..errors import ConfigError, FileFormatError
-from .paths import refuse_overwrites
+from .paths import PathGuard
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +32,13 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):
         raise ConfigError(f"{len(args.adapters)} adapter(s) but {len(weights)} weight(s); give one weight per adapter")
-    refuse_overwrites({"output adapter directory": args.output},
-                      {f"input adapter {d}": d for d in args.adapters})
+    guard = PathGuard()
+    for directory in args.adapters:
+        guard.read_adapter(directory)
+    guard.write("output adapter directory", args.output, folder=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        guard.write(f"output {name}", Path(args.output) / name)
+    guard.check()
     adapters = [load_adapter(d, name=f"adapter{i}") for i, d in enumerate(args.adapters)]
     result = combine(adapters, weights, args.method, rank=args.rank, dtype=args.dtype)
     try:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from .paths import PathGuard
 from ..errors import ConfigError
 from ..conformance.bridge import load_factory
 from ..conformance.casefile import default_suite
@@ -81,6 +82,10 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--persistent needs --cmd")
     if args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
+    guard = PathGuard(hint="write the report elsewhere")
+    for path in sorted(suite.rglob("*")):
+        guard.read("suite file", path)
+    guard.write("JSON report", args.json).write("JUnit report", args.junit).check()
     if args.impl:
         driver = InProcessDriver(load_factory(args.impl), name=args.impl)
     else:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..adapter import load_adapter
 from ..errors import ConfigError
-from .paths import refuse_overwrites
+from . import printable
+from .paths import PathGuard
 
 #: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
 PROGRESS_MIN_BYTES = 64 * 2**20
@@ -40,7 +41,7 @@ def _progress_printer(enabled: bool):
     def progress(step: int, total: int, module: str) -> None:
         width = 30
         done = int(width * (step + 1) / max(total, 1))
-        print(f"\r  [{'#' * done}{'.' * (width - done)}] {step + 1}/{total} {module[:48]:<48}", end="", file=sys.stderr, flush=True)
+        print(f"\r  [{'#' * done}{'.' * (width - done)}] {step + 1}/{total} {printable(module)[:48]:<48}", end="", file=sys.stderr, flush=True)
         if step + 1 == total:
             print(file=sys.stderr)
 
@@ -49,16 +50,21 @@ def _progress_printer(enabled: bool):
 
 def run(args: argparse.Namespace) -> int:
     from lora_ref.export import export  # lazy: onnx / onnxruntime only when exporting
-    from lora_ref.export.graphio import load_model, tensor_bytes
+    from lora_ref.export.adapter_files import SUFFIX
+    from lora_ref.export.graphio import external_data_name, load_model, tensor_bytes
 
     if (args.output is None) == (args.triton_repo is None):
         raise ConfigError("give exactly one of -o/--output and --triton-repo")
     if args.triton_repo is not None:
         return _run_triton(args)
-    refuse_overwrites({"output graph": args.output, "adapter output folder": args.adapter_out},
-                      {"model": args.model, "base weights": args.base_weights,
-                       **{f"adapter {d}": d for d in args.adapters}})
     names = [Path(d).resolve().name or "adapter" for d in args.adapters]
+    guard = _reading(args)
+    guard.write("output graph", args.output).write("output graph's external-data file", external_data_name(args.output))
+    if args.adapter_out is not None:
+        guard.write("adapter output folder", args.adapter_out, folder=True)
+        for name in names:
+            guard.write(f"adapter file {name}{SUFFIX}", Path(args.adapter_out) / f"{name}{SUFFIX}")
+    guard.check()
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     model = load_model(args.model)
     progress = _progress_printer(sys.stderr.isatty() or tensor_bytes(model) >= PROGRESS_MIN_BYTES)
@@ -77,6 +83,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reading(args: argparse.Namespace) -> PathGuard:
+    """The path guard with everything an export reads: the graph, its external data, base weights, adapters."""
+    from lora_ref.export.graphio import external_data_files
+
+    guard = PathGuard().read("model", args.model).read("base weights", args.base_weights)
+    for data in external_data_files(args.model):
+        guard.read("model's external-data file", data)
+    for directory in args.adapters:
+        guard.read_adapter(directory)
+    return guard
+
+
 def _run_triton(args: argparse.Namespace) -> int:
     """``--triton-repo DIR [--name NAME]``: the batched graph as the next version of model NAME (export/triton.py)."""
     from lora_ref.export import build_graph
@@ -85,6 +103,7 @@ def _run_triton(args: argparse.Namespace) -> int:
 
     if args.mode != "batched" or args.adapter_out is not None:
         raise ConfigError("--triton-repo takes --mode batched (and no --adapter-out)")
+    _reading(args).write("Triton repository", args.triton_repo, folder=True).check()
     names = [Path(d).resolve().name or "adapter" for d in args.adapters]
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     graph, _ = build_graph(load_model(args.model), adapters, "batched", base_weights=args.base_weights, max_rank=args.max_rank,

@@ -10,6 +10,7 @@ from ..checkpoint import base_key
 from ..dtypes import dtype_name
 from ..errors import TargetNotFoundError
 from ..safetensors_io import SafetensorsFile
+from . import printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>8} {'scale':>9} {'params':>10} {'bytes':>10}  shapes")
     for row in report["modules"]:
         shapes = " ".join(f"{k}{tuple(v)}" for k, v in row["shapes"].items())
-        print(f"{row['module']:<48} {row['kind']:<9} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>9.4g} "
+        print(f"{printable(row['module']):<48} {row['kind']:<9} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>9.4g} "
               f"{row['parameters']:>10} {row['bytes']:>10}  {shapes}")
     for row in report["carried"]:
         rows = f" rows {row['rows'][:8]}{' ...' if len(row['rows']) > 8 else ''}" if "rows" in row else ""

@@ -29,24 +29,20 @@ import argparse
 import contextlib
 import filecmp
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from ..adapter import WEIGHTS_NAME, load_adapter
-from ..atomic import atomic_path
+from ..adapter import load_adapter
+from ..atomic import atomic_path, scratch_path
 from ..checkpoint import merge_checkpoint, unmerge_checkpoint
-from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
 from ..checkpoint import RESIDUAL_META_KEY
 from ..errors import MergeStateError, OverwriteRefusedError
 from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
 from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
-from . import gguf_cmd
-from .paths import refuse_overwrites
+from . import gguf_cmd, printable
+from .paths import PathGuard
 
 
 class InPlaceVerificationError(MergeStateError):
@@ -84,26 +80,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _progress(name: str) -> None:
     if sys.stderr.isatty():
-        print(f"\r  {name[:70]:<70}", end="", file=sys.stderr, flush=True)
+        print(f"\r  {printable(name)[:70]:<70}", end="", file=sys.stderr, flush=True)
 
 
-def _refuse_overwrites(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str) -> None:
-    """Refuse an output that would replace an input (the adapter's files included) or another output."""
-    named_inputs = dict(inputs)
-    named_inputs.update({f"adapter {n}": str(Path(adapter_dir) / n) for n in (WEIGHTS_NAME, CONFIG_NAME)})
-    refuse_overwrites(outputs, named_inputs, hint="write elsewhere (or use --in-place, which keeps a verified way back)")
+def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str, sharded: bool) -> None:
+    """The path guard (:mod:`.paths`) over every file the command reads and writes, before any work.
 
-
-@contextlib.contextmanager
-def _scratch(beside: Path, tag: str) -> Iterator[Path]:
-    """A temporary file path next to ``beside`` (same filesystem), removed on exit."""
-    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.", suffix=".partial", dir=beside.parent)
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
+    For a sharded checkpoint (``inputs`` then names its index, outputs are folders) the shards
+    are inputs too, and each folder output is checked file by file (its shards and index).
+    """
+    guard = PathGuard(hint="write elsewhere (or use --in-place, which keeps a verified way back)")
+    guard.read_adapter(adapter_dir)
+    shards: list[str] = []
+    index_name = None
+    for label, path in inputs.items():
+        guard.read(label, path)
+        if sharded and path is not None and path.endswith(INDEX_SUFFIX):
+            index = read_index(path)
+            shards, index_name = index.shards, index.path.name
+            for shard in shards:
+                guard.read(f"input shard {shard}", index.shard_path(shard))
+    folders = {label: path for label, path in inputs.items() if sharded and label == "residual" and path is not None}
+    for label, path in folders.items():  # unmerge: the residual folder's per-shard files
+        for shard in shards:
+            guard.read(f"residual {shard}", Path(path) / shard)
+    for label, path in outputs.items():
+        if not sharded or path is None:
+            guard.write(label, path)
+            continue
+        guard.write(f"{label} folder", path, folder=True)
+        for name in [*shards, index_name] if label == "output" else shards:  # a residual folder has no index
+            guard.write(f"{label} {name}", Path(path) / name)
+    guard.check()
 
 
 def _records(path: str, residual: str | None) -> list[tuple[str, list[dict] | None, str | None]]:
@@ -143,9 +151,9 @@ def run_merge(args: argparse.Namespace) -> int:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place needs --residual: the exact residual is the way back")
         if args.dtype:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place cannot convert --dtype (the original bytes could not be restored)")
-        _refuse_overwrites({"residual": args.residual}, {"base": args.base}, args.adapter)
+        _guard({"residual": args.residual}, {"base": args.base}, args.adapter, sharded)
     else:
-        _refuse_overwrites({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter)
+        _guard({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter, sharded)
     adapter = load_adapter(args.adapter)
     for file, stack, _ in _records(args.base, None):
         check_merge(stack, adapter_digest(adapter), file, force=args.force)
@@ -154,7 +162,7 @@ def run_merge(args: argparse.Namespace) -> int:
         base = Path(args.base)
         with atomic_path(base) as merged:  # renamed onto BASE only if the block below completes
             report = merge_checkpoint(base, adapter, merged, **kwargs)
-            with _scratch(base, "verify") as restored:
+            with scratch_path(base, "verify") as restored:
                 unmerge_checkpoint(merged, adapter, restored, residual_path=args.residual)
                 if not filecmp.cmp(restored, base, shallow=False):
                     raise InPlaceVerificationError(
@@ -181,10 +189,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
         return gguf_cmd.run_unmerge_gguf(args)
     sharded = _refuse_sharded_in_place(args.merged, args.in_place)
     inputs = {"merged checkpoint": args.merged, "residual": args.residual}
-    if args.in_place:
-        _refuse_overwrites({}, inputs, args.adapter)
-    else:
-        _refuse_overwrites({"output": args.output}, inputs, args.adapter)
+    _guard({} if args.in_place else {"output": args.output}, inputs, args.adapter, sharded)
     adapter = load_adapter(args.adapter)
     notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
                            force=args.force, residual_merge_id=merge_id)
@@ -193,7 +198,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
         merged = Path(args.merged)
         with atomic_path(merged) as unmerged:
             report = unmerge_checkpoint(merged, adapter, unmerged, residual_path=args.residual, progress=_progress)
-            with _scratch(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
+            with scratch_path(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
                 merge_checkpoint(unmerged, adapter, remerged, metadata=handle.metadata)  # MERGED's own header back
                 if not filecmp.cmp(remerged, merged, shallow=False):
                     raise InPlaceVerificationError(

@@ -1,36 +1,107 @@
-"""Guards shared by the commands that write files: never overwrite one of the command's inputs."""
+"""The one path guard of the commands that write files: no output may replace anything read.
+
+Before any work, a command lists every path it reads (inputs, adapter files, residuals, shards,
+the external-data files an input ONNX graph references) and every path it will write (outputs,
+residuals, external-data files, output folders); :meth:`PathGuard.check` then refuses, with an
+:class:`OverwriteRefusedError` (exit 2), any written path that is one of the read paths or
+another written path. Two paths are the same file when they have the same device and inode
+(symbolic and hard links included) or, for a file not yet written, the same resolved location
+(its parent's symbolic links resolved). A command writing into a folder lists the files it will
+write there (and the folder, for the checks below). Temporaries cannot collide: they are created with fresh names (``O_EXCL``), but a
+stale temporary that a write would clean up (:func:`lora_ref.atomic.stale_partials`) must not be
+an input either. Finally every written path gets the checks :func:`lora_ref.atomic.check_output`
+can make before the work (a directory where a file goes, a parent that is a file, no write
+permission), so those failures come first, not after minutes of merging.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import check_output, stale_partials
 from ..errors import OverwriteRefusedError
 
+PathLike = str | os.PathLike[str]
 
-def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name one file: same inode if both exist, else the same resolved path."""
-    with contextlib.suppress(OSError):
-        return os.path.samefile(a, b)
-    return Path(a).resolve() == Path(b).resolve()
+
+def _where(path: Path) -> tuple[tuple[int, int] | None, str]:
+    """(device, inode) if the path exists (links followed), and its resolved location."""
+    try:
+        st = os.stat(path)
+        inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        inode = None
+    return inode, os.path.realpath(path)
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file: same device and inode if both exist, else the same resolved path."""
+    (inode_a, real_a), (inode_b, real_b) = _where(Path(a)), _where(Path(b))
+    return (inode_a is not None and inode_a == inode_b) or real_a == real_b
+
+
+@dataclass
+class PathGuard:
+    """Collects (label, path) of what a command reads and writes; :meth:`check` refuses collisions."""
+
+    hint: str = "write elsewhere"
+    reads: list[tuple[str, Path]] = field(default_factory=list)
+    writes: list[tuple[str, Path, bool]] = field(default_factory=list)
+
+    def read(self, label: str, path: PathLike | None) -> PathGuard:
+        if path is not None:
+            self.reads.append((label, Path(path)))
+        return self
+
+    def read_adapter(self, directory: PathLike) -> PathGuard:
+        """An adapter directory and the files in it that a load reads."""
+        from ..adapter import WEIGHTS_NAME
+        from ..config import CONFIG_NAME
+
+        self.read(f"adapter {directory}", directory)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            self.read(f"adapter file {name}", Path(directory) / name)
+        return self
+
+    def write(self, label: str, path: PathLike | None, *, folder: bool = False) -> PathGuard:
+        if path is not None:
+            self.writes.append((label, Path(path), folder))
+        return self
+
+    def check(self) -> None:
+        """Raise OverwriteRefusedError (or WriteFailedError for an unwritable target) before any work."""
+        reads = [(label, path, _where(path)) for label, path in self.reads]
+        for i, (out_label, out, folder) in enumerate(self.writes):
+            out_inode, out_real = _where(out)
+            for in_label, source, (in_inode, in_real) in reads:
+                if (out_inode is not None and out_inode == in_inode) or out_real == in_real:
+                    shown = "" if str(source) == str(out) else f" ({source})"
+                    raise OverwriteRefusedError(f"{out}: the {out_label} would overwrite the {in_label}{shown}; {self.hint}")
+            for other_label, other, _ in self.writes[i + 1:]:
+                if same_file(out, other):
+                    raise OverwriteRefusedError(f"{out}: the {out_label} and the {other_label} are the same file")
+            if not folder:
+                stale = {os.path.realpath(p) for p in stale_partials(out)}
+                clash = [source for _, source, (_, real) in reads if real in stale]
+                if clash:
+                    raise OverwriteRefusedError(f"{clash[0]}: an input is named like a stale lora-ref temporary of "
+                                                f"{out} (it would be cleaned up); rename it")
+        for _, out, folder in self.writes:
+            check_output(out, folder=folder)
 
 
 def refuse_overwrites(
-    outputs: Mapping[str, str | os.PathLike[str] | None],
-    inputs: Mapping[str, str | os.PathLike[str] | None],
+    outputs: dict[str, PathLike | None],
+    inputs: dict[str, PathLike | None],
     *,
     hint: str = "write elsewhere",
 ) -> None:
     """Raise OverwriteRefusedError if an output (label -> path) would replace an input or another output."""
-    named_inputs = {label: path for label, path in inputs.items() if path is not None}
-    named_outputs = [(label, path) for label, path in outputs.items() if path is not None]
-    for out_label, out in named_outputs:
-        for in_label, source in named_inputs.items():
-            if same_file(out, source):
-                raise OverwriteRefusedError(f"{out}: the {out_label} would overwrite the {in_label}; {hint}")
-    for i, (label_a, a) in enumerate(named_outputs):
-        for label_b, b in named_outputs[i + 1:]:
-            if same_file(a, b):
-                raise OverwriteRefusedError(f"{a}: the {label_a} and the {label_b} are the same file")
+    guard = PathGuard(hint=hint)
+    for label, path in inputs.items():
+        guard.read(label, path)
+    for label, path in outputs.items():
+        guard.write(label, path)
+    guard.check()

@@ -13,6 +13,7 @@ Everything malformed raises :class:`CaseFormatError` naming the file and what is
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,7 @@ def read_manifest(suite: str | Path) -> tuple[str, list[ManifestEntry]]:
     for entry in data["cases"]:
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("id", "operation", "dtype")):
             raise CaseFormatError(f"{path}: malformed entry {entry!r}")
-        if entry["id"].count("/") != 1 or ".." in entry["id"]:
-            raise CaseFormatError(f"{path}: case id {entry['id']!r} must be '<group>/<name>'")
+        _check_case_id(path, entry["id"])
         entries.append(ManifestEntry(entry["id"], entry["operation"], entry["dtype"]))
     return str(data.get("suite_version", "")), entries
 
@@ -194,6 +194,20 @@ def default_suite(package_dir: str | Path | None = None) -> Path:
     return Path(__file__).resolve().parents[2] / "conformance"
 
 
+def _check_case_id(where: object, case_id: str) -> None:
+    """A case id is a relative '<group>/<name>' of two plain names (no absolute path, '..', '\\', NUL)."""
+    parts = case_id.split("/")
+    if len(parts) != 2 or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts) or case_id.startswith("/"):
+        raise CaseFormatError(f"{where}: case id {case_id[:120]!r} must be '<group>/<name>' (two plain names, "
+                              "relative to the suite's cases/)")
+
+
 def case_dir(suite: str | Path, case_id: str) -> Path:
-    """Where case ``<group>/<name>`` lives in a suite."""
-    return Path(suite) / "cases" / case_id
+    """Where case ``<group>/<name>`` lives in a suite; one outside ``<suite>/cases`` (a symlink out) is refused."""
+    _check_case_id(suite, case_id)
+    cases = Path(suite) / "cases"
+    directory = cases / case_id
+    root = os.path.realpath(cases)
+    if not os.path.realpath(directory).startswith(root.rstrip(os.sep) + os.sep):
+        raise CaseFormatError(f"{directory}: case {case_id[:120]!r} resolves outside the suite ({os.path.realpath(directory)})")
+    return directory

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -626,6 +627,330 @@ tree_case("tree_pickle_node", "node b's directory holds only adapter_model.bin (
 tree_case("tree_nul_in_path", "a node's adapter path holds a NUL byte", text=_tree_json(("a", None, "a\u0000b")))
 tree_case("tree_deep_json", "tree.json nested 100k deep", text="[" * 100_000 + "]" * 100_000)
 tree_case("tree_huge_int", "an integer of 5000 digits", text='{"format": ' + "9" * 5000 + "}")
+
+
+# -- hostile command lines (issue 10: paths, writes, matching, inputs, messages, manifests) ----------
+@dataclass
+class Scenario:
+    """A command line lora-ref must refuse: built in a work folder holding copies of the fixtures.
+
+    ``build(work)`` sets the trap and returns the CLI arguments. Asserted by tests/test_corpus.py:
+    the documented error class, exit 2, one safe line (holding ``expect``), and the work folder
+    unchanged afterwards, byte for byte (no output, no temporary, no folder left behind).
+    """
+
+    name: str
+    error: str
+    reason: str
+    build: Callable[[Path], list[str]]
+    expect: str = ""
+    needs_onnx: bool = False
+
+
+SCENARIOS: list[Scenario] = []
+WORK_FILES = ("base.safetensors", "adapter", "merged.safetensors", "residual.safetensors", "graph")
+#: A process id above Linux's largest (pid_max <= 2^22): a temporary marked with it is always stale.
+DEAD_PID = 999_999_999
+
+
+def scenario(name: str, error: str, reason: str, expect: str = "", needs_onnx: bool = False):
+    def register(build: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
+        SCENARIOS.append(Scenario(name, error, reason, build, expect, needs_onnx))
+        return build
+    return register
+
+
+def scenario_work(fx: Path, work: Path) -> Path:
+    """Copy the fixtures a scenario starts from into ``work``."""
+    work.mkdir(parents=True)
+    for name in WORK_FILES:
+        source = fx / name
+        if source.is_dir():
+            shutil.copytree(source, work / name)
+        elif source.exists():
+            shutil.copy(source, work / name)
+    return work
+
+
+def _merge(w: Path, out: str = "out.safetensors", residual: str | None = None, base: str = "base.safetensors",
+           adapter: str = "adapter") -> list[str]:
+    argv = ["merge", str(w / base), str(w / adapter), "-o", str(w / out)]
+    return argv + (["--residual", str(w / residual)] if residual else [])
+
+
+def _export(w: Path, out: str, model: str = "graph/model.onnx", *extra: str) -> list[str]:
+    return ["export", str(w / model), str(w / "adapter"), "--mode", "merged", "-o", str(w / out), *extra]
+
+
+def _sharded(w: Path, layout: dict[str, str] | None = None, dtypes: dict[str, object] | None = None) -> Path:
+    """The fixture base as a two-shard checkpoint in ``w/model`` (optionally some tensors re-typed)."""
+    tensors = {k: v.astype(dtypes[k]) if dtypes and k in dtypes else v for k, v in fixture_base().items()}
+    layout = layout or {"layer.q.weight": "a.safetensors", "layer.q.bias": "a.safetensors",
+                        "layer.v.weight": "b.safetensors", "layer.position_ids": "b.safetensors"}
+    folder = w / "model"
+    folder.mkdir()
+    for shard in dict.fromkeys(layout.values()):
+        save_file(folder / shard, {k: v for k, v in tensors.items() if layout[k] == shard})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": layout}))
+    return index
+
+
+def _edit_config(w: Path, **fields: object) -> None:
+    path = w / "adapter" / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config.update(fields)
+    path.write_text(json.dumps(config))
+
+
+def _external_model(w: Path, location: str) -> Path:
+    """The fixture graph saved in ``w/ext`` with its tensors in the external-data file ``location``."""
+    import onnx
+
+    (w / "ext").mkdir()
+    path = w / "ext" / "model.onnx"
+    onnx.save_model(fixture_graph(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path
+
+
+def _renamed_adapter(w: Path, old: str, new: str) -> None:
+    """The fixture adapter with module ``old`` renamed ``new`` (targeted by name)."""
+    weights = w / "adapter" / WEIGHTS_NAME
+    tensors = {k.replace(f".{old}.", f".{new}."): v for k, v in load_file(weights).items()}
+    save_file(weights, tensors)
+    _edit_config(w, target_modules=["layer.v", new])
+
+
+# one path guard
+@scenario("guard_out_symlink_to_adapter_weights", "OverwriteRefusedError", "-o is a symlink to the adapter's weights",
+          "adapter file")
+def _(w):
+    (w / "link.safetensors").symlink_to(w / "adapter" / WEIGHTS_NAME)
+    return _merge(w, out="link.safetensors")
+
+
+@scenario("guard_out_hardlink_of_base", "OverwriteRefusedError", "-o is a hard link of the base (same inode)", "base")
+def _(w):
+    os.link(w / "base.safetensors", w / "copy.safetensors")
+    return _merge(w, out="copy.safetensors")
+
+
+@scenario("guard_residual_via_symlinked_folder", "OverwriteRefusedError",
+          "--residual names the base through a symlinked folder", "residual")
+def _(w):
+    (w / "alias").symlink_to(w)
+    return _merge(w, residual="alias/base.safetensors")
+
+
+@scenario("guard_unmerge_out_hardlink_of_residual", "OverwriteRefusedError",
+          "unmerge -o is a hard link of the residual it reads", "residual")
+def _(w):
+    os.link(w / "residual.safetensors", w / "r2.safetensors")
+    return ["unmerge", str(w / "merged.safetensors"), str(w / "adapter"), "-o", str(w / "r2.safetensors"),
+            "--residual", str(w / "residual.safetensors")]
+
+
+@scenario("guard_sharded_out_is_input_folder_alias", "OverwriteRefusedError",
+          "sharded merge -o is the input folder through a symlink", "input shard")
+def _(w):
+    index = _sharded(w)
+    (w / "alias").symlink_to(w / "model")
+    return ["merge", str(index), str(w / "adapter"), "-o", str(w / "alias")]
+
+
+@scenario("guard_input_named_like_stale_temporary", "OverwriteRefusedError",
+          "the base is named like a stale temporary of the output (it would be cleaned up)", "stale")
+def _(w):
+    stale = f".out.safetensors.lora-ref-{DEAD_PID}.x.partial"
+    os.rename(w / "base.safetensors", w / stale)
+    return _merge(w, base=stale)
+
+
+@scenario("guard_export_out_is_adapter_weights", "OverwriteRefusedError",
+          "export -o names the adapter's own adapter_model.safetensors", "adapter file", needs_onnx=True)
+def _(w):
+    return _export(w, f"adapter/{WEIGHTS_NAME}")
+
+
+@scenario("guard_export_out_is_input_external_data", "OverwriteRefusedError",
+          "export -o names the input graph's external-data file", "external-data", needs_onnx=True)
+def _(w):
+    _external_model(w, "weights.bin")
+    return _export(w, "ext/weights.bin", "ext/model.onnx")
+
+
+@scenario("guard_export_new_external_data_collides", "OverwriteRefusedError",
+          "the new graph's OUT.onnx.data would replace the input graph's external data", "external-data",
+          needs_onnx=True)
+def _(w):
+    _external_model(w, "out.onnx.data")
+    return _export(w, "ext/out.onnx", "ext/model.onnx")
+
+
+@scenario("guard_export_adapter_out_file_is_base", "OverwriteRefusedError",
+          "an .onnx_adapter export would write onto a hard link of the base weights", "base weights", needs_onnx=True)
+def _(w):
+    (w / "onnx_adapters").mkdir()
+    os.link(w / "base.safetensors", w / "onnx_adapters" / "adapter.onnx_adapter")
+    return ["export", str(w / "graph" / "model.onnx"), str(w / "adapter"), "--mode", "dynamic", "-o",
+            str(w / "dyn.onnx"), "--base-weights", str(w / "base.safetensors"), "--adapter-out", str(w / "onnx_adapters")]
+
+
+# failure-safe writes: what can be seen before the work is refused before it
+@scenario("write_out_is_directory", "WriteFailedError", "-o names an existing directory", "EISDIR")
+def _(w):
+    (w / "folder").mkdir()
+    return _merge(w, out="folder")
+
+
+@scenario("write_out_parent_is_file", "WriteFailedError", "-o's parent is a regular file", "ENOTDIR")
+def _(w):
+    (w / "note.txt").write_text("not a folder")
+    return _merge(w, out="note.txt/out.safetensors")
+
+
+@scenario("write_residual_parent_is_file", "WriteFailedError", "--residual's parent is a regular file", "ENOTDIR")
+def _(w):
+    (w / "note.txt").write_text("not a folder")
+    return _merge(w, residual="note.txt/deep/residual.safetensors")
+
+
+@scenario("write_combine_out_is_file", "WriteFailedError", "combine -o names a regular file", "ENOTDIR")
+def _(w):
+    (w / "note.txt").write_text("not a folder")
+    return ["combine", str(w / "adapter"), "--method", "cat", "-o", str(w / "note.txt")]
+
+
+@scenario("write_sharded_out_is_file", "WriteFailedError", "sharded merge -o names a regular file", "ENOTDIR")
+def _(w):
+    index = _sharded(w)
+    (w / "note.txt").write_text("not a folder")
+    return ["merge", str(index), str(w / "adapter"), "-o", str(w / "note.txt")]
+
+
+@scenario("write_export_out_is_directory", "WriteFailedError", "export -o names a directory", "EISDIR", needs_onnx=True)
+def _(w):
+    (w / "folder.onnx").mkdir()
+    return _export(w, "folder.onnx")
+
+
+# sharded outputs are all or nothing
+@scenario("sharded_refused_at_second_shard", "DTypeError",
+          "the second shard's target weight is int32: no output or residual folder may be left", "unsupported dtype")
+def _(w):
+    index = _sharded(w, dtypes={"layer.v.weight": np.int32})
+    return ["merge", str(index), str(w / "adapter"), "-o", str(w / "out" / "merged"), "--residual",
+            str(w / "res" / "residuals")]
+
+
+# bounded matching: constructs without a linear-time meaning are refused, not run
+@scenario("regex_backreference_target", "ConfigError", "target_modules uses a backreference", "backreferences")
+def _(w):
+    _edit_config(w, target_modules=r"(layer)\.\1|layer\.(q|v)")
+    return _merge(w)
+
+
+@scenario("regex_lookahead_rank_pattern", "ConfigError", "a rank_pattern key uses a lookahead", "lookahead")
+def _(w):
+    _edit_config(w, rank_pattern={"(?=layer).*q": 2})
+    return _merge(w)
+
+
+@scenario("regex_repeat_blowup", "ConfigError", "a target regex whose automaton would have 10^6 states", "states")
+def _(w):
+    _edit_config(w, target_modules="((layer.(q|v)){1000}){1000}|layer.(q|v)")
+    return _merge(w)
+
+
+# inputs must be regular files
+@scenario("input_base_fifo", "NotRegularFileError", "the base is a FIFO (would block forever)", "FIFO")
+def _(w):
+    os.mkfifo(w / "fifo.safetensors")
+    return _merge(w, base="fifo.safetensors")
+
+
+@scenario("input_adapter_weights_fifo", "NotRegularFileError", "adapter_model.safetensors is a FIFO", "FIFO")
+def _(w):
+    (w / "adapter" / WEIGHTS_NAME).unlink()
+    os.mkfifo(w / "adapter" / WEIGHTS_NAME)
+    return _merge(w)
+
+
+@scenario("input_adapter_config_fifo", "NotRegularFileError", "adapter_config.json is a FIFO", "FIFO")
+def _(w):
+    (w / "adapter" / CONFIG_NAME).unlink()
+    os.mkfifo(w / "adapter" / CONFIG_NAME)
+    return _merge(w)
+
+
+@scenario("input_residual_device", "NotRegularFileError", "the residual is a character device", "device")
+def _(w):
+    return ["unmerge", str(w / "merged.safetensors"), str(w / "adapter"), "-o", str(w / "out.safetensors"),
+            "--residual", os.devnull]
+
+
+@scenario("input_sharded_index_fifo", "NotRegularFileError", "the sharded index is a FIFO", "FIFO")
+def _(w):
+    os.mkfifo(w / "model.safetensors.index.json")
+    return ["merge", str(w / "model.safetensors.index.json"), str(w / "adapter"), "-o", str(w / "merged")]
+
+
+@scenario("input_model_fifo", "NotRegularFileError", "the ONNX model is a FIFO", "FIFO", needs_onnx=True)
+def _(w):
+    os.mkfifo(w / "fifo.onnx")
+    return _export(w, "out.onnx", "fifo.onnx")
+
+
+@scenario("input_model_external_data_fifo", "NotRegularFileError", "the ONNX model's external-data file is a FIFO",
+          "FIFO", needs_onnx=True)
+def _(w):
+    _external_model(w, "weights.bin")
+    (w / "ext" / "weights.bin").unlink()
+    os.mkfifo(w / "ext" / "weights.bin")
+    return _export(w, "out.onnx", "ext/model.onnx")
+
+
+# messages: untrusted names are escaped and shortened
+@scenario("message_terminal_escape_in_module", "TargetNotFoundError",
+          "a module name holds terminal escape sequences (OSC title, colour)", "\\x1b")
+def _(w):
+    _renamed_adapter(w, "q", "layer.\x1b]0;pwned\x07\x1b[31mq")
+    return _merge(w)
+
+
+@scenario("message_megabyte_module_name", "TargetNotFoundError", "a module name one megabyte long", "chars]")
+def _(w):
+    _renamed_adapter(w, "q", "layer." + "q" * 1_000_000)
+    return _merge(w)
+
+
+# conformance manifests: case ids stay inside the suite
+def _suite_with(w: Path, case_id: str) -> Path:
+    suite = w / "suite"
+    (suite / "cases" / "linear").mkdir(parents=True)
+    shutil.copytree(SUITE / "cases" / FIXTURE_CASE, suite / "cases" / FIXTURE_CASE)
+    case = json.loads((SUITE / "cases" / FIXTURE_CASE / "case.json").read_text())
+    (suite / "manifest.json").write_text(json.dumps({"suite_version": "test", "cases": [
+        {"id": case_id, "operation": case["operation"], "dtype": case.get("dtype", "float32")}]}))
+    return suite
+
+
+def _run_suite(suite: Path) -> list[str]:
+    return ["conformance", "run", "--suite", str(suite), "--impl", "lora_ref.conformance.reference_impl:factory"]
+
+
+@scenario("manifest_absolute_case_id", "CaseFormatError", "a manifest case id is an absolute path", "case id")
+def _(w):
+    return _run_suite(_suite_with(w, str(w / "suite" / "cases" / FIXTURE_CASE)))
+
+
+@scenario("manifest_symlink_escape", "CaseFormatError", "a case folder is a symlink out of the suite", "outside")
+def _(w):
+    suite = _suite_with(w, "linear/escape")
+    shutil.copytree(SUITE / "cases" / FIXTURE_CASE, w / "elsewhere")
+    (suite / "cases" / "linear" / "escape").symlink_to(w / "elsewhere")
+    return _run_suite(suite)
 
 
 # -- driver ---------------------------------------------------------------------------------------
