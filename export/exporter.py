@@ -22,6 +22,7 @@ import onnx
 
 from lora_ref.adapter import Adapter
 from lora_ref.dtypes import resolve_dtype
+from lora_ref.kinds import kind_of
 from lora_ref.safetensors_io import SafetensorsFile
 
 from .adapter_files import SUFFIX, adapter_tensors, write_onnx_adapter
@@ -220,7 +221,7 @@ def refuse_flattened_batch(model: onnx.ModelProto, sites: Mapping[str, Sequence[
     for module, module_sites in sites.items():
         for site in module_sites:
             node = producer.get(site.x)
-            if site.kind != "linear" or node is None or node.op_type not in ("Reshape", "Flatten"):
+            if not kind_of(site.kind).export.transposable or node is None or node.op_type not in ("Reshape", "Flatten"):
                 continue
             ranks = ranks if ranks is not None else _ranks(model)
             if ranks.get(site.x) == 2 and ranks.get(node.input[0], 0) >= 3:
