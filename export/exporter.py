@@ -141,6 +141,10 @@ def build_graph(
     if mode == "batched":
         refuse_flattened_batch(model, sites)
     special = {m: s for m, s in sites.items() if s[0].fused is not None or s[0].quantized}
+    unplaceable = sorted({m for m, _, _ in carried.values() if m in special})
+    if unplaceable:
+        raise ExportConfigError(f"the adapter carries full copies of {unplaceable[:4]}, whose graph weights are fused or "
+                                "quantized; such copies cannot replace them")
     if mode == "batched" and special:
         raise ExportConfigError(f"batched graphs do not take fused or quantized (MatMulNBits) sites yet: {sorted(special)[:4]}; "
                                 "export --mode dynamic (one adapter per session run) instead")
