@@ -15,6 +15,7 @@ Imports onnx and onnxruntime; the NumPy core (``lora_ref``) never imports this p
 
 from .adapter_files import LoadedAdapter, adapter_tensors, load_onnx_adapter, read_onnx_adapter, write_onnx_adapter
 from .batched import INDEX_INPUT, build_batched
+from .convert import convert_adapters
 from .dynamic import build_dynamic
 from .errors import (
     AdapterIndexError,
@@ -23,16 +24,18 @@ from .errors import (
     GraphTargetNotFoundError,
     IRVersionError,
     ProviderFallbackWarning,
+    RuntimeBuildWarning,
     TokenIdError,
     UncheckedIdsWarning,
     UnsupportedGraphError,
 )
 from .exporter import MODES, ExportReport, build_graph, export
 from .fp16 import to_float16
+from .genai import export_genai
 from .graphio import load_model, make_loadable, runtime_limits, save_model
 from .locate import TargetSite, locate_targets
 from .merged import build_merged
-from .runtime import AdapterCache, LoraSession, open_session
+from .runtime import AdapterCache, LoraSession, check_build, open_session
 from .slots import slots_from_model, slots_from_session
 
 __all__ = [
@@ -41,4 +44,5 @@ __all__ = [
     "TokenIdError", "UncheckedIdsWarning", "UnsupportedGraphError", "adapter_tensors", "build_batched", "build_dynamic", "build_graph", "build_merged", "export",
     "load_model", "load_onnx_adapter", "locate_targets", "make_loadable", "open_session", "read_onnx_adapter",
     "runtime_limits", "save_model", "slots_from_model", "slots_from_session", "to_float16", "write_onnx_adapter",
+    "RuntimeBuildWarning", "check_build", "convert_adapters", "export_genai",
 ]

@@ -26,24 +26,53 @@ from lora_ref.atomic import WriteFailedError, atomic_path
 from lora_ref.errors import FileFormatError
 from lora_ref.inputs import require_regular_file
 
-from .editing import lora_a_name, lora_b_name, lora_bias_name, lora_bias_term, lora_factors
+from .editing import lora_bias_term
+from .errors import AdapterNameError
+from .fused import layout_of, stacked_factors
+from .names import SlotLayout, strip_prefix
 from .slots import Slot, check_tensors
 
 SUFFIX = ".onnx_adapter"
 
 
-def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot]) -> dict[str, np.ndarray]:
-    """The graph-layout tensors of ``adapter`` for a dynamic graph with ``slots`` (checked)."""
+def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mapping[str, SlotLayout] | None = None) -> dict[str, np.ndarray]:
+    """The graph-layout tensors of ``adapter`` for a dynamic graph with ``slots`` (checked).
+
+    ``layouts`` (stem -> :class:`SlotLayout`, from :func:`lora_ref.export.names.read_layouts`)
+    says which modules fill each slot (fused slots stack several, :mod:`lora_ref.export.fused`);
+    without it every slot is the module of its own name (lora-ref's ``peft`` names).
+    A module with no slot is an AdapterNameError.
+    """
+    names: dict[str, dict[str, str]] = {}
+    for name, slot in slots.items():
+        names.setdefault(slot.module, {})["bias" if slot.is_bias else "A" if slot.is_a else "B"] = name
+    if layouts is None:
+        layouts = {stem: SlotLayout(stem, ((strip_prefix(stem), -1),)) for stem in names}
     tensors: dict[str, np.ndarray] = {}
-    for module in adapter.modules:
-        slot = slots.get(lora_a_name(module))
-        dtype = slot.dtype if slot is not None else np.dtype(np.float32)
-        a, b = lora_factors(adapter, module, dtype, pad_to=slot.rank if slot is not None else None)
-        tensors[lora_a_name(module)], tensors[lora_b_name(module)] = a, b
-        if adapter.modules[module].lora_bias is not None:  # a graph exported without a bias slot refuses it below
-            tensors[lora_bias_name(module)] = lora_bias_term(adapter, module, dtype)
+    unplaced = [m for m in adapter.modules if layout_of(m, layouts) is None]
+    if unplaced:
+        raise AdapterNameError(f"adapter {adapter.name!r}: {len(unplaced)} module(s) have no LoRA input in the graph: "
+                               f"{sorted(unplaced)[:6]}; the graph's LoRA inputs are e.g. {sorted(slots)[:4]}")
+    for stem, layout in layouts.items():
+        if stem not in names or "A" not in names[stem]:
+            continue
+        slot = slots[names[stem]["A"]]
+        plain = SlotLayout(stem, tuple((_module_key(adapter, m), w) for m, w in layout.parts))
+        factors = stacked_factors(adapter, plain, slot.dtype, pad_to=slot.rank)
+        if factors is None:
+            continue
+        tensors[names[stem]["A"]], tensors[names[stem].get("B", stem + ".lora_B")] = factors
+        module = plain.parts[0][0]
+        if not layout.fused and adapter.modules[module].lora_bias is not None:  # a graph without a bias slot refuses it below
+            tensors[names[stem].get("bias", stem + ".lora_B.bias")] = lora_bias_term(adapter, module, slot.dtype)
     check_tensors({k: (v.shape, v.dtype) for k, v in tensors.items()}, slots, f"adapter {adapter.name!r}")
     return tensors
+
+
+def _module_key(adapter: Adapter, module: str) -> str:
+    """The adapter's own spelling of ``module`` (with or without PEFT's ``base_model.model.`` prefix)."""
+    plain = strip_prefix(module)
+    return next((m for m in adapter.modules if strip_prefix(m) == plain), module)
 
 
 def write_onnx_adapter(
@@ -83,18 +112,49 @@ def read_onnx_adapter(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 @dataclass
 class LoadedAdapter:
-    """An ``.onnx_adapter`` checked against a graph: ORT's LoraAdapter plus its tensors."""
+    """An ``.onnx_adapter`` checked against a graph: ORT's LoraAdapter plus its tensors.
+
+    ``renamed`` is the temporary copy ORT loaded when the file's names needed PEFT's
+    ``base_model.model.`` prefix removed (kept alive with the object, removed with it).
+    """
 
     path: Path
     lora: ort.LoraAdapter
     tensors: dict[str, np.ndarray]
+    renamed: object | None = None
+
+
+def fit_names(tensors: Mapping[str, np.ndarray], slots: Mapping[str, Slot]) -> dict[str, np.ndarray]:
+    """``tensors`` with PEFT's ``base_model.model.`` prefix dropped from names that are slots only without it.
+
+    ``olive convert-adapters`` keeps that prefix for architectures other than Llama's; a graph
+    whose inputs lack it accepts such a file. Names that fit as they are stay as they are.
+    """
+    renamed = {}
+    for name, value in tensors.items():
+        plain = strip_prefix(name)
+        renamed[name if name in slots or plain not in slots else plain] = value
+    return renamed
 
 
 def load_onnx_adapter(path: str | os.PathLike[str], slots: Mapping[str, Slot]) -> LoadedAdapter:
-    """Read ``path``, check its names/shapes/dtypes against ``slots``, and load it for ORT."""
+    """Read ``path``, check its names/shapes/dtypes against ``slots``, and load it for ORT.
+
+    A file whose names carry PEFT's ``base_model.model.`` prefix where the graph's do not
+    (:func:`fit_names`) is loaded through a renamed temporary copy; the user's file is not changed.
+    """
     path = Path(path)
-    tensors = read_onnx_adapter(path)
+    original = read_onnx_adapter(path)
+    tensors = fit_names(original, slots)
     check_tensors({k: (v.shape, v.dtype) for k, v in tensors.items()}, slots, str(path))
     lora = ort.LoraAdapter()
-    lora.Load(str(path))
-    return LoadedAdapter(path, lora, tensors)
+    renamed = None
+    if set(tensors) != set(original):
+        import tempfile
+
+        renamed = tempfile.TemporaryDirectory(prefix="lora-ref-renamed-")
+        copy = write_onnx_adapter(Path(renamed.name) / path.name, tensors, slots)
+        lora.Load(str(copy))
+    else:
+        lora.Load(str(path))
+    return LoadedAdapter(path, lora, tensors, renamed)

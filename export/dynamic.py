@@ -43,22 +43,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import (
-    Namer,
-    conv_with_base_geometry,
-    elem_type,
-    factor_shapes,
-    lora_a_name,
-    lora_b_name,
-    lora_bias_name,
-    np_dtype,
-    rename_output,
-    splice,
-)
 from lora_ref.kinds import kind_of
 
+from .editing import Namer, conv_with_base_geometry, factor_shapes, np_dtype, rename_output, splice
 from .errors import UnsupportedGraphError
+from .fused import slot_groups
 from .locate import TargetSite
+from .names import slot_names, write_layouts
+from .quantized import float_type
 
 
 def rank_dim(module: str) -> str:
@@ -72,25 +64,35 @@ def build_dynamic(
     *,
     max_rank: int | None = None,
     bias_modules: Collection[str] = (),
+    scheme: str = "peft",
     progress=None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with a LoRA branch on every site (see module docstring)."""
+    """A copy of ``model`` with a LoRA branch on every site (see module docstring).
+
+    ``scheme`` names the LoRA inputs (:mod:`lora_ref.export.names`); the parts of a fused
+    weight share one branch (:mod:`lora_ref.export.fused`). The slot layout is recorded in the
+    model's metadata.
+    """
     out = copy.deepcopy(model)
     graph = out.graph
     namer = Namer(graph)
     after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-    for step, (module, module_sites) in enumerate(sites.items()):
+    groups = slot_groups(sites, scheme)
+    for step, (stem, (layout, stem_sites)) in enumerate(groups.items()):
         if progress:
-            progress(step, len(sites), module)
-        first = module_sites[0]
-        data_type = elem_type(graph, first.weight)
-        a_name, b_name = lora_a_name(module), lora_b_name(module)
-        bias_name = lora_bias_name(module) if module in bias_modules else None
+            progress(step, len(groups), stem)
+        first = stem_sites[0]
+        data_type = float_type(graph, first)
+        a_name, b_name, bias_name = slot_names(stem, scheme)
+        if not any(module in bias_modules for module, _ in layout.parts):
+            bias_name = None
+        elif layout.fused:
+            raise UnsupportedGraphError(f"{stem}: lora_bias on a part of a fused projection is not supported")
         for name in (a_name, b_name, *([bias_name] if bias_name else [])):
             if name in namer.used:
-                raise UnsupportedGraphError(f"{module}: the graph already has a tensor named {name!r} (is it already a LoRA graph?)")
+                raise UnsupportedGraphError(f"{stem}: the graph already has a tensor named {name!r} (is it already a LoRA graph?)")
             namer.used.add(name)
-        rank: int | str = max_rank if max_rank is not None else rank_dim(module)
+        rank: int | str = max_rank if max_rank is not None else rank_dim(stem)
         width = max_rank or 0
         a_shape, b_shape = factor_shapes(first, rank)
         graph.input.append(helper.make_tensor_value_info(a_name, data_type, a_shape))
@@ -102,28 +104,39 @@ def build_dynamic(
         if bias_name:
             graph.input.append(helper.make_tensor_value_info(bias_name, data_type, [first.out_features]))
             graph.initializer.append(numpy_helper.from_array(np.zeros(first.out_features, dtype), bias_name))
-        for site in module_sites:
+        for site in stem_sites:
             if kind_of(site.kind).export.factor_layout == "kernel":
                 after[site.node] += conv_branch(graph, site, namer, a_name, b_name, bias_name)
-                continue
-            base = rename_output(graph, site, namer)
-            xa, xa2, base2, y2, shape = (namer(f"{module}.lora_{n}") for n in ("xA", "xA_2d", "base_2d", "out_2d", "out_shape"))
-            nodes = []
-            accumulate = base
-            if bias_name:
-                accumulate = namer(f"{module}.lora_base_plus_bias")
-                nodes.append(helper.make_node("Add", [base, bias_name], [accumulate], name=namer(f"{module}.lora_bias")))
-            after[site.node] += nodes + [
-                helper.make_node("Gather", [a_name, site.x], [xa], axis=0, name=namer(f"{module}.lora_A"))
-                if kind_of(site.kind).export.lora_a_op == "Gather" else helper.make_node("MatMul", [site.x, a_name], [xa], name=namer(f"{module}.lora_A")),
-                helper.make_node("Flatten", [xa], [xa2], axis=-1, name=namer(f"{module}.lora_flatten_xA")),
-                helper.make_node("Flatten", [accumulate], [base2], axis=-1, name=namer(f"{module}.lora_flatten_base")),
-                helper.make_node("Gemm", [xa2, b_name, base2], [y2], name=namer(f"{module}.lora_B")),
-                helper.make_node("Shape", [base], [shape], name=namer(f"{module}.lora_shape")),
-                helper.make_node("Reshape", [y2, shape], [site.y], name=namer(f"{module}.lora_reshape")),
-            ]
+            else:
+                after[site.node] += linear_branch(graph, site, namer, a_name, b_name, bias_name)
     splice(graph, after)
+    write_layouts(out, {stem: layout for stem, (layout, _) in groups.items()}, scheme)
     return out
+
+
+def linear_branch(graph: onnx.GraphProto, site: TargetSite, namer: Namer, a: str, b: str, bias: str | None) -> list[onnx.NodeProto]:
+    """y = Reshape(Gemm(Flatten(x·a), b, C=Flatten(y0 (+ bias))), Shape(y0)) for a Linear/Embedding site; the nodes.
+
+    ``a`` [in, r] and ``b`` [r, out] are tensor names (graph inputs, or constants for a quantized
+    merged site); an Embedding site gathers rows of ``a`` instead of multiplying.
+    """
+    stem = site.module
+    base = rename_output(graph, site, namer)
+    xa, xa2, base2, y2, shape = (namer(f"{stem}.lora_{n}") for n in ("xA", "xA_2d", "base_2d", "out_2d", "out_shape"))
+    nodes = []
+    accumulate = base
+    if bias:
+        accumulate = namer(f"{stem}.lora_base_plus_bias")
+        nodes.append(helper.make_node("Add", [base, bias], [accumulate], name=namer(f"{stem}.lora_bias")))
+    return nodes + [
+        helper.make_node("Gather", [a, site.x], [xa], axis=0, name=namer(f"{stem}.lora_A"))
+        if kind_of(site.kind).export.lora_a_op == "Gather" else helper.make_node("MatMul", [site.x, a], [xa], name=namer(f"{stem}.lora_A")),
+        helper.make_node("Flatten", [xa], [xa2], axis=-1, name=namer(f"{stem}.lora_flatten_xA")),
+        helper.make_node("Flatten", [accumulate], [base2], axis=-1, name=namer(f"{stem}.lora_flatten_base")),
+        helper.make_node("Gemm", [xa2, b, base2], [y2], name=namer(f"{stem}.lora_B")),
+        helper.make_node("Shape", [base], [shape], name=namer(f"{stem}.lora_shape")),
+        helper.make_node("Reshape", [y2, shape], [site.y], name=namer(f"{stem}.lora_reshape")),
+    ]
 
 
 def conv_branch(graph: onnx.GraphProto, site: TargetSite, namer: Namer, a: str, b: str, bias: str | None) -> list[onnx.NodeProto]:

@@ -29,21 +29,22 @@ from lora_ref.kinds import kinds as registered_kinds
 
 from .errors import ExportConfigError
 from .locate import TargetSite
+from .names import slot_names
 
 
 def lora_a_name(module: str) -> str:
-    """Graph input holding A^T [in, r] (Olive / onnxruntime-genai convention)."""
-    return f"{module}.lora_A.weight"
+    """Graph input holding A^T [in, r] (lora-ref's ``peft`` names; others: :func:`lora_ref.export.names.slot_names`)."""
+    return slot_names(module)[0]
 
 
 def lora_b_name(module: str) -> str:
     """Graph input holding s·B^T [r, out]."""
-    return f"{module}.lora_B.weight"
+    return slot_names(module)[1]
 
 
 def lora_bias_name(module: str) -> str:
     """Graph input holding s·lora_bias [out] (dynamic graphs of modules with lora_bias)."""
-    return f"{module}.lora_B.bias"
+    return slot_names(module)[2]
 
 
 #: The layer kinds each graph kind expresses. DoRA is merged only: its output is

@@ -42,3 +42,7 @@ class ExportConfigError(ConfigError):
 
 class ProviderFallbackWarning(UserWarning):
     """A requested execution provider is not the one that runs the session."""
+
+
+class RuntimeBuildWarning(UserWarning):
+    """The installed ONNX Runtime build(s) and the providers ONNX Runtime reports do not fit together."""

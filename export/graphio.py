@@ -5,7 +5,15 @@ opset <= 26. Rather than hard-coding those numbers, :func:`runtime_limits` asks 
 onnxruntime once (it loads a one-node model at descending IR versions / opsets), and
 :func:`make_loadable` lowers a model's ``ir_version`` to the smallest one its opsets need
 (``onnx.helper.find_min_ir_version_for``), refusing with :class:`IRVersionError` when even that is
-newer than the runtime reads. Every written model passes ``onnx.checker.check_model`` first.
+newer than the runtime reads. Every written model is validated first (:func:`check_graph`).
+
+Validation: ``onnx.checker`` knows only the ONNX domains, so it rejects the graphs of
+onnxruntime-genai's builder and of Olive (``SimplifiedLayerNormalization`` registered by ONNX
+Runtime in the default domain, ``com.microsoft`` ops such as ``GroupQueryAttention`` and
+``MatMulNBits``). A graph the checker rejects is therefore also offered to ONNX Runtime itself: a
+CPU session with graph optimisations off, which runs ORT's type and shape inference over every
+node (contrib ops included). The graph is accepted when ORT loads it; when neither accepts it the
+error quotes both.
 
 Models whose tensors exceed protobuf's 2 GiB message limit are written with external data
 (``<name>.data`` beside the model); both files are renamed into place only after a complete write.
@@ -128,12 +136,36 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def check_graph(model: onnx.ModelProto | str | os.PathLike[str], *, where: str) -> None:
-    """onnx.checker on a model (or a path, which handles > 2 GiB); a rejection is a FileFormatError."""
+def ort_rejection(model: onnx.ModelProto | str | os.PathLike[str]) -> str | None:
+    """None when ONNX Runtime (CPU, no graph optimisation) loads ``model``, else its first error line."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    try:
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped Fail/InvalidGraph
+        return _first_line(exc)
+    return None
+
+
+def check_graph(model: onnx.ModelProto | str | os.PathLike[str], *, where: str) -> str:
+    """Validate a model (or a path, which handles > 2 GiB); return ``"onnx.checker"`` or ``"onnxruntime"``.
+
+    onnx.checker first; a graph it rejects is accepted when ONNX Runtime loads it (ONNX Runtime's
+    own ops, module docstring). A rejection by both is a FileFormatError quoting both.
+    """
     try:
         onnx.checker.check_model(str(model) if isinstance(model, (str, os.PathLike)) else model, full_check=False)
+        return "onnx.checker"
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise FileFormatError(f"{where}: not a valid ONNX graph (onnx.checker: {_first_line(exc)})") from None
+        checker = _first_line(exc)
+    runtime = ort_rejection(model)
+    if runtime is None:
+        return "onnxruntime"
+    raise FileFormatError(f"{where}: not a valid ONNX graph (neither onnx.checker nor ONNX Runtime accepts it; onnx.checker: {checker}; onnxruntime: {runtime})")
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -202,7 +234,7 @@ def save_model(
     *,
     external_data: bool | None = None,
 ) -> Path:
-    """Check ``model`` with onnx.checker and write it atomically; return the path written.
+    """Validate ``model`` (:func:`check_graph`) and write it atomically; return the path written.
 
     ``external_data=None`` chooses external data only when the tensors approach protobuf's 2 GiB
     limit; True forces it (tensors >= EXTERNAL_MIN_BYTES go to ``<file name>.data``). With

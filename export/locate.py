@@ -13,19 +13,31 @@ uses count, so a weight tied between an embedding and an output projection gets 
 adapted kind only. A site's base bias, when the graph has one, is Gemm's or Conv's third input
 or the 1-D initializer of an ``Add`` that is the only reader of a MatMul's output.
 
-The module path is found three ways, tried in this order for every module:
+A Linear may also be ONNX Runtime's ``MatMulNBits(x, B_q, scales[, zero_points])`` (com.microsoft;
+int4/int8 blocks, attributes K = in, N = out; layout ``nbits``): its weight is the quantized
+initializer B_q [N, K / block_size, block_size · bits / 8] (:mod:`lora_ref.export.quantized`).
+
+The module path is found four ways, tried in this order for every module:
 
 1. **name scopes**: the dynamo exporter records the module stack of each node in the metadata
    key ``pkg.torch.onnx.name_scopes``; the innermost module scope (second to last entry) must
    equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix);
 2. **initializer names**: an initializer named ``<path>.weight`` or ``<prefix>.<path>.weight``;
-3. **values**: with base weights from a safetensors file (key ``<path>.weight``), the
+3. **genai names**: onnxruntime-genai's builder's ``<genai path>.MatMul.weight`` (float, MatMul) or
+   ``<genai path>.MatMul.weight_Q…`` (MatMulNBits), with the genai path of :mod:`lora_ref.export.names`;
+   a module that is a part of a fused projection (q/k/v of ``qkv_proj``, gate/up of ``gate_up_proj``)
+   whose own weight is absent is found as its column slice of the fused weight (``columns``);
+4. **values**: with base weights from a safetensors file (key ``<path>.weight``), the
    initializer holding exactly those values (after rounding to its dtype), transposed or not
    (Linear only).
 
 Each strategy considers only floating initializers of the kind's rank (2-D; Conv 3-5-D) read by
 the kind's ops. A strategy succeeds when it yields exactly one weight initializer; every place
-it is used as a layer of the module's kind becomes a :class:`TargetSite`. Modules no strategy resolves are reported together
+it is used as a layer of the module's kind becomes a :class:`TargetSite`. Name scopes also succeed
+with several initializers of bitwise-equal values (a module reused at several places, e.g.
+ALBERT's shared layer, for which torch's exporter folds one copy of the weight per call): every
+use of each in the module's scope is a site. (Other strategies keep refusing several: equal
+values found by name or value may be different modules.) Modules no strategy resolves are reported together
 in one :class:`GraphTargetNotFoundError` that lists what each strategy saw.
 """
 
@@ -34,7 +46,7 @@ from __future__ import annotations
 import ast
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -45,6 +57,7 @@ from lora_ref.kinds import KindName, kind_of
 from lora_ref.kinds import kinds as registered_kinds
 
 from .errors import GraphTargetNotFoundError, UnsupportedGraphError
+from .names import fused_parent, genai_module, part_modules, part_widths
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -74,6 +87,15 @@ class TargetSite:
     weight_shape: tuple[int, ...] = ()
     bias: str | None = None
     bias_node: int | None = None
+    #: a part of a fused projection: its output columns [start, stop) of the fused weight, and
+    #: every part of that weight as (PEFT module, width) in output order (:mod:`lora_ref.export.names`)
+    columns: tuple[int, int] | None = None
+    fused: tuple[tuple[str, int], ...] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is quantized (a MatMulNBits site)."""
+        return self.layout == "nbits"
 
 
 class GraphIndex:
@@ -124,7 +146,9 @@ def _is_2d_swap(node: onnx.NodeProto) -> bool:
 
 
 def _linear_layout(node: onnx.NodeProto, pos: int, *, transposed: bool, notes: list[str]) -> str | None:
-    """``"in_out"``/``"out_in"`` if ``node`` uses its input ``pos`` as a Linear weight, else None."""
+    """``"in_out"``/``"out_in"``/``"nbits"`` if ``node`` uses its input ``pos`` as a Linear weight, else None."""
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and pos == 1 and not transposed:
+        return "nbits"
     if node.op_type == "MatMul" and pos == 1:
         return "out_in" if transposed else "in_out"
     if node.op_type == "Gemm" and pos == 1:
@@ -202,7 +226,9 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
     sites = []
     for node_index, layout in uses:
         node = index.graph.node[node_index]
-        if layout in ("in_out", "rows"):
+        if layout == "nbits":
+            in_f, out_f = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
+        elif layout in ("in_out", "rows"):
             in_f, out_f = dims
         else:  # out_in, kernel
             out_f, in_f = dims[:2]
@@ -267,6 +293,12 @@ def _equal(value: np.ndarray, target: np.ndarray) -> bool:
     return bool(np.array_equal(value, target, equal_nan=True))
 
 
+def _identical(index: GraphIndex, weights: set[str]) -> bool:
+    """Whether the initializers ``weights`` hold bitwise-equal values (copies of one module's weight)."""
+    first, *rest = (_view(index.initializers[name]) for name in sorted(weights))
+    return all(value.dtype == first.dtype and _equal(value, first) for value in rest)
+
+
 def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | None, kind: str) -> tuple[set[str], str]:
     if base is None:
         return set(), "values: not tried (no --base-weights file given)"
@@ -289,15 +321,62 @@ def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | N
     return weights, f"values: {sorted(weights)} equal base tensor {key!r}"
 
 
+def _genai_weights(index: GraphIndex, path: str) -> set[str]:
+    """Initializers genai's builder names for the Linear at genai path ``path`` (float MatMul or MatMulNBits)."""
+    stem = f"{path}.MatMul.weight"
+    found = set()
+    for name, tensor in index.initializers.items():
+        if name == stem and _is_weight(tensor, (2,)):
+            found.add(name)
+        elif name.startswith(stem + "_Q") and any(index.graph.node[i].op_type == "MatMulNBits" and pos == 1
+                                                   for i, pos in index.consumers.get(name, [])):
+            found.add(name)
+    return found
+
+
+def _by_genai(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str, str | None]:
+    """(weights, note, fused projection path or None) by genai's names (module docstring, strategy 3)."""
+    if not kind_of(kind).export.transposable:
+        return set(), "genai names: Linear modules only", None
+    path = genai_module(module)
+    weights = _genai_weights(index, path)
+    if weights:
+        return weights, f"genai names: {sorted(weights)}", None
+    parent = fused_parent(module)
+    if parent is not None:
+        fused = _genai_weights(index, genai_module(parent[0]))
+        if fused:
+            return fused, f"genai names: fused {sorted(fused)}", parent[0]
+    return set(), f"genai names: no {path}.MatMul.weight (float or _Q… for MatMulNBits)" + (
+        f" nor fused {genai_module(parent[0])}.MatMul.weight" if parent else ""), None
+
+
+def _fused_slice(site: TargetSite, fused_path: str, widths: Mapping[str, int]) -> TargetSite:
+    """``site`` of the whole fused weight narrowed to its module's columns (UnsupportedGraphError when undetermined)."""
+    _, name, part = fused_parent(site.module)
+    parts = part_modules(fused_path, name)
+    sizes = part_widths(name, parts, site.out_features, {m: w for m, w in widths.items() if m in parts})
+    if sizes is None:
+        raise UnsupportedGraphError(
+            f"{site.module}: cannot split the fused weight {site.weight!r} ({site.out_features} outputs) into "
+            f"{[p.rpartition('.')[2] for p in parts]}: the adapters give widths {dict((m, widths[m]) for m in parts if m in widths)}"
+        )
+    start = sum(sizes[:part])
+    return replace(site, out_features=sizes[part], columns=(start, start + sizes[part]), fused=tuple(zip(parts, sizes)),
+                   bias=None, bias_node=None)
+
+
 def locate_targets(
     model: onnx.ModelProto,
     modules: Iterable[str],
     *,
     base_weights: Mapping[str, np.ndarray] | None = None,
     kinds: Mapping[str, str] | None = None,
+    widths: Mapping[str, int] | None = None,
 ) -> dict[str, list[TargetSite]]:
     """The sites of each module in ``modules`` (see module docstring for the strategies).
 
+    ``widths`` (module -> out features, e.g. the adapters' B rows) splits fused weights into parts.
     ``kinds`` maps a module to its layer kind (``"linear"``, ``"embedding"``, ``"conv"``;
     default linear). Raises GraphTargetNotFoundError naming every unresolved module and what
     each strategy saw, and UnsupportedGraphError when a found weight is not used as a layer of
@@ -313,15 +392,29 @@ def locate_targets(
         if kind not in registered_kinds():
             raise UnsupportedGraphError(f"{module}: layer kind {kind!r} cannot be located (kinds: {tuple(registered_kinds())})")
         tried = []
+        fused: list[str | None] = [None]
+
+        def genai_strategy():
+            weights, note, fused[0] = _by_genai(index, module, kind)
+            return weights, note
+
         for found_by, strategy in (
             ("name scopes", lambda: _by_scopes(index, module, scopes, kind)),
             ("initializer name", lambda: _by_name(index, module, kind)),
+            ("genai names", genai_strategy),
             ("value match", lambda: _by_value(index, module, base_weights, kind)),
         ):
             weights, note = strategy()  # lazily: value matching reads tensors
+            if found_by == "name scopes" and len(weights) > 1 and _identical(index, weights):  # one module, several calls (ALBERT)
+                sites = [site for weight in sorted(weights) for site in _sites(index, module, weight, found_by, kind)
+                         if _path_matches(scopes.get(site.node, ""), module)]
+                found[module] = sorted(sites, key=lambda site: site.node)
+                break
             if len(weights) == 1:
                 weight = next(iter(weights))
                 sites = _sites(index, module, weight, found_by, kind)
+                if found_by == "genai names" and fused[0] is not None:
+                    sites = [_fused_slice(site, fused[0], widths or {}) for site in sites]
                 if found_by == "name scopes":  # a weight shared with another module keeps that module's nodes
                     sites = [site for site in sites if _path_matches(scopes.get(site.node, ""), module)]
                 if not sites:

@@ -13,7 +13,11 @@ With several adapters the merges are applied in the given order (W1 = merge(W0, 
 PEFT model that merges them one after another. When ``dtype`` differs from the stored dtype
 (the fp16 export), the merge is evaluated in float64 and rounded once to ``dtype``.
 An initializer that something other than the targeted layers also reads (tied embeddings) is
-copied first, so those other readers still see the base value.
+copied first, so those other readers still see the base value. A module that is a part of a
+fused weight (``TargetSite.columns``) merges its column slice only (:mod:`lora_ref.export.fused`).
+A module whose sites read several initializers (a module reused at several places, whose
+exporter folded one copy of the weight per call, as ALBERT's) merges each of them.
+
 
 Tensors an adapter carries besides LoRA factors (:mod:`lora_ref.carried`) replace base values,
 as in a checkpoint merge: a ``modules_to_save`` copy or trainable bias of a Linear ``<m>.weight``
@@ -128,10 +132,12 @@ def check_graph_base_copies(index: GraphIndex, sites: Mapping[str, Sequence[Targ
     """Refuse an adapter whose frozen ``base_layer`` copy differs from the graph's weight (lora_ref.carried)."""
     def lookup(key: str) -> np.ndarray | None:
         module_sites = sites.get(key[: -len(".weight")]) if key.endswith(".weight") else None
-        if not module_sites:
+        if not module_sites or module_sites[0].quantized:  # a quantized base is not compared (refused as such)
             return None
         value = numpy_helper.to_array(index.initializers[module_sites[0].weight])
-        return value.T if module_sites[0].layout == "in_out" else value
+        value = value.T if module_sites[0].layout == "in_out" else value
+        columns = module_sites[0].columns  # a part of a fused weight: its rows in torch's layout
+        return value[slice(*columns)] if columns is not None else value
 
     for adapter in adapters:
         check_base_copies(adapter.carried_tensors(), lookup, f"adapter {adapter.name!r}")
@@ -164,6 +170,7 @@ def build_merged(
     out = copy.deepcopy(model)
     graph = out.graph
     index = GraphIndex(graph)
+    inputs = {t.name: t for t in model.graph.initializer}
     namer = Namer(graph)
     for step, (module, module_sites) in enumerate(sites.items()):
         if progress:
@@ -175,12 +182,20 @@ def build_merged(
             check_exportable(adapter, module, "merged")
             for site in module_sites:
                 check_fits(adapter, module, site, "merged")
-        weight = module_sites[0].weight
-        layout = _one(module, f"layout of {weight!r}", {site.layout for site in module_sites})
-        stored = numpy_helper.to_array(index.initializers[weight])
-        target = np.dtype(dtype) if dtype is not None else stored.dtype
-        merged = merged_tensor(stored, layout, module, "weight", users, target)
-        _replace(graph, index, namer, weight, {site.node for site in module_sites}, merged, module)
+        for weight in dict.fromkeys(site.weight for site in module_sites):  # several: a module reused (ALBERT)
+            weight_sites = [site for site in module_sites if site.weight == weight]
+            layout = _one(module, f"layout of {weight!r}", {site.layout for site in weight_sites})
+            stored = numpy_helper.to_array(index.initializers[weight])
+            target = np.dtype(dtype) if dtype is not None else stored.dtype
+            columns = _one(module, f"columns of {weight!r}", {site.columns for site in weight_sites})
+            if columns is None:
+                merged = merged_tensor(stored, layout, module, "weight", users, target)
+            else:  # a part of a fused weight: its slice merged alone (lora_ref.export.fused), the rest as stored
+                cut = (slice(None), slice(*columns)) if layout == "in_out" else (slice(*columns), slice(None))
+                original = numpy_helper.to_array(inputs[weight])  # the input model's: parts merged before change `stored`
+                merged = round_to(stored, target) if stored.dtype != target else stored.copy()
+                merged[cut] = merged_tensor(original[cut], layout, module, "weight", users, target)
+            _replace(graph, index, namer, weight, {site.node for site in weight_sites}, merged, module)
         if any(adapter.modules[module].lora_bias is not None for adapter in users):
             bias = _one(module, "base bias", {site.bias for site in module_sites})
             stored = numpy_helper.to_array(index.initializers[bias])

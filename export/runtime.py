@@ -1,5 +1,8 @@
 """Run exported graphs in ONNX Runtime: explicit providers, adapter files, an adapter cache.
 
+* :func:`check_build` (run when a session opens): the provider set ONNX Runtime reports must fit
+  the installed build(s); several builds over one folder (onnxruntime-genai brings the CPU
+  ``onnxruntime`` over onnxruntime-gpu) warn with the pip commands that fix it.
 * :func:`open_session` takes providers by short name (``"tensorrt"``, ``"cuda"``, ``"cpu"``) in
   order of preference, drops (with a :class:`ProviderFallbackWarning`) those this onnxruntime
   build lacks, always keeps CPU last, and reports which provider actually runs the nodes
@@ -18,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -32,13 +36,62 @@ import onnxruntime as ort
 from lora_ref.adapter import Adapter
 from lora_ref.inputs import require_regular_file
 
-from .adapter_files import LoadedAdapter, adapter_tensors, load_onnx_adapter
+from .adapter_files import LoadedAdapter, adapter_tensors, fit_names, load_onnx_adapter
 from .batched import EMBEDDING_IDS_KEY, INDEX_INPUT
-from .errors import AdapterIndexError, ProviderFallbackWarning, TokenIdError, UncheckedIdsWarning
+from .errors import AdapterIndexError, ProviderFallbackWarning, RuntimeBuildWarning, TokenIdError, UncheckedIdsWarning
 from .graphio import check_readable
 from .slots import Slot, check_tensors, slots_from_model
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+#: ONNX Runtime builds that install the one ``onnxruntime`` package folder, and a provider each build has.
+ORT_BUILDS = {"onnxruntime-gpu": "CUDAExecutionProvider", "onnxruntime-directml": "DmlExecutionProvider",
+              "onnxruntime-openvino": "OpenVINOExecutionProvider", "onnxruntime-qnn": "QNNExecutionProvider",
+              "onnxruntime": "CPUExecutionProvider"}
+
+
+def installed_builds() -> dict[str, str]:
+    """Installed ONNX Runtime builds (distribution name -> version), e.g. ``{"onnxruntime-gpu": "1.31.1"}``."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in ORT_BUILDS:
+            found[name] = dist.version
+    return found
+
+
+def build_mismatch(builds: Mapping[str, str], available: Sequence[str]) -> str | None:
+    """Why the providers ORT reports (``available``) do not fit the installed ``builds``, with the fix; or None.
+
+    Several builds share one ``onnxruntime`` folder, so the last one installed wins silently:
+    installing onnxruntime-genai (which needs the CPU ``onnxruntime``) over onnxruntime-gpu removes
+    the CUDA provider while ``pip check`` stays quiet.
+    """
+    if len(builds) > 1:
+        lost = sorted(b for b in builds if ORT_BUILDS[b] not in available)
+        listed = ", ".join(f"{name}=={version}" for name, version in sorted(builds.items()))
+        keep = next((b for b in builds if b != "onnxruntime"), "onnxruntime")
+        return (f"several ONNX Runtime builds are installed over one folder ({listed}); "
+                f"{'providers of ' + ', '.join(lost) + ' are missing' if lost else 'whichever was installed last is active'}. "
+                f"Fix: pip uninstall -y {' '.join(sorted(builds))} && pip install {keep}"
+                + (" (onnxruntime-genai needs the CPU onnxruntime: give it its own venv, or use onnxruntime-genai-cuda with onnxruntime-gpu)"
+                   if "onnxruntime" in builds else ""))
+    for name in builds:
+        if ORT_BUILDS[name] not in available:
+            return (f"{name} is installed but ONNX Runtime reports no {ORT_BUILDS[name]} (available: {list(available)}): "
+                    f"its files were overwritten. Fix: pip install --force-reinstall --no-deps {name}")
+    return None
+
+
+@functools.cache
+def check_build() -> str | None:
+    """Warn once (RuntimeBuildWarning) when the installed ONNX Runtime build and its providers disagree; return the message."""
+    message = build_mismatch(installed_builds(), ort.get_available_providers())
+    if message:
+        warnings.warn(message, RuntimeBuildWarning, stacklevel=3)
+    return message
 _DEVICE = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
@@ -67,12 +120,13 @@ class LoraSession:
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, providers: Sequence[str] = ("cpu",), *,
                  options: ort.SessionOptions | None = None, provider_options: Mapping[str, dict] | None = None) -> None:
-        proto = model if isinstance(model, onnx.ModelProto) else _header_only(Path(model))
+        proto = model if isinstance(model, onnx.ModelProto) else header_only(Path(model))
         check_readable(proto, where=str(model) if not isinstance(model, onnx.ModelProto) else "model")
         self.slots: dict[str, Slot] = slots_from_model(proto)
         self.bank_sizes = {t.name: int(t.dims[0]) for t in proto.graph.initializer if t.name.endswith(".bank")}
         self.token_ids = _token_id_inputs(proto)
         self.requested = list(providers)
+        check_build()
         chosen = resolve_providers(providers)
         options = options or ort.SessionOptions()
         options.log_severity_level = max(options.log_severity_level, 3)  # ORT warns about overridable initializers
@@ -180,7 +234,7 @@ def _set_config(options: ort.SessionOptions, key: str, value: str) -> None:
     options.add_session_config_entry(key, value)
 
 
-def _header_only(path: Path) -> onnx.ModelProto:
+def header_only(path: Path) -> onnx.ModelProto:
     """The model without external tensor data (enough for IR version, inputs and dims)."""
     from lora_ref.errors import FileFormatError
 
@@ -224,7 +278,7 @@ class AdapterCache:
         if isinstance(adapter, Adapter):
             tensors = adapter_tensors(adapter, self.session.slots)
         else:
-            tensors = dict(adapter.tensors if isinstance(adapter, LoadedAdapter) else adapter)
+            tensors = fit_names(adapter.tensors if isinstance(adapter, LoadedAdapter) else adapter, self.session.slots)
             check_tensors({k: (np.shape(v), np.asarray(v).dtype) for k, v in tensors.items()}, self.session.slots, f"adapter {name!r}")
         self._host[name] = {k: self._host_value(v) for k, v in tensors.items()}
 

@@ -20,9 +20,13 @@ import onnx
 from onnx import helper
 
 from .errors import AdapterNameError
+from .names import all_suffixes
 
 A_SUFFIX, B_SUFFIX, BIAS_SUFFIX = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
-SUFFIXES = (A_SUFFIX, B_SUFFIX, BIAS_SUFFIX)
+#: every scheme's suffixes (:mod:`lora_ref.export.names`; genai's ``.lora_A.MatMul.weight`` ...), longest first
+SUFFIXES = all_suffixes()
+A_SUFFIXES = tuple(s for s in SUFFIXES if ".lora_A." in s)
+BIAS_SUFFIXES = tuple(s for s in SUFFIXES if s.endswith(".bias"))
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,11 @@ class Slot:
 
     @property
     def is_a(self) -> bool:
-        return self.name.endswith(A_SUFFIX)
+        return self.name.endswith(A_SUFFIXES)
 
     @property
     def is_bias(self) -> bool:
-        return self.name.endswith(BIAS_SUFFIX)
+        return self.name.endswith(BIAS_SUFFIXES)
 
     @property
     def rank_axis(self) -> int:
@@ -121,7 +125,11 @@ def check_tensors(tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]], slots
     mismatched = sorted(module for module, rs in ranks.items() if len(rs) > 1)
     if mismatched:
         raise AdapterNameError(f"{where}: lora_A and lora_B disagree on the rank of {mismatched}")
-    lonely = sorted(m for m in ranks if (m + A_SUFFIX in tensors) != (m + B_SUFFIX in tensors))
+    halves: dict[str, set[bool]] = {}
+    for name in tensors:
+        if not slots[name].is_bias:
+            halves.setdefault(slots[name].module, set()).add(slots[name].is_a)
+    lonely = sorted(m for m, kinds in halves.items() if len(kinds) != 2)
     if lonely:
         raise AdapterNameError(f"{where}: {lonely} have lora_A without lora_B or the reverse")
     biased = sorted(slots[name].module for name in tensors if slots[name].is_bias)

@@ -24,7 +24,7 @@ from .. import __version__
 from ..atomic import transaction
 from ..errors import LoraRefError
 
-COMMAND_MODULES = ["inspect_cmd", "merge_cmd", "demo_cmd", "combine_cmd", "export_cmd", "conformance_cmd", "gguf_cmd"]
+COMMAND_MODULES = ["inspect_cmd", "merge_cmd", "demo_cmd", "combine_cmd", "export_cmd", "conformance_cmd", "gguf_cmd", "convert_cmd"]
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 GLOBAL_FLAGS = {"--verbose": "verbose", "--quiet": "quiet"}

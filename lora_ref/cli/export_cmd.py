@@ -21,7 +21,8 @@ PROGRESS_MIN_BYTES = 64 * 2**20
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write an ONNX graph with LoRA adapters: merged, dynamic or batched")
-    p.add_argument("model", help="base ONNX model (e.g. from torch.onnx.export(..., dynamo=True))")
+    p.add_argument("model", help="base ONNX model (e.g. from torch.onnx.export(..., dynamo=True)), or an onnxruntime-genai "
+                                 "model folder (then -o is a new folder)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories (batched: bank order)")
     p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"],
                    help="merged: weights replaced; dynamic: adapters fed as inputs; batched: adapter banks + per-row adapter_index")
@@ -34,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-repo", metavar="DIR", help="batched mode: write the next version of a Triton model repository "
                    "(DIR/NAME/config.pbtxt, DIR/NAME/<v>/model.onnx, adapters.json) instead of -o")
     p.add_argument("--name", default="lora", help="Triton model name in --triton-repo (default: lora)")
+    p.add_argument("--requantize", action="store_true",
+                   help="merged mode, int4/int8 (MatMulNBits) bases: write requantized merged weights (reports the error) "
+                        "instead of keeping the base with the LoRA beside it")
+    p.add_argument("--adapter-names", choices=["genai", "olive", "peft"],
+                   help="names of a dynamic graph's LoRA inputs and .onnx_adapter tensors (default: genai for a genai folder, else peft)")
     p.set_defaults(func=run)
 
 
@@ -66,11 +72,20 @@ def run(args: argparse.Namespace) -> int:
             guard.write(f"adapter file {name}{SUFFIX}", Path(args.adapter_out) / f"{name}{SUFFIX}")
     guard.check()
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
-    model = load_model(args.model)
-    progress = _progress_printer(sys.stderr.isatty() or tensor_bytes(model) >= PROGRESS_MIN_BYTES)
-    report = export(model, adapters, args.mode, args.output, base_weights=args.base_weights, adapter_out=args.adapter_out,
-                    max_rank=args.max_rank, dtype=args.dtype, external_data=True if args.external_data else None,
-                    progress=progress)
+    options = dict(base_weights=args.base_weights, max_rank=args.max_rank, dtype=args.dtype, requantize=args.requantize)
+    if Path(args.model).is_dir():
+        from lora_ref.export.genai import export_genai
+
+        if args.adapter_out:
+            raise ConfigError("--adapter-out does not apply to a genai folder: its .onnx_adapter files go into the output folder")
+        report = export_genai(args.model, adapters, args.mode, args.output, adapter_names=args.adapter_names or "genai",
+                              progress=_progress_printer(sys.stderr.isatty()), **options)
+    else:
+        model = load_model(args.model)
+        progress = _progress_printer(sys.stderr.isatty() or tensor_bytes(model) >= PROGRESS_MIN_BYTES)
+        report = export(model, adapters, args.mode, args.output, adapter_out=args.adapter_out,
+                        external_data=True if args.external_data else None, adapter_names=args.adapter_names or "peft",
+                        progress=progress, **options)
     found = report.found_by()
     how = ", ".join(f"{count} by {way}" for way, count in sorted({w: list(found.values()).count(w) for w in found.values()}.items()))
     print(f"{args.mode} graph with {len(adapters)} adapter(s), {len(found)} module(s) ({how}) -> {report.output}")
@@ -80,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print("  adapter_index -1: base model")
     for name, path in report.adapter_files.items():
         print(f"  {name}: {path}")
+    for module, note in report.notes.items():
+        print(f"  {module}: {note}")
     return 0
 
 

@@ -1,0 +1,56 @@
+"""PEFT adapters to ``.onnx_adapter`` files for an existing dynamic graph (``lora-ref convert-adapters``).
+
+The graph is any dynamic LoRA graph: lora-ref's (its slot layout is recorded in the metadata,
+fused slots included), one from genai's builder with its LoRA tensors made inputs, or Olive's
+(ExtractAdapters). Its LoRA inputs give the names, the naming scheme (:func:`lora_ref.export.names.detect_scheme`),
+the static axes (in, out, a fixed rank) and the dtype; every adapter is converted to exactly
+those (:func:`lora_ref.export.adapter_files.adapter_tensors`: A_g = A^T, B_g = s·B^T, each rounded
+once) and checked, and a module with no input in the graph is an error. All files are written
+into a staging folder renamed to the output folder only when every adapter converted, so a
+refusal leaves nothing behind. Only the graph's header is read (no external data).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora_ref.adapter import Adapter
+
+from .adapter_files import SUFFIX, adapter_tensors, write_onnx_adapter
+from .errors import AdapterNameError, ExportConfigError
+from .names import read_layouts
+from .runtime import header_only
+from .slots import slots_from_model
+
+
+def convert_adapters(adapters: Sequence[Adapter], graph: str | os.PathLike[str], output: str | os.PathLike[str]) -> dict:
+    """Write ``<output>/<adapter name>.onnx_adapter`` for each adapter; return a JSON-ready report."""
+    output = Path(output)
+    if output.exists():
+        raise ExportConfigError(f"{output}: already exists; the output folder must be new")
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise ExportConfigError(f"adapter names must be distinct to name their files, got {names}")
+    model = header_only(Path(graph))
+    slots = slots_from_model(model)
+    if not slots:
+        raise AdapterNameError(f"{graph}: the graph has no LoRA inputs (export it with --mode dynamic first)")
+    layouts, scheme = read_layouts(model, {slot.module for slot in slots.values()})
+    converted = {adapter.name: adapter_tensors(adapter, slots, layouts) for adapter in adapters}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    report = {"graph": str(graph), "scheme": scheme, "adapters": {}}
+    try:
+        for name, tensors in converted.items():
+            write_onnx_adapter(staging / f"{name}{SUFFIX}", tensors, slots)
+            report["adapters"][name] = {"file": str(output / f"{name}{SUFFIX}"), "scheme": scheme, "tensors": len(tensors),
+                                        "modules": sorted(next(a for a in adapters if a.name == name).modules)}
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report

@@ -1,0 +1,184 @@
+"""Quantized bases: ONNX Runtime's ``MatMulNBits`` (com.microsoft), read exactly, with the LoRA beside it.
+
+``MatMulNBits(x, B_q, scales[, zero_points])`` with attributes K (in), N (out), bits (4 or 8) and
+block_size computes y = x · W^T with the dequantized weight [N, K]
+
+    W[n, k] = (q[n, k] − z[n, ⌊k / bs⌋]) · scale[n, ⌊k / bs⌋]
+
+where q[n, k] is element k of row n of B_q [N, ⌈K / bs⌉, bs · bits / 8] (4 bits: two per byte,
+the even element in the low nibble), scales [N, ⌈K / bs⌉] (or flat) and z the zero points
+(4 bits: packed two per byte, low nibble first; absent: 2^(bits−1), the symmetric form).
+
+A LoRA update is far below an int4 step (|Δ| ≪ scale / 2), so rounding W + Δ back to int4 moves
+most elements by a whole step or not at all: the result carries a quantization error of about the
+adapter's own size. So every export leaves B_q, scales and zero points bit for bit as they were
+and adds the float LoRA branch y ← y0 + (x·A_g)·B_g beside the quantized MatMul (dynamic graphs:
+A_g, B_g are inputs; merged graphs: constants, the stacked factors of all merged adapters,
+:func:`add_constant_branches`). The branch's dtype is the scales' dtype.
+
+Opt-in (``--requantize``, merged graphs only): :func:`requantize` writes Q(W + Σ Δ) with the input's
+bits, block size and symmetry instead, and reports per site the requantization error against the
+adapter's effect, so the user sees what was lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lora_ref.adapter import Adapter
+
+from .editing import Namer, np_dtype, splice
+from .errors import UnsupportedGraphError
+from .locate import TargetSite
+
+
+def float_type(graph: onnx.GraphProto, site: TargetSite) -> int:
+    """The TensorProto float type the site computes in: its weight's, or a MatMulNBits' scales'."""
+    name = graph.node[site.node].input[2] if site.quantized else site.weight
+    return next(t.data_type for t in graph.initializer if t.name == name)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def dequantize(graph: onnx.GraphProto, site: TargetSite) -> np.ndarray:
+    """The float64 weight W [N, K] a MatMulNBits site computes with (module docstring); exact."""
+    node = graph.node[site.node]
+    inits = {t.name: t for t in graph.initializer}
+    K, N = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
+    bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size", 0))
+    if bits not in (4, 8) or len(node.input) > 4 and any(node.input[4:]):
+        raise UnsupportedGraphError(f"{site.module}: MatMulNBits with bits={bits} or g_idx/bias inputs is not supported")
+    blocks = -(-K // bs)
+    packed = numpy_helper.to_array(inits[node.input[1]]).reshape(N, blocks, bs * bits // 8)
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, blocks * bs)
+    else:
+        q = packed.reshape(N, blocks * bs)
+    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(N, blocks)
+    zero = np.full((N, blocks), 2 ** (bits - 1), np.float64)
+    if len(node.input) > 3 and node.input[3]:
+        zp = numpy_helper.to_array(inits[node.input[3]])
+        if zp.dtype == np.uint8 and bits == 4:
+            per_row = -(-blocks // 2)
+            zp = zp.reshape(N, per_row)
+            zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(N, 2 * per_row)[:, :blocks].astype(np.float64)
+        else:
+            zero = zp.astype(np.float64).reshape(N, blocks)
+    W = (q.astype(np.float64) - np.repeat(zero, bs, axis=1)) * np.repeat(scales, bs, axis=1)
+    return W[:, :K]
+
+
+def add_constant_branches(model: onnx.ModelProto, groups: Mapping[str, tuple], adapters: Sequence[Adapter]) -> dict[str, int]:
+    """Add y ← y0 + (x·A_c)·B_c at each quantized site of ``groups`` (stem -> (layout, sites)); in place.
+
+    A_c [in, Σ r] and B_c [Σ r, out] stack every adapter's factors on the layout along the rank, so
+    x·A_c·B_c = Σ_i s_i (x A_i^T) B_i^T: the adapters applied one after another, as a merge would.
+    Returns stem -> stacked rank.
+    """
+    from .dynamic import linear_branch
+    from .fused import stacked_factors
+
+    graph = model.graph
+    namer = Namer(graph)
+    after: dict[int, list[onnx.NodeProto]] = {}
+    ranks = {}
+    for stem, (layout, sites) in groups.items():
+        dtype = np_dtype(float_type(graph, sites[0]))
+        factors = [f for f in (stacked_factors(a, layout, dtype) for a in adapters) if f is not None]
+        A = np.concatenate([a for a, _ in factors], axis=1)
+        B = np.concatenate([b for _, b in factors], axis=0)
+        a_name, b_name = namer(f"{stem}.lora_A.merged"), namer(f"{stem}.lora_B.merged")
+        graph.initializer.extend([numpy_helper.from_array(A, a_name), numpy_helper.from_array(B, b_name)])
+        for site in sites:
+            after.setdefault(site.node, []).extend(linear_branch(graph, site, namer, a_name, b_name, None))
+        ranks[stem] = int(A.shape[1])
+    splice(graph, after)
+    return ranks
+
+
+def _block_quantize(W: np.ndarray, bits: int, bs: int, symmetric: bool, scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [N, blocks·bs] ints, scales [N, blocks] in ``scale_dtype``, zero points [N, blocks]) of W [N, K] (K padded with 0).
+
+    Symmetric (no zero-point input): the block's element of largest magnitude a maps to the lowest
+    level, scale = a / −2^(bits−1), z = 2^(bits−1) (ONNX Runtime's blockwise quantizer's choice).
+    Asymmetric: scale = (max(0, max) − min(0, min)) / (2^bits − 1), z = rint(−min(0, min) / scale).
+    q = clip(rint(W / scale) + z, 0, 2^bits − 1), with the scale already rounded to ``scale_dtype``.
+    """
+    N, K = W.shape
+    blocks = -(-K // bs)
+    padded = np.zeros((N, blocks * bs))
+    padded[:, :K] = W
+    view = padded.reshape(N, blocks, bs)
+    top = 2**bits - 1
+    if symmetric:
+        index = np.abs(view).argmax(axis=2)
+        amax = np.take_along_axis(view, index[..., None], axis=2)[..., 0]
+        scale = amax / -(2 ** (bits - 1))
+        zero = np.full((N, blocks), 2 ** (bits - 1), np.float64)
+    else:
+        lo, hi = np.minimum(view.min(axis=2), 0), np.maximum(view.max(axis=2), 0)
+        scale = (hi - lo) / top
+    scale = np.where(scale == 0, 1.0, scale).astype(scale_dtype).astype(np.float64)
+    if not symmetric:
+        zero = np.clip(np.rint(-lo / scale), 0, top)
+    q = np.clip(np.rint(view / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    return q.reshape(N, blocks * bs), scale.astype(scale_dtype), zero
+
+
+def requantize(model: onnx.ModelProto, groups: Mapping[str, tuple], adapters: Sequence[Adapter]) -> dict[str, dict[str, float]]:
+    """Replace each quantized site's weight by the requantized merged weight Q(W + Σ Δ_i); in place.
+
+    W is the exactly dequantized weight (:func:`dequantize`), Δ_i = s_i B_i A_i of each adapter on
+    the site's modules (fused parts: their rows of W), summed in float64; Q keeps bits, block size
+    and symmetry (a zero-point input or none) of the input, the scales' dtype, and the zero points'
+    packing. Returns, per stem, the requantization error against the adapter's effect:
+    ``max_error`` = max|Q(W+Δ) − (W+Δ)|, ``max_effect`` = max|Δ|, and ``rms_ratio`` =
+    ‖Q(W+Δ) − (W+Δ)‖_F / ‖Δ‖_F (about 1 or more: the rounding is as large as the adapter).
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    reports = {}
+    for stem, (layout, sites) in groups.items():
+        site = sites[0]
+        node = graph.node[site.node]
+        W = dequantize(graph, site)
+        delta = np.zeros_like(W)
+        row = 0
+        for module, width in layout.parts:
+            for adapter in adapters:
+                if module in adapter.modules:
+                    lora = adapter.modules[module]
+                    delta[row:row + width] += adapter.scale_for(module) * (lora.B.astype(np.float64) @ lora.A.astype(np.float64))
+            row += width
+        target = W + delta
+        bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size", 0))
+        has_zp = len(node.input) > 3 and bool(node.input[3])
+        scales = inits[node.input[2]]
+        q, scale, zero = _block_quantize(target, bits, bs, not has_zp, np_dtype(scales.data_type))
+        N = q.shape[0]
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+        old = inits[node.input[1]]
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(packed.reshape(tuple(old.dims)), old.name))
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(scale.reshape(tuple(scales.dims)), scales.name))
+        if has_zp:
+            zp = inits[node.input[3]]
+            if zp.data_type == onnx.TensorProto.UINT8 and bits == 4:
+                z = zero.astype(np.uint8)
+                if z.shape[1] % 2:
+                    z = np.concatenate([z, np.zeros((N, 1), np.uint8)], axis=1)
+                value = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+            else:
+                value = zero.astype(np_dtype(zp.data_type))
+            zp.CopyFrom(numpy_helper.from_array(value.reshape(tuple(zp.dims)), zp.name))
+        got = dequantize(graph, site)
+        error = got - target
+        norm = float(np.linalg.norm(delta))
+        reports[stem] = {"max_error": float(np.abs(error).max()), "max_effect": float(np.abs(delta).max()),
+                         "rms_ratio": float(np.linalg.norm(error) / norm) if norm else float("inf")}
+    return reports
