@@ -31,7 +31,7 @@ from lora_ref.errors import ConfigError
 from lora_ref.ledger import MergeLedger
 from lora_ref.linear import LinearBiasDelta, LinearDelta
 from lora_ref.safetensors_io import SafetensorsFile
-from test_linear import ErrorLog
+from helpers import ErrorLog
 
 merge_module = importlib.import_module("lora_ref.merge")  # the attribute lora_ref.merge is the function
 merge, unmerge = merge_module.merge, merge_module.unmerge
