@@ -172,7 +172,11 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     most 2k blocks are submitted ahead of the one being collected, so the extra memory stays a
     few ``block_bytes`` whatever the thread count and the number of blocks.
     """
-    threads = MAX_THREADS
+    row_bytes = 8 * (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
+    # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
+    # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
+    # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
+    threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
     step = block_rows(shape, max(1, min(block_bytes // threads, THREAD_BLOCK_BYTES)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
         return [fn(rows) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
