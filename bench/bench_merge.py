@@ -3,8 +3,12 @@
 Measured in one run, reported as ratios:
   copy         np.copyto of the same array: the memory-bandwidth floor of any merge
   PEFT merge   peft.tuners.lora.Linear.merge() on torch CPU (B @ A in float32, W += delta)
-  fast merge   lora_ref.merge (float64 delta in fixed order, one rounding), into a preallocated output
-  exact merge  the same plus the residual that makes unmerge bit-exact
+  fast merge   lora_ref.merge (correctly rounded W + s·B·A: float64 BLAS product, error bound,
+               exact integers for undecided elements; SPEC 3.2), into a preallocated output
+  exact merge  the same plus the residual that makes unmerge bit-exact, without the merged
+               weight's BLAKE2b checksum (what MergeLedger does in memory)
+  exact merge + digest   the same plus that checksum (what a residual file needs)
+  fixed-order merge      the fixed-order/1 evaluation (files of the 0.x release), fast mode
 and the residual's size (elements, % of W, bytes). Times are medians of --repeats runs after a
 warm-up, in rounds that time every contender once each (bench/common.time_median). Usage:
 
@@ -23,10 +27,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, time_median, write_results  # noqa: E402
+from readme import write_section  # noqa: E402
 
 from lora_ref.dtypes import STORAGE_DTYPES, round_to  # noqa: E402
 from lora_ref.linear import LinearDelta  # noqa: E402
-from lora_ref.merge import merge, unmerge  # noqa: E402
+from lora_ref.merge import FIXED_ORDER, merge, unmerge  # noqa: E402
+
+
+def merge_threads() -> int:
+    import importlib
+
+    return importlib.import_module("lora_ref.merge").MAX_THREADS  # the attribute lora_ref.merge is the function
 
 
 def peft_layer(W: np.ndarray, A: np.ndarray, B: np.ndarray, alpha: int, dtype_name: str):
@@ -64,7 +75,9 @@ def bench_dtype(name: str, size: int, rank: int, alpha: int, repeats: int, with_
     contenders = {
         "copy": (lambda: np.copyto(out, W), None),
         "fast_merge": (lambda: merge(W, delta, out=out), None),
-        "exact_merge": (lambda: merge(W, delta, exact=True, out=out), None),
+        "exact_merge": (lambda: merge(W, delta, exact=True, out=out, digest=False), None),
+        "exact_merge_digest": (lambda: merge(W, delta, exact=True, out=out), None),
+        "fixed_order_merge": (lambda: merge(W, delta, out=out, semantics=FIXED_ORDER), None),
         "exact_unmerge": (lambda: unmerge(exact.weight, delta, residual=exact.residual, out=out), None),
     }
     if with_peft:
@@ -87,7 +100,8 @@ def bench_dtype(name: str, size: int, rank: int, alpha: int, repeats: int, with_
     if with_peft:
         import torch
 
-        pairs += [("fast_merge", "peft_merge"), ("exact_merge", "peft_merge")]
+        pairs += [("fast_merge", "peft_merge"), ("exact_merge", "peft_merge"), ("exact_merge_digest", "peft_merge"),
+                  ("fixed_order_merge", "peft_merge")]
         row["torch_threads"] = torch.get_num_threads()
     for num, den in pairs:
         row[f"{num}/{den}"] = float(np.median(np.array(samples[num]) / np.array(samples[den])))
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = ["dtype", "copy", "PEFT merge", "fast merge", "exact merge", "fast / copy", "exact / copy"]
     if with_peft:
-        header += ["fast / PEFT", "exact / PEFT"]
+        header += ["fast / PEFT", "exact / PEFT", "exact + digest / PEFT", "fixed-order fast / PEFT"]
     header += ["exact / fast", "residual elements (% of W)", "residual size (% of W's bytes)"]
     table = []
     for row in rows:
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{row['fast_merge_s'] * 1e3:.1f} ms", f"{row['exact_merge_s'] * 1e3:.1f} ms",
                  f"{row['fast_merge/copy']:.1f}x", f"{row['exact_merge/copy']:.1f}x"]
         if with_peft:
-            cells += [f"{row['fast_merge/peft_merge']:.2f}x", f"{row['exact_merge/peft_merge']:.2f}x"]
+            cells += [f"{row['fast_merge/peft_merge']:.2f}x", f"{row['exact_merge/peft_merge']:.2f}x",
+                      f"{row['exact_merge_digest/peft_merge']:.2f}x", f"{row['fixed_order_merge/peft_merge']:.2f}x"]
         cells += [f"{row['exact_merge/fast_merge']:.2f}x",
                   f"{row['residual_elements']} ({row['residual_share']:.2%})",
                   f"{row['residual_bytes'] / 2**20:.1f} MiB ({row['residual_bytes'] / row['weight_bytes']:.1%})"]
@@ -132,9 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Merge of a {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha}: medians of "
           f"{args.repeats} rounds; a ratio is the median of per-round ratios (lower = ours faster)")
     print(text)
-    path = write_results("merge", {"command": "python bench/bench_merge.py " + " ".join(argv or sys.argv[1:]),
-                                   "rows": rows, "table": text})
+    command = "python bench/bench_merge.py " + " ".join(argv or sys.argv[1:])
+    path = write_results("merge", {"command": command, "rows": rows, "table": text})
     print(f"wrote {path}")
+    import torch
+
+    write_section("merge", "Merge vs PEFT", [
+        f"`{command.strip()}`: one {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha}, medians of "
+        f"{args.repeats} rounds, a ratio is the median of per-round ratios (lower = ours faster); torch threads "
+        f"{torch.get_num_threads() if with_peft else '-'}, merge threads {merge_threads()}. Goals: exact merge ≤ 1.0x PEFT, "
+        "fast ≤ 0.6x. JSON: `bench/results/merge.json`.", "", text])
     return 0
 
 

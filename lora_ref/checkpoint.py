@@ -45,7 +45,10 @@ from .dora import DoraDelta
 from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
 from .errors import CarriedTensorError, ExactnessError, FileFormatError, TargetNotFoundError
 from .linear import LinearBiasDelta
-from .merge import BLOCK_BYTES, DeltaSource, Residual, block_rows, digest_arrays, merge, unmerge
+from .merge import (
+    BLOCK_BYTES, FIXED_ORDER, MERGE_SEMANTICS, SEMANTICS_META_KEY, DeltaSource, Residual, block_rows, check_semantics,
+    digest_arrays, merge, unmerge,
+)
 from .provenance import PROVENANCE_KEY, adapter_digest, merge_record, popped, pushed, tensors_digest
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
 
@@ -170,6 +173,7 @@ def merge_checkpoint(
 
         specs = [(n, out_dtype(n), base.tensors[n].shape) for n in names]
         header = pushed(base.metadata, record, base_path) if metadata is None else metadata
+        header = {**header, SEMANTICS_META_KEY: MERGE_SEMANTICS}  # how unmerge must evaluate (SPEC 3.2)
         with SafetensorsWriter(out_path, specs, header) as writer:
             for name in names:
                 tensor = base.get(name)
@@ -267,7 +271,10 @@ def unmerge_checkpoint(
         _check_targets(adapter, merged)
         names = merged.keys()
         specs = [(n, merged.tensors[n].dtype, merged.tensors[n].shape) for n in names]
-        metadata = popped(merged.metadata, adapter_digest(adapter), merged_path)
+        # files merged before the key existed were merged in the fixed order (SPEC 3.2)
+        semantics = check_semantics(merged.metadata.get(SEMANTICS_META_KEY, FIXED_ORDER), str(merged_path))
+        metadata = {k: v for k, v in popped(merged.metadata, adapter_digest(adapter), merged_path).items()
+                    if k != SEMANTICS_META_KEY}
         with SafetensorsWriter(out_path, specs, metadata) as writer:
             for name in names:
                 tensor = merged.get(name)
@@ -277,7 +284,9 @@ def unmerge_checkpoint(
                     kwargs = {"shape": tensor.shape} if targets[name][1] == CARRIED else {"norm": norms.get(name)}
                     delta = target_delta(adapter, targets[name], **kwargs)
                     out = writer.reserve(name)
-                    unmerge(tensor, delta, residual=residuals.get(name), out=out, block_bytes=block_bytes)
+                    residual = residuals.get(name)
+                    unmerge(tensor, delta, residual=residual, out=out, block_bytes=block_bytes,
+                            semantics=residual.semantics if residual is not None else semantics)
                     if record is not None and record.base_digests is not None \
                             and digest_arrays(out) != record.base_digests[name]:
                         raise ExactnessError(f"{name}: the exact unmerge does not reproduce the base digest recorded at "
@@ -323,6 +332,8 @@ def save_residuals(
     meta: dict[str, object] = {"format": RESIDUAL_FORMAT, "tensors": {}, "targets": sorted(residuals),
                                "merge_id": (record or {}).get("merge_id")}
     for key, residual in residuals.items():
+        if residual.merged_digest is None:
+            raise ValueError(f"{key}: a residual written to a file needs its merged-weight checksum (merge with digest=True)")
         tensors[f"{key}::indices"] = residual.indices
         tensors[f"{key}::values"] = residual.values
         meta["tensors"][key] = {  # type: ignore[index]
@@ -332,6 +343,7 @@ def save_residuals(
             "delta_digest": residual.delta_digest,
             "payload_digest": _payload_digest(residual, norms.get(key)),
             "base_digest": (base_digests or {}).get(key, ""),
+            "semantics": residual.semantics,
         }
     metadata = {RESIDUAL_META_KEY: json.dumps(meta, sort_keys=True)}
     if record is not None:
@@ -401,6 +413,7 @@ def read_residual_file(path: str | Path) -> ResidualFile:
             shape = tuple(shape)
             dtype = resolve_dtype(info["dtype"], allow_float64=False)
             merged_digest, delta_digest = str(info["merged_digest"]), str(info["delta_digest"])
+            semantics = check_semantics(info.get("semantics", FIXED_ORDER), f"{path}: {key}")  # absent: older files
             if v2:
                 payload, base_digests[key] = str(info["payload_digest"]), str(info["base_digest"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -408,7 +421,7 @@ def read_residual_file(path: str | Path) -> ResidualFile:
         if indices.dtype not in (np.uint32, np.int64) or indices.ndim != 1 or values.dtype != dtype \
                 or values.shape != indices.shape:
             raise FileFormatError(f"{path}: residual entry {key!r} has inconsistent indices/values")
-        residuals[key] = Residual(indices, values, shape, merged_digest, delta_digest)
+        residuals[key] = Residual(indices, values, shape, merged_digest, delta_digest, semantics)
         if v2 and payload != _payload_digest(residuals[key], norms.get(key)):
             raise ExactnessError(f"{path}: residual entry {key!r} fails its checksum (its indices, values or DoRA norm "
                                  "changed since the merge wrote it); refusing")

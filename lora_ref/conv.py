@@ -294,6 +294,11 @@ class ConvDelta:
     def factors(self) -> tuple[np.ndarray, ...]:
         return (self.A, self.B, np.float64(self.scale))
 
+    def rank_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, R) with Δ = s · L R reshaped to the kernel: B as [O, r] and A as [r, C·k]."""
+        r = self.A.shape[0]
+        return self.B.reshape(self.B.shape[0], r), self.A.reshape(r, -1)
+
     def block(self, rows: slice) -> np.ndarray:
         """Δ[rows] in float64, shaped like W[rows]."""
         r = self.A.shape[0]

@@ -112,6 +112,27 @@ def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return x.astype(dtype)
 
 
+def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16, to nearest-even: one rounding, as integer arithmetic on the bits.
+
+    bfloat16 is the top half of a float32: add 0x7FFF plus the lowest kept bit and drop the low
+    16 bits (a carry reaches the exponent exactly when the value rounds up a binade; overflow gives
+    ±inf, subnormals round on the same grid). NaNs become a quiet NaN of the same sign. About four
+    times faster than a float64 -> bfloat16 :func:`round_to` (which rounds to odd first).
+    """
+    bits = np.ascontiguousarray(x, dtype=float32).view(np.uint32)
+    rounded = bits >> np.uint32(16)
+    rounded &= np.uint32(1)
+    rounded += np.uint32(0x7FFF)
+    rounded += bits
+    rounded >>= np.uint32(16)
+    result = rounded.astype(np.uint16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        result[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
+    return result.view(bfloat16)
+
+
 def bits_of(array: np.ndarray) -> np.ndarray:
     """The raw bit patterns of a float array as unsigned integers of the same width."""
     array = np.ascontiguousarray(array)

@@ -173,6 +173,10 @@ class EmbeddingDelta:
     def factors(self) -> tuple[np.ndarray, ...]:
         return (self.A, self.B, np.float64(self.scale))
 
+    def rank_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, R) with Δ = s · L R: Aᵀ [V, r] and Bᵀ [r, D]."""
+        return self.A.T, self.B.T
+
     def block(self, rows: slice) -> np.ndarray:
         """Δ[rows, :] in float64."""
         return rank_one_sum(self.A.T[rows].astype(float64), self.B.T.astype(float64)) * self.scale

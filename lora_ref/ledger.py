@@ -13,6 +13,7 @@ weight does not determine it (SPEC 4.3).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from .adapter import Adapter
 from .carried import check_base_copies, replacing
 from .checkpoint import merge_targets, target_delta
 from .errors import CarriedTensorError, MergeStateError, ShapeError, TargetNotFoundError
-from .merge import Residual, check_factors_finite, digest_arrays, merge, unmerge
+from .merge import MERGE_SEMANTICS, DeltaSource, Residual, check_factors_finite, digest_arrays, merge, switch
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,14 @@ class _Entry:
 
 
 class MergeLedger:
-    """Merge state of a dict of weights; see module doc."""
+    """Merge state of a dict of weights; see module doc.
+
+    The ledger owns ``weights``: it changes them in place and trusts that nothing else does, so
+    its residuals carry no checksum of the merged weights (a checksum of every merged weight on
+    every switch would cost more than the switch; files keep theirs, :mod:`lora_ref.checkpoint`).
+    The adapter given to unmerge is still checked against the one merged (a checksum of its
+    factors, which are small).
+    """
 
     def __init__(self, weights: dict[str, np.ndarray], *, exact: bool = True) -> None:
         self.weights = weights
@@ -52,8 +60,88 @@ class MergeLedger:
 
     def merge(self, adapter: Adapter, name: str | None = None, *, allow_nonfinite: bool = False) -> None:
         """Merge every module of ``adapter`` into its weight."""
-        name = name or adapter.name
-        if name in self._order:
+        self.switch((), [(adapter, name)], allow_nonfinite=allow_nonfinite)
+
+    def unmerge(self, adapter: Adapter, name: str | None = None) -> None:
+        """Undo the merge of ``adapter``; it must be the most recently merged on every weight it touched."""
+        self.switch([(adapter, name)], ())
+
+    def switch(
+        self,
+        unmerge_adapters: Sequence[tuple[Adapter, str | None]] = (),
+        merge_adapters: Sequence[tuple[Adapter, str | None]] = (),
+        *,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        """Unmerge ``unmerge_adapters`` in order (each the last merged on its weights at its turn), then
+        merge ``merge_adapters`` in order: in one pass over each weight, block by block (restore with
+        the residual, add the new delta, record the new residual), bitwise what separate unmerge and
+        merge calls give. Entries are (adapter, name); a None name is the adapter's own.
+
+        Everything is checked before any weight changes (LIFO order, the adapter given for each
+        unmerge is the one merged, targets, shapes, finite factors), so a refused switch changes
+        nothing. A DoRA merge needs the weight as it is at its turn (its norm), so a switch that
+        merges DoRA modules unmerges first, then merges one adapter at a time; if one is refused,
+        the steps taken are reversed (exact mode: bit for bit).
+        """
+        undo, order = self._plan_unmerges(unmerge_adapters)
+        if any(_is_dora(adapter) for adapter, _ in merge_adapters):
+            self._apply(undo, {})
+            self._order = order
+            done: list[tuple[Adapter, str | None]] = []
+            try:
+                for adapter, name in merge_adapters:
+                    self.switch((), [(adapter, name)], allow_nonfinite=allow_nonfinite) if not _is_dora(adapter) \
+                        else self._merge_one_by_one(adapter, name, allow_nonfinite)
+                    done.append((adapter, name))
+            except BaseException:
+                self.switch(done[::-1], list(unmerge_adapters)[::-1], allow_nonfinite=True)
+                raise
+            return
+        do = self._plan_merges(merge_adapters, order, allow_nonfinite)
+        self._apply(undo, do)
+        self._order = order
+
+    def _plan_unmerges(self, adapters: Sequence[tuple[Adapter, str | None]]) -> tuple[dict, list[str]]:
+        """Per weight key, the (delta, entry) pairs to undo in order, and the merged names afterwards."""
+        stacks = {key: list(stack) for key, stack in self._stacks.items()}
+        order = list(self._order)
+        undo: dict[str, list[tuple[DeltaSource, _Entry]]] = {}
+        for adapter, name in adapters:
+            name = name or adapter.name
+            if name not in order:
+                raise MergeStateError(f"adapter {name!r} is not merged (merged: {order or 'none'})")
+            for key, target in merge_targets(adapter).items():
+                stack = stacks.get(key, [])
+                if not stack or stack[-1].adapter_name != name:
+                    top = stack[-1].adapter_name if stack else "nothing"
+                    raise MergeStateError(
+                        f"{target[0]}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
+                    )
+                entry = stack.pop()
+                norm = entry.dora_norm
+                delta = target_delta(adapter, target, **({"norm": norm} if norm is not None else {}))
+                if entry.delta_digest != digest_arrays(*delta.factors()):
+                    raise MergeStateError(f"{delta.module}: the adapter given for {name!r} is not the one that was merged")
+                undo.setdefault(key, []).append((delta, entry))
+            order.remove(name)
+        return undo, order
+
+    def _plan_merges(self, adapters: Sequence[tuple[Adapter, str | None]], order: list[str],
+                     allow_nonfinite: bool) -> dict[str, list[tuple[str, DeltaSource]]]:
+        """Per weight key, the (name, delta) pairs to merge in order (no DoRA); appends to ``order``."""
+        do: dict[str, list[tuple[str, DeltaSource]]] = {}
+        for adapter, name in adapters:
+            name = name or adapter.name
+            deltas = self._checked_deltas(adapter, name, order, allow_nonfinite)
+            for key, delta in deltas.items():
+                do.setdefault(key, []).append((name, delta))
+            order.append(name)
+        return do
+
+    def _checked_deltas(self, adapter: Adapter, name: str, order: list[str], allow_nonfinite: bool) -> dict[str, DeltaSource]:
+        """The delta source of every target of ``adapter``, each checked (DoRA norms from the weights as they are)."""
+        if name in order:
             raise MergeStateError(f"adapter {name!r} is already merged")
         carried = adapter.carried_tensors()
         if replacing(carried):  # never ignored: the ledger merges LoRA deltas only
@@ -75,12 +163,16 @@ class MergeLedger:
                 )
             if not allow_nonfinite:  # refuse before any weight changes, not after the first module
                 check_factors_finite(delta)
-        for key, delta in deltas.items():
+        return deltas
+
+    def _merge_one_by_one(self, adapter: Adapter, name: str | None, allow_nonfinite: bool) -> None:
+        """Merge one adapter holding DoRA modules (norms from the weights as they are now)."""
+        name = name or adapter.name
+        for key, delta in self._checked_deltas(adapter, name, self._order, allow_nonfinite).items():
             weight = self.weights[key]
-            result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight)
+            result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight, digest=False)
             self._stacks.setdefault(key, []).append(
-                _Entry(name, digest_arrays(*delta.factors()), result.residual, getattr(delta, "norm", None))
-            )
+                _Entry(name, digest_arrays(*delta.factors()), result.residual, getattr(delta, "norm", None)))
         self._order.append(name)
 
     def _dora_base(self, adapter: Adapter, target: tuple[str, str], key: str) -> dict[str, np.ndarray]:
@@ -89,24 +181,17 @@ class MergeLedger:
         is_dora = part == "weight" and adapter.modules[module].magnitude is not None
         return {"base": self.weights[key]} if is_dora and key in self.weights else {}
 
-    def unmerge(self, adapter: Adapter, name: str | None = None) -> None:
-        """Undo the merge of ``adapter``; it must be the most recently merged on every weight it touched."""
-        name = name or adapter.name
-        if name not in self._order:
-            raise MergeStateError(f"adapter {name!r} is not merged (merged: {self._order or 'none'})")
-        deltas = {}
-        for key, target in merge_targets(adapter).items():
-            stack = self._stacks.get(key, [])
-            if not stack or stack[-1].adapter_name != name:
-                top = stack[-1].adapter_name if stack else "nothing"
-                raise MergeStateError(
-                    f"{target[0]}: cannot unmerge {name!r} before {top!r}; unmerge is last-in, first-out"
-                )
-            norm = stack[-1].dora_norm
-            delta = deltas[key] = target_delta(adapter, target, **({"norm": norm} if norm is not None else {}))
-            if stack[-1].delta_digest != digest_arrays(*delta.factors()):
-                raise MergeStateError(f"{delta.module}: the adapter given for {name!r} is not the one that was merged")
-        for key, delta in deltas.items():
-            entry = self._stacks[key].pop()
-            unmerge(self.weights[key], delta, residual=entry.residual, out=self.weights[key])
-        self._order.remove(name)
+    def _apply(self, undo: dict[str, list[tuple[DeltaSource, _Entry]]], do: dict[str, list[tuple[str, DeltaSource]]]) -> None:
+        """Run the planned steps, one fused pass per weight (:func:`lora_ref.merge.switch`)."""
+        for key in {**undo, **do}:
+            steps_undo, steps_do = undo.get(key, []), do.get(key, [])
+            stack = self._stacks.setdefault(key, [])
+            residuals = switch(self.weights[key], [(delta, entry.residual) for delta, entry in steps_undo],
+                               [delta for _, delta in steps_do], exact=self.exact, semantics=MERGE_SEMANTICS)
+            del stack[len(stack) - len(steps_undo):]
+            stack.extend(_Entry(name, digest_arrays(*delta.factors()), residual, getattr(delta, "norm", None))
+                         for (name, delta), residual in zip(steps_do, residuals))
+
+
+def _is_dora(adapter: Adapter) -> bool:
+    return any(lora.magnitude is not None for lora in adapter.modules.values())

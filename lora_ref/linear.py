@@ -164,6 +164,10 @@ class LinearDelta:
         """The tensors the delta depends on (their bytes enter the residual's checksum)."""
         return (self.A, self.B, np.float64(self.scale), np.bool_(self.fan_in_fan_out))
 
+    def rank_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, R) in float64 with Δ_stored = s · L R (:mod:`lora_ref.merge`, correctly rounded merges)."""
+        return (self.A.T, self.B.T) if self.fan_in_fan_out else (self.B, self.A)
+
     def block(self, rows: slice) -> np.ndarray:
         """Δ[rows, :] in float64, in the stored layout of W."""
         if self.fan_in_fan_out:  # Δ_stored = (s B A)^T: rows of Δ_stored are input features
@@ -196,6 +200,10 @@ class LinearBiasDelta:
 
     def factors(self) -> tuple[np.ndarray, ...]:
         return (self.lora_bias, np.float64(self.scale))
+
+    def rank_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, R) with Δb = s · L R: L = lora_bias as a column, R = [[1]]."""
+        return self.lora_bias.reshape(-1, 1), np.ones((1, 1))
 
     def block(self, rows: slice) -> np.ndarray:
         """Δb[rows] in float64."""

@@ -1,24 +1,34 @@
 """Merge and unmerge a LoRA delta into a weight, fast or exact (SPEC section 3).
 
-    merge(W, Δ)   = round_t(W + Δ)        one rounding to W's dtype t (W + Δ in float64)
-    unmerge(W', Δ) = round_t(W' − Δ)
+Two evaluations ("merge semantics"), named by the string a merged file records under
+``lora_ref.merge_semantics``:
 
-Fast mode stops there; the round trip then obeys, elementwise (SPEC 3.3),
+``correctly-rounded/2`` (:data:`CORRECTLY_ROUNDED`, what merges use and record today)
+    merge(W, Δ) = the correctly rounded value of W + s·B·A: exact real arithmetic, one rounding
+    to W's dtype t (to nearest, ties to even). unmerge(W', Δ) = the correctly rounded W' − s·B·A.
+    The value is computed with BLAS (float64 GEMM, any order, any threads) plus a rigorous
+    elementwise error bound; an element whose error interval rounds to one value of t has that
+    value; the rare rest are resolved in exact integer arithmetic (SPEC 3.2 has the proof).
+    The result depends on nothing but the inputs: not the BLAS, its threads or the block size.
+``fixed-order/1`` (:data:`FIXED_ORDER`, files without the key)
+    round_t(fl_64(W + Δ)) with Δ = s·Σ_k B[:, k] ⊗ A[k, :] accumulated in increasing k
+    (:func:`lora_ref.linear.rank_one_sum`): what lora-ref 0.x wrote; kept so their merged files
+    and residuals unmerge bit for bit. DoRA sources, float64 weights, sources without
+    ``rank_factors`` and adapters with non-finite values use it under either name.
+
+Fast mode stops at the merged weight; the round trip then obeys, elementwise (SPEC 3.3),
 
     |unmerge(merge(W)) − W| ≤ ũ(1+ũ)|W+Δ| + ũ|W| + (1+ũ)·η_t,   ũ = u_t + u_64(1+u_t)
 
-where u_t is t's unit roundoff and η_t its smallest subnormal, as long as W + Δ does not
-overflow t. Exact mode also returns a :class:`Residual`: the flat indices and original bits
-of every element where round_t(round_t(W + Δ) − Δ) is not bitwise W. Unmerging with it
-restores W bit for bit, whatever W holds (NaN payloads, ±inf, signed zeros, subnormals,
-elements that overflowed). The residual carries checksums of the merged weight and of the
-adapter factors, so it cannot be applied to another weight or with another adapter.
+(the correctly rounded evaluation satisfies it with ũ = u_t). Exact mode also returns a
+:class:`Residual`: the flat indices and original bits of every element where unmerge(W') is not
+bitwise W. Unmerging with it restores W bit for bit, whatever W holds (NaN payloads, ±inf, signed
+zeros, subnormals, elements that overflowed). A residual carries a checksum of the adapter
+factors and, when it may leave the process, of the merged weight.
 
 Δ is produced by a *delta source* (:class:`lora_ref.linear.LinearDelta` and the other layer
-kinds) in row blocks over W's first axis, so the extra memory is one float64 block, not a
-float64 copy of W.
-
-A source whose merge is not additive (DoRA: W' = g ⊙ (W + Δ)) also defines
+kinds) in row blocks over W's first axis, so the extra memory is a few float64 blocks, not a
+float64 copy of W. A source whose merge is not additive (DoRA: W' = g ⊙ (W + Δ)) also defines
 ``merge_block(rows, W64)`` and ``unmerge_block(rows, M64)`` (float64 in, float64 out, before the
 one rounding); merge/unmerge and the exact residual then use those instead of ±Δ.
 """
@@ -26,57 +36,97 @@ one rounding); merge/unmerge and the exact residual then use those instead of ±
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bits_of, check_float_array, float64, round_to
-from .errors import NonFiniteError, ResidualMismatchError, ShapeError
+from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float32_to_bfloat16, float64, round_to
+from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
 
 #: Target size of one float64 working block (bytes); bounds the extra memory of a merge. Small
 #: enough that a block's temporaries stay in cache (bench/bench_merge.py), large enough that
 #: NumPy's per-call overhead is amortised.
 BLOCK_BYTES = 1024 * 1024
-#: Most threads a merge uses. Blocks are independent and each is computed in the same fixed
-#: order whatever thread runs it, so the result is bitwise the same for any thread count.
+#: Most bytes of one float64 temporary a thread works on, whatever ``block_bytes`` allows: glibc
+#: serves larger allocations with fresh mmap pages, and their page faults cost more than the
+#: arithmetic (bench/bench_merge.py measures the effect).
+THREAD_BLOCK_BYTES = 128 * 1024
+#: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
+#: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
+GEMM_CHUNK = 2**18
+#: Most threads a merge uses. Every element's value is fixed by the semantics, whatever thread
+#: computes its block, so the result is bitwise the same for any thread count.
 MAX_THREADS = min(8, os.cpu_count() or 1)
 
+#: The merge semantics names (module doc); files without a name were merged with FIXED_ORDER.
+FIXED_ORDER = "fixed-order/1"
+CORRECTLY_ROUNDED = "correctly-rounded/2"
+SEMANTICS = (FIXED_ORDER, CORRECTLY_ROUNDED)
+#: What merges use and record.
+MERGE_SEMANTICS = CORRECTLY_ROUNDED
+#: The safetensors metadata key a merged checkpoint records its semantics under.
+SEMANTICS_META_KEY = "lora_ref.merge_semantics"
+
 _T = TypeVar("_T")
+_U64 = UNIT_ROUNDOFF[float64]  # 2^-53
+_ETA64 = SMALLEST_SUBNORMAL[float64]  # 2^-1074
+#: Largest rank the correctly rounded evaluation takes (r·u ≤ 2^-33 keeps γ_r ≤ (1 + 2^-32)·r·u).
+_MAX_RANK = 2**20
 
 
 class DeltaSource(Protocol):
-    """Anything that can produce ΔW in row blocks over the first axis of W."""
+    """Anything that can produce ΔW in row blocks over the first axis of W.
+
+    Optional: ``rank_factors() -> (L, R)`` and ``scale``, float64 arrays with
+    Δ = scale · L R reshaped like W (L: [W.shape[0], r], R: [r, W[0].size]); sources that have
+    them merge with the correctly rounded semantics.
+    """
 
     shape: tuple[int, ...]
     module: str
 
     def block(self, rows: slice) -> np.ndarray:
-        """Δ[rows] in float64, shaped like W[rows]."""
+        """Δ[rows] in float64, shaped like W[rows], in the fixed order of ``fixed-order/1``."""
 
     def factors(self) -> tuple[np.ndarray, ...]:
         """The arrays Δ is computed from, for the residual checksum."""
+
+
+def check_semantics(semantics: str, where: str = "merge") -> str:
+    """``semantics`` if lora-ref knows it, else a ConfigError naming the known ones."""
+    if semantics not in SEMANTICS:
+        raise ConfigError(
+            f"{where}: unknown merge semantics {str(semantics)[:80]!r}; this lora-ref evaluates {', '.join(SEMANTICS)} "
+            "(a newer lora-ref wrote it: upgrade to unmerge it)"
+        )
+    return semantics
 
 
 @dataclass(frozen=True)
 class Residual:
     """What exact unmerge needs beyond Δ to restore W bit for bit.
 
-    ``indices``: flat positions in W, uint32 when W has at most 2^32 elements (halving the
-    residual's size; see :func:`residual_index_dtype`), else int64; ``values``: W's original
-    elements there, in W's dtype; ``merged_digest`` / ``delta_digest``: BLAKE2b checksums of the merged weight and of
-    the adapter factors it belongs to.
+    ``indices``: flat positions in W, strictly increasing, uint32 when W has at most 2^32
+    elements (halving the residual's size; see :func:`residual_index_dtype`), else int64;
+    ``values``: W's original elements there, in W's dtype; ``delta_digest``: BLAKE2b checksum of
+    the adapter factors; ``merged_digest``: BLAKE2b checksum of the merged weight, or None for a
+    residual that stays with the weight it was made for in one process (a
+    :class:`~lora_ref.ledger.MergeLedger` owns its weights: no digest of every merged weight on
+    every switch); ``semantics``: the evaluation unmerge must use.
     """
 
     indices: np.ndarray
     values: np.ndarray
     shape: tuple[int, ...]
-    merged_digest: str
+    merged_digest: str | None
     delta_digest: str
+    semantics: str = MERGE_SEMANTICS
 
     @property
     def count(self) -> int:
@@ -108,20 +158,6 @@ def block_rows(shape: tuple[int, ...], block_bytes: int = BLOCK_BYTES) -> int:
     return max(1, block_bytes // (8 * max(row_elems, 1)))
 
 
-def merged_block(delta: DeltaSource, rows: slice, W64: np.ndarray) -> np.ndarray:
-    """The float64 merged value of W[rows] before rounding: W + Δ, or the source's own map."""
-    custom = getattr(delta, "merge_block", None)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf -> NaN: the residual records it
-        return custom(rows, W64) if custom is not None else W64 + delta.block(rows)
-
-
-def unmerged_block(delta: DeltaSource, rows: slice, M64: np.ndarray) -> np.ndarray:
-    """The float64 unmerged value of W'[rows] before rounding: W' − Δ, or the source's inverse map."""
-    custom = getattr(delta, "unmerge_block", None)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        return custom(rows, M64) if custom is not None else M64 - delta.block(rows)
-
-
 def row_slices(n_rows: int, step: int):
     """slice(start, start + step) over [0, n_rows), the last one shorter: W's row blocks."""
     for start in range(0, n_rows, step):
@@ -136,10 +172,14 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     most 2k blocks are submitted ahead of the one being collected, so the extra memory stays a
     few ``block_bytes`` whatever the thread count and the number of blocks.
     """
-    threads = MAX_THREADS
-    step = block_rows(shape, max(1, block_bytes // threads))
+    row_bytes = 8 * (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
+    # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
+    # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
+    # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
+    threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
+    step = block_rows(shape, max(1, min(block_bytes // threads, THREAD_BLOCK_BYTES)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
-        return [fn(rows) for rows in row_slices(shape[0], block_rows(shape, block_bytes))]
+        return [fn(rows) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
     results: list[_T] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque[Future[_T]] = deque()
@@ -167,12 +207,305 @@ def check_factors_finite(delta: DeltaSource) -> None:
             )
 
 
+# -- the correctly rounded evaluation (correctly-rounded/2, SPEC 3.2) ---------------------------------
+
+
+@dataclass(frozen=True)
+class _Product:
+    """Δ = s · L R (L [rows, r], R [r, c], float64) and the constants of the error bound.
+
+    For element (i, j) of a block, with y the float64 value of W + s·(L R) from BLAS,
+    |y − (W + s·Σ_k L_ik R_kj)| ≤ 4u|y| + κ·‖L_i‖·‖R_j‖ + φ   (SPEC 3.2), where κ = 2(r+1)u|s|;
+    ``left_norms`` hold κ·‖L_i‖ + √φ and ``right_norms`` ‖R_j‖ + √φ, whose products cover
+    κ·‖L_i‖·‖R_j‖ + φ.
+    """
+
+    scale: float
+    left: np.ndarray
+    right: np.ndarray
+    left_norms: np.ndarray  # κ·‖L_i‖₂ (+ the underflow allowance)
+    right_norms: np.ndarray  # ‖R_j‖₂ (+ the underflow allowance)
+    zero_rows: np.ndarray  # L_i = 0: Δ_i is exactly 0
+    zero_cols: np.ndarray  # R_j = 0
+    spread: float  # the coefficient of |y|: 4u, or more for bfloat16 (_round_end)
+    narrow: bool  # L and R hold float32/16/bf16 values: each L_ik·R_kj is exact in float64
+
+
+#: bfloat16 bracket ends round through float32 (:func:`_round_end`); the bound E then becomes
+#: (E + 2^-22·|y| + 2^-147)·(1 + 2^-22), which covers float32's rounding of y ± E (at most half an
+#: ulp: 2^-24·|y ± E| in the normal range, 2^-150 below it).
+_WIDEN = 1 + 2.0**-22
+
+
+def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | None:
+    """The correctly rounded evaluation's plan for ``delta``, or None where the fixed order applies."""
+    rank_factors = getattr(delta, "rank_factors", None)
+    if semantics == FIXED_ORDER or dtype == float64 or rank_factors is None or getattr(delta, "merge_block", None) is not None:
+        return None
+    left, right = rank_factors()
+    narrow = all(np.asarray(f).dtype in (float32, np.dtype(np.float16), bfloat16) for f in (left, right))
+    left = np.ascontiguousarray(left, dtype=float64)
+    right = np.ascontiguousarray(right, dtype=float64)
+    scale, rank = float(delta.scale), left.shape[1]
+    if rank > _MAX_RANK or not (math.isfinite(scale) and np.isfinite(left).all() and np.isfinite(right).all()):
+        return None
+    # ‖v‖₂ in float64 is within a relative (r + 2)u of the true norm (the factor 2 in κ covers it);
+    # squares of values below 2^-537 underflow, so each norm also gets √r·2^-500 ≥ the lost part.
+    allowance = math.sqrt(rank) * 2.0**-500
+    left_norms = np.sqrt(np.einsum("ik,ik->i", left, left)) + allowance
+    right_norms = np.sqrt(np.einsum("kj,kj->j", right, right)) + allowance
+    if rank and abs(scale) * float(left_norms.max(initial=0)) * float(right_norms.max(initial=0)) > 2.0**1000:
+        return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
+    left_norms *= 2 * (rank + 1) * _U64 * abs(scale)
+    floor, spread = _ETA64 * math.ceil(2 * rank * abs(scale) + 6), 4 * _U64
+    if dtype == bfloat16:
+        left_norms *= _WIDEN
+        floor, spread = (floor + 2.0**-147) * _WIDEN, (spread + 2.0**-22) * _WIDEN
+    root_floor = math.sqrt(floor) * (1 + 2.0**-20)  # (√φ)² ≥ φ
+    return _Product(
+        scale=scale, left=left, right=right, left_norms=left_norms + root_floor, right_norms=right_norms + root_floor,
+        zero_rows=~left.any(axis=1), zero_cols=~right.any(axis=0), spread=spread,
+        narrow=narrow and 2.0**-400 < abs(scale) and np.abs(left).max(initial=0) * np.abs(right).max(initial=0) * abs(scale) < 2.0**900,
+    )
+
+
+def _exact_int(x: float) -> int:
+    """x · 2^1074 as an integer (exact for every finite float64)."""
+    mantissa, exponent = math.frexp(x)
+    return int(mantissa * 2.0**53) << (exponent - 53 + 1074)
+
+
+#: Exact values in :func:`_resolve_exactly` are integers N standing for N · 2^-3222 (2^-3222 =
+#: 2^-1074 · 2^-1074 · 2^-1074: a product s · L_ik · R_kj of three float64 numbers is an integer
+#: multiple of it, and W = W_int · 2^-1074 is W_int · 2^2148 of them).
+_W_SHIFT = 2148
+_DENOMINATOR = 1 << 3222
+
+
+def _round_exact(numerator: int, dtype: np.dtype) -> np.ndarray:
+    """numerator · 2^-3222 (≠ 0) rounded once, to nearest-even, into ``dtype``.
+
+    Rounds to odd into float64 first (the inexact result's last bit set; 53 ≥ p_t + 2, so one more
+    rounding to t is correct: Boldo & Melquiond 2005), then :func:`~lora_ref.dtypes.round_to`.
+    """
+    try:
+        nearest = numerator / _DENOMINATOR  # int / int is correctly rounded in CPython
+    except OverflowError:  # |x| ≥ 2^1024: beyond every t's range
+        nearest = math.copysign(math.inf, numerator)
+    if math.isfinite(nearest):
+        represented = _exact_int(nearest) << _W_SHIFT
+        if represented != numerator and not int(np.float64(nearest).view(np.uint64)) & 1:
+            nearest = math.nextafter(nearest, math.inf if represented < numerator else -math.inf)
+    return round_to(np.array(nearest), dtype)
+
+
+def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float, positions: np.ndarray,
+                     out: np.ndarray) -> None:
+    """out.flat[p] = the correctly rounded base + sign·s·(L R) at each flat position p, in exact integers.
+
+    ``base`` is the block [n, c] in t, ``out`` a fresh array like it. The rules of SPEC 3.2: where
+    base_p is ±inf or NaN, or s·(L R)_p is exactly 0, out_p is base_p bit for bit (so −0 and NaN
+    payloads stay); where the exact sum is 0 otherwise, +0 (what IEEE addition gives). The common
+    cases of the first rule (non-finite W, a zero row of L or column of R, s = 0) are vectorised;
+    the rest run in Python integers, one element at a time.
+    """
+    n_cols = base.shape[1]
+    out_flat, out_bits, base_bits, flat_base = out.reshape(-1), bits_of(out).reshape(-1), bits_of(base).reshape(-1), base.reshape(-1)
+    i_rows, j_cols = np.divmod(positions, n_cols)
+    with np.errstate(invalid="ignore"):  # widening signalling NaNs
+        keep = ~np.isfinite(flat_base[positions].astype(float64))
+    keep |= plan.zero_rows[rows.start + i_rows] | plan.zero_cols[j_cols] | (plan.scale == 0)
+    out_bits[positions[keep]] = base_bits[positions[keep]]
+    positions, i_rows, j_cols = positions[~keep], i_rows[~keep], j_cols[~keep]
+    if plan.narrow:
+        _resolve_by_fsum(plan, rows, flat_base, sign, positions, i_rows, j_cols, out)
+        return
+    scale_int = _exact_int(sign * plan.scale)
+    for p, i, j in zip(positions.tolist(), i_rows.tolist(), j_cols.tolist()):
+        w = float(flat_base[p])
+        total = sum(_exact_int(a) * _exact_int(b) for a, b in zip(plan.left[rows.start + i].tolist(), plan.right[:, j].tolist()))
+        if total == 0:
+            out_bits[p] = base_bits[p]
+            continue
+        numerator = (_exact_int(w) << _W_SHIFT) + scale_int * total
+        out_flat[p] = round_to(np.array(0.0), out.dtype) if numerator == 0 else _round_exact(numerator, out.dtype)
+
+
+def _gemm(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left @ right in float64 BLAS calls of at most :data:`GEMM_CHUNK` multiply-adds each."""
+    rank, cols = right.shape
+    out = np.empty((left.shape[0], cols), dtype=float64)
+    step_rows = GEMM_CHUNK // max(1, rank * cols)
+    if step_rows >= 1:
+        for start in range(0, left.shape[0], step_rows):
+            np.matmul(left[start : start + step_rows], right, out=out[start : start + step_rows])
+        return out
+    step_cols = max(1, GEMM_CHUNK // max(1, rank))
+    for start in range(0, cols, step_cols):
+        out[:, start : start + step_cols] = left @ right[:, start : start + step_cols]
+    return out
+
+
+def _round_end(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A bracket end y ± E rounded into t: RN_t(x), except bfloat16: RN_bf16(RN_f32(x)).
+
+    For bfloat16 the bound is widened (:data:`_WIDEN`) so that RN_f32(y − E) ≤ X ≤ RN_f32(y + E)
+    still holds; RN_bf16 is monotone, so two ends with the same bits give RN_bf16(X) (SPEC 3.2).
+    Two cheap casts instead of float64 -> bfloat16's round to odd.
+    """
+    if dtype != bfloat16:
+        return round_to(x, dtype)
+    with np.errstate(over="ignore"):
+        return float32_to_bfloat16(x.astype(float32))
+
+
+_SPLIT = 2.0**27 + 1  # Veltkamp's constant for float64
+
+
+def _split(x: np.ndarray | float) -> tuple:
+    """x = hi + lo exactly, each with at most 26 significant bits (Veltkamp; no overflow for |x| < 2^996)."""
+    c = _SPLIT * x
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def _resolve_by_fsum(plan: _Product, rows: slice, flat_base: np.ndarray, sign: float, positions: np.ndarray,
+                     i_rows: np.ndarray, j_cols: np.ndarray, out: np.ndarray) -> None:
+    """The exact resolution when every L_ik·R_kj is exact in float64 (float32/16/bf16 factors).
+
+    X = W + σ·Σ_k p_k with p_k = L_ik R_kj exact; σ·p_k = h_k + l_k exactly (Dekker's product with
+    Veltkamp's split: no overflow or underflow below 2^900 in magnitude and above 2^-700, which the
+    narrow factors and a sane scale give). math.fsum returns the correctly rounded sum of its
+    floats, and the fsum of the terms and −f is the correctly rounded remainder X − f, whose sign
+    is exact: so f rounded to odd (53 ≥ p_t + 2 bits) and then to t is RN_t(X).
+    """
+    products = plan.left[rows.start + i_rows] * plan.right[:, j_cols].T  # exact, [n, r]
+    sigma = sign * plan.scale
+    high = products * sigma
+    s_hi, s_lo = _split(sigma)
+    p_hi, p_lo = _split(products)
+    low = ((s_hi * p_hi - high) + s_hi * p_lo + s_lo * p_hi) + s_lo * p_lo  # σ·p − fl(σ·p), exactly
+    out_flat, out_bits, base_bits = out.reshape(-1), bits_of(out).reshape(-1), bits_of(flat_base)
+    for n, p in enumerate(positions.tolist()):
+        if math.fsum(products[n].tolist()) == 0:  # the delta is exactly 0: W's bits
+            out_bits[p] = base_bits[p]
+            continue
+        terms = [float(flat_base[p]), *high[n].tolist(), *low[n].tolist()]
+        nearest = math.fsum(terms)
+        remainder = math.fsum([*terms, -nearest])
+        if nearest == 0 and remainder == 0:
+            out_flat[p] = round_to(np.array(0.0), out.dtype)
+            continue
+        if remainder != 0 and not int(np.float64(nearest).view(np.uint64)) & 1:
+            nearest = math.nextafter(nearest, math.inf if remainder > 0 else -math.inf)
+        out_flat[p] = round_to(np.array(nearest), out.dtype)
+
+
+def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float,
+                 signed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the correctly rounded base + sign·Δ[rows] in base's dtype, the float64 sign·fl(s·L R) used).
+
+    ``base`` is the block [n, c] in t; ``signed`` (from an earlier call on the same rows, negated
+    for the opposite sign) saves the GEMM: any float64 approximation gives the same result.
+    """
+    if signed is None:
+        signed = _gemm(plan.left[rows], plan.right)  # BLAS: any order, any threads (SPEC 3.2)
+        signed *= sign * plan.scale
+    with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved below
+        y = np.add(base, signed, dtype=float64)
+        bound = np.multiply.outer(plan.left_norms[rows], plan.right_norms)
+        spread = np.abs(y)
+        spread *= plan.spread
+        bound += spread
+        np.subtract(y, bound, out=spread)
+        low = _round_end(spread, base.dtype)
+        np.add(y, bound, out=spread)
+        high = _round_end(spread, base.dtype)
+    # y = 0 (an exact zero's sign needs the exact sum) is undecided here: the bound is > 0, so the ends
+    # round to −0 and +0 or beyond; so is y = ±inf (the low end is inf − inf = NaN). NaN is not.
+    undecided = bits_of(low) != bits_of(high)
+    nan = np.isnan(y)
+    if nan.any():
+        undecided |= nan  # W = NaN: kept bit for bit (the rule in _resolve_exactly)
+    if undecided.any():
+        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), low)
+    return low, signed
+
+
+# -- one block of a weight: merge, unmerge, residual ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One merge (sign +1) or unmerge (sign −1) of ``delta`` on a weight, and how it is evaluated."""
+
+    delta: DeltaSource
+    plan: _Product | None
+    sign: float
+
+    def apply(self, rows: slice, block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used: sign·fl(s·L R) for the
+        correctly rounded evaluation, the fixed-order Δ otherwise, None for a custom map)."""
+        if self.plan is not None:
+            value, signed = _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), self.sign)
+            return value.reshape(block.shape), signed
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf − inf, NaN casts: on purpose
+            wide = block.astype(float64)
+            custom = getattr(self.delta, "merge_block" if self.sign > 0 else "unmerge_block", None)
+            if custom is not None:
+                return round_to(custom(rows, wide), block.dtype), None
+            d = self.delta.block(rows)
+            return round_to(wide + d if self.sign > 0 else wide - d, block.dtype), d
+
+    def undo(self, rows: slice, block: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
+        """The opposite step on ``block`` (what :meth:`apply` made), reusing its float64 Δ."""
+        if signed is None:
+            return _Step(self.delta, None, -self.sign).apply(rows, block)[0]
+        if self.plan is not None:
+            return _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), -self.sign, -signed)[0].reshape(block.shape)
+        with np.errstate(invalid="ignore", over="ignore"):
+            wide = block.astype(float64)
+            return round_to(wide - signed if self.sign > 0 else wide + signed, block.dtype)
+
+
+def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, flat_row: int,
+                 index_dtype: np.dtype) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(merged block, (flat indices, original values) where unmerge misses W, in exact mode)."""
+    merged, delta64 = step.apply(rows, original)
+    if not exact:
+        return merged, None
+    restored = step.undo(rows, merged, delta64)
+    missed = bits_of(restored) != bits_of(original)
+    positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
+    flat = positions.astype(np.int64) + rows.start * flat_row
+    return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
+
+
+def _patch(block: np.ndarray, residual: Residual, rows: slice, flat_row: int) -> None:
+    """Write the residual's values that fall in W[rows] into ``block`` (indices strictly increasing)."""
+    lo, hi = np.searchsorted(residual.indices, [rows.start * flat_row, rows.stop * flat_row])
+    if hi > lo:
+        block.reshape(-1)[residual.indices[lo:hi].astype(np.int64) - rows.start * flat_row] = residual.values[lo:hi]
+
+
 @dataclass(frozen=True)
 class MergeResult:
     """The merged weight and, in exact mode, the residual that undoes it bit for bit."""
 
     weight: np.ndarray
     residual: Residual | None
+
+
+def _collect(parts: list, W: np.ndarray, delta: DeltaSource, semantics: str, digest: bool, result: np.ndarray) -> Residual:
+    index_dtype = residual_index_dtype(W.size)
+    return Residual(
+        indices=np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, index_dtype),
+        values=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, W.dtype),
+        shape=tuple(W.shape),
+        merged_digest=digest_arrays(result) if digest else None,
+        delta_digest=digest_arrays(*delta.factors()),
+        semantics=semantics,
+    )
 
 
 def merge(
@@ -183,51 +516,35 @@ def merge(
     allow_nonfinite: bool = False,
     out: np.ndarray | None = None,
     block_bytes: int = BLOCK_BYTES,
+    semantics: str = MERGE_SEMANTICS,
+    digest: bool = True,
 ) -> MergeResult:
-    """W' = round_t(W + Δ) in W's dtype; with ``exact`` also the residual (see module doc).
+    """W' = merge(W, Δ) in W's dtype under ``semantics``; with ``exact`` also the residual (module doc).
 
     ``out`` may be W itself to merge in place (W is read block by block before it is written),
     or an output tensor of a file being written (:class:`lora_ref.safetensors_io.OutputTensor`,
     written by row blocks).
     Refuses non-finite adapter values unless ``allow_nonfinite``; an overflow of W + Δ to
-    ±inf is allowed (exact mode records it).
+    ±inf is allowed (exact mode records it). ``digest=False`` leaves the residual's
+    merged-weight checksum out (for residuals that never leave the process).
     """
     _check(W, delta)
+    check_semantics(semantics)
     if not allow_nonfinite:
         check_factors_finite(delta)
     W = np.asarray(W)
     result = np.empty_like(W) if out is None else out
     flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
-    additive = getattr(delta, "merge_block", None) is None and getattr(delta, "unmerge_block", None) is None
+    step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
+    index_dtype = residual_index_dtype(W.size)
 
     def merge_rows(rows: slice) -> tuple[np.ndarray, np.ndarray] | None:
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, NaN casts: handled on purpose
-            original = np.array(W[rows])  # copy: ``out`` may alias W
-            d = delta.block(rows) if additive else None  # Δ once per block for W ± Δ sources
-            merged = round_to(original.astype(float64) + d if additive
-                              else merged_block(delta, rows, original.astype(float64)), W.dtype)
-            found = None
-            if exact:
-                restored = round_to(merged.astype(float64) - d if additive
-                                    else unmerged_block(delta, rows, merged.astype(float64)), W.dtype)
-                positions = np.flatnonzero((bits_of(restored) != bits_of(original)).reshape(-1))
-                flat = positions.astype(np.int64) + rows.start * flat_row
-                found = (flat.astype(residual_index_dtype(W.size)), original.reshape(-1)[positions])
-            result[rows] = merged
-            return found
+        merged, found = _merge_block(step, rows, np.array(W[rows]), exact, flat_row, index_dtype)  # copy: out may alias W
+        result[rows] = merged
+        return found
 
     parts = [p for p in _map_row_blocks(merge_rows, W.shape, block_bytes) if p is not None]
-    index_parts, value_parts = [p[0] for p in parts], [p[1] for p in parts]
-    residual = None
-    if exact:
-        residual = Residual(
-            indices=np.concatenate(index_parts) if index_parts else np.zeros(0, residual_index_dtype(W.size)),
-            values=np.concatenate(value_parts) if value_parts else np.zeros(0, W.dtype),
-            shape=tuple(W.shape),
-            merged_digest=digest_arrays(result),
-            delta_digest=digest_arrays(*delta.factors()),
-        )
-    return MergeResult(result, residual)
+    return MergeResult(result, _collect(parts, W, delta, semantics, digest, result) if exact else None)
 
 
 def unmerge(
@@ -237,30 +554,79 @@ def unmerge(
     residual: Residual | None = None,
     out: np.ndarray | None = None,
     block_bytes: int = BLOCK_BYTES,
+    semantics: str | None = None,
 ) -> np.ndarray:
-    """W = round_t(W' − Δ); with a residual, the exact original bits are put back.
+    """W = unmerge(W', Δ); with a residual, the exact original bits are put back.
 
-    Raises ResidualMismatchError when the residual was made for another merged weight or
-    another adapter.
+    The evaluation is the residual's semantics, else ``semantics``, else :data:`MERGE_SEMANTICS`
+    (pass :data:`FIXED_ORDER` for a file merged without a record). Raises ResidualMismatchError when the
+    residual was made for another merged weight, another adapter, or another semantics.
     """
     _check(W_merged, delta)
     W_merged = np.asarray(W_merged)
     if residual is not None:
         check_residual(residual, W_merged, delta)
+        if semantics is not None and semantics != residual.semantics:
+            raise ResidualMismatchError(
+                f"{delta.module or 'weight'}: the residual was made under merge semantics {residual.semantics!r}, "
+                f"the merged weight records {semantics!r}"
+            )
+        semantics = residual.semantics
+    semantics = check_semantics(semantics or MERGE_SEMANTICS, "unmerge")
     result = np.empty_like(W_merged) if out is None else out
+    flat_row = int(np.prod(W_merged.shape[1:], dtype=np.int64)) if W_merged.ndim > 1 else 1
+    step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
     def unmerge_rows(rows: slice) -> None:
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, NaN casts: handled on purpose
-            M64 = np.asarray(W_merged[rows], dtype=float64)  # a copy: ``out`` may alias W_merged
-            result[rows] = round_to(unmerged_block(delta, rows, M64), W_merged.dtype)
+        block = step.apply(rows, np.array(W_merged[rows]))[0]  # a copy: ``out`` may alias W_merged
+        if residual is not None:
+            _patch(block, residual, rows, flat_row)
+        result[rows] = block
 
     _map_row_blocks(unmerge_rows, W_merged.shape, block_bytes)
-    if residual is not None and residual.count:
-        if isinstance(result, np.ndarray):
-            result.reshape(-1)[residual.indices] = residual.values
-        else:  # an output tensor in a file being written (safetensors_io.OutputTensor)
-            result.put_flat(residual.indices, residual.values, block_bytes)
     return result
+
+
+def switch(
+    W: np.ndarray,
+    undo: Sequence[tuple[DeltaSource, Residual | None]],
+    do: Sequence[DeltaSource],
+    *,
+    exact: bool = True,
+    block_bytes: int = BLOCK_BYTES,
+    semantics: str = MERGE_SEMANTICS,
+) -> list[Residual | None]:
+    """In place and in one pass over W, block by block: unmerge each of ``undo`` (in order, each
+    with its residual, under the residual's semantics or ``semantics``), then merge each of ``do``
+    (in order), recording each merge's residual in exact mode. Bitwise what the separate
+    :func:`unmerge` and :func:`merge` calls give, without their intermediate full-size arrays.
+
+    The caller validates the deltas (shapes, finiteness) and the residuals
+    (:func:`check_residual`) first; residuals here carry no merged-weight checksum.
+    """
+    W = np.asarray(W)
+    flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
+    index_dtype = residual_index_dtype(W.size)
+    undo_steps = [(_Step(d, _product(d, W.dtype, r.semantics if r is not None else semantics), -1.0), r) for d, r in undo]
+    do_steps = [_Step(d, _product(d, W.dtype, semantics), 1.0) for d in do]
+
+    def switch_rows(rows: slice) -> list:
+        block = np.array(W[rows])
+        for step, residual in undo_steps:
+            block = step.apply(rows, block)[0]
+            if residual is not None:
+                _patch(block, residual, rows, flat_row)
+        found = []
+        for step in do_steps:
+            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype)
+            found.append(part)
+        W[rows] = block
+        return found
+
+    per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
+    if not exact:
+        return [None] * len(do)
+    return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W) for k, d in enumerate(do)]
 
 
 def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource) -> None:
@@ -271,12 +637,15 @@ def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource)
             f"{where}: residual is for a {residual.values.dtype} weight of shape {residual.shape}, "
             f"not {W_merged.dtype} {tuple(W_merged.shape)}"
         )
+    check_semantics(residual.semantics, f"{where} residual")
     if residual.delta_digest != digest_arrays(*delta.factors()):
         raise ResidualMismatchError(f"{where}: residual was made with another adapter (delta checksum differs)")
-    if residual.merged_digest != digest_arrays(W_merged):
+    if residual.merged_digest is not None and residual.merged_digest != digest_arrays(W_merged):
         raise ResidualMismatchError(f"{where}: residual was made for another merged weight (checksum differs)")
     if residual.count and (residual.indices.min() < 0 or residual.indices.max() >= W_merged.size):
         raise ResidualMismatchError(f"{where}: residual indices fall outside the weight")
+    if residual.count > 1 and not np.all(residual.indices[1:] > residual.indices[:-1]):
+        raise ResidualMismatchError(f"{where}: residual indices are not strictly increasing")
 
 
 def fast_roundtrip_bound(W: np.ndarray, delta64: np.ndarray) -> np.ndarray:

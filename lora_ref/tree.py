@@ -214,38 +214,22 @@ class TreeSwitcher:
     def switch(self, target: str | None) -> SwitchReport:
         """Unmerge to the LCA of the current node and ``target``, then merge down to ``target``.
 
-        If a step fails (a node holding NaN, say), the steps already taken are reversed and the
-        error re-raised: the weights and ``current`` are as before the call.
+        One :meth:`MergeLedger.switch <lora_ref.ledger.MergeLedger.switch>`: every weight is
+        rewritten in one pass (all its unmerge and merge steps, block by block). If a step is
+        refused (a node holding NaN, say), nothing changes: the weights and ``current`` are as
+        before the call.
         """
         source_path, target_path = self.tree.path(self.current), self.tree.path(target)
         common = 0
         while common < min(len(source_path), len(target_path)) and source_path[common] == target_path[common]:
             common += 1
         unmerged, merged = source_path[common:][::-1], target_path[common:]
-        done: list[tuple[str, bool]] = []  # (node, was_merged) in the order applied
-        try:
-            for name in unmerged:
-                self._ledger.unmerge(self.tree.nodes[name].adapter, name)
-                done.append((name, False))
-            for name in merged:
-                self._ledger.merge(self.tree.nodes[name].adapter, name)
-                done.append((name, True))
-        except BaseException:
-            self._undo(done)
-            raise
-        elements = sum(self._elements(name) for name, _ in done)
+        self._ledger.switch([(self.tree.nodes[name].adapter, name) for name in unmerged],
+                            [(self.tree.nodes[name].adapter, name) for name in merged])
+        elements = sum(self._elements(name) for name in (*unmerged, *merged))
         report = SwitchReport(self.current, target, target_path[common - 1] if common else None, unmerged, merged, elements)
         self.current = target
         return report
-
-    def _undo(self, done: list[tuple[str, bool]]) -> None:
-        """Reverse the steps of a failed switch (exact mode: bit for bit) so ``current`` stays true."""
-        for name, was_merged in reversed(done):
-            adapter = self.tree.nodes[name].adapter
-            if was_merged:
-                self._ledger.unmerge(adapter, name)
-            else:
-                self._ledger.merge(adapter, name)
 
     def _elements(self, name: str) -> int:
         return sum(int(self.weights[base_key(m)].size) for m in self.tree.nodes[name].adapter.modules)

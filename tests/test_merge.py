@@ -63,7 +63,7 @@ def weight_and_delta(draw: st.DrawFn, dtypes=STORAGE, special: bool = False, max
 
 @given(data=weight_and_delta(dtypes=STORAGE + ["float64"]))
 def test_delta_is_the_documented_python_loop_bit_for_bit(data) -> None:
-    # SPEC 3.1: Σ_k B[:, k] ⊗ A[k, :] accumulated in increasing k, one multiply and one add per
+    # SPEC 3.2 fixed-order/1: Σ_k B[:, k] ⊗ A[k, :] accumulated in increasing k, one multiply and one add per
     # term, then times s. Python floats are IEEE binary64 without fused multiply-add.
     _, delta = data
     A, B = delta.A.astype(float64).tolist(), delta.B.astype(float64).tolist()
