@@ -450,3 +450,25 @@ def test_a_module_used_at_several_places_gets_one_adapter_at_every_site():
     other[0, 0] += 1
     with pytest.raises(GraphTargetNotFoundError, match="ambiguous"):
         build_graph(_shared_module_graph(W, other), [a], "merged")  # different values: not one module's copies
+
+
+def test_cli_exports_a_genai_folder_and_refuses_writing_over_it(tmp_path, capsys):
+    """`lora-ref export GENAI_DIR ...` through the path guard: the folder's graph, external data and
+    config are inputs; an output folder elsewhere gets the graph and the adapter files; the input
+    folder itself as output is refused (exit 2) with every input byte unchanged."""
+    from lora_ref import save_adapter
+    from lora_ref.cli import main
+
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    onnx.save(genai_graph(_weights()), str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    save_adapter(adapter(SUBSETS[0], name="a"), tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["export", str(folder), str(tmp_path / "a"), "--mode", "dynamic", "-o", str(tmp_path / "out")]) == 0
+    assert {"model.onnx", "genai_config.json", "a.onnx_adapter"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert main(["export", str(folder), str(tmp_path / "a"), "--mode", "dynamic", "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-ref: error: ") and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

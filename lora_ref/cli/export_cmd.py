@@ -65,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
         return _run_triton(args)
     names = [Path(d).resolve().name or "adapter" for d in args.adapters]
     guard = _reading(args)
-    guard.write("output graph", args.output).write("output graph's external-data file", external_data_name(args.output))
+    if Path(args.model).is_dir():  # a genai model folder is written as a folder holding the same files
+        guard.write("output folder", args.output, folder=True)
+        for item in sorted(Path(args.model).iterdir()):
+            guard.write(f"output folder's {item.name}", Path(args.output) / item.name)
+        for name in names:
+            guard.write(f"adapter file {name}{SUFFIX}", Path(args.output) / f"{name}{SUFFIX}")
+    else:
+        guard.write("output graph", args.output).write("output graph's external-data file", external_data_name(args.output))
     if args.adapter_out is not None:
         guard.write("adapter output folder", args.adapter_out, folder=True)
         for name in names:
@@ -105,7 +112,14 @@ def _reading(args: argparse.Namespace) -> PathGuard:
     from lora_ref.export.graphio import external_data_files
 
     guard = PathGuard().read("model", args.model).read("base weights", args.base_weights)
-    for data in external_data_files(args.model):
+    graph = Path(args.model)
+    if graph.is_dir():  # an onnxruntime-genai model folder: its decoder graph and every file beside it
+        from lora_ref.export.genai import model_file
+
+        graph = model_file(graph)
+        for item in sorted(Path(args.model).iterdir()):
+            guard.read(f"model folder's {item.name}", item)
+    for data in external_data_files(graph):
         guard.read("model's external-data file", data)
     for directory in args.adapters:
         guard.read_adapter(directory)
