@@ -18,7 +18,7 @@ from lora_ref.conformance.casefile import CaseFormatError, read_manifest
 from lora_ref.conformance.reference_impl import factory
 from lora_ref.conformance.runner import InProcessDriver, Selection, SubprocessDriver, run_suite
 from lora_ref.conformance import Refusal
-from lora_ref.errors import LoraRefError
+from lora_ref.errors import ConfigError, LoraRefError
 
 #: Per-case timeout of the subprocess tests: long enough for a Python start-up on a loaded shared machine (an
 #: import of lora_ref takes 2.6 s there), short enough that the hanging cases end quickly.
@@ -174,9 +174,9 @@ def test_misbehaving_subprocess_implementation(small_suite, tmp_path, body, stat
     assert statuses[CASES[1]][0] == statuses[CASES[2]][0] == "pass"
 
 
-def test_missing_command_is_an_error_per_case(small_suite):
-    result = run_suite(small_suite, SubprocessDriver(["/nonexistent/impl"]))
-    assert all(r.status == "error" and "cannot start" in r.detail for r in result.results)
+def test_missing_command_is_refused_once_before_any_case():
+    with pytest.raises(ConfigError, match="not an executable program"):
+        SubprocessDriver(["/nonexistent/impl"])
 
 
 def _server(tmp_path, first_reply):

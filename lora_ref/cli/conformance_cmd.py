@@ -86,6 +86,8 @@ def run_command(args: argparse.Namespace) -> int:
     for path in sorted(suite.rglob("*")):
         guard.read("suite file", path)
     guard.write("JSON report", args.json).write("JUnit report", args.junit).check()
+    if not select_cases(suite, _selection(args))[1]:
+        raise ConfigError("no case matches the filters (-k/--group/--dtype/--op); see `lora-ref conformance list` with the same filters")
     if args.impl:
         driver = InProcessDriver(load_factory(args.impl), name=args.impl)
     else:
@@ -100,8 +102,6 @@ def run_command(args: argparse.Namespace) -> int:
         write_text_atomic(args.json, to_json_text(result))
     if args.junit:
         write_text_atomic(args.junit, to_junit(result))
-    if not result.results:
-        print("no case matched the filters", file=sys.stderr)
     return 0 if result.ok else 1
 
 

@@ -164,6 +164,9 @@ class SubprocessDriver:
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if not self.command:
             raise ConfigError("--cmd is empty")
+        if shutil.which(self.command[0]) is None:  # one line now, not one ERROR per case
+            raise ConfigError(f"--cmd: {self.command[0]!r} is not an executable program (not found on PATH, "
+                              "or the file is not executable); give the implementation's command")
         self.persistent = persistent
         self.name = " ".join(self.command) + (" (persistent)" if persistent else "")
         # scratch case directories: in RAM (/dev/shm) where there is one, so the per-case fsync of
