@@ -26,3 +26,77 @@ def test_conformance_cmd_naming_no_program_exits_2_with_one_line(program: str, t
     done = lora_ref_cli("conformance", "run", "--cmd", f"{program} --flag", "--op", "linear.forward", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and program in done.stderr and "ERROR" not in done.stdout + done.stderr
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    import numpy as np
+
+    from lora_ref import save_adapter
+    from lora_ref.demo import build_demo_model
+    from lora_ref.safetensors_io import save_file
+
+    weights, adapter = build_demo_model(np.dtype(np.float32))
+    save_file(tmp_path / "base.safetensors", weights)
+    save_adapter(adapter, tmp_path / "ad")
+    save_adapter(adapter, tmp_path / "ad2")
+    return tmp_path
+
+
+def _targets(workdir) -> dict[str, int]:
+    """base key -> element count of every tensor the adapter changes, read with the safetensors package (not ours)."""
+    import json as _json
+
+    from safetensors.numpy import load_file
+
+    base = load_file(str(workdir / "base.safetensors"))
+    config = _json.loads((workdir / "ad" / "adapter_config.json").read_text())
+    factors = load_file(str(workdir / "ad" / "adapter_model.safetensors"))
+    modules = {k.split(".lora_A")[0].removeprefix("base_model.model.") for k in factors if ".lora_A" in k}
+    assert config["r"] > 0 and modules
+    return {f"{m}.weight": base[f"{m}.weight"].size for m in modules}
+
+
+def test_merge_json_to_stdout_is_the_only_stdout_and_counts_each_tensor(workdir) -> None:
+    import json
+
+    done = lora_ref_cli("merge", str(workdir / "base.safetensors"), str(workdir / "ad"), "-o", str(workdir / "m.safetensors"),
+                        "--residual", str(workdir / "r.safetensors"), "--json", "-")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # the whole of stdout is one JSON document
+    assert report["merged"] == _targets(workdir) and report["elements"] == sum(_targets(workdir).values())
+    assert report["output"] == str(workdir / "m.safetensors") and report["residual"]["path"] == str(workdir / "r.safetensors")
+    assert 0 < report["residual"]["bytes"] <= (workdir / "r.safetensors").stat().st_size  # tensor bytes, without the header
+    back = lora_ref_cli("unmerge", str(workdir / "m.safetensors"), str(workdir / "ad"), "-o", str(workdir / "u.safetensors"),
+                        "--residual", str(workdir / "r.safetensors"), "--json")
+    unmerged = json.loads(back.stdout)
+    assert back.returncode == 0 and unmerged["mode"] == "exact" and unmerged["verified"] is True
+    assert unmerged["unmerged"] == _targets(workdir)
+    assert (workdir / "u.safetensors").read_bytes() == (workdir / "base.safetensors").read_bytes()
+
+
+def test_json_to_a_file_keeps_the_summary_and_quiet_prints_nothing(workdir) -> None:
+    import json
+
+    loud = lora_ref_cli("combine", str(workdir / "ad"), str(workdir / "ad2"), "--method", "cat", "-o", str(workdir / "c"),
+                        "--json", str(workdir / "c.json"))
+    assert loud.returncode == 0 and loud.stdout.startswith("cat: 2 adapters")
+    report = json.loads((workdir / "c.json").read_text())
+    ranks = json.loads((workdir / "ad" / "adapter_config.json").read_text())["r"] * 2  # cat: ranks add up
+    assert report["output"] == str(workdir / "c") and report["rank"] == ranks
+    assert set(report["modules"]) == {k.removesuffix(".weight") for k in _targets(workdir)}
+    quiet = lora_ref_cli("--quiet", "merge", str(workdir / "base.safetensors"), str(workdir / "ad"), "-o", str(workdir / "q.safetensors"))
+    assert quiet.returncode == 0 and quiet.stdout == "" and (workdir / "q.safetensors").is_file()
+    failed = lora_ref_cli("--quiet", "merge", str(workdir / "none.safetensors"), str(workdir / "ad"), "-o", str(workdir / "x.safetensors"))
+    assert failed.returncode == 2 and failed.stdout == "" and failed.stderr.startswith("lora-ref: error: ")
+
+
+def test_conformance_list_json() -> None:
+    import json
+
+    done = lora_ref_cli("conformance", "list", "--op", "linear.forward", "--json", "-")
+    report = json.loads(done.stdout)
+    table = lora_ref_cli("conformance", "list", "--op", "linear.forward").stdout.splitlines()
+    assert report["count"] == len(report["cases"]) == len(table) - 1 > 0
+    assert [c["id"] for c in report["cases"]] == [line.split()[0] for line in table[:-1]]
+    assert {c["operation"] for c in report["cases"]} == {"linear.forward"}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..adapter import WEIGHTS_NAME, load_adapter, save_adapter
 from ..config import CONFIG_NAME
 from ..combine import METHODS, combine
 from ..errors import ConfigError, FileFormatError
+from . import printable
 from .paths import PathGuard
+from .report import add_json_option, emit_report, guard_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
                    help="stored dtype (default: the first adapter's)")
     p.add_argument("-o", "--output", required=True, help="adapter directory to write")
-    p.add_argument("--json", action="store_true", help="print the per-module report as JSON")
+    add_json_option(p, "the combination (method, weights, per-module ranks and errors, output)")
     p.set_defaults(func=run)
 
 
@@ -38,23 +39,21 @@ def run(args: argparse.Namespace) -> int:
     guard.write("output adapter directory", args.output, folder=True)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         guard.write(f"output {name}", Path(args.output) / name)
-    guard.check()
+    guard_report(guard, args).check()
     adapters = [load_adapter(d, name=f"adapter{i}") for i, d in enumerate(args.adapters)]
     result = combine(adapters, weights, args.method, rank=args.rank, dtype=args.dtype)
     try:
         save_adapter(result.adapter, args.output)
     except (FileExistsError, NotADirectoryError):
         raise FileFormatError(f"{args.output}: cannot write an adapter directory there (a file is in the way)") from None
-    report = result.to_dict()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{args.method}: {len(adapters)} adapters, weights {weights} -> rank {report['rank']} adapter in {args.output}")
-    print(f"{'module':<40} {'R':>4} {'r':>4} {'||delta||_F':>12} {'stored err_F':>13} {'discarded_F':>12}")
+    report = {"command": "combine", "adapters": args.adapters, "output": args.output, **result.to_dict()}
+    lines = [f"{args.method}: {len(adapters)} adapters, weights {weights} -> rank {report['rank']} adapter in {args.output}",
+             f"{'module':<40} {'R':>4} {'r':>4} {'||delta||_F':>12} {'stored err_F':>13} {'discarded_F':>12}"]
     for name, row in report["modules"].items():
-        print(f"{name:<40} {row['target_rank']:>4} {row['rank']:>4} {row['delta_frobenius']:>12.4g} "
-              f"{row['stored_error_frobenius']:>13.4g} {row['discarded_frobenius']:>12.4g}")
+        lines.append(f"{printable(name):<40} {row['target_rank']:>4} {row['rank']:>4} {row['delta_frobenius']:>12.4g} "
+                     f"{row['stored_error_frobenius']:>13.4g} {row['discarded_frobenius']:>12.4g}")
     if args.method == "linear":
-        print("note: linear is PEFT's combination: B A includes cross terms B_i A_j (i != j); "
-              "'stored err_F' is their size. Use cat for the exact weighted sum.")
+        lines.append("note: linear is PEFT's combination: B A includes cross terms B_i A_j (i != j); "
+                     "'stored err_F' is their size. Use cat for the exact weighted sum.")
+    emit_report(args, report, lines)
     return 0

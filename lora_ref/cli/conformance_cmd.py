@@ -15,12 +15,13 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from .paths import PathGuard
+from .report import add_json_option, emit_report, json_file
 from ..errors import ConfigError
 from ..conformance.bridge import load_factory
 from ..conformance.casefile import default_suite
 from ..conformance.generator import compare_suites, generate
 from ..conformance.layouts import LAYOUTS
-from ..conformance.report import table, to_json_text, to_junit
+from ..conformance.report import table, to_json, to_junit
 from ..conformance.runner import COMPUTE_PROFILES, CaseResult, InProcessDriver, Selection, SubprocessDriver, run_suite, select_cases
 
 #: The shipped suite: inside the installed package, or conformance/ in a source checkout.
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--compute", default="float32", choices=list(COMPUTE_PROFILES),
                      help="compute precision the bounds allow: float32 (SPEC minimum), float64, or storage (the case dtype)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
-    run.add_argument("--json", help="write the JSON report here")
+    add_json_option(run, "every case's result")
     run.add_argument("--junit", help="write a JUnit XML report here")
     run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no per-case progress lines on stderr")
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     listing = commands.add_parser("list", help="list the cases")
     _filters(listing)
+    add_json_option(listing, "the selected cases")
     listing.set_defaults(func=list_command, command_name="list")
 
     gen = commands.add_parser("generate", help="regenerate the frozen cases from the catalog")
@@ -85,7 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
     guard = PathGuard(hint="write the report elsewhere")
     for path in sorted(suite.rglob("*")):
         guard.read("suite file", path)
-    guard.write("JSON report", args.json).write("JUnit report", args.junit).check()
+    guard.write("JSON report", json_file(args)).write("JUnit report", args.junit).check()
     if not select_cases(suite, _selection(args))[1]:
         raise ConfigError("no case matches the filters (-k/--group/--dtype/--op); see `lora-ref conformance list` with the same filters")
     if args.impl:
@@ -97,9 +99,7 @@ def run_command(args: argparse.Namespace) -> int:
     text = table(result)
     if args.quiet:
         text = "\n".join(line for line in text.splitlines() if "PASS" not in line.split())
-    print(text)
-    if args.json:
-        write_text_atomic(args.json, to_json_text(result))
+    emit_report(args, to_json(result), text, quiet=False)
     if args.junit:
         write_text_atomic(args.junit, to_junit(result))
     return 0 if result.ok else 1
@@ -112,10 +112,13 @@ def _progress(position: int, total: int, result: CaseResult) -> None:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    version, cases = select_cases(_suite(args), _selection(args))
-    for case_id, operation, dtype in cases:
-        print(f"{case_id:45s} {operation:20s} {dtype}")
-    print(f"{len(cases)} cases (suite {version})")
+    suite = _suite(args)
+    PathGuard(hint="write the report elsewhere").read("suite manifest", suite / "manifest.json").write("JSON report", json_file(args)).check()
+    version, cases = select_cases(suite, _selection(args))
+    report = {"suite": str(suite), "suite_version": version, "count": len(cases),
+              "cases": [{"id": case_id, "operation": operation, "dtype": dtype} for case_id, operation, dtype in cases]}
+    emit_report(args, report, [*(f"{case_id:45s} {operation:20s} {dtype}" for case_id, operation, dtype in cases),
+                               f"{len(cases)} cases (suite {version})"])
     return 0
 
 

@@ -14,6 +14,7 @@ from ..adapter import load_adapter
 from ..errors import ConfigError
 from . import printable
 from .paths import PathGuard
+from .report import add_json_option, emit_report, guard_report
 
 #: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
 PROGRESS_MIN_BYTES = 64 * 2**20
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "instead of keeping the base with the LoRA beside it")
     p.add_argument("--adapter-names", choices=["genai", "olive", "peft"],
                    help="names of a dynamic graph's LoRA inputs and .onnx_adapter tensors (default: genai for a genai folder, else peft)")
+    add_json_option(p, "the export (mode, output, adapters, how each module was found)")
     p.set_defaults(func=run)
 
 
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         guard.write("adapter output folder", args.adapter_out, folder=True)
         for name in names:
             guard.write(f"adapter file {name}{SUFFIX}", Path(args.adapter_out) / f"{name}{SUFFIX}")
-    guard.check()
+    guard_report(guard, args).check()
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     options = dict(base_weights=args.base_weights, max_rank=args.max_rank, dtype=args.dtype, requantize=args.requantize)
     if Path(args.model).is_dir():
@@ -95,15 +97,14 @@ def run(args: argparse.Namespace) -> int:
                         progress=progress, **options)
     found = report.found_by()
     how = ", ".join(f"{count} by {way}" for way, count in sorted({w: list(found.values()).count(w) for w in found.values()}.items()))
-    print(f"{args.mode} graph with {len(adapters)} adapter(s), {len(found)} module(s) ({how}) -> {report.output}")
+    lines = [f"{args.mode} graph with {len(adapters)} adapter(s), {len(found)} module(s) ({how}) -> {report.output}"]
     if args.mode == "batched":
-        for i, name in enumerate(names):
-            print(f"  adapter_index {i}: {name}")
-        print("  adapter_index -1: base model")
-    for name, path in report.adapter_files.items():
-        print(f"  {name}: {path}")
-    for module, note in report.notes.items():
-        print(f"  {module}: {note}")
+        lines += [*(f"  adapter_index {i}: {name}" for i, name in enumerate(names)), "  adapter_index -1: base model"]
+    lines += [f"  {name}: {path}" for name, path in report.adapter_files.items()]
+    lines += [f"  {module}: {note}" for module, note in report.notes.items()]
+    emit_report(args, {"command": "export", "mode": args.mode, "model": args.model, "output": str(report.output),
+                       "adapters": names, "dtype": args.dtype, "found_by": found, "notes": dict(report.notes),
+                       "adapter_files": {name: str(path) for name, path in report.adapter_files.items()}}, lines)
     return 0
 
 
@@ -134,13 +135,14 @@ def _run_triton(args: argparse.Namespace) -> int:
 
     if args.mode != "batched" or args.adapter_out is not None:
         raise ConfigError("--triton-repo takes --mode batched (and no --adapter-out)")
-    _reading(args).write("Triton repository", args.triton_repo, folder=True).check()
+    guard_report(_reading(args).write("Triton repository", args.triton_repo, folder=True), args).check()
     names = [Path(d).resolve().name or "adapter" for d in args.adapters]
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     graph, _ = build_graph(load_model(args.model), adapters, "batched", base_weights=args.base_weights, max_rank=args.max_rank,
                            dtype=args.dtype)
     version = write_repository(graph, args.triton_repo, names, name=args.name, external_data=True if args.external_data else None)
-    print(f"Triton model {args.name!r} version {version.name} with {len(names)} adapter(s) -> {version}")
-    for i, name in enumerate(names):
-        print(f"  adapter {name!r}: adapter_index {i}")
+    emit_report(args, {"command": "export", "mode": "batched", "model": args.model, "triton_repo": args.triton_repo,
+                       "name": args.name, "version": str(version), "adapters": names},
+                [f"Triton model {args.name!r} version {version.name} with {len(names)} adapter(s) -> {version}",
+                 *(f"  adapter {name!r}: adapter_index {i}" for i, name in enumerate(names))])
     return 0

@@ -15,6 +15,7 @@ from ..adapter import WEIGHTS_NAME, load_adapter
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
 from .paths import refuse_overwrites
+from .report import emit_report, json_file
 
 EXIT_CHECK_FAILED = 1
 
@@ -75,15 +76,18 @@ def run_merge_gguf(args: argparse.Namespace) -> int:
     from ..gguf_checkpoint import merge_gguf
 
     _refuse_gguf_options(args, "merge")
-    refuse_overwrites({"output": args.output, "residual": args.residual},
+    refuse_overwrites({"output": args.output, "residual": args.residual, "JSON report": json_file(args)},
                       {"base": args.base, **_adapter_inputs(args.adapter)})
     report = merge_gguf(args.base, load_adapter(args.adapter), args.output, residual_path=args.residual,
                         requantize=args.requantize, allow_nonfinite=args.allow_nonfinite, force=args.force)
     line = f"merged {len(report.merged)} tensors of {report.tensors_written} into {args.output}"
     if args.residual:
         line += f"; residual: {sum(report.residual_counts.values())} elements, {report.residual_bytes} bytes -> {args.residual}"
-    print(line)
-    _print_requantized(report.requantized)
+    emit_report(args, {"command": "merge", "base": args.base, "adapter": args.adapter, "output": args.output,
+                       "tensors_written": report.tensors_written, "merged": report.merged,
+                       "residual": None if not args.residual else {"path": args.residual, "per_tensor": report.residual_counts,
+                                                                   "bytes": report.residual_bytes},
+                       "requantized": report.requantized}, [line, *_requantized_lines(report.requantized)])
     return 0
 
 
@@ -92,20 +96,22 @@ def run_unmerge_gguf(args: argparse.Namespace) -> int:
     from ..gguf_checkpoint import unmerge_gguf
 
     _refuse_gguf_options(args, "unmerge")
-    refuse_overwrites({"output": args.output},
+    refuse_overwrites({"output": args.output, "JSON report": json_file(args)},
                       {"merged model": args.merged, "residual": args.residual, **_adapter_inputs(args.adapter)})
     report = unmerge_gguf(args.merged, load_adapter(args.adapter), args.output, residual_path=args.residual,
                           requantize=args.requantize, fast=args.fast, force=args.force)
     if report.note:
         print(report.note, file=sys.stderr)
     if not args.residual:
-        mode = "fast (no residual: within the SPEC 3.3 bound)"
+        kind, mode = "fast", "fast (no residual: within the SPEC 3.3 bound)"
     elif report.verified:
-        mode = "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
+        kind, mode = "exact", "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
     else:
-        mode = "with the residual applied (not verified: the residual records no base digests)"
-    print(f"unmerged {len(report.merged)} tensors {mode} into {args.output}")
-    _print_requantized(report.requantized)
+        kind, mode = "residual-unverified", "with the residual applied (not verified: the residual records no base digests)"
+    emit_report(args, {"command": "unmerge", "merged": args.merged, "adapter": args.adapter, "output": args.output,
+                       "residual": args.residual, "mode": kind, "verified": report.verified, "unmerged": report.merged,
+                       "requantized": report.requantized},
+                [f"unmerged {len(report.merged)} tensors {mode} into {args.output}", *_requantized_lines(report.requantized)])
     return 0
 
 
@@ -118,7 +124,6 @@ def _refuse_gguf_options(args: argparse.Namespace, command: str) -> None:
         raise OverwriteRefusedError(f"{command} --dtype is not offered for GGUF files (tensor types are kept)")
 
 
-def _print_requantized(requantized: dict[str, dict[str, object]]) -> None:
-    for name, info in requantized.items():
-        print(f"requantized {name} ({info['type']}): max |error| {info['max_abs_error']:.3g}, "
-              f"RMS error / RMS ΔW = {info['error_over_effect']:.3g}")
+def _requantized_lines(requantized: dict[str, dict[str, object]]) -> list[str]:
+    return [f"requantized {name} ({info['type']}): max |error| {info['max_abs_error']:.3g}, "
+            f"RMS error / RMS ΔW = {info['error_over_effect']:.3g}" for name, info in requantized.items()]

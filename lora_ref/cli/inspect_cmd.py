@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..adapter import load_adapter
 from ..checkpoint import base_key
@@ -11,13 +10,15 @@ from ..dtypes import dtype_name
 from ..errors import TargetNotFoundError
 from ..safetensors_io import SafetensorsFile
 from . import printable
+from .paths import PathGuard
+from .report import add_json_option, emit_report, guard_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="per-module rank, alpha, scale, shapes and sizes of an adapter")
     p.add_argument("adapter", help="PEFT adapter directory")
     p.add_argument("--base", help="base safetensors file: report the adapter's size relative to the targeted weights")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_option(p, "the adapter (per-module rank, alpha, scale, shapes, sizes)")
     p.set_defaults(func=run)
 
 
@@ -64,20 +65,19 @@ def describe(adapter_dir: str, base: str | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    guard_report(PathGuard(hint="write the report elsewhere").read_adapter(args.adapter).read("base", args.base), args).check()
     report = describe(args.adapter, args.base)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>8} {'scale':>9} {'params':>10} {'bytes':>10}  shapes")
+    lines = [f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>8} {'scale':>9} {'params':>10} {'bytes':>10}  shapes"]
     for row in report["modules"]:
         shapes = " ".join(f"{k}{tuple(v)}" for k, v in row["shapes"].items())
-        print(f"{printable(row['module']):<48} {row['kind']:<9} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>9.4g} "
-              f"{row['parameters']:>10} {row['bytes']:>10}  {shapes}")
+        lines.append(f"{printable(row['module']):<48} {row['kind']:<9} {row['r']:>4} {row['alpha']:>8g} {row['scale']:>9.4g} "
+                     f"{row['parameters']:>10} {row['bytes']:>10}  {shapes}")
     for row in report["carried"]:
         rows = f" rows {row['rows'][:8]}{' ...' if len(row['rows']) > 8 else ''}" if "rows" in row else ""
         verb = "must equal" if row["kind"] == "base_layer" else "replaces"  # a frozen copy is checked, not applied
-        print(f"{row['target']:<48} {row['kind']:<17} {verb} {tuple(row['shape'])} {row['dtype']}{rows}")
-    print(f"total: {len(report['modules'])} modules, {report['total_parameters']} parameters, {report['total_bytes']} bytes")
+        lines.append(f"{printable(row['target']):<48} {row['kind']:<17} {verb} {tuple(row['shape'])} {row['dtype']}{rows}")
+    lines.append(f"total: {len(report['modules'])} modules, {report['total_parameters']} parameters, {report['total_bytes']} bytes")
     if "size_ratio" in report:
-        print(f"targeted base weights: {report['targeted_base_bytes']} bytes; adapter/base = {report['size_ratio']:.4%}")
+        lines.append(f"targeted base weights: {report['targeted_base_bytes']} bytes; adapter/base = {report['size_ratio']:.4%}")
+    emit_report(args, report, lines)
     return 0

@@ -43,6 +43,7 @@ from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
 from . import gguf_cmd, printable
 from .paths import PathGuard
+from .report import add_json_option, emit_report, human_output, json_file
 
 
 class InPlaceVerificationError(MergeStateError):
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--allow-nonfinite", action="store_true", help="merge adapters holding NaN/inf")
     m.add_argument("--force", action="store_true", help="merge even if BASE's merge record already holds this adapter")
     m.add_argument("--requantize", action="store_true", help="GGUF: requantize quantized targets (lossy, reported)")
+    add_json_option(m, "the merge (tensors, element counts, residual size)")
     m.set_defaults(func=run_merge)
     u = sub.add_parser("unmerge", help="write MERGED - adapter; bit-exact with --residual")
     u.add_argument("merged", help="merged weights (.safetensors or a sharded *.safetensors.index.json)")
@@ -75,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--force", action="store_true",
                    help="unmerge even if the merge record does not hold this adapter on top, or the residual is another merge's")
     u.add_argument("--requantize", action="store_true", help="GGUF: requantize quantized targets (lossy, reported)")
+    add_json_option(u, "the unmerge (tensors, mode, verification)")
     u.set_defaults(func=run_unmerge)
 
 
@@ -83,7 +86,8 @@ def _progress(name: str) -> None:
         print(f"\r  {printable(name)[:70]:<70}", end="", file=sys.stderr, flush=True)
 
 
-def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str, sharded: bool) -> None:
+def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str, sharded: bool,
+           report: str | None = None) -> None:
     """The path guard (:mod:`.paths`) over every file the command reads and writes, before any work.
 
     For a sharded checkpoint (``inputs`` then names its index, outputs are folders) the shards
@@ -111,7 +115,7 @@ def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapte
         guard.write(f"{label} folder", path, folder=True)
         for name in [*shards, index_name] if label == "output" else shards:  # a residual folder has no index
             guard.write(f"{label} {name}", Path(path) / name)
-    guard.check()
+    guard.write("JSON report", report).check()
 
 
 def _records(path: str, residual: str | None) -> list[tuple[str, list[dict] | None, str | None]]:
@@ -151,9 +155,9 @@ def run_merge(args: argparse.Namespace) -> int:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place needs --residual: the exact residual is the way back")
         if args.dtype:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place cannot convert --dtype (the original bytes could not be restored)")
-        _guard({"residual": args.residual}, {"base": args.base}, args.adapter, sharded)
+        _guard({"residual": args.residual}, {"base": args.base}, args.adapter, sharded, json_file(args))
     else:
-        _guard({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter, sharded)
+        _guard({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter, sharded, json_file(args))
     adapter = load_adapter(args.adapter)
     for file, stack, _ in _records(args.base, None):
         check_merge(stack, adapter_digest(adapter), file, force=args.force)
@@ -180,7 +184,13 @@ def run_merge(args: argparse.Namespace) -> int:
         count = sum(report.residual_counts.values())
         line += (f"; residual: {count} elements ({count / max(elements, 1):.4%}), "
                  f"{report.residual_bytes} bytes -> {args.residual}")
-    print(line)
+    emit_report(args, {
+        "command": "merge", "base": args.base, "adapter": args.adapter, "output": output, "in_place": args.in_place,
+        "dtype": args.dtype, "tensors_written": report.tensors_written, "merged": report.merged, "elements": elements,
+        "residual": None if not args.residual else {
+            "path": args.residual, "elements": sum(report.residual_counts.values()), "bytes": report.residual_bytes,
+            "per_tensor": report.residual_counts},
+    }, line)
     return 0
 
 
@@ -189,7 +199,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
         return gguf_cmd.run_unmerge_gguf(args)
     sharded = _refuse_sharded_in_place(args.merged, args.in_place)
     inputs = {"merged checkpoint": args.merged, "residual": args.residual}
-    _guard({} if args.in_place else {"output": args.output}, inputs, args.adapter, sharded)
+    _guard({} if args.in_place else {"output": args.output}, inputs, args.adapter, sharded, json_file(args))
     adapter = load_adapter(args.adapter)
     notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
                            force=args.force, residual_merge_id=merge_id)
@@ -209,15 +219,19 @@ def run_unmerge(args: argparse.Namespace) -> int:
     else:
         report = unmerge_checkpoint(args.merged, adapter, args.output, residual_path=args.residual, progress=_progress)
     if not args.residual:
-        mode = "fast (no residual: within the SPEC 3.3 bound)"
+        kind, mode = "fast", "fast (no residual: within the SPEC 3.3 bound)"
     elif report.verified:
-        mode = "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
+        kind, mode = "exact", "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
     else:
-        mode = "with the residual, unverified"
+        kind, mode = "residual-unverified", "with the residual, unverified"
         print(f"note: {args.residual} predates residual checksums (lora-ref-residual/1): the restore could not be "
               "verified against the base; re-merge with this version to get a verifiable residual", file=sys.stderr)
     where = f"{args.merged} in place (verified: merging again gives the original bytes)" if args.in_place else args.output
     for note in sorted(n for n in notes if n):  # after the work, so a refusal stays one line
         print(note, file=sys.stderr)
-    print(f"unmerged {len(report.merged)} tensors {mode} into {where}")
+    emit_report(args, {
+        "command": "unmerge", "merged": args.merged, "adapter": args.adapter, "output": args.merged if args.in_place else args.output,
+        "in_place": args.in_place, "residual": args.residual, "mode": kind, "verified": report.verified,
+        "tensors_written": report.tensors_written, "unmerged": report.merged, "elements": sum(report.merged.values()),
+    }, f"unmerged {len(report.merged)} tensors {mode} into {where}")
     return 0
