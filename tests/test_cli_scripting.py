@@ -100,3 +100,48 @@ def test_conformance_list_json() -> None:
     assert report["count"] == len(report["cases"]) == len(table) - 1 > 0
     assert [c["id"] for c in report["cases"]] == [line.split()[0] for line in table[:-1]]
     assert {c["operation"] for c in report["cases"]} == {"linear.forward"}
+
+
+def test_an_existing_output_is_refused_without_overwrite_for_every_writing_command(workdir) -> None:
+    """One rule (cli/paths.py): an existing output file is replaced only with --overwrite; refused, untouched, exit 2."""
+    base, ad = str(workdir / "base.safetensors"), str(workdir / "ad")
+    assert lora_ref_cli("merge", base, ad, "-o", str(workdir / "m.safetensors"), "--residual", str(workdir / "r.safetensors")).returncode == 0
+    merged = str(workdir / "m.safetensors")
+    taken = workdir / "taken"
+    taken.write_bytes(b"someone's file")
+    for name in ("model.onnx", "base.gguf", "g.onnx"):  # never parsed: the guard refuses first
+        (workdir / name).write_bytes(b"not read")
+    (workdir / "c").mkdir()
+    (workdir / "c" / "adapter_model.safetensors").write_bytes(b"someone's file")
+    commands = {
+        "merge -o": ["merge", base, ad, "-o", str(taken)],
+        "merge --residual": ["merge", base, ad, "-o", str(workdir / "new.safetensors"), "--residual", str(taken)],
+        "unmerge -o": ["unmerge", merged, ad, "-o", str(taken)],
+        "combine -o DIR": ["combine", ad, ad, "--method", "cat", "-o", str(workdir / "c")],
+        "inspect --json": ["inspect", ad, "--json", str(taken)],
+        "conformance list --json": ["conformance", "list", "--json", str(taken)],
+        "conformance run --junit": ["conformance", "run", "--impl", REFERENCE, "--op", "linear.forward", "--junit", str(taken)],
+        "export -o": ["export", str(workdir / "model.onnx"), ad, "--mode", "merged", "-o", str(taken)],
+        "to-gguf -o": ["to-gguf", ad, "--base", str(workdir / "base.gguf"), "-o", str(taken)],
+        "convert-adapters --json": ["convert-adapters", ad, "--graph", str(workdir / "g.onnx"), "-o", str(workdir / "o"), "--json", str(taken)],
+    }
+    for what, argv in commands.items():
+        done = lora_ref_cli(*argv)
+        assert done.returncode == 2 and "already exists; pass --overwrite" in done.stderr and done.stderr.count("\n") == 1, (what, done.stderr)
+        assert taken.read_bytes() == (workdir / "c" / "adapter_model.safetensors").read_bytes() == b"someone's file", what
+    replaced = lora_ref_cli("merge", base, ad, "-o", str(taken), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    from safetensors.numpy import load_file
+
+    assert load_file(str(taken)).keys() == load_file(base).keys()  # replaced by the merged model
+
+
+def test_every_writing_command_offers_overwrite() -> None:
+    from lora_ref.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "merge" in a.choices).choices
+    conformance = next(a for a in sub["conformance"]._actions if a.choices and "run" in (a.choices or {})).choices
+    parsers = {**{n: sub[n] for n in ("merge", "unmerge", "combine", "export", "to-gguf", "convert-adapters", "inspect")},
+               "conformance run": conformance["run"], "conformance list": conformance["list"]}
+    for name, parser in parsers.items():
+        assert any("--overwrite" in a.option_strings for a in parser._actions), name

@@ -100,14 +100,14 @@ def test_killed_merge_keeps_old_output(work: Path, kill_at: str) -> None:
     """SIGKILL while the merged file is half written: the previous output survives byte for byte."""
     old = b"previous merged model, must survive"
     (work / "merged.safetensors").write_bytes(old)
-    _kill_midway(work, kill_at, ["merge", "base.safetensors", f"{FIXTURES}/adapter", "-o", "merged.safetensors"])
+    _kill_midway(work, kill_at, ["merge", "base.safetensors", f"{FIXTURES}/adapter", "-o", "merged.safetensors", "--overwrite"])
     assert (work / "merged.safetensors").read_bytes() == old
     left = _leftovers(work, {FIXTURES, "base.safetensors", "merged.safetensors"})
     assert left and all(n.startswith(".merged.safetensors.") and n.endswith(".partial") for n in left), left
     assert sum((work / n).stat().st_size for n in left) > 0  # it really was killed mid-write
     # and a rerun completes despite the stale temporary
     assert main(["merge", str(work / "base.safetensors"), str(work / FIXTURES / "adapter"),
-                 "-o", str(work / "merged.safetensors")]) == EXIT_OK
+                 "-o", str(work / "merged.safetensors"), "--overwrite"]) == EXIT_OK
     # the same tensors as the fixture's (exact) merge; the headers differ in the merge record's mode
     got, want = load_file(work / "merged.safetensors"), load_file(work / FIXTURES / "merged.safetensors")
     assert got.keys() == want.keys() and all(got[k].tobytes() == want[k].tobytes() for k in got)
@@ -119,13 +119,13 @@ def test_killed_merge_keeps_old_output(work: Path, kill_at: str) -> None:
 def test_killed_in_place_merge_keeps_base(work: Path, kill_at: str) -> None:
     original = (work / "base.safetensors").read_bytes()
     _kill_midway(work, kill_at, ["merge", "base.safetensors", f"{FIXTURES}/adapter", "--in-place",
-                                 "--residual", "residual.safetensors"])
+                                 "--residual", "residual.safetensors", "--overwrite"])
     assert (work / "base.safetensors").read_bytes() == original
     left = _leftovers(work, {FIXTURES, "base.safetensors", "residual.safetensors"})
     assert all(n.startswith(".") and n.endswith(".partial") for n in left), left
     # rerunning finishes the job, and the residual then restores the original exactly
     assert main(["merge", str(work / "base.safetensors"), str(work / FIXTURES / "adapter"), "--in-place",
-                 "--residual", str(work / "residual.safetensors")]) == EXIT_OK
+                 "--residual", str(work / "residual.safetensors"), "--overwrite"]) == EXIT_OK
     assert (work / "base.safetensors").read_bytes() != original
     assert main(["unmerge", str(work / "base.safetensors"), str(work / FIXTURES / "adapter"),
                  "-o", str(work / "restored.safetensors"), "--residual", str(work / "residual.safetensors")]) == EXIT_OK

@@ -110,6 +110,7 @@ def _prepare(fixtures: Path, base: Path, command: str, previous: bool) -> tuple[
         for path in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(PREVIOUS)
+        argv = [*argv, "--overwrite"]  # an existing output is replaced only when asked (cli/paths.py)
     return work, argv
 
 

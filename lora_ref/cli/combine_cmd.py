@@ -10,7 +10,7 @@ from ..config import CONFIG_NAME
 from ..combine import METHODS, combine
 from ..errors import ConfigError, FileFormatError
 from . import printable
-from .paths import PathGuard
+from .paths import PathGuard, add_overwrite_option
 from .report import add_json_option, emit_report, guard_report
 
 
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stored dtype (default: the first adapter's)")
     p.add_argument("-o", "--output", required=True, help="adapter directory to write")
     add_json_option(p, "the combination (method, weights, per-module ranks and errors, output)")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):
         raise ConfigError(f"{len(args.adapters)} adapter(s) but {len(weights)} weight(s); give one weight per adapter")
-    guard = PathGuard()
+    guard = PathGuard(overwrite=args.overwrite)
     for directory in args.adapters:
         guard.read_adapter(directory)
     guard.write("output adapter directory", args.output, folder=True)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from .paths import PathGuard
+from .paths import PathGuard, add_overwrite_option
 from .report import add_json_option, emit_report, json_file
 from ..errors import ConfigError
 from ..conformance.bridge import load_factory
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="compute precision the bounds allow: float32 (SPEC minimum), float64, or storage (the case dtype)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
     add_json_option(run, "every case's result")
+    add_overwrite_option(run)
     run.add_argument("--junit", help="write a JUnit XML report here")
     run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no per-case progress lines on stderr")
@@ -70,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing = commands.add_parser("list", help="list the cases")
     _filters(listing)
     add_json_option(listing, "the selected cases")
+    add_overwrite_option(listing)
     listing.set_defaults(func=list_command, command_name="list")
 
     gen = commands.add_parser("generate", help="regenerate the frozen cases from the catalog")
@@ -84,7 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--persistent needs --cmd")
     if args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
-    guard = PathGuard(hint="write the report elsewhere")
+    guard = PathGuard(hint="write the report elsewhere", overwrite=args.overwrite)
     for path in sorted(suite.rglob("*")):
         guard.read("suite file", path)
     guard.write("JSON report", json_file(args)).write("JUnit report", args.junit).check()
@@ -113,7 +115,7 @@ def _progress(position: int, total: int, result: CaseResult) -> None:
 
 def list_command(args: argparse.Namespace) -> int:
     suite = _suite(args)
-    PathGuard(hint="write the report elsewhere").read("suite manifest", suite / "manifest.json").write("JSON report", json_file(args)).check()
+    PathGuard(hint="write the report elsewhere", overwrite=args.overwrite).read("suite manifest", suite / "manifest.json").write("JSON report", json_file(args)).check()
     version, cases = select_cases(suite, _selection(args))
     report = {"suite": str(suite), "suite_version": version, "count": len(cases),
               "cases": [{"id": case_id, "operation": operation, "dtype": dtype} for case_id, operation, dtype in cases]}

@@ -8,11 +8,11 @@ or Olive's), every name, shape and dtype checked against the graph's LoRA inputs
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..adapter import load_adapter
-from .paths import refuse_overwrites
+from .paths import PathGuard, add_overwrite_option
+from .report import add_json_option, emit_report, guard_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,19 +20,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories")
     p.add_argument("--graph", required=True, help="the dynamic graph the files are for (lora-ref's, genai's or Olive's)")
     p.add_argument("-o", "--output", required=True, help="new folder for <adapter>.onnx_adapter files")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json_option(p, "the conversion (scheme, per-adapter tensors and files)")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lora_ref.export.convert import convert_adapters  # lazy: onnx / onnxruntime only here
 
-    refuse_overwrites({"output folder": args.output}, {"graph": args.graph, **{f"adapter {d}": d for d in args.adapters}})
-    adapters = [load_adapter(d, name=Path(d).resolve().name or "adapter") for d in args.adapters]
+    from lora_ref.export.adapter_files import SUFFIX
+
+    names = [Path(d).resolve().name or "adapter" for d in args.adapters]
+    guard = PathGuard(overwrite=args.overwrite).read("graph", args.graph).write("output folder", args.output, folder=True)
+    for directory in args.adapters:
+        guard.read_adapter(directory)
+    for name in names:
+        guard.write(f"adapter file {name}{SUFFIX}", Path(args.output) / f"{name}{SUFFIX}")
+    guard_report(guard, args).check()
+    adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     report = convert_adapters(adapters, args.graph, args.output)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        for name, entry in report["adapters"].items():
-            print(f"{name}: {entry['tensors']} tensors ({report['scheme']} names) -> {entry['file']}")
+    emit_report(args, report, [f"{name}: {entry['tensors']} tensors ({report['scheme']} names) -> {entry['file']}"
+                               for name, entry in report["adapters"].items()])
     return 0

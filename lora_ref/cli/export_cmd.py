@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adapter import load_adapter
 from ..errors import ConfigError
 from . import printable
-from .paths import PathGuard
+from .paths import PathGuard, add_overwrite_option
 from .report import add_json_option, emit_report, guard_report
 
 #: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-names", choices=["genai", "olive", "peft"],
                    help="names of a dynamic graph's LoRA inputs and .onnx_adapter tensors (default: genai for a genai folder, else peft)")
     add_json_option(p, "the export (mode, output, adapters, how each module was found)")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -112,7 +113,7 @@ def _reading(args: argparse.Namespace) -> PathGuard:
     """The path guard with everything an export reads: the graph, its external data, base weights, adapters."""
     from lora_ref.export.graphio import external_data_files
 
-    guard = PathGuard().read("model", args.model).read("base weights", args.base_weights)
+    guard = PathGuard(overwrite=args.overwrite).read("model", args.model).read("base weights", args.base_weights)
     graph = Path(args.model)
     if graph.is_dir():  # an onnxruntime-genai model folder: its decoder graph and every file beside it
         from lora_ref.export.genai import model_file

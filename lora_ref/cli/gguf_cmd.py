@@ -14,7 +14,7 @@ import sys
 from ..adapter import WEIGHTS_NAME, load_adapter
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
-from .paths import refuse_overwrites
+from .paths import add_overwrite_option, refuse_overwrites
 from .report import emit_report, json_file
 
 EXIT_CHECK_FAILED = 1
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--base", required=True, help="the base model's .gguf (architecture, heads, tensor names)")
     t.add_argument("-o", "--output", required=True, help="adapter .gguf to write")
     t.add_argument("--outtype", choices=sorted(STORAGE_DTYPES), default="float32", help="type of lora_a/lora_b (default float32)")
+    add_overwrite_option(t)
     t.set_defaults(func=run_to_gguf)
     v = sub.add_parser("verify-gguf", help="check a GGUF LoRA's effect, as llama.cpp applies it, against the PEFT adapter")
     v.add_argument("adapter", help="PEFT adapter directory")
@@ -42,7 +43,7 @@ def _adapter_inputs(adapter_dir: str) -> dict[str, str]:
 def run_to_gguf(args: argparse.Namespace) -> int:
     from ..gguf_adapter import to_gguf
 
-    refuse_overwrites({"output": args.output}, {"base model": args.base, **_adapter_inputs(args.adapter)})
+    refuse_overwrites({"output": args.output}, {"base model": args.base, **_adapter_inputs(args.adapter)}, overwrite=args.overwrite)
     report = to_gguf(load_adapter(args.adapter), args.base, args.output, outtype=args.outtype)
     folded = report.folded
     print(f"wrote {len(report.tensors)} LoRA pairs ({report.architecture}, adapter.lora.alpha = {report.alpha:g}) to "
@@ -77,7 +78,7 @@ def run_merge_gguf(args: argparse.Namespace) -> int:
 
     _refuse_gguf_options(args, "merge")
     refuse_overwrites({"output": args.output, "residual": args.residual, "JSON report": json_file(args)},
-                      {"base": args.base, **_adapter_inputs(args.adapter)})
+                      {"base": args.base, **_adapter_inputs(args.adapter)}, overwrite=args.overwrite)
     report = merge_gguf(args.base, load_adapter(args.adapter), args.output, residual_path=args.residual,
                         requantize=args.requantize, allow_nonfinite=args.allow_nonfinite, force=args.force)
     line = f"merged {len(report.merged)} tensors of {report.tensors_written} into {args.output}"
@@ -97,7 +98,8 @@ def run_unmerge_gguf(args: argparse.Namespace) -> int:
 
     _refuse_gguf_options(args, "unmerge")
     refuse_overwrites({"output": args.output, "JSON report": json_file(args)},
-                      {"merged model": args.merged, "residual": args.residual, **_adapter_inputs(args.adapter)})
+                      {"merged model": args.merged, "residual": args.residual, **_adapter_inputs(args.adapter)},
+                      overwrite=args.overwrite)
     report = unmerge_gguf(args.merged, load_adapter(args.adapter), args.output, residual_path=args.residual,
                           requantize=args.requantize, fast=args.fast, force=args.force)
     if report.note:

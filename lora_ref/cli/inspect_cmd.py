@@ -10,7 +10,7 @@ from ..dtypes import dtype_name
 from ..errors import TargetNotFoundError
 from ..safetensors_io import SafetensorsFile
 from . import printable
-from .paths import PathGuard
+from .paths import PathGuard, add_overwrite_option
 from .report import add_json_option, emit_report, guard_report
 
 
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="PEFT adapter directory")
     p.add_argument("--base", help="base safetensors file: report the adapter's size relative to the targeted weights")
     add_json_option(p, "the adapter (per-module rank, alpha, scale, shapes, sizes)")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +66,7 @@ def describe(adapter_dir: str, base: str | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    guard_report(PathGuard(hint="write the report elsewhere").read_adapter(args.adapter).read("base", args.base), args).check()
+    guard_report(PathGuard(hint="write the report elsewhere", overwrite=args.overwrite).read_adapter(args.adapter).read("base", args.base), args).check()
     report = describe(args.adapter, args.base)
     lines = [f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>8} {'scale':>9} {'params':>10} {'bytes':>10}  shapes"]
     for row in report["modules"]:

@@ -42,7 +42,7 @@ from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
 from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
 from . import gguf_cmd, printable
-from .paths import PathGuard
+from .paths import PathGuard, add_overwrite_option
 from .report import add_json_option, emit_report, human_output, json_file
 
 
@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--force", action="store_true", help="merge even if BASE's merge record already holds this adapter")
     m.add_argument("--requantize", action="store_true", help="GGUF: requantize quantized targets (lossy, reported)")
     add_json_option(m, "the merge (tensors, element counts, residual size)")
+    add_overwrite_option(m)
     m.set_defaults(func=run_merge)
     u = sub.add_parser("unmerge", help="write MERGED - adapter; bit-exact with --residual")
     u.add_argument("merged", help="merged weights (.safetensors or a sharded *.safetensors.index.json)")
@@ -78,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="unmerge even if the merge record does not hold this adapter on top, or the residual is another merge's")
     u.add_argument("--requantize", action="store_true", help="GGUF: requantize quantized targets (lossy, reported)")
     add_json_option(u, "the unmerge (tensors, mode, verification)")
+    add_overwrite_option(u)
     u.set_defaults(func=run_unmerge)
 
 
@@ -87,13 +89,13 @@ def _progress(name: str) -> None:
 
 
 def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str, sharded: bool,
-           report: str | None = None) -> None:
+           args: argparse.Namespace) -> None:
     """The path guard (:mod:`.paths`) over every file the command reads and writes, before any work.
 
     For a sharded checkpoint (``inputs`` then names its index, outputs are folders) the shards
     are inputs too, and each folder output is checked file by file (its shards and index).
     """
-    guard = PathGuard(hint="write elsewhere (or use --in-place, which keeps a verified way back)")
+    guard = PathGuard(hint="write elsewhere (or use --in-place, which keeps a verified way back)", overwrite=args.overwrite)
     guard.read_adapter(adapter_dir)
     shards: list[str] = []
     index_name = None
@@ -115,7 +117,7 @@ def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapte
         guard.write(f"{label} folder", path, folder=True)
         for name in [*shards, index_name] if label == "output" else shards:  # a residual folder has no index
             guard.write(f"{label} {name}", Path(path) / name)
-    guard.write("JSON report", report).check()
+    guard.write("JSON report", json_file(args)).check()
 
 
 def _records(path: str, residual: str | None) -> list[tuple[str, list[dict] | None, str | None]]:
@@ -155,9 +157,9 @@ def run_merge(args: argparse.Namespace) -> int:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place needs --residual: the exact residual is the way back")
         if args.dtype:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place cannot convert --dtype (the original bytes could not be restored)")
-        _guard({"residual": args.residual}, {"base": args.base}, args.adapter, sharded, json_file(args))
+        _guard({"residual": args.residual}, {"base": args.base}, args.adapter, sharded, args)
     else:
-        _guard({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter, sharded, json_file(args))
+        _guard({"output": args.output, "residual": args.residual}, {"base": args.base}, args.adapter, sharded, args)
     adapter = load_adapter(args.adapter)
     for file, stack, _ in _records(args.base, None):
         check_merge(stack, adapter_digest(adapter), file, force=args.force)
@@ -199,7 +201,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
         return gguf_cmd.run_unmerge_gguf(args)
     sharded = _refuse_sharded_in_place(args.merged, args.in_place)
     inputs = {"merged checkpoint": args.merged, "residual": args.residual}
-    _guard({} if args.in_place else {"output": args.output}, inputs, args.adapter, sharded, json_file(args))
+    _guard({} if args.in_place else {"output": args.output}, inputs, args.adapter, sharded, args)
     adapter = load_adapter(args.adapter)
     notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
                            force=args.force, residual_merge_id=merge_id)

@@ -12,10 +12,16 @@ stale temporary that a write would clean up (:func:`lora_ref.atomic.stale_partia
 an input either. Finally every written path gets the checks :func:`lora_ref.atomic.check_output`
 can make before the work (a directory where a file goes, a parent that is a file, no write
 permission), so those failures come first, not after minutes of merging.
+
+An output file that already exists is refused too (the one rule of every writing command), unless
+the command was given ``--overwrite`` (:func:`add_overwrite_option`; ``PathGuard(overwrite=True)``):
+then it is replaced atomically. A folder output may exist; the files written into it are checked
+one by one. ``--force`` is not this: on merge/unmerge it overrides the merge record (docs/integrity.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +53,7 @@ class PathGuard:
     """Collects (label, path) of what a command reads and writes; :meth:`check` refuses collisions."""
 
     hint: str = "write elsewhere"
+    overwrite: bool = False
     reads: list[tuple[str, Path]] = field(default_factory=list)
     writes: list[tuple[str, Path, bool]] = field(default_factory=list)
 
@@ -88,6 +95,9 @@ class PathGuard:
                 if clash:
                     raise OverwriteRefusedError(f"{clash[0]}: an input is named like a stale lora-ref temporary of "
                                                 f"{out} (it would be cleaned up); rename it")
+                if not self.overwrite and os.path.lexists(out) and not os.path.isdir(out):
+                    raise OverwriteRefusedError(f"{out}: the {out_label} already exists; pass --overwrite to replace it, "
+                                                "or write elsewhere")
         for _, out, folder in self.writes:
             check_output(out, folder=folder)
 
@@ -97,11 +107,19 @@ def refuse_overwrites(
     inputs: dict[str, PathLike | None],
     *,
     hint: str = "write elsewhere",
+    overwrite: bool = False,
 ) -> None:
-    """Raise OverwriteRefusedError if an output (label -> path) would replace an input or another output."""
-    guard = PathGuard(hint=hint)
+    """Raise OverwriteRefusedError if an output (label -> path) would replace an input, another output,
+    or (unless ``overwrite``) a file that already exists."""
+    guard = PathGuard(hint=hint, overwrite=overwrite)
     for label, path in inputs.items():
         guard.read(label, path)
     for label, path in outputs.items():
         guard.write(label, path)
     guard.check()
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace output files that already exist (refused otherwise, by :meth:`PathGuard.check`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that already exist (atomically); without it an existing output is refused")
