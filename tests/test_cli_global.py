@@ -80,3 +80,15 @@ def test_a_missing_optional_package_names_the_extra(tmp_path) -> None:
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "pip install 'lora-ref[export]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_leaf_subcommand_help_ends_with_an_example() -> None:
+    """Each command's --help ends with a runnable-looking example line (the argparse epilog)."""
+    leaves = [(path, parser) for path, parser in _parsers(build_parser())
+              if path != "lora-ref" and not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)]
+    assert len(leaves) >= 12
+    for path, parser in leaves:
+        help_text = parser.format_help().rstrip()
+        assert parser.epilog and "example" in parser.epilog, path
+        assert help_text.endswith(parser.epilog.rstrip()), path
+        assert any(f"{line.strip()} ".startswith(f"{path} ") for line in parser.epilog.splitlines()), path

@@ -15,7 +15,7 @@ from .report import add_json_option, emit_report, guard_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("combine", help="combine adapters into one: cat (exact), svd (rank N, error reported), "
+    p = sub.add_parser("combine", epilog="example:\n  lora-ref combine en/ legal/ --weights 1 0.5 --method cat -o en_legal/ --json report.json", help="combine adapters into one: cat (exact), svd (rank N, error reported), "
                                        "linear (PEFT-compatible, with cross terms)")
     p.add_argument("adapters", nargs="+", help="PEFT adapter directories")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: all 1)")

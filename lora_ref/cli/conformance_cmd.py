@@ -48,10 +48,10 @@ def _selection(args: argparse.Namespace) -> Selection:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    conformance = sub.add_parser("conformance", help="run the LoRA conformance suite against an implementation")
+    conformance = sub.add_parser("conformance", epilog="example:\n  lora-ref conformance run --impl lora_ref.conformance.reference_impl:factory --group linear", help="run the LoRA conformance suite against an implementation")
     commands = conformance.add_subparsers(dest="conformance_command", required=True, parser_class=type(conformance))
 
-    run = commands.add_parser("run", help="run an implementation through the cases")
+    run = commands.add_parser("run", epilog="examples:\n  lora-ref conformance run --impl lora_ref.conformance.reference_impl:factory --json report.json\n  lora-ref conformance run --cmd ./my_impl --layout peft -k embedding --quiet", help="run an implementation through the cases")
     how = run.add_mutually_exclusive_group(required=True)
     how.add_argument("--impl", help="in-process Python implementation, MODULE:FACTORY")
     how.add_argument("--cmd", help='any-language implementation, run as: CMD run <case_dir> <out_dir>')
@@ -68,13 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _filters(run)
     run.set_defaults(func=run_command, command_name="run")
 
-    listing = commands.add_parser("list", help="list the cases")
+    listing = commands.add_parser("list", epilog="example:\n  lora-ref conformance list --group linear --dtype bfloat16 --json -", help="list the cases")
     _filters(listing)
     add_json_option(listing, "the selected cases")
     add_overwrite_option(listing)
     listing.set_defaults(func=list_command, command_name="list")
 
-    gen = commands.add_parser("generate", help="regenerate the frozen cases from the catalog")
+    gen = commands.add_parser("generate", epilog="example:\n  lora-ref conformance generate --check", help="regenerate the frozen cases from the catalog")
     gen.add_argument("--suite", help=f"where to write (default: {DEFAULT_SUITE})")
     gen.add_argument("--check", action="store_true", help="do not write: regenerate elsewhere and fail if any file differs")
     gen.set_defaults(func=generate_command, command_name="generate")

@@ -16,7 +16,7 @@ from .report import add_json_option, emit_report, guard_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert-adapters", help="PEFT adapters -> .onnx_adapter files for an existing dynamic ONNX graph")
+    p = sub.add_parser("convert-adapters", epilog="example:\n  lora-ref convert-adapters my_adapter/ --graph model_dynamic.onnx -o onnx_adapters/", help="PEFT adapters -> .onnx_adapter files for an existing dynamic ONNX graph")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories")
     p.add_argument("--graph", required=True, help="the dynamic graph the files are for (lora-ref's, genai's or Olive's)")
     p.add_argument("-o", "--output", required=True, help="new folder for <adapter>.onnx_adapter files")

@@ -8,7 +8,7 @@ from ..demo import print_demo, run_demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a small model and adapter, merge, unmerge exactly, report")
+    p = sub.add_parser("demo", epilog="example:\n  lora-ref demo", help="build a small model and adapter, merge, unmerge exactly, report")
     p.set_defaults(func=run)
 
 

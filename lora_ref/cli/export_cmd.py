@@ -21,7 +21,7 @@ PROGRESS_MIN_BYTES = 64 * 2**20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write an ONNX graph with LoRA adapters: merged, dynamic or batched")
+    p = sub.add_parser("export", epilog="examples:\n  lora-ref export model.onnx my_adapter/ --mode merged -o merged.onnx\n  lora-ref export model.onnx en/ fr/ --mode batched -o batched.onnx --json -", help="write an ONNX graph with LoRA adapters: merged, dynamic or batched")
     p.add_argument("model", help="base ONNX model (e.g. from torch.onnx.export(..., dynamo=True)), or an onnxruntime-genai "
                                  "model folder (then -o is a new folder)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter directories (batched: bank order)")

@@ -21,14 +21,14 @@ EXIT_CHECK_FAILED = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("to-gguf", help="write a PEFT adapter as a llama.cpp LoRA GGUF that keeps PEFT's scale")
+    t = sub.add_parser("to-gguf", epilog="example:\n  lora-ref to-gguf my_adapter/ --base model.gguf -o my_adapter.gguf", help="write a PEFT adapter as a llama.cpp LoRA GGUF that keeps PEFT's scale")
     t.add_argument("adapter", help="PEFT adapter directory")
     t.add_argument("--base", required=True, help="the base model's .gguf (architecture, heads, tensor names)")
     t.add_argument("-o", "--output", required=True, help="adapter .gguf to write")
     t.add_argument("--outtype", choices=sorted(STORAGE_DTYPES), default="float32", help="type of lora_a/lora_b (default float32)")
     add_overwrite_option(t)
     t.set_defaults(func=run_to_gguf)
-    v = sub.add_parser("verify-gguf", help="check a GGUF LoRA's effect, as llama.cpp applies it, against the PEFT adapter")
+    v = sub.add_parser("verify-gguf", epilog="example:\n  lora-ref verify-gguf my_adapter/ my_adapter.gguf --base model.gguf --json -", help="check a GGUF LoRA's effect, as llama.cpp applies it, against the PEFT adapter")
     v.add_argument("adapter", help="PEFT adapter directory")
     v.add_argument("gguf_adapter", help="the GGUF LoRA adapter to check")
     v.add_argument("--base", required=True, help="the base model's .gguf")

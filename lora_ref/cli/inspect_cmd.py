@@ -15,7 +15,7 @@ from .report import add_json_option, emit_report, guard_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="per-module rank, alpha, scale, shapes and sizes of an adapter")
+    p = sub.add_parser("inspect", epilog="example:\n  lora-ref inspect my_adapter/ --base base.safetensors --json -", help="per-module rank, alpha, scale, shapes and sizes of an adapter")
     p.add_argument("adapter", help="PEFT adapter directory")
     p.add_argument("--base", help="base safetensors file: report the adapter's size relative to the targeted weights")
     add_json_option(p, "the adapter (per-module rank, alpha, scale, shapes, sizes)")

@@ -51,7 +51,7 @@ class InPlaceVerificationError(MergeStateError):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    m = sub.add_parser("merge", help="write BASE + adapter; exact with --residual")
+    m = sub.add_parser("merge", epilog="examples:\n  lora-ref merge base.safetensors my_adapter/ -o merged.safetensors --residual residual.safetensors\n  lora-ref merge model.safetensors.index.json my_adapter/ -o merged_dir/   (sharded)", help="write BASE + adapter; exact with --residual")
     m.add_argument("base", help="base weights (.safetensors, keys as torch state_dict, or a sharded *.safetensors.index.json)")
     m.add_argument("adapter", help="PEFT adapter directory")
     target = m.add_mutually_exclusive_group(required=True)
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_option(m, "the merge (tensors, element counts, residual size)")
     add_overwrite_option(m)
     m.set_defaults(func=run_merge)
-    u = sub.add_parser("unmerge", help="write MERGED - adapter; bit-exact with --residual")
+    u = sub.add_parser("unmerge", epilog="example:\n  lora-ref unmerge merged.safetensors my_adapter/ -o base_again.safetensors --residual residual.safetensors", help="write MERGED - adapter; bit-exact with --residual")
     u.add_argument("merged", help="merged weights (.safetensors or a sharded *.safetensors.index.json)")
     u.add_argument("adapter", help="PEFT adapter directory")
     target = u.add_mutually_exclusive_group(required=True)
