@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .carried import CarriedTensor, classify
-from .config import LoraConfig
+from .config import CONFIG_NAME, LoraConfig
 from .dora import check_magnitude
 from .dtypes import check_float_array
 from .errors import ConfigError, FileFormatError, ShapeError, UnsafeFileError
@@ -171,6 +171,15 @@ def modules_from_state_dict(tensors: dict[str, np.ndarray], source: str = "adapt
     return modules, extra
 
 
+def _not_an_adapter(directory: Path) -> str:
+    """Why ``directory`` is not a PEFT adapter folder: which of its two files is missing, and what it looks like instead."""
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / n).exists()]
+    model = next((n for n in ("model.safetensors", "model.safetensors.index.json") if (directory / n).exists()), None)
+    hint = (f"; it holds {model}: a model folder, not an adapter (give its {model} as the base checkpoint)" if model else
+            "; a PEFT adapter folder (save_pretrained) holds adapter_config.json and adapter_model.safetensors")
+    return f"{directory}: not an adapter directory: missing {' and '.join(missing)}{hint}"
+
+
 def load_adapter(directory: str | Path, name: str | None = None) -> Adapter:
     """Read a PEFT adapter directory (config + safetensors). Pickled weights are refused.
 
@@ -186,10 +195,13 @@ def load_adapter(directory: str | Path, name: str | None = None) -> Adapter:
         pickles = [p for p in PICKLE_NAMES if (directory / p).exists()]
         if pickles:
             raise UnsafeFileError(
-                f"{directory / pickles[0]}: pickled weights can execute code and are never loaded; "
-                "convert the adapter to adapter_model.safetensors with a trusted tool"
+                f"{directory / pickles[0]}: pickled weights can execute code and are never loaded; convert them once, "
+                f"where you trust the file, to {WEIGHTS_NAME}: python -c \"import torch, safetensors.torch as st; "
+                f"st.save_file(torch.load('{pickles[0]}', weights_only=True), '{WEIGHTS_NAME}')\" "
+                "(or PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True))"
             )
-        raise FileFormatError(f"{directory}: missing {WEIGHTS_NAME}")
+    if not weights.exists() or not (directory / CONFIG_NAME).exists():
+        raise FileFormatError(_not_an_adapter(directory))
     config = LoraConfig.load(directory)
     modules, extra = modules_from_state_dict(load_file(weights), str(weights))
     if not modules:

@@ -145,3 +145,32 @@ def test_every_writing_command_offers_overwrite() -> None:
                "conformance run": conformance["run"], "conformance list": conformance["list"]}
     for name, parser in parsers.items():
         assert any("--overwrite" in a.option_strings for a in parser._actions), name
+
+
+def test_not_an_adapter_directory_says_what_is_missing(workdir) -> None:
+    import shutil
+
+    no_config = workdir / "no_config"
+    shutil.copytree(workdir / "ad", no_config)
+    (no_config / "adapter_config.json").unlink()
+    model = workdir / "model_dir"
+    model.mkdir()
+    shutil.copy(workdir / "base.safetensors", model / "model.safetensors")
+    empty = workdir / "empty"
+    empty.mkdir()
+    for folder, says in [(no_config, "missing adapter_config.json;"),
+                         (model, "missing adapter_config.json and adapter_model.safetensors; it holds model.safetensors"),
+                         (empty, "missing adapter_config.json and adapter_model.safetensors; a PEFT adapter folder")]:
+        done = lora_ref_cli("inspect", str(folder))
+        assert done.returncode == 2 and "not an adapter directory" in done.stderr and says in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1
+
+
+def test_pickled_adapter_refusal_names_the_conversion(workdir) -> None:
+    pickled = workdir / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((workdir / "ad" / "adapter_config.json").read_bytes())
+    (pickled / "adapter_model.bin").write_bytes(b"never opened")
+    done = lora_ref_cli("inspect", str(pickled))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "torch.load('adapter_model.bin', weights_only=True)" in done.stderr and "adapter_model.safetensors" in done.stderr
