@@ -174,3 +174,47 @@ def test_pickled_adapter_refusal_names_the_conversion(workdir) -> None:
     done = lora_ref_cli("inspect", str(pickled))
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "torch.load('adapter_model.bin', weights_only=True)" in done.stderr and "adapter_model.safetensors" in done.stderr
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_counts_bytes_percentage_and_eta_on_a_tty() -> None:
+    from lora_ref.cli.progress import Progress
+
+    now = [0.0]
+    stream = _Stream(tty=True)
+    progress = Progress("merge", {"a": 1024, "b": 3072}, stream=stream, clock=lambda: now[0])
+    progress("a")
+    now[0] = 2.0  # a (1 KiB of 4 KiB) took 2 s: the other 3 KiB at that rate take 6 s
+    progress("b")
+    last = stream.text.split("\r")[-1]
+    assert "merge 2/2 (25%) 1.0 KiB/4.0 KiB ETA 0:00:06 b" in last
+    progress.close()
+    assert stream.text.endswith("\n") and stream.text.startswith("\r")  # the summary then starts on its own line
+
+
+def test_progress_off_a_tty_is_plain_periodic_lines() -> None:
+    from lora_ref.cli.progress import Progress
+
+    now = [0.0]
+    stream = _Stream(tty=False)
+    progress = Progress("unmerge", {f"t{i}": 10 for i in range(10)}, stream=stream, interval=5.0, clock=lambda: now[0])
+    for i in range(10):
+        now[0] = 2.0 * i  # one line per 5 s at most: at 6 s and 12 s (and 18 s), none at the start
+        progress(f"t{i}")
+    progress.close()
+    lines = stream.text.splitlines()
+    assert "\r" not in stream.text and len(lines) == 3, lines
+    assert lines[0].startswith("  unmerge 4/10 (30%) 30 B/100 B ETA 0:00:14")  # 30 B in 6 s -> 70 B in 14 s

@@ -34,16 +34,17 @@ from pathlib import Path
 
 from ..adapter import load_adapter
 from ..atomic import atomic_path, scratch_path
-from ..checkpoint import merge_checkpoint, unmerge_checkpoint
+from ..checkpoint import checkpoint_targets, merge_checkpoint, unmerge_checkpoint
 from ..dtypes import STORAGE_DTYPES
 from ..checkpoint import RESIDUAL_META_KEY
 from ..errors import MergeStateError, OverwriteRefusedError
 from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
 from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
-from . import gguf_cmd, printable
+from . import gguf_cmd
 from .paths import PathGuard, add_overwrite_option
-from .report import add_json_option, emit_report, human_output, json_file
+from .progress import Progress
+from .report import add_json_option, emit_report, json_file
 
 
 class InPlaceVerificationError(MergeStateError):
@@ -83,9 +84,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=run_unmerge)
 
 
-def _progress(name: str) -> None:
-    if sys.stderr.isatty():
-        print(f"\r  {printable(name)[:70]:<70}", end="", file=sys.stderr, flush=True)
+def _progress(args: argparse.Namespace, label: str, path: str, adapter) -> Progress | None:
+    """The stderr progress of a merge/unmerge of ``path`` (a file or a sharded index), by the targets' bytes; None if quiet."""
+    if getattr(args, "quiet", False):
+        return None
+    targets = checkpoint_targets(adapter)
+    files = [str(read_index(path).shard_path(s)) for s in read_index(path).shards] if path.endswith(INDEX_SUFFIX) else [path]
+    sizes: dict[str, int] = {}
+    for file in files:
+        with SafetensorsFile(file) as handle:
+            sizes.update({key: handle.tensors[key].nbytes for key in targets if key in handle})
+    return Progress(label, sizes)
+
+
+@contextlib.contextmanager
+def _progress_line(progress: Progress | None):
+    """The progress line is ended before anything else is printed, whether the work succeeds or not."""
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _guard(outputs: dict[str, str | None], inputs: dict[str, str | None], adapter_dir: str, sharded: bool,
@@ -163,21 +182,8 @@ def run_merge(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter)
     for file, stack, _ in _records(args.base, None):
         check_merge(stack, adapter_digest(adapter), file, force=args.force)
-    kwargs = dict(residual_path=args.residual, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite, progress=_progress)
-    if args.in_place:
-        base = Path(args.base)
-        with atomic_path(base) as merged:  # renamed onto BASE only if the block below completes
-            report = merge_checkpoint(base, adapter, merged, **kwargs)
-            with scratch_path(base, "verify") as restored:
-                unmerge_checkpoint(merged, adapter, restored, residual_path=args.residual)
-                if not filecmp.cmp(restored, base, shallow=False):
-                    raise InPlaceVerificationError(
-                        f"{base}: unmerging with {args.residual} does not restore the original bytes; left unchanged")
-    elif sharded:
-        kwargs["residual_dir"] = kwargs.pop("residual_path")
-        report = merge_sharded(args.base, adapter, args.output, **kwargs)
-    else:
-        report = merge_checkpoint(args.base, adapter, args.output, **kwargs)
+    with _progress_line(_progress(args, "merge", args.base, adapter)) as progress:
+        report = _merge(args, adapter, sharded, progress)
     elements = sum(report.merged.values())
     line = f"merged {len(report.merged)} tensors ({elements} elements) of {report.tensors_written} into {output}"
     if args.in_place:
@@ -196,6 +202,26 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace, adapter, sharded: bool, progress: Progress | None):
+    """The merge itself: in place (verified), sharded, or one file; its CheckpointReport."""
+    kwargs = dict(residual_path=args.residual, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite, progress=progress)
+    if args.in_place:
+        base = Path(args.base)
+        with atomic_path(base) as merged:  # renamed onto BASE only if the block below completes
+            report = merge_checkpoint(base, adapter, merged, **kwargs)
+            with scratch_path(base, "verify") as restored:
+                unmerge_checkpoint(merged, adapter, restored, residual_path=args.residual)
+                if not filecmp.cmp(restored, base, shallow=False):
+                    raise InPlaceVerificationError(
+                        f"{base}: unmerging with {args.residual} does not restore the original bytes; left unchanged")
+    elif sharded:
+        kwargs["residual_dir"] = kwargs.pop("residual_path")
+        report = merge_sharded(args.base, adapter, args.output, **kwargs)
+    else:
+        report = merge_checkpoint(args.base, adapter, args.output, **kwargs)
+    return report
+
+
 def run_unmerge(args: argparse.Namespace) -> int:
     if args.merged.endswith(".gguf"):
         return gguf_cmd.run_unmerge_gguf(args)
@@ -206,20 +232,8 @@ def run_unmerge(args: argparse.Namespace) -> int:
     notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
                            force=args.force, residual_merge_id=merge_id)
              for file, stack, merge_id in _records(args.merged, args.residual)}
-    if args.in_place:
-        merged = Path(args.merged)
-        with atomic_path(merged) as unmerged:
-            report = unmerge_checkpoint(merged, adapter, unmerged, residual_path=args.residual, progress=_progress)
-            with scratch_path(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
-                merge_checkpoint(unmerged, adapter, remerged, metadata=handle.metadata)  # MERGED's own header back
-                if not filecmp.cmp(remerged, merged, shallow=False):
-                    raise InPlaceVerificationError(
-                        f"{merged}: merging the unmerged weights again does not give back the original bytes "
-                        "(a fast unmerge is lossy; pass the --residual from the merge, or write with -o); left unchanged")
-    elif sharded:
-        report = unmerge_sharded(args.merged, adapter, args.output, residual_dir=args.residual, progress=_progress)
-    else:
-        report = unmerge_checkpoint(args.merged, adapter, args.output, residual_path=args.residual, progress=_progress)
+    with _progress_line(_progress(args, "unmerge", args.merged, adapter)) as progress:
+        report = _unmerge(args, adapter, sharded, progress)
     if not args.residual:
         kind, mode = "fast", "fast (no residual: within the SPEC 3.3 bound)"
     elif report.verified:
@@ -237,3 +251,22 @@ def run_unmerge(args: argparse.Namespace) -> int:
         "tensors_written": report.tensors_written, "unmerged": report.merged, "elements": sum(report.merged.values()),
     }, f"unmerged {len(report.merged)} tensors {mode} into {where}")
     return 0
+
+
+def _unmerge(args: argparse.Namespace, adapter, sharded: bool, progress: Progress | None):
+    """The unmerge itself: in place (verified by merging again), sharded, or one file; its CheckpointReport."""
+    if args.in_place:
+        merged = Path(args.merged)
+        with atomic_path(merged) as unmerged:
+            report = unmerge_checkpoint(merged, adapter, unmerged, residual_path=args.residual, progress=progress)
+            with scratch_path(merged, "verify") as remerged, SafetensorsFile(merged) as handle:
+                merge_checkpoint(unmerged, adapter, remerged, metadata=handle.metadata)  # MERGED's own header back
+                if not filecmp.cmp(remerged, merged, shallow=False):
+                    raise InPlaceVerificationError(
+                        f"{merged}: merging the unmerged weights again does not give back the original bytes "
+                        "(a fast unmerge is lossy; pass the --residual from the merge, or write with -o); left unchanged")
+    elif sharded:
+        report = unmerge_sharded(args.merged, adapter, args.output, residual_dir=args.residual, progress=progress)
+    else:
+        report = unmerge_checkpoint(args.merged, adapter, args.output, residual_path=args.residual, progress=progress)
+    return report

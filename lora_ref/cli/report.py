@@ -54,7 +54,3 @@ def emit_report(args: argparse.Namespace, report: dict, human: str | Iterable[st
     if not (getattr(args, "quiet", False) if quiet is None else quiet):
         print(human if isinstance(human, str) else "\n".join(human))
 
-
-def human_output(args: argparse.Namespace) -> bool:
-    """Whether a command may print more than its summary (notes on stdout, progress): not when quiet or --json -."""
-    return not getattr(args, "quiet", False) and getattr(args, "json", None) != STDOUT
