@@ -15,7 +15,7 @@ from ..adapter import WEIGHTS_NAME, load_adapter
 from ..config import CONFIG_NAME
 from ..dtypes import STORAGE_DTYPES
 from .paths import add_overwrite_option, refuse_overwrites
-from .report import emit_report, json_file
+from .report import emit_report, json_file, unmerge_mode
 
 EXIT_CHECK_FAILED = 1
 
@@ -104,12 +104,7 @@ def run_unmerge_gguf(args: argparse.Namespace) -> int:
                           requantize=args.requantize, fast=args.fast, force=args.force)
     if report.note:
         print(report.note, file=sys.stderr)
-    if not args.residual:
-        kind, mode = "fast", "fast (no residual: within the SPEC 3.3 bound)"
-    elif report.verified:
-        kind, mode = "exact", "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
-    else:
-        kind, mode = "residual-unverified", "with the residual applied (not verified: the residual records no base digests)"
+    kind, mode = unmerge_mode(args.residual is not None, report.verified)
     emit_report(args, {"command": "unmerge", "merged": args.merged, "adapter": args.adapter, "output": args.output,
                        "residual": args.residual, "mode": kind, "verified": report.verified, "unmerged": report.merged,
                        "requantized": report.requantized},

@@ -44,7 +44,7 @@ from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
 from . import gguf_cmd
 from .paths import PathGuard, add_overwrite_option
 from .progress import Progress
-from .report import add_json_option, emit_report, json_file
+from .report import add_json_option, emit_report, json_file, unmerge_mode
 
 
 class InPlaceVerificationError(MergeStateError):
@@ -234,12 +234,8 @@ def run_unmerge(args: argparse.Namespace) -> int:
              for file, stack, merge_id in _records(args.merged, args.residual)}
     with _progress_line(_progress(args, "unmerge", args.merged, adapter)) as progress:
         report = _unmerge(args, adapter, sharded, progress)
-    if not args.residual:
-        kind, mode = "fast", "fast (no residual: within the SPEC 3.3 bound)"
-    elif report.verified:
-        kind, mode = "exact", "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
-    else:
-        kind, mode = "residual-unverified", "with the residual, unverified"
+    kind, mode = unmerge_mode(args.residual is not None, report.verified)
+    if kind == "residual-unverified":
         print(f"note: {args.residual} predates residual checksums (lora-ref-residual/1): the restore could not be "
               "verified against the base; re-merge with this version to get a verifiable residual", file=sys.stderr)
     where = f"{args.merged} in place (verified: merging again gives the original bytes)" if args.in_place else args.output

@@ -40,6 +40,15 @@ def to_json_text(report: object) -> str:
     return json.dumps(report, indent=2, default=str) + "\n"
 
 
+def unmerge_mode(residual: bool, verified: bool) -> tuple[str, str]:
+    """(the ``mode`` of an unmerge report: fast, exact or residual-unverified; the summary's words for it)."""
+    if not residual:
+        return "fast", "fast (no residual: within the SPEC 3.3 bound)"
+    if verified:
+        return "exact", "exactly (residual applied; every restored tensor matches the base digest recorded at merge)"
+    return "residual-unverified", "with the residual applied, unverified (the residual records no base digests)"
+
+
 def emit_report(args: argparse.Namespace, report: dict, human: str | Iterable[str], *, quiet: bool | None = None) -> None:
     """Print ``human`` (a line or lines) unless quiet or ``--json -``; write ``report`` where ``--json`` says.
 
