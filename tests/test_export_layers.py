@@ -45,6 +45,7 @@ from lora_ref.export import (  # noqa: E402
     read_onnx_adapter,
     slots_from_model,
 )
+from lora_ref.export.names import read_layouts  # noqa: E402
 from lora_ref.export.parity import dora_gain_error, expose, layer_bound  # noqa: E402
 
 #: Each example builds a graph and a session, for each of 11 cases: a quarter of the profile's count (ci: 2, deep: 50).
@@ -541,3 +542,20 @@ def test_float16_dynamic_dora_norm_does_not_overflow():
     assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.FLOAT
     check_sites("dynamic dora float16", model, graph, sites, lambda s: s.session.run(None, {**feeds, **tensors}), [adapter] * 2,
                 dtype=np.float16, graph_kind="dynamic")
+
+
+@pytest.mark.parametrize("scheme", ["olive", "genai"])
+def test_dora_magnitude_input_follows_the_naming_scheme(scheme):
+    """Under --adapter-names olive/genai the magnitude input is <stem>.lora_magnitude_vector of that
+    scheme's stem, and the graph computes what the peft-named graph computes, bit for bit."""
+    adapter = _adapter(BLOCK, "dora", 3, 71, name="d")
+    feeds = _feeds(BLOCK, 2, 71)
+    outputs = {}
+    for names in ("peft", scheme):
+        graph, _ = build_graph(BLOCK.onnx, [adapter], "dynamic", adapter_names=names)
+        slots = slots_from_model(graph)
+        magnitudes = sorted(n for n in slots if n.endswith(".lora_magnitude_vector"))
+        assert len(magnitudes) == len(adapter.modules)
+        layouts, _ = read_layouts(graph, {slot.module for slot in slots.values()})
+        outputs[names] = open_session(graph).run({**feeds, **adapter_tensors(adapter, slots, layouts)})[0]
+    np.testing.assert_array_equal(outputs[scheme], outputs["peft"])
