@@ -23,13 +23,14 @@ import onnxruntime as ort
 
 from lora_ref.adapter import Adapter
 from lora_ref.atomic import WriteFailedError, atomic_path
+from lora_ref.dtypes import round_to
 from lora_ref.errors import FileFormatError
 from lora_ref.inputs import require_regular_file
 
 from .editing import lora_bias_term
 from .errors import AdapterNameError
 from .fused import layout_of, stacked_factors
-from .names import SlotLayout, strip_prefix
+from .names import SlotLayout, magnitude_name, strip_prefix
 from .slots import Slot, check_tensors
 
 SUFFIX = ".onnx_adapter"
@@ -45,7 +46,8 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
     """
     names: dict[str, dict[str, str]] = {}
     for name, slot in slots.items():
-        names.setdefault(slot.module, {})["bias" if slot.is_bias else "A" if slot.is_a else "B"] = name
+        role = "bias" if slot.is_bias else "magnitude" if slot.is_magnitude else "A" if slot.is_a else "B"
+        names.setdefault(slot.module, {})[role] = name
     if layouts is None:
         layouts = {stem: SlotLayout(stem, ((strip_prefix(stem), -1),)) for stem in names}
     tensors: dict[str, np.ndarray] = {}
@@ -65,6 +67,13 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
         module = plain.parts[0][0]
         if not layout.fused and adapter.modules[module].lora_bias is not None:  # a graph without a bias slot refuses it below
             tensors[names[stem].get("bias", stem + ".lora_B.bias")] = lora_bias_term(adapter, module, slot.dtype)
+        dora = [m for m, _ in plain.parts if m in adapter.modules and adapter.modules[m].magnitude is not None]
+        if dora and layout.fused:
+            raise AdapterNameError(f"adapter {adapter.name!r}: DoRA on {dora[:3]}, parts of the fused projection {stem!r}, "
+                                   "has no magnitude input (each part would need its own norm); export --mode merged")
+        if dora:  # m itself, rounded once (a graph without the slot refuses it below); the graph computes the norm
+            magnitude = np.asarray(adapter.modules[module].magnitude, np.float64).reshape(-1)
+            tensors[names[stem].get("magnitude", magnitude_name(stem))] = round_to(magnitude, slot.dtype)
     check_tensors({k: (v.shape, v.dtype) for k, v in tensors.items()}, slots, f"adapter {adapter.name!r}")
     return tensors
 

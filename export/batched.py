@@ -45,6 +45,18 @@ as its own adapter's conv pair (the error bound is the dynamic graph's). The cos
 the A conv computes N·r_max channels per row instead of r (multiply-adds ~ N·r_max·C·Πk per
 output position, against O·C·Πk for the base conv) and the 1x1 conv N·r_max·O, so this pays off
 while N·r_max stays small next to O; beyond that, run one dynamic session per adapter.
+A DoRA module (any kind) gets a bank of gains, not magnitudes, since the banks are
+fixed at export:
+
+    m.lora_dora_gain.bank  [N, out]   bank_g[i] = round_t(m_i / ‖W + ΔW_i‖) (float64, the core's norm;
+                                      1 for adapters without DoRA on m)
+
+and each site ends in y = Where(keep, Gather(bank_g, i'), 1)[:, None, :] ∘ (y0' + d) + b on the
+[batch, L, out] view (Conv: g_row [batch, O, 1...]; y0' without its bias: a Gemm's C or a
+Conv's bias moves after the gain), so -1 rows are
+scaled by exactly 1 and stay the base model bit for bit. The gain costs one multiply per
+output element; computing the N norms in the graph instead would cost N·in·out·r per run for
+no gain in accuracy. A fed replacement of the A/B banks needs its own gain bank.
 Requires the batch to be the leading axis of every targeted Linear's input. Indices outside
 [-1, N) are refused by :mod:`lora_ref.export.runtime` (and the Triton client helper) before a
 run with a typed error; fed to the graph anyway they fail the run (see :class:`_Builder`)
@@ -69,12 +81,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_ref.adapter import Adapter
+from lora_ref.deltas import delta_for
+from lora_ref.dtypes import round_to
 from lora_ref.kinds import kind_of
 
 from .editing import (
     Namer,
     check_fits,
     conv_with_base_geometry,
+    detach_bias,
+    dora_scale,
     elem_type,
     factor_shapes,
     lora_bias_term,
@@ -86,6 +102,7 @@ from .editing import (
 from .errors import ExportConfigError, UnsupportedGraphError
 from .graphio import default_opset
 from .locate import TargetSite
+from .merged import transposed_layout
 
 INDEX_INPUT = "adapter_index"
 #: metadata_props key: JSON {ids tensor name: V} of the batched graph's Embedding LoRA sites.
@@ -116,6 +133,26 @@ def build_bias_bank(module: str, site: TargetSite, adapters: Sequence[Adapter], 
     return bank
 
 
+def bank_gain_name(module: str) -> str:
+    return f"{module}.lora_dora_gain.bank"
+
+
+def build_gain_bank(module: str, site: TargetSite, stored: np.ndarray, adapters: Sequence[Adapter], dtype: np.dtype) -> np.ndarray | None:
+    """bank_g [N, out] = round_t(m_i / ‖W + ΔW_i‖_c) in float64 (1 for adapters without DoRA here), or None when none has it.
+
+    ``stored`` is the graph's base weight (as the graph stores it); the norm is the core's
+    (:func:`lora_ref.deltas.delta_for` with the unmerged W), so each row's gain is the merged graph's.
+    """
+    if not any(module in a.modules and a.modules[module].magnitude is not None for a in adapters):
+        return None
+    bank = np.ones((len(adapters), site.out_features), dtype)
+    for i, adapter in enumerate(adapters):
+        if module in adapter.modules and adapter.modules[module].magnitude is not None:
+            W = stored.T if transposed_layout(adapter, site.layout) else stored
+            bank[i] = round_to(delta_for(adapter, module, base=W).gain, dtype)
+    return bank
+
+
 def build_banks(
     module: str, site: TargetSite, adapters: Sequence[Adapter], dtype: np.dtype, max_rank: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +173,7 @@ def build_banks(
     bank_b = np.zeros((len(adapters), *b_shape), dtype)
     for i, adapter in enumerate(adapters):
         if module in adapter.modules:
-            bank_a[i], bank_b[i] = lora_factors(adapter, module, dtype, pad_to=r_max)
+            bank_a[i], bank_b[i] = lora_factors(adapter, module, dtype, pad_to=r_max, mode="batched")
     return bank_a, bank_b
 
 
@@ -276,16 +313,39 @@ def build_batched(
         if bias_bank is not None:
             bias_name = bank_bias_name(module)
             b.add_bank(bias_name, bias_bank, [first.out_features], data_type)
+        gain_bank = build_gain_bank(module, first, _initializer(b.graph, first.weight), adapters, np_dtype(data_type))
+        gain_name = None
+        if gain_bank is not None:
+            gain_name = bank_gain_name(module)
+            b.add_bank(gain_name, gain_bank, [first.out_features], data_type)
         if step == 0:
             b.index_prelude(bank_a_name(module))
         if kind_of(first.kind).export.factor_layout == "kernel":
-            _conv_module(b, module_sites, bias_name, data_type)
+            _conv_module(b, module_sites, bias_name, data_type, gain_name)
         else:
-            _matmul_module(b, module_sites, bias_name, data_type)
+            _matmul_module(b, module_sites, bias_name, data_type, gain_name)
     return b.finish()
 
 
-def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: str | None, data_type: int) -> None:
+def _initializer(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in graph.initializer if t.name == name))
+
+
+def _gain_rows(b: _Builder, module: str, gain_bank: str, data_type: int, axes: Sequence[int] = (1,)) -> str:
+    """Each row's DoRA gain [batch, 1, out] (Conv, ``axes`` the spatial ones: [batch, O, 1...]):
+    Where(keep, Gather(bank_g, i'), 1), so a -1 row is scaled by exactly 1."""
+    n = lambda what: b.namer(f"{module}.lora_{what}")  # noqa: E731 - a local naming shorthand
+    gathered, kept, rows, one = n("dora_gain.rows_2d"), n("dora_gain.kept"), n("dora_gain.rows"), n("dora_one")
+    b.graph.initializer.append(numpy_helper.from_array(np.array(1, np_dtype(data_type)), one))
+    b.prelude += [b.node("Gather", [gain_bank, b.index], gathered, axis=0),
+                  b.node("Unsqueeze", [b.keep_1d, b.constant(1)], kept + ".keep"),
+                  b.node("Where", [kept + ".keep", gathered, one], kept),
+                  b.node("Unsqueeze", [kept, b.constant(*axes)], rows)]
+    return rows
+
+
+def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: str | None, data_type: int,
+                   gain_bank: str | None = None) -> None:
     """A Linear or Embedding module: gather each row's A_s [batch, in, r] (Embedding: look up rows) and B_s [batch, r, out].
 
     Per site: d = Reshape(x, [batch, -1, in]) @ A_s @ B_s (+ bias_s); y = base + Reshape(d, Shape(base)).
@@ -313,7 +373,9 @@ def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: s
                       b.node("Unsqueeze", [b.keep_1d, b.constant(1)], kept + ".keep"),
                       b.node("Where", [kept + ".keep", gathered, zero], kept),
                       b.node("Unsqueeze", [kept, b.constant(1)], bias_rows)]
+    gain_rows = _gain_rows(b, module, gain_bank, data_type) if gain_bank is not None else None
     for site in module_sites:
+        base_bias = detach_bias(b.graph, site, b.namer) if gain_rows else None
         base = rename_output(b.graph, site, b.namer)
         x3, xa, xa_kept, d3 = n("x_rows"), n("xA"), n("xA_kept"), n("delta_rows")
         direct = not embedding and b.ranks.get(site.x) == 3
@@ -333,7 +395,9 @@ def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: s
         if bias_rows is not None:
             plain, d3 = d3, n("delta_rows_bias")
             nodes.append(b.node("Add", [plain, bias_rows], d3))
-        if direct:
+        if gain_rows is not None:
+            nodes += _dora_rows(b, site, base, d3, gain_rows, base_bias, direct)
+        elif direct:
             nodes.append(b.node("Add", [base, d3], site.y))
         else:
             shape, delta = n("out_shape"), n("delta")
@@ -341,14 +405,43 @@ def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: s
         b.after[site.node] += nodes
 
 
-def _conv_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: str | None, data_type: int) -> None:
-    """A Conv module: the once-per-run nodes in the prelude, each site's nodes after its base Conv (module docstring)."""
+def _dora_rows(b: _Builder, site: TargetSite, base: str, d3: str, gain_rows: str, bias: str | None, direct: bool) -> list[onnx.NodeProto]:
+    """y = g_row ∘ (base + d) (+ b) on the [batch, L, out] view: g_row [batch, 1, out] scales the whole sum of its row."""
+    n = lambda what: b.namer(f"{site.module}.lora_{what}")  # noqa: E731 - a local naming shorthand
+    if direct:
+        base3, nodes = base, []
+    else:
+        base3 = n("base_rows")
+        nodes = [b.node("Reshape", [base, b.constant(0, -1, site.out_features)], base3)]
+    sum3, scaled3 = n("dora_in_rows"), n("dora_rows")
+    nodes += [b.node("Add", [base3, d3], sum3), b.node("Mul", [sum3, gain_rows], scaled3)]
+    scaled = scaled3
+    if not direct:
+        shape, scaled = n("out_shape"), n("dora_scaled")
+        nodes += [b.node("Shape", [base], shape), b.node("Reshape", [scaled3, shape], scaled)]
+    if bias is not None:
+        return nodes + [b.node("Add", [scaled, bias], site.y)]
+    return nodes + [b.node("Identity", [scaled], site.y)]
+
+
+def _conv_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: str | None, data_type: int,
+                 gain_bank: str | None = None) -> None:
+    """A Conv module: the once-per-run nodes in the prelude, each site's nodes after its base Conv (module docstring).
+
+    DoRA: the site's sum goes to a fresh tensor, then y = g_row ∘ sum (+ the base bias, taken out of the Conv)."""
     first = module_sites[0]
     nodes, site_nodes = _conv_banks(first, bank_a_name(first.module), bank_b_name(first.module), bias_bank, b.keep_1d,
                                     b.index, b.zero(data_type), b.namer, b.constant)
     b.prelude += nodes
+    spatial = tuple(range(2, len(first.weight_shape)))
+    gain_rows = _gain_rows(b, first.module, gain_bank, data_type, spatial) if gain_bank is not None else None
     for site in module_sites:
-        b.after[site.node] += site_nodes(b.graph, site)
+        if gain_rows is None:
+            b.after[site.node] += site_nodes(b.graph, site)
+            continue
+        base_bias = detach_bias(b.graph, site, b.namer)
+        pre = b.namer(f"{site.module}.lora_dora_in")
+        b.after[site.node] += site_nodes(b.graph, site, pre) + dora_scale(pre, site.y, gain_rows, base_bias, b.namer, site.module)
 
 
 def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | None, keep_1d: str, index: str, zero: str,
@@ -390,7 +483,7 @@ def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | No
             helper.make_node("Unsqueeze", [kept, constant(*spatial)], [bias_rows], name=n("B.bias.unsqueeze")),
         ]
 
-    def site_nodes(graph: onnx.GraphProto, site: TargetSite) -> list[onnx.NodeProto]:
+    def site_nodes(graph: onnx.GraphProto, site: TargetSite, out: str | None = None) -> list[onnx.NodeProto]:
         t, masked, delta = n("xA_all"), n("xA_own"), n("delta")
         conv_a = conv_with_base_geometry(graph, site, a_cat, t, n("A"))
         base = rename_output(graph, site, namer)
@@ -402,7 +495,7 @@ def _conv_banks(first: TargetSite, a_bank: str, b_bank: str, bias_bank: str | No
         if bias_rows is not None:
             plain, delta = delta, n("delta_bias")
             site_list.append(helper.make_node("Add", [plain, bias_rows], [delta], name=n("bias")))
-        site_list.append(helper.make_node("Add", [base, delta], [site.y], name=n("add")))
+        site_list.append(helper.make_node("Add", [base, delta], [out or site.y], name=n("add")))
         return site_list
 
     return nodes, site_nodes

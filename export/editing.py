@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from lora_ref.adapter import Adapter
 from lora_ref.dtypes import round_to
@@ -47,9 +47,7 @@ def lora_bias_name(module: str) -> str:
     return slot_names(module)[2]
 
 
-#: The layer kinds each graph kind expresses. DoRA is merged only: its output is
-#: (m / ‖W + s B A‖_c) ∘ (x (W + s B A)^T), a per-channel rescaling of the whole layer that
-#: depends on W, not a low-rank term added to the base output, so it has no dynamic/batched form.
+#: The layer kinds each graph kind expresses.
 EXPORTABLE_KINDS = {mode: tuple(registered_kinds()) for mode in ("merged", "dynamic", "batched")}
 
 
@@ -61,11 +59,64 @@ def check_exportable(adapter: Adapter, module: str, mode: str = "merged") -> Non
     if lora.kind not in kinds:
         raise ExportConfigError(f"{where}: {mode} graphs take {'/'.join(kinds)} LoRA layers, not {lora.kind} ones; "
                                 "use --mode merged")
-    if mode != "merged" and (adapter.config.use_dora or lora.magnitude is not None):
-        raise ExportConfigError(f"{where}: DoRA rescales the whole layer by m / ||W + sBA|| (not a low-rank additive term), "
-                                f"so it is exported to merged graphs only, not {mode} ones")
+    if adapter.config.use_dora and lora.magnitude is None:
+        raise ExportConfigError(f"{where}: the config sets use_dora but the module has no lora_magnitude_vector; "
+                                "fix the adapter (or unset use_dora for plain LoRA)")
+    if lora.magnitude is not None:
+        check_dora_exportable(adapter, module, mode)
     if not all(np.all(np.isfinite(array)) for array in lora.arrays().values()):
         raise NonFiniteError(f"{where}: the adapter holds NaN or infinity; refusing to export it")
+
+
+def check_dora_exportable(adapter: Adapter, module: str, mode: str) -> None:
+    """Refuse DoRA the ``mode`` graph does not express (typed ExportConfigError naming why).
+
+    Every graph kind takes DoRA on every layer kind: merged graphs merge g ∘ (W + ΔW), dynamic
+    ones compute the norm in the graph, batched ones gather a per-row gain (SPEC E.2).
+
+    Dynamic graphs read m_c = 0 as "channel c is not DoRA-scaled" (gain exactly 1: the default
+    magnitude, so a plain LoRA adapter or none runs as without DoRA; see
+    :mod:`lora_ref.export.dynamic`), so a magnitude entry of exactly 0 is refused there.
+    """
+    lora = adapter.modules[module]
+    where = f"adapter {adapter.name!r}, module {module}"
+    if mode == "dynamic" and not np.all(np.asarray(lora.magnitude) != 0):
+        raise ExportConfigError(f"{where}: a DoRA magnitude entry is exactly 0, which a dynamic graph reads as "
+                                "'no DoRA on this channel' (gain 1); use --mode merged or batched")
+
+
+def detach_bias(graph: onnx.GraphProto, site: TargetSite, namer: Namer) -> str | None:
+    """Remove the base bias from the site node itself (Gemm's C, Conv's B) and return the tensor to add after, else None.
+
+    DoRA scales x·Wᵀ but not the bias (y = g ∘ (x W^T + lora) + b), so a bias inside the
+    node must be added after the scaling. Gemm with beta != 1 scales C: UnsupportedGraphError.
+    A bias added by a later Add node (MatMul + Add) stays where it is (already after the site).
+    A Conv's bias [O] is returned as a copy shaped [O, 1...] to broadcast over [N, O, *S].
+    """
+    from .errors import UnsupportedGraphError
+
+    if site.bias is None or site.bias_node != site.node:
+        return None
+    node = graph.node[site.node]
+    beta = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
+    if float(beta) != 1.0:
+        raise UnsupportedGraphError(f"{site.module}: Gemm {node.name or node.output[0]!r} has beta != 1 (its bias is scaled)")
+    del node.input[2:]
+    if kind_of(site.kind).export.factor_layout != "kernel":
+        return site.bias
+    value = numpy_helper.to_array(next(t for t in graph.initializer if t.name == site.bias))
+    shaped = namer(f"{site.bias}.channels")
+    graph.initializer.append(numpy_helper.from_array(value.reshape((-1,) + (1,) * (len(site.weight_shape) - 2)), shaped))
+    return shaped
+
+
+def dora_scale(pre: str, out: str, gain: str, bias: str | None, namer: Namer, module: str) -> list[onnx.NodeProto]:
+    """out = gain ∘ pre (+ bias): DoRA's per-channel gain on the unscaled sum, then the unscaled bias."""
+    scaled = out if bias is None else namer(f"{module}.lora_dora_scaled")
+    nodes = [helper.make_node("Mul", [pre, gain], [scaled], name=namer(f"{module}.lora_dora_scale"))]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", [scaled, bias], [out], name=namer(f"{module}.lora_dora_bias")))
+    return nodes
 
 
 def check_fits(adapter: Adapter, module: str, site: TargetSite, mode: str = "merged") -> None:
@@ -103,12 +154,13 @@ def lora_bias_term(adapter: Adapter, module: str, dtype: np.dtype) -> np.ndarray
     return round_to(adapter.scale_for(module) * lora.lora_bias.astype(np.float64), dtype)
 
 
-def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int | None = None,
+                 mode: str = "dynamic") -> tuple[np.ndarray, np.ndarray]:
     """The graph's (A_g, B_g) rounded once to ``dtype``, rank r' = ``pad_to`` (zero-padded) or r.
 
     Linear/Embedding: (A^T [in, r'], s·B^T [r', out]); Conv: (A [r', C, *k], s·B [O, r', 1...]).
     """
-    check_exportable(adapter, module, "dynamic")
+    check_exportable(adapter, module, mode)
     lora = adapter.modules[module]
     r = lora.rank
     width = r if pad_to is None else pad_to

@@ -184,7 +184,9 @@ def build_graph(
         base = to_float16(copy.deepcopy(model)) if half else model  # deepcopy: protobuf bytes cap at 2 GiB
         if mode == "dynamic":
             biased = {m for adapter in adapters for m, lora in adapter.modules.items() if lora.lora_bias is not None}
-            graph = build_dynamic(base, sites, max_rank=max_rank, bias_modules=biased, scheme=adapter_names, progress=progress)
+            dora = {m for adapter in adapters for m, lora in adapter.modules.items() if lora.magnitude is not None}
+            graph = build_dynamic(base, sites, max_rank=max_rank, bias_modules=biased, dora_modules=dora, scheme=adapter_names,
+                                  progress=progress)
         else:
             graph = build_batched(base, sites, adapters, max_rank=max_rank, progress=progress)
     if notes is not None:

@@ -62,7 +62,7 @@ def _private_readers(index: GraphIndex, name: str, nodes: set[int]) -> tuple[boo
     return private, direct
 
 
-def _stored_layout(adapter: Adapter, layout: str) -> bool:
+def transposed_layout(adapter: Adapter, layout: str) -> bool:
     """Whether a weight stored in ``layout`` is the transpose of the layout the adapter's delta has."""
     if layout not in ("in_out", "out_in"):
         return False  # embedding rows and conv kernels are stored as the core expects
@@ -77,7 +77,7 @@ def merged_tensor(stored: np.ndarray, layout: str, module: str, part: str, adapt
             if adapter.modules[module].lora_bias is not None:
                 W = merge(W.reshape(-1), target_delta(adapter, (module, part))).weight.reshape(W.shape)
             continue
-        flip = _stored_layout(adapter, layout)
+        flip = transposed_layout(adapter, layout)
         core = W.T if flip else W
         merged = merge(core, target_delta(adapter, (module, part), base=core)).weight
         W = merged.T if flip else merged

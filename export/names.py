@@ -129,9 +129,19 @@ def stem_for(module: str, scheme: str) -> str:
     return module
 
 
+#: DoRA's magnitude input ``<stem>.lora_magnitude_vector`` [out] (PEFT's key; the same in every scheme:
+#: genai and Olive have no name for a fed magnitude, Olive finds DoRA initializers by this substring).
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+
+
+def magnitude_name(stem: str) -> str:
+    """The DoRA magnitude input of the slot ``stem`` (any scheme)."""
+    return stem + MAGNITUDE_SUFFIX
+
+
 def all_suffixes() -> tuple[str, ...]:
-    """Every LoRA input suffix of every scheme (longest first, so ``.lora_A.MatMul.weight`` wins)."""
-    return tuple(sorted({s for suffixes in _SUFFIXES.values() for s in suffixes}, key=len, reverse=True))
+    """Every LoRA input suffix of every scheme, DoRA's magnitude included (longest first, so ``.lora_A.MatMul.weight`` wins)."""
+    return tuple(sorted({MAGNITUDE_SUFFIX, *(s for suffixes in _SUFFIXES.values() for s in suffixes)}, key=len, reverse=True))
 
 
 def detect_scheme(input_names: Iterable[str]) -> str:

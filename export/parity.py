@@ -36,7 +36,8 @@ def site_bound(x: np.ndarray, W: np.ndarray, *, A: np.ndarray | None = None, B: 
 
 def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: KindName = "linear", A: np.ndarray | None = None, B: np.ndarray | None = None,
                 scale: float = 0.0, bias: np.ndarray | None = None, lora_bias: np.ndarray | None = None,
-                gain: np.ndarray | None = None, geometry=None, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+                gain: np.ndarray | None = None, gain_error: np.ndarray | float | None = None, geometry=None,
+                dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
     """γ_K · M for one layer of any kind, the bound above generalised:
 
         M = |g| ∘ (base(|x|; |W|) + |s| lora(|x|; |A|, |B|)) + |b| + |s| |lora_bias|
@@ -47,6 +48,11 @@ def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: KindName = "linear", A: n
     gain m / ‖W + sBA‖ (1 without DoRA); it multiplies the merged weight, whose one rounding
     is among the K. K = n + r + 4 with n the inner length of the base map (Linear: in; Conv:
     in·Πk; Embedding: 0, a lookup sums nothing).
+
+    ``gain_error`` ρ (per channel, or one number) is the relative error of a gain the graph
+    applies as a separate factor (dynamic and batched DoRA graphs, :func:`dora_gain_error`):
+    ĝ = g(1 + θ), |θ| ≤ ρ, multiplying a sum whose own error the γ_K term bounds, adds ρ·M
+    (to first order; the γ_K·ρ cross term is below the bound's slack of 4 spare roundings).
     """
     layer = kind_of(kind)
     W_abs = np.abs(np.asarray(W, np.float64))
@@ -69,7 +75,44 @@ def layer_bound(x: np.ndarray, W: np.ndarray, *, kind: KindName = "linear", A: n
         magnitude = magnitude + along(bias)
     if lora_bias is not None:
         magnitude = magnitude + abs(scale) * along(lora_bias)
-    return gamma(n + r + 4, UNIT_ROUNDOFF[np.dtype(dtype)]) * magnitude
+    bound = gamma(n + r + 4, UNIT_ROUNDOFF[np.dtype(dtype)]) * magnitude
+    if gain_error is not None:
+        bound = bound + along(np.broadcast_to(gain_error, np.shape(gain))) * magnitude
+    return bound
+
+
+def dora_gain_error(W: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float, *, kind: KindName = "linear",
+                    in_graph: bool, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray | float:
+    """The relative error ρ of the DoRA gain a dynamic (``in_graph``) or batched graph applies, times its multiply.
+
+    Batched graphs store g = round_t(m/n) from float64 (one rounding) and multiply once: ρ = γ_2.
+    A dynamic graph computes, per output channel c, in the graph's dtype t (unit roundoff u):
+    V̂ = fl(W + fl(A_g B_g)), |V̂ - V| ≤ γ_{r+2} U with U = |W| + |s||B||A| (the stored W's and
+    folded s·B's roundings, the r-term sum, the add); n̂² = fl(Σ V̂²) (n non-negative terms:
+    relative γ_n), n̂ = fl(sqrt) (halves that, plus u); then m's rounding to t, m/n̂ and the
+    multiply (three roundings). A float16 graph accumulates the squares, the root and the
+    division in float32 (u_acc = 2^-24; else u_acc = u) and casts g back to t (one rounding,
+    in place of the division's). So
+
+        ρ_c = γ_{r+2}(u) ‖U_c‖ / n_c + γ_{n+2}(u_acc) + γ_3(u),      n = the norm's length (in features)
+
+    with n_c the exact norm (the ‖U_c‖/n_c factor is what cancellation in W + ΔW costs; ≈ 1 when
+    ΔW is small next to W). Everything in float64 through the core (:func:`lora_ref.dora.weight_norm`).
+    """
+    from lora_ref.dora import weight_norm
+
+    u = UNIT_ROUNDOFF[np.dtype(dtype)]
+    if not in_graph:
+        return gamma(2, u)
+    layer = kind_of(kind)
+    axis = layer.dora_axis()
+    W64 = np.asarray(W, np.float64)
+    n_c = weight_norm(W64, layer.delta(A, B, scale), axis)
+    A_abs, B_abs = np.abs(np.asarray(A, np.float64)), np.abs(np.asarray(B, np.float64))
+    U_c = weight_norm(np.abs(W64), layer.delta(A_abs, B_abs, abs(scale)), axis)
+    r, length = int(np.shape(A)[0]), int(W64.size // W64.shape[axis])
+    u_acc = UNIT_ROUNDOFF[np.dtype(np.float32)] if np.dtype(dtype) == np.float16 else u
+    return gamma(r + 2, u) * U_c / n_c + gamma(length + 2, u_acc) + gamma(3, u)
 
 
 def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

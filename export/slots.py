@@ -1,12 +1,14 @@
 """The LoRA inputs a dynamic graph declares, and checks that a set of adapter tensors fits them.
 
 A slot is one graph input ``<module>.lora_A.weight`` ([in, r]; a Conv's [r, C, *k]),
-``<module>.lora_B.weight`` ([r, out]; a Conv's [O, r, 1...]) or ``<module>.lora_B.bias``
-([out], s·lora_bias, only in graphs exported for an adapter with lora_bias); r is symbolic (a
+``<module>.lora_B.weight`` ([r, out]; a Conv's [O, r, 1...]), ``<module>.lora_B.bias``
+([out], s·lora_bias, only in graphs exported for an adapter with lora_bias) or
+``<module>.lora_magnitude_vector`` ([out], DoRA's m, only for a DoRA module; default zeros =
+no DoRA scaling); r is symbolic (a
 string) or, in a fixed-max-rank graph, a number. The rank axis is 1 of A and 0 of B for 2-D
 slots (Linear, Embedding), 0 of A and 1 of B for 3-5-D ones (Conv, PEFT's conv layouts).
 Tensors fit when every name is a slot, each static axis matches, the dtype matches, for each
-module the A and B tensors given agree on r, and a bias comes with its module's A and B. ORT itself would run the base model for a misspelt name in
+module the A and B tensors given agree on r, and a bias or magnitude comes with its module's A and B. ORT itself would run the base model for a misspelt name in
 some paths and fail with a bare "Invalid input name" in others; these checks name the problem.
 """
 
@@ -20,7 +22,7 @@ import onnx
 from onnx import helper
 
 from .errors import AdapterNameError
-from .names import all_suffixes
+from .names import MAGNITUDE_SUFFIX, all_suffixes
 
 A_SUFFIX, B_SUFFIX, BIAS_SUFFIX = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
 #: every scheme's suffixes (:mod:`lora_ref.export.names`; genai's ``.lora_A.MatMul.weight`` ...), longest first
@@ -50,21 +52,31 @@ class Slot:
         return self.name.endswith(BIAS_SUFFIXES)
 
     @property
+    def is_magnitude(self) -> bool:
+        """DoRA's ``lora_magnitude_vector`` [out] (default zeros: no DoRA scaling)."""
+        return self.name.endswith(MAGNITUDE_SUFFIX)
+
+    @property
+    def is_vector(self) -> bool:
+        """A per-channel vector [out] (a bias or a magnitude): no rank axis, default zeros."""
+        return self.is_bias or self.is_magnitude
+
+    @property
     def rank_axis(self) -> int:
         """The axis holding r (see module docstring); meaningless for a bias."""
         return rank_axis(self.is_a, len(self.shape))
 
     @property
     def rank(self) -> int | None:
-        """The static rank, or None when the rank axis is symbolic (or the slot is a bias)."""
-        if self.is_bias:
+        """The static rank, or None when the rank axis is symbolic (or the slot is a vector)."""
+        if self.is_vector:
             return None
         axis = self.shape[self.rank_axis]
         return axis if isinstance(axis, int) else None
 
     def default(self) -> np.ndarray:
-        """What the graph's default initializer holds: zeros at the static rank, or rank 0 (a bias: zeros [out])."""
-        if self.is_bias:
+        """What the graph's default initializer holds: zeros at the static rank, or rank 0 (a vector: zeros [out])."""
+        if self.is_vector:
             return np.zeros(self.shape, self.dtype)
         shape = list(self.shape)
         shape[self.rank_axis] = self.rank or 0
@@ -120,19 +132,19 @@ def check_tensors(tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]], slots
             raise AdapterNameError(f"{where}: {name} has shape {tuple(shape)}, the graph expects {slot.shape}")
         if np.dtype(dtype) != slot.dtype:
             raise AdapterNameError(f"{where}: {name} is {np.dtype(dtype)}, the graph expects {slot.dtype}")
-        if not slot.is_bias:
+        if not slot.is_vector:
             ranks.setdefault(slot.module, set()).add(shape[slot.rank_axis])
     mismatched = sorted(module for module, rs in ranks.items() if len(rs) > 1)
     if mismatched:
         raise AdapterNameError(f"{where}: lora_A and lora_B disagree on the rank of {mismatched}")
     halves: dict[str, set[bool]] = {}
     for name in tensors:
-        if not slots[name].is_bias:
+        if not slots[name].is_vector:
             halves.setdefault(slots[name].module, set()).add(slots[name].is_a)
     lonely = sorted(m for m, kinds in halves.items() if len(kinds) != 2)
     if lonely:
         raise AdapterNameError(f"{where}: {lonely} have lora_A without lora_B or the reverse")
-    biased = sorted(slots[name].module for name in tensors if slots[name].is_bias)
+    biased = sorted(slots[name].module for name in tensors if slots[name].is_vector)
     orphans = [m for m in biased if m not in ranks]
     if orphans:
-        raise AdapterNameError(f"{where}: {orphans} have lora_B.bias without lora_A and lora_B")
+        raise AdapterNameError(f"{where}: {orphans} have lora_B.bias or lora_magnitude_vector without lora_A and lora_B")

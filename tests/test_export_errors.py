@@ -116,8 +116,8 @@ def test_unsupported_options_are_typed(tmp_path):
     with pytest.raises(ExportConfigError, match="dynamic graphs only"):
         export(MLP.onnx, [adapter], "merged", tmp_path / "o.onnx", adapter_out=tmp_path / "a")
     adapter.config.use_dora = True
-    for mode in ("dynamic", "batched"):  # DoRA is not an additive term: merged graphs only
-        with pytest.raises(ExportConfigError, match="DoRA"):
+    for mode in ("merged", "dynamic", "batched"):  # use_dora without magnitudes: not DoRA, not plain LoRA either
+        with pytest.raises(ExportConfigError, match="use_dora but the module has no lora_magnitude_vector"):
             export(MLP.onnx, [adapter], mode, tmp_path / "o.onnx")
     assert list(tmp_path.iterdir()) == []
 

@@ -472,3 +472,14 @@ def test_cli_exports_a_genai_folder_and_refuses_writing_over_it(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("lora-ref: error: ") and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_dynamic_dora_refuses_fused_and_quantized_sites():
+    """DoRA's in-graph norm needs the module's own float weight: a fused slice (float or int4 MatMulNBits) has none."""
+    plain = adapter(SUBSETS[1])
+    lora = next(iter(plain.modules.values()))
+    dora = Adapter(dataclasses.replace(plain.config, use_dora=True),
+                   {lora.name: dataclasses.replace(lora, magnitude=np.ones(lora.B.shape[0], np.float32))}, name="d")
+    for graph in (genai_graph(_weights()), genai_graph(_weights(), int4=True)):
+        with pytest.raises(UnsupportedGraphError, match="DoRA needs the float base weight"):
+            build_graph(graph, [dora], "dynamic")

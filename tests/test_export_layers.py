@@ -45,7 +45,8 @@ from lora_ref.export import (  # noqa: E402
     read_onnx_adapter,
     slots_from_model,
 )
-from lora_ref.export.parity import expose, layer_bound  # noqa: E402
+from lora_ref.export.names import read_layouts  # noqa: E402
+from lora_ref.export.parity import dora_gain_error, expose, layer_bound  # noqa: E402
 
 #: Each example builds a graph and a session, for each of 11 cases: a quarter of the profile's count (ci: 2, deep: 50).
 EXAMPLES = max(1, settings.default.max_examples // 4)
@@ -121,20 +122,28 @@ def _site_output(model: models.SmallModel, site) -> tuple[str, bool]:
     return site.y, site.bias is not None
 
 
-def _bound(model, module, x, adapter, include_bias, dtype):
+def _bound(model, module, x, adapter, include_bias, dtype, graph_kind="merged"):
+    """layer_bound in ``dtype`` plus twice the float64 oracle's; a DoRA gain applied as its own factor
+    (dynamic: computed in the graph, batched: gathered) adds its relative error (parity.dora_gain_error)."""
     W = model.weights[f"{module}.weight"]
     lora = adapter.modules.get(module) if adapter is not None else None
     kwargs = {"kind": model.kind(module), "geometry": model.geometry.get(module),
               "bias": model.weights.get(f"{module}.bias") if include_bias else None}
+    gain_error = None
     if lora is not None:
         kwargs.update(A=lora.A, B=lora.B, scale=adapter.scale_for(module), lora_bias=lora.lora_bias)
         if lora.magnitude is not None:
             kwargs["gain"] = delta_for(adapter, module, base=W).gain
-    return layer_bound(x, W, dtype=dtype, **kwargs) + 2 * layer_bound(x, W, dtype=np.float64, **kwargs)
+            if graph_kind != "merged":
+                gain_error = dora_gain_error(W, lora.A, lora.B, adapter.scale_for(module), kind=model.kind(module),
+                                             in_graph=graph_kind == "dynamic", dtype=dtype)
+    return layer_bound(x, W, dtype=dtype, gain_error=gain_error, **kwargs) + 2 * layer_bound(x, W, dtype=np.float64, **kwargs)
 
 
-def check_sites(label, model, graph, sites, run, row_adapters, dtype=np.float32):
-    """Run ``graph`` (``run(session)``) with site tensors exposed; each row vs its adapter's float64 layer."""
+def check_sites(label, model, graph, sites, run, row_adapters, dtype=np.float32, graph_kind="merged"):
+    """Run ``graph`` (``run(session)``) with site tensors exposed; each row vs its adapter's float64 layer.
+
+    ``graph_kind`` says how a DoRA gain is applied (see :func:`_bound`)."""
     outputs = {m: _site_output(model, s) for m, module_sites in sites.items() for s in module_sites}
     names = [n for m, module_sites in sites.items() for s in module_sites for n in (s.x, outputs[m][0])]
     session = open_session(expose(graph, names))
@@ -146,7 +155,7 @@ def check_sites(label, model, graph, sites, run, row_adapters, dtype=np.float32)
             for row, adapter in enumerate(row_adapters):
                 x, y = values[site.x][row : row + 1], values[name][row : row + 1].astype(np.float64)
                 want = model.layer(module, x, adapter, bias=include_bias)
-                bound = _bound(model, module, x, adapter, include_bias, dtype)
+                bound = _bound(model, module, x, adapter, include_bias, dtype, graph_kind)
                 err = np.abs(y - want)
                 assert np.all(err <= bound), f"{label} {module} row {row}: error/bound {np.max(err / bound):.3g}"
                 worst = max(worst, float(np.max(err / bound)))
@@ -238,14 +247,11 @@ def test_tied_embedding_merges_into_a_copy_for_the_lookup_only():
 
 
 def test_refusals_are_typed_and_name_the_module():
-    for mode in ("dynamic", "batched"):
-        with pytest.raises(ExportConfigError, match="DoRA"):
-            build_graph(CONV.onnx, [_adapter(CONV, "dora", 2, 0)], mode)
-        with pytest.raises(ExportConfigError, match="DoRA"):
-            build_graph(EMBED.onnx, [_adapter(EMBED, "dora", 2, 0)], mode)
-    for mode in ("dynamic", "batched"):
-        with pytest.raises(ExportConfigError, match="DoRA"):
-            build_graph(MLP.onnx, [_adapter(MLP, "dora", 2, 0)], mode)
+    zero_m = _adapter(MLP, "dora", 2, 0)
+    zero_m.modules["fc1"].magnitude[1] = 0.0
+    with pytest.raises(ExportConfigError, match="magnitude entry is exactly 0"):
+        build_graph(MLP.onnx, [zero_m], "dynamic")
+    build_graph(MLP.onnx, [zero_m], "batched")  # a batched graph stores m/n itself: a zero gain is just a zero gain
     with pytest.raises(UnsupportedGraphError, match="attn.q_proj.*has none"):
         build_graph(BLOCK.onnx, [_adapter(BLOCK, "lora_bias", 2, 0, modules=["attn.q_proj"])], "merged")
     grouped = onnx.ModelProto.FromString(CONV.onnx.SerializeToString())
@@ -343,6 +349,25 @@ def test_embedding_adapter_file_round_trip(tmp_path):
                 [adapter, adapter])
 
 
+def _switch_and_compare(session, report, feeds, base, adapters, order):
+    """An AdapterCache holding ``adapters`` (the first from its .onnx_adapter file, the others as Adapters),
+    activated in ``order`` (None: the base): each output equals plain feeds and the file run bit for bit,
+    and None gives ``base``. Returns the cache."""
+    cache = AdapterCache(session)
+    for k, (name, adapter) in enumerate(adapters.items()):
+        cache.add(name, session.load_adapter(report.adapter_files[name]) if k == 0 else adapter)
+    for name in order:
+        cache.activate(name)
+        via_cache = cache.run(feeds)[0]
+        tensors = adapter_tensors(adapters[name], session.slots) if name is not None else {}
+        np.testing.assert_array_equal(via_cache, session.run({**feeds, **tensors})[0], err_msg=str(name))
+        if name is None:
+            np.testing.assert_array_equal(via_cache, base)
+        else:
+            np.testing.assert_array_equal(session.run(feeds, session.load_adapter(report.adapter_files[name]))[0], via_cache)
+    return cache
+
+
 def test_conv_adapter_file_cache_and_live_switching(tmp_path):
     """Conv LoRA in a dynamic graph: <m>.lora_A.weight = A [r, C, *k], <m>.lora_B.weight = s·B [O, r, 1...].
 
@@ -362,19 +387,10 @@ def test_conv_adapter_file_cache_and_live_switching(tmp_path):
     session = open_session(report.output)
     feeds = _feeds(CONV, 2, 21)
     base = open_session(CONV.onnx).run(feeds)[0]
-    cache = AdapterCache(session)
-    cache.add("wide", session.load_adapter(report.adapter_files["wide"]))
-    cache.add("narrow", narrow)
+    cache = _switch_and_compare(session, report, feeds, base, {"wide": wide, "narrow": narrow}, ["wide", "narrow", None, "wide"])
     sites = locate_targets(CONV.onnx, CONV.linear_modules, kinds=CONV.kinds)
-    for name, adapter in (("wide", wide), ("narrow", narrow), (None, None), ("wide", wide)):
-        cache.activate(name)
-        via_cache = cache.run(feeds)[0]
-        tensors = adapter_tensors(adapter, session.slots) if adapter is not None else {}
-        np.testing.assert_array_equal(via_cache, session.run({**feeds, **tensors})[0], err_msg=str(name))
-        if adapter is None:
-            np.testing.assert_array_equal(via_cache, base)
-            continue
-        np.testing.assert_array_equal(session.run(feeds, session.load_adapter(report.adapter_files[name]))[0], via_cache)
+    for adapter in (wide, narrow):
+        tensors = adapter_tensors(adapter, session.slots)
         check_sites("dynamic conv switching", CONV, report.model, sites,
                     lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [adapter, adapter])
     with pytest.raises(AdapterNameError, match="conv1.lora_A.weight has shape"):
@@ -401,9 +417,10 @@ def _conv3d_model() -> models.SmallModel:
 
 
 def test_conv3d_dynamic_and_batched_match_reference():
-    """Conv3d falls out of the same code: dynamic (switching in one session) and batched rows vs float64."""
+    """Conv3d falls out of the same code (lora_bias, plain and DoRA): dynamic (switching in one session) and batched rows vs float64."""
     model = _conv3d_model()
-    adapters = [_adapter(model, "lora_bias", 2, 31, name="a"), _adapter(model, "plain", 3, 32, name="b")]
+    adapters = [_adapter(model, "lora_bias", 2, 31, name="a"), _adapter(model, "plain", 3, 32, name="b"),
+                _adapter(model, "dora", 2, 34, name="d")]
     rng = np.random.default_rng(33)
     feeds = {"x": rng.standard_normal((3, 2, 5, 6, 5)).astype(np.float32)}
     sites = locate_targets(model.onnx, ["conv3"], kinds=model.kinds)
@@ -413,9 +430,11 @@ def test_conv3d_dynamic_and_batched_match_reference():
     assert slots["conv3.lora_B.weight"].shape == (3, "conv3.lora_r", 1, 1, 1)
     for adapter in (*adapters, None):
         tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
-        check_sites("dynamic conv3d", model, graph, sites, lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [adapter] * 3)
+        check_sites("dynamic conv3d", model, graph, sites, lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [adapter] * 3,
+                    graph_kind="dynamic")
     graph, _ = build_graph(model.onnx, adapters, "batched")
-    check_sites("batched conv3d", model, graph, sites, lambda s: s.run_batched(feeds, [1, -1, 0]), [adapters[1], None, adapters[0]])
+    check_sites("batched conv3d", model, graph, sites, lambda s: s.run_batched(feeds, [1, -1, 2]), [adapters[1], None, adapters[2]],
+                graph_kind="batched")
 
 
 def test_conv_banks_can_be_fed_with_other_adapter_counts_and_ranks():
@@ -429,3 +448,114 @@ def test_conv_banks_can_be_fed_with_other_adapter_counts_and_ranks():
     index = [2, -1, 0, 1]
     check_sites("batched conv fed banks", CONV, small, sites, lambda s: s.run_batched({**feeds, **banks}, index),
                 [adapters[i] if i >= 0 else None for i in index])
+
+
+# -- DoRA in dynamic and batched graphs ------------------------------------------------------
+
+#: Linear as Gemm with its bias inside (MLP), MatMul + Add and bias-free MatMul (BLOCK), Embedding (EMBED),
+#: Conv2d (padding 1) and Conv1d (stride 2) with their bias inside the Conv (CONV).
+DORA_MODELS = [MLP, BLOCK, EMBED, CONV]
+
+
+@pytest.mark.parametrize("model", DORA_MODELS, ids=lambda m: m.name)
+@settings(max_examples=EXAMPLES)
+@given(r=st.integers(1, 5), seed=st.integers(0, 2**16), max_rank=st.sampled_from([None, 6]))
+def test_dynamic_graph_with_dora_computes_the_norm_in_the_graph(model, r, seed, max_rank):
+    """One session: a DoRA adapter, a second one, a plain LoRA adapter (m left at its default 0: no
+    scaling) and none, each site vs the float64 DoRA/LoRA layer within layer_bound + the in-graph gain's ρ."""
+    dora, other = _adapter(model, "dora", r, seed, name="dora"), _adapter(model, "dora", 2, seed + 1, name="other")
+    plain = _adapter(model, "plain", 3, seed + 2, name="plain")
+    graph, sites = build_graph(model.onnx, [dora, other, plain], "dynamic", max_rank=max_rank)
+    slots = slots_from_model(graph)
+    assert {n for n in slots if n.endswith(".lora_magnitude_vector")} == {f"{m}.lora_magnitude_vector" for m in dora.modules}
+    feeds = _feeds(model, 2, seed)
+    for adapter in (dora, other, plain, None):
+        tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
+        if adapter is dora:
+            for module, lora in dora.modules.items():  # m itself (one rounding), not m / n
+                np.testing.assert_array_equal(tensors[f"{module}.lora_magnitude_vector"], lora.magnitude.astype(np.float32))
+        check_sites(f"dynamic dora {model.name}", model, graph, sites, lambda s, t=tensors: s.session.run(None, {**feeds, **t}),
+                    [adapter, adapter], graph_kind="dynamic")
+    base = open_session(model.onnx).run(feeds)[0]
+    np.testing.assert_array_equal(open_session(graph).run(feeds)[0], base)  # defaults: rank 0, m = 0 -> gain exactly 1
+
+
+@pytest.mark.parametrize("model", DORA_MODELS, ids=lambda m: m.name)
+@settings(max_examples=EXAMPLES)
+@given(seed=st.integers(0, 2**16), index=st.lists(st.integers(-1, 2), min_size=1, max_size=4))
+def test_batched_graph_with_dora_rows_use_their_own_gain(model, seed, index):
+    """Rows with different DoRA adapters, a plain one (gain row 1) and -1 (the base, bit for bit)."""
+    adapters = [_adapter(model, "dora", 3, seed, name="d3"), _adapter(model, "plain", 1, seed + 1, name="p1"),
+                _adapter(model, "dora", 2, seed + 2, modules=model.linear_modules[:1], name="partial")]
+    graph, sites = build_graph(model.onnx, adapters, "batched")
+    module = model.linear_modules[0]
+    bank = _init(graph, f"{module}.lora_dora_gain.bank")
+    W = model.weights[f"{module}.weight"]
+    for i in (0, 2):  # g_i = m_i / ||W + dW_i||, the core's float64 gain rounded once
+        np.testing.assert_array_equal(bank[i], delta_for(adapters[i], module, base=W).gain.astype(np.float32))
+    assert np.all(bank[1] == 1)
+    feeds = _feeds(model, len(index), seed)
+    check_sites(f"batched dora {model.name}", model, graph, sites, lambda s: s.run_batched(feeds, index),
+                [adapters[i] if i >= 0 else None for i in index], graph_kind="batched")
+    out = open_session(graph).run_batched(feeds, index)[0]
+    base = open_session(model.onnx).run(feeds)[0]
+    rows = [k for k, i in enumerate(index) if i < 0]
+    np.testing.assert_array_equal(out[rows], base[rows])
+
+
+def test_dora_onnx_adapter_file_cache_and_refusals(tmp_path):
+    """The .onnx_adapter file carries m as <m>.lora_magnitude_vector; file, cache and feeds agree bit for bit
+    while one session switches DoRA -> plain -> base -> DoRA; a DoRA adapter does not fit a graph without the slot."""
+    dora, plain = _adapter(BLOCK, "dora", 3, 51, name="dora"), _adapter(BLOCK, "plain", 2, 52, name="plain")
+    report = export(BLOCK.onnx, [dora, plain], "dynamic", tmp_path / "d.onnx", adapter_out=tmp_path / "a")
+    written = read_onnx_adapter(report.adapter_files["dora"])  # ORT's own reader
+    for module, lora in dora.modules.items():
+        np.testing.assert_array_equal(written[f"{module}.lora_magnitude_vector"], lora.magnitude)
+    assert not any(k.endswith("lora_magnitude_vector") for k in read_onnx_adapter(report.adapter_files["plain"]))
+    session = open_session(report.output)
+    feeds = _feeds(BLOCK, 2, 51)
+    base = open_session(BLOCK.onnx).run(feeds)[0]
+    _switch_and_compare(session, report, feeds, base, {"dora": dora, "plain": plain}, ["dora", "plain", None, "dora"])
+    plain_graph, _ = build_graph(BLOCK.onnx, [plain], "dynamic")
+    with pytest.raises(AdapterNameError, match="lora_magnitude_vector"):
+        adapter_tensors(dora, slots_from_model(plain_graph))
+
+
+def test_float16_dynamic_dora_norm_does_not_overflow():
+    """A table with entries near 300 has squares past 65504 (float16's max): the in-graph norm
+    squares and sums in float32, so the float16 graph stays within the float16 bound (float16
+    squares would give n = inf, g = 0); batched gains come from float64 anyway. ORT's CPU
+    provider runs float16 elementwise ops in float32 itself, so the graph's own Cast is also
+    checked structurally (CUDA and TensorRT have native float16 kernels)."""
+    model = models.embedding_model(vocab=17, dim=6, out_features=5, seed=61)
+    model.weights["embed.weight"] *= 300  # the reference reads this dict; the graph's table below
+    table = next(t for t in model.onnx.graph.initializer if t.name == "embed.weight")
+    table.CopyFrom(numpy_helper.from_array(model.weights["embed.weight"], "embed.weight"))
+    adapter = _adapter(model, "dora", 2, 62, modules=["embed"], name="d")
+    feeds = _feeds(EMBED, 2, 63)
+    graph, sites = build_graph(model.onnx, [adapter], "dynamic", dtype="float16")
+    tensors = adapter_tensors(adapter, slots_from_model(graph))
+    assert tensors["embed.lora_magnitude_vector"].dtype == np.float16
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    square = next(n for n in graph.graph.node if n.op_type == "Mul" and n.output[0].startswith("embed.lora_dora_V_sq"))
+    cast = producers[square.input[0]]
+    assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.FLOAT
+    check_sites("dynamic dora float16", model, graph, sites, lambda s: s.session.run(None, {**feeds, **tensors}), [adapter] * 2,
+                dtype=np.float16, graph_kind="dynamic")
+
+
+@pytest.mark.parametrize("scheme", ["olive", "genai"])
+def test_dora_magnitude_input_follows_the_naming_scheme(scheme):
+    """Under --adapter-names olive/genai the magnitude input is <stem>.lora_magnitude_vector of that
+    scheme's stem, and the graph computes what the peft-named graph computes, bit for bit."""
+    adapter = _adapter(BLOCK, "dora", 3, 71, name="d")
+    feeds = _feeds(BLOCK, 2, 71)
+    outputs = {}
+    for names in ("peft", scheme):
+        graph, _ = build_graph(BLOCK.onnx, [adapter], "dynamic", adapter_names=names)
+        slots = slots_from_model(graph)
+        magnitudes = sorted(n for n in slots if n.endswith(".lora_magnitude_vector"))
+        assert len(magnitudes) == len(adapter.modules)
+        layouts, _ = read_layouts(graph, {slot.module for slot in slots.values()})
+        outputs[names] = open_session(graph).run({**feeds, **adapter_tensors(adapter, slots, layouts)})[0]
+    np.testing.assert_array_equal(outputs[scheme], outputs["peft"])

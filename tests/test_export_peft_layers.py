@@ -28,7 +28,7 @@ from lora_ref.adapter import load_adapter  # noqa: E402
 from lora_ref.conv import ConvGeometry  # noqa: E402
 from lora_ref.deltas import delta_for  # noqa: E402
 from lora_ref.export import adapter_tensors, build_graph, open_session, slots_from_model  # noqa: E402
-from lora_ref.export.parity import expose, layer_bound  # noqa: E402
+from lora_ref.export.parity import dora_gain_error, expose, layer_bound  # noqa: E402
 
 # PEFT 0.21's save_pretrained flags every 1-D lora_B.bias as a "shard not gathered" (its check
 # expects 2-D LoRA tensors); the file it writes is complete, which the tests below confirm.
@@ -92,21 +92,24 @@ def _site_tensor(graph, site) -> tuple[str, bool]:
     return site.y, site.bias is not None
 
 
-def _bound(base, path, x, adapter, include_bias):
+def _bound(base, path, x, adapter, include_bias, graph_kind="merged"):
     module = base.get_submodule(path)
     W = module.weight.detach().numpy()
     kind = KINDS[path]
     geometry = ConvGeometry(stride=module.stride, padding=module.padding, dilation=module.dilation) if kind == "conv" else None
     kwargs = {"kind": kind, "geometry": geometry, "bias": module.bias.detach().numpy() if include_bias and module.bias is not None else None}
     lora = adapter.modules.get(path) if adapter is not None else None
+    gain_error = None
     if lora is not None:
         kwargs.update(A=lora.A, B=lora.B, scale=adapter.scale_for(path), lora_bias=lora.lora_bias)
         if lora.magnitude is not None:
             kwargs["gain"] = delta_for(adapter, path, base=W.astype(np.float32)).gain
-    return layer_bound(x, W, dtype=np.float32, **kwargs) + 2 * layer_bound(x, W, dtype=np.float64, **kwargs)
+            if graph_kind != "merged":  # the gain applied as its own factor: computed in the graph or gathered
+                gain_error = dora_gain_error(W, lora.A, lora.B, adapter.scale_for(path), kind=kind, in_graph=graph_kind == "dynamic")
+    return layer_bound(x, W, dtype=np.float32, gain_error=gain_error, **kwargs) + 2 * layer_bound(x, W, dtype=np.float64, **kwargs)
 
 
-def _check(label, proto, graph, sites, run, rows, base):
+def _check(label, proto, graph, sites, run, rows, base, graph_kind="merged"):
     """rows: per batch row, (PEFT model or None for base, our Adapter or None); sites index ``proto``'s nodes."""
     names = {m: _site_tensor(proto, s) for m, ss in sites.items() for s in ss}
     session = open_session(expose(graph, [n for m, ss in sites.items() for s in ss for n in (s.x, names[m][0])]))
@@ -123,7 +126,7 @@ def _check(label, proto, graph, sites, run, rows, base):
                 if not include_bias and layer.__class__.__name__ != "Embedding":
                     bias = (layer.base_layer if hasattr(layer, "base_layer") else layer).bias
                     assert bias is None, f"{path}: the site output should hold the base bias"
-                bound = _bound(base, path, x, adapter, include_bias)
+                bound = _bound(base, path, x, adapter, include_bias, graph_kind)
                 err = np.abs(values[name][row : row + 1].astype(np.float64) - want)
                 assert np.all(err <= bound), f"{label} {path} row {row}: error/bound {np.max(err / bound):.3g}"
                 worst = max(worst, float(np.max(err / bound)))
@@ -165,3 +168,36 @@ def test_dynamic_and_batched_embedding_conv_and_lora_bias_match_peft(setup, tmp_
            [(peers["bias"], ours["bias"]), (plain_peer, plain), (None, None)], base)
     _check("batched rows proj_bias, bias, plain", proto, graph, sites, lambda s: s.run_batched(feeds, [1, 2, 0]),
            [(biased_peer, biased), (peers["bias"], ours["bias"]), (plain_peer, plain)], base)
+
+
+def test_dynamic_and_batched_dora_match_peft(setup, tmp_path):
+    """PEFT DoRA on every kind (Embedding, Linear, Conv1d, Conv2d; PEFT's own layer in float64 is the oracle): one
+    dynamic session switching DoRA -> plain -> base, and batched rows of two DoRA adapters, plain and -1."""
+    from peft import LoraConfig, get_peft_model
+
+    proto, base, peers, ours = setup
+    doras = []
+    for seed, r in ((1, 2), (2, 3)):
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(base).float(), LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=list(KINDS),
+                                                                      use_dora=True, init_lora_weights=False))
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    param.add_(0.3 * torch.randn_like(param))
+        directory = tmp_path / f"dora{seed}"
+        model.save_pretrained(directory)
+        doras.append((model.double().eval(), load_adapter(directory, name=f"dora{seed}")))
+    plain = (peers["plain"], ours["plain"])
+    feeds = _feeds(3)
+    graph, sites = build_graph(proto, [doras[0][1], doras[1][1], plain[1]], "dynamic")
+    slots = slots_from_model(graph)
+    for peer, adapter in (*doras, plain, (None, None)):
+        tensors = adapter_tensors(adapter, slots) if adapter is not None else {}
+        _check(f"dynamic {adapter.name if adapter else 'none'}", proto, graph, sites,
+               lambda s, t=tensors: s.session.run(None, {**feeds, **t}), [(peer, adapter)] * 3, base, "dynamic")
+    graph, sites = build_graph(proto, [doras[0][1], doras[1][1], plain[1]], "batched")
+    _check("batched rows dora2, base, dora1", proto, graph, sites, lambda s: s.run_batched(feeds, [1, -1, 0]),
+           [doras[1], (None, None), doras[0]], base, "batched")
+    _check("batched rows plain, dora1, dora2", proto, graph, sites, lambda s: s.run_batched(feeds, [2, 0, 1]),
+           [plain, doras[0], doras[1]], base, "batched")
