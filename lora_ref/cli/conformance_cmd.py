@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--persistent", action="store_true", help="with --cmd: start 'CMD serve' once, one request per line")
     run.add_argument("--layout", default="canonical", choices=sorted(LAYOUTS), help="tensor/scale convention of the implementation")
     run.add_argument("--compute", default="float32", choices=list(COMPUTE_PROFILES),
-                     help="compute precision the bounds allow: float32 (SPEC minimum), float64, or storage (the case dtype)")
+                     help="what the bounds allow (SPEC C.3): " + "; ".join(f"{k}: {p.summary}" for k, p in COMPUTE_PROFILES.items()))
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
     add_json_option(run, "every case's result")
     add_overwrite_option(run)

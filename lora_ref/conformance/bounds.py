@@ -23,6 +23,17 @@ tolerance; an implementation that rounds an intermediate to t (double rounding, 
 to the weight dtype, a product accumulated in fp16 when c = float32) exceeds it wherever the
 extra rounding moves the result to the wrong neighbour. The report gives max |ŷ − y| / tol
 (the fraction of the bound used) and the distance in ulps of t from round_t(y).
+
+A profile may also allow j intermediate roundings to t on each product term's path (the
+``ggml`` profile: ggml_mul_mat rounds its float32 input to the weight's type, so llama.cpp's
+rank-r intermediate A x is rounded to lora_b's type; SPEC G.5). Where t is coarser than c
+(u_t > u_c) each such rounding multiplies a term by (1 + δ), |δ| ≤ u_t, and underflows by at
+most η_t / 2 (the same first-order convention as for c), so
+
+    E = ((1 + u_t)^j (1 + γ_K(u_c)) − 1) · M + K · η_c + j · η_t;
+
+where t is no coarser than c the rounding is exact (the value is already in c ⊆ t) and E is
+unchanged.
 """
 
 from __future__ import annotations
@@ -59,17 +70,23 @@ def ulp_at(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ldexp(1.0, (exponent - (p - 1)).astype(np.int32))
 
 
-def tolerance(expected: np.ndarray, magnitude: np.ndarray, depth: int, storage: np.dtype, compute: np.dtype) -> np.ndarray:
-    """tol = E + ½ ulp_t(|y| + E), E = γ_K(u_c) M + K η_c (module docstring).
+def tolerance(expected: np.ndarray, magnitude: np.ndarray, depth: int, storage: np.dtype, compute: np.dtype,
+              roundings: int = 0) -> np.ndarray:
+    """tol = E + ½ ulp_t(|y| + E), E = ((1 + u_t)^j (1 + γ_K(u_c)) − 1) M + K η_c + j η_t (module docstring).
 
-    Where K u_c ≥ 1 the standard model bounds nothing (e.g. a combine.svd case under the
-    ``storage`` profile in bfloat16): the tolerance is then infinite, and such a profile does
-    not constrain that output.
+    ``roundings`` is j, the intermediate roundings to t a term may see (counted only where
+    u_t > u_c; j = 0 gives E = γ_K(u_c) M + K η_c). Where K u_c ≥ 1 the standard model bounds
+    nothing (e.g. a combine.svd case under the ``storage`` profile in bfloat16): the tolerance is
+    then infinite, and such a profile does not constrain that output.
     """
-    compute = np.dtype(compute)
+    compute, storage = np.dtype(compute), np.dtype(storage)
     if depth * UNIT_ROUNDOFF[compute] >= 1.0:
         return np.full(np.shape(expected), np.inf)
-    error = gamma(depth, UNIT_ROUNDOFF[compute]) * np.asarray(magnitude, dtype=float64) + depth * SMALLEST_SUBNORMAL[compute]
+    j = roundings if UNIT_ROUNDOFF[storage] > UNIT_ROUNDOFF[compute] else 0
+    g = gamma(depth, UNIT_ROUNDOFF[compute])
+    relative = g + ((1.0 + UNIT_ROUNDOFF[storage]) ** j - 1.0) * (1.0 + g)  # = (1 + u_t)^j (1 + γ_K) − 1; γ_K when j = 0
+    error = (relative * np.asarray(magnitude, dtype=float64) + depth * SMALLEST_SUBNORMAL[compute]
+             + j * SMALLEST_SUBNORMAL[storage])
     with np.errstate(invalid="ignore"):  # NaN expected elements (special values) are checked by class, not by tol
         return error + 0.5 * ulp_at(np.abs(expected) + error, storage)
 
