@@ -98,7 +98,8 @@ class _Graph:
             t = self.base.ggml_new_tensor_1d(self.ctx, kind, array.shape[0])
         else:
             t = self.base.ggml_new_tensor_2d(self.ctx, kind, array.shape[1], array.shape[0])
-        assert self.base.ggml_nbytes(t) == array.nbytes
+        if self.base.ggml_nbytes(t) != array.nbytes:
+            raise RuntimeError(f"ggml tensor of {self.base.ggml_nbytes(t)} bytes for an array of {array.nbytes}")
         ctypes.memmove(self.base.ggml_get_data(t), array.ctypes.data, array.nbytes)
         return t
 
@@ -121,7 +122,8 @@ class _Graph:
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute_with_ctx returned status {status}")
         result = np.empty(shape, dtype=np.float32)
-        assert self.base.ggml_nbytes(out) == result.nbytes
+        if self.base.ggml_nbytes(out) != result.nbytes:
+            raise RuntimeError(f"ggml result of {self.base.ggml_nbytes(out)} bytes, expected shape {shape}")
         ctypes.memmove(result.ctypes.data, self.base.ggml_get_data(out), result.nbytes)
         return result
 
@@ -143,7 +145,7 @@ class GgmlImplementation:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = library_dir() if directory is None else Path(directory)
         self.base, self.cpu = _load(self.directory)
-        self.versions = {"ggml": str(self.directory)}
+        self.versions = {"ggml_lib": str(self.directory)}
 
     def run(self, op: str, params: dict[str, Any], inputs: Arrays) -> Arrays:
         if any(k in inputs for k in ("dropout_mask", "lora_bias")) or params.get("safe_merge"):
