@@ -54,6 +54,9 @@ one real bug seen in public LoRA implementations and must fail at least two case
   ids_clamped             out-of-range token ids clamped into [0, V) (vllm-project/vllm#35937, gittensor-ai-lab/sparkinfer#154)
   ids_wrap_negative       negative token ids wrap to the last rows (BlinkDL/ChatRWKV#217)
   lora_grads_severed      the LoRA branch cut off the autograd graph: dA = dB = 0 (paiml/aprender#2232)
+  mixed_grads_all_rows    a mixed batch's adapter gradients accumulated over every row, not only the adapter's own
+                          (a gather/scatter that drops the routing mask in the backward pass)
+  dora_dm_unnormalised    DoRA's magnitude gradient Σ dY ∘ z without the division by the (detached) norm n
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ MUTATIONS = [
     "dora_scale_outside_norm", "dora_kind_norm_without_delta", "dora_norm_storage_precision", "dora_backward_plain_lora",
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
+    "mixed_grads_all_rows", "dora_dm_unnormalised",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -150,7 +154,7 @@ class Alt:
                 raise ValueError("token id outside [0, V)")
         if "index" in inputs:
             index, n = inputs["index"], len(params["adapters"])
-            if (index.shape != inputs["x"].shape[:1] and self.bug != "mixed_index_length_unchecked") or ((index < -1) | (index >= n)).any():
+            if (index.shape != inputs["x" if "x" in inputs else "ids"].shape[:1] and self.bug != "mixed_index_length_unchecked") or ((index < -1) | (index >= n)).any():
                 raise ValueError("adapter index out of range or of the wrong length")
         if "b" in inputs and "W" in inputs:
             W = inputs["W"]
@@ -172,6 +176,10 @@ class Alt:
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):
             op = f"conv.{action}"
+        elif kind.startswith("mixed_conv"):
+            op = f"mixed_conv.{action}"
+        elif kind.startswith("dora_conv"):
+            op = f"dora_conv2d.{action}"
         return getattr(self, op.replace(".", "_"))(params, inputs)
 
     def linear_forward(self, params, inputs):
@@ -426,12 +434,67 @@ class Alt:
             s = self.mixed_scale(params["adapters"], i)
             rows = index == i
             dx[rows] += s * self.mm(self.mm(dy[rows], B), A)
-            dYi, Xi = dy[rows].reshape(-1, dy.shape[-1]), x[rows].reshape(-1, x.shape[-1])
+            grad_rows = slice(None) if self.bug == "mixed_grads_all_rows" else rows
+            dYi, Xi = dy[grad_rows].reshape(-1, dy.shape[-1]), x[grad_rows].reshape(-1, x.shape[-1])
             dA = self.out(s * self.mm(self.mm(dYi, B).T, Xi), t)
             dB = self.out(s * self.mm(dYi.T, self.mm(Xi, A.T)), t)
             out[f"dA.{i}"], out[f"dB.{i}"] = (dA.T.copy(), dB.T.copy()) if f"lora_a.{i}" in inputs else (dA, dB)
         out["dx"] = self.out(dx, t)
         return out
+
+    # -- mixed batches of Embedding and Conv layers: each row through its adapter's single-adapter layer ------
+    def _route(self, params, inputs):
+        """[(adapter i or None for the base, its batch rows)], with the index bugs."""
+        index = np.array(inputs["index"])
+        if self.bug == "mixed_index_wraps":
+            index = np.where(index < 0, index + len(params["adapters"]), index)
+        return [(None if i < 0 else int(i), index == i) for i in sorted(set(index.tolist()))]
+
+    def _adapter(self, params, inputs, i, rows=None):
+        """Single-adapter (params, inputs) of adapter i (None: the base, B = 0), batch ``rows`` only if given."""
+        j = 0 if i is None else i
+        shared = {k: v for k, v in params.items() if k != "adapters"}
+        sub = {**params["adapters"][j], **shared, "scale": self.mixed_scale(params["adapters"], j)}
+        arrays = {k: v for k, v in inputs.items() if "." not in k and k != "index"}
+        for g in ("A", "B", "lora_a", "lora_b"):
+            if f"{g}.{j}" in inputs:
+                factor = inputs[f"{g}.{j}"]
+                arrays[g] = np.zeros_like(factor) if i is None and g in ("B", "lora_b") else factor
+        if rows is not None:
+            for name in ("x", "ids", "dy"):
+                if name in arrays:
+                    arrays[name] = arrays[name][rows]
+        return sub, arrays
+
+    def _mixed_kind(self, params, inputs, method, names):
+        """Outputs ``names`` of ``method`` assembled row by row."""
+        out = {}
+        for i, rows in self._route(params, inputs):
+            part = method(*self._adapter(params, inputs, i))
+            for name in names:
+                out.setdefault(name, np.zeros_like(part[name]))[rows] = part[name][rows]
+        return out
+
+    def _mixed_factor_grads(self, params, inputs, method):
+        index = np.asarray(inputs["index"])
+        out = {}
+        for i, _ in enumerate(params["adapters"]):
+            rows = slice(None) if self.bug == "mixed_grads_all_rows" else index == i
+            grads = method(*self._adapter(params, inputs, i, rows))
+            out[f"dA.{i}"], out[f"dB.{i}"] = grads["dA"], grads["dB"]
+        return out
+
+    def mixed_embedding_forward(self, params, inputs):
+        return self._mixed_kind(params, inputs, self.embedding_forward, ("y",))
+
+    def mixed_embedding_backward(self, params, inputs):
+        return self._mixed_factor_grads(params, inputs, self.embedding_backward)
+
+    def mixed_conv_forward(self, params, inputs):
+        return self._mixed_kind(params, inputs, self.conv_forward, ("y",))
+
+    def mixed_conv_backward(self, params, inputs):
+        return {**self._mixed_kind(params, inputs, self.conv_backward, ("dx",)), **self._mixed_factor_grads(params, inputs, self.conv_backward)}
 
     def _gain(self, params, inputs):
         W = self.w(inputs["W"])
@@ -472,7 +535,8 @@ class Alt:
             dA, dB = dA + s * self.mm(B.T, GV), dB + s * self.mm(GV, A.T)
         t = inputs["x"].dtype
         out = {"dx": self.out(self.mm(G, W) + s * self.mm(self.mm(G, B), A), t), "dA": self.out(dA, t), "dB": self.out(dB, t),
-               "dmagnitude": self.out((dy * z).sum(axis=0) / n, t), "db": self.out(dy.sum(axis=0), t)}
+               "dmagnitude": self.out((dy * z).sum(axis=0) / (1 if self.bug == "dora_dm_unnormalised" else n), t),
+               "db": self.out(dy.sum(axis=0), t)}
         if "lora_a" in inputs:
             out["dA"], out["dB"] = out["dA"].T.copy(), out["dB"].T.copy()
         return out
@@ -528,6 +592,37 @@ class Alt:
         """The merged-weight association conv(x, g ∘ (W + ΔW)) + b: equal to g ∘ (base + lora) + b."""
         g, _, V = self._dora_parts("conv", params, inputs)
         return {"y": self.out(self._conv_value(params, inputs, W=g * V), inputs["x"].dtype)}
+
+    def _dora_kind_backward(self, kind, params, inputs, plain):
+        """G = g ∘ dY through the plain kind's backward (n detached); dm = Σ dY ∘ z / n; db = Σ dY."""
+        g, _, _ = self._dora_parts(kind, params, inputs)
+        axis = -1 if kind == "embedding" else 1
+        # per output channel (under dora_conv_norm_dim1 g has one entry per (o, tap): the backward takes tap 0's)
+        gain = g.reshape(-1) if kind == "embedding" else g.reshape(g.shape[0], -1)[:, 0]
+        shape = [1] * inputs["dy"].ndim
+        shape[axis] = -1
+        dy = self.w(inputs["dy"])
+        G = dy if self.bug == "dora_backward_plain_lora" else dy * gain.reshape(shape)
+        out = plain({k: v for k, v in params.items() if k != "want_base_grads"}, {**inputs, "dy": G})
+        unbiased = {k: v for k, v in inputs.items() if k != "b"}
+        if kind == "embedding":
+            z = self.w(inputs["W"])[inputs["ids"]] + self.scale(params) * self.mm(self.factors(inputs)[0].T[inputs["ids"]], self.factors(inputs)[1].T)
+        else:
+            z = self._conv_value(params, unbiased)
+        n = self.w(inputs["magnitude"]).reshape(-1) / gain
+        axes = tuple(a for a in range(dy.ndim) if a != dy.ndim + axis and a != axis)
+        dm = (dy * z).sum(axis=axes)
+        t = inputs["dy"].dtype
+        out["dmagnitude"] = self.out(dm if self.bug == "dora_dm_unnormalised" else dm / n, t)
+        if "b" in inputs:
+            out["db"] = self.out(dy.sum(axis=axes), t)
+        return out
+
+    def dora_embedding_backward(self, params, inputs):
+        return self._dora_kind_backward("embedding", params, inputs, self.embedding_backward)
+
+    def dora_conv2d_backward(self, params, inputs):
+        return self._dora_kind_backward("conv", params, inputs, self.conv_backward)
 
     def _dora_kind_merge(self, kind, params, inputs):
         g, _, V = self._dora_parts(kind, params, inputs)
@@ -692,3 +787,22 @@ def test_semantic_guards_catch_semantic_mutations_in_the_storage_tier(bug):
     result = _run(Alt(np.float32, bug=bug), MUTATION_LAYOUT.get(bug, "canonical"), profile="storage")
     guard = [r for r in result.results if r.case_id == STORAGE_TIER_CATCHES[bug]][0]
     assert guard.status == "fail" and guard.verdict == "semantic", (bug, guard.tiers)
+
+
+#: Issue 14's cells: each new formula's mutation must fail at least two cases of every group it names.
+CELL_CATCHES = {
+    "mixed_batch_shared_scale": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
+    "mixed_index_wraps": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
+    "mixed_grads_all_rows": ("mixed_embedding/backward", "mixed_conv1d/backward", "mixed_conv2d/backward", "mixed_conv3d/backward"),
+    "dora_backward_plain_lora": ("dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
+    "dora_dm_unnormalised": ("dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
+    "dora_kind_norm_without_delta": ("dora_conv1d/", "dora_conv3d/"),
+    "dora_conv_norm_dim1": ("dora_conv1d/", "dora_conv3d/"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(CELL_CATCHES))
+def test_new_cells_catch_their_mutations(bug):
+    failed = [r.case_id for r in _run(Alt(np.float32, bug=bug)).results if r.status == "fail"]
+    for prefix in CELL_CATCHES[bug]:
+        assert sum(case_id.startswith(prefix) for case_id in failed) >= 2, (bug, prefix, failed)

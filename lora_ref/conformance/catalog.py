@@ -434,6 +434,76 @@ def _dora_layer_cases() -> Iterator[CaseSpec]:
                    conv(3, 8, 3, 2, ("W", "A", "B", "magnitude")), "exact round trip -> W's bits")
 
 
+def _route(*index: int) -> Callable[[dict[str, np.ndarray], np.dtype], None]:
+    """A fixed routing (every adapter and the base at least once), with id 7 repeated when there are ids."""
+
+    def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        arrays["index"][...] = np.array(index, dtype=np.int64)
+        if "ids" in arrays:
+            _repeat_ids(arrays, dtype)
+
+    return special
+
+
+def _cell_cases() -> Iterator[CaseSpec]:
+    """Issue 14's cells: mixed batches of Embedding and Conv1d/2d/3d, DoRA backward on Embedding and Conv, DoRA on Conv1d/3d."""
+
+    def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str, special=None) -> CaseSpec:
+        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, shapes, description, special)
+
+    two = [linear_params(2, 4), linear_params(3, 7, rslora=True)]
+    route = _route(0, 1, -1, 1)
+
+    def factors(a_tail: tuple[int, ...], b_head: int, b_tail: tuple[int, ...]) -> dict:
+        return {f"{g}.{i}": (((r,) + a_tail) if g == "A" else ((b_head, r) + b_tail), 1.0) for i, r in enumerate((2, 3)) for g in "AB"}
+
+    V, D = 20, 12
+    emb = {"ids": ((4, 3), V), "W": ((V, D), 1.0), "index": ((4,), 2), **factors((V,), D, ())}
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed_embedding", "forward", "mixed_embedding.forward", dtype, {"adapters": two}, emb,
+                   "ids [4, 3], row b uses adapter index[b] (-1 = base), ranks 2 and 3, the second rsLoRA", route)
+        yield case("mixed_embedding", "backward", "mixed_embedding.backward", dtype, {"adapters": two}, {**emb, "dy": ((4, 3, D), 1.0)},
+                   "dA.i (scatter-add over repeated ids), dB.i from adapter i's rows only", route)
+    for d, dtypes, size, k, geometry in ((1, ("float32", "bfloat16"), 9, 3, dict(stride=1, padding=2, dilation=2)),
+                                         (2, ("float32", "bfloat16", "float16"), 5, 3, dict(stride=1, padding=1)),
+                                         (3, ("float32", "float16"), 3, 3, dict(stride=1, padding=1))):
+        c, o = 3 if d < 3 else 2, 4 if d < 3 else 3
+        conv = {"x": ((4, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0), "index": ((4,), 2),
+                **factors((c,) + (k,) * d, o, (1,) * d)}
+        for dtype in dtypes:
+            yield case(f"mixed_conv{d}d", "forward", f"mixed_conv{d}d.forward", dtype, {"adapters": two, **geometry}, conv,
+                       f"Conv{d}d mixed batch {geometry}: row b uses adapter index[b] (-1 = base), bias", route)
+            yield case(f"mixed_conv{d}d", "backward", f"mixed_conv{d}d.backward", dtype, {"adapters": two, **geometry},
+                       {**{n: v for n, v in conv.items() if n != "b"}, "dy": ((4, o) + (size,) * d, 1.0)},
+                       "dx per row through its adapter; dA.i, dB.i from adapter i's rows only", route)
+
+    dora_emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((4, V), 1.0), "B": ((D, 4), 1.0), "magnitude": ((D,), 4.0),
+                "dy": ((2, 5, D), 1.0)}
+    for dtype in ("float32", "float16"):
+        yield case("dora_embedding", "backward", "dora_embedding.backward", dtype, linear_params(4, 8), dora_emb,
+                   "G = g ∘ dY per column: dA (scatter-add over repeated ids), dB, dmagnitude = Σ dY ∘ z / n", _repeat_ids)
+    for d, size, k, geometry in ((1, 9, 3, dict(stride=1, padding=2, dilation=2)), (2, 5, 3, dict(stride=1, padding=1)),
+                                 (3, 4, 3, dict(stride=1, padding=1))):
+        c, o, n = (3, 4, 2) if d < 3 else (2, 3, 1)
+        every = {"x": ((n, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0), "A": ((2, c) + (k,) * d, 1.0),
+                 "B": ((o, 2) + (1,) * d, 1.0), "magnitude": ((o,), 4.0), "dy": ((n, o) + (size,) * d, 1.0)}
+        weights = {name: every[name] for name in ("W", "A", "B", "magnitude")}
+        group = f"dora_conv{d}d"
+        for dtype in ("float32", "bfloat16"):
+            yield case(group, "backward", f"{group}.backward", dtype, linear_params(2, 4, **geometry), every,
+                       f"Conv{d}d DoRA backward {geometry}: dx, dA, dB at G = g ∘ dY (n detached), dmagnitude, db")
+        if d == 2:
+            continue
+        fwd = {name: every[name] for name in ("x", "W", "b", "A", "B", "magnitude")}
+        for dtype in ("float32", "bfloat16" if d == 1 else "float16"):
+            yield case(group, "forward", f"{group}.forward", dtype, linear_params(2, 4, **geometry), fwd,
+                       f"Conv{d}d DoRA {geometry}: g ∘ (conv(x, W) + lora(x)) + b, g = m / ‖W + ΔW‖ over (C, *k)")
+            yield case(group, "merge", f"{group}.merge", dtype, linear_params(2, 4, rslora=dtype != "float32"), weights,
+                       f"Conv{d}d DoRA merge W' = g ∘ (W + ΔW)")
+        yield case(group, "unmerge-exact", f"{group}.unmerge", "float32", linear_params(2, 4, exact=True), weights,
+                   "exact round trip -> W's bits")
+
+
 def _combine_cases() -> Iterator[CaseSpec]:
     """Weighted combination of two adapters (SPEC M.3): cat (exact stacking) and svd (lossless and truncated)."""
 
@@ -908,7 +978,7 @@ def _semantic_cases() -> Iterator[CaseSpec]:
 
 
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _combine_cases,
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _cell_cases, _combine_cases,
                                                     _covering_cases, _refusal_cases, _semantic_cases]
 
 

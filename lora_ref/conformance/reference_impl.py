@@ -170,6 +170,39 @@ def _dora_conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
 
 
+def _dora_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """DoRA backward on Embedding (ids: no dx) or Conv (dx, db with a bias)."""
+    options = {"geometry": _geometry(params)} if kind == "conv" else {}
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    layer = dora.build(kind, inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"], **options)
+    grads = dora.backward(layer, x, inputs["dy"], inputs["A"], inputs["B"], bias_dtype=inputs["b"].dtype if "b" in inputs else None)
+    outputs = {"dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude}
+    if grads.dx is not None:
+        outputs["dx"] = grads.dx
+    if grads.db is not None:
+        outputs["db"] = grads.db
+    return outputs
+
+
+def _mixed_kind_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """Mixed batch of an Embedding (ids) or Conv (x, shared geometry) layer."""
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    options = {"geometry": _geometry(params), "bias": inputs.get("b")} if kind == "conv" else {}
+    factors = [LoraFactors(f.A, f.B, f.scale, kind=kind) for f in _factors(params, inputs)]
+    return {"y": mixed_forward(x, inputs["W"], factors, inputs["index"], kind=kind, **options)}
+
+
+def _mixed_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    options = {"geometry": _geometry(params)} if kind == "conv" else {}
+    factors = [LoraFactors(f.A, f.B, f.scale, kind=kind) for f in _factors(params, inputs)]
+    grads = mixed_backward(x, inputs["dy"], inputs["W"], factors, inputs["index"], kind=kind, **options)
+    outputs = {} if grads.dx is None else {"dx": grads.dx}
+    for i in range(len(factors)):
+        outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
+    return outputs
+
+
 def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     """combine.combine of one-module adapters built from A.i, B.i and params adapters[i] (SPEC M.3)."""
     adapters = []
@@ -201,9 +234,16 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "dora_embedding.forward": _dora_embedding_forward,
     "dora_embedding.merge": lambda params, inputs: _dora_merge(params, inputs, "embedding"),
     "dora_embedding.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "embedding"),
-    "dora_conv2d.forward": _dora_conv_forward,
-    "dora_conv2d.merge": lambda params, inputs: _dora_merge(params, inputs, "conv"),
-    "dora_conv2d.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "conv"),
+    "dora_embedding.backward": lambda params, inputs: _dora_kind_backward("embedding", params, inputs),
+    **{f"dora_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (
+        ("forward", _dora_conv_forward), ("merge", lambda params, inputs: _dora_merge(params, inputs, "conv")),
+        ("unmerge", lambda params, inputs: _dora_unmerge(params, inputs, "conv")),
+        ("backward", lambda params, inputs: _dora_kind_backward("conv", params, inputs)))},
+    "mixed_embedding.forward": lambda params, inputs: _mixed_kind_forward("embedding", params, inputs),
+    "mixed_embedding.backward": lambda params, inputs: _mixed_kind_backward("embedding", params, inputs),
+    **{f"mixed_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (
+        ("forward", lambda params, inputs: _mixed_kind_forward("conv", params, inputs)),
+        ("backward", lambda params, inputs: _mixed_kind_backward("conv", params, inputs)))},
     "combine.cat": lambda params, inputs: _combine("cat", params, inputs),
     "combine.svd": lambda params, inputs: _combine("svd", params, inputs),
 }
