@@ -445,6 +445,11 @@ def _route(*index: int) -> Callable[[dict[str, np.ndarray], np.dtype], None]:
     return special
 
 
+def conv_length(size: int, k: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """A conv's output length along one axis: (size + 2 padding − dilation (k − 1) − 1) // stride + 1."""
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
 def _cell_cases() -> Iterator[CaseSpec]:
     """Issue 14's cells: mixed batches of Embedding and Conv1d/2d/3d, DoRA backward on Embedding and Conv, DoRA on Conv1d/3d."""
 
@@ -464,7 +469,7 @@ def _cell_cases() -> Iterator[CaseSpec]:
                    "ids [4, 3], row b uses adapter index[b] (-1 = base), ranks 2 and 3, the second rsLoRA", route)
         yield case("mixed_embedding", "backward", "mixed_embedding.backward", dtype, {"adapters": two}, {**emb, "dy": ((4, 3, D), 1.0)},
                    "dA.i (scatter-add over repeated ids), dB.i from adapter i's rows only", route)
-    for d, dtypes, size, k, geometry in ((1, ("float32", "bfloat16"), 9, 3, dict(stride=1, padding=2, dilation=2)),
+    for d, dtypes, size, k, geometry in ((1, ("float32", "bfloat16"), 9, 3, dict(stride=2, padding=1)),
                                          (2, ("float32", "bfloat16", "float16"), 5, 3, dict(stride=1, padding=1)),
                                          (3, ("float32", "float16"), 3, 3, dict(stride=1, padding=1))):
         c, o = 3 if d < 3 else 2, 4 if d < 3 else 3
@@ -474,7 +479,7 @@ def _cell_cases() -> Iterator[CaseSpec]:
             yield case(f"mixed_conv{d}d", "forward", f"mixed_conv{d}d.forward", dtype, {"adapters": two, **geometry}, conv,
                        f"Conv{d}d mixed batch {geometry}: row b uses adapter index[b] (-1 = base), bias", route)
             yield case(f"mixed_conv{d}d", "backward", f"mixed_conv{d}d.backward", dtype, {"adapters": two, **geometry},
-                       {**{n: v for n, v in conv.items() if n != "b"}, "dy": ((4, o) + (size,) * d, 1.0)},
+                       {**{n: v for n, v in conv.items() if n != "b"}, "dy": ((4, o) + (conv_length(size, k, **geometry),) * d, 1.0)},
                        "dx per row through its adapter; dA.i, dB.i from adapter i's rows only", route)
 
     dora_emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((4, V), 1.0), "B": ((D, 4), 1.0), "magnitude": ((D,), 4.0),
@@ -482,11 +487,11 @@ def _cell_cases() -> Iterator[CaseSpec]:
     for dtype in ("float32", "float16"):
         yield case("dora_embedding", "backward", "dora_embedding.backward", dtype, linear_params(4, 8), dora_emb,
                    "G = g ∘ dY per column: dA (scatter-add over repeated ids), dB, dmagnitude = Σ dY ∘ z / n", _repeat_ids)
-    for d, size, k, geometry in ((1, 9, 3, dict(stride=1, padding=2, dilation=2)), (2, 5, 3, dict(stride=1, padding=1)),
+    for d, size, k, geometry in ((1, 9, 3, dict(stride=2, padding=1)), (2, 5, 3, dict(stride=1, padding=1)),
                                  (3, 4, 3, dict(stride=1, padding=1))):
         c, o, n = (3, 4, 2) if d < 3 else (2, 3, 1)
         every = {"x": ((n, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0), "A": ((2, c) + (k,) * d, 1.0),
-                 "B": ((o, 2) + (1,) * d, 1.0), "magnitude": ((o,), 4.0), "dy": ((n, o) + (size,) * d, 1.0)}
+                 "B": ((o, 2) + (1,) * d, 1.0), "magnitude": ((o,), 4.0), "dy": ((n, o) + (conv_length(size, k, **geometry),) * d, 1.0)}
         weights = {name: every[name] for name in ("W", "A", "B", "magnitude")}
         group = f"dora_conv{d}d"
         for dtype in ("float32", "bfloat16"):
@@ -500,8 +505,9 @@ def _cell_cases() -> Iterator[CaseSpec]:
                        f"Conv{d}d DoRA {geometry}: g ∘ (conv(x, W) + lora(x)) + b, g = m / ‖W + ΔW‖ over (C, *k)")
             yield case(group, "merge", f"{group}.merge", dtype, linear_params(2, 4, rslora=dtype != "float32"), weights,
                        f"Conv{d}d DoRA merge W' = g ∘ (W + ΔW)")
-        yield case(group, "unmerge-exact", f"{group}.unmerge", "float32", linear_params(2, 4, exact=True), weights,
-                   "exact round trip -> W's bits")
+        for dtype in ("float32", "bfloat16"):
+            yield case(group, "unmerge-exact", f"{group}.unmerge", dtype, linear_params(2, 4, exact=True), weights,
+                       "exact round trip -> W's bits")
 
 
 def _combine_cases() -> Iterator[CaseSpec]:
@@ -662,7 +668,7 @@ def _conv_out(row: Mapping[str, str], d: int) -> tuple[int, ...] | None:
     size = _CONV_SHAPES[d][3]
     k = _conv_kernel(row["kernel"], d)
     s, p, dl = (_each(_conv_axis(row[name], d), d) for name in ("stride", "padding", "dilation"))
-    out = tuple((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(size, k, s, p, dl))
+    out = tuple(conv_length(n, kk, ss, pp, dd) for n, kk, ss, pp, dd in zip(size, k, s, p, dl))
     return out if all(o >= 1 and n + 2 * pp - dd * (kk - 1) - 1 >= 0 for o, n, kk, pp, dd in zip(out, size, k, p, dl)) else None
 
 

@@ -8,8 +8,8 @@ and PEFT are imported lazily, so lora_ref never depends on them. Failures agains
 listed and explained in SPEC.md's "PEFT deviations"; they are not hidden here.
 
 Takes the ``peft`` layout (PEFT derives s from lora_alpha, r and use_rslora itself).
-Unsupported (skipped): exact unmerge (PEFT has none) and mixed-batch backward (PEFT refuses
-``adapter_names`` in training mode). Where PEFT crashes on a documented deviation (conv
+Unsupported (skipped): exact unmerge (PEFT has none) and mixed-batch backward of every kind (PEFT
+refuses ``adapter_names`` in training mode). Where PEFT crashes on a documented deviation (conv
 dilation, P-C4; the Conv3d 1x1x1 merge, P-C5) the crash is reported as that case's error,
 prefixed with the deviation's id (:func:`known_crash`).
 """
@@ -82,6 +82,10 @@ class PeftImplementation:
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):  # one torch path for every conv rank
             op = f"conv.{action}"
+        elif kind.startswith("mixed_") and kind != "mixed_batch":  # mixed_embedding, mixed_conv{d}d: the generic mixed path
+            op = f"mixed_batch.{action}"
+        elif kind.startswith("dora_conv"):
+            op = f"dora_conv.{action}"
         handler = getattr(self, op.replace(".", "_"), None)
         if handler is None:
             raise NotImplementedError(f"the PEFT peer does not map {op!r}")
@@ -274,11 +278,23 @@ class PeftImplementation:
     def mixed_batch_backward(self, params, inputs):
         raise NotImplementedError("PEFT refuses adapter_names (mixed batches) in training mode")
 
+    def _mixed_base(self, params, inputs):
+        """The bare base module of a mixed batch: Linear, Embedding (ids) or Conv{d}d (the case's geometry)."""
+        torch, W = self.torch, inputs["W"]
+        if "ids" in inputs:
+            return torch.nn.Embedding(*W.shape)
+        if W.ndim > 2:
+            conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[W.ndim]
+            return conv(W.shape[1], W.shape[0], W.shape[2:], stride=_axes(params, "stride", 1), padding=_axes(params, "padding", 0),
+                        dilation=_axes(params, "dilation", 1), bias="b" in inputs)
+        return torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs)
+
     def mixed_batch_forward(self, params, inputs):
+        """PEFT's adapter_names routing for Linear, Embedding and Conv layers (one adapter per batch row)."""
         torch = self.torch
         W = inputs["W"]
         holder = torch.nn.Module()
-        holder.layer = torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs)
+        holder.layer = self._mixed_base(params, inputs)
         holder.to(self.torch_dtypes[_name(W.dtype)])
         adapters = params["adapters"]
         model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
@@ -289,15 +305,19 @@ class PeftImplementation:
         if "b" in inputs:
             self.set_(layer.base_layer.bias, inputs["b"])
         for i in range(len(adapters)):
-            self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
-            self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
+            if "ids" in inputs:
+                self.set_(layer.lora_embedding_A[f"a{i}"], inputs[f"A.{i}"])
+                self.set_(layer.lora_embedding_B[f"a{i}"], inputs[f"B.{i}"])
+            else:
+                self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
+                self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
         model.eval()
         names = ["__base__" if int(i) == -1 else f"a{int(i)}" for i in inputs["index"]]
         # through PEFT's model-level hooks, as model(x, adapter_names=...) runs: they refuse unknown adapter names
         # (the layer alone skips them silently) before the layer checks the batch length
         with torch.no_grad(), model.base_model._enable_peft_forward_hooks(adapter_names=names):
-            y = layer(self.tensor(inputs["x"]))
-        return {"y": self.array(y, inputs["x"].dtype)}
+            y = layer(self.tensor(inputs["ids" if "ids" in inputs else "x"]))
+        return {"y": self.array(y, W.dtype if "ids" in inputs else inputs["x"].dtype)}
 
     # -- DoRA ------------------------------------------------------------------------------------------
     def _dora(self, params, inputs):
@@ -349,16 +369,43 @@ class PeftImplementation:
     def dora_embedding_merge(self, params, inputs):
         return self._merge(self._dora_layer(self._embedding, params, inputs), inputs["W"].dtype, params)
 
-    def dora_conv2d_forward(self, params, inputs):
+    def dora_conv_forward(self, params, inputs):
         layer = self._dora_layer(self._conv, params, inputs)
         with self.torch.no_grad():
             y = layer(self.tensor(inputs["x"]))
         return {"y": self.array(y, inputs["x"].dtype)}
 
-    def dora_conv2d_merge(self, params, inputs):
+    def dora_conv_merge(self, params, inputs):
         return self._merge(self._dora_layer(self._conv, params, inputs), inputs["W"].dtype, params)
 
-    dora_embedding_unmerge = dora_conv2d_unmerge = dora_unmerge
+    def _dora_kind_backward(self, build, params, inputs, x_name):
+        """DoRA backward of an Embedding (ids: no dx) or Conv layer in training mode (PEFT detaches the norm)."""
+        layer = self._dora_layer(build, params, inputs)
+        layer.train()
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is not None:
+            bias.requires_grad_(True)
+        x = self.tensor(inputs[x_name], requires_grad=x_name == "x")
+        y = layer(x)
+        y.backward(self.tensor(inputs["dy"]).to(y.dtype))
+        t = inputs["W"].dtype
+        A, B = (layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]) if x_name == "ids" else \
+            (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        out = {"dA": self.array(A.grad, t), "dB": self.array(B.grad, t),
+               "dmagnitude": self.array(layer.lora_magnitude_vector["default"].weight.grad.reshape(inputs["magnitude"].shape), t)}
+        if x_name == "x":
+            out["dx"] = self.array(x.grad, t)
+        if bias is not None:
+            out["db"] = self.array(bias.grad, t)
+        return out
+
+    def dora_embedding_backward(self, params, inputs):
+        return self._dora_kind_backward(self._embedding, params, inputs, "ids")
+
+    def dora_conv_backward(self, params, inputs):
+        return self._dora_kind_backward(self._conv, params, inputs, "x")
+
+    dora_embedding_unmerge = dora_conv_unmerge = dora_unmerge
 
     def dora_merge(self, params, inputs):
         return self._merge(self._dora(params, inputs), inputs["W"].dtype, params)
@@ -395,7 +442,7 @@ class PeftImplementation:
 
 def known_crash(kind: str, action: str, params: Mapping[str, Any], inputs: Arrays) -> str | None:
     """The SPEC deviation that makes PEFT 0.21.2 raise on this case, if it is one of the known ones."""
-    if kind in ("conv1d", "conv2d", "conv3d", "dora_conv2d"):
+    if kind in ("conv1d", "conv2d", "conv3d") or kind.startswith(("dora_conv", "mixed_conv")):
         if any(d > 1 for d in np.atleast_1d(params.get("dilation", 1))) and action in ("forward", "backward") and _lora_size_differs(params, inputs):
             return "P-C4 (PEFT builds lora_A without the base conv's dilation: the LoRA path's output has another size)"
         weight = inputs.get("W", inputs.get("W_merged"))
@@ -449,7 +496,9 @@ DEVIATIONS: dict[str, tuple[str, str]] = {
 _LOW = ("float16", "bfloat16")
 PRECISION_PAIRS: dict[str, set[tuple[str, str]]] = {
     "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "embedding.backward", "mixed_batch.forward", "dora.forward",
-                                "dora.backward", "dora_conv2d.forward", *(f"conv{d}d.{a}" for d in (1, 2, 3) for a in ("forward", "backward")))
+                                "dora.backward", "dora_embedding.backward",
+                                *(f"{k}{d}d.{a}" for k in ("conv", "dora_conv") for d in (1, 2, 3) for a in ("forward", "backward")),
+                                *(f"mixed_conv{d}d.forward" for d in (1, 2, 3)))
              for t in _LOW},
     "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv1d.unmerge", "conv2d.unmerge", "conv3d.unmerge") for t in _LOW},
     "P-C3": {("embedding.merge", t) for t in _LOW},
@@ -464,10 +513,10 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
     """
     kind, _, action = case.operation.partition(".")
     params = case.params
-    dilated = kind.startswith("conv") and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
+    dilated = kind.startswith(("conv", "mixed_conv", "dora_conv")) and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
     rslora_first = kind == "combine" and params["adapters"][0].get("use_rslora", False)
     if result.status == "skip":
-        return "S-1" if params.get("exact") else "S-2" if kind == "mixed_batch" and action == "backward" else None
+        return "S-1" if params.get("exact") else "S-2" if kind.startswith("mixed_") and action == "backward" else None
     if result.status in ("error", "timeout"):
         if dilated and _lora_size_differs(params, inputs):
             return "P-C4"
