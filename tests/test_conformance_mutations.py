@@ -56,6 +56,7 @@ one real bug seen in public LoRA implementations and must fail at least two case
   lora_grads_severed      the LoRA branch cut off the autograd graph: dA = dB = 0 (paiml/aprender#2232)
   mixed_grads_all_rows    a mixed batch's adapter gradients accumulated over every row, not only the adapter's own
                           (a gather/scatter that drops the routing mask in the backward pass)
+  mixed_lora_bias_every_row a mixed batch adding each adapter's lora_bias to every row (bias applied after the gather)
   dora_dm_unnormalised    DoRA's magnitude gradient Σ dY ∘ z without the division by the (detached) norm n
 """
 
@@ -80,7 +81,7 @@ MUTATIONS = [
     "dora_scale_outside_norm", "dora_kind_norm_without_delta", "dora_norm_storage_precision", "dora_backward_plain_lora",
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
-    "mixed_grads_all_rows", "dora_dm_unnormalised",
+    "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -456,10 +457,10 @@ class Alt:
         shared = {k: v for k, v in params.items() if k != "adapters"}
         sub = {**params["adapters"][j], **shared, "scale": self.mixed_scale(params["adapters"], j)}
         arrays = {k: v for k, v in inputs.items() if "." not in k and k != "index"}
-        for g in ("A", "B", "lora_a", "lora_b"):
-            if f"{g}.{j}" in inputs:
-                factor = inputs[f"{g}.{j}"]
-                arrays[g] = np.zeros_like(factor) if i is None and g in ("B", "lora_b") else factor
+        for name, value in inputs.items():
+            head, _, tail = name.partition(".")
+            if tail == str(j) and (i is not None or head in ("A", "B", "lora_a", "lora_b")):  # the base: no lora_bias, magnitude
+                arrays[head] = np.zeros_like(value) if i is None and head in ("B", "lora_b") else value
         if rows is not None:
             for name in ("x", "ids", "dy"):
                 if name in arrays:
@@ -482,6 +483,30 @@ class Alt:
             rows = slice(None) if self.bug == "mixed_grads_all_rows" else index == i
             grads = method(*self._adapter(params, inputs, i, rows))
             out[f"dA.{i}"], out[f"dB.{i}"] = grads["dA"], grads["dB"]
+        return out
+
+    def mixed_linear_forward(self, params, inputs):
+        out = self._mixed_kind(params, inputs, lambda p, a: (self.dora_forward if "magnitude" in a else self.linear_forward)(p, a), ("y",))
+        if self.bug == "mixed_lora_bias_every_row":  # each lora_bias added outside the routing, to every row
+            y = self.w(out["y"])
+            for i, adapter in enumerate(params["adapters"]):
+                if f"lora_bias.{i}" in inputs:
+                    rows = np.asarray(inputs["index"]) != i
+                    y[rows] += self.mixed_scale(params["adapters"], i) * self.w(inputs[f"lora_bias.{i}"])
+            out["y"] = self.out(y, inputs["x"].dtype)
+        return out
+
+    def mixed_linear_backward(self, params, inputs):
+        def grads(p, a):
+            return (self.dora_backward if "magnitude" in a else self.linear_backward)({**p, "want_base_grads": True}, {**a, "b": a["dy"][0]})
+        out = self._mixed_kind(params, inputs, grads, ("dx",))
+        index = np.asarray(inputs["index"])
+        for i, _ in enumerate(params["adapters"]):
+            rows = slice(None) if self.bug == "mixed_grads_all_rows" else index == i
+            part = grads(*self._adapter(params, inputs, i, rows))
+            for name in ("A", "B", "lora_bias", "magnitude"):
+                if f"{name}.{i}" in inputs or f"lora_{name[0].lower()}.{i}" in inputs and name in ("A", "B"):
+                    out[f"d{name}.{i}"] = part[f"d{name}"]
         return out
 
     def mixed_embedding_forward(self, params, inputs):
@@ -793,9 +818,11 @@ def test_semantic_guards_catch_semantic_mutations_in_the_storage_tier(bug):
 CELL_CATCHES = {
     "mixed_batch_shared_scale": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
     "mixed_index_wraps": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
-    "mixed_grads_all_rows": ("mixed_embedding/backward", "mixed_conv1d/backward", "mixed_conv2d/backward", "mixed_conv3d/backward"),
-    "dora_backward_plain_lora": ("dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
-    "dora_dm_unnormalised": ("dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
+    "mixed_lora_bias_every_row": ("mixed_linear/forward-lora_bias", "mixed_linear/forward-dora_lora_bias"),
+    "dora_norm_without_delta": ("mixed_linear/forward-dora",),
+    "mixed_grads_all_rows": ("mixed_linear/backward", "mixed_embedding/backward", "mixed_conv1d/backward", "mixed_conv2d/backward", "mixed_conv3d/backward"),
+    "dora_backward_plain_lora": ("mixed_linear/backward-dora", "dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
+    "dora_dm_unnormalised": ("mixed_linear/backward-dora", "dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
     "dora_kind_norm_without_delta": ("dora_conv1d/", "dora_conv3d/"),
     "dora_conv_norm_dim1": ("dora_conv1d/", "dora_conv3d/"),
 }

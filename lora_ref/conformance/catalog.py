@@ -482,6 +482,21 @@ def _cell_cases() -> Iterator[CaseSpec]:
                        {**{n: v for n, v in conv.items() if n != "b"}, "dy": ((4, o) + (conv_length(size, k, **geometry),) * d, 1.0)},
                        "dx per row through its adapter; dA.i, dB.i from adapter i's rows only", route)
 
+    n_in, n_out = 10, 6
+    lin = {"x": ((4, n_in), 2.0), "W": ((n_out, n_in), 1.0), "b": ((n_out,), 1.0), "index": ((4,), 2),
+           **factors((n_in,), n_out, ())}
+    for variant, extra, description in (
+            ("lora_bias", {"lora_bias.0": ((n_out,), 0.5), "lora_bias.1": ((n_out,), 0.5)}, "both adapters with lora_bias (s_i b_i)"),
+            ("dora", {"magnitude.1": ((n_out,), 4.0)}, "adapter 1 DoRA (its rows: g_1 = m_1 / ‖W + s_1 B_1 A_1‖), adapter 0 plain"),
+            ("dora_lora_bias", {"lora_bias.0": ((n_out,), 0.5), "magnitude.1": ((n_out,), 4.0)},
+             "adapter 0 plain with lora_bias, adapter 1 DoRA with its own norm")):
+        for dtype in ("float32", "bfloat16"):
+            yield case("mixed_linear", f"forward-{variant}", "mixed_linear.forward", dtype, {"adapters": two}, {**lin, **extra},
+                       description, route)
+            yield case("mixed_linear", f"backward-{variant}", "mixed_linear.backward", dtype, {"adapters": two},
+                       {**{k: v for k, v in lin.items() if k != "b"}, **extra, "dy": ((4, n_out), 1.0)},
+                       f"{description}: dx per row, and each adapter's gradients (dlora_bias.i, dmagnitude.i) from its rows", route)
+
     dora_emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((4, V), 1.0), "B": ((D, 4), 1.0), "magnitude": ((D,), 4.0),
                 "dy": ((2, 5, D), 1.0)}
     for dtype in ("float32", "float16"):

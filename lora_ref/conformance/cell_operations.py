@@ -1,4 +1,5 @@
-"""Oracles for mixed batches of Embedding and Conv layers (SPEC M.1): ``mixed_embedding.*``, ``mixed_conv{d}d.*``.
+"""Oracles for mixed batches of every kind and variant (SPEC M.1): ``mixed_embedding.*``, ``mixed_conv{d}d.*`` and
+``mixed_linear.*`` (Linear adapters with lora_bias.i, or DoRA rows with magnitude.i and their own norms).
 
 Composed from the single-adapter oracles (``layer_operations.py``, ``conv_operations.py``), never
 from the reference: row b (the first axis of ids or x) routed to adapter i = index[b] has
@@ -16,6 +17,11 @@ largest of the rows' depths (K with max r_i), so the bound is the single-layer o
                               K = O + max r_i + ∏k + 6;
                               dA.i, dB.i = conv.backward over adapter i's rows  K = P_i + O + 6, P_i + C·∏k + 6
 
+    mixed_linear.forward      row b = linear.forward (with lora_bias.i) or dora.forward (magnitude.i: its own
+                              g_i = m_i / ‖W + s_i B_i A_i‖) of adapter index[b]     K = the rows' largest
+    mixed_linear.backward     dx[b] from its adapter's backward; dA.i, dB.i, dlora_bias.i, dmagnitude.i from
+                              linear.backward / dora.backward over adapter i's rows only
+
 An adapter with no rows gets exact zero gradients (value 0, magnitude 0).
 """
 
@@ -26,17 +32,23 @@ from collections.abc import Callable
 import numpy as np
 
 from .conv_operations import conv_backward, conv_forward
-from .layer_operations import embedding_backward, embedding_forward
+from .layer_operations import dora_backward, dora_forward, embedding_backward, embedding_forward
+from .operations import linear_backward, linear_forward
 from .operations import Expected, Inputs, Params, register
 
 Oracle = Callable[[Inputs, Params], dict[str, Expected]]
+#: An operation's single-adapter oracle for adapter i's inputs (``None``: the base row's).
+Chooser = Callable[[Inputs], Oracle]
 
 
 def _adapter_inputs(inputs: Inputs, i: int | None, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The single-adapter inputs of adapter i (None: the base, B = 0), restricted to batch ``rows`` if given."""
+    """The single-adapter inputs of adapter i (every ``name.i`` as ``name``; None: the base, B = 0 and no
+    lora_bias or magnitude), restricted to batch ``rows`` if given."""
     j = 0 if i is None else i
     out = {k: v for k, v in inputs.items() if "." not in k and k != "index"}
-    out["A"], out["B"] = inputs[f"A.{j}"], inputs[f"B.{j}"] if i is not None else np.zeros_like(inputs[f"B.{j}"])
+    out.update({k.partition(".")[0]: v for k, v in inputs.items() if k.endswith(f".{j}") and (i is not None or k[0] in "AB")})
+    if i is None:
+        out["B"] = np.zeros_like(out["B"])
     if rows is not None:
         for name in ("x", "ids", "dy"):
             if name in out:
@@ -44,33 +56,42 @@ def _adapter_inputs(inputs: Inputs, i: int | None, rows: np.ndarray | None = Non
     return out
 
 
-def _routed(oracle: Oracle, name: str, inputs: Inputs, params: Params) -> Expected:
-    """Output ``name`` of ``oracle`` row by row: each batch row from its own adapter's (or the base's) layer."""
+def _one(oracle: Oracle) -> Chooser:
+    return lambda inputs: oracle
+
+
+def _routed(choose: Chooser, name: str, inputs: Inputs, params: Params) -> Expected:
+    """Output ``name`` row by row: each batch row from its own adapter's (or the base's) single-adapter oracle."""
     index = np.asarray(inputs["index"]).reshape(-1)
     adapters = params["adapters"]
-    base = oracle(_adapter_inputs(inputs, None), adapters[0])[name]
+    base_inputs = _adapter_inputs(inputs, None)
+    base = choose(base_inputs)(base_inputs, adapters[0])[name]
     value, magnitude, depth = base.value.copy(), base.magnitude.copy(), base.depth
     for i, adapter in enumerate(adapters):
         rows = index == i
         if rows.any():
-            part = oracle(_adapter_inputs(inputs, i), adapter)[name]
+            sub = _adapter_inputs(inputs, i)
+            part = choose(sub)(sub, adapter)[name]
             value[rows], magnitude[rows], depth = part.value[rows], part.magnitude[rows], max(depth, part.depth)
     return Expected("bound", value, magnitude, depth)
 
 
-def _factor_grads(oracle: Oracle, inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """dA.i, dB.i from adapter i's rows only (exact zeros for an adapter without rows)."""
+def _factor_grads(choose: Chooser, inputs: Inputs, params: Params, want_base_grads: bool = False) -> dict[str, Expected]:
+    """dA.i, dB.i (and dlora_bias.i, dmagnitude.i where adapter i has them) from adapter i's rows only
+    (exact zeros for an adapter without rows)."""
     index = np.asarray(inputs["index"]).reshape(-1)
     result = {}
     for i, adapter in enumerate(params["adapters"]):
         rows = np.flatnonzero(index == i)
+        names = ["A", "B"] + [n for n in ("lora_bias", "magnitude") if f"{n}.{i}" in inputs]
         if rows.size:
-            grads = oracle(_adapter_inputs(inputs, i, rows), {**adapter, "want_base_grads": False})
-            result[f"dA.{i}"], result[f"dB.{i}"] = grads["dA"], grads["dB"]
+            sub = _adapter_inputs(inputs, i, rows)
+            grads = choose(sub)(sub, {**adapter, "want_base_grads": want_base_grads})
+            result.update({f"d{n}.{i}": grads[f"d{n}"] for n in names})
         else:
-            for g in ("A", "B"):
-                zero = np.zeros(np.shape(inputs[f"{g}.{i}"]))
-                result[f"d{g}.{i}"] = Expected("bound", zero, zero, 1)
+            for n in names:
+                zero = np.zeros(np.shape(inputs[f"{n}.{i}"]))
+                result[f"d{n}.{i}"] = Expected("bound", zero, zero, 1)
     return result
 
 
@@ -87,24 +108,42 @@ def _with_geometry(params: Params) -> Params:
 @register("mixed_embedding.forward", "SPEC M.1, C.3")
 def mixed_embedding_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """Embedding mixed batch: ids [batch, ...], W [V, D], A.i [r_i, V], B.i [D, r_i]; row b uses adapter index[b]."""
-    return {"y": _routed(embedding_forward, "y", inputs, params)}
+    return {"y": _routed(_one(embedding_forward), "y", inputs, params)}
 
 
 @register("mixed_embedding.backward", "SPEC M.1, C.3")
 def mixed_embedding_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """dA.i, dB.i of an Embedding mixed batch, from adapter i's rows only (ids carry no gradient)."""
-    return _factor_grads(embedding_backward, inputs, params)
+    return _factor_grads(_one(embedding_backward), inputs, params)
 
 
 def mixed_conv_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """Conv mixed batch: x [N, C, *S], W [O, C, *k], A.i [r_i, C, *k], B.i [O, r_i, 1..]; params stride/padding/dilation shared."""
-    return {"y": _routed(conv_forward, "y", inputs, _with_geometry(params))}
+    return {"y": _routed(_one(conv_forward), "y", inputs, _with_geometry(params))}
 
 
 def mixed_conv_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """dx per row (its adapter's conv backward; base rows the base's), dA.i, dB.i over adapter i's rows."""
     params = _with_geometry(params)
-    return {"dx": _routed(conv_backward, "dx", inputs, params), **_factor_grads(conv_backward, inputs, params)}
+    return {"dx": _routed(_one(conv_backward), "dx", inputs, params), **_factor_grads(_one(conv_backward), inputs, params)}
+
+
+def _linear_variant(forward: bool) -> Chooser:
+    """dora.* for an adapter with a magnitude, else linear.* (lora_bias included when given)."""
+    return lambda sub: (dora_forward if forward else dora_backward) if "magnitude" in sub else (linear_forward if forward else linear_backward)
+
+
+@register("mixed_linear.forward", "SPEC M.1, 4.3, C.3")
+def mixed_linear_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Linear mixed batch with variant adapters: lora_bias.i [out] (scaled by s_i), or magnitude.i [out] (a DoRA row)."""
+    return {"y": _routed(_linear_variant(True), "y", inputs, params)}
+
+
+@register("mixed_linear.backward", "SPEC M.1, 4.3, C.3")
+def mixed_linear_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """dx per row (its adapter's backward, a DoRA row's with G = g_i ∘ dY), and per adapter its gradients over its rows."""
+    dx = _routed(_linear_variant(False), "dx", {k: v for k, v in inputs.items() if k != "b"}, params)
+    return {"dx": dx, **_factor_grads(_linear_variant(False), inputs, params, want_base_grads=True)}
 
 
 for _d in (1, 2, 3):

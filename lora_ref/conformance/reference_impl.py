@@ -203,6 +203,29 @@ def _mixed_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -
     return outputs
 
 
+def _variant_factors(params: Mapping[str, Any], inputs: Arrays) -> list[LoraFactors]:
+    """Linear adapters with their optional lora_bias.i or DoRA magnitude.i."""
+    return [LoraFactors(f.A, f.B, f.scale, lora_bias=inputs.get(f"lora_bias.{i}"), magnitude=inputs.get(f"magnitude.{i}"))
+            for i, f in enumerate(_factors(params, inputs))]
+
+
+def _mixed_linear_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"y": mixed_forward(inputs["x"], inputs["W"], _variant_factors(params, inputs), inputs["index"], bias=inputs.get("b"))}
+
+
+def _mixed_linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    factors = _variant_factors(params, inputs)
+    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], factors, inputs["index"])
+    outputs = {"dx": grads.dx}
+    for i, f in enumerate(factors):
+        outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
+        if f.lora_bias is not None:
+            outputs[f"dlora_bias.{i}"] = grads.dlora_bias[i]
+        if f.magnitude is not None:
+            outputs[f"dmagnitude.{i}"] = grads.dmagnitude[i]
+    return outputs
+
+
 def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     """combine.combine of one-module adapters built from A.i, B.i and params adapters[i] (SPEC M.3)."""
     adapters = []
@@ -239,6 +262,8 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
         ("forward", _dora_conv_forward), ("merge", lambda params, inputs: _dora_merge(params, inputs, "conv")),
         ("unmerge", lambda params, inputs: _dora_unmerge(params, inputs, "conv")),
         ("backward", lambda params, inputs: _dora_kind_backward("conv", params, inputs)))},
+    "mixed_linear.forward": _mixed_linear_forward,
+    "mixed_linear.backward": _mixed_linear_backward,
     "mixed_embedding.forward": lambda params, inputs: _mixed_kind_forward("embedding", params, inputs),
     "mixed_embedding.backward": lambda params, inputs: _mixed_kind_backward("embedding", params, inputs),
     **{f"mixed_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (

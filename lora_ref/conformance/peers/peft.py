@@ -82,7 +82,9 @@ class PeftImplementation:
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):  # one torch path for every conv rank
             op = f"conv.{action}"
-        elif kind.startswith("mixed_") and kind != "mixed_batch":  # mixed_embedding, mixed_conv{d}d: the generic mixed path
+        elif kind.startswith("mixed_") and kind != "mixed_batch":  # mixed_linear, _embedding, _conv{d}d: the generic mixed path
+            if any(name.startswith("magnitude.") for name in inputs) and action == "forward":
+                raise NotImplementedError("PEFT's adapter_names refuses DoRA adapters")
             op = f"mixed_batch.{action}"
         elif kind.startswith("dora_conv"):
             op = f"dora_conv.{action}"
@@ -297,14 +299,19 @@ class PeftImplementation:
         holder.layer = self._mixed_base(params, inputs)
         holder.to(self.torch_dtypes[_name(W.dtype)])
         adapters = params["adapters"]
-        model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
-        for i, adapter in enumerate(adapters[1:], start=1):
-            model.add_adapter(f"a{i}", self.config(adapter, ["layer"]))
+        def config(i):
+            return self.config(adapters[i], ["layer"], lora_bias=f"lora_bias.{i}" in inputs)
+
+        model = self.peft.get_peft_model(holder, config(0), adapter_name="a0")
+        for i in range(1, len(adapters)):
+            model.add_adapter(f"a{i}", config(i))
         layer = model.base_model.model.layer
         self.set_(layer.base_layer.weight, W)
         if "b" in inputs:
             self.set_(layer.base_layer.bias, inputs["b"])
         for i in range(len(adapters)):
+            if f"lora_bias.{i}" in inputs:
+                self.set_(layer.lora_B[f"a{i}"].bias, inputs[f"lora_bias.{i}"])
             if "ids" in inputs:
                 self.set_(layer.lora_embedding_A[f"a{i}"], inputs[f"A.{i}"])
                 self.set_(layer.lora_embedding_B[f"a{i}"], inputs[f"B.{i}"])
@@ -491,6 +498,8 @@ DEVIATIONS: dict[str, tuple[str, str]] = {
     "S-1": ("no exact unmerge (skipped)", "peft/tuners/lora/layer.py:1036 (unmerge subtracts; no residual)"),
     "S-2": ("mixed batches are refused in training mode (backward skipped)", "peft/tuners/lora/model.py:634 "
             "`raise ValueError(\"Cannot pass `adapter_names` when the model is in training mode.\")`"),
+    "S-3": ("mixed batches refuse DoRA adapters (forward skipped)",
+            "peft/tuners/lora/layer.py:850 `msg = \"Cannot pass `adapter_names` when DoRA is enabled.\"`"),
 }
 #: P-C1..P-C3: the (operation, storage dtype) pairs each precision deviation may move out of the float32 tier.
 _LOW = ("float16", "bfloat16")
@@ -498,7 +507,7 @@ PRECISION_PAIRS: dict[str, set[tuple[str, str]]] = {
     "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "embedding.backward", "mixed_batch.forward", "dora.forward",
                                 "dora.backward", "dora_embedding.backward",
                                 *(f"{k}{d}d.{a}" for k in ("conv", "dora_conv") for d in (1, 2, 3) for a in ("forward", "backward")),
-                                *(f"mixed_conv{d}d.forward" for d in (1, 2, 3)))
+                                "mixed_linear.forward", *(f"mixed_conv{d}d.forward" for d in (1, 2, 3)))
              for t in _LOW},
     "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv1d.unmerge", "conv2d.unmerge", "conv3d.unmerge") for t in _LOW},
     "P-C3": {("embedding.merge", t) for t in _LOW},
@@ -516,7 +525,11 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
     dilated = kind.startswith(("conv", "mixed_conv", "dora_conv")) and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
     rslora_first = kind == "combine" and params["adapters"][0].get("use_rslora", False)
     if result.status == "skip":
-        return "S-1" if params.get("exact") else "S-2" if kind.startswith("mixed_") and action == "backward" else None
+        if params.get("exact"):
+            return "S-1"
+        if kind.startswith("mixed_"):
+            return "S-2" if action == "backward" else "S-3" if any(name.startswith("magnitude.") for name in inputs) else None
+        return None
     if result.status in ("error", "timeout"):
         if dilated and _lora_size_differs(params, inputs):
             return "P-C4"
