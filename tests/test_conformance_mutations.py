@@ -57,6 +57,7 @@ one real bug seen in public LoRA implementations and must fail at least two case
   mixed_grads_all_rows    a mixed batch's adapter gradients accumulated over every row, not only the adapter's own
                           (a gather/scatter that drops the routing mask in the backward pass)
   mixed_lora_bias_every_row a mixed batch adding each adapter's lora_bias to every row (bias applied after the gather)
+  combine_bias_unweighted combination storing lora_bias = Σ b_i, without the weights c_i = w_i s_i
   dora_dm_unnormalised    DoRA's magnitude gradient Σ dY ∘ z without the division by the (detached) norm n
 """
 
@@ -81,7 +82,7 @@ MUTATIONS = [
     "dora_scale_outside_norm", "dora_kind_norm_without_delta", "dora_norm_storage_precision", "dora_backward_plain_lora",
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
-    "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row",
+    "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row", "combine_bias_unweighted",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -688,17 +689,24 @@ class Alt:
         if self.bug == "combined_rslora_scale" and params["adapters"][0].get("use_rslora", False):
             A = A * np.sqrt(self.c.type(A.shape[0]))  # the combined adapter inherits use_rslora with alpha = r: scale √r
         A, B = self.out(A, t), self.out(B, t)
-        return {"lora_a": A.T.copy(), "lora_b": B.T.copy()} if "lora_a.0" in inputs else {"A": A, "B": B}
+        out = {"lora_a": A.T.copy(), "lora_b": B.T.copy()} if "lora_a.0" in inputs else {"A": A, "B": B}
+        biases = [(c, self.w(inputs[f"lora_bias.{i}"])) for i, (c, _, _) in enumerate(self._combine_terms(params, inputs))
+                  if f"lora_bias.{i}" in inputs]
+        if biases:  # Σ c_i b_i (the bug: the weights and scales forgotten, Σ b_i)
+            out["lora_bias"] = self.out(sum((1 if self.bug == "combine_bias_unweighted" else c) * b for c, b in biases), t)
+        return out
 
     def combine_cat(self, params, inputs):
         terms = self._combine_terms(params, inputs)
         return self._combined(params, inputs, np.concatenate([c * A for c, A, _ in terms]), np.concatenate([B for _, _, B in terms], axis=1))
 
     def combine_svd(self, params, inputs):
-        """Rank-k factors of Δ = B_cat A_cat via QR of both factors and an SVD of the small core, in the compute dtype."""
+        """Rank-k factors of Δ = B_cat A_cat via QR of both factors and an SVD of the small core, in the compute dtype;
+        any kind's factors as matrices (Conv: A [r, C·∏k], B [O, r]), reshaped back at the end."""
         terms = self._combine_terms(params, inputs, svd=True)
-        B_cat = np.concatenate([B for _, _, B in terms], axis=1)
-        A_cat = np.concatenate([c * A for c, A, _ in terms])
+        A_tail, B_tail = terms[0][1].shape[1:], terms[0][2].shape[2:]
+        B_cat = np.concatenate([B.reshape(B.shape[0], B.shape[1]) for _, _, B in terms], axis=1)
+        A_cat = np.concatenate([c * A.reshape(A.shape[0], -1) for c, A, _ in terms])
         q1, r1 = np.linalg.qr(B_cat)
         q2, r2 = np.linalg.qr(A_cat.T)
         u, sigma, vt = np.linalg.svd(self.mm(r1, r2.T))
@@ -708,7 +716,7 @@ class Alt:
         U = np.zeros((B_cat.shape[0], k), self.c)
         Vt = np.zeros((k, A_cat.shape[1]), self.c)
         U[:, : min(k, sigma.size)], Vt[: min(k, sigma.size)] = self.mm(q1, u[:, :k]), self.mm(vt[:k], q2.T)
-        return self._combined(params, inputs, root[:, None] * Vt, U * root)
+        return self._combined(params, inputs, (root[:, None] * Vt).reshape((k,) + A_tail), (U * root).reshape((U.shape[0], k) + B_tail))
 
 
 def _run(impl, layout="canonical", profile="float32"):
@@ -818,6 +826,9 @@ def test_semantic_guards_catch_semantic_mutations_in_the_storage_tier(bug):
 CELL_CATCHES = {
     "mixed_batch_shared_scale": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
     "mixed_index_wraps": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
+    "combine_bias_unweighted": ("combine/cat-lora_bias", "combine/svd-lora_bias"),
+    "combine_weight_on_both": ("combine/cat-embedding", "combine/cat-conv2d", "combine/svd-conv2d"),
+    "svd_scale_twice": ("combine/svd-embedding", "combine/svd-conv2d"),
     "mixed_lora_bias_every_row": ("mixed_linear/forward-lora_bias", "mixed_linear/forward-dora_lora_bias"),
     "dora_norm_without_delta": ("mixed_linear/forward-dora",),
     "mixed_grads_all_rows": ("mixed_linear/backward", "mixed_embedding/backward", "mixed_conv1d/backward", "mixed_conv2d/backward", "mixed_conv3d/backward"),

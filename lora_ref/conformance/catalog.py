@@ -547,6 +547,17 @@ def _combine_cases() -> Iterator[CaseSpec]:
     for dtype in ("float32", "bfloat16"):
         yield case("svd-lossless", "combine.svd", dtype, {**mixed, "rank": 5}, factors((2, 3)),
                    "rank 5 = r_1 + r_2: B A = Δ up to rounding")
+    # any kind's factor shapes (param kind: linear, embedding, conv) and lora_bias (Σ c_i b_i)
+    emb = {"A.0": ((2, 20), 1.0), "B.0": ((12, 2), 1.0), "A.1": ((3, 20), 1.0), "B.1": ((12, 3), 1.0)}
+    conv = {"A.0": ((2, 3, 3, 3), 1.0), "B.0": ((4, 2, 1, 1), 1.0), "A.1": ((3, 3, 3, 3), 1.0), "B.1": ((4, 3, 1, 1), 1.0)}
+    biased = {**factors((2, 3)), "lora_bias.0": ((12,), 0.5), "lora_bias.1": ((12,), 0.5)}
+    for name, kind, shapes in (("embedding", "embedding", emb), ("conv2d", "conv", conv), ("lora_bias", "linear", biased)):
+        for dtype in ("float32", "bfloat16"):
+            yield case(f"cat-{name}", "combine.cat", dtype, {**mixed, "kind": kind}, shapes,
+                       f"cat of {kind} factors along the rank axis" + (", lora_bias = Σ c_i b_i" if name == "lora_bias" else ""))
+            yield case(f"svd-{name}", "combine.svd", dtype, {**mixed, "kind": kind, "rank": 3}, shapes,
+                       f"rank-3 svd of Σ c_i B_i A_i on {kind} factors (Conv: A [k, C, kh, kw], B [O, k, 1, 1])"
+                       + (", lora_bias = Σ c_i b_i" if name == "lora_bias" else ""))
     gap = {"adapters": [linear_params(3, 6), linear_params(2, 4)], "weights": [1.0, 2.0**-6], "rank": 3}
     for dtype in ALL_DTYPES:
         yield case("svd-truncated", "combine.svd", dtype, gap, factors((3, 2)),

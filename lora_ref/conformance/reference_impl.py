@@ -231,10 +231,12 @@ def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     adapters = []
     for i, p in enumerate(params["adapters"]):
         config = LoraConfig(r=int(p["r"]), lora_alpha=p["lora_alpha"], use_rslora=bool(p.get("use_rslora", False)), target_modules=["layer"])
-        adapters.append(Adapter(config, {"layer": LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"])}, name=f"a{i}"))
+        module = LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"], lora_bias=inputs.get(f"lora_bias.{i}"),
+                            kind=params.get("kind", "linear"))
+        adapters.append(Adapter(config, {"layer": module}, name=f"a{i}"))
     rank = int(params["rank"]) if method == "svd" else None
     module = combine.combine(adapters, params["weights"], method, rank=rank).adapter.modules["layer"]
-    return {"A": module.A, "B": module.B}
+    return {"A": module.A, "B": module.B, **({} if module.lora_bias is None else {"lora_bias": module.lora_bias})}
 
 
 OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {

@@ -423,22 +423,36 @@ class PeftImplementation:
         """``add_weighted_adapter`` over one Linear layer holding the case's adapters; the combined factors,
         with the combined adapter's own scale folded into A (so B A is the delta PEFT would apply)."""
         torch = self.torch
-        A0, adapters = inputs["A.0"], params["adapters"]
+        A0, adapters, kind = inputs["A.0"], params["adapters"], params.get("kind", "linear")
+        if any(name.startswith("lora_bias.") for name in inputs):
+            raise NotImplementedError("PEFT's add_weighted_adapter combines lora_A/lora_B weights only, no lora_bias")
         holder = torch.nn.Module()
-        holder.layer = torch.nn.Linear(A0.shape[1], inputs["B.0"].shape[0], bias=False)
+        out_f = inputs["B.0"].shape[0]
+        if kind == "embedding":
+            holder.layer = torch.nn.Embedding(A0.shape[1], out_f)
+        elif kind == "conv":
+            conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[A0.ndim]
+            holder.layer = conv(A0.shape[1], out_f, A0.shape[2:], bias=False)
+        else:
+            holder.layer = torch.nn.Linear(A0.shape[1], out_f, bias=False)
         holder.to(self.torch_dtypes[_name(A0.dtype)])
         model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
         for i, adapter in enumerate(adapters[1:], start=1):
             model.add_adapter(f"a{i}", self.config(adapter, ["layer"]))
         layer = model.base_model.model.layer
         for i in range(len(adapters)):
-            self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
-            self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
+            if kind == "embedding":
+                self.set_(layer.lora_embedding_A[f"a{i}"], inputs[f"A.{i}"])
+                self.set_(layer.lora_embedding_B[f"a{i}"], inputs[f"B.{i}"])
+            else:
+                self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
+                self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
         model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], [float(w) for w in params["weights"]], "combined",
                                    combination_type=method, **extra)
         scale = float(layer.scaling["combined"])
-        A = layer.lora_A["combined"].weight.detach().to(torch.float64) * scale
-        return {"A": self.array(A, A0.dtype), "B": self.array(layer.lora_B["combined"].weight, A0.dtype)}
+        A, B = (layer.lora_embedding_A["combined"], layer.lora_embedding_B["combined"]) if kind == "embedding" else \
+            (layer.lora_A["combined"].weight, layer.lora_B["combined"].weight)
+        return {"A": self.array(A.detach().to(torch.float64) * scale, A0.dtype), "B": self.array(B, A0.dtype)}
 
     def combine_cat(self, params, inputs):
         return self._combine("cat", params, inputs)
@@ -498,6 +512,8 @@ DEVIATIONS: dict[str, tuple[str, str]] = {
     "S-1": ("no exact unmerge (skipped)", "peft/tuners/lora/layer.py:1036 (unmerge subtracts; no residual)"),
     "S-2": ("mixed batches are refused in training mode (backward skipped)", "peft/tuners/lora/model.py:634 "
             "`raise ValueError(\"Cannot pass `adapter_names` when the model is in training mode.\")`"),
+    "S-4": ("add_weighted_adapter drops lora_bias: only the lora_A / lora_B weights are combined (skipped)",
+            "peft/tuners/lora/model.py:894 `current_adapter_lora_A = target.lora_A[adapter].weight` (no bias read)"),
     "S-3": ("mixed batches refuse DoRA adapters (forward skipped)",
             "peft/tuners/lora/layer.py:850 `msg = \"Cannot pass `adapter_names` when DoRA is enabled.\"`"),
 }
@@ -527,6 +543,8 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
     if result.status == "skip":
         if params.get("exact"):
             return "S-1"
+        if kind == "combine" and any(name.startswith("lora_bias.") for name in inputs):
+            return "S-4"
         if kind.startswith("mixed_"):
             return "S-2" if action == "backward" else "S-3" if any(name.startswith("magnitude.") for name in inputs) else None
         return None
