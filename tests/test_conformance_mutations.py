@@ -57,6 +57,7 @@ one real bug seen in public LoRA implementations and must fail at least two case
   mixed_grads_all_rows    a mixed batch's adapter gradients accumulated over every row, not only the adapter's own
                           (a gather/scatter that drops the routing mask in the backward pass)
   mixed_lora_bias_every_row a mixed batch adding each adapter's lora_bias to every row (bias applied after the gather)
+  stack_last_adapter_only an active stack that applies only the last adapter (set_adapter replacing, not adding)
   combine_bias_unweighted combination storing lora_bias = Σ b_i, without the weights c_i = w_i s_i
   dora_dm_unnormalised    DoRA's magnitude gradient Σ dY ∘ z without the division by the (detached) norm n
 """
@@ -82,7 +83,7 @@ MUTATIONS = [
     "dora_scale_outside_norm", "dora_kind_norm_without_delta", "dora_norm_storage_precision", "dora_backward_plain_lora",
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
-    "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row", "combine_bias_unweighted",
+    "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row", "combine_bias_unweighted", "stack_last_adapter_only",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -178,6 +179,8 @@ class Alt:
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):
             op = f"conv.{action}"
+        elif kind.startswith("stack_conv"):
+            op = f"stack_conv.{action}"
         elif kind.startswith("mixed_conv"):
             op = f"mixed_conv.{action}"
         elif kind.startswith("dora_conv"):
@@ -510,6 +513,35 @@ class Alt:
                     out[f"d{name}.{i}"] = part[f"d{name}"]
         return out
 
+    # -- active stacks: merged-weight association W' = W + Σ_j ΔW_j (an association the bound covers) ---------------
+    def _stack_weight(self, params, inputs, kind):
+        W = self.w(inputs["W"])
+        js = range(len(params["adapters"]))
+        for j in js[-1:] if self.bug == "stack_last_adapter_only" else js:  # the bug: set_adapter keeps only the last one
+            p, a = self._adapter(params, inputs, j)
+            A, B = self.factors(a)
+            if kind == "conv":
+                W = W + self._conv_delta(p, a, W.shape)
+            else:
+                delta = self.scale(p) * self.mm(B, A)
+                W = W + (delta.T if kind == "embedding" else delta)
+        return W
+
+    def stack_linear_forward(self, params, inputs):
+        W = self._stack_weight(params, inputs, "linear")
+        y = self.mm(self.w(inputs["x"]), W.T) + self.w(inputs["b"])
+        for j, adapter in enumerate(params["adapters"]):
+            if f"lora_bias.{j}" in inputs:
+                y = y + self.scale(self._adapter(params, inputs, j)[0]) * self.w(inputs[f"lora_bias.{j}"])
+        return {"y": self.out(y, inputs["x"].dtype)}
+
+    def stack_embedding_forward(self, params, inputs):
+        return {"y": self.out(self._stack_weight(params, inputs, "embedding")[inputs["ids"]], inputs["W"].dtype)}
+
+    def stack_conv_forward(self, params, inputs):
+        W = self._stack_weight(params, inputs, "conv")
+        return {"y": self.out(self._conv_value(params, inputs, W=W), inputs["x"].dtype)}
+
     def mixed_embedding_forward(self, params, inputs):
         return self._mixed_kind(params, inputs, self.embedding_forward, ("y",))
 
@@ -826,6 +858,7 @@ def test_semantic_guards_catch_semantic_mutations_in_the_storage_tier(bug):
 CELL_CATCHES = {
     "mixed_batch_shared_scale": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
     "mixed_index_wraps": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
+    "stack_last_adapter_only": ("stack_linear/", "stack_embedding/", "stack_conv1d/", "stack_conv2d/", "stack_conv3d/"),
     "combine_bias_unweighted": ("combine/cat-lora_bias", "combine/svd-lora_bias"),
     "combine_weight_on_both": ("combine/cat-embedding", "combine/cat-conv2d", "combine/svd-conv2d"),
     "svd_scale_twice": ("combine/svd-embedding", "combine/svd-conv2d"),

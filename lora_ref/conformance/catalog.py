@@ -497,6 +497,18 @@ def _cell_cases() -> Iterator[CaseSpec]:
                        {**{k: v for k, v in lin.items() if k != "b"}, **extra, "dy": ((4, n_out), 1.0)},
                        f"{description}: dx per row, and each adapter's gradients (dlora_bias.i, dmagnitude.i) from its rows", route)
 
+    stacks = {"linear": {"x": ((3, n_in), 2.0), "W": ((n_out, n_in), 1.0), "b": ((n_out,), 1.0), "lora_bias.0": ((n_out,), 0.5),
+                         **factors((n_in,), n_out, ())},
+              "embedding": {"ids": ((2, 3), V), "W": ((V, D), 1.0), **factors((V,), D, ())},
+              **{f"conv{d}d": {"x": ((2, 3) + (5,) * d if d < 3 else (1, 2, 3, 3, 3), 2.0),
+                               "W": ((4, 3) + (3,) * d if d < 3 else (3, 2, 3, 3, 3), 1.0), "b": ((4 if d < 3 else 3,), 1.0),
+                               **factors((3 if d < 3 else 2,) + (3,) * d, 4 if d < 3 else 3, (1,) * d)} for d in (1, 2, 3)}}
+    for kind, shapes in stacks.items():
+        for dtype in ("float32", "bfloat16"):
+            yield case(f"stack_{kind}", "forward", f"stack_{kind}.forward", dtype, {"adapters": two, "stride": 1, "padding": 1} if "conv" in kind
+                       else {"adapters": two}, shapes, f"{kind}: both adapters active on every row, unmerged: base + Σ_j s_j lora_j"
+                       + (" (+ s_0 lora_bias_0)" if kind == "linear" else ""))
+
     dora_emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((4, V), 1.0), "B": ((D, 4), 1.0), "magnitude": ((D,), 4.0),
                 "dy": ((2, 5, D), 1.0)}
     for dtype in ("float32", "float16"):

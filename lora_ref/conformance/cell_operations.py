@@ -23,6 +23,9 @@ largest of the rows' depths (K with max r_i), so the bound is the single-layer o
                               linear.backward / dora.backward over adapter i's rows only
 
 An adapter with no rows gets exact zero gradients (value 0, magnitude 0).
+
+    stack_{linear,embedding,conv{d}d}.forward   every adapter active on every row, unmerged:
+                              y = base(x) + b + Σ_j s_j (lora_j(x) + lora_bias_j)   K = forward K(max r_j) + n − 1
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .conv_operations import _forward as conv_terms
 from .conv_operations import conv_backward, conv_forward
-from .layer_operations import dora_backward, dora_forward, embedding_backward, embedding_forward
-from .operations import linear_backward, linear_forward
-from .operations import Expected, Inputs, Params, register
+from .layer_operations import _embedding_forward, dora_backward, dora_forward, embedding_backward, embedding_forward
+from .operations import Expected, Inputs, Params, _linear_forward, bounded, linear_backward, linear_forward, register
 
 Oracle = Callable[[Inputs, Params], dict[str, Expected]]
 #: An operation's single-adapter oracle for adapter i's inputs (``None``: the base row's).
@@ -149,3 +152,42 @@ def mixed_linear_backward(inputs: Inputs, params: Params) -> dict[str, Expected]
 for _d in (1, 2, 3):
     register(f"mixed_conv{_d}d.forward", "SPEC M.1, C.3")(mixed_conv_forward)
     register(f"mixed_conv{_d}d.backward", "SPEC M.1, C.3")(mixed_conv_backward)
+
+
+# -- active stacks: several adapters active at once on every row, unmerged (SPEC M.2) ---------------------
+def _stack_terms(kind: str, inputs: Inputs, params: Params, absolute: bool) -> list:
+    """base(x) (+ bias) once, plus every adapter j's LoRA term s_j lora_j(x) (+ s_j lora_bias_j), as exact terms."""
+    def single(sub: dict, adapter: Params) -> list:
+        if kind == "embedding":
+            return _embedding_forward(sub, adapter, absolute)
+        if kind == "conv":
+            return conv_terms(sub, _kind_params(params)(adapter), absolute)[0]
+        return _linear_forward(sub, adapter, absolute)[0]
+
+    terms: list = []
+    for j, adapter in enumerate(params["adapters"]):
+        sub = _adapter_inputs(inputs, j)
+        if j:
+            sub.pop("b", None)
+        first = single(sub, adapter)
+        terms += first if not j else first[1:]
+    return terms
+
+
+def _stack_forward(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """y = base(x) + b + Σ_j s_j (lora_j(x) + lora_bias_j): each term's path is the single layer's, plus n − 1
+    additions of the adapters' terms, so K = the kind's forward K at max r_j, plus n − 1."""
+    adapters = params["adapters"]
+    value_terms, abs_terms = _stack_terms(kind, inputs, params, False), _stack_terms(kind, inputs, params, True)
+    max_r = max(inputs[f"A.{j}"].shape[0] for j in range(len(adapters)))
+    length = {"linear": inputs["W"].shape[-1], "embedding": 0, "conv": int(np.prod(inputs["W"].shape[1:]))}[kind]
+    shape = tuple(value_terms[0][1].shape)
+    return {"y": bounded(value_terms, abs_terms, shape, length + max_r + 6 + len(adapters) - 1)}
+
+
+for _kind, _group in (("linear", "stack_linear"), ("embedding", "stack_embedding"), *(("conv", f"stack_conv{d}d") for d in (1, 2, 3))):
+    def _stack(inputs: Inputs, params: Params, _k: str = _kind) -> dict[str, Expected]:
+        return _stack_forward(_k, inputs, params)
+
+    _stack.__doc__ = f"Active stack on a {_kind} layer: every adapter on every row, unmerged (``_stack_forward``)."
+    register(f"{_group}.forward", "SPEC M.2, C.3")(_stack)

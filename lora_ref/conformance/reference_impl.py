@@ -16,7 +16,7 @@ from ..adapter import Adapter, LoraModule
 from ..config import LoraConfig, lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
-from ..mixed_batch import LoraFactors, mixed_backward, mixed_forward
+from ..mixed_batch import LoraFactors, active_forward, mixed_backward, mixed_forward
 
 Arrays = dict[str, np.ndarray]
 
@@ -226,6 +226,14 @@ def _mixed_linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return outputs
 
 
+def _stack_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """Every adapter active on every row (mixed_batch.active_forward), any kind."""
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    factors = [LoraFactors(f.A, f.B, f.scale, lora_bias=inputs.get(f"lora_bias.{i}"), kind=kind) for i, f in enumerate(_factors(params, inputs))]
+    options = {"geometry": _geometry(params)} if kind == "conv" else {}
+    return {"y": active_forward(x, inputs["W"], factors, kind=kind, bias=inputs.get("b"), **options)}
+
+
 def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     """combine.combine of one-module adapters built from A.i, B.i and params adapters[i] (SPEC M.3)."""
     adapters = []
@@ -264,6 +272,9 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
         ("forward", _dora_conv_forward), ("merge", lambda params, inputs: _dora_merge(params, inputs, "conv")),
         ("unmerge", lambda params, inputs: _dora_unmerge(params, inputs, "conv")),
         ("backward", lambda params, inputs: _dora_kind_backward("conv", params, inputs)))},
+    "stack_linear.forward": lambda params, inputs: _stack_forward("linear", params, inputs),
+    "stack_embedding.forward": lambda params, inputs: _stack_forward("embedding", params, inputs),
+    **{f"stack_conv{d}d.forward": lambda params, inputs: _stack_forward("conv", params, inputs) for d in (1, 2, 3)},
     "mixed_linear.forward": _mixed_linear_forward,
     "mixed_linear.backward": _mixed_linear_backward,
     "mixed_embedding.forward": lambda params, inputs: _mixed_kind_forward("embedding", params, inputs),

@@ -88,6 +88,8 @@ class PeftImplementation:
             op = f"mixed_batch.{action}"
         elif kind.startswith("dora_conv"):
             op = f"dora_conv.{action}"
+        elif kind.startswith("stack_"):
+            op = f"stack.{action}"
         handler = getattr(self, op.replace(".", "_"), None)
         if handler is None:
             raise NotImplementedError(f"the PEFT peer does not map {op!r}")
@@ -291,14 +293,15 @@ class PeftImplementation:
                         dilation=_axes(params, "dilation", 1), bias="b" in inputs)
         return torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs)
 
-    def mixed_batch_forward(self, params, inputs):
-        """PEFT's adapter_names routing for Linear, Embedding and Conv layers (one adapter per batch row)."""
+    def _multi(self, params, inputs):
+        """(model, layer): the case's base layer with adapters a0, a1, ... (lora_bias.i where given), in eval mode."""
         torch = self.torch
         W = inputs["W"]
         holder = torch.nn.Module()
         holder.layer = self._mixed_base(params, inputs)
         holder.to(self.torch_dtypes[_name(W.dtype)])
         adapters = params["adapters"]
+
         def config(i):
             return self.config(adapters[i], ["layer"], lora_bias=f"lora_bias.{i}" in inputs)
 
@@ -319,12 +322,27 @@ class PeftImplementation:
                 self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
                 self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
         model.eval()
+        return model, layer
+
+    def mixed_batch_forward(self, params, inputs):
+        """PEFT's adapter_names routing for Linear, Embedding and Conv layers (one adapter per batch row)."""
+        torch = self.torch
+        model, layer = self._multi(params, inputs)
         names = ["__base__" if int(i) == -1 else f"a{int(i)}" for i in inputs["index"]]
         # through PEFT's model-level hooks, as model(x, adapter_names=...) runs: they refuse unknown adapter names
         # (the layer alone skips them silently) before the layer checks the batch length
         with torch.no_grad(), model.base_model._enable_peft_forward_hooks(adapter_names=names):
             y = layer(self.tensor(inputs["ids" if "ids" in inputs else "x"]))
-        return {"y": self.array(y, W.dtype if "ids" in inputs else inputs["x"].dtype)}
+        return {"y": self.array(y, inputs["W"].dtype if "ids" in inputs else inputs["x"].dtype)}
+
+    def stack_forward(self, params, inputs):
+        """Every adapter active at once: the layer's set_adapter with the list of all of them."""
+        _, layer = self._multi(params, inputs)
+        layer.set_adapter([f"a{i}" for i in range(len(params["adapters"]))])
+        x = inputs["ids" if "ids" in inputs else "x"]
+        with self.torch.no_grad():
+            y = layer(self.tensor(x))
+        return {"y": self.array(y, inputs["W"].dtype if "ids" in inputs else x.dtype)}
 
     # -- DoRA ------------------------------------------------------------------------------------------
     def _dora(self, params, inputs):
@@ -523,7 +541,8 @@ PRECISION_PAIRS: dict[str, set[tuple[str, str]]] = {
     "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "embedding.backward", "mixed_batch.forward", "dora.forward",
                                 "dora.backward", "dora_embedding.backward",
                                 *(f"{k}{d}d.{a}" for k in ("conv", "dora_conv") for d in (1, 2, 3) for a in ("forward", "backward")),
-                                "mixed_linear.forward", *(f"mixed_conv{d}d.forward" for d in (1, 2, 3)))
+                                "mixed_linear.forward", "stack_linear.forward",
+                                *(f"{k}{d}d.forward" for k in ("mixed_conv", "stack_conv") for d in (1, 2, 3)))
              for t in _LOW},
     "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv1d.unmerge", "conv2d.unmerge", "conv3d.unmerge") for t in _LOW},
     "P-C3": {("embedding.merge", t) for t in _LOW},
