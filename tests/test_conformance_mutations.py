@@ -54,6 +54,12 @@ one real bug seen in public LoRA implementations and must fail at least two case
   ids_clamped             out-of-range token ids clamped into [0, V) (vllm-project/vllm#35937, gittensor-ai-lab/sparkinfer#154)
   ids_wrap_negative       negative token ids wrap to the last rows (BlinkDL/ChatRWKV#217)
   lora_grads_severed      the LoRA branch cut off the autograd graph: dA = dB = 0 (paiml/aprender#2232)
+  mixed_grads_all_rows    a mixed batch's adapter gradients accumulated over every row, not only the adapter's own
+                          (a gather/scatter that drops the routing mask in the backward pass)
+  mixed_lora_bias_every_row a mixed batch adding each adapter's lora_bias to every row (bias applied after the gather)
+  stack_last_adapter_only an active stack that applies only the last adapter (set_adapter replacing, not adding)
+  combine_bias_unweighted combination storing lora_bias = Σ b_i, without the weights c_i = w_i s_i
+  dora_dm_unnormalised    DoRA's magnitude gradient Σ dY ∘ z without the division by the (detached) norm n
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ MUTATIONS = [
     "dora_scale_outside_norm", "dora_kind_norm_without_delta", "dora_norm_storage_precision", "dora_backward_plain_lora",
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
+    "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row", "combine_bias_unweighted", "stack_last_adapter_only",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -150,7 +157,7 @@ class Alt:
                 raise ValueError("token id outside [0, V)")
         if "index" in inputs:
             index, n = inputs["index"], len(params["adapters"])
-            if (index.shape != inputs["x"].shape[:1] and self.bug != "mixed_index_length_unchecked") or ((index < -1) | (index >= n)).any():
+            if (index.shape != inputs["x" if "x" in inputs else "ids"].shape[:1] and self.bug != "mixed_index_length_unchecked") or ((index < -1) | (index >= n)).any():
                 raise ValueError("adapter index out of range or of the wrong length")
         if "b" in inputs and "W" in inputs:
             W = inputs["W"]
@@ -172,6 +179,12 @@ class Alt:
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):
             op = f"conv.{action}"
+        elif kind.startswith("stack_conv"):
+            op = f"stack_conv.{action}"
+        elif kind.startswith("mixed_conv"):
+            op = f"mixed_conv.{action}"
+        elif kind.startswith("dora_conv"):
+            op = f"dora_conv2d.{action}"
         return getattr(self, op.replace(".", "_"))(params, inputs)
 
     def linear_forward(self, params, inputs):
@@ -426,12 +439,120 @@ class Alt:
             s = self.mixed_scale(params["adapters"], i)
             rows = index == i
             dx[rows] += s * self.mm(self.mm(dy[rows], B), A)
-            dYi, Xi = dy[rows].reshape(-1, dy.shape[-1]), x[rows].reshape(-1, x.shape[-1])
+            grad_rows = slice(None) if self.bug == "mixed_grads_all_rows" else rows
+            dYi, Xi = dy[grad_rows].reshape(-1, dy.shape[-1]), x[grad_rows].reshape(-1, x.shape[-1])
             dA = self.out(s * self.mm(self.mm(dYi, B).T, Xi), t)
             dB = self.out(s * self.mm(dYi.T, self.mm(Xi, A.T)), t)
             out[f"dA.{i}"], out[f"dB.{i}"] = (dA.T.copy(), dB.T.copy()) if f"lora_a.{i}" in inputs else (dA, dB)
         out["dx"] = self.out(dx, t)
         return out
+
+    # -- mixed batches of Embedding and Conv layers: each row through its adapter's single-adapter layer ------
+    def _route(self, params, inputs):
+        """[(adapter i or None for the base, its batch rows)], with the index bugs."""
+        index = np.array(inputs["index"])
+        if self.bug == "mixed_index_wraps":
+            index = np.where(index < 0, index + len(params["adapters"]), index)
+        return [(None if i < 0 else int(i), index == i) for i in sorted(set(index.tolist()))]
+
+    def _adapter(self, params, inputs, i, rows=None):
+        """Single-adapter (params, inputs) of adapter i (None: the base, B = 0), batch ``rows`` only if given."""
+        j = 0 if i is None else i
+        shared = {k: v for k, v in params.items() if k != "adapters"}
+        sub = {**params["adapters"][j], **shared, "scale": self.mixed_scale(params["adapters"], j)}
+        arrays = {k: v for k, v in inputs.items() if "." not in k and k != "index"}
+        for name, value in inputs.items():
+            head, _, tail = name.partition(".")
+            if tail == str(j) and (i is not None or head in ("A", "B", "lora_a", "lora_b")):  # the base: no lora_bias, magnitude
+                arrays[head] = np.zeros_like(value) if i is None and head in ("B", "lora_b") else value
+        if rows is not None:
+            for name in ("x", "ids", "dy"):
+                if name in arrays:
+                    arrays[name] = arrays[name][rows]
+        return sub, arrays
+
+    def _mixed_kind(self, params, inputs, method, names):
+        """Outputs ``names`` of ``method`` assembled row by row."""
+        out = {}
+        for i, rows in self._route(params, inputs):
+            part = method(*self._adapter(params, inputs, i))
+            for name in names:
+                out.setdefault(name, np.zeros_like(part[name]))[rows] = part[name][rows]
+        return out
+
+    def _mixed_factor_grads(self, params, inputs, method):
+        index = np.asarray(inputs["index"])
+        out = {}
+        for i, _ in enumerate(params["adapters"]):
+            rows = slice(None) if self.bug == "mixed_grads_all_rows" else index == i
+            grads = method(*self._adapter(params, inputs, i, rows))
+            out[f"dA.{i}"], out[f"dB.{i}"] = grads["dA"], grads["dB"]
+        return out
+
+    def mixed_linear_forward(self, params, inputs):
+        out = self._mixed_kind(params, inputs, lambda p, a: (self.dora_forward if "magnitude" in a else self.linear_forward)(p, a), ("y",))
+        if self.bug == "mixed_lora_bias_every_row":  # each lora_bias added outside the routing, to every row
+            y = self.w(out["y"])
+            for i, adapter in enumerate(params["adapters"]):
+                if f"lora_bias.{i}" in inputs:
+                    rows = np.asarray(inputs["index"]) != i
+                    y[rows] += self.mixed_scale(params["adapters"], i) * self.w(inputs[f"lora_bias.{i}"])
+            out["y"] = self.out(y, inputs["x"].dtype)
+        return out
+
+    def mixed_linear_backward(self, params, inputs):
+        def grads(p, a):
+            return (self.dora_backward if "magnitude" in a else self.linear_backward)({**p, "want_base_grads": True}, {**a, "b": a["dy"][0]})
+        out = self._mixed_kind(params, inputs, grads, ("dx",))
+        index = np.asarray(inputs["index"])
+        for i, _ in enumerate(params["adapters"]):
+            rows = slice(None) if self.bug == "mixed_grads_all_rows" else index == i
+            part = grads(*self._adapter(params, inputs, i, rows))
+            for name in ("A", "B", "lora_bias", "magnitude"):
+                if f"{name}.{i}" in inputs or f"lora_{name[0].lower()}.{i}" in inputs and name in ("A", "B"):
+                    out[f"d{name}.{i}"] = part[f"d{name}"]
+        return out
+
+    # -- active stacks: merged-weight association W' = W + Σ_j ΔW_j (an association the bound covers) ---------------
+    def _stack_weight(self, params, inputs, kind):
+        W = self.w(inputs["W"])
+        js = range(len(params["adapters"]))
+        for j in js[-1:] if self.bug == "stack_last_adapter_only" else js:  # the bug: set_adapter keeps only the last one
+            p, a = self._adapter(params, inputs, j)
+            A, B = self.factors(a)
+            if kind == "conv":
+                W = W + self._conv_delta(p, a, W.shape)
+            else:
+                delta = self.scale(p) * self.mm(B, A)
+                W = W + (delta.T if kind == "embedding" else delta)
+        return W
+
+    def stack_linear_forward(self, params, inputs):
+        W = self._stack_weight(params, inputs, "linear")
+        y = self.mm(self.w(inputs["x"]), W.T) + self.w(inputs["b"])
+        for j, adapter in enumerate(params["adapters"]):
+            if f"lora_bias.{j}" in inputs:
+                y = y + self.scale(self._adapter(params, inputs, j)[0]) * self.w(inputs[f"lora_bias.{j}"])
+        return {"y": self.out(y, inputs["x"].dtype)}
+
+    def stack_embedding_forward(self, params, inputs):
+        return {"y": self.out(self._stack_weight(params, inputs, "embedding")[inputs["ids"]], inputs["W"].dtype)}
+
+    def stack_conv_forward(self, params, inputs):
+        W = self._stack_weight(params, inputs, "conv")
+        return {"y": self.out(self._conv_value(params, inputs, W=W), inputs["x"].dtype)}
+
+    def mixed_embedding_forward(self, params, inputs):
+        return self._mixed_kind(params, inputs, self.embedding_forward, ("y",))
+
+    def mixed_embedding_backward(self, params, inputs):
+        return self._mixed_factor_grads(params, inputs, self.embedding_backward)
+
+    def mixed_conv_forward(self, params, inputs):
+        return self._mixed_kind(params, inputs, self.conv_forward, ("y",))
+
+    def mixed_conv_backward(self, params, inputs):
+        return {**self._mixed_kind(params, inputs, self.conv_backward, ("dx",)), **self._mixed_factor_grads(params, inputs, self.conv_backward)}
 
     def _gain(self, params, inputs):
         W = self.w(inputs["W"])
@@ -472,7 +593,8 @@ class Alt:
             dA, dB = dA + s * self.mm(B.T, GV), dB + s * self.mm(GV, A.T)
         t = inputs["x"].dtype
         out = {"dx": self.out(self.mm(G, W) + s * self.mm(self.mm(G, B), A), t), "dA": self.out(dA, t), "dB": self.out(dB, t),
-               "dmagnitude": self.out((dy * z).sum(axis=0) / n, t), "db": self.out(dy.sum(axis=0), t)}
+               "dmagnitude": self.out((dy * z).sum(axis=0) / (1 if self.bug == "dora_dm_unnormalised" else n), t),
+               "db": self.out(dy.sum(axis=0), t)}
         if "lora_a" in inputs:
             out["dA"], out["dB"] = out["dA"].T.copy(), out["dB"].T.copy()
         return out
@@ -529,6 +651,37 @@ class Alt:
         g, _, V = self._dora_parts("conv", params, inputs)
         return {"y": self.out(self._conv_value(params, inputs, W=g * V), inputs["x"].dtype)}
 
+    def _dora_kind_backward(self, kind, params, inputs, plain):
+        """G = g ∘ dY through the plain kind's backward (n detached); dm = Σ dY ∘ z / n; db = Σ dY."""
+        g, _, _ = self._dora_parts(kind, params, inputs)
+        axis = -1 if kind == "embedding" else 1
+        # per output channel (under dora_conv_norm_dim1 g has one entry per (o, tap): the backward takes tap 0's)
+        gain = g.reshape(-1) if kind == "embedding" else g.reshape(g.shape[0], -1)[:, 0]
+        shape = [1] * inputs["dy"].ndim
+        shape[axis] = -1
+        dy = self.w(inputs["dy"])
+        G = dy if self.bug == "dora_backward_plain_lora" else dy * gain.reshape(shape)
+        out = plain({k: v for k, v in params.items() if k != "want_base_grads"}, {**inputs, "dy": G})
+        unbiased = {k: v for k, v in inputs.items() if k != "b"}
+        if kind == "embedding":
+            z = self.w(inputs["W"])[inputs["ids"]] + self.scale(params) * self.mm(self.factors(inputs)[0].T[inputs["ids"]], self.factors(inputs)[1].T)
+        else:
+            z = self._conv_value(params, unbiased)
+        n = self.w(inputs["magnitude"]).reshape(-1) / gain
+        axes = tuple(a for a in range(dy.ndim) if a != dy.ndim + axis and a != axis)
+        dm = (dy * z).sum(axis=axes)
+        t = inputs["dy"].dtype
+        out["dmagnitude"] = self.out(dm if self.bug == "dora_dm_unnormalised" else dm / n, t)
+        if "b" in inputs:
+            out["db"] = self.out(dy.sum(axis=axes), t)
+        return out
+
+    def dora_embedding_backward(self, params, inputs):
+        return self._dora_kind_backward("embedding", params, inputs, self.embedding_backward)
+
+    def dora_conv2d_backward(self, params, inputs):
+        return self._dora_kind_backward("conv", params, inputs, self.conv_backward)
+
     def _dora_kind_merge(self, kind, params, inputs):
         g, _, V = self._dora_parts(kind, params, inputs)
         return {"W_merged": self.out(g * V, inputs["W"].dtype)}
@@ -568,17 +721,24 @@ class Alt:
         if self.bug == "combined_rslora_scale" and params["adapters"][0].get("use_rslora", False):
             A = A * np.sqrt(self.c.type(A.shape[0]))  # the combined adapter inherits use_rslora with alpha = r: scale √r
         A, B = self.out(A, t), self.out(B, t)
-        return {"lora_a": A.T.copy(), "lora_b": B.T.copy()} if "lora_a.0" in inputs else {"A": A, "B": B}
+        out = {"lora_a": A.T.copy(), "lora_b": B.T.copy()} if "lora_a.0" in inputs else {"A": A, "B": B}
+        biases = [(c, self.w(inputs[f"lora_bias.{i}"])) for i, (c, _, _) in enumerate(self._combine_terms(params, inputs))
+                  if f"lora_bias.{i}" in inputs]
+        if biases:  # Σ c_i b_i (the bug: the weights and scales forgotten, Σ b_i)
+            out["lora_bias"] = self.out(sum((1 if self.bug == "combine_bias_unweighted" else c) * b for c, b in biases), t)
+        return out
 
     def combine_cat(self, params, inputs):
         terms = self._combine_terms(params, inputs)
         return self._combined(params, inputs, np.concatenate([c * A for c, A, _ in terms]), np.concatenate([B for _, _, B in terms], axis=1))
 
     def combine_svd(self, params, inputs):
-        """Rank-k factors of Δ = B_cat A_cat via QR of both factors and an SVD of the small core, in the compute dtype."""
+        """Rank-k factors of Δ = B_cat A_cat via QR of both factors and an SVD of the small core, in the compute dtype;
+        any kind's factors as matrices (Conv: A [r, C·∏k], B [O, r]), reshaped back at the end."""
         terms = self._combine_terms(params, inputs, svd=True)
-        B_cat = np.concatenate([B for _, _, B in terms], axis=1)
-        A_cat = np.concatenate([c * A for c, A, _ in terms])
+        A_tail, B_tail = terms[0][1].shape[1:], terms[0][2].shape[2:]
+        B_cat = np.concatenate([B.reshape(B.shape[0], B.shape[1]) for _, _, B in terms], axis=1)
+        A_cat = np.concatenate([c * A.reshape(A.shape[0], -1) for c, A, _ in terms])
         q1, r1 = np.linalg.qr(B_cat)
         q2, r2 = np.linalg.qr(A_cat.T)
         u, sigma, vt = np.linalg.svd(self.mm(r1, r2.T))
@@ -588,7 +748,7 @@ class Alt:
         U = np.zeros((B_cat.shape[0], k), self.c)
         Vt = np.zeros((k, A_cat.shape[1]), self.c)
         U[:, : min(k, sigma.size)], Vt[: min(k, sigma.size)] = self.mm(q1, u[:, :k]), self.mm(vt[:k], q2.T)
-        return self._combined(params, inputs, root[:, None] * Vt, U * root)
+        return self._combined(params, inputs, (root[:, None] * Vt).reshape((k,) + A_tail), (U * root).reshape((U.shape[0], k) + B_tail))
 
 
 def _run(impl, layout="canonical", profile="float32"):
@@ -692,3 +852,28 @@ def test_semantic_guards_catch_semantic_mutations_in_the_storage_tier(bug):
     result = _run(Alt(np.float32, bug=bug), MUTATION_LAYOUT.get(bug, "canonical"), profile="storage")
     guard = [r for r in result.results if r.case_id == STORAGE_TIER_CATCHES[bug]][0]
     assert guard.status == "fail" and guard.verdict == "semantic", (bug, guard.tiers)
+
+
+#: Issue 14's cells: each new formula's mutation must fail at least two cases of every group it names.
+CELL_CATCHES = {
+    "mixed_batch_shared_scale": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
+    "mixed_index_wraps": ("mixed_embedding/", "mixed_conv1d/", "mixed_conv2d/", "mixed_conv3d/"),
+    "stack_last_adapter_only": ("stack_linear/", "stack_embedding/", "stack_conv1d/", "stack_conv2d/", "stack_conv3d/"),
+    "combine_bias_unweighted": ("combine/cat-lora_bias", "combine/svd-lora_bias"),
+    "combine_weight_on_both": ("combine/cat-embedding", "combine/cat-conv2d", "combine/svd-conv2d"),
+    "svd_scale_twice": ("combine/svd-embedding", "combine/svd-conv2d"),
+    "mixed_lora_bias_every_row": ("mixed_linear/forward-lora_bias", "mixed_linear/forward-dora_lora_bias"),
+    "dora_norm_without_delta": ("mixed_linear/forward-dora",),
+    "mixed_grads_all_rows": ("mixed_linear/backward", "mixed_embedding/backward", "mixed_conv1d/backward", "mixed_conv2d/backward", "mixed_conv3d/backward"),
+    "dora_backward_plain_lora": ("mixed_linear/backward-dora", "dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
+    "dora_dm_unnormalised": ("mixed_linear/backward-dora", "dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
+    "dora_kind_norm_without_delta": ("dora_conv1d/", "dora_conv3d/"),
+    "dora_conv_norm_dim1": ("dora_conv1d/", "dora_conv3d/"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(CELL_CATCHES))
+def test_new_cells_catch_their_mutations(bug):
+    failed = [r.case_id for r in _run(Alt(np.float32, bug=bug)).results if r.status == "fail"]
+    for prefix in CELL_CATCHES[bug]:
+        assert sum(case_id.startswith(prefix) for case_id in failed) >= 2, (bug, prefix, failed)

@@ -434,6 +434,109 @@ def _dora_layer_cases() -> Iterator[CaseSpec]:
                    conv(3, 8, 3, 2, ("W", "A", "B", "magnitude")), "exact round trip -> W's bits")
 
 
+def _route(*index: int) -> Callable[[dict[str, np.ndarray], np.dtype], None]:
+    """A fixed routing (every adapter and the base at least once), with id 7 repeated when there are ids."""
+
+    def special(arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        arrays["index"][...] = np.array(index, dtype=np.int64)
+        if "ids" in arrays:
+            _repeat_ids(arrays, dtype)
+
+    return special
+
+
+def conv_length(size: int, k: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """A conv's output length along one axis: (size + 2 padding − dilation (k − 1) − 1) // stride + 1."""
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _cell_cases() -> Iterator[CaseSpec]:
+    """Issue 14's cells: mixed batches of Embedding and Conv1d/2d/3d, DoRA backward on Embedding and Conv, DoRA on Conv1d/3d."""
+
+    def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str, special=None) -> CaseSpec:
+        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, shapes, description, special)
+
+    two = [linear_params(2, 4), linear_params(3, 7, rslora=True)]
+    route = _route(0, 1, -1, 1)
+
+    def factors(a_tail: tuple[int, ...], b_head: int, b_tail: tuple[int, ...]) -> dict:
+        return {f"{g}.{i}": (((r,) + a_tail) if g == "A" else ((b_head, r) + b_tail), 1.0) for i, r in enumerate((2, 3)) for g in "AB"}
+
+    V, D = 20, 12
+    emb = {"ids": ((4, 3), V), "W": ((V, D), 1.0), "index": ((4,), 2), **factors((V,), D, ())}
+    for dtype in ("float32", "bfloat16"):
+        yield case("mixed_embedding", "forward", "mixed_embedding.forward", dtype, {"adapters": two}, emb,
+                   "ids [4, 3], row b uses adapter index[b] (-1 = base), ranks 2 and 3, the second rsLoRA", route)
+        yield case("mixed_embedding", "backward", "mixed_embedding.backward", dtype, {"adapters": two}, {**emb, "dy": ((4, 3, D), 1.0)},
+                   "dA.i (scatter-add over repeated ids), dB.i from adapter i's rows only", route)
+    for d, dtypes, size, k, geometry in ((1, ("float32", "bfloat16"), 9, 3, dict(stride=2, padding=1)),
+                                         (2, ("float32", "bfloat16", "float16"), 5, 3, dict(stride=1, padding=1)),
+                                         (3, ("float32", "float16"), 3, 3, dict(stride=1, padding=1))):
+        c, o = 3 if d < 3 else 2, 4 if d < 3 else 3
+        conv = {"x": ((4, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0), "index": ((4,), 2),
+                **factors((c,) + (k,) * d, o, (1,) * d)}
+        for dtype in dtypes:
+            yield case(f"mixed_conv{d}d", "forward", f"mixed_conv{d}d.forward", dtype, {"adapters": two, **geometry}, conv,
+                       f"Conv{d}d mixed batch {geometry}: row b uses adapter index[b] (-1 = base), bias", route)
+            yield case(f"mixed_conv{d}d", "backward", f"mixed_conv{d}d.backward", dtype, {"adapters": two, **geometry},
+                       {**{n: v for n, v in conv.items() if n != "b"}, "dy": ((4, o) + (conv_length(size, k, **geometry),) * d, 1.0)},
+                       "dx per row through its adapter; dA.i, dB.i from adapter i's rows only", route)
+
+    n_in, n_out = 10, 6
+    lin = {"x": ((4, n_in), 2.0), "W": ((n_out, n_in), 1.0), "b": ((n_out,), 1.0), "index": ((4,), 2),
+           **factors((n_in,), n_out, ())}
+    for variant, extra, description in (
+            ("lora_bias", {"lora_bias.0": ((n_out,), 0.5), "lora_bias.1": ((n_out,), 0.5)}, "both adapters with lora_bias (s_i b_i)"),
+            ("dora", {"magnitude.1": ((n_out,), 4.0)}, "adapter 1 DoRA (its rows: g_1 = m_1 / ‖W + s_1 B_1 A_1‖), adapter 0 plain"),
+            ("dora_lora_bias", {"lora_bias.0": ((n_out,), 0.5), "magnitude.1": ((n_out,), 4.0)},
+             "adapter 0 plain with lora_bias, adapter 1 DoRA with its own norm")):
+        for dtype in ("float32", "bfloat16"):
+            yield case("mixed_linear", f"forward-{variant}", "mixed_linear.forward", dtype, {"adapters": two}, {**lin, **extra},
+                       description, route)
+            yield case("mixed_linear", f"backward-{variant}", "mixed_linear.backward", dtype, {"adapters": two},
+                       {**{k: v for k, v in lin.items() if k != "b"}, **extra, "dy": ((4, n_out), 1.0)},
+                       f"{description}: dx per row, and each adapter's gradients (dlora_bias.i, dmagnitude.i) from its rows", route)
+
+    stacks = {"linear": {"x": ((3, n_in), 2.0), "W": ((n_out, n_in), 1.0), "b": ((n_out,), 1.0), "lora_bias.0": ((n_out,), 0.5),
+                         **factors((n_in,), n_out, ())},
+              "embedding": {"ids": ((2, 3), V), "W": ((V, D), 1.0), **factors((V,), D, ())},
+              **{f"conv{d}d": {"x": ((2, 3) + (5,) * d if d < 3 else (1, 2, 3, 3, 3), 2.0),
+                               "W": ((4, 3) + (3,) * d if d < 3 else (3, 2, 3, 3, 3), 1.0), "b": ((4 if d < 3 else 3,), 1.0),
+                               **factors((3 if d < 3 else 2,) + (3,) * d, 4 if d < 3 else 3, (1,) * d)} for d in (1, 2, 3)}}
+    for kind, shapes in stacks.items():
+        for dtype in ("float32", "bfloat16"):
+            yield case(f"stack_{kind}", "forward", f"stack_{kind}.forward", dtype, {"adapters": two, "stride": 1, "padding": 1} if "conv" in kind
+                       else {"adapters": two}, shapes, f"{kind}: both adapters active on every row, unmerged: base + Σ_j s_j lora_j"
+                       + (" (+ s_0 lora_bias_0)" if kind == "linear" else ""))
+
+    dora_emb = {"ids": ((2, 5), V), "W": ((V, D), 1.0), "A": ((4, V), 1.0), "B": ((D, 4), 1.0), "magnitude": ((D,), 4.0),
+                "dy": ((2, 5, D), 1.0)}
+    for dtype in ("float32", "float16"):
+        yield case("dora_embedding", "backward", "dora_embedding.backward", dtype, linear_params(4, 8), dora_emb,
+                   "G = g ∘ dY per column: dA (scatter-add over repeated ids), dB, dmagnitude = Σ dY ∘ z / n", _repeat_ids)
+    for d, size, k, geometry in ((1, 9, 3, dict(stride=2, padding=1)), (2, 5, 3, dict(stride=1, padding=1)),
+                                 (3, 4, 3, dict(stride=1, padding=1))):
+        c, o, n = (3, 4, 2) if d < 3 else (2, 3, 1)
+        every = {"x": ((n, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0), "A": ((2, c) + (k,) * d, 1.0),
+                 "B": ((o, 2) + (1,) * d, 1.0), "magnitude": ((o,), 4.0), "dy": ((n, o) + (conv_length(size, k, **geometry),) * d, 1.0)}
+        weights = {name: every[name] for name in ("W", "A", "B", "magnitude")}
+        group = f"dora_conv{d}d"
+        for dtype in ("float32", "bfloat16"):
+            yield case(group, "backward", f"{group}.backward", dtype, linear_params(2, 4, **geometry), every,
+                       f"Conv{d}d DoRA backward {geometry}: dx, dA, dB at G = g ∘ dY (n detached), dmagnitude, db")
+        if d == 2:
+            continue
+        fwd = {name: every[name] for name in ("x", "W", "b", "A", "B", "magnitude")}
+        for dtype in ("float32", "bfloat16" if d == 1 else "float16"):
+            yield case(group, "forward", f"{group}.forward", dtype, linear_params(2, 4, **geometry), fwd,
+                       f"Conv{d}d DoRA {geometry}: g ∘ (conv(x, W) + lora(x)) + b, g = m / ‖W + ΔW‖ over (C, *k)")
+            yield case(group, "merge", f"{group}.merge", dtype, linear_params(2, 4, rslora=dtype != "float32"), weights,
+                       f"Conv{d}d DoRA merge W' = g ∘ (W + ΔW)")
+        for dtype in ("float32", "bfloat16"):
+            yield case(group, "unmerge-exact", f"{group}.unmerge", dtype, linear_params(2, 4, exact=True), weights,
+                       "exact round trip -> W's bits")
+
+
 def _combine_cases() -> Iterator[CaseSpec]:
     """Weighted combination of two adapters (SPEC M.3): cat (exact stacking) and svd (lossless and truncated)."""
 
@@ -456,6 +559,17 @@ def _combine_cases() -> Iterator[CaseSpec]:
     for dtype in ("float32", "bfloat16"):
         yield case("svd-lossless", "combine.svd", dtype, {**mixed, "rank": 5}, factors((2, 3)),
                    "rank 5 = r_1 + r_2: B A = Δ up to rounding")
+    # any kind's factor shapes (param kind: linear, embedding, conv) and lora_bias (Σ c_i b_i)
+    emb = {"A.0": ((2, 20), 1.0), "B.0": ((12, 2), 1.0), "A.1": ((3, 20), 1.0), "B.1": ((12, 3), 1.0)}
+    conv = {"A.0": ((2, 3, 3, 3), 1.0), "B.0": ((4, 2, 1, 1), 1.0), "A.1": ((3, 3, 3, 3), 1.0), "B.1": ((4, 3, 1, 1), 1.0)}
+    biased = {**factors((2, 3)), "lora_bias.0": ((12,), 0.5), "lora_bias.1": ((12,), 0.5)}
+    for name, kind, shapes in (("embedding", "embedding", emb), ("conv2d", "conv", conv), ("lora_bias", "linear", biased)):
+        for dtype in ("float32", "bfloat16"):
+            yield case(f"cat-{name}", "combine.cat", dtype, {**mixed, "kind": kind}, shapes,
+                       f"cat of {kind} factors along the rank axis" + (", lora_bias = Σ c_i b_i" if name == "lora_bias" else ""))
+            yield case(f"svd-{name}", "combine.svd", dtype, {**mixed, "kind": kind, "rank": 3}, shapes,
+                       f"rank-3 svd of Σ c_i B_i A_i on {kind} factors (Conv: A [k, C, kh, kw], B [O, k, 1, 1])"
+                       + (", lora_bias = Σ c_i b_i" if name == "lora_bias" else ""))
     gap = {"adapters": [linear_params(3, 6), linear_params(2, 4)], "weights": [1.0, 2.0**-6], "rank": 3}
     for dtype in ALL_DTYPES:
         yield case("svd-truncated", "combine.svd", dtype, gap, factors((3, 2)),
@@ -592,7 +706,7 @@ def _conv_out(row: Mapping[str, str], d: int) -> tuple[int, ...] | None:
     size = _CONV_SHAPES[d][3]
     k = _conv_kernel(row["kernel"], d)
     s, p, dl = (_each(_conv_axis(row[name], d), d) for name in ("stride", "padding", "dilation"))
-    out = tuple((n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(size, k, s, p, dl))
+    out = tuple(conv_length(n, kk, ss, pp, dd) for n, kk, ss, pp, dd in zip(size, k, s, p, dl))
     return out if all(o >= 1 and n + 2 * pp - dd * (kk - 1) - 1 >= 0 for o, n, kk, pp, dd in zip(out, size, k, p, dl)) else None
 
 
@@ -908,7 +1022,7 @@ def _semantic_cases() -> Iterator[CaseSpec]:
 
 
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
-BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _combine_cases,
+BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _cell_cases, _combine_cases,
                                                     _covering_cases, _refusal_cases, _semantic_cases]
 
 

@@ -53,9 +53,21 @@ def _factors(inputs: Inputs, count: int) -> list[tuple[Dyadic, Dyadic]]:
     return [(Dyadic.of(inputs[f"A.{i}"], what=f"A.{i}"), Dyadic.of(inputs[f"B.{i}"], what=f"B.{i}")) for i in range(count)]
 
 
+def _lora_bias(inputs: Inputs, coefficients: list[Fraction]) -> dict[str, Expected]:
+    """lora_bias = Σ c_i b_i over the adapters that have one (K = CAT_DEPTH + n − 1: each product's
+    roundings and the n − 1 additions); nothing when no adapter has a lora_bias."""
+    present = [(c, Dyadic.of(inputs[f"lora_bias.{i}"], what=f"lora_bias.{i}")) for i, c in enumerate(coefficients) if f"lora_bias.{i}" in inputs]
+    if not present:
+        return {}
+    shape = present[0][1].shape
+    return {"lora_bias": Expected("bound", combine(present, shape), combine([(abs(c), b.abs()) for c, b in present], shape),
+                                  CAT_DEPTH + len(coefficients) - 1)}
+
+
 @register("combine.cat", "SPEC M.3, C.3")
 def combine_cat(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """A = [c_1 A_1; ...; c_n A_n] (bounded, K = 5), B = [B_1, ..., B_n] (bitwise)."""
+    """A = [c_1 A_1; ...; c_n A_n] (bounded, K = 5), B = [B_1, ..., B_n] (bitwise), along the rank axis of
+    any kind's factors (Embedding A [r, V], B [D, r]; Conv A [r, C, *k], B [O, r, 1, ...]); lora_bias = Σ c_i b_i."""
     coefficients = _coefficients(params)
     factors = _factors(inputs, len(coefficients))
     values, magnitudes = [], []
@@ -64,7 +76,7 @@ def combine_cat(inputs: Inputs, params: Params) -> dict[str, Expected]:
         magnitudes.append(combine([(abs(c), A.abs())], A.shape))
     B = np.concatenate([np.asarray(inputs[f"B.{i}"]) for i in range(len(coefficients))], axis=1)
     return {"A": Expected("bound", np.concatenate(values, axis=0), np.concatenate(magnitudes, axis=0), CAT_DEPTH),
-            "B": Expected("bitwise", B)}
+            "B": Expected("bitwise", B), **_lora_bias(inputs, coefficients)}
 
 
 def _round_up(value: float, bits: int = 8) -> float:
@@ -79,9 +91,11 @@ def _round_up(value: float, bits: int = 8) -> float:
 def combine_svd(inputs: Inputs, params: Params) -> dict[str, Expected]:
     """B̂Â (the runner's float64 product of the returned factors) against Δ, within the module docstring's bound."""
     coefficients = _coefficients(params)
-    factors = _factors(inputs, len(coefficients))
+    # any kind's factors as matrices A_i [r_i, in], B_i [out, r_i] (Conv: in = C·∏k; the runner flattens likewise)
+    factors = [(A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])) for A, B in _factors(inputs, len(coefficients))]
     k = int(params["rank"])
-    out_f, in_f = inputs["B.0"].shape[0], inputs["A.0"].shape[1]
+    A_tail, B_tail = tuple(inputs["A.0"].shape[1:]), tuple(inputs["B.0"].shape[2:])
+    out_f, in_f = inputs["B.0"].shape[0], int(np.prod(A_tail))
     R = sum(A.shape[0] for A, _ in factors)
     delta = to_float64(sum((B.fractions() @ A.fractions()) * c for c, (A, B) in zip(coefficients, factors)))
     norm_B = sum((v * v for _, B in factors for v in B.fractions().reshape(-1)), Fraction(0))
@@ -97,4 +111,5 @@ def combine_svd(inputs: Inputs, params: Params) -> dict[str, Expected]:
     shape = delta.shape
     depth = 4 * (out_f * R + in_f * R + R * R + R)
     return {"BA": Expected("product", delta, np.full(shape, M), depth, slack=np.full(shape, _round_up(slack)), factors=("B", "A")),
-            "A": Expected("factor", np.zeros((k, in_f))), "B": Expected("factor", np.zeros((out_f, k)))}
+            "A": Expected("factor", np.zeros((k,) + A_tail)), "B": Expected("factor", np.zeros((out_f, k) + B_tail)),
+            **_lora_bias(inputs, coefficients)}

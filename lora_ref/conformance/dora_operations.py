@@ -1,4 +1,4 @@
-"""Oracles for DoRA on Embedding and Conv2d (SPEC 4.3): ``dora_embedding.*`` and ``dora_conv2d.*``.
+"""Oracles for DoRA on Embedding and Conv1d/2d/3d (SPEC 4.3): ``dora_embedding.*`` and ``dora_conv{d}d.*``.
 
 With the kind's ΔW (Embedding s Aᵀ Bᵀ [V, D]; Conv s (B A) in the kernel's shape), V = W + ΔW,
 the norm over every axis of V but the output-channel axis (Embedding: column c of [V, D], over
@@ -7,6 +7,9 @@ the vocabulary; Conv: V[c] over (C, kh, kw)) and g = m / n:
     forward (eval)  y = g ∘ (base(x) + lora(x)) + b     (Embedding: no bias; g along y's last axis)
     merge           W' = g ∘ (W + ΔW)
     unmerge (exact) round trip: W_merged as merge, W_restored = W bit for bit
+    backward (eval, n detached) with G = g ∘ dY (g along dY's channel axis): dx, dA, dB = the plain
+                    kind's gradients at dY -> G (Embedding: dA, dB only); dm = Σ dY ∘ z / n over every
+                    axis but the channel; db = Σ dY (Conv)
 
 The first-order bound is the Linear one (``layer_operations.py``) with its lengths generalised:
 z = base(x) + lora(x) has error ≤ γ_{K1} M_z (K1 = r + 6 for Embedding, C·kh·kw + r + 6 for
@@ -28,10 +31,11 @@ from fractions import Fraction
 import numpy as np
 
 from ..errors import ConfigError
+from .conv_operations import _backward as _conv_grad_terms
 from .conv_operations import _forward as _conv_terms
-from .conv_operations import conv_delta
+from .conv_operations import conv_backward, conv_delta
 from .exact import Dyadic, sqrt_fraction, to_float64
-from .layer_operations import _embedding_delta, _embedding_forward, combine_fractions
+from .layer_operations import _embedding_backward, _embedding_delta, _embedding_forward, combine_fractions, embedding_backward
 from .operations import Expected, Inputs, Params, register
 
 #: kind -> (W's output-channel axis, the output's channel axis)
@@ -106,8 +110,62 @@ def _unmerge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
     return {**_merge(kind, inputs, params), "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 
-for _kind, _group in (("embedding", "dora_embedding"), ("conv", "dora_conv2d")):
-    for _action, _oracle in (("forward", _forward), ("merge", _merge), ("unmerge", _unmerge)):
+def _zero_but(dy: np.ndarray, axis: int, c: int) -> np.ndarray:
+    """dy with every channel but c set to zero (exactly; dtype kept)."""
+    keep = np.zeros(dy.shape[axis], dtype=bool)
+    keep[c] = True
+    return np.where(_along(keep, dy.ndim, axis), dy, np.zeros_like(dy))
+
+
+def _backward(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """DoRA backward on Embedding / Conv (module docstring), the norm a constant as in PEFT.
+
+    G = g ∘ dY is not dyadic, so the plain kind's exact gradient terms are evaluated once per output
+    channel c on dY with every other channel zeroed, and summed with coefficient g_c: Σ_c g_c T(dY_c)
+    = T(g ∘ dY) by linearity. Bound (as Linear's ``dora.backward``): g's relative error is
+    ≤ γ_{Kg}(‖N_c‖/n_c + 1), Kg = L + r + 9, so the magnitudes are the plain ones at |dY_c| times
+    |g_c| ρ_c (ρ_c = ‖N_c‖/n_c + 2) and K = 2 (K_plain + Kg); dm: M = Σ |dY| (M_z + |z| ρ) / n,
+    K = 2 (K1 + P + 2 + Kg) with K1 z's depth and P the summed elements per channel; db: K = P + 1.
+    """
+    _, _, norms, abs_norms = _pieces(kind, inputs, params)
+    g = Dyadic.of(inputs["magnitude"], what="magnitude").fractions() / norms
+    rho = abs_norms / norms + 2
+    channel = _AXES[kind][1]
+    dy = np.asarray(inputs["dy"])
+    plain_params = {k: v for k, v in params.items() if k != "want_base_grads"}
+    terms_of = (lambda i, a: _embedding_backward(i, plain_params, a)) if kind == "embedding" else (lambda i, a: _conv_grad_terms(i, plain_params, a))
+    plain = (embedding_backward if kind == "embedding" else conv_backward)(inputs, plain_params)
+    kg = _norm_length(kind, inputs) + inputs["A"].shape[0] + 9
+    values: dict[str, list] = {name: [] for name in plain}
+    magnitudes: dict[str, list] = {name: [] for name in plain}
+    for c in range(len(g)):
+        part = {**inputs, "dy": _zero_but(dy, channel, c)}
+        terms, abs_terms = terms_of(part, False), terms_of(part, True)
+        for name in plain:
+            values[name] += [(g[c] * coef, t) for coef, t in terms[name]]
+            magnitudes[name] += [(abs(g[c]) * rho[c] * coef, t) for coef, t in abs_terms[name]]
+    result = {name: Expected("bound", to_float64(combine_fractions(values[name])), to_float64(combine_fractions(magnitudes[name])),
+                             2 * (plain[name].depth + kg)) for name in plain}
+    unbiased = {k: v for k, v in inputs.items() if k not in ("b", "dy")}
+    if kind == "embedding":
+        z_terms, z_abs, k1 = _embedding_forward(unbiased, params, False), _embedding_forward(unbiased, params, True), inputs["A"].shape[0] + 6
+    else:
+        (z_terms, _), (z_abs, _) = _conv_terms(unbiased, params, False), _conv_terms(unbiased, params, True)
+        k1 = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6
+    z, Mz = combine_fractions(z_terms), combine_fractions(z_abs)
+    dY = Dyadic.of(dy, what="dy").fractions()
+    axes = tuple(a for a in range(dY.ndim) if a != dY.ndim + channel and a != channel)
+    P = int(np.prod([dY.shape[a] for a in axes]))
+    result["dmagnitude"] = Expected("bound", to_float64((dY * z).sum(axis=axes) / norms),
+                                    to_float64((np.abs(dY) * (Mz + np.abs(z) * _along(rho, z.ndim, channel))).sum(axis=axes) / norms),
+                                    2 * (k1 + P + 2 + kg))
+    if "b" in inputs:
+        result["db"] = Expected("bound", to_float64(dY.sum(axis=axes)), to_float64(np.abs(dY).sum(axis=axes)), P + 1)
+    return result
+
+
+for _kind, _group in (("embedding", "dora_embedding"), ("conv", "dora_conv1d"), ("conv", "dora_conv2d"), ("conv", "dora_conv3d")):
+    for _action, _oracle in (("forward", _forward), ("merge", _merge), ("unmerge", _unmerge), ("backward", _backward)):
         def _bound(inputs: Inputs, params: Params, _k: str = _kind, _f=_oracle) -> dict[str, Expected]:
             return _f(_k, inputs, params)
 

@@ -239,4 +239,4 @@ def linear_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
             "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 
-from . import combine_operations, conv_operations, dora_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)
+from . import cell_operations, combine_operations, conv_operations, dora_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)

@@ -16,7 +16,7 @@ from ..adapter import Adapter, LoraModule
 from ..config import LoraConfig, lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
-from ..mixed_batch import LoraFactors, mixed_backward, mixed_forward
+from ..mixed_batch import LoraFactors, active_forward, mixed_backward, mixed_forward
 
 Arrays = dict[str, np.ndarray]
 
@@ -170,15 +170,81 @@ def _dora_conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
 
 
+def _dora_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """DoRA backward on Embedding (ids: no dx) or Conv (dx, db with a bias)."""
+    options = {"geometry": _geometry(params)} if kind == "conv" else {}
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    layer = dora.build(kind, inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"], **options)
+    grads = dora.backward(layer, x, inputs["dy"], inputs["A"], inputs["B"], bias_dtype=inputs["b"].dtype if "b" in inputs else None)
+    outputs = {"dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude}
+    if grads.dx is not None:
+        outputs["dx"] = grads.dx
+    if grads.db is not None:
+        outputs["db"] = grads.db
+    return outputs
+
+
+def _mixed_kind_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """Mixed batch of an Embedding (ids) or Conv (x, shared geometry) layer."""
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    options = {"geometry": _geometry(params), "bias": inputs.get("b")} if kind == "conv" else {}
+    factors = [LoraFactors(f.A, f.B, f.scale, kind=kind) for f in _factors(params, inputs)]
+    return {"y": mixed_forward(x, inputs["W"], factors, inputs["index"], kind=kind, **options)}
+
+
+def _mixed_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    options = {"geometry": _geometry(params)} if kind == "conv" else {}
+    factors = [LoraFactors(f.A, f.B, f.scale, kind=kind) for f in _factors(params, inputs)]
+    grads = mixed_backward(x, inputs["dy"], inputs["W"], factors, inputs["index"], kind=kind, **options)
+    outputs = {} if grads.dx is None else {"dx": grads.dx}
+    for i in range(len(factors)):
+        outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
+    return outputs
+
+
+def _variant_factors(params: Mapping[str, Any], inputs: Arrays) -> list[LoraFactors]:
+    """Linear adapters with their optional lora_bias.i or DoRA magnitude.i."""
+    return [LoraFactors(f.A, f.B, f.scale, lora_bias=inputs.get(f"lora_bias.{i}"), magnitude=inputs.get(f"magnitude.{i}"))
+            for i, f in enumerate(_factors(params, inputs))]
+
+
+def _mixed_linear_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    return {"y": mixed_forward(inputs["x"], inputs["W"], _variant_factors(params, inputs), inputs["index"], bias=inputs.get("b"))}
+
+
+def _mixed_linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    factors = _variant_factors(params, inputs)
+    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], factors, inputs["index"])
+    outputs = {"dx": grads.dx}
+    for i, f in enumerate(factors):
+        outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
+        if f.lora_bias is not None:
+            outputs[f"dlora_bias.{i}"] = grads.dlora_bias[i]
+        if f.magnitude is not None:
+            outputs[f"dmagnitude.{i}"] = grads.dmagnitude[i]
+    return outputs
+
+
+def _stack_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """Every adapter active on every row (mixed_batch.active_forward), any kind."""
+    x = inputs["ids"] if kind == "embedding" else inputs["x"]
+    factors = [LoraFactors(f.A, f.B, f.scale, lora_bias=inputs.get(f"lora_bias.{i}"), kind=kind) for i, f in enumerate(_factors(params, inputs))]
+    options = {"geometry": _geometry(params)} if kind == "conv" else {}
+    return {"y": active_forward(x, inputs["W"], factors, kind=kind, bias=inputs.get("b"), **options)}
+
+
 def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     """combine.combine of one-module adapters built from A.i, B.i and params adapters[i] (SPEC M.3)."""
     adapters = []
     for i, p in enumerate(params["adapters"]):
         config = LoraConfig(r=int(p["r"]), lora_alpha=p["lora_alpha"], use_rslora=bool(p.get("use_rslora", False)), target_modules=["layer"])
-        adapters.append(Adapter(config, {"layer": LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"])}, name=f"a{i}"))
+        module = LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"], lora_bias=inputs.get(f"lora_bias.{i}"),
+                            kind=params.get("kind", "linear"))
+        adapters.append(Adapter(config, {"layer": module}, name=f"a{i}"))
     rank = int(params["rank"]) if method == "svd" else None
     module = combine.combine(adapters, params["weights"], method, rank=rank).adapter.modules["layer"]
-    return {"A": module.A, "B": module.B}
+    return {"A": module.A, "B": module.B, **({} if module.lora_bias is None else {"lora_bias": module.lora_bias})}
 
 
 OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
@@ -201,9 +267,21 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     "dora_embedding.forward": _dora_embedding_forward,
     "dora_embedding.merge": lambda params, inputs: _dora_merge(params, inputs, "embedding"),
     "dora_embedding.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "embedding"),
-    "dora_conv2d.forward": _dora_conv_forward,
-    "dora_conv2d.merge": lambda params, inputs: _dora_merge(params, inputs, "conv"),
-    "dora_conv2d.unmerge": lambda params, inputs: _dora_unmerge(params, inputs, "conv"),
+    "dora_embedding.backward": lambda params, inputs: _dora_kind_backward("embedding", params, inputs),
+    **{f"dora_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (
+        ("forward", _dora_conv_forward), ("merge", lambda params, inputs: _dora_merge(params, inputs, "conv")),
+        ("unmerge", lambda params, inputs: _dora_unmerge(params, inputs, "conv")),
+        ("backward", lambda params, inputs: _dora_kind_backward("conv", params, inputs)))},
+    "stack_linear.forward": lambda params, inputs: _stack_forward("linear", params, inputs),
+    "stack_embedding.forward": lambda params, inputs: _stack_forward("embedding", params, inputs),
+    **{f"stack_conv{d}d.forward": lambda params, inputs: _stack_forward("conv", params, inputs) for d in (1, 2, 3)},
+    "mixed_linear.forward": _mixed_linear_forward,
+    "mixed_linear.backward": _mixed_linear_backward,
+    "mixed_embedding.forward": lambda params, inputs: _mixed_kind_forward("embedding", params, inputs),
+    "mixed_embedding.backward": lambda params, inputs: _mixed_kind_backward("embedding", params, inputs),
+    **{f"mixed_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (
+        ("forward", lambda params, inputs: _mixed_kind_forward("conv", params, inputs)),
+        ("backward", lambda params, inputs: _mixed_kind_backward("conv", params, inputs)))},
     "combine.cat": lambda params, inputs: _combine("cat", params, inputs),
     "combine.svd": lambda params, inputs: _combine("svd", params, inputs),
 }

@@ -441,7 +441,9 @@ def check_outputs(case: Case, expected: Mapping[str, np.ndarray], outputs: Mappi
             checks.append(check_bounded(name, actual, expected[name], tol, storage))
     for name, spec in case.outputs.items():
         if spec["check"] == "product":
+            # factors as matrices [rows, Π rest] (a conv's B [O, k, 1, ...] and A [k, C, *kernel] included)
             left, right = (np.asarray(outputs[f]).astype(np.float64) for f in spec["factors"])
+            left, right = left.reshape(left.shape[0], -1), right.reshape(right.shape[0], -1)
             if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
                 raise CaseError(f"factors {spec['factors']} of {name!r} have shapes {left.shape} and {right.shape}")
             tol = tolerance(expected[name], expected[f"{name}.magnitude"], spec["K"], np.dtype(np.float64), compute)

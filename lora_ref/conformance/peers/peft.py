@@ -8,8 +8,8 @@ and PEFT are imported lazily, so lora_ref never depends on them. Failures agains
 listed and explained in SPEC.md's "PEFT deviations"; they are not hidden here.
 
 Takes the ``peft`` layout (PEFT derives s from lora_alpha, r and use_rslora itself).
-Unsupported (skipped): exact unmerge (PEFT has none) and mixed-batch backward (PEFT refuses
-``adapter_names`` in training mode). Where PEFT crashes on a documented deviation (conv
+Unsupported (skipped): exact unmerge (PEFT has none) and mixed-batch backward of every kind (PEFT
+refuses ``adapter_names`` in training mode). Where PEFT crashes on a documented deviation (conv
 dilation, P-C4; the Conv3d 1x1x1 merge, P-C5) the crash is reported as that case's error,
 prefixed with the deviation's id (:func:`known_crash`).
 """
@@ -82,6 +82,14 @@ class PeftImplementation:
         kind, _, action = op.partition(".")
         if kind in ("conv1d", "conv2d", "conv3d"):  # one torch path for every conv rank
             op = f"conv.{action}"
+        elif kind.startswith("mixed_") and kind != "mixed_batch":  # mixed_linear, _embedding, _conv{d}d: the generic mixed path
+            if any(name.startswith("magnitude.") for name in inputs) and action == "forward":
+                raise NotImplementedError("PEFT's adapter_names refuses DoRA adapters")
+            op = f"mixed_batch.{action}"
+        elif kind.startswith("dora_conv"):
+            op = f"dora_conv.{action}"
+        elif kind.startswith("stack_"):
+            op = f"stack.{action}"
         handler = getattr(self, op.replace(".", "_"), None)
         if handler is None:
             raise NotImplementedError(f"the PEFT peer does not map {op!r}")
@@ -274,30 +282,67 @@ class PeftImplementation:
     def mixed_batch_backward(self, params, inputs):
         raise NotImplementedError("PEFT refuses adapter_names (mixed batches) in training mode")
 
-    def mixed_batch_forward(self, params, inputs):
+    def _mixed_base(self, params, inputs):
+        """The bare base module of a mixed batch: Linear, Embedding (ids) or Conv{d}d (the case's geometry)."""
+        torch, W = self.torch, inputs["W"]
+        if "ids" in inputs:
+            return torch.nn.Embedding(*W.shape)
+        if W.ndim > 2:
+            conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[W.ndim]
+            return conv(W.shape[1], W.shape[0], W.shape[2:], stride=_axes(params, "stride", 1), padding=_axes(params, "padding", 0),
+                        dilation=_axes(params, "dilation", 1), bias="b" in inputs)
+        return torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs)
+
+    def _multi(self, params, inputs):
+        """(model, layer): the case's base layer with adapters a0, a1, ... (lora_bias.i where given), in eval mode."""
         torch = self.torch
         W = inputs["W"]
         holder = torch.nn.Module()
-        holder.layer = torch.nn.Linear(W.shape[1], W.shape[0], bias="b" in inputs)
+        holder.layer = self._mixed_base(params, inputs)
         holder.to(self.torch_dtypes[_name(W.dtype)])
         adapters = params["adapters"]
-        model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
-        for i, adapter in enumerate(adapters[1:], start=1):
-            model.add_adapter(f"a{i}", self.config(adapter, ["layer"]))
+
+        def config(i):
+            return self.config(adapters[i], ["layer"], lora_bias=f"lora_bias.{i}" in inputs)
+
+        model = self.peft.get_peft_model(holder, config(0), adapter_name="a0")
+        for i in range(1, len(adapters)):
+            model.add_adapter(f"a{i}", config(i))
         layer = model.base_model.model.layer
         self.set_(layer.base_layer.weight, W)
         if "b" in inputs:
             self.set_(layer.base_layer.bias, inputs["b"])
         for i in range(len(adapters)):
-            self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
-            self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
+            if f"lora_bias.{i}" in inputs:
+                self.set_(layer.lora_B[f"a{i}"].bias, inputs[f"lora_bias.{i}"])
+            if "ids" in inputs:
+                self.set_(layer.lora_embedding_A[f"a{i}"], inputs[f"A.{i}"])
+                self.set_(layer.lora_embedding_B[f"a{i}"], inputs[f"B.{i}"])
+            else:
+                self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
+                self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
         model.eval()
+        return model, layer
+
+    def mixed_batch_forward(self, params, inputs):
+        """PEFT's adapter_names routing for Linear, Embedding and Conv layers (one adapter per batch row)."""
+        torch = self.torch
+        model, layer = self._multi(params, inputs)
         names = ["__base__" if int(i) == -1 else f"a{int(i)}" for i in inputs["index"]]
         # through PEFT's model-level hooks, as model(x, adapter_names=...) runs: they refuse unknown adapter names
         # (the layer alone skips them silently) before the layer checks the batch length
         with torch.no_grad(), model.base_model._enable_peft_forward_hooks(adapter_names=names):
-            y = layer(self.tensor(inputs["x"]))
-        return {"y": self.array(y, inputs["x"].dtype)}
+            y = layer(self.tensor(inputs["ids" if "ids" in inputs else "x"]))
+        return {"y": self.array(y, inputs["W"].dtype if "ids" in inputs else inputs["x"].dtype)}
+
+    def stack_forward(self, params, inputs):
+        """Every adapter active at once: the layer's set_adapter with the list of all of them."""
+        _, layer = self._multi(params, inputs)
+        layer.set_adapter([f"a{i}" for i in range(len(params["adapters"]))])
+        x = inputs["ids" if "ids" in inputs else "x"]
+        with self.torch.no_grad():
+            y = layer(self.tensor(x))
+        return {"y": self.array(y, inputs["W"].dtype if "ids" in inputs else x.dtype)}
 
     # -- DoRA ------------------------------------------------------------------------------------------
     def _dora(self, params, inputs):
@@ -349,16 +394,43 @@ class PeftImplementation:
     def dora_embedding_merge(self, params, inputs):
         return self._merge(self._dora_layer(self._embedding, params, inputs), inputs["W"].dtype, params)
 
-    def dora_conv2d_forward(self, params, inputs):
+    def dora_conv_forward(self, params, inputs):
         layer = self._dora_layer(self._conv, params, inputs)
         with self.torch.no_grad():
             y = layer(self.tensor(inputs["x"]))
         return {"y": self.array(y, inputs["x"].dtype)}
 
-    def dora_conv2d_merge(self, params, inputs):
+    def dora_conv_merge(self, params, inputs):
         return self._merge(self._dora_layer(self._conv, params, inputs), inputs["W"].dtype, params)
 
-    dora_embedding_unmerge = dora_conv2d_unmerge = dora_unmerge
+    def _dora_kind_backward(self, build, params, inputs, x_name):
+        """DoRA backward of an Embedding (ids: no dx) or Conv layer in training mode (PEFT detaches the norm)."""
+        layer = self._dora_layer(build, params, inputs)
+        layer.train()
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is not None:
+            bias.requires_grad_(True)
+        x = self.tensor(inputs[x_name], requires_grad=x_name == "x")
+        y = layer(x)
+        y.backward(self.tensor(inputs["dy"]).to(y.dtype))
+        t = inputs["W"].dtype
+        A, B = (layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]) if x_name == "ids" else \
+            (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        out = {"dA": self.array(A.grad, t), "dB": self.array(B.grad, t),
+               "dmagnitude": self.array(layer.lora_magnitude_vector["default"].weight.grad.reshape(inputs["magnitude"].shape), t)}
+        if x_name == "x":
+            out["dx"] = self.array(x.grad, t)
+        if bias is not None:
+            out["db"] = self.array(bias.grad, t)
+        return out
+
+    def dora_embedding_backward(self, params, inputs):
+        return self._dora_kind_backward(self._embedding, params, inputs, "ids")
+
+    def dora_conv_backward(self, params, inputs):
+        return self._dora_kind_backward(self._conv, params, inputs, "x")
+
+    dora_embedding_unmerge = dora_conv_unmerge = dora_unmerge
 
     def dora_merge(self, params, inputs):
         return self._merge(self._dora(params, inputs), inputs["W"].dtype, params)
@@ -369,22 +441,36 @@ class PeftImplementation:
         """``add_weighted_adapter`` over one Linear layer holding the case's adapters; the combined factors,
         with the combined adapter's own scale folded into A (so B A is the delta PEFT would apply)."""
         torch = self.torch
-        A0, adapters = inputs["A.0"], params["adapters"]
+        A0, adapters, kind = inputs["A.0"], params["adapters"], params.get("kind", "linear")
+        if any(name.startswith("lora_bias.") for name in inputs):
+            raise NotImplementedError("PEFT's add_weighted_adapter combines lora_A/lora_B weights only, no lora_bias")
         holder = torch.nn.Module()
-        holder.layer = torch.nn.Linear(A0.shape[1], inputs["B.0"].shape[0], bias=False)
+        out_f = inputs["B.0"].shape[0]
+        if kind == "embedding":
+            holder.layer = torch.nn.Embedding(A0.shape[1], out_f)
+        elif kind == "conv":
+            conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[A0.ndim]
+            holder.layer = conv(A0.shape[1], out_f, A0.shape[2:], bias=False)
+        else:
+            holder.layer = torch.nn.Linear(A0.shape[1], out_f, bias=False)
         holder.to(self.torch_dtypes[_name(A0.dtype)])
         model = self.peft.get_peft_model(holder, self.config(adapters[0], ["layer"]), adapter_name="a0")
         for i, adapter in enumerate(adapters[1:], start=1):
             model.add_adapter(f"a{i}", self.config(adapter, ["layer"]))
         layer = model.base_model.model.layer
         for i in range(len(adapters)):
-            self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
-            self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
+            if kind == "embedding":
+                self.set_(layer.lora_embedding_A[f"a{i}"], inputs[f"A.{i}"])
+                self.set_(layer.lora_embedding_B[f"a{i}"], inputs[f"B.{i}"])
+            else:
+                self.set_(layer.lora_A[f"a{i}"].weight, inputs[f"A.{i}"])
+                self.set_(layer.lora_B[f"a{i}"].weight, inputs[f"B.{i}"])
         model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], [float(w) for w in params["weights"]], "combined",
                                    combination_type=method, **extra)
         scale = float(layer.scaling["combined"])
-        A = layer.lora_A["combined"].weight.detach().to(torch.float64) * scale
-        return {"A": self.array(A, A0.dtype), "B": self.array(layer.lora_B["combined"].weight, A0.dtype)}
+        A, B = (layer.lora_embedding_A["combined"], layer.lora_embedding_B["combined"]) if kind == "embedding" else \
+            (layer.lora_A["combined"].weight, layer.lora_B["combined"].weight)
+        return {"A": self.array(A.detach().to(torch.float64) * scale, A0.dtype), "B": self.array(B, A0.dtype)}
 
     def combine_cat(self, params, inputs):
         return self._combine("cat", params, inputs)
@@ -395,7 +481,7 @@ class PeftImplementation:
 
 def known_crash(kind: str, action: str, params: Mapping[str, Any], inputs: Arrays) -> str | None:
     """The SPEC deviation that makes PEFT 0.21.2 raise on this case, if it is one of the known ones."""
-    if kind in ("conv1d", "conv2d", "conv3d", "dora_conv2d"):
+    if kind in ("conv1d", "conv2d", "conv3d") or kind.startswith(("dora_conv", "mixed_conv")):
         if any(d > 1 for d in np.atleast_1d(params.get("dilation", 1))) and action in ("forward", "backward") and _lora_size_differs(params, inputs):
             return "P-C4 (PEFT builds lora_A without the base conv's dilation: the LoRA path's output has another size)"
         weight = inputs.get("W", inputs.get("W_merged"))
@@ -444,12 +530,19 @@ DEVIATIONS: dict[str, tuple[str, str]] = {
     "S-1": ("no exact unmerge (skipped)", "peft/tuners/lora/layer.py:1036 (unmerge subtracts; no residual)"),
     "S-2": ("mixed batches are refused in training mode (backward skipped)", "peft/tuners/lora/model.py:634 "
             "`raise ValueError(\"Cannot pass `adapter_names` when the model is in training mode.\")`"),
+    "S-4": ("add_weighted_adapter drops lora_bias: only the lora_A / lora_B weights are combined (skipped)",
+            "peft/tuners/lora/model.py:894 `current_adapter_lora_A = target.lora_A[adapter].weight` (no bias read)"),
+    "S-3": ("mixed batches refuse DoRA adapters (forward skipped)",
+            "peft/tuners/lora/layer.py:850 `msg = \"Cannot pass `adapter_names` when DoRA is enabled.\"`"),
 }
 #: P-C1..P-C3: the (operation, storage dtype) pairs each precision deviation may move out of the float32 tier.
 _LOW = ("float16", "bfloat16")
 PRECISION_PAIRS: dict[str, set[tuple[str, str]]] = {
     "P-C1": {(op, t) for op in ("linear.forward", "linear.backward", "embedding.backward", "mixed_batch.forward", "dora.forward",
-                                "dora.backward", "dora_conv2d.forward", *(f"conv{d}d.{a}" for d in (1, 2, 3) for a in ("forward", "backward")))
+                                "dora.backward", "dora_embedding.backward",
+                                *(f"{k}{d}d.{a}" for k in ("conv", "dora_conv") for d in (1, 2, 3) for a in ("forward", "backward")),
+                                "mixed_linear.forward", "stack_linear.forward",
+                                *(f"{k}{d}d.forward" for k in ("mixed_conv", "stack_conv") for d in (1, 2, 3)))
              for t in _LOW},
     "P-C2": {(op, t) for op in ("linear.unmerge", "embedding.unmerge", "conv1d.unmerge", "conv2d.unmerge", "conv3d.unmerge") for t in _LOW},
     "P-C3": {("embedding.merge", t) for t in _LOW},
@@ -464,10 +557,16 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
     """
     kind, _, action = case.operation.partition(".")
     params = case.params
-    dilated = kind.startswith("conv") and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
+    dilated = kind.startswith(("conv", "mixed_conv", "dora_conv")) and action in ("forward", "backward") and any(d > 1 for d in np.atleast_1d(params.get("dilation", 1)))
     rslora_first = kind == "combine" and params["adapters"][0].get("use_rslora", False)
     if result.status == "skip":
-        return "S-1" if params.get("exact") else "S-2" if kind == "mixed_batch" and action == "backward" else None
+        if params.get("exact"):
+            return "S-1"
+        if kind == "combine" and any(name.startswith("lora_bias.") for name in inputs):
+            return "S-4"
+        if kind.startswith("mixed_"):
+            return "S-2" if action == "backward" else "S-3" if any(name.startswith("magnitude.") for name in inputs) else None
+        return None
     if result.status in ("error", "timeout"):
         if dilated and _lora_size_differs(params, inputs):
             return "P-C4"
