@@ -81,11 +81,13 @@ class _DuplicateKey(Exception):
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """json object hook: refuse duplicate keys (json.loads would silently keep the last)."""
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # some key came twice: name the first repeated one
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return result
 
 
