@@ -10,7 +10,8 @@ Measured in one run, reported as ratios against PEFT 0.21.2's own matching on th
   regex target    a target regex over N names (bounded NFA) vs re.fullmatch
   hostile regex   '(a|aa)*c' against 'a' * L + 'b': ours vs re for the L where re still finishes
   inspect, merge  end to end through the CLI on an adapter with N rank-1 modules on [2, 2]
-                  weights, target_modules listing all N names (wall-clock, one run each)
+                  weights, target_modules listing all N names: inspect, fast merge, exact merge
+                  (with the residual) (wall-clock, one run each)
 
 Usage: .venv/bin/python bench/bench_matching.py [--modules 100000] [--sample 200]
 Prints a markdown table and writes bench/results/matching.json.
@@ -113,7 +114,10 @@ def bench_cli(n: int) -> list[dict]:
         save_file(work / "base.safetensors", {f"{name}.weight": np.ones((2, 2), np.float32) for name in names})
         for label, argv in (("inspect", ["inspect", str(work / "adapter")]),
                             ("merge", ["merge", str(work / "base.safetensors"), str(work / "adapter"),
-                                       "-o", str(work / "merged.safetensors")])):
+                                       "-o", str(work / "merged.safetensors")]),
+                            ("merge --residual", ["merge", str(work / "base.safetensors"), str(work / "adapter"),
+                                                  "-o", str(work / "exact.safetensors"),
+                                                  "--residual", str(work / "residual.safetensors")])):
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 assert main(argv) == 0

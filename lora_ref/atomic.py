@@ -367,7 +367,13 @@ def _replace(tmp: Path, target: Path) -> None:
             else:
                 backup = candidate
             break
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if backup is not None:  # the old target stays where it is: its backup link is not needed
+            with contextlib.suppress(OSError):
+                backup.unlink()
+        raise
     _record((kind, target, backup))
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import Adapter
-from .atomic import scratch_folder
+from .atomic import OutputFile, scratch_folder
 from .carried import ReplacementDelta, check_base_copies, replacing
 from .deltas import delta_for
 from .dora import DoraDelta
@@ -153,7 +153,6 @@ def merge_checkpoint(
     """
     target_dtype = resolve_dtype(dtype, allow_float64=False) if dtype is not None else None
     report = CheckpointReport()
-    residuals: dict[str, Residual] = {}
     norms: dict[str, np.ndarray] = {}
     base_digests: dict[str, str] = {}
     targets = checkpoint_targets(adapter)
@@ -199,38 +198,62 @@ def merge_checkpoint(
                     tensor = result.weight
                     report.merged[name] = int(tensor.size)
                     if result.residual is not None:
-                        residuals[name] = spill.keep(result.residual)
+                        spill.keep(name, result.residual)
                         report.residual_counts[name] = result.residual.count
                         report.residual_bytes += result.residual.nbytes
                 report.tensors_written += 1
         if residual_path is not None:
-            save_residuals(residual_path, residuals, norms, base_digests=base_digests, record=record)
+            save_residuals(residual_path, spill.residuals(), norms, base_digests=base_digests, record=record)
     return report
 
 
 class _ResidualSpill:
-    """Holds exact-mode residuals on disk, memory-mapped, from their tensor's merge until the
-    residual file is written: one temporary safetensors file per tensor in a hidden temporary
-    folder beside the residual file, removed on exit (a no-op without a residual path)."""
+    """Holds exact-mode residuals on disk from their tensor's merge until the residual file is
+    written: their bytes are appended to one temporary file in a hidden temporary folder beside
+    the residual file (each array at an 8-byte aligned offset), removed on exit; :meth:`residuals`
+    maps that file once, read-only, and returns the residuals viewing it. A no-op without a
+    residual path. One file and one mapping for any number of tensors: a file per tensor would
+    cost a create, an fsync and an open handle each (minutes, and the descriptor limit, at
+    100,000 targets).
+    """
 
     def __init__(self, residual_path: str | Path | None) -> None:
-        self._parent = None if residual_path is None else Path(residual_path).parent
         self._residual_path = residual_path
         self._stack = contextlib.ExitStack()
-        self._count = 0
+        self._kept: dict[str, tuple[int, Residual, int, int]] = {}  # key -> (count, emptied residual, offsets)
 
     def __enter__(self) -> _ResidualSpill:
-        if self._parent is not None:
-            self._dir = self._stack.enter_context(scratch_folder(Path(self._residual_path), "spill"))
+        if self._residual_path is not None:
+            folder = self._stack.enter_context(scratch_folder(Path(self._residual_path), "spill"))
+            (folder / "residuals.bin").touch()
+            self._file = OutputFile(folder / "residuals.bin")
+            self._stack.callback(self._file.close)
         return self
 
-    def keep(self, residual: Residual) -> Residual:
-        """``residual`` with its arrays replaced by read-only views of a spilled copy."""
-        self._count += 1
-        path = self._dir / f"{self._count}.safetensors"
-        save_file(path, {"indices": residual.indices, "values": residual.values})
-        handle = self._stack.enter_context(SafetensorsFile(path))
-        return replace(residual, indices=handle.get("indices"), values=handle.get("values"))
+    def _append(self, array: np.ndarray) -> int:
+        offset = self._file.offset + -self._file.offset % 8
+        self._file.offset = offset
+        if array.size:
+            self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        return offset
+
+    def keep(self, key: str, residual: Residual) -> None:
+        """Spill ``residual``'s arrays (the heap copy may go); :meth:`residuals` gives it back."""
+        self._kept[key] = (residual.count, replace(residual, indices=np.zeros(0, residual.indices.dtype),
+                                                           values=np.zeros(0, residual.values.dtype)),
+                           self._append(residual.indices), self._append(residual.values))
+
+    def residuals(self) -> dict[str, Residual]:
+        """The kept residuals, by key in keeping order, their arrays read-only views of the spill file."""
+        if not self._kept:
+            return {}
+        data = np.memmap(self._file.path, dtype=np.uint8, mode="r") if self._file.offset else np.zeros(0, np.uint8)
+
+        def view(empty: np.ndarray, offset: int, count: int) -> np.ndarray:
+            return data[offset: offset + count * empty.itemsize].view(empty.dtype) if count else empty
+
+        return {key: replace(kept, indices=view(kept.indices, at_indices, count), values=view(kept.values, at_values, count))
+                for key, (count, kept, at_indices, at_values) in self._kept.items()}
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()

@@ -154,7 +154,7 @@ def digest_arrays(*arrays: np.ndarray) -> str:
 
 def block_rows(shape: tuple[int, ...], block_bytes: int = BLOCK_BYTES) -> int:
     """How many rows (first-axis slices) of a float64 block fit in ``block_bytes``."""
-    row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
     return max(1, block_bytes // (8 * max(row_elems, 1)))
 
 
@@ -172,7 +172,7 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     most 2k blocks are submitted ahead of the one being collected, so the extra memory stays a
     few ``block_bytes`` whatever the thread count and the number of blocks.
     """
-    row_bytes = 8 * (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
+    row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
     # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
     # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
@@ -197,10 +197,15 @@ def _check(W: np.ndarray, delta: DeltaSource) -> None:
         raise ShapeError(f"{delta.module}: base weight has shape {tuple(W.shape)} but the adapter's delta has {tuple(delta.shape)}")
 
 
+#: Dtypes np.isfinite takes as they are (others, bfloat16 and integers, are widened to float64 first).
+_NATIVE_FLOATS = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16))
+
+
 def check_factors_finite(delta: DeltaSource) -> None:
     """NonFiniteError unless every factor of ``delta`` is finite (merge refuses NaN/inf adapters)."""
     for array in delta.factors():
-        if not np.all(np.isfinite(np.asarray(array, dtype=float64))):
+        array = np.asarray(array)
+        if not np.isfinite(array if array.dtype in _NATIVE_FLOATS else array.astype(float64)).all():
             raise NonFiniteError(
                 f"{delta.module}: the adapter holds NaN or infinity; refusing to merge "
                 "(pass allow_nonfinite=True / --allow-nonfinite to merge anyway)"
@@ -534,7 +539,7 @@ def merge(
         check_factors_finite(delta)
     W = np.asarray(W)
     result = np.empty_like(W) if out is None else out
-    flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
+    flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
@@ -574,7 +579,7 @@ def unmerge(
         semantics = residual.semantics
     semantics = check_semantics(semantics or MERGE_SEMANTICS, "unmerge")
     result = np.empty_like(W_merged) if out is None else out
-    flat_row = int(np.prod(W_merged.shape[1:], dtype=np.int64)) if W_merged.ndim > 1 else 1
+    flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
     def unmerge_rows(rows: slice) -> None:
@@ -605,7 +610,7 @@ def switch(
     (:func:`check_residual`) first; residuals here carry no merged-weight checksum.
     """
     W = np.asarray(W)
-    flat_row = int(np.prod(W.shape[1:], dtype=np.int64)) if W.ndim > 1 else 1
+    flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
     index_dtype = residual_index_dtype(W.size)
     undo_steps = [(_Step(d, _product(d, W.dtype, r.semantics if r is not None else semantics), -1.0), r) for d, r in undo]
     do_steps = [_Step(d, _product(d, W.dtype, semantics), 1.0) for d in do]

@@ -18,7 +18,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,11 +81,13 @@ class _DuplicateKey(Exception):
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """json object hook: refuse duplicate keys (json.loads would silently keep the last)."""
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # some key came twice: name the first repeated one
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return result
 
 
@@ -262,11 +264,13 @@ class OutputTensor:
     be a SIGBUS): ``out[rows] = block`` writes rows ``rows`` of the first axis with ``pwrite``
     (threads may fill disjoint rows), ``put_flat`` scatters single elements, and ``view()`` (or
     ``np.asarray(out)``) is a read-only mapping of what has been written so far (unwritten bytes
-    read as zeros). Shape [d0, ...], dtype little endian.
+    read as zeros). Shape [d0, ...], dtype little endian. ``mapped`` gives the whole file's
+    read-only mapping (uint8), shared by the writer's tensors: one mapping per file, not per tensor.
     """
 
-    def __init__(self, out: OutputFile, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        self._out, self._offset = out, offset
+    def __init__(self, out: OutputFile, offset: int, dtype: np.dtype, shape: tuple[int, ...],
+                 mapped: Callable[[], np.ndarray]) -> None:
+        self._out, self._offset, self._mapped = out, offset, mapped
         self.dtype, self.shape = dtype, shape
         self.ndim, self.size = len(shape), math.prod(shape)
         self.nbytes = self.size * dtype.itemsize
@@ -312,7 +316,7 @@ class OutputTensor:
             if self.nbytes == 0:
                 self._view = np.zeros(self.shape, dtype=self.dtype)
             else:
-                self._view = np.memmap(self._out.path, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape)
+                self._view = self._mapped()[self._offset: self._offset + self.nbytes].view(self.dtype).reshape(self.shape)
         return self._view
 
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
@@ -346,7 +350,9 @@ class SafetensorsWriter:
         if "__metadata__" in names:  # the header's reserved key: the file would be unreadable
             raise FileFormatError(f"{self.path}: '__metadata__' is reserved and cannot name a tensor")
         self._header = _header_bytes(self._specs, metadata)
+        self._size = len(self._header) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self._specs)
         self._next = 0
+        self._map: np.ndarray | None = None
 
     def __enter__(self) -> SafetensorsWriter:
         self._atomic = atomic_path(self.path)
@@ -354,6 +360,7 @@ class SafetensorsWriter:
         try:
             self._handle = OutputFile(tmp)
             self._handle.write(self._header)
+            self._handle.extend_to(self._size)  # the final size at once: reserved tensors read as zeros until written
         except BaseException as exc:
             self._atomic.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -393,10 +400,15 @@ class SafetensorsWriter:
         _, want_dtype, want_shape = self._specs[self._next]
         self._check_next(name, want_dtype, want_shape)
         self._next += 1
-        tensor = OutputTensor(self._handle, self._handle.offset, want_dtype, want_shape)
+        tensor = OutputTensor(self._handle, self._handle.offset, want_dtype, want_shape, self._mapped)
         self._handle.offset += tensor.nbytes
-        self._handle.extend_to(self._handle.offset)
         return tensor
+
+    def _mapped(self) -> np.ndarray:
+        """The file being written as a read-only uint8 mapping (made once, on the first request)."""
+        if self._map is None:
+            self._map = np.memmap(self._handle.path, dtype=np.uint8, mode="r", shape=(self._size,))
+        return self._map
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._handle.close()
