@@ -29,6 +29,8 @@ IMPLEMENTATIONS = {
                                                          "lora_ref.conformance.peers.onnxruntime", ("onnxruntime",)),
     "loralib (microsoft/LoRA) on torch": ("lora_ref.conformance.peers.loralib:factory", "peft", "lora_ref.conformance.peers.loralib",
                                           ("loralib", "torch")),
+    "diffusers' own LoRA layers on torch": ("lora_ref.conformance.peers.diffusers:factory", "peft", "lora_ref.conformance.peers.diffusers",
+                                            ("diffusers", "torch")),
 }
 OUT = Path(__file__).resolve().parents[2] / "conformance" / "RESULTS.md"
 
