@@ -147,3 +147,26 @@ def test_diffusers_lora_layers_miss_the_conv_dilation_and_merge_infinities():
     assert "refusal/merge-inf_factor-float16" in result.tier_cases("semantic")
     assert all(r.status == "pass" for r in result.results if r.refusal and "nan" in r.case_id)
     assert all(r.verdict != "storage" for r in result.results if r.dtype == "float32" and r.verdict is not None)
+
+
+def test_keras_lora_on_jax_merges_per_call_and_does_not_refuse_bad_token_ids(monkeypatch):
+    """Keras 3's enable_lora (Dense, Embedding, Conv1D/2D/3D; JAX backend on CPU) through the `keras` layout: it applies
+    the merged weight rounded to the compute dtype (K-1) and flushes bfloat16 subnormals (K-2), both precision only;
+    out-of-range token ids are clamped or wrapped, not refused (K-3). Dilated convs conform (Keras merges the kernel);
+    a stride > 1 with dilation > 1 is Keras's own refusal (skipped, S-K1)."""
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # before Keras is first imported (its default, TensorFlow, is not installed)
+    require_peer("jax")
+    require_peer("keras")
+    from lora_ref.conformance.peers import keras as peer
+
+    impl = peer.factory()
+    assert impl.versions["keras"] == "3.15.1"
+    result = run_suite(DEFAULT_SUITE, InProcessDriver(impl), layout="keras", timeout=0)
+    _assert_every_deviation_documented(result, peer)
+    assert result.conformance() == "nonconformant" and sum(r.status == "pass" for r in result.results) >= 90
+    semantic = set(result.tier_cases("semantic"))
+    assert semantic and all(r.startswith("refusal/embedding") for r in semantic)  # K-3 only
+    passed = {r.case_id for r in result.results if r.status == "pass" and r.verdict == "float32"}
+    assert {"conv1d/forward-dilation2-float32", "conv1d/backward-dilation2-float32", "conv2d/pw-forward-r3-non_dyadic-k1-s1-p0-d_axis-float32",
+            "linear/merge-basic-float16", "linear/backward-basic-float32"} <= passed
+    assert all(r.verdict != "storage" for r in result.results if r.dtype == "float32" and r.verdict is not None)
