@@ -101,16 +101,16 @@ def test_loralib_linear_and_embedding_conform_at_storage_precision():
     require_peer("loralib")
     from lora_ref.conformance.peers import loralib as peer
 
-    result = run_suite(DEFAULT_SUITE, InProcessDriver(peer.factory()), layout="peft", timeout=0)
+    result = _run_documented(peer.factory(), peer, "peft")
     assert sum(r.status == "pass" for r in result.results) >= 40
     assert result.conformance() == "conformant at storage precision" and not result.tier_cases("semantic")
-    _assert_every_deviation_documented(result, peer)
     assert any(r.refusal and r.status == "pass" for r in result.results)
 
 
-def _assert_every_deviation_documented(result, peer) -> set[str]:
-    """Every result outside the float32 tier (skips and errors too) is one of the peer's documented deviations,
-    and every documented deviation still occurs (the table is not stale); returns the ids seen."""
+def _run_documented(impl, peer, layout: str):
+    """Run the suite through ``impl``; every result outside the float32 tier (skips and errors too) is one of the
+    peer module's documented deviations, and every documented deviation still occurs (the table is not stale)."""
+    result = run_suite(DEFAULT_SUITE, InProcessDriver(impl), layout=layout, timeout=0)
     seen, unexplained = set(), []
     for r in result.results:
         if r.status == "pass" and r.verdict == "float32":
@@ -122,7 +122,7 @@ def _assert_every_deviation_documented(result, peer) -> set[str]:
         seen.add(found)
     assert unexplained == []
     assert seen == set(peer.DEVIATIONS)
-    return seen
+    return result
 
 
 def test_diffusers_lora_layers_miss_the_conv_dilation_and_merge_infinities():
@@ -136,8 +136,7 @@ def test_diffusers_lora_layers_miss_the_conv_dilation_and_merge_infinities():
 
     impl = peer.factory()
     assert impl.versions["diffusers"] == "0.42.1"
-    result = run_suite(DEFAULT_SUITE, InProcessDriver(impl), layout="peft", timeout=0)
-    _assert_every_deviation_documented(result, peer)
+    result = _run_documented(impl, peer, "peft")
     assert result.conformance() == "nonconformant" and sum(r.status == "pass" for r in result.results) >= 50
     dilated = {r.case_id for r in result.results if r.case_id.startswith(("conv2d/", "semantic/conv2d")) and "dilation" in r.case_id}
     assert {"conv2d/forward-dilation2_stride3-float32", "conv2d/backward-dilation2_stride3-float32",
@@ -161,8 +160,7 @@ def test_keras_lora_on_jax_merges_per_call_and_does_not_refuse_bad_token_ids(mon
 
     impl = peer.factory()
     assert impl.versions["keras"] == "3.15.1"
-    result = run_suite(DEFAULT_SUITE, InProcessDriver(impl), layout="keras", timeout=0)
-    _assert_every_deviation_documented(result, peer)
+    result = _run_documented(impl, peer, "keras")
     assert result.conformance() == "nonconformant" and sum(r.status == "pass" for r in result.results) >= 90
     semantic = set(result.tier_cases("semantic"))
     assert semantic and all(r.startswith("refusal/embedding") for r in semantic)  # K-3 only
