@@ -29,6 +29,10 @@ IMPLEMENTATIONS = {
                                                          "lora_ref.conformance.peers.onnxruntime", ("onnxruntime",)),
     "loralib (microsoft/LoRA) on torch": ("lora_ref.conformance.peers.loralib:factory", "peft", "lora_ref.conformance.peers.loralib",
                                           ("loralib", "torch")),
+    "diffusers' own LoRA layers on torch": ("lora_ref.conformance.peers.diffusers:factory", "peft", "lora_ref.conformance.peers.diffusers",
+                                            ("diffusers", "torch")),
+    "Keras 3 enable_lora on JAX (CPU)": ("lora_ref.conformance.peers.keras:factory", "keras", "lora_ref.conformance.peers.keras",
+                                         ("keras", "jax")),
 }
 OUT = Path(__file__).resolve().parents[2] / "conformance" / "RESULTS.md"
 
@@ -87,12 +91,12 @@ def render(suite: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     details = []
     for name, (spec, layout, peer, packages) in IMPLEMENTATIONS.items():
-        versions = ", ".join(f"{p} {_version(p)}" for p in packages)
         try:
             result = run_one(spec, layout, suite)
         except ImportError as exc:
             lines.append(f"| {name} | not installed ({exc}) | - | - | - | - | - | - | - |")
             continue
+        versions = ", ".join(f"{p} {_version(p)}" for p in packages)  # after the run: a peer may configure its import (Keras's backend)
         lines.append(_tier_line(name, versions, result))
         groups = classify(result, peer, suite)
         if not groups:
