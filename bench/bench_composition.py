@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "examples")]
 
 from common import markdown_table, time_median, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.linear import forward  # noqa: E402
 from lora_ref.mixed_batch import LoraFactors, StackedBank, mixed_forward  # noqa: E402
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("composition", {"quick": args.quick, "mixed_batch": mixed, "tree": tree, "training": training,
                                          "table": table})
     print(f"\nwrote {path}")
+    print(f"wrote {readme.write()}")
     return 0
 
 

@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, time_median, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.export import AdapterCache, build_graph, models, open_session  # noqa: E402
 from lora_ref.export.editing import lora_a_name, lora_b_name, lora_factors  # noqa: E402
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.quick:
         path = write_results("onnx", results)
         print(f"wrote {path}")
+        print(f"wrote {readme.write()}")
     print(table)
     return results
 

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.export import build_graph, models  # noqa: E402
 from lora_ref.export.graphio import save_model  # noqa: E402
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["table"] = table
     if not args.quick:
         print(f"wrote {write_results('triton', results)}")
+        print(f"wrote {readme.write()}")
     print(table)
     return results
 
