@@ -109,9 +109,14 @@ def genai_table(result: Result) -> str:
                            for name in GENAI_MODELS if name in tokens])
 
 
-def recorded_table(result: Result) -> str:
-    """The markdown table the script recorded with its figures."""
-    return str(result["table"]).strip()
+def recorded_table(result: Result, build: Callable[[Result], str] | None = None) -> str:
+    """The markdown table the script recorded with its figures, else ``build(result)`` from its rows."""
+    return str(result["table"]).strip() if "table" in result or build is None else build(result)
+
+
+def source(name: str, result: Result) -> str:
+    """The closing sentence of a section's prose: the machine and the JSON it was rendered from."""
+    return f"{machine(result)} JSON: `bench/results/{name}.json`."
 
 
 # -- one renderer per results file ------------------------------------------------------------------------
@@ -122,7 +127,7 @@ def switch(result: Result) -> list[str]:
     return [f"`{command(result, 'python bench/bench_switch.py')}` ({result['model']}). Medians of "
             f"{'/'.join(map(str, sorted(rounds)))} rounds; a ratio is the median of per-round ratios (lower = the "
             "switch is faster). The goals: exact q/v switch ≤ 1.0x a decode step, every-Linear switch ≤ 1.0x a "
-            f"128-token prefill. {machine(result)} JSON: `bench/results/switch.json`.", "", recorded_table(result)]
+            f"128-token prefill. {source('switch', result)}", "", recorded_table(result)]
 
 
 def merge(result: Result) -> list[str]:
@@ -132,7 +137,7 @@ def merge(result: Result) -> list[str]:
     return [f"`{command(result, 'python bench/bench_merge.py')}`: one {row['size']}x{row['size']} weight, "
             f"r={row['rank']}{alpha}, medians of {row['rounds']} rounds, a ratio is the median of per-round ratios "
             f"(lower = ours faster); torch threads {row.get('torch_threads', '-')}{threads}. Goals: exact merge ≤ 1.0x "
-            f"PEFT, fast ≤ 0.6x. {machine(result)} JSON: `bench/results/merge.json`.", "", recorded_table(result)]
+            f"PEFT, fast ≤ 0.6x. {source('merge', result)}", "", recorded_table(result)]
 
 
 def layers(result: Result) -> list[str]:
@@ -149,7 +154,7 @@ def layers(result: Result) -> list[str]:
             "relative to PEFT's `merge_adapter` + `unmerge_adapter` (> 1: lora-ref is slower); \"residual\": the share "
             "of elements exact mode records; last two columns: share of weight elements a round trip changes, and the "
             "largest error in units of the SPEC fast-mode bound (exact mode: 0 changed, checked). "
-            f"{machine(result)} JSON: `bench/results/layers.json`.", "", recorded_table(result), "", reading]
+            f"{source('layers', result)}", "", recorded_table(result), "", reading]
 
 
 def composition(result: Result) -> list[str]:
@@ -165,7 +170,7 @@ def composition(result: Result) -> list[str]:
     reading += "; merging from scratch also needs a pristine copy of the base, the tree needs none."
     default = "python bench/bench_composition.py" + (" --quick" if result.get("quick") else "")
     return [f"`{command(result, default)}` (single-threaded BLAS and torch; each ratio is the median of per-pair "
-            f"ratios, ours and the peer timed alternately). {machine(result)} JSON: `bench/results/composition.json`.",
+            f"ratios, ours and the peer timed alternately). {source('composition', result)}",
             "", recorded_table(result), "", reading]
 
 
@@ -174,7 +179,7 @@ def onnx(result: Result) -> list[str]:
     return [f"`{command(result, 'python bench/bench_onnx.py')}`, ONNX Runtime {result.get('onnxruntime', '?')}, CPU: "
             f"transformer block d={m['d_model']}, {m['heads']} heads, d_ff={m['d_ff']}, LoRA on q/k/v/o/up/down, "
             f"{m['tokens']} tokens, one intra-op thread per session; ratios are medians over alternating pairs of "
-            f"calls. {machine(result)} JSON: `bench/results/onnx.json`.", "", recorded_table(result), "",
+            f"calls. {source('onnx', result)}", "", recorded_table(result), "",
             "The dynamic graph adds the LoRA product with a Gemm that accumulates into the base output; the "
             "batched graph gathers each row's adapter from the banks, which is what it pays for a decode step on "
             "CPU, while at more tokens per row each single-adapter run is already an efficient GEMM. An adapter "
@@ -203,8 +208,8 @@ def conformance(result: Result) -> list[str]:
             f"protocol; every protocol runs once per round, {result['repeats']} rounds after a warm-up round; medians, "
             "and ratios as the median of per-round ratios against the in-process reference "
             f"(`{command(result, 'python bench/bench_conformance.py --repeats ' + str(result['repeats']))}`). "
-            f"{machine(result)} JSON: `bench/results/conformance.json`.", "",
-            str(result["table"]).strip() if "table" in result else conformance_table(result), "", text]
+            f"{source('conformance', result)}", "",
+            recorded_table(result, conformance_table), "", text]
 
 
 def matching(result: Result) -> list[str]:
@@ -215,9 +220,8 @@ def matching(result: Result) -> list[str]:
              "`get_pattern_key`) scan the whole list per name, so they are timed on a sample of names and "
              "extrapolated linearly to N; `re` is timed on all N; the CLI rows run `lora-ref inspect` and "
              f"`lora-ref merge` in-process on an adapter of N rank-1 modules "
-             f"(`{command(result, 'python bench/bench_matching.py --modules ' + str(n))}`). {machine(result)} "
-             "JSON: `bench/results/matching.json`.", "",
-             str(result["table"]).strip() if "table" in result else matching_table(result)]
+             f"(`{command(result, 'python bench/bench_matching.py --modules ' + str(n))}`). {source('matching', result)}", "",
+             recorded_table(result, matching_table)]
     regex = next((r for r in result["rows"] if r["case"].startswith("regex target") and r.get("peft_s")), None)
     if regex:
         lines += ["", f"The matcher costs about {regex['lora_ref_s'] / n * 1e6:.1f} us per name against `re`'s "
@@ -234,7 +238,7 @@ def dtypes(result: Result) -> list[str]:
             "operations (tried) was no faster at that block size, so round_to is unchanged; the merge's bfloat16 "
             "bracket ends instead go float64 -> float32 (a hardware cast) -> bfloat16 (`float32_to_bfloat16`, "
             "integer arithmetic on the bits), the last row, with the bound widened to cover the extra rounding "
-            f"(SPEC 3.2). {machine(result)} JSON: `bench/results/dtypes.json`.", "", recorded_table(result)]
+            f"(SPEC 3.2). {source('dtypes', result)}", "", recorded_table(result)]
 
 
 def genai(result: Result) -> list[str]:
@@ -248,8 +252,8 @@ def genai(result: Result) -> list[str]:
             "lora-ref's `export --mode dynamic` with the adapter active through `og.Adapters`; merged: `export --mode "
             "merged`; genai-own: genai's builder with `adapter_path`; base: no adapter. The models decode in turn, "
             f"one generation each per round; a ratio is the median over {result['rounds']} rounds. Goal: dynamic ≤ "
-            f"1.10x the merged model's time. {machine(result)} JSON: `bench/results/genai.json`.", "",
-            str(result["table"]).strip() if "table" in result else genai_table(result), "",
+            f"1.10x the merged model's time. {source('genai', result)}", "",
+            recorded_table(result, genai_table), "",
             f"Adapter switch (`set_active_adapter` on a new generator): {result['switch_ms']:.3f} ms median."]
 
 
@@ -262,7 +266,7 @@ def triton(result: Result) -> list[str]:
             "with dynamic batching (concurrent requests become one ONNX Runtime run); merged: one merged graph per "
             "adapter, each client sending to its own. Both run on the python backend hosting ONNX Runtime (one "
             "intra-op thread per instance), so the per-request python overhead is in both sides' figures. "
-            f"{machine(result)} JSON: `bench/results/triton.json`.", "", recorded_table(result)]
+            f"{source('triton', result)}", "", recorded_table(result)]
 
 
 def generic(name: str) -> Callable[[Result], list[str]]:
@@ -270,8 +274,7 @@ def generic(name: str) -> Callable[[Result], list[str]]:
     def render(result: Result) -> list[str]:
         if "table" not in result:
             raise KeyError(f"bench/results/{name}.json records no table and bench/readme.py has no renderer for it")
-        return [f"`{command(result, f'python bench/bench_{name}.py')}`. {machine(result)} JSON: "
-                f"`bench/results/{name}.json`.", "", recorded_table(result)]
+        return [f"`{command(result, f'python bench/bench_{name}.py')}`. {source(name, result)}", "", recorded_table(result)]
     return render
 
 
