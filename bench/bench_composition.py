@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                  "torch CPU (1 thread), same model and AdamW", f"reference takes {training['reference_over_torch']:.2f}x torch's time"])
     table = markdown_table(["measurement", "peer", "ratio (peer time / ours unless stated)"], rows)
     print(table)
-    path = write_results("composition", {"quick": args.quick, "mixed_batch": mixed, "tree": tree, "training": training,
+    command = "python bench/bench_composition.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = write_results("composition", {"command": command, "quick": args.quick, "mixed_batch": mixed, "tree": tree,
+                                         "training": training,
                                          "table": table})
     print(f"\nwrote {path}")
     print(f"wrote {readme.write()}")

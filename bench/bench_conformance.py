@@ -96,7 +96,8 @@ def main() -> None:
             ratio = statistics.median(t / b for t, b in zip(samples[name], base))
             rows.append({"protocol": name, "seconds": seconds, "ratio": ratio, "cases_run": ran,
                          "skipped": counts[name]["skip"], "ms_per_case_run": 1000 * seconds / max(ran, 1)})
-    results = {"cases": n_cases, "repeats": args.repeats, "rows": rows}
+    results = {"command": "python bench/bench_conformance.py " + " ".join(sys.argv[1:]), "cases": n_cases,
+               "repeats": args.repeats, "rows": rows}
     print(readme.conformance_table(results))
     path = write_results("conformance", results)
     print(f"\nwrote {path}")

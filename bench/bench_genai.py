@@ -116,7 +116,8 @@ def main() -> None:
             switches.append(time.perf_counter() - start)
         per_token = {name: statistics.median(t) / new for name, t in times.items()}
     switch_ms = statistics.median(switches) * 1e3
-    results = {"tokens_per_s": {k: 1 / v for k, v in per_token.items()}, "dynamic_time_ratio": ratio,
+    results = {"command": "python bench/bench_genai.py " + " ".join(sys.argv[1:]),
+               "tokens_per_s": {k: 1 / v for k, v in per_token.items()}, "dynamic_time_ratio": ratio,
                "switch_ms": switch_ms, "rounds": rounds, "new_tokens": new, "prompt_tokens": len(prompt),
                "config": CONFIG, "r": 16}
     print(readme.genai_table(results))

@@ -134,7 +134,8 @@ def main_cli() -> None:
     parser.add_argument("--sample", type=int, default=200)
     args = parser.parse_args()
     rows = bench_lookups(args.modules, args.sample) + bench_cli(args.modules)
-    results = {"modules": args.modules, "rows": rows}
+    results = {"command": "python bench/bench_matching.py " + " ".join(sys.argv[1:]), "modules": args.modules,
+               "rows": rows}
     print(readme.matching_table(results))
     print(f"-> {write_results('matching', results)}")
     print(f"-> {readme.write()}")

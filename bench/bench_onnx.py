@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = np.random.default_rng(0).standard_normal((1, tokens, d)).astype(np.float32)
     started = time.perf_counter()
     results = {
+        "command": "python bench/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "tokens": tokens},
         "onnxruntime": ort.__version__,
         "dynamic_vs_merged": bench_dynamic_vs_merged(block, x, rounds, repeats),

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     block = models.transformer_block(d_model=d, heads=heads, d_ff=d_ff, seed=0)
     adapters = [models.random_adapter(block, 16, seed=100 + i, name=f"a{i}") for i in range(n)]
     options = TritonOptions(max_batch_size=n, preferred_batch_sizes=(n,), queue_delay_us=2000)
-    results: dict = {"model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "adapters": n, "rank": 16},
+    results: dict = {"command": "python bench/bench_triton.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     "model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "adapters": n, "rank": 16},
                      "seconds_per_measurement": seconds, "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
         repo = Path(tmp) / "repo"
