@@ -20,12 +20,16 @@ Rules checked (conformance/SPEC.md):
   lora_ref or export (``parity.dora_gain_error``) resolves unless it is a conformance operation
   (``dora.merge``) or a key the code writes (``adapter.type``, a string literal in the code); a
   backticked ``*.py`` path exists.
+- The depth K that SPEC states for the forward and merge operations (C.3, 4.1, 4.2) is the K of
+  every frozen case of those operations.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import math
 import re
 from pathlib import Path
 
@@ -158,3 +162,43 @@ def test_resolve_catches_stale_names():
     assert not is_code_unit(resolve("lora_ref.merge"))
     assert is_code_unit(resolve("lora_ref.dora.Dora.forward64"))
     assert is_code_unit(resolve("lora_ref.conformance.runner.CaseResult.verdict"))
+
+
+def _section(title_start: str) -> str:
+    return next(body for title, body in sections(TEXT) if title.startswith(title_start))
+
+
+def _depth(expression: str, A_shape: tuple[int, ...]) -> int:
+    """A SPEC depth such as ``in + r + 6`` or ``C·kh·kw + r + 6`` for lora_A of ``A_shape`` [r, in] / [r, C, *k]."""
+    values = {"r": A_shape[0], "in": A_shape[1], "C·kh·kw": math.prod(A_shape[1:]), "C·∏k": math.prod(A_shape[1:])}
+    terms = [t.strip() for t in expression.split("+")]
+    return sum(int(t) if t.isdigit() else values[t] for t in terms)
+
+
+def test_spec_depths_are_the_frozen_cases_depths():
+    """The K that SPEC states per operation (C.3, and 4.1 / 4.2 for the layer kinds) is the K every frozen
+    case of that operation carries: SPEC once said r + 3 for Embedding where the cases use r + 6."""
+    c3 = _section("C.3")
+    stated = {
+        "linear.forward": re.search(r"linear\.forward K = ([^;,]+)[;,]", c3).group(1),
+        "embedding.forward": re.search(r"embedding\.forward K = ([^;,(]+?)[,(]", c3).group(1),
+        "conv2d.forward": re.search(r"conv2d\.forward K = ([^;,]+)[;,]", c3).group(1),
+        "merge": re.search(r"merge and unmerge K = ([^;(]+?) \(every kind\)", c3).group(1),
+    }
+    assert re.search(r"K = ([^(.]+?) \(C\.3\)", _section("4.1")).group(1) == stated["embedding.forward"]
+    conv_general = re.search(r"K = (C·∏k \+ [^.]+?)\.", _section("4.2")).group(1)
+    kinds = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
+    expected = {f"{kind}.{action}": stated["merge"] for kind in kinds for action in ("merge", "unmerge")}
+    expected.update({"linear.forward": stated["linear.forward"], "embedding.forward": stated["embedding.forward"],
+                     "conv2d.forward": stated["conv2d.forward"], "conv1d.forward": conv_general, "conv3d.forward": conv_general})
+    checked = 0
+    for path in sorted((ROOT / "conformance" / "cases").glob("*/*/case.json")):
+        case = json.loads(path.read_text())
+        if case["operation"] not in expected or "A" not in case["inputs"]:
+            continue
+        A_shape = tuple(case["inputs"]["A"]["shape"])
+        for name, output in case["outputs"].items():
+            if output.get("check") == "bound":
+                assert output["K"] == _depth(expected[case["operation"]], A_shape), (case["id"], name)
+                checked += 1
+    assert checked > 100
