@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "examples")]
 
 from common import markdown_table, time_median, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.linear import forward  # noqa: E402
 from lora_ref.mixed_batch import LoraFactors, StackedBank, mixed_forward  # noqa: E402
@@ -184,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                  "torch CPU (1 thread), same model and AdamW", f"reference takes {training['reference_over_torch']:.2f}x torch's time"])
     table = markdown_table(["measurement", "peer", "ratio (peer time / ours unless stated)"], rows)
     print(table)
-    path = write_results("composition", {"quick": args.quick, "mixed_batch": mixed, "tree": tree, "training": training,
+    command = "python bench/bench_composition.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = write_results("composition", {"command": command, "quick": args.quick, "mixed_batch": mixed, "tree": tree,
+                                         "training": training,
                                          "table": table})
     print(f"\nwrote {path}")
+    print(f"wrote {readme.write()}")
     return 0
 
 

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_results  # noqa: E402
+from common import write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.cli.conformance_cmd import DEFAULT_SUITE  # noqa: E402
 from lora_ref.conformance.casefile import read_manifest  # noqa: E402
@@ -95,12 +96,12 @@ def main() -> None:
             ratio = statistics.median(t / b for t, b in zip(samples[name], base))
             rows.append({"protocol": name, "seconds": seconds, "ratio": ratio, "cases_run": ran,
                          "skipped": counts[name]["skip"], "ms_per_case_run": 1000 * seconds / max(ran, 1)})
-    table = markdown_table(["protocol", f"full suite ({n_cases} cases), s", "vs in-process reference", "cases run / skipped", "ms per case run"],
-                           [(r["protocol"], f"{r['seconds']:.2f}", f"{r['ratio']:.1f}x", f"{r['cases_run']} / {r['skipped']}",
-                             f"{r['ms_per_case_run']:.1f}") for r in rows])
-    print(table)
-    path = write_results("conformance", {"cases": n_cases, "repeats": args.repeats, "rows": rows})
+    results = {"command": "python bench/bench_conformance.py " + " ".join(sys.argv[1:]), "cases": n_cases,
+               "repeats": args.repeats, "rows": rows}
+    print(readme.conformance_table(results))
+    path = write_results("conformance", results)
     print(f"\nwrote {path}")
+    print(f"wrote {readme.write()}")
 
 
 if __name__ == "__main__":

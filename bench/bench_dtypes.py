@@ -8,7 +8,7 @@ where every temporary is a fresh mmap allocation and its page faults dominate. U
 
     .venv/bin/python bench/bench_dtypes.py [--repeats 30]
 
-Writes bench/results/dtypes.json and this benchmark's section of bench/README.md.
+Writes bench/results/dtypes.json and regenerates bench/README.md (bench/readme.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_results  # noqa: E402
-from readme import write_section  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.dtypes import STORAGE_DTYPES, float32_to_bfloat16, round_to  # noqa: E402
 
@@ -56,16 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                            [[r["elements"], r["dtype"], f"{r['ns_per_element']:.2f}", f"{r['vs_float32_cast']:.1f}x"] for r in rows])
     print(table)
     command = "python bench/bench_dtypes.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_results("dtypes", {"command": command, "rows": rows, "table": table})
-    write_section("dtypes", "float64 -> storage dtype conversion", [
-        f"`{command.strip()}`: best of {args.repeats} per cell (one thread). The large arrays pay for fresh pages; "
-        "the merge therefore works on thread blocks of at most 128 KiB of float64, where a conversion costs a "
-        "few NumPy passes. Rewriting round_to's bfloat16 and float16 roundings as uint64 bit operations (tried) "
-        "was no faster at that block size, so round_to is unchanged; the merge's bfloat16 bracket ends instead "
-        "go float64 -> float32 (a hardware cast) -> bfloat16 (`float32_to_bfloat16`, integer arithmetic on the "
-        "bits), the last row, with the bound widened to cover the extra rounding (SPEC 3.2). "
-        "JSON: `bench/results/dtypes.json`.",
-        "", table])
+    write_results("dtypes", {"command": command, "repeats": args.repeats, "rows": rows, "table": table})
+    print(f"wrote {readme.write()}")
     return 0
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import markdown_table, write_results  # noqa: E402
+from common import write_results  # noqa: E402
+import readme  # noqa: E402
 from genai_world import build_adapter, build_genai, build_hf  # noqa: E402
 
 CONFIG = dict(vocab_size=3001, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -114,17 +115,17 @@ def main() -> None:
             generator.set_active_adapter(dynamic.adapters, "ab"[i % 2])
             switches.append(time.perf_counter() - start)
         per_token = {name: statistics.median(t) / new for name, t in times.items()}
-    rows = [[name, f"{1 / per_token[name]:.1f}", f"{ratio.get(name, 1.0):.3f}x" if name != "dynamic" else "1.000x"]
-            for name in ("dynamic", "merged", "genai-own", "base")]
-    table = markdown_table(["model", "tokens/s", "time of dynamic / time of this"], rows)
     switch_ms = statistics.median(switches) * 1e3
-    print(table)
+    results = {"command": "python bench/bench_genai.py " + " ".join(sys.argv[1:]),
+               "tokens_per_s": {k: 1 / v for k, v in per_token.items()}, "dynamic_time_ratio": ratio,
+               "switch_ms": switch_ms, "rounds": rounds, "new_tokens": new, "prompt_tokens": len(prompt),
+               "config": CONFIG, "r": 16}
+    print(readme.genai_table(results))
     print(f"\nadapter switch (set_active_adapter on a new generator): {switch_ms:.3f} ms median; "
           f"one token: {per_token['dynamic'] * 1e3:.2f} ms")
     print("goal: dynamic <= 1.10x the merged model's time at r=16")
-    write_results("genai", {"tokens_per_s": {k: 1 / v for k, v in per_token.items()}, "dynamic_time_ratio": ratio,
-                            "switch_ms": switch_ms, "rounds": rounds, "new_tokens": new, "prompt_tokens": len(prompt),
-                            "config": CONFIG, "r": 16})
+    write_results("genai", results)
+    print(f"wrote {readme.write()}")
 
 
 if __name__ == "__main__":

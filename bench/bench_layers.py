@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, time_median, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.deltas import delta_for  # noqa: E402
 from lora_ref.dora import DoraDelta  # noqa: E402
@@ -161,6 +162,7 @@ def main() -> None:
     print(table)
     write_results("layers", {"command": "python bench/bench_layers.py" + (" --quick" if args.quick else ""),
                              "torch_threads": 1, "rows": rows, "table": table})
+    print(f"wrote {readme.write()}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_median, write_results  # noqa: E402
+from common import time_median, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.adapter import Adapter, LoraModule, save_adapter  # noqa: E402
 from lora_ref.cli import main  # noqa: E402
@@ -118,11 +119,12 @@ def bench_cli(n: int) -> list[dict]:
                             ("merge --residual", ["merge", str(work / "base.safetensors"), str(work / "adapter"),
                                                   "-o", str(work / "exact.safetensors"),
                                                   "--residual", str(work / "residual.safetensors")])):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             with contextlib.redirect_stdout(io.StringIO()):
                 assert main(argv) == 0
             rows.append({"case": f"lora-ref {label}: {n} modules, {n}-entry target list",
-                         "lora_ref_s": time.perf_counter() - start, "peft_s": None, "peft_measured_on": None})
+                         "lora_ref_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+                         "peft_s": None, "peft_measured_on": None})
     return rows
 
 
@@ -132,10 +134,11 @@ def main_cli() -> None:
     parser.add_argument("--sample", type=int, default=200)
     args = parser.parse_args()
     rows = bench_lookups(args.modules, args.sample) + bench_cli(args.modules)
-    table = [[r["case"], f"{r['lora_ref_s']:.3g}", "" if r["peft_s"] is None else f"{r['peft_s']:.3g}",
-              "" if r["peft_s"] is None else f"{r['peft_s'] / r['lora_ref_s']:.3g}x"] for r in rows]
-    print(markdown_table(["case", "lora-ref s", "PEFT / re s (extrapolated from a sample where noted)", "ratio"], table))
-    print(f"-> {write_results('matching', {'modules': args.modules, 'rows': rows})}")
+    results = {"command": "python bench/bench_matching.py " + " ".join(sys.argv[1:]), "modules": args.modules,
+               "rows": rows}
+    print(readme.matching_table(results))
+    print(f"-> {write_results('matching', results)}")
+    print(f"-> {readme.write()}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, time_median, write_results  # noqa: E402
-from readme import write_section  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.dtypes import STORAGE_DTYPES, round_to  # noqa: E402
 from lora_ref.linear import LinearDelta  # noqa: E402
@@ -148,15 +148,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} rounds; a ratio is the median of per-round ratios (lower = ours faster)")
     print(text)
     command = "python bench/bench_merge.py " + " ".join(argv or sys.argv[1:])
-    path = write_results("merge", {"command": command, "rows": rows, "table": text})
+    path = write_results("merge", {"command": command, "alpha": args.alpha, "merge_threads": merge_threads(), "rows": rows,
+                                   "table": text})
     print(f"wrote {path}")
-    import torch
-
-    write_section("merge", "Merge vs PEFT", [
-        f"`{command.strip()}`: one {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha}, medians of "
-        f"{args.repeats} rounds, a ratio is the median of per-round ratios (lower = ours faster); torch threads "
-        f"{torch.get_num_threads() if with_peft else '-'}, merge threads {merge_threads()}. Goals: exact merge ≤ 1.0x PEFT, "
-        "fast ≤ 0.6x. JSON: `bench/results/merge.json`.", "", text])
+    print(f"wrote {readme.write()}")
     return 0
 
 

@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, time_median, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.export import AdapterCache, build_graph, models, open_session  # noqa: E402
 from lora_ref.export.editing import lora_a_name, lora_b_name, lora_factors  # noqa: E402
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = np.random.default_rng(0).standard_normal((1, tokens, d)).astype(np.float32)
     started = time.perf_counter()
     results = {
+        "command": "python bench/bench_onnx.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "tokens": tokens},
         "onnxruntime": ort.__version__,
         "dynamic_vs_merged": bench_dynamic_vs_merged(block, x, rounds, repeats),
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.quick:
         path = write_results("onnx", results)
         print(f"wrote {path}")
+        print(f"wrote {readme.write()}")
     print(table)
     return results
 

@@ -16,8 +16,8 @@ faster). Usage:
 
     .venv/bin/python bench/bench_switch.py [--hidden 1024] [--layers 8] [--repeats 5]
 
-Prints a markdown table, writes bench/results/switch.json and this benchmark's section of
-bench/README.md.
+Prints a markdown table, writes bench/results/switch.json and regenerates bench/README.md
+(bench/readme.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, time_median, write_results  # noqa: E402
-from readme import write_section  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.adapter import Adapter, LoraModule  # noqa: E402
 from lora_ref.config import LoraConfig  # noqa: E402
@@ -180,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     path = write_results("switch", {"command": command, "model": model, "rows": rows, "table": table})
     print(f"wrote {path}")
-    write_section("switch", "Adapter switch vs a forward pass", [
-        f"`{command.strip()}` ({model}). Medians of {args.repeats} rounds; a ratio is the median of per-round "
-        "ratios (lower = the switch is faster). The goals: exact q/v switch ≤ 1.0x a decode step, every-Linear "
-        "switch ≤ 1.0x a 128-token prefill. JSON: `bench/results/switch.json`.", "", table])
+    print(f"wrote {readme.write()}")
     return 0
 
 

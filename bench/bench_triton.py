@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_results  # noqa: E402
+import readme  # noqa: E402
 
 from lora_ref.export import build_graph, models  # noqa: E402
 from lora_ref.export.graphio import save_model  # noqa: E402
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     block = models.transformer_block(d_model=d, heads=heads, d_ff=d_ff, seed=0)
     adapters = [models.random_adapter(block, 16, seed=100 + i, name=f"a{i}") for i in range(n)]
     options = TritonOptions(max_batch_size=n, preferred_batch_sizes=(n,), queue_delay_us=2000)
-    results: dict = {"model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "adapters": n, "rank": 16},
+    results: dict = {"command": "python bench/bench_triton.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     "model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "adapters": n, "rank": 16},
                      "seconds_per_measurement": seconds, "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
         repo = Path(tmp) / "repo"
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["table"] = table
     if not args.quick:
         print(f"wrote {write_results('triton', results)}")
+        print(f"wrote {readme.write()}")
     print(table)
     return results
 

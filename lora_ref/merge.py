@@ -12,7 +12,7 @@ Two evaluations ("merge semantics"), named by the string a merged file records u
     The result depends on nothing but the inputs: not the BLAS, its threads or the block size.
 ``fixed-order/1`` (:data:`FIXED_ORDER`, files without the key)
     round_t(fl_64(W + Δ)) with Δ = s·Σ_k B[:, k] ⊗ A[k, :] accumulated in increasing k
-    (:func:`lora_ref.linear.rank_one_sum`): what lora-ref 0.x wrote; kept so their merged files
+    (:func:`lora_ref.numerics.rank_one_sum`): what lora-ref 0.x wrote; kept so their merged files
     and residuals unmerge bit for bit. DoRA sources, float64 weights, sources without
     ``rank_factors`` and adapters with non-finite values use it under either name.
 
