@@ -34,6 +34,7 @@ point or every one is the type's midpoint (0 signed, 2^(bits−1) unsigned).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -92,6 +93,51 @@ def dequantize(graph: onnx.GraphProto, site: TargetSite) -> np.ndarray:
     return W[:, :K]
 
 
+def branch_site(graph: onnx.GraphProto, site: TargetSite, namer: Namer) -> tuple[TargetSite, list[onnx.NodeProto]]:
+    """Where a LoRA branch goes at ``site``: (the site to put it after, nodes to run first); ``graph`` unchanged.
+
+    In a statically quantized QDQ graph the base layer is DQ(x_q) → MatMul → QuantizeLinear →
+    DequantizeLinear, a node group ONNX Runtime fuses into one integer kernel (QLinearMatMul) only
+    while each DequantizeLinear has the MatMul as its one reader and the MatMul's output goes to
+    the QuantizeLinear alone. So the branch reads its own copy of the activation's
+    DequantizeLinear, and when the output is fake-quantized the branch adds after that pair:
+    y = DQ(Q(y0)) + (x·A_g)·B_g. The base group is untouched (with no adapter the site's output is
+    the base graph's bit for bit, fused or not), and the LoRA term is not rounded to the
+    activation grid, whose step is typically larger than the adapter's effect (as for int4 weights).
+    Any other site (MatMulNBits, weight-only QDQ, float) is returned as it is.
+    """
+    if site.dequantize is None:
+        return site, []
+    nodes = []
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    x = site.x
+    source = producers.get(x)
+    if source is not None and graph.node[source].op_type == "DequantizeLinear":
+        copy_ = onnx.NodeProto()
+        copy_.CopyFrom(graph.node[source])
+        x = namer(f"{site.x}.lora_input")
+        del copy_.output[:]
+        copy_.output.append(x)
+        copy_.name = namer(f"{site.module}.lora_input_dequantize")
+        nodes.append(copy_)
+    outputs = {o.name for o in graph.output}
+    after = site.node
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        name = graph.node[after].output[0]
+        users = readers.get(name, [])
+        if name in outputs or len(users) != 1 or graph.node[users[0]].op_type != op:
+            after = site.node if op == "QuantizeLinear" else None
+            break
+        after = users[0]
+    if after is None or after == site.node:
+        return replace(site, x=x), nodes
+    return replace(site, x=x, node=after, y=graph.node[after].output[0]), nodes
+
+
 def add_constant_branches(model: onnx.ModelProto, groups: Mapping[str, tuple], adapters: Sequence[Adapter]) -> dict[str, int]:
     """Add y ← y0 + (x·A_c)·B_c at each quantized site of ``groups`` (stem -> (layout, sites)); in place.
 
@@ -114,7 +160,8 @@ def add_constant_branches(model: onnx.ModelProto, groups: Mapping[str, tuple], a
         a_name, b_name = namer(f"{stem}.lora_A.merged"), namer(f"{stem}.lora_B.merged")
         graph.initializer.extend([numpy_helper.from_array(A, a_name), numpy_helper.from_array(B, b_name)])
         for site in sites:
-            after.setdefault(site.node, []).extend(linear_branch(graph, site, namer, a_name, b_name, None))
+            place, first = branch_site(graph, site, namer)
+            after.setdefault(place.node, []).extend(first + linear_branch(graph, place, namer, a_name, b_name, None))
         ranks[stem] = int(A.shape[1])
     splice(graph, after)
     return ranks
