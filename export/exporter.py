@@ -147,9 +147,6 @@ def build_graph(
     if unplaceable:
         raise ExportConfigError(f"the adapter carries full copies of {unplaceable[:4]}, whose graph weights are fused or "
                                 "quantized; such copies cannot replace them")
-    if mode == "batched" and special:
-        raise ExportConfigError(f"batched graphs do not take fused or quantized (MatMulNBits) sites yet: {sorted(special)[:4]}; "
-                                "export --mode dynamic (one adapter per session run) instead")
     for adapter in adapters:
         for module in adapter.modules:
             for site in sites[module]:

@@ -145,14 +145,15 @@ def _fake_quantized_output(model: onnx.ModelProto, y: str) -> str | None:
 
 
 def check_sites(graph: onnx.ModelProto, model: onnx.ModelProto, sites, feeds, base: dict[str, np.ndarray], adapters,
-                literal: bool) -> None:
+                literal: bool, per_row: list | None = None) -> None:
     """Each site's output vs the float64 reference on the dequantized base, from its own input (module docstring).
 
     ``literal`` (no graph optimizations), weight-only QDQ: y = x·W^T + LoRA with W the dequantized
     weight, K = in + Σr + 4. Otherwise y = C + LoRA with C the base layer's own output (ORT fuses
     DQ → MatMul into MatMulNBits, whose default accuracy level rounds x to int8, so C is not x·W^T
     to float rounding; a fake-quantized output DQ(Q(y0)) gets the LoRA after it, SPEC E.6), with
-    the bound γ_K·(|C| + |s||x||A^T||B^T|).
+    the bound γ_K·(|C| + |s||x||A^T||B^T|). ``per_row`` (a batched graph): the adapters of each
+    row instead of ``adapters`` for all; K then counts the largest rank (zero padding adds zeros).
     """
     names = [n for module in ("fc1", "fc2") for n in (sites[module][0].x, sites[module][0].y)]
     final = {m: _fake_quantized_output(model, sites[m][0].y) or sites[m][0].y for m in ("fc1", "fc2")}
@@ -163,12 +164,14 @@ def check_sites(graph: onnx.ModelProto, model: onnx.ModelProto, sites, feeds, ba
         x = out[site.x].astype(np.float64)
         W = base[module].astype(np.float64)
         lora_exact, M = np.zeros((x.shape[0], site.out_features)), np.zeros((x.shape[0], site.out_features))
+        rows = per_row or [adapters] * x.shape[0]
         rank = 0
-        for a in adapters:
-            lora, s = a.modules[module], a.scale_for(module)
-            lora_exact = lora_exact + s * (x @ lora.A.T.astype(np.float64)) @ lora.B.T.astype(np.float64)
-            M = M + abs(s) * (np.abs(x) @ np.abs(lora.A.T)) @ np.abs(lora.B.T)
-            rank += lora.rank
+        for row, chosen in enumerate(rows):
+            for a in chosen:
+                lora, s = a.modules[module], a.scale_for(module)
+                lora_exact[row] += s * (x[row] @ lora.A.T.astype(np.float64)) @ lora.B.T.astype(np.float64)
+                M[row] += abs(s) * (np.abs(x[row]) @ np.abs(lora.A.T)) @ np.abs(lora.B.T)
+            rank = max(rank, sum(a.modules[module].rank for a in chosen))
         K = site.in_features + rank + 4
         if final[module] == site.y and literal:  # weight-only: the float reference on the dequantized weight
             exact, M = x @ W.T + lora_exact, M + np.abs(x) @ np.abs(W).T
@@ -207,6 +210,21 @@ def test_dynamic_and_merged_keep_the_quantized_base_and_match_the_reference(qdq)
     assert np.array_equal(_run(dynamic, {"x": X}, (), True)["y"], _run(qdq, {"x": X}, (), True)["y"])
     if _fake_quantized_output(qdq, sites["fc1"][0].y):
         assert np.array_equal(_run(dynamic, {"x": X})["y"], _run(qdq, {"x": X})["y"])
+
+
+def test_batched_rows_get_their_adapters_beside_the_quantized_base(qdq):
+    adapters = [lora_adapter(4, "a"), lora_adapter(5, "b", ranks=(1, 4))]
+    graph, sites = build_graph(qdq, adapters, "batched")
+    before = _base_bytes(qdq)
+    after = _base_bytes(graph)
+    assert all(after[name] == blob for name, blob in before.items())
+    index = np.array([1, -1, 0], np.int64)
+    per_row = [[adapters[i]] if i >= 0 else [] for i in index]
+    base = dequantized(qdq)
+    for literal in (True, False):
+        check_sites(graph, qdq, sites, {"x": X, "adapter_index": index}, base, [], literal, per_row)
+    plain = _run(qdq, {"x": X}, (), True)["y"]
+    assert np.array_equal(_run(graph, {"x": X, "adapter_index": index}, (), True)["y"][1], plain[1])  # -1: the base
 
 
 def test_requantize_keeps_the_format_and_reports_the_error(qdq):
