@@ -29,8 +29,8 @@ from lora_ref.inputs import require_regular_file
 
 from .editing import lora_bias_term
 from .errors import AdapterNameError
-from .fused import layout_of, stacked_factors
-from .names import SlotLayout, magnitude_name, strip_prefix
+from .fused import layout_of, split_fused, stacked_factors
+from .names import FUSED, SlotLayout, magnitude_name, part_modules, strip_prefix
 from .slots import Slot, check_tensors
 
 SUFFIX = ".onnx_adapter"
@@ -51,6 +51,7 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
     if layouts is None:
         layouts = {stem: SlotLayout(stem, ((strip_prefix(stem), -1),)) for stem in names}
     tensors: dict[str, np.ndarray] = {}
+    adapter = _split_for(adapter, layouts, names, slots)
     unplaced = [m for m in adapter.modules if layout_of(m, layouts) is None]
     if unplaced:
         raise AdapterNameError(f"adapter {adapter.name!r}: {len(unplaced)} module(s) have no LoRA input in the graph: "
@@ -76,6 +77,30 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
             tensors[names[stem].get("magnitude", magnitude_name(stem))] = round_to(magnitude, slot.dtype)
     check_tensors({k: (v.shape, v.dtype) for k, v in tensors.items()}, slots, f"adapter {adapter.name!r}")
     return tensors
+
+
+def _split_for(adapter: Adapter, layouts: Mapping[str, SlotLayout], names: Mapping[str, Mapping[str, str]],
+               slots: Mapping[str, Slot]) -> Adapter:
+    """``adapter`` with a fused module (``qkv_proj``) that has no slot split into its parts when each part has
+    one of its own (:func:`lora_ref.export.fused.split_fused`); widths from the layouts or the B slots' out axis."""
+    for module in list(adapter.modules):
+        leaf = strip_prefix(module).rpartition(".")[2]
+        if leaf not in FUSED or layout_of(module, layouts) is not None:
+            continue
+        parts = part_modules(strip_prefix(module), leaf)
+        found = [layout_of(p, layouts) for p in parts]
+        if any(layout is None or layout.fused for layout in found):
+            continue
+        widths = []
+        for part, layout in zip(parts, found):
+            width = layout.parts[0][1]
+            b = names.get(layout.stem, {}).get("B")
+            if width < 0 and b is not None and isinstance(slots[b].shape[-1], int):
+                width = slots[b].shape[-1]
+            widths.append((part, width))
+        if all(w > 0 for _, w in widths):
+            adapter = split_fused(adapter, module, widths)
+    return adapter
 
 
 def _module_key(adapter: Adapter, module: str) -> str:
