@@ -36,13 +36,15 @@ from .slots import Slot, check_tensors
 SUFFIX = ".onnx_adapter"
 
 
-def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mapping[str, SlotLayout] | None = None) -> dict[str, np.ndarray]:
+def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mapping[str, SlotLayout] | None = None,
+                    graph_scales: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
     """The graph-layout tensors of ``adapter`` for a dynamic graph with ``slots`` (checked).
 
     ``layouts`` (stem -> :class:`SlotLayout`, from :func:`lora_ref.export.names.read_layouts`)
     says which modules fill each slot (fused slots stack several, :mod:`lora_ref.export.fused`);
     without it every slot is the module of its own name (lora-ref's ``peft`` names).
-    A module with no slot is an AdapterNameError.
+    A module with no slot is an AdapterNameError. ``graph_scales`` (stem -> s_g) for a graph that
+    multiplies a slot's branch by a constant itself (Olive's ExtractAdapters graphs): B_g = (s / s_g)·B^T.
     """
     names: dict[str, dict[str, str]] = {}
     for name, slot in slots.items():
@@ -61,7 +63,7 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
             continue
         slot = slots[names[stem]["A"]]
         plain = SlotLayout(stem, tuple((_module_key(adapter, m), w) for m, w in layout.parts))
-        factors = stacked_factors(adapter, plain, slot.dtype, pad_to=slot.rank)
+        factors = stacked_factors(adapter, plain, slot.dtype, pad_to=slot.rank, graph_scale=(graph_scales or {}).get(stem, 1.0))
         if factors is None:
             continue
         tensors[names[stem]["A"]], tensors[names[stem].get("B", stem + ".lora_B")] = factors

@@ -65,18 +65,20 @@ def slot_groups(sites: Mapping[str, Sequence[TargetSite]], scheme: str = "peft")
     return groups
 
 
-def stacked_factors(adapter: Adapter, layout: SlotLayout, dtype: np.dtype, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def stacked_factors(adapter: Adapter, layout: SlotLayout, dtype: np.dtype, *, pad_to: int | None = None,
+                    graph_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
     """(A_g [in, Σ r_j], block-diagonal B_g [Σ r_j, Σ w_j]) of ``adapter`` on ``layout`` (module docstring), or None.
 
     None when the adapter has none of the layout's modules. An unfused layout gives
-    :func:`lora_factors` itself. ``pad_to`` zero-pads the stacked rank (a static-rank graph).
+    :func:`lora_factors` itself. ``pad_to`` zero-pads the stacked rank (a static-rank graph);
+    ``graph_scale``: a scale the graph applies itself (:func:`lora_factors`).
     """
     present = [(m, w) for m, w in layout.parts if m in adapter.modules]
     if not present:
         return None
     if not layout.fused:
-        return lora_factors(adapter, present[0][0], dtype, pad_to=pad_to)
-    factors = {m: lora_factors(adapter, m, dtype) for m, _ in present}
+        return lora_factors(adapter, present[0][0], dtype, pad_to=pad_to, graph_scale=graph_scale)
+    factors = {m: lora_factors(adapter, m, dtype, graph_scale=graph_scale) for m, _ in present}
     rank = sum(a.shape[1] for a, _ in factors.values())
     width = rank if pad_to is None else pad_to
     if width < rank:

@@ -13,6 +13,8 @@ an adapter with patterns differs (:func:`test_olive_ignores_alpha_pattern`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,66 @@ def test_olive_ignores_alpha_pattern(torch, tmp_path):
     assert np.array_equal(theirs[q], ours[q])  # default alpha: the same scale
     assert adapter.scale_for(v.removesuffix(".lora_B.weight")) == 2.0 / 4
     assert np.allclose(theirs[v], ours[v] * (8 / 4) / (2.0 / 4), rtol=1e-6)  # Olive scaled v by 8/4, not 2/4
+
+
+def test_lora_ref_files_load_into_an_olive_extract_adapters_graph(torch, tmp_path):
+    """Olive's ExtractAdapters on a dynamo-exported PEFT Llama (offline): its graph takes A^T and unscaled B^T and
+    multiplies by the exported adapter's s itself. lora-ref's convert-adapters writes, for the exported adapter,
+    exactly Olive's extracted tensors (bit for bit, so the same logits as Olive's own file)."""
+    import peft
+    from olive.model import ONNXModelHandler
+    from olive.passes.olive_pass import create_pass_from_dict
+    from olive.passes.onnx.extract_adapters import ExtractAdapters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ref.export import convert_adapters
+
+    torch.manual_seed(5)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=D, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, lora).eval()
+    model.save_pretrained(tmp_path / "x")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(input_ids=ids, use_cache=False).logits
+
+    ids = torch.tensor([[3, 7, 1, 9, 4]])
+    torch.onnx.export(Logits(model), (ids,), str(tmp_path / "peft.onnx"), dynamo=True, dynamic_shapes={"ids": {0: "b", 1: "s"}})
+    extract = create_pass_from_dict(ExtractAdapters, {"make_inputs": True}, disable_search=True)
+    extract.run(ONNXModelHandler(str(tmp_path / "peft.onnx")), str(tmp_path / "extracted"))
+    graph = tmp_path / "extracted" / "peft.onnx"
+    olive_file = tmp_path / "extracted" / "adapter_weights.onnx_adapter"
+    report = convert_adapters([load_adapter(tmp_path / "x")], graph, tmp_path / "converted")
+    assert report["scheme"] == "olive_extract"
+    converted = next(iter(report["adapters"].values()))["file"]
+    ours, theirs = read_onnx_adapter(converted), read_onnx_adapter(olive_file)
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+
+    def logits(path=None):
+        options = ort.RunOptions()
+        if path is not None:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(path))
+            options.add_active_adapter(adapter)
+        return session.run(None, {"ids": ids.numpy()}, options)[0]
+
+    assert np.array_equal(logits(converted), logits(olive_file))
+    assert not np.array_equal(logits(olive_file), logits())
+    # another adapter with alpha 4 (s = 1) on the graph exported with s = 2: B_g = (1 / 2)·B^T, exact (a power of two)
+    torch.manual_seed(6)
+    other = peft.get_peft_model(LlamaForCausalLM(base.config).eval(), dataclasses.replace(lora, lora_alpha=4))
+    other.save_pretrained(tmp_path / "y")
+    report = convert_adapters([load_adapter(tmp_path / "y")], graph, tmp_path / "converted_y")
+    got = read_onnx_adapter(next(iter(report["adapters"].values()))["file"])
+    layer = other.get_submodule("base_model.model.model.layers.0.self_attn.v_proj")
+    stem = "inner.base_model.model.model.layers.0.self_attn.v_proj"
+    assert np.array_equal(got[f"{stem}.lora_B.default.weight"], layer.lora_B["default"].weight.detach().numpy().T / 2)
+    assert np.array_equal(got[f"{stem}.lora_A.default.weight"], layer.lora_A["default"].weight.detach().numpy().T)
