@@ -27,7 +27,8 @@ The module path is found four ways, tried in this order for every module:
 
 1. **name scopes**: the dynamo exporter records the module stack of each node in the metadata
    key ``pkg.torch.onnx.name_scopes``; the innermost module scope (second to last entry) must
-   equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix);
+   equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix); a
+   MatMulNBits node with such a scope (copied from the MatMul ORT's quantizer replaced) counts too;
 2. **initializer names**: an initializer named ``<path>.weight`` or ``<prefix>.<path>.weight``;
 3. **genai names**: onnxruntime-genai's builder's ``<genai path>.MatMul.weight`` (float, MatMul) or
    ``<genai path>.MatMul.weight_Q…`` (MatMulNBits), with the genai path of :mod:`lora_ref.export.names`;
@@ -295,9 +296,14 @@ def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str], kind: 
     seen = []
     for i, scope in scopes.items():
         node = index.graph.node[i]
-        if node.op_type not in op_types or not _path_matches(scope, module):
+        nbits = facts.transposable and node.op_type == "MatMulNBits"
+        if (node.op_type not in op_types and not nbits) or not _path_matches(scope, module):
             continue
         seen.append(node.name or node.output[0])
+        if nbits:  # its quantized weight B_q (a scope copied from the MatMul it replaced)
+            if node.input[1] in index.initializers:
+                weights.add(node.input[1])
+            continue
         weight = node.input[position] if len(node.input) > position else ""
         producer = index.graph.node[index.producer[weight]] if weight in index.producer else None
         if facts.transposable and producer is not None and producer.op_type == "Transpose" and _is_2d_swap(producer):
@@ -444,7 +450,7 @@ def locate_targets(
     that kind anywhere.
     """
     index = GraphIndex(model.graph)
-    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops}
+    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops} | {"MatMulNBits"}
     scopes = {i: s for i, n in enumerate(model.graph.node) if n.op_type in op_types and (s := _innermost_scope(n))}
     found: dict[str, list[TargetSite]] = {}
     failures: dict[str, list[str]] = {}
