@@ -79,6 +79,16 @@ def run(session, kind, name=None):
     return session.run({"x": x})[0]
 
 
+def open_row(graph, provider, row):
+    """A session on ``provider``'s chain; records where it runs and the fallback warnings in ``row``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = open_session(graph, chains[provider], provider_options=provider_options)
+    row["runs_on"] = session.describe()
+    row["fallback_warnings"] = [str(w.message) for w in caught]
+    return session
+
+
 def timed(fn, n=20):
     fn()
     samples = []
@@ -96,11 +106,7 @@ for provider in ("cpu", "cuda", "tensorrt"):
             continue  # symbolic rank: use the fixed-max-rank graph for TensorRT
         row = {"provider": provider, "graph": kind}
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                session = open_session(graph, chains[provider], provider_options=provider_options)
-            row["runs_on"] = session.describe()
-            row["fallback_warnings"] = [str(w.message) for w in caught]
+            session = open_row(graph, provider, row)
             names = ["r16"] if not kind.startswith("dynamic") else ["r8", "r16", None, "r8"]
             for name in names:
                 y = run(session, kind, name)
@@ -134,25 +140,6 @@ for provider in ("cpu", "cuda", "tensorrt"):
         print(json.dumps(row))
 
 # ---- issue 12: DoRA graphs and quantized bases, CPU vs CUDA/TensorRT (one adapter each, compared with CPU)
-def quantized(block_onnx, qdq):
-    """The block's MatMul weights quantized by ORT (int4 blocks of 32); the quantizer edits its input, so a copy.
-    Its new MatMulNBits nodes lose the torch name scopes the block's MatMuls carry: copied back by output name."""
-    import copy
-
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    scopes = {n.output[0]: list(n.metadata_props) for n in block_onnx.graph.node}
-    quantizer = MatMulNBitsQuantizer(copy.deepcopy(block_onnx), block_size=32, is_symmetric=True,
-                                     quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
-    quantizer.process()
-    model = quantizer.model.model
-    for node in model.graph.node:
-        if not node.metadata_props and node.output[0] in scopes:
-            node.metadata_props.extend(scopes[node.output[0]])
-    return model
-
-
 dora = models.random_adapter(block, 8, seed=5, name="dora", use_dora=True)
 extra = {}
 try:
@@ -160,7 +147,7 @@ try:
     extra["dora_dynamic"] = (build_graph(block.onnx, [dora], "dynamic")[0], dora)
     extra["dora_batched"] = (build_graph(block.onnx, [dora, adapters[1]], "batched")[0], "batched")
     for label, qdq in (("nbits_dynamic", False), ("qdq_int4_dynamic", True)):
-        extra[label] = (build_graph(quantized(block.onnx, qdq), adapters, "dynamic")[0], adapters[1])
+        extra[label] = (build_graph(models.ort_int4(block.onnx, qdq=qdq), adapters, "dynamic")[0], adapters[1])
 except Exception as exc:  # noqa: BLE001 - report it, keep the other checks
     results.append({"graph": "issue12 build", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
 extra_reference = {}
@@ -168,11 +155,7 @@ for provider in ("cpu", "cuda", "tensorrt"):
     for kind, (graph, adapter) in extra.items():
         row = {"provider": provider, "graph": kind}
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                session = open_session(graph, chains[provider], provider_options=provider_options)
-            row["runs_on"] = session.describe()
-            row["fallback_warnings"] = [str(w.message) for w in caught]
+            session = open_row(graph, provider, row)
             if adapter == "batched":
                 y = session.run_batched({"x": x}, np.array([0, 1, -1, 0], np.int64))[0]
             elif adapter is None:

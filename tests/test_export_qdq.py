@@ -266,14 +266,10 @@ def test_requantize_keeps_the_format_and_reports_the_error(qdq):
 @pytest.mark.parametrize("qdq_format", [False, True], ids=["MatMulNBits", "QDQ"])
 def test_quantized_weights_of_a_dynamo_style_graph_are_found_by_name_scopes(qdq_format):
     """torch's dynamo exporter names weights val_N and records module paths as node metadata: ORT's int4 quantizer
-    keeps the MatMul (QDQ) or replaces it by MatMulNBits (whose scope the caller copies back); both are found."""
-    import copy
-
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    keeps the MatMul (QDQ) or replaces it by MatMulNBits (whose scope ort_int4 copies back); both are found."""
     from lora_ref.export import locate_targets
     from lora_ref.export.locate import NAME_SCOPES_KEY
+    from lora_ref.export.models import ort_int4
 
     model = _float_model()
     for node, module, weight in zip([n for n in model.graph.node if n.op_type == "MatMul"], ("fc1", "fc2"), ("val_1", "val_2")):
@@ -281,14 +277,7 @@ def test_quantized_weights_of_a_dynamo_style_graph_are_found_by_name_scopes(qdq_
         old = node.input[1]
         node.input[1] = weight
         next(t for t in model.graph.initializer if t.name == old).name = weight
-    scopes = {n.output[0]: list(n.metadata_props) for n in model.graph.node}
-    quantizer = MatMulNBitsQuantizer(copy.deepcopy(model), block_size=16, is_symmetric=True,
-                                     quant_format=QuantFormat.QDQ if qdq_format else QuantFormat.QOperator)
-    quantizer.process()
-    quantized = quantizer.model.model
-    for node in quantized.graph.node:
-        if not node.metadata_props and node.output[0] in scopes:
-            node.metadata_props.extend(scopes[node.output[0]])
+    quantized = ort_int4(model, qdq=qdq_format, block_size=16)
     sites = locate_targets(quantized, ["fc1", "fc2"])
     assert all(s[0].found_by == "name scopes" and s[0].quantized for s in sites.values())
     assert all((s[0].dequantize is not None) == qdq_format for s in sites.values())
