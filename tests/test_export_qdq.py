@@ -286,3 +286,20 @@ def test_quantized_weights_of_a_dynamo_style_graph_are_found_by_name_scopes(qdq_
     plain = _run(quantized, {"x": X}, (), True)["y"]
     out = _run(dynamic, {"x": X, **adapter_tensors(a, slots_from_model(dynamic))}, (), True)["y"]
     assert np.isfinite(out).all() and not np.array_equal(out, plain)
+
+
+def test_requantize_refuses_a_qdq_weight_that_another_node_reads():
+    """Requantizing q would change the other reader too: refused (typed), the default export still works."""
+    from lora_ref.export import UnsupportedGraphError
+    from lora_ref.export.models import ort_int4
+
+    model = ort_int4(_float_model(), qdq=True, block_size=16)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("fc1"))
+    twin = helper.make_node("DequantizeLinear", list(dq.input), ["fc1_twin"], axis=0, block_size=16)
+    model.graph.node.append(twin)
+    model.graph.output.append(helper.make_tensor_value_info("fc1_twin", TensorProto.FLOAT, None))
+    a = lora_adapter(9, "a")
+    with pytest.raises(UnsupportedGraphError, match="also read by other nodes"):
+        build_graph(model, [a], "merged", requantize=True)
+    merged, _ = build_graph(model, [a], "merged")
+    assert _base_bytes(model).items() <= _base_bytes(merged).items()
