@@ -119,9 +119,7 @@ def build_graph(
     if tensor_bytes(model) < EXTERNAL_DATA_BYTES:  # larger in-memory models are checked when read from a path
         check_graph(model, where="input model")
     fitted = fit_fused_adapters(model, adapters, base_weights)
-    for module, parts in _splits(adapters, fitted).items():
-        for part in parts if notes is not None else ():
-            notes[part] = f"rows of the adapter's fused module {module} (the graph has separate {', '.join(parts)})"
+    split_notes(adapters, fitted, notes)
     adapters = fitted
     kinds: dict[str, str] = {}
     widths = {m: int(lora.B.shape[0]) for adapter in adapters for m, lora in adapter.modules.items()}
@@ -235,10 +233,13 @@ def fit_fused_adapters(model: onnx.ModelProto, adapters: Sequence[Adapter], base
     return out
 
 
-def _splits(before: Sequence[Adapter], after: Sequence[Adapter]) -> dict[str, list[str]]:
-    """Fused module -> the part modules :func:`fit_fused_adapters` split it into."""
+def split_notes(before: Sequence[Adapter], after: Sequence[Adapter], notes: dict[str, str] | None) -> None:
+    """Note in ``notes`` (part module -> text) each fused module :func:`fit_fused_adapters` split into parts."""
     gone = {m for a in before for m in a.modules} - {m for a in after for m in a.modules}
-    return {m: list(part_modules(strip_prefix(m), strip_prefix(m).rpartition(".")[2])) for m in sorted(gone)}
+    for module in sorted(gone) if notes is not None else ():
+        parts = part_modules(strip_prefix(module), strip_prefix(module).rpartition(".")[2])
+        for part in parts:
+            notes[part] = f"rows of the adapter's fused module {module} (the graph has separate {', '.join(parts)})"
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -297,8 +298,10 @@ def export(
     if adapter_out is not None and mode != "dynamic":
         raise ExportConfigError("--adapter-out writes .onnx_adapter files for dynamic graphs only")
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    adapters = fit_fused_adapters(proto, adapters, base_weights)  # the adapter files then name the parts
+    fitted = fit_fused_adapters(proto, adapters, base_weights)  # the adapter files then name the parts
     notes: dict[str, str] = {}
+    split_notes(adapters, fitted, notes)
+    adapters = fitted
     graph, sites = build_graph(proto, adapters, mode, base_weights=base_weights, max_rank=max_rank, dtype=dtype,
                                adapter_names=adapter_names, requantize=requantize, progress=progress, notes=notes)
     files: dict[str, tuple[Path, dict[str, np.ndarray]]] = {}

@@ -128,3 +128,16 @@ def test_convert_adapters_splits_the_fused_module_for_a_graph_without_its_record
     bare = adapter_tensors(adapter, slots, read_layouts(dynamic, {s.module for s in slots.values()})[0])
     assert sorted(bare) == sorted(recorded) and all(np.array_equal(bare[k], recorded[k]) for k in bare)
     assert "model.layers.0.attn.k_proj.lora_B.MatMul.weight" in bare
+
+
+def test_export_writes_part_named_adapter_files_and_reports_the_split(phi3, tmp_path):
+    from lora_ref.export import export, read_onnx_adapter
+
+    _, adapter, weights = phi3
+    report = export(graph(weights, fused=False), [adapter], "dynamic", tmp_path / "g.onnx", adapter_out=tmp_path / "files")
+    assert report.notes[f"{MLP}.up_proj"].startswith(f"rows of the adapter's fused module {MLP}.gate_up_proj")
+    written = read_onnx_adapter(report.adapter_files[adapter.name])
+    slots = slots_from_model(report.model)
+    expected = adapter_tensors(adapter, slots, read_layouts(report.model, {s.module for s in slots.values()})[0])
+    assert sorted(written) == sorted(expected) and all(np.array_equal(written[k], expected[k]) for k in written)
+    assert f"{ATTN}.v_proj.lora_B.weight" in written
