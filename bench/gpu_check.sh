@@ -11,6 +11,19 @@
 #   cp .ortgpu/part-* /tmp/ortparts/ && cat /tmp/ortparts/part-* > /tmp/$(cat .ortgpu/NAME) &&
 #   python3 -m pip install -q --no-deps --target /tmp/site /tmp/$(cat .ortgpu/NAME) &&
 #   ORT_SITE=/tmp/site bash bench/gpu_check.sh
+#
+# Also (issue 12), each row CUDA/TensorRT vs CPU like the above:
+# * DoRA graphs: merged, dynamic (the norm computed in the graph) and batched (gain banks);
+# * quantized bases: the block's Linear weights quantized by ONNX Runtime to MatMulNBits (int4,
+#   QOperator) and to int4 QDQ (DequantizeLinear -> MatMul), dynamic graphs with the LoRA beside them;
+# * onnxruntime-genai on CUDA, only when `import onnxruntime_genai` works there (carry the
+#   onnxruntime-genai-cuda wheel like onnxruntime-gpu's, with --no-deps into the same --target) and
+#   GENAI_DIR names a lora-ref dynamic genai folder (model.onnx + *.onnx_adapter, small: make one
+#   here with `lora-ref export GENAI_FP32_DIR ADAPTER... --mode dynamic -o DIR` from the tiny Llama of
+#   tests/genai_world.py): greedy tokens on CUDA vs CPU with no adapter and each adapter, switching
+#   A -> B -> none -> A in one model; otherwise the JSON records why it was skipped.
+# * Triton on GPU is not covered: lora_ref.export.triton_python_model runs ORT's CPU provider and
+#   the pytriton wheel has no ORT backend (KIND_GPU needs one); the JSON records it as skipped.
 # Output: a table on stdout and $OUT/gpu_check.json (or bench/results/gpu_check.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +79,16 @@ def run(session, kind, name=None):
     return session.run({"x": x})[0]
 
 
+def open_row(graph, provider, row):
+    """A session on ``provider``'s chain; records where it runs and the fallback warnings in ``row``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = open_session(graph, chains[provider], provider_options=provider_options)
+    row["runs_on"] = session.describe()
+    row["fallback_warnings"] = [str(w.message) for w in caught]
+    return session
+
+
 def timed(fn, n=20):
     fn()
     samples = []
@@ -83,11 +106,7 @@ for provider in ("cpu", "cuda", "tensorrt"):
             continue  # symbolic rank: use the fixed-max-rank graph for TensorRT
         row = {"provider": provider, "graph": kind}
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                session = open_session(graph, chains[provider], provider_options=provider_options)
-            row["runs_on"] = session.describe()
-            row["fallback_warnings"] = [str(w.message) for w in caught]
+            session = open_row(graph, provider, row)
             names = ["r16"] if not kind.startswith("dynamic") else ["r8", "r16", None, "r8"]
             for name in names:
                 y = run(session, kind, name)
@@ -120,11 +139,91 @@ for provider in ("cpu", "cuda", "tensorrt"):
         results.append(row)
         print(json.dumps(row))
 
+# ---- issue 12: DoRA graphs and quantized bases, CPU vs CUDA/TensorRT (one adapter each, compared with CPU)
+dora = models.random_adapter(block, 8, seed=5, name="dora", use_dora=True)
+extra = {}
+try:
+    extra["dora_merged"] = (build_graph(block.onnx, [dora], "merged")[0], None)
+    extra["dora_dynamic"] = (build_graph(block.onnx, [dora], "dynamic")[0], dora)
+    extra["dora_batched"] = (build_graph(block.onnx, [dora, adapters[1]], "batched")[0], "batched")
+    for label, qdq in (("nbits_dynamic", False), ("qdq_int4_dynamic", True)):
+        extra[label] = (build_graph(models.ort_int4(block.onnx, qdq=qdq), adapters, "dynamic")[0], adapters[1])
+except Exception as exc:  # noqa: BLE001 - report it, keep the other checks
+    results.append({"graph": "issue12 build", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+extra_reference = {}
+for provider in ("cpu", "cuda", "tensorrt"):
+    for kind, (graph, adapter) in extra.items():
+        row = {"provider": provider, "graph": kind}
+        try:
+            session = open_row(graph, provider, row)
+            if adapter == "batched":
+                y = session.run_batched({"x": x}, np.array([0, 1, -1, 0], np.int64))[0]
+            elif adapter is None:
+                y = session.run({"x": x})[0]
+            else:
+                cache = AdapterCache(session)
+                cache.add(adapter.name, adapter)
+                cache.activate(adapter.name)
+                y = cache.run({"x": x})[0]
+            if provider == "cpu":
+                extra_reference[kind] = y
+            else:
+                ref = extra_reference[kind]
+                row["max_rel_diff_vs_cpu"] = float(np.abs(y - ref).max() / np.abs(ref).max())
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        results.append(row)
+        print(json.dumps(row))
+
+# ---- issue 12: onnxruntime-genai on CUDA vs CPU (skipped with the reason when it cannot run here)
+genai_row = {"provider": "cuda", "graph": "genai"}
+try:
+    import onnxruntime_genai as og
+
+    folder = os.environ.get("GENAI_DIR")
+    if not folder:
+        raise RuntimeError("GENAI_DIR not set (a lora-ref dynamic genai folder)")
+    files = sorted(p for p in os.listdir(folder) if p.endswith(".onnx_adapter"))
+
+    def tokens(provider):
+        config = og.Config(folder)
+        config.clear_providers()
+        if provider != "cpu":
+            config.append_provider(provider)
+        model = og.Model(config)
+        loaded = og.Adapters(model)
+        for name in files:
+            loaded.load(os.path.join(folder, name), name)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=16, do_sample=False)
+        out = {}
+        generator = og.Generator(model, params)
+        for step, name in enumerate([*files[:2], None, *files[:1]]):  # A -> B -> none -> A in one model
+            if step:
+                generator = og.Generator(model, params)
+            if name is not None:
+                generator.set_active_adapter(loaded, name)
+            generator.append_tokens([[1, 5, 9, 3]])
+            while not generator.is_done():
+                generator.generate_next_token()
+            out[f"{step}:{name}"] = list(map(int, generator.get_sequence(0)))
+        return out
+
+    cpu, cuda = tokens("cpu"), tokens("cuda")
+    genai_row.update({"runs_on": "cuda (og.Config.append_provider)", "adapters": files, "tokens_equal_cpu": cpu == cuda,
+                      "tokens": {"cpu": cpu, "cuda": cuda}})
+except Exception as exc:  # noqa: BLE001 - not installed / no folder / a failure: recorded
+    genai_row["skipped_or_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+results.append(genai_row)
+print(json.dumps(genai_row))
+results.append({"provider": "cuda", "graph": "triton", "skipped_or_error": "not covered: the python backend runs ORT's CPU "
+                "provider and the pytriton wheel has no ORT backend (KIND_GPU)"})
+
 print()
 print("| provider | graph | runs on | max rel diff vs CPU | run ms | switch ms |")
 print("|---|---|---|---|---|---|")
 for row in results:
-    print(f"| {row['provider']} | {row['graph']} | {row.get('runs_on', row.get('error', ''))} | "
+    print(f"| {row.get('provider', '')} | {row['graph']} | {row.get('runs_on', row.get('error', row.get('skipped_or_error', '')))} | "
           f"{row.get('max_rel_diff_vs_cpu', 0):.2e} | {row.get('run_ms', float('nan')):.3f} | {row.get('switch_ms', float('nan')):.4f} |")
 path = os.environ["LORA_REF_GPU_JSON"]
 os.makedirs(os.path.dirname(path), exist_ok=True)

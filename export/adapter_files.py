@@ -29,20 +29,22 @@ from lora_ref.inputs import require_regular_file
 
 from .editing import lora_bias_term
 from .errors import AdapterNameError
-from .fused import layout_of, stacked_factors
-from .names import SlotLayout, magnitude_name, strip_prefix
+from .fused import layout_of, split_fused, stacked_factors
+from .names import FUSED, SlotLayout, magnitude_name, part_modules, strip_prefix
 from .slots import Slot, check_tensors
 
 SUFFIX = ".onnx_adapter"
 
 
-def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mapping[str, SlotLayout] | None = None) -> dict[str, np.ndarray]:
+def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mapping[str, SlotLayout] | None = None,
+                    graph_scales: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
     """The graph-layout tensors of ``adapter`` for a dynamic graph with ``slots`` (checked).
 
     ``layouts`` (stem -> :class:`SlotLayout`, from :func:`lora_ref.export.names.read_layouts`)
     says which modules fill each slot (fused slots stack several, :mod:`lora_ref.export.fused`);
     without it every slot is the module of its own name (lora-ref's ``peft`` names).
-    A module with no slot is an AdapterNameError.
+    A module with no slot is an AdapterNameError. ``graph_scales`` (stem -> s_g) for a graph that
+    multiplies a slot's branch by a constant itself (Olive's ExtractAdapters graphs): B_g = (s / s_g)·B^T.
     """
     names: dict[str, dict[str, str]] = {}
     for name, slot in slots.items():
@@ -51,6 +53,7 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
     if layouts is None:
         layouts = {stem: SlotLayout(stem, ((strip_prefix(stem), -1),)) for stem in names}
     tensors: dict[str, np.ndarray] = {}
+    adapter = _split_for(adapter, layouts, names, slots)
     unplaced = [m for m in adapter.modules if layout_of(m, layouts) is None]
     if unplaced:
         raise AdapterNameError(f"adapter {adapter.name!r}: {len(unplaced)} module(s) have no LoRA input in the graph: "
@@ -60,7 +63,7 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
             continue
         slot = slots[names[stem]["A"]]
         plain = SlotLayout(stem, tuple((_module_key(adapter, m), w) for m, w in layout.parts))
-        factors = stacked_factors(adapter, plain, slot.dtype, pad_to=slot.rank)
+        factors = stacked_factors(adapter, plain, slot.dtype, pad_to=slot.rank, graph_scale=(graph_scales or {}).get(stem, 1.0))
         if factors is None:
             continue
         tensors[names[stem]["A"]], tensors[names[stem].get("B", stem + ".lora_B")] = factors
@@ -76,6 +79,30 @@ def adapter_tensors(adapter: Adapter, slots: Mapping[str, Slot], layouts: Mappin
             tensors[names[stem].get("magnitude", magnitude_name(stem))] = round_to(magnitude, slot.dtype)
     check_tensors({k: (v.shape, v.dtype) for k, v in tensors.items()}, slots, f"adapter {adapter.name!r}")
     return tensors
+
+
+def _split_for(adapter: Adapter, layouts: Mapping[str, SlotLayout], names: Mapping[str, Mapping[str, str]],
+               slots: Mapping[str, Slot]) -> Adapter:
+    """``adapter`` with a fused module (``qkv_proj``) that has no slot split into its parts when each part has
+    one of its own (:func:`lora_ref.export.fused.split_fused`); widths from the layouts or the B slots' out axis."""
+    for module in list(adapter.modules):
+        leaf = strip_prefix(module).rpartition(".")[2]
+        if leaf not in FUSED or layout_of(module, layouts) is not None:
+            continue
+        parts = part_modules(strip_prefix(module), leaf)
+        found = [layout_of(p, layouts) for p in parts]
+        if any(layout is None or layout.fused for layout in found):
+            continue
+        widths = []
+        for part, layout in zip(parts, found):
+            width = layout.parts[0][1]
+            b = names.get(layout.stem, {}).get("B")
+            if width < 0 and b is not None and isinstance(slots[b].shape[-1], int):
+                width = slots[b].shape[-1]
+            widths.append((part, width))
+        if all(w > 0 for _, w in widths):
+            adapter = split_fused(adapter, module, widths)
+    return adapter
 
 
 def _module_key(adapter: Adapter, module: str) -> str:

@@ -91,7 +91,6 @@ from .editing import (
     conv_with_base_geometry,
     detach_bias,
     dora_scale,
-    elem_type,
     factor_shapes,
     lora_bias_term,
     lora_factors,
@@ -101,8 +100,11 @@ from .editing import (
 )
 from .errors import ExportConfigError, UnsupportedGraphError
 from .graphio import default_opset
+from .fused import slot_groups, stacked_factors
 from .locate import TargetSite
 from .merged import transposed_layout
+from .names import SlotLayout
+from .quantized import branch_site, float_type
 
 INDEX_INPUT = "adapter_index"
 #: metadata_props key: JSON {ids tensor name: V} of the batched graph's Embedding LoRA sites.
@@ -299,13 +301,19 @@ def build_batched(
     if default_opset(model) < 13:
         raise ExportConfigError(f"a batched graph needs opset >= 13 (Unsqueeze with axes input); the model has {default_opset(model)}")
     b = _Builder(copy.deepcopy(model))
-    for step, (module, module_sites) in enumerate(sites.items()):
+    groups = slot_groups(sites)
+    for step, (module, (layout, module_sites)) in enumerate(groups.items()):
         if progress:
-            progress(step, len(sites), module)
+            progress(step, len(groups), module)
         first = module_sites[0]
-        data_type = elem_type(b.graph, first.weight)
-        bank_a, bank_b = build_banks(module, first, adapters, np_dtype(data_type), max_rank)
-        bias_bank = build_bias_bank(module, first, adapters, np_dtype(data_type))
+        data_type = float_type(b.graph, first)
+        _refuse_extras(layout, first, adapters)
+        if layout.fused:
+            bank_a, bank_b = build_stacked_banks(layout, first, adapters, np_dtype(data_type), max_rank)
+            bias_bank = None
+        else:
+            bank_a, bank_b = build_banks(module, first, adapters, np_dtype(data_type), max_rank)
+            bias_bank = build_bias_bank(module, first, adapters, np_dtype(data_type))
         a_shape, b_shape = factor_shapes(first, f"{module}.lora_r_max")
         b.add_bank(bank_a_name(module), bank_a, a_shape, data_type)
         b.add_bank(bank_b_name(module), bank_b, b_shape, data_type)
@@ -313,7 +321,8 @@ def build_batched(
         if bias_bank is not None:
             bias_name = bank_bias_name(module)
             b.add_bank(bias_name, bias_bank, [first.out_features], data_type)
-        gain_bank = build_gain_bank(module, first, _initializer(b.graph, first.weight), adapters, np_dtype(data_type))
+        gain_bank = None if layout.fused or first.quantized else build_gain_bank(
+            module, first, _initializer(b.graph, first.weight), adapters, np_dtype(data_type))
         gain_name = None
         if gain_bank is not None:
             gain_name = bank_gain_name(module)
@@ -325,6 +334,41 @@ def build_batched(
         else:
             _matmul_module(b, module_sites, bias_name, data_type, gain_name)
     return b.finish()
+
+
+def build_stacked_banks(layout: SlotLayout, site: TargetSite, adapters: Sequence[Adapter], dtype: np.dtype,
+                        max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bank_A [N, in, R], bank_B [N, R, Σ w_j]) of a fused site: bank_A[i], bank_B[i] = adapter i's stacked
+    A_g and block-diagonal B_g (:func:`lora_ref.export.fused.stacked_factors`), zero-padded to the
+    largest stacked rank R (or ``max_rank``); zeros for an adapter on none of the parts."""
+    ranks = [f[0].shape[1] for f in (stacked_factors(a, layout, dtype) for a in adapters) if f is not None]
+    r_max = max(ranks)
+    if max_rank is not None:
+        if max_rank < r_max:
+            raise ExportConfigError(f"{layout.stem}: an adapter's stacked rank is {r_max}, above --max-rank {max_rank}")
+        r_max = max_rank
+    bank_a = np.zeros((len(adapters), site.in_features, r_max), dtype)
+    bank_b = np.zeros((len(adapters), r_max, site.out_features), dtype)
+    for i, adapter in enumerate(adapters):
+        factors = stacked_factors(adapter, layout, dtype, pad_to=r_max)
+        if factors is not None:
+            bank_a[i], bank_b[i] = factors
+    return bank_a, bank_b
+
+
+def _refuse_extras(layout: SlotLayout, site: TargetSite, adapters: Sequence[Adapter]) -> None:
+    """UnsupportedGraphError for DoRA on a fused or quantized site (no float weight of its own for the norm)
+    and lora_bias on a part of a fused projection."""
+    if not (layout.fused or site.quantized):
+        return
+    for adapter in adapters:
+        for module, _ in layout.parts:
+            lora = adapter.modules.get(module)
+            if lora is not None and lora.magnitude is not None:
+                raise UnsupportedGraphError(f"{layout.stem}: DoRA needs the float base weight of its own module for its gain; "
+                                            "a fused or quantized weight has none; export --mode merged")
+            if lora is not None and lora.lora_bias is not None and layout.fused:
+                raise UnsupportedGraphError(f"{layout.stem}: lora_bias on a part of a fused projection is not supported")
 
 
 def _initializer(graph: onnx.GraphProto, name: str) -> np.ndarray:
@@ -374,7 +418,8 @@ def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: s
                       b.node("Where", [kept + ".keep", gathered, zero], kept),
                       b.node("Unsqueeze", [kept, b.constant(1)], bias_rows)]
     gain_rows = _gain_rows(b, module, gain_bank, data_type) if gain_bank is not None else None
-    for site in module_sites:
+    for located in module_sites:
+        site, nodes = branch_site(b.graph, located, b.namer)  # a QDQ site: after its fake-quantized output
         base_bias = detach_bias(b.graph, site, b.namer) if gain_rows else None
         base = rename_output(b.graph, site, b.namer)
         x3, xa, xa_kept, d3 = n("x_rows"), n("xA"), n("xA_kept"), n("delta_rows")
@@ -382,14 +427,14 @@ def _matmul_module(b: _Builder, module_sites: Sequence[TargetSite], bias_bank: s
         if embedding:
             b.embedding_ids[site.x] = min(site.in_features, b.embedding_ids.get(site.x, site.in_features))
             ids64, rows = n("ids_i64"), n("ids_rows")
-            nodes = [b.node("Cast", [site.x], ids64, to=TensorProto.INT64),
+            nodes += [b.node("Cast", [site.x], ids64, to=TensorProto.INT64),
                      b.node("Reshape", [ids64, b.constant(0, -1)], rows),
                      b.node("Add", [rows, offset], x3),
                      b.node("Gather", [a_rows, x3], xa, axis=0)]
         elif direct:
-            nodes = [b.node("MatMul", [site.x, a_rows], xa)]
+            nodes += [b.node("MatMul", [site.x, a_rows], xa)]
         else:
-            nodes = [b.node("Reshape", [site.x, b.constant(0, -1, first.in_features)], x3),
+            nodes += [b.node("Reshape", [site.x, b.constant(0, -1, first.in_features)], x3),
                      b.node("MatMul", [x3, a_rows], xa)]
         nodes += [b.node("Where", [b.keep, xa, zero], xa_kept), b.node("MatMul", [xa_kept, b_rows], d3)]
         if bias_rows is not None:

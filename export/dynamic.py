@@ -62,7 +62,7 @@ from .errors import UnsupportedGraphError
 from .fused import slot_groups
 from .locate import TargetSite
 from .names import magnitude_name, slot_names, write_layouts
-from .quantized import float_type
+from .quantized import branch_site, float_type
 
 
 def rank_dim(module: str) -> str:
@@ -131,7 +131,8 @@ def build_dynamic(
             if kind_of(site.kind).export.factor_layout == "kernel":
                 after[site.node] += conv_branch(graph, site, namer, a_name, b_name, bias_name, out_name)
             else:
-                after[site.node] += linear_branch(graph, site, namer, a_name, b_name, bias_name, out_name)
+                place, first_nodes = branch_site(graph, site, namer)
+                after[place.node] += first_nodes + linear_branch(graph, place, namer, a_name, b_name, bias_name, out_name)
             if gain:
                 after[site.node] += dora_scale(out_name, site.y, gain, base_bias, namer, stem)
     splice(graph, after, prelude)

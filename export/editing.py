@@ -155,8 +155,11 @@ def lora_bias_term(adapter: Adapter, module: str, dtype: np.dtype) -> np.ndarray
 
 
 def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int | None = None,
-                 mode: str = "dynamic") -> tuple[np.ndarray, np.ndarray]:
+                 mode: str = "dynamic", graph_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The graph's (A_g, B_g) rounded once to ``dtype``, rank r' = ``pad_to`` (zero-padded) or r.
+
+    ``graph_scale`` s_g: the graph multiplies the branch by a constant s_g itself, so B_g carries
+    s / s_g (computed in float64; exactly 1 when the adapter's s is the graph's).
 
     Linear/Embedding: (A^T [in, r'], s·B^T [r', out]); Conv: (A [r', C, *k], s·B [O, r', 1...]).
     """
@@ -166,7 +169,7 @@ def lora_factors(adapter: Adapter, module: str, dtype: np.dtype, *, pad_to: int 
     width = r if pad_to is None else pad_to
     if width < r:
         raise ExportConfigError(f"adapter {adapter.name!r}, module {module}: rank {r} exceeds the maximum rank {width}")
-    s = adapter.scale_for(module)
+    s = adapter.scale_for(module) / graph_scale
     if kind_of(lora.kind).export.factor_layout == "kernel":
         A = np.zeros((width, *lora.A.shape[1:]), np.float64)
         B = np.zeros((lora.B.shape[0], width, *lora.B.shape[2:]), np.float64)

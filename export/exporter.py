@@ -31,13 +31,13 @@ from .adapter_files import SUFFIX, adapter_tensors, write_onnx_adapter
 from .batched import build_batched
 from .dynamic import build_dynamic
 from .editing import check_exportable, check_fits
-from .errors import ExportConfigError
+from .errors import ExportConfigError, GraphTargetNotFoundError, UnsupportedGraphError
 from .fp16 import to_float16
-from .fused import slot_groups
+from .fused import slot_groups, split_fused
 from .graphio import EXTERNAL_DATA_BYTES, check_graph, load_model, loadable_ir_version, make_loadable, save_model, tensor_bytes
 from .locate import GraphIndex, TargetSite, locate_targets
 from .merged import build_merged, carried_sites, check_graph_base_copies
-from .names import read_layouts
+from .names import FUSED, part_modules, read_layouts, strip_prefix
 from .quantized import add_constant_branches
 from .quantized import requantize as requantize_sites
 from .slots import slots_from_model
@@ -118,6 +118,9 @@ def build_graph(
     loadable_ir_version(model)  # refuse early; the input model is not modified
     if tensor_bytes(model) < EXTERNAL_DATA_BYTES:  # larger in-memory models are checked when read from a path
         check_graph(model, where="input model")
+    fitted = fit_fused_adapters(model, adapters, base_weights)
+    split_notes(adapters, fitted, notes)
+    adapters = fitted
     kinds: dict[str, str] = {}
     widths = {m: int(lora.B.shape[0]) for adapter in adapters for m, lora in adapter.modules.items()}
     for adapter in adapters:
@@ -135,11 +138,7 @@ def build_graph(
     for module, kind, _ in carried.values():
         if kinds.setdefault(module, kind) != kind:
             raise ExportConfigError(f"module {module}: a carried tensor needs it as a {kind} layer, the LoRA layer is {kinds[module]}")
-    if isinstance(base_weights, (str, os.PathLike)):
-        with SafetensorsFile(base_weights) as handle:
-            sites = locate_targets(model, list(kinds), base_weights=_LazyTensors(handle), kinds=kinds, widths=widths)
-    else:
-        sites = locate_targets(model, list(kinds), base_weights=base_weights, kinds=kinds, widths=widths)
+    sites = _locate(model, list(kinds), base_weights, kinds, widths)
     if mode == "batched":
         refuse_flattened_batch(model, sites)
     special = {m: s for m, s in sites.items() if s[0].fused is not None or s[0].quantized}
@@ -147,9 +146,6 @@ def build_graph(
     if unplaceable:
         raise ExportConfigError(f"the adapter carries full copies of {unplaceable[:4]}, whose graph weights are fused or "
                                 "quantized; such copies cannot replace them")
-    if mode == "batched" and special:
-        raise ExportConfigError(f"batched graphs do not take fused or quantized (MatMulNBits) sites yet: {sorted(special)[:4]}; "
-                                "export --mode dynamic (one adapter per session run) instead")
     for adapter in adapters:
         for module in adapter.modules:
             for site in sites[module]:
@@ -200,6 +196,50 @@ def build_graph(
                 notes.setdefault(m, "; ".join(done))
     make_loadable(graph)
     return graph, sites
+
+
+def _locate(model: onnx.ModelProto, modules: Sequence[str], base_weights, kinds: Mapping[str, str] | None,
+            widths: Mapping[str, int] | None) -> dict[str, list[TargetSite]]:
+    """:func:`locate_targets` with ``base_weights`` a safetensors path (read lazily), a mapping or None."""
+    if isinstance(base_weights, (str, os.PathLike)):
+        with SafetensorsFile(base_weights) as handle:
+            return locate_targets(model, modules, base_weights=_LazyTensors(handle), kinds=kinds, widths=widths)
+    return locate_targets(model, modules, base_weights=base_weights, kinds=kinds, widths=widths)
+
+
+def fit_fused_adapters(model: onnx.ModelProto, adapters: Sequence[Adapter], base_weights=None) -> list[Adapter]:
+    """``adapters`` with each module on a fused projection (Phi-3's ``qkv_proj``, ``gate_up_proj``) that the
+    graph lacks but whose parts it has as separate weights split into those parts
+    (:func:`lora_ref.export.fused.split_fused`, widths from the graph); other modules as they are."""
+    out = list(adapters)
+    for module in sorted({m for a in adapters for m, lora in a.modules.items() if lora.kind == "linear"}):
+        leaf = strip_prefix(module).rpartition(".")[2]
+        if leaf not in FUSED:
+            continue
+        try:
+            _locate(model, [module], base_weights, None, None)
+            continue  # the graph has the fused weight itself
+        except (GraphTargetNotFoundError, UnsupportedGraphError):
+            pass
+        parts = part_modules(strip_prefix(module), leaf)
+        try:
+            found = _locate(model, list(parts), base_weights, None, None)
+        except (GraphTargetNotFoundError, UnsupportedGraphError):
+            continue  # reported as not found by the caller's own locate
+        if any(found[p][0].fused is not None for p in parts):
+            continue
+        widths = tuple((p, found[p][0].out_features) for p in parts)
+        out = [split_fused(a, module, widths) if module in a.modules else a for a in out]
+    return out
+
+
+def split_notes(before: Sequence[Adapter], after: Sequence[Adapter], notes: dict[str, str] | None) -> None:
+    """Note in ``notes`` (part module -> text) each fused module :func:`fit_fused_adapters` split into parts."""
+    gone = {m for a in before for m in a.modules} - {m for a in after for m in a.modules}
+    for module in sorted(gone) if notes is not None else ():
+        parts = part_modules(strip_prefix(module), strip_prefix(module).rpartition(".")[2])
+        for part in parts:
+            notes[part] = f"rows of the adapter's fused module {module} (the graph has separate {', '.join(parts)})"
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -258,7 +298,10 @@ def export(
     if adapter_out is not None and mode != "dynamic":
         raise ExportConfigError("--adapter-out writes .onnx_adapter files for dynamic graphs only")
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    fitted = fit_fused_adapters(proto, adapters, base_weights)  # the adapter files then name the parts
     notes: dict[str, str] = {}
+    split_notes(adapters, fitted, notes)
+    adapters = fitted
     graph, sites = build_graph(proto, adapters, mode, base_weights=base_weights, max_rank=max_rank, dtype=dtype,
                                adapter_names=adapter_names, requantize=requantize, progress=progress, notes=notes)
     files: dict[str, tuple[Path, dict[str, np.ndarray]]] = {}

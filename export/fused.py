@@ -16,6 +16,14 @@ every part at once; part j (PEFT module m_j, rank r_j, scale s_j) owns the outpu
   0 (no rows, no columns of A_g); an adapter on no part of the site feeds the rank-0 default.
   The sum over the stacked rank has Σ r_j terms instead of r_j, so the bound of E.5 holds with
   K = in + Σ r_j + 4.
+
+The other way round, an adapter trained on a fused projection (Phi-3's ``qkv_proj``,
+``gate_up_proj``) meets a graph with separate part weights: :func:`split_fused` turns its module
+into one module per part, part j keeping A, B's rows [c_j, c_j + w_j) (and lora_bias's, DoRA
+magnitude's) and the fused module's scale. merge rounds each element of W + s·B·A on its own, and
+row i of Δ = s·B·A depends only on B's row i, so merging the parts is bit for bit merging the fused
+weight (DoRA too: its norm is per output row). Dynamic graphs get one standard branch per part
+(A repeated in each part's ``lora_A`` input).
 """
 
 from __future__ import annotations
@@ -57,18 +65,20 @@ def slot_groups(sites: Mapping[str, Sequence[TargetSite]], scheme: str = "peft")
     return groups
 
 
-def stacked_factors(adapter: Adapter, layout: SlotLayout, dtype: np.dtype, *, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def stacked_factors(adapter: Adapter, layout: SlotLayout, dtype: np.dtype, *, pad_to: int | None = None,
+                    graph_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
     """(A_g [in, Σ r_j], block-diagonal B_g [Σ r_j, Σ w_j]) of ``adapter`` on ``layout`` (module docstring), or None.
 
     None when the adapter has none of the layout's modules. An unfused layout gives
-    :func:`lora_factors` itself. ``pad_to`` zero-pads the stacked rank (a static-rank graph).
+    :func:`lora_factors` itself. ``pad_to`` zero-pads the stacked rank (a static-rank graph);
+    ``graph_scale``: a scale the graph applies itself (:func:`lora_factors`).
     """
     present = [(m, w) for m, w in layout.parts if m in adapter.modules]
     if not present:
         return None
     if not layout.fused:
-        return lora_factors(adapter, present[0][0], dtype, pad_to=pad_to)
-    factors = {m: lora_factors(adapter, m, dtype) for m, _ in present}
+        return lora_factors(adapter, present[0][0], dtype, pad_to=pad_to, graph_scale=graph_scale)
+    factors = {m: lora_factors(adapter, m, dtype, graph_scale=graph_scale) for m, _ in present}
     rank = sum(a.shape[1] for a, _ in factors.values())
     width = rank if pad_to is None else pad_to
     if width < rank:
@@ -94,3 +104,33 @@ def layout_of(module: str, layouts: Mapping[str, SlotLayout]) -> SlotLayout | No
     """The layout whose parts include ``module`` (PEFT's ``base_model.model.`` prefix ignored), or None."""
     plain = strip_prefix(module)
     return next((layout for layout in layouts.values() if any(strip_prefix(m) == plain for m, _ in layout.parts)), None)
+
+
+def split_fused(adapter: Adapter, module: str, parts: Sequence[tuple[str, int]]) -> Adapter:
+    """``adapter`` with its fused ``module`` replaced by one module per part (module docstring).
+
+    ``parts`` = ((part module, width), ...) in output order; the widths must add up to B's rows.
+    Each part gets the fused module's rank and alpha by exact-path entries put first in
+    rank_pattern / alpha_pattern (PEFT's first matching key wins), so its scale is the fused one's.
+    """
+    lora = adapter.modules[module]
+    if sum(w for _, w in parts) != lora.B.shape[0]:
+        raise ExportConfigError(f"adapter {adapter.name!r}, module {module}: lora_B has {lora.B.shape[0]} outputs, the graph's "
+                                f"parts {[p for p, _ in parts]} have {[w for _, w in parts]}")
+    config = adapter.config
+    rank, alpha = config.rank_for(module), config.alpha_for(module)
+    modules = {m: v for m, v in adapter.modules.items() if m != module}
+    row = 0
+    for part, width in parts:
+        rows = slice(row, row + width)
+        modules[part] = replace(lora, name=part, B=lora.B[rows],
+                                lora_bias=None if lora.lora_bias is None else lora.lora_bias[rows],
+                                magnitude=None if lora.magnitude is None else np.asarray(lora.magnitude).reshape(-1)[rows])
+        row += width
+    names = [p for p, _ in parts]
+    targets = config.target_modules if isinstance(config.target_modules, str) or config.target_modules is None \
+        else [*config.target_modules, *names]
+    config = replace(config, target_modules=targets,
+                     rank_pattern={**{p: rank for p in names}, **config.rank_pattern},
+                     alpha_pattern={**{p: alpha for p in names}, **config.alpha_pattern})
+    return replace(adapter, config=config, modules=modules)

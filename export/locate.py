@@ -16,12 +16,19 @@ or the 1-D initializer of an ``Add`` that is the only reader of a MatMul's outpu
 A Linear may also be ONNX Runtime's ``MatMulNBits(x, B_q, scales[, zero_points])`` (com.microsoft;
 int4/int8 blocks, attributes K = in, N = out; layout ``nbits``): its weight is the quantized
 initializer B_q [N, K / block_size, block_size · bits / 8] (:mod:`lora_ref.export.quantized`).
+Or a QDQ weight, ``MatMul(x, DequantizeLinear(q, scale[, zero_point]))`` (or Gemm, or behind a
+Transpose) as ONNX Runtime's quantizers write it: the weight is the integer initializer q
+(int8/uint8/int4/uint4; per-tensor, per-axis or blocked scales), ``dequantize`` the index of its
+DequantizeLinear node and ``layout`` q's orientation (``in_out`` / ``out_in``). Its names
+(``<path>.weight_quantized``, ``<path>.weight_DQ_Q4``) count as ``<path>.weight`` for the name
+strategies: the suffix after ``.weight_`` is ignored.
 
 The module path is found four ways, tried in this order for every module:
 
 1. **name scopes**: the dynamo exporter records the module stack of each node in the metadata
    key ``pkg.torch.onnx.name_scopes``; the innermost module scope (second to last entry) must
-   equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix);
+   equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix); a
+   MatMulNBits node with such a scope (copied from the MatMul ORT's quantizer replaced) counts too;
 2. **initializer names**: an initializer named ``<path>.weight`` or ``<prefix>.<path>.weight``;
 3. **genai names**: onnxruntime-genai's builder's ``<genai path>.MatMul.weight`` (float, MatMul) or
    ``<genai path>.MatMul.weight_Q…`` (MatMulNBits), with the genai path of :mod:`lora_ref.export.names`;
@@ -91,11 +98,13 @@ class TargetSite:
     #: every part of that weight as (PEFT module, width) in output order (:mod:`lora_ref.export.names`)
     columns: tuple[int, int] | None = None
     fused: tuple[tuple[str, int], ...] | None = None
+    #: a QDQ weight: the index of the DequantizeLinear node that dequantizes ``weight`` for ``node``
+    dequantize: int | None = None
 
     @property
     def quantized(self) -> bool:
-        """Whether the base weight is quantized (a MatMulNBits site)."""
-        return self.layout == "nbits"
+        """Whether the base weight is quantized (a MatMulNBits or QDQ site)."""
+        return self.layout == "nbits" or self.dequantize is not None
 
 
 class GraphIndex:
@@ -112,26 +121,67 @@ class GraphIndex:
                 if name:
                     self.consumers[name].append((i, pos))
 
-    def uses(self, weight: str, kind: str = "linear") -> tuple[list[tuple[int, str]], list[str]]:
-        """(node index, layout) of every node using initializer ``weight`` as a ``kind`` layer's W, and notes."""
-        uses: list[tuple[int, str]] = []
+    def uses(self, weight: str, kind: str = "linear") -> tuple[list[tuple[int, str, int | None]], list[str]]:
+        """(node index, layout, DequantizeLinear index or None) of every node using initializer ``weight``
+        as a ``kind`` layer's W (a quantized one through its DequantizeLinear), and notes."""
+        uses: list[tuple[int, str, int | None]] = []
         notes: list[str] = []
         for i, pos in self.consumers.get(weight, []):
             node = self.graph.node[i]
+            if is_dequantize(node, pos) and kind_of(kind).export.transposable:
+                for use, layout, _ in self._float_uses(node.output[0], notes):
+                    uses.append((use, layout, i))
+                continue
             if not kind_of(kind).export.transposable:
                 layout = _other_layout(node, pos, kind, notes)
                 if layout:
-                    uses.append((i, layout))
-            elif node.op_type == "Transpose" and pos == 0 and _is_2d_swap(node):
+                    uses.append((i, layout, None))
+                continue
+            uses.extend(self._float_uses(weight, notes, only=(i, pos)))
+        return uses, notes
+
+    def _float_uses(self, weight: str, notes: list[str], only: tuple[int, int] | None = None) -> list[tuple[int, str, None]]:
+        """Linear uses of the float tensor ``weight`` (``only``: of that one (node, position))."""
+        uses: list[tuple[int, str, None]] = []
+        for i, pos in [only] if only else self.consumers.get(weight, []):
+            node = self.graph.node[i]
+            if node.op_type == "Transpose" and pos == 0 and _is_2d_swap(node):
                 for j, pos2 in self.consumers.get(node.output[0], []):
                     layout = _linear_layout(self.graph.node[j], pos2, transposed=True, notes=notes)
                     if layout:
-                        uses.append((j, layout))
+                        uses.append((j, layout, None))
             else:
                 layout = _linear_layout(node, pos, transposed=False, notes=notes)
                 if layout:
-                    uses.append((i, layout))
-        return uses, notes
+                    uses.append((i, layout, None))
+        return uses
+
+    def dequantized(self, name: str) -> str | None:
+        """The integer initializer a DequantizeLinear turns into the tensor ``name`` (a QDQ weight), else None."""
+        producer = self.producer.get(name)
+        if producer is None or not is_dequantize(self.graph.node[producer], 0):
+            return None
+        q = self.graph.node[producer].input[0]
+        return q if q in self.initializers and _is_quantized(self.initializers[q]) else None
+
+
+def is_dequantize(node: onnx.NodeProto, pos: int) -> bool:
+    """Whether ``node`` is an ONNX DequantizeLinear reading its quantized data at input ``pos``."""
+    return node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and pos == 0
+
+
+_QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def _is_quantized(tensor: onnx.TensorProto) -> bool:
+    """A 2-D int8/uint8/int4/uint4 initializer (a QDQ Linear weight)."""
+    return len(tensor.dims) == 2 and tensor.data_type in _QUANTIZED_TYPES
+
+
+def _weight_key(name: str) -> str:
+    """A QDQ weight's name with its quantizer's suffix dropped (``fc.weight_quantized`` -> ``fc.weight``)."""
+    head, found, _ = name.partition(".weight_")
+    return head + ".weight" if found else name
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
@@ -224,7 +274,7 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
     uses, _ = index.uses(weight, kind)
     dims = tuple(int(d) for d in tensor.dims)
     sites = []
-    for node_index, layout in uses:
+    for node_index, layout, dequantize in uses:
         node = index.graph.node[node_index]
         if layout == "nbits":
             in_f, out_f = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
@@ -235,7 +285,7 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
         x = node.input[1] if layout == "rows" else node.input[0]
         bias, bias_node = _bias(index, node_index, out_f)
         sites.append(TargetSite(module, node_index, x, node.output[0], weight, layout, in_f, out_f, found_by,
-                                kind, dims, bias, bias_node))
+                                kind, dims, bias, bias_node, dequantize=dequantize))
     return sites
 
 
@@ -246,14 +296,22 @@ def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str], kind: 
     seen = []
     for i, scope in scopes.items():
         node = index.graph.node[i]
-        if node.op_type not in op_types or not _path_matches(scope, module):
+        nbits = facts.transposable and node.op_type == "MatMulNBits"
+        if (node.op_type not in op_types and not nbits) or not _path_matches(scope, module):
             continue
         seen.append(node.name or node.output[0])
+        if nbits:  # its quantized weight B_q (a scope copied from the MatMul it replaced)
+            if node.input[1] in index.initializers:
+                weights.add(node.input[1])
+            continue
         weight = node.input[position] if len(node.input) > position else ""
         producer = index.graph.node[index.producer[weight]] if weight in index.producer else None
         if facts.transposable and producer is not None and producer.op_type == "Transpose" and _is_2d_swap(producer):
             weight = producer.input[0]
-        if weight in index.initializers and _is_weight(index.initializers[weight], ranks):
+        quantized = index.dequantized(weight) if facts.transposable else None
+        if quantized is not None:
+            weights.add(quantized)
+        elif weight in index.initializers and _is_weight(index.initializers[weight], ranks):
             weights.add(weight)
     what = "/".join(op_types)
     if not seen:
@@ -271,6 +329,8 @@ def _by_name(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str]:
     ranks = kind_of(kind).export.weight_ranks
     key = f"{module}.weight"
     weights = {name for name, t in index.initializers.items() if _path_matches(name, key) and _is_weight(t, ranks)}
+    if kind_of(kind).export.transposable:  # QDQ weights: <path>.weight_quantized read by a DequantizeLinear
+        weights |= {name for name in _qdq_weights(index) if _path_matches(_weight_key(name), key)}
     if not weights:
         return weights, f"initializer names: no floating {'/'.join(map(str, ranks))}-D initializer named {key!r} or '*.{key}'"
     return weights, f"initializer names: {sorted(weights)}"
@@ -321,6 +381,12 @@ def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | N
     return weights, f"values: {sorted(weights)} equal base tensor {key!r}"
 
 
+def _qdq_weights(index: GraphIndex) -> list[str]:
+    """The integer initializers that a DequantizeLinear dequantizes (QDQ weights)."""
+    return [name for name, t in index.initializers.items() if _is_quantized(t)
+            and any(is_dequantize(index.graph.node[i], pos) for i, pos in index.consumers.get(name, []))]
+
+
 def _genai_weights(index: GraphIndex, path: str) -> set[str]:
     """Initializers genai's builder names for the Linear at genai path ``path`` (float MatMul or MatMulNBits)."""
     stem = f"{path}.MatMul.weight"
@@ -328,8 +394,9 @@ def _genai_weights(index: GraphIndex, path: str) -> set[str]:
     for name, tensor in index.initializers.items():
         if name == stem and _is_weight(tensor, (2,)):
             found.add(name)
-        elif name.startswith(stem + "_Q") and any(index.graph.node[i].op_type == "MatMulNBits" and pos == 1
-                                                   for i, pos in index.consumers.get(name, [])):
+        elif name.startswith(stem + "_") and any(
+                name.startswith(stem + "_Q") and index.graph.node[i].op_type == "MatMulNBits" and pos == 1
+                or _is_quantized(tensor) and is_dequantize(index.graph.node[i], pos) for i, pos in index.consumers.get(name, [])):
             found.add(name)
     return found
 
@@ -347,7 +414,7 @@ def _by_genai(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str,
         fused = _genai_weights(index, genai_module(parent[0]))
         if fused:
             return fused, f"genai names: fused {sorted(fused)}", parent[0]
-    return set(), f"genai names: no {path}.MatMul.weight (float or _Q… for MatMulNBits)" + (
+    return set(), f"genai names: no {path}.MatMul.weight (float, _Q… for MatMulNBits or _… for QDQ)" + (
         f" nor fused {genai_module(parent[0])}.MatMul.weight" if parent else ""), None
 
 
@@ -383,7 +450,7 @@ def locate_targets(
     that kind anywhere.
     """
     index = GraphIndex(model.graph)
-    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops}
+    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops} | {"MatMulNBits"}
     scopes = {i: s for i, n in enumerate(model.graph.node) if n.op_type in op_types and (s := _innermost_scope(n))}
     found: dict[str, list[TargetSite]] = {}
     failures: dict[str, list[str]] = {}

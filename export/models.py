@@ -303,3 +303,26 @@ def random_adapter(model: SmallModel, r: int, *, alpha: float | None = None, see
     config = LoraConfig(r=r, lora_alpha=float(2 * r if alpha is None else alpha), target_modules=chosen, use_rslora=use_rslora,
                         use_dora=use_dora, lora_bias=lora_bias)
     return Adapter(config, loras, name=name)
+
+
+def ort_int4(model: onnx.ModelProto, *, qdq: bool, block_size: int = 32, symmetric: bool = True) -> onnx.ModelProto:
+    """``model``'s MatMul weights quantized to int4 blocks by ONNX Runtime's own quantizer, on a copy.
+
+    ``qdq``: DequantizeLinear -> MatMul (``QuantFormat.QDQ``); else MatMulNBits nodes, which the
+    quantizer makes without the replaced MatMul's metadata: its name scopes are copied back (by
+    output name), as a user would keep them to find the modules (:mod:`lora_ref.export.locate`).
+    """
+    import copy
+
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    scopes = {n.output[0]: list(n.metadata_props) for n in model.graph.node}
+    quantizer = MatMulNBitsQuantizer(copy.deepcopy(model), block_size=block_size, is_symmetric=symmetric,
+                                     quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
+    quantizer.process()
+    out = quantizer.model.model
+    for node in out.graph.node:
+        if not node.metadata_props and node.output[0] in scopes:
+            node.metadata_props.extend(scopes[node.output[0]])
+    return out

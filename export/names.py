@@ -21,10 +21,14 @@ intermediate_size).
 * ``olive``: what ``olive convert-adapters`` writes for other architectures: the same names with
   PEFT's ``base_model.model.`` prefix kept;
 * ``genai``: ``<genai path>.lora_A.MatMul.weight`` / ``<genai path>.lora_B.MatMul.weight``, as in
-  graphs made by genai's builder with ``adapter_path`` and by Olive's ExtractAdapters.
+  graphs made by genai's builder with ``adapter_path`` and by Olive's ExtractAdapters on them;
+* ``olive_extract`` (read only, for ``convert-adapters``): Olive's ExtractAdapters on a torch-exported
+  PEFT model, ``<prefix>base_model.model.<module>.lora_A.default.weight`` = A^T and
+  ``….lora_B.default.weight`` = B^T *without* s: the graph multiplies by the scale of the adapter
+  it was exported with, a constant, so files for it carry (s / s_graph)·B^T.
 
 A fused site has one pair of inputs named after the fused projection (``…qkv_proj``). Every scheme
-has A_g = A^T [in, r] and B_g = s·B^T [r, out]. A dynamic graph records its slot layout (which
+has A_g = A^T [in, r] and B_g = s·B^T [r, out] (``olive_extract``: see above). A dynamic graph records its slot layout (which
 PEFT modules fill which columns of each slot) in the metadata key ``lora_ref.lora_slots``, so files
 can be made for it later (``lora-ref convert-adapters``); a graph without that record (genai's,
 Olive's) is read by its names alone (unfused only).
@@ -52,7 +56,13 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 #: parts of a fused projection that are equally wide (see module docstring).
 EQUAL_WIDTHS = {"qkv_proj": ("k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
+#: read-only scheme (convert-adapters): graphs from Olive's ExtractAdapters on a torch-exported PEFT model,
+#: inputs ``<prefix>base_model.model.<module>.lora_A.default.weight`` = A^T, ``….lora_B.default.weight`` =
+#: B^T unscaled (the graph multiplies by the exported adapter's s itself)
+EXTRACT = "olive_extract"
+
 _SUFFIXES = {
+    EXTRACT: (".lora_A.default.weight", ".lora_B.default.weight", ".lora_B.default.bias"),
     "peft": (".lora_A.weight", ".lora_B.weight", ".lora_B.bias"),
     "olive": (".lora_A.weight", ".lora_B.weight", ".lora_B.bias"),
     "genai": (".lora_A.MatMul.weight", ".lora_B.MatMul.weight", ".lora_B.MatMul.bias"),
@@ -147,6 +157,8 @@ def all_suffixes() -> tuple[str, ...]:
 def detect_scheme(input_names: Iterable[str]) -> str:
     """The naming scheme of a graph's LoRA inputs (``genai`` when they use ``.lora_A.MatMul.weight``)."""
     names = list(input_names)
+    if any(n.endswith(_SUFFIXES[EXTRACT][0]) for n in names):
+        return EXTRACT
     if any(n.endswith(_SUFFIXES["genai"][0]) for n in names):
         return "genai"
     if any(n.startswith(PEFT_PREFIX) and n.endswith(_SUFFIXES["peft"][0]) for n in names):
@@ -191,6 +203,9 @@ def read_layouts(model: onnx.ModelProto, stems: Iterable[str]) -> tuple[dict[str
     scheme = props.get(SCHEME_KEY) or detect_scheme(info.name for info in model.graph.input)
     layouts = {}
     for stem in stems:
-        module = peft_module(stem) if scheme == "genai" else strip_prefix(stem)
+        if scheme == EXTRACT and PEFT_PREFIX in stem:  # the exporter's wrapper may add a prefix before PEFT's
+            module = stem[stem.index(PEFT_PREFIX) + len(PEFT_PREFIX):]
+        else:
+            module = peft_module(stem) if scheme == "genai" else strip_prefix(stem)
         layouts[stem] = SlotLayout(stem, ((module, -1),))
     return layouts, scheme

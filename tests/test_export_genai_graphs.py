@@ -254,11 +254,39 @@ def test_int4_base_stays_bit_for_bit_with_the_lora_beside_it():
         assert np.all(np.abs(both[name] - exact[name]) <= _gamma(D + 15 + 4) * M[name]), name
 
 
-def test_batched_refuses_fused_and_quantized_sites():
-    from lora_ref.export import ExportConfigError
+@pytest.mark.parametrize("int4", [False, True], ids=["fused-float", "fused-int4"])
+def test_batched_gives_each_row_its_adapter_on_fused_and_quantized_sites(int4):
+    """Per-row adapters on fused qkv/gate_up sites (float and int4 MatMulNBits): row i of the batched
+    graph is the exact forward with adapter index[i] (-1: the base bit for bit), bound E.5 with K =
+    D + R + 4, R the largest stacked rank (the zero padding adds exact zeros)."""
+    from lora_ref.export import open_session
 
-    with pytest.raises(ExportConfigError, match="batched graphs do not take fused"):
-        build_graph(genai_graph(_weights()), [adapter(SUBSETS[1])], "batched")
+    weights = _weights(6)
+    model = genai_graph(weights, int4=int4)
+    adapters = [adapter(SUBSETS[0], seed=7, name="a"), adapter(SUBSETS[2], seed=8, name="b", rslora=True),
+                adapter(SUBSETS[3], seed=9, name="c")]
+    graph, sites = build_graph(model, adapters, "batched")
+    assert all(s[0].quantized == int4 and s[0].fused is not None for s in sites.values())
+    index = np.array([0, 1, -1, 2, 1])
+    x = np.random.default_rng(10).standard_normal((len(index), 3, D)).astype(np.float32)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(graph, str(Path(folder) / "b.onnx"))
+        got = open_session(Path(folder) / "b.onnx").run_batched({"x": x}, index.tolist())
+    out = dict(zip(["h", "qkv", "gu"], got))
+    plain = _run(model, {"x": x})
+    base = _nbits_weights(model) if int4 else None
+    R = max(sum(subset.values()) for subset in (SUBSETS[0], SUBSETS[2], SUBSETS[3]))
+    for row, i in enumerate(index):
+        chosen = [] if i < 0 else [adapters[i]]
+        exact, M = _exact(out["h"][row:row + 1], weights, chosen, base=base)
+        for name in ("qkv", "gu"):
+            if i < 0:
+                assert np.array_equal(out[name][row], plain[name][row]), name
+            else:
+                assert np.all(np.abs(out[name][row:row + 1] - exact[name]) <= _gamma(D + R + 4) * M[name]), (row, name)
 
 
 def test_adapter_name_schemes():

@@ -1,0 +1,305 @@
+"""QDQ bases (``DequantizeLinear`` -> ``MatMul``) as ONNX Runtime's own quantizers write them.
+
+A two-layer MLP (fc1: D -> H, ReLU, fc2: H -> O) is quantized by onnxruntime.quantization:
+``quantize_static`` (QDQ format; int8 / uint8 weights, per-tensor or per-channel, activations
+fake-quantized too) and ``MatMulNBitsQuantizer`` with ``quant_format=QDQ`` (weight-only int4 /
+uint4, blocks of 16 along K, symmetric or with zero points). For every format:
+
+* dynamic and merged (default) graphs keep every base initializer byte for byte and put the float
+  LoRA branch beside the quantized MatMul; each site's output is checked from its own input
+  against the float64 reference on the dequantized base W = DequantizeLinear(q) (ORT's own
+  DequantizeLinear, run alone, is the oracle for W), with the bound of SPEC E.5:
+  |ŷ − y| ≤ γ_K · (|x||W|^T + |s|(|x||A^T|)|B^T|), K = in + Σr + 4;
+* ``--requantize`` writes Q(W + Δ) in the input's format (integer type, grouping, zero points),
+  each element within half a (new) step of W + Δ, and the export report gives the max error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import require_peer
+
+ort = require_peer("onnxruntime")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from lora_ref.adapter import Adapter, LoraModule  # noqa: E402
+from lora_ref.config import LoraConfig  # noqa: E402
+from lora_ref.export import adapter_tensors, build_graph, slots_from_model  # noqa: E402
+from lora_ref.numerics import gamma  # noqa: E402
+
+D, H, O = 32, 48, 24  # noqa: E741
+U32 = 2.0**-24
+RNG = np.random.default_rng(11)
+W1 = (RNG.standard_normal((D, H)) / np.sqrt(D)).astype(np.float32)  # [in, out], as MatMul reads it
+W2 = (RNG.standard_normal((H, O)) / np.sqrt(H)).astype(np.float32)
+X = RNG.standard_normal((3, D)).astype(np.float32)
+FORMATS = ["int8-tensor", "int8-channel", "uint8-tensor", "int4-sym", "uint4-asym"]
+
+
+def _float_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "fc2.weight"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", O])],
+                              [numpy_helper.from_array(W1, "fc1.weight"), numpy_helper.from_array(W2, "fc2.weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+_CACHE: dict[str, onnx.ModelProto] = {}
+
+
+def quantized_model(fmt: str, tmp_path_factory) -> onnx.ModelProto:
+    """The MLP quantized by ONNX Runtime's quantizer in format ``fmt`` (cached per session)."""
+    if fmt in _CACHE:
+        return _CACHE[fmt]
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    folder = tmp_path_factory.mktemp(fmt)
+    if fmt.startswith("int4") or fmt.startswith("uint4"):
+        quantizer = MatMulNBitsQuantizer(_float_model(), block_size=16, is_symmetric=fmt == "int4-sym", quant_format=QuantFormat.QDQ)
+        quantizer.process()
+        model = quantizer.model.model
+    else:
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                rng = np.random.default_rng(0)
+                self.feeds = iter([{"x": rng.standard_normal((4, D)).astype(np.float32)} for _ in range(4)])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        onnx.save(_float_model(), str(folder / "f.onnx"))
+        weight = QuantType.QUInt8 if fmt.startswith("uint8") else QuantType.QInt8
+        quantize_static(str(folder / "f.onnx"), str(folder / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=fmt.endswith("channel"), weight_type=weight, activation_type=QuantType.QUInt8)
+        model = onnx.load(str(folder / "q.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    _CACHE[fmt] = model
+    return model
+
+
+@pytest.fixture(params=FORMATS)
+def qdq(request, tmp_path_factory):
+    return quantized_model(request.param, tmp_path_factory)
+
+
+def lora_adapter(seed: int, name: str, ranks=(3, 2)) -> Adapter:
+    """fc1 (rank ranks[0]) and fc2 (rank ranks[1]); B large enough that the adapter's effect is visible."""
+    rng = np.random.default_rng(seed)
+    modules = {"fc1": LoraModule("fc1", (rng.standard_normal((ranks[0], D)) / np.sqrt(D)).astype(np.float32),
+                                 (rng.standard_normal((H, ranks[0])) * 0.2).astype(np.float32)),
+               "fc2": LoraModule("fc2", (rng.standard_normal((ranks[1], H)) / np.sqrt(H)).astype(np.float32),
+                                 (rng.standard_normal((O, ranks[1])) * 0.2).astype(np.float32))}
+    config = LoraConfig(r=max(ranks), lora_alpha=4.0, target_modules=["fc1", "fc2"], rank_pattern={"fc1": ranks[0], "fc2": ranks[1]})
+    return Adapter(config, modules, name=name)
+
+
+def _session(model: onnx.ModelProto, outputs=(), literal: bool = False) -> ort.InferenceSession:
+    """A CPU session with extra ``outputs``; ``literal``: graph optimizations off (each op as written, no QDQ fusion)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs if n not in known)
+    options = ort.SessionOptions()
+    if literal:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, feeds: dict, outputs=(), literal: bool = False) -> dict[str, np.ndarray]:
+    session = _session(model, outputs, literal)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Module -> W [out, in] as ORT's DequantizeLinear computes it: each weight's DQ node run alone (the oracle)."""
+    weights = {}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        alone = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                                  [inits[n] for n in node.input if n])
+        m = helper.make_model(alone, opset_imports=model.opset_import)
+        m.ir_version = model.ir_version
+        weights[node.input[0].split(".")[0]] = _run(m, {})[node.output[0]].T
+    assert sorted(weights) == ["fc1", "fc2"]
+    return weights
+
+
+def _fake_quantized_output(model: onnx.ModelProto, y: str) -> str | None:
+    """The DequantizeLinear output after y -> QuantizeLinear -> DequantizeLinear in ``model``, else None."""
+    readers = lambda name: [n for n in model.graph.node if name in n.input]  # noqa: E731
+    q = readers(y)
+    if len(q) == 1 and q[0].op_type == "QuantizeLinear":
+        dq = readers(q[0].output[0])
+        if len(dq) == 1 and dq[0].op_type == "DequantizeLinear":
+            return dq[0].output[0]
+    return None
+
+
+def check_sites(graph: onnx.ModelProto, model: onnx.ModelProto, sites, feeds, base: dict[str, np.ndarray], adapters,
+                literal: bool, per_row: list | None = None) -> None:
+    """Each site's output vs the float64 reference on the dequantized base, from its own input (module docstring).
+
+    ``literal`` (no graph optimizations), weight-only QDQ: y = x·W^T + LoRA with W the dequantized
+    weight, K = in + Σr + 4. Otherwise y = C + LoRA with C the base layer's own output (ORT fuses
+    DQ → MatMul into MatMulNBits, whose default accuracy level rounds x to int8, so C is not x·W^T
+    to float rounding; a fake-quantized output DQ(Q(y0)) gets the LoRA after it, SPEC E.6), with
+    the bound γ_K·(|C| + |s||x||A^T||B^T|). ``per_row`` (a batched graph): the adapters of each
+    row instead of ``adapters`` for all; K then counts the largest rank (zero padding adds zeros).
+    """
+    names = [n for module in ("fc1", "fc2") for n in (sites[module][0].x, sites[module][0].y)]
+    final = {m: _fake_quantized_output(model, sites[m][0].y) or sites[m][0].y for m in ("fc1", "fc2")}
+    based = [f"{final[m]}.base" for m in final]  # the base layer's output, renamed by the export
+    out = _run(graph, feeds, [*names, *final.values(), *based], literal)
+    for module in ("fc1", "fc2"):
+        site = sites[module][0]
+        x = out[site.x].astype(np.float64)
+        W = base[module].astype(np.float64)
+        lora_exact, M = np.zeros((x.shape[0], site.out_features)), np.zeros((x.shape[0], site.out_features))
+        rows = per_row or [adapters] * x.shape[0]
+        rank = 0
+        for row, chosen in enumerate(rows):
+            for a in chosen:
+                lora, s = a.modules[module], a.scale_for(module)
+                lora_exact[row] += s * (x[row] @ lora.A.T.astype(np.float64)) @ lora.B.T.astype(np.float64)
+                M[row] += abs(s) * (np.abs(x[row]) @ np.abs(lora.A.T)) @ np.abs(lora.B.T)
+            rank = max(rank, sum(a.modules[module].rank for a in chosen))
+        K = site.in_features + rank + 4
+        if final[module] == site.y and literal:  # weight-only: the float reference on the dequantized weight
+            exact, M = x @ W.T + lora_exact, M + np.abs(x) @ np.abs(W).T
+        else:
+            C = out[f"{final[module]}.base"].astype(np.float64)
+            exact, M = C + lora_exact, M + np.abs(C)
+        bound = gamma(K, U32) * M
+        assert np.all(np.abs(out[final[module]] - exact) <= bound), module
+        assert np.abs(lora_exact).max() > 100 * bound.max()  # the adapter's effect is far above the tolerance
+
+
+def _base_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+def test_dynamic_and_merged_keep_the_quantized_base_and_match_the_reference(qdq):
+    a, b = lora_adapter(1, "a"), lora_adapter(2, "b", ranks=(1, 4))
+    before = _base_bytes(qdq)
+    base = dequantized(qdq)
+    dynamic, sites = build_graph(qdq, [a, b], "dynamic")
+    assert all(s[0].quantized and s[0].dequantize is not None for s in sites.values())
+    notes: dict[str, str] = {}
+    merged, _ = build_graph(qdq, [a, b], "merged", notes=notes)
+    assert all("quantized base kept bit for bit" in notes[m] for m in ("fc1", "fc2"))
+    for graph in (dynamic, merged):
+        after = _base_bytes(graph)
+        assert all(after[name] == blob for name, blob in before.items())
+    slots = slots_from_model(dynamic)
+    for literal in (True, False):
+        check_sites(dynamic, qdq, sites, {"x": X, **adapter_tensors(a, slots)}, base, [a], literal)
+        check_sites(merged, qdq, sites, {"x": X}, base, [a, b], literal)
+    # rank-0 defaults: the base model's output bit for bit, op by op; statically quantized graphs also with
+    # ORT's QDQ fusion on (the base node groups are untouched). Weight-only int4 is not compared optimized:
+    # ORT chooses per node whether to fuse DQ -> MatMul into MatMulNBits (int8 activations), and
+    # chose differently for the base graph's first layer (seen with onnxruntime 1.31).
+    assert np.array_equal(_run(dynamic, {"x": X}, (), True)["y"], _run(qdq, {"x": X}, (), True)["y"])
+    if _fake_quantized_output(qdq, sites["fc1"][0].y):
+        assert np.array_equal(_run(dynamic, {"x": X})["y"], _run(qdq, {"x": X})["y"])
+
+
+def test_batched_rows_get_their_adapters_beside_the_quantized_base(qdq):
+    adapters = [lora_adapter(4, "a"), lora_adapter(5, "b", ranks=(1, 4))]
+    graph, sites = build_graph(qdq, adapters, "batched")
+    before = _base_bytes(qdq)
+    after = _base_bytes(graph)
+    assert all(after[name] == blob for name, blob in before.items())
+    index = np.array([1, -1, 0], np.int64)
+    per_row = [[adapters[i]] if i >= 0 else [] for i in index]
+    base = dequantized(qdq)
+    for literal in (True, False):
+        check_sites(graph, qdq, sites, {"x": X, "adapter_index": index}, base, [], literal, per_row)
+    plain = _run(qdq, {"x": X}, (), True)["y"]
+    assert np.array_equal(_run(graph, {"x": X, "adapter_index": index}, (), True)["y"][1], plain[1])  # -1: the base
+
+
+def test_requantize_keeps_the_format_and_reports_the_error(qdq):
+    a = lora_adapter(3, "a")
+    notes: dict[str, str] = {}
+    merged, sites = build_graph(qdq, [a], "merged", requantize=True, notes=notes)
+    assert not any(n.op_type == "Gemm" for n in merged.graph.node)  # no LoRA branch: the weights changed
+    old, new = {t.name: t for t in qdq.graph.initializer}, {t.name: t for t in merged.graph.initializer}
+    assert sorted(old) == sorted(new)
+    for name, tensor in old.items():
+        assert (new[name].data_type, list(new[name].dims)) == (tensor.data_type, list(tensor.dims)), name
+    nodes = {n.name: n for n in qdq.graph.node}
+    assert all(n.SerializeToString() == nodes[n.name].SerializeToString() for n in merged.graph.node)  # same graph, new values
+    before, after = dequantized(qdq), dequantized(merged)
+    for module in ("fc1", "fc2"):
+        site = sites[module][0]
+        dq = merged.graph.node[site.dequantize]
+        lora = a.modules[module]
+        delta = a.scale_for(module) * lora.B.astype(np.float64) @ lora.A.astype(np.float64)
+        target = before[module].astype(np.float64) + delta
+        scale = np.abs(numpy_helper.to_array(new[dq.input[1]]).astype(np.float64))
+        axis = next((helper.get_attribute_value(x) for x in dq.attribute if x.name == "axis"), 1)
+        block = next((helper.get_attribute_value(x) for x in dq.attribute if x.name == "block_size"), 0)
+        stored = np.repeat(scale, block, axis=axis)[:D if module == "fc1" else H] if block else (
+            scale.reshape((1, -1) if axis == 1 else (-1, 1)) if scale.size > 1 else scale)
+        step = np.broadcast_to(stored, target.T.shape).T  # [out, in], as target
+        error = np.abs(after[module] - target)
+        # rint to the nearest level: half a step (the scale is rounded to float32 first, so a level may
+        # sit 2^-23 relative off), then DequantizeLinear's rounding u·|W'|. ORT's int4 rule (negative
+        # scales: the largest magnitude a -> level -8) clips -a to +7: one whole step there.
+        levels = 1.0 if np.any(numpy_helper.to_array(old[dq.input[1]]) < 0) else 0.5
+        assert np.all(error <= step * (levels + 2**-20) + U32 * np.abs(after[module])), module
+        reported = float(notes[module].split("max error ")[1].split()[0])
+        assert reported == pytest.approx(error.max(), rel=1e-2, abs=1e-7)
+    out = _run(merged, {"x": X}, [sites["fc1"][0].y])
+    assert np.isfinite(out["y"]).all()
+
+
+@pytest.mark.parametrize("qdq_format", [False, True], ids=["MatMulNBits", "QDQ"])
+def test_quantized_weights_of_a_dynamo_style_graph_are_found_by_name_scopes(qdq_format):
+    """torch's dynamo exporter names weights val_N and records module paths as node metadata: ORT's int4 quantizer
+    keeps the MatMul (QDQ) or replaces it by MatMulNBits (whose scope ort_int4 copies back); both are found."""
+    from lora_ref.export import locate_targets
+    from lora_ref.export.locate import NAME_SCOPES_KEY
+    from lora_ref.export.models import ort_int4
+
+    model = _float_model()
+    for node, module, weight in zip([n for n in model.graph.node if n.op_type == "MatMul"], ("fc1", "fc2"), ("val_1", "val_2")):
+        node.metadata_props.add(key=NAME_SCOPES_KEY, value=repr(["", module, "linear"]))
+        old = node.input[1]
+        node.input[1] = weight
+        next(t for t in model.graph.initializer if t.name == old).name = weight
+    quantized = ort_int4(model, qdq=qdq_format, block_size=16)
+    sites = locate_targets(quantized, ["fc1", "fc2"])
+    assert all(s[0].found_by == "name scopes" and s[0].quantized for s in sites.values())
+    assert all((s[0].dequantize is not None) == qdq_format for s in sites.values())
+    a = lora_adapter(8, "a")
+    dynamic, _ = build_graph(quantized, [a], "dynamic")
+    plain = _run(quantized, {"x": X}, (), True)["y"]
+    out = _run(dynamic, {"x": X, **adapter_tensors(a, slots_from_model(dynamic))}, (), True)["y"]
+    assert np.isfinite(out).all() and not np.array_equal(out, plain)
+
+
+def test_requantize_refuses_a_qdq_weight_that_another_node_reads():
+    """Requantizing q would change the other reader too: refused (typed), the default export still works."""
+    from lora_ref.export import UnsupportedGraphError
+    from lora_ref.export.models import ort_int4
+
+    model = ort_int4(_float_model(), qdq=True, block_size=16)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("fc1"))
+    twin = helper.make_node("DequantizeLinear", list(dq.input), ["fc1_twin"], axis=0, block_size=16)
+    model.graph.node.append(twin)
+    model.graph.output.append(helper.make_tensor_value_info("fc1_twin", TensorProto.FLOAT, None))
+    a = lora_adapter(9, "a")
+    with pytest.raises(UnsupportedGraphError, match="also read by other nodes"):
+        build_graph(model, [a], "merged", requantize=True)
+    merged, _ = build_graph(model, [a], "merged")
+    assert _base_bytes(model).items() <= _base_bytes(merged).items()
