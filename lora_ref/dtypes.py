@@ -133,6 +133,58 @@ def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
     return result.view(bfloat16)
 
 
+#: NumPy's own (exact) float32 value of every float16 bit pattern: :func:`widen_to_float32`'s table.
+with np.errstate(invalid="ignore"):
+    _FLOAT16_AS_FLOAT32 = np.arange(2**16, dtype=np.uint16).view(float16).astype(float32)
+
+
+def widen_to_float32(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` (float32, x's shape) := x (float32, float16 or bfloat16), exactly; returns ``out``.
+
+    float16 through a 64 Ki-entry table (NumPy's own widening of every bit pattern, looked up:
+    several times faster than NumPy's float16 cast); bfloat16 is the top half of a float32, so its
+    bits shifted left by 16 (NaN payloads kept). Bit for bit ``x.astype(float32)`` (tests/test_dtypes.py
+    checks all 2^16 patterns of both).
+    """
+    if x.dtype == float16:
+        return np.take(_FLOAT16_AS_FLOAT32, x.view(np.uint16), out=out)
+    if x.dtype == bfloat16:
+        bits = out.view(np.uint32)
+        np.copyto(bits, x.view(np.uint16), casting="unsafe")
+        bits <<= np.uint32(16)
+        return out
+    np.copyto(out, x)
+    return out
+
+
+#: (precision p incl. the hidden bit, smallest normal exponent) of the formats :func:`round_to_grid` takes.
+_GRID = {float32: (24, -126), float16: (11, -14), bfloat16: (8, -126)}
+_EXPONENT_BITS = np.uint64(0x7FF0000000000000)
+
+
+def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray) -> np.ndarray:
+    """In place: x (float64) := RN_t(x) as a float64 value, to nearest, ties to even; returns ``x``.
+
+    t is float32, float16 or bfloat16 (p significand bits, smallest normal exponent e_min). With
+    2^e ≤ |x| < 2^(e+1) (e from x's exponent bits), c = 1.5 · 2^(max(e, e_min) + 53 − p): x + c lies in
+    c's binade (|x| < 2^(e+1) ≤ c/3 as p ≤ 51), where float64's spacing is 2^(max(e, e_min) + 1 − p),
+    t's spacing at x, and c is an even multiple of it; so fl(x + c) is c plus x rounded to t's grid,
+    ties to the even multiple, and subtracting c is exact. A result of 0 is +0 whatever x's sign;
+    past t's range the result is a finite multiple of the top binade's spacing (≥ 2^(e_max+1): it
+    casts to ±inf); ±inf, NaN and |x| near float64's range (c overflows) give NaN. ``scratch`` is
+    a float64 array like x. Five passes of in-place arithmetic, no float16/bfloat16 cast.
+    """
+    p, emin = _GRID[np.dtype(dtype)]
+    c = scratch
+    np.bitwise_and(x.view(np.uint64), _EXPONENT_BITS, out=c.view(np.uint64))  # 2^e (0 below float64's normals)
+    with np.errstate(over="ignore", invalid="ignore"):
+        c *= 1.5 * 2.0 ** (53 - p)
+        np.maximum(c, 1.5 * 2.0 ** (emin + 53 - p), out=c)
+        x += c
+        x -= c
+    return x
+
+
 def bits_of(array: np.ndarray) -> np.ndarray:
     """The raw bit patterns of a float array as unsigned integers of the same width."""
     array = np.ascontiguousarray(array)

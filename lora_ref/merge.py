@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,7 +47,10 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float32_to_bfloat16, float64, round_to
+from .dtypes import (
+    SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float16, float32, float64, round_to, round_to_grid,
+    widen_to_float32,
+)
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
 
 #: Target size of one float64 working block (bytes); bounds the extra memory of a merge. Small
@@ -164,13 +168,35 @@ def row_slices(n_rows: int, step: int):
         yield slice(start, min(start + step, n_rows))
 
 
-def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
-    """[fn(rows) for each row block], in order; on several cores, blocks run in threads.
+class _Workspace:
+    """One thread's scratch arrays, reused from block to block of one merge, unmerge or switch.
 
-    NumPy releases the GIL in the array operations, so blocks proceed in parallel. The memory
-    budget ``block_bytes`` is shared: with k threads each block is about block_bytes / k, and at
-    most 2k blocks are submitted ahead of the one being collected, so the extra memory stays a
-    few ``block_bytes`` whatever the thread count and the number of blocks.
+    A fresh temporary the size of a block costs more than the arithmetic on it (glibc serves it
+    with new mmap pages: page faults, then munmap), so every per-block temporary of the correctly
+    rounded evaluation is one of these, written with ``out=`` (about 2 float64 arrays of the block
+    for a fast merge, 4 with the exact residual, plus a few narrow ones).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The array ``name`` with ``shape`` and ``dtype``, contents undefined (the same memory on every call)."""
+        size = math.prod(shape)
+        array = self._arrays.get(name)
+        if array is None or array.size < size or array.dtype != dtype:
+            array = self._arrays[name] = np.empty(size, dtype)
+        return array[:size].reshape(shape)
+
+
+def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
+    """[fn(rows, workspace) for each row block], in order; on several cores, blocks run in threads.
+
+    NumPy releases the GIL in the array operations, so blocks proceed in parallel; each thread
+    has its own :class:`_Workspace`, dropped when the call returns. The memory budget
+    ``block_bytes`` is shared: with k threads each block is about block_bytes / k, and at most 2k
+    blocks are submitted ahead of the one being collected, so the extra memory stays a few
+    ``block_bytes`` whatever the thread count and the number of blocks.
     """
     row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
@@ -179,12 +205,20 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
     step = block_rows(shape, max(1, min(block_bytes // threads, THREAD_BLOCK_BYTES)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
-        return [fn(rows) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
+        workspace = _Workspace()
+        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
+    local = threading.local()
+
+    def run(rows: slice) -> _T:
+        if not hasattr(local, "workspace"):
+            local.workspace = _Workspace()
+        return fn(rows, local.workspace)
+
     results: list[_T] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque[Future[_T]] = deque()
         for rows in row_slices(shape[0], step):
-            pending.append(pool.submit(fn, rows))
+            pending.append(pool.submit(run, rows))
             if len(pending) >= 2 * threads:
                 results.append(pending.popleft().result())
         results.extend(future.result() for future in pending)
@@ -232,14 +266,8 @@ class _Product:
     right_norms: np.ndarray  # ‖R_j‖₂ (+ the underflow allowance)
     zero_rows: np.ndarray  # L_i = 0: Δ_i is exactly 0
     zero_cols: np.ndarray  # R_j = 0
-    spread: float  # the coefficient of |y|: 4u, or more for bfloat16 (_round_end)
+    spread: float  # the coefficient of |y|: 4u
     narrow: bool  # L and R hold float32/16/bf16 values: each L_ik·R_kj is exact in float64
-
-
-#: bfloat16 bracket ends round through float32 (:func:`_round_end`); the bound E then becomes
-#: (E + 2^-22·|y| + 2^-147)·(1 + 2^-22), which covers float32's rounding of y ± E (at most half an
-#: ulp: 2^-24·|y ± E| in the normal range, 2^-150 below it).
-_WIDEN = 1 + 2.0**-22
 
 
 def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | None:
@@ -263,9 +291,6 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
         return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
     left_norms *= 2 * (rank + 1) * _U64 * abs(scale)
     floor, spread = _ETA64 * math.ceil(2 * rank * abs(scale) + 6), 4 * _U64
-    if dtype == bfloat16:
-        left_norms *= _WIDEN
-        floor, spread = (floor + 2.0**-147) * _WIDEN, (spread + 2.0**-22) * _WIDEN
     root_floor = math.sqrt(floor) * (1 + 2.0**-20)  # (√φ)² ≥ φ
     return _Product(
         scale=scale, left=left, right=right, left_norms=left_norms + root_floor, right_norms=right_norms + root_floor,
@@ -336,10 +361,9 @@ def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float,
         out_flat[p] = round_to(np.array(0.0), out.dtype) if numerator == 0 else _round_exact(numerator, out.dtype)
 
 
-def _gemm(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """left @ right in float64 BLAS calls of at most :data:`GEMM_CHUNK` multiply-adds each."""
+def _gemm(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out := left @ right (float64) in BLAS calls of at most :data:`GEMM_CHUNK` multiply-adds each; returns out."""
     rank, cols = right.shape
-    out = np.empty((left.shape[0], cols), dtype=float64)
     step_rows = GEMM_CHUNK // max(1, rank * cols)
     if step_rows >= 1:
         for start in range(0, left.shape[0], step_rows):
@@ -349,19 +373,6 @@ def _gemm(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     for start in range(0, cols, step_cols):
         out[:, start : start + step_cols] = left @ right[:, start : start + step_cols]
     return out
-
-
-def _round_end(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A bracket end y ± E rounded into t: RN_t(x), except bfloat16: RN_bf16(RN_f32(x)).
-
-    For bfloat16 the bound is widened (:data:`_WIDEN`) so that RN_f32(y − E) ≤ X ≤ RN_f32(y + E)
-    still holds; RN_bf16 is monotone, so two ends with the same bits give RN_bf16(X) (SPEC 3.2).
-    Two cheap casts instead of float64 -> bfloat16's round to odd.
-    """
-    if dtype != bfloat16:
-        return round_to(x, dtype)
-    with np.errstate(over="ignore"):
-        return float32_to_bfloat16(x.astype(float32))
 
 
 _SPLIT = 2.0**27 + 1  # Veltkamp's constant for float64
@@ -406,35 +417,70 @@ def _resolve_by_fsum(plan: _Product, rows: slice, flat_base: np.ndarray, sign: f
         out_flat[p] = round_to(np.array(nearest), out.dtype)
 
 
-def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float,
-                 signed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(the correctly rounded base + sign·Δ[rows] in base's dtype, the float64 sign·fl(s·L R) used).
+def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace, out: np.ndarray,
+                 product: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(``out`` := the correctly rounded base + sign·Δ[rows] in base's dtype t, the float64 fl(s·L R) used).
 
-    ``base`` is the block [n, c] in t; ``signed`` (from an earlier call on the same rows, negated
-    for the opposite sign) saves the GEMM: any float64 approximation gives the same result.
+    ``base`` is the block [n, c] in t, ``out`` an array like it (not base); ``product`` (from an
+    earlier call on the same rows) saves the GEMM: any float64 approximation within the bound
+    gives the same result. With y = fl(base ± fl(s·L R)) and E the bound of SPEC 3.2, an element
+    is decided where fl(y − E) and fl(y + E) round to the same value of t: float32 by NumPy's
+    cast (a −0/+0 pair differs in its bits), float16 and bfloat16 by :func:`round_to_grid` in
+    float64 (a rounded 0 is undecided: its sign needs the exact sum). NaN and ±inf in y are
+    undecided too (±inf makes E infinite, so an end is NaN). The rest are resolved exactly. The
+    temporaries are four float64 arrays of ``workspace`` (product, y, and the two ends, the
+    second end in E's memory), updated in place.
     """
-    if signed is None:
-        signed = _gemm(plan.left[rows], plan.right)  # BLAS: any order, any threads (SPEC 3.2)
-        signed *= sign * plan.scale
+    shape = base.shape
+    if product is None:
+        product = _gemm(plan.left[rows], plan.right, workspace.get("product", shape, float64))  # any order (SPEC 3.2)
+        product *= plan.scale
+    dtype = base.dtype
+    wide = base if dtype == float32 else widen_to_float32(base, workspace.get("wide", shape, float32))
+    y = workspace.get("sum", shape, float64)
+    low = np.multiply.outer(plan.left_norms[rows], plan.right_norms, out=workspace.get("low", shape, float64))
+    high = workspace.get("high", shape, float64)
+    undecided = workspace.get("undecided", shape, np.dtype(bool))
     with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved below
-        y = np.add(base, signed, dtype=float64)
-        bound = np.multiply.outer(plan.left_norms[rows], plan.right_norms)
-        spread = np.abs(y)
-        spread *= plan.spread
-        bound += spread
-        np.subtract(y, bound, out=spread)
-        low = _round_end(spread, base.dtype)
-        np.add(y, bound, out=spread)
-        high = _round_end(spread, base.dtype)
-    # y = 0 (an exact zero's sign needs the exact sum) is undecided here: the bound is > 0, so the ends
-    # round to −0 and +0 or beyond; so is y = ±inf (the low end is inf − inf = NaN). NaN is not.
-    undecided = bits_of(low) != bits_of(high)
-    nan = np.isnan(y)
-    if nan.any():
-        undecided |= nan  # W = NaN: kept bit for bit (the rule in _resolve_exactly)
+        (np.add if sign > 0 else np.subtract)(wide, product, out=y)
+        np.abs(y, out=high)
+        nan = dtype == float32 and bool(np.isnan(high.max(initial=0.0)))  # max propagates NaN: one reduction, not a mask
+        high *= plan.spread
+        low += high  # E
+        np.add(y, low, out=high)
+        np.subtract(y, low, out=low)
+        if dtype == float32:
+            high32 = workspace.get("high32", shape, float32)
+            np.copyto(high32, high, casting="unsafe")
+            np.copyto(out, low, casting="unsafe")
+            np.not_equal(out.view(np.uint32), high32.view(np.uint32), out=undecided)
+            if nan:  # NaN casts to NaN at both ends, with the same bits
+                undecided |= np.isnan(y)
+        else:
+            round_to_grid(high, dtype, y)
+            round_to_grid(low, dtype, y)
+            np.not_equal(low, high, out=undecided)  # NaN ends differ from everything
+            if not low.all():
+                undecided |= low == 0
+            _store_exact(low, out, wide)
     if undecided.any():
-        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), low)
-    return low, signed
+        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), out)
+    return out, product
+
+
+def _store_exact(values: np.ndarray, out: np.ndarray, scratch32: np.ndarray) -> None:
+    """out (float16 or bfloat16) := values (float64 values of out's dtype, or beyond its range: ±inf).
+
+    The values are exact, so one cast is right: NumPy's for float16; for bfloat16 through float32
+    (exact) and its top 16 bits. ``scratch32`` is a float32 array like out.
+    """
+    if out.dtype == float16:
+        np.copyto(out, values, casting="unsafe")
+        return
+    np.copyto(scratch32, values, casting="unsafe")
+    bits = scratch32.view(np.uint32)
+    bits >>= np.uint32(16)
+    np.copyto(out.view(np.uint16), bits, casting="unsafe")
 
 
 # -- one block of a weight: merge, unmerge, residual ---------------------------------------------------
@@ -448,12 +494,16 @@ class _Step:
     plan: _Product | None
     sign: float
 
-    def apply(self, rows: slice, block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used: sign·fl(s·L R) for the
-        correctly rounded evaluation, the fixed-order Δ otherwise, None for a custom map)."""
+    def apply(self, rows: slice, block: np.ndarray, workspace: _Workspace, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used: fl(s·L R) for the
+        correctly rounded evaluation, the signed fixed-order Δ otherwise, None for a custom map).
+
+        The correctly rounded evaluation writes ``out`` (an array like block, not block itself)
+        and returns it; the others return a new array."""
         if self.plan is not None:
-            value, signed = _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), self.sign)
-            return value.reshape(block.shape), signed
+            value, product = _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), self.sign, workspace,
+                                          out.reshape(block.shape[0], -1))
+            return value.reshape(block.shape), product
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf − inf, NaN casts: on purpose
             wide = block.astype(float64)
             custom = getattr(self.delta, "merge_block" if self.sign > 0 else "unmerge_block", None)
@@ -462,25 +512,30 @@ class _Step:
             d = self.delta.block(rows)
             return round_to(wide + d if self.sign > 0 else wide - d, block.dtype), d
 
-    def undo(self, rows: slice, block: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
+    def undo(self, rows: slice, block: np.ndarray, delta64: np.ndarray | None, workspace: _Workspace,
+             out: np.ndarray) -> np.ndarray:
         """The opposite step on ``block`` (what :meth:`apply` made), reusing its float64 Δ."""
-        if signed is None:
-            return _Step(self.delta, None, -self.sign).apply(rows, block)[0]
+        if delta64 is None:
+            return _Step(self.delta, None, -self.sign).apply(rows, block, workspace, out)[0]
         if self.plan is not None:
-            return _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), -self.sign, -signed)[0].reshape(block.shape)
+            return _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), -self.sign, workspace,
+                                out.reshape(block.shape[0], -1), delta64)[0].reshape(block.shape)
         with np.errstate(invalid="ignore", over="ignore"):
             wide = block.astype(float64)
-            return round_to(wide - signed if self.sign > 0 else wide + signed, block.dtype)
+            return round_to(wide - delta64 if self.sign > 0 else wide + delta64, block.dtype)
 
 
 def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, flat_row: int,
-                 index_dtype: np.dtype) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    """(merged block, (flat indices, original values) where unmerge misses W, in exact mode)."""
-    merged, delta64 = step.apply(rows, original)
+                 index_dtype: np.dtype, workspace: _Workspace,
+                 out: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(merged block, (flat indices, original values) where unmerge misses W, in exact mode).
+
+    ``out`` (like original, not original) may receive the merged block (:meth:`_Step.apply`)."""
+    merged, delta64 = step.apply(rows, original, workspace, out)
     if not exact:
         return merged, None
-    restored = step.undo(rows, merged, delta64)
-    missed = bits_of(restored) != bits_of(original)
+    restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
+    missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
     positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
     flat = positions.astype(np.int64) + rows.start * flat_row
     return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
@@ -543,8 +598,10 @@ def merge(
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
-    def merge_rows(rows: slice) -> tuple[np.ndarray, np.ndarray] | None:
-        merged, found = _merge_block(step, rows, np.array(W[rows]), exact, flat_row, index_dtype)  # copy: out may alias W
+    def merge_rows(rows: slice, workspace: _Workspace) -> tuple[np.ndarray, np.ndarray] | None:
+        block = np.ascontiguousarray(W[rows])  # read fully before ``result[rows]`` is written (out may alias W)
+        merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
+                                     workspace.get("merged", block.shape, W.dtype))
         result[rows] = merged
         return found
 
@@ -582,8 +639,9 @@ def unmerge(
     flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
-    def unmerge_rows(rows: slice) -> None:
-        block = step.apply(rows, np.array(W_merged[rows]))[0]  # a copy: ``out`` may alias W_merged
+    def unmerge_rows(rows: slice, workspace: _Workspace) -> None:
+        block = np.ascontiguousarray(W_merged[rows])  # read fully before ``result[rows]`` is written
+        block = step.apply(rows, block, workspace, workspace.get("merged", block.shape, W_merged.dtype))[0]
         if residual is not None:
             _patch(block, residual, rows, flat_row)
         result[rows] = block
@@ -615,15 +673,17 @@ def switch(
     undo_steps = [(_Step(d, _product(d, W.dtype, r.semantics if r is not None else semantics), -1.0), r) for d, r in undo]
     do_steps = [_Step(d, _product(d, W.dtype, semantics), 1.0) for d in do]
 
-    def switch_rows(rows: slice) -> list:
-        block = np.array(W[rows])
+    def switch_rows(rows: slice, workspace: _Workspace) -> list:
+        block = np.ascontiguousarray(W[rows])
+        names = iter(("ping", "pong") * (len(undo_steps) + len(do_steps)))  # each step's output is not its input
         for step, residual in undo_steps:
-            block = step.apply(rows, block)[0]
+            block = step.apply(rows, block, workspace, workspace.get(next(names), block.shape, W.dtype))[0]
             if residual is not None:
                 _patch(block, residual, rows, flat_row)
         found = []
         for step in do_steps:
-            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype)
+            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
+                                       workspace.get(next(names), block.shape, W.dtype))
             found.append(part)
         W[rows] = block
         return found

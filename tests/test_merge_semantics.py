@@ -193,10 +193,11 @@ def test_any_product_within_the_bound_gives_the_same_bits(monkeypatch: pytest.Mo
     rng = np.random.default_rng(0)
     real_gemm = merge_module._gemm
 
-    def perturbed(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        product = real_gemm(left[:, ::-1].copy(), right[::-1].copy())
-        magnitude = real_gemm(np.abs(left), np.abs(right))
-        return product + magnitude * rng.uniform(-1, 1, product.shape) * (left.shape[1] * 2.0**-53)
+    def perturbed(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
+        product = real_gemm(left[:, ::-1].copy(), right[::-1].copy(), np.empty_like(out))
+        magnitude = real_gemm(np.abs(left), np.abs(right), np.empty_like(out))
+        out[...] = product + magnitude * rng.uniform(-1, 1, product.shape) * (left.shape[1] * 2.0**-53)
+        return out
 
     monkeypatch.setattr(merge_module, "_gemm", perturbed)
     for block_bytes in (8 * 96 * 3, 10**7):
