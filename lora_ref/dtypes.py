@@ -159,10 +159,12 @@ def widen_to_float32(x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 #: (precision p incl. the hidden bit, smallest normal exponent) of the formats :func:`round_to_grid` takes.
 _GRID = {float32: (24, -126), float16: (11, -14), bfloat16: (8, -126)}
+#: 2^e_min of each format: the smallest normal number.
+SMALLEST_NORMAL = {dtype: 2.0**emin for dtype, (_, emin) in _GRID.items()}
 _EXPONENT_BITS = np.uint64(0x7FF0000000000000)
 
 
-def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray) -> np.ndarray:
+def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray, *, normal: bool = False) -> np.ndarray:
     """In place: x (float64) := RN_t(x) as a float64 value, to nearest, ties to even; returns ``x``.
 
     t is float32, float16 or bfloat16 (p significand bits, smallest normal exponent e_min). With
@@ -172,14 +174,16 @@ def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray) -> np.nda
     ties to the even multiple, and subtracting c is exact. A result of 0 is +0 whatever x's sign;
     past t's range the result is a finite multiple of the top binade's spacing (≥ 2^(e_max+1): it
     casts to ±inf); ±inf, NaN and |x| near float64's range (c overflows) give NaN. ``scratch`` is
-    a float64 array like x. Five passes of in-place arithmetic, no float16/bfloat16 cast.
+    a float64 array like x. ``normal=True`` promises |x| ≥ 2^e_min for every x (or NaN): then
+    max(e, e_min) = e, and the slowest of the five in-place passes is skipped.
     """
     p, emin = _GRID[np.dtype(dtype)]
     c = scratch
     np.bitwise_and(x.view(np.uint64), _EXPONENT_BITS, out=c.view(np.uint64))  # 2^e (0 below float64's normals)
     with np.errstate(over="ignore", invalid="ignore"):
         c *= 1.5 * 2.0 ** (53 - p)
-        np.maximum(c, 1.5 * 2.0 ** (emin + 53 - p), out=c)
+        if not normal:
+            np.maximum(c, 1.5 * 2.0 ** (emin + 53 - p), out=c)
         x += c
         x -= c
     return x

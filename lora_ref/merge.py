@@ -49,6 +49,7 @@ import numpy as np
 
 from .dtypes import (
     SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float16, float32, float64, round_to, round_to_grid,
+    SMALLEST_NORMAL,
     widen_to_float32,
 )
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
@@ -60,7 +61,7 @@ BLOCK_BYTES = 1024 * 1024
 #: Most bytes of one float64 temporary a thread works on, whatever ``block_bytes`` allows: glibc
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
-THREAD_BLOCK_BYTES = 128 * 1024
+THREAD_BLOCK_BYTES = 256 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
 GEMM_CHUNK = 2**18
@@ -179,14 +180,20 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
+        self._views: dict[tuple, np.ndarray] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """The array ``name`` with ``shape`` and ``dtype``, contents undefined (the same memory on every call)."""
-        size = math.prod(shape)
-        array = self._arrays.get(name)
-        if array is None or array.size < size or array.dtype != dtype:
-            array = self._arrays[name] = np.empty(size, dtype)
-        return array[:size].reshape(shape)
+        key = (name, shape, dtype)
+        view = self._views.get(key)
+        if view is None:
+            size = math.prod(shape)
+            array = self._arrays.get(name)
+            if array is None or array.size < size or array.dtype != dtype:
+                array = self._arrays[name] = np.empty(size, dtype)
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}
+            view = self._views[key] = array[:size].reshape(shape)
+        return view
 
 
 def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
@@ -418,69 +425,98 @@ def _resolve_by_fsum(plan: _Product, rows: slice, flat_base: np.ndarray, sign: f
 
 
 def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace, out: np.ndarray,
-                 product: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 product: np.ndarray | None = None, keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(``out`` := the correctly rounded base + sign·Δ[rows] in base's dtype t, the float64 fl(s·L R) used).
 
     ``base`` is the block [n, c] in t, ``out`` an array like it (not base); ``product`` (from an
     earlier call on the same rows) saves the GEMM: any float64 approximation within the bound
-    gives the same result. With y = fl(base ± fl(s·L R)) and E the bound of SPEC 3.2, an element
+    gives the same result; ``keep`` asks for the product back (else it is overwritten and None
+    is returned). With y = fl(base ± fl(s·L R)) and E the bound of SPEC 3.2, an element
     is decided where fl(y − E) and fl(y + E) round to the same value of t: float32 by NumPy's
     cast (a −0/+0 pair differs in its bits), float16 and bfloat16 by :func:`round_to_grid` in
     float64 (a rounded 0 is undecided: its sign needs the exact sum). NaN and ±inf in y are
     undecided too (±inf makes E infinite, so an end is NaN). The rest are resolved exactly. The
-    temporaries are four float64 arrays of ``workspace`` (product, y, and the two ends, the
-    second end in E's memory), updated in place.
+    temporaries are float64 arrays of ``workspace`` updated in place: the product, y (in the
+    product's memory unless ``keep``) and the two ends (the low one in E's memory); narrower
+    scratch arrays are views of memory no longer needed at that point.
     """
     shape = base.shape
     if product is None:
         product = _gemm(plan.left[rows], plan.right, workspace.get("product", shape, float64))  # any order (SPEC 3.2)
         product *= plan.scale
     dtype = base.dtype
-    wide = base if dtype == float32 else widen_to_float32(base, workspace.get("wide", shape, float32))
-    y = workspace.get("sum", shape, float64)
-    low = np.multiply.outer(plan.left_norms[rows], plan.right_norms, out=workspace.get("low", shape, float64))
+    low = workspace.get("low", shape, float64)
     high = workspace.get("high", shape, float64)
+    wide = base if dtype == float32 else widen_to_float32(base, _narrow_view(low, float32))
+    y = workspace.get("sum", shape, float64) if keep else product
     undecided = workspace.get("undecided", shape, np.dtype(bool))
     with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved below
         (np.add if sign > 0 else np.subtract)(wide, product, out=y)
+        np.multiply.outer(plan.left_norms[rows], plan.right_norms, out=low)
         np.abs(y, out=high)
-        nan = dtype == float32 and bool(np.isnan(high.max(initial=0.0)))  # max propagates NaN: one reduction, not a mask
+        if dtype == float32:
+            nan = bool(np.isnan(high.max(initial=0.0)))  # max propagates NaN: one reduction, not a mask
+        else:
+            smallest = float(high.min(initial=math.inf))  # NaN: compares false below
         high *= plan.spread
         low += high  # E
-        np.add(y, low, out=high)
-        np.subtract(y, low, out=low)
         if dtype == float32:
-            high32 = workspace.get("high32", shape, float32)
+            np.add(y, low, out=high)
+            np.subtract(y, low, out=low)
+            high32 = _narrow_view(y, float32)  # y is not needed any more
             np.copyto(high32, high, casting="unsafe")
             np.copyto(out, low, casting="unsafe")
             np.not_equal(out.view(np.uint32), high32.view(np.uint32), out=undecided)
             if nan:  # NaN casts to NaN at both ends, with the same bits
-                undecided |= np.isnan(y)
+                undecided |= np.isnan(high32)
         else:
-            round_to_grid(high, dtype, y)
-            round_to_grid(low, dtype, y)
+            # |y| ≥ 2^(e_min+1) and E ≤ |y|/4 everywhere: every end has |end| ≥ 2^e_min (so no rounded 0)
+            normal = smallest >= 2 * SMALLEST_NORMAL[dtype] and 4 * float(low.max(initial=0.0)) <= smallest
+            np.add(y, low, out=high)
+            np.subtract(y, low, out=low)
+            round_to_grid(high, dtype, y, normal=normal)
+            round_to_grid(low, dtype, y, normal=normal)
             np.not_equal(low, high, out=undecided)  # NaN ends differ from everything
-            if not low.all():
+            if not normal and not low.all():
                 undecided |= low == 0
-            _store_exact(low, out, wide)
+            _store_exact(low, out, y)  # y (the rounding's scratch) is not needed any more
     if undecided.any():
         _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), out)
-    return out, product
+    return out, product if keep else None
 
 
-def _store_exact(values: np.ndarray, out: np.ndarray, scratch32: np.ndarray) -> None:
+def _narrow_view(array: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:
+    """A ``dtype`` array shaped like ``array`` in the ``part``-th piece of its memory (a wider dtype's)."""
+    flat = array.reshape(-1).view(dtype)
+    return flat[part * array.size:(part + 1) * array.size].reshape(array.shape)
+
+
+def _store_exact(values: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
     """out (float16 or bfloat16) := values (float64 values of out's dtype, or beyond its range: ±inf).
 
-    The values are exact, so one cast is right: NumPy's for float16; for bfloat16 through float32
-    (exact) and its top 16 bits. ``scratch32`` is a float32 array like out.
+    The values are exact, so they pass through float32 exactly (values beyond bfloat16's range
+    become ±inf there) and only bits move: bfloat16 is float32's top 16 bits; a float16 value v
+    times 2^-112 is a float32 whose bits are float16's exponent and fraction shifted left by 13
+    (float16's subnormals land on float32's subnormals; 65536 · 2^-112 = 2^-96 has float16's
+    infinity pattern, and larger values are clamped to it), its sign bit is float16's moved by 16.
+    ``scratch`` is a float64 array like values (its memory holds two 32-bit temporaries).
     """
-    if out.dtype == float16:
-        np.copyto(out, values, casting="unsafe")
-        return
+    scratch32 = _narrow_view(scratch, float32)
     np.copyto(scratch32, values, casting="unsafe")
     bits = scratch32.view(np.uint32)
+    if out.dtype == bfloat16:
+        bits >>= np.uint32(16)
+        np.copyto(out.view(np.uint16), bits, casting="unsafe")
+        return
+    scratch32 *= np.float32(2.0**-112)
+    magnitude = _narrow_view(scratch, np.dtype(np.uint32), 1)
+    np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=magnitude)
+    magnitude >>= np.uint32(13)
+    np.minimum(magnitude, np.uint32(0x7C00), out=magnitude)
     bits >>= np.uint32(16)
-    np.copyto(out.view(np.uint16), bits, casting="unsafe")
+    bits &= np.uint32(0x8000)
+    magnitude |= bits
+    np.copyto(out.view(np.uint16), magnitude, casting="unsafe")
 
 
 # -- one block of a weight: merge, unmerge, residual ---------------------------------------------------
@@ -494,15 +530,16 @@ class _Step:
     plan: _Product | None
     sign: float
 
-    def apply(self, rows: slice, block: np.ndarray, workspace: _Workspace, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used: fl(s·L R) for the
-        correctly rounded evaluation, the signed fixed-order Δ otherwise, None for a custom map).
+    def apply(self, rows: slice, block: np.ndarray, workspace: _Workspace, out: np.ndarray,
+              keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used if ``keep``: fl(s·L R) for
+        the correctly rounded evaluation, the signed fixed-order Δ otherwise, None for a custom map).
 
         The correctly rounded evaluation writes ``out`` (an array like block, not block itself)
         and returns it; the others return a new array."""
         if self.plan is not None:
             value, product = _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), self.sign, workspace,
-                                          out.reshape(block.shape[0], -1))
+                                          out.reshape(block.shape[0], -1), keep=keep)
             return value.reshape(block.shape), product
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf − inf, NaN casts: on purpose
             wide = block.astype(float64)
@@ -531,7 +568,7 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
     """(merged block, (flat indices, original values) where unmerge misses W, in exact mode).
 
     ``out`` (like original, not original) may receive the merged block (:meth:`_Step.apply`)."""
-    merged, delta64 = step.apply(rows, original, workspace, out)
+    merged, delta64 = step.apply(rows, original, workspace, out, keep=exact)
     if not exact:
         return merged, None
     restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
@@ -543,7 +580,13 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
 
 def _patch(block: np.ndarray, residual: Residual, rows: slice, flat_row: int) -> None:
     """Write the residual's values that fall in W[rows] into ``block`` (indices strictly increasing)."""
-    lo, hi = np.searchsorted(residual.indices, [rows.start * flat_row, rows.stop * flat_row])
+    if not residual.count:
+        return
+    # queries in the indices' own dtype: mixed dtypes would convert (copy) all the indices on every block;
+    # "≤ stop − 1" rather than "< stop", since stop may be 2^32 for uint32 indices
+    first, last = np.array([rows.start * flat_row, rows.stop * flat_row - 1], dtype=residual.indices.dtype)
+    lo = int(np.searchsorted(residual.indices, first, side="left"))
+    hi = int(np.searchsorted(residual.indices, last, side="right"))
     if hi > lo:
         block.reshape(-1)[residual.indices[lo:hi].astype(np.int64) - rows.start * flat_row] = residual.values[lo:hi]
 
