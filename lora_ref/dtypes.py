@@ -112,27 +112,6 @@ def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return x.astype(dtype)
 
 
-def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16, to nearest-even: one rounding, as integer arithmetic on the bits.
-
-    bfloat16 is the top half of a float32: add 0x7FFF plus the lowest kept bit and drop the low
-    16 bits (a carry reaches the exponent exactly when the value rounds up a binade; overflow gives
-    ±inf, subnormals round on the same grid). NaNs become a quiet NaN of the same sign. About four
-    times faster than a float64 -> bfloat16 :func:`round_to` (which rounds to odd first).
-    """
-    bits = np.ascontiguousarray(x, dtype=float32).view(np.uint32)
-    rounded = bits >> np.uint32(16)
-    rounded &= np.uint32(1)
-    rounded += np.uint32(0x7FFF)
-    rounded += bits
-    rounded >>= np.uint32(16)
-    result = rounded.astype(np.uint16)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan.any():
-        result[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
-    return result.view(bfloat16)
-
-
 #: NumPy's own (exact) float32 value of every float16 bit pattern: :func:`widen_to_float32`'s table.
 with np.errstate(invalid="ignore"):
     _FLOAT16_AS_FLOAT32 = np.arange(2**16, dtype=np.uint16).view(float16).astype(float32)
@@ -187,6 +166,41 @@ def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray, *, normal
         x += c
         x -= c
     return x
+
+
+def narrow_view(array: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:
+    """A ``dtype`` array shaped like ``array`` in the ``part``-th piece of its memory (``array`` of a wider dtype)."""
+    flat = array.reshape(-1).view(dtype)
+    return flat[part * array.size:(part + 1) * array.size].reshape(array.shape)
+
+
+def store_exact(values: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """out (float16 or bfloat16) := values (float64 values of out's dtype, or beyond its range: ±inf).
+
+    The values are exact, so they pass through float32 exactly (values beyond bfloat16's range
+    become ±inf there) and only bits move: bfloat16 is float32's top 16 bits; a float16 value v
+    times 2^-112 is a float32 whose bits are float16's exponent and fraction shifted left by 13
+    (float16's subnormals land on float32's subnormals; 65536 · 2^-112 = 2^-96 has float16's
+    infinity pattern, and larger values are clamped to it), its sign bit is float16's moved by 16.
+    ``scratch`` is a float64 array like values (its memory holds two 32-bit temporaries).
+    """
+    scratch32 = narrow_view(scratch, float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(scratch32, values, casting="unsafe")
+    bits = scratch32.view(np.uint32)
+    if out.dtype == bfloat16:
+        bits >>= np.uint32(16)
+        np.copyto(out.view(np.uint16), bits, casting="unsafe")
+        return
+    scratch32 *= np.float32(2.0**-112)
+    magnitude = narrow_view(scratch, np.dtype(np.uint32), 1)
+    np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=magnitude)
+    magnitude >>= np.uint32(13)
+    np.minimum(magnitude, np.uint32(0x7C00), out=magnitude)
+    bits >>= np.uint32(16)
+    bits &= np.uint32(0x8000)
+    magnitude |= bits
+    np.copyto(out.view(np.uint16), magnitude, casting="unsafe")
 
 
 def bits_of(array: np.ndarray) -> np.ndarray:

@@ -48,9 +48,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from .dtypes import (
-    SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float16, float32, float64, round_to, round_to_grid,
-    SMALLEST_NORMAL,
-    widen_to_float32,
+    SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
+    round_to, round_to_grid, store_exact, widen_to_float32,
 )
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
 
@@ -447,7 +446,7 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     dtype = base.dtype
     low = workspace.get("low", shape, float64)
     high = workspace.get("high", shape, float64)
-    wide = base if dtype == float32 else widen_to_float32(base, _narrow_view(low, float32))
+    wide = base if dtype == float32 else widen_to_float32(base, narrow_view(low, float32))
     y = workspace.get("sum", shape, float64) if keep else product
     undecided = workspace.get("undecided", shape, np.dtype(bool))
     with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved below
@@ -463,7 +462,7 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
         if dtype == float32:
             np.add(y, low, out=high)
             np.subtract(y, low, out=low)
-            high32 = _narrow_view(y, float32)  # y is not needed any more
+            high32 = narrow_view(y, float32)  # y is not needed any more
             np.copyto(high32, high, casting="unsafe")
             np.copyto(out, low, casting="unsafe")
             np.not_equal(out.view(np.uint32), high32.view(np.uint32), out=undecided)
@@ -479,44 +478,10 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
             np.not_equal(low, high, out=undecided)  # NaN ends differ from everything
             if not normal and not low.all():
                 undecided |= low == 0
-            _store_exact(low, out, y)  # y (the rounding's scratch) is not needed any more
+            store_exact(low, out, y)  # y (the rounding's scratch) is not needed any more
     if undecided.any():
         _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), out)
     return out, product if keep else None
-
-
-def _narrow_view(array: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:
-    """A ``dtype`` array shaped like ``array`` in the ``part``-th piece of its memory (a wider dtype's)."""
-    flat = array.reshape(-1).view(dtype)
-    return flat[part * array.size:(part + 1) * array.size].reshape(array.shape)
-
-
-def _store_exact(values: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
-    """out (float16 or bfloat16) := values (float64 values of out's dtype, or beyond its range: ±inf).
-
-    The values are exact, so they pass through float32 exactly (values beyond bfloat16's range
-    become ±inf there) and only bits move: bfloat16 is float32's top 16 bits; a float16 value v
-    times 2^-112 is a float32 whose bits are float16's exponent and fraction shifted left by 13
-    (float16's subnormals land on float32's subnormals; 65536 · 2^-112 = 2^-96 has float16's
-    infinity pattern, and larger values are clamped to it), its sign bit is float16's moved by 16.
-    ``scratch`` is a float64 array like values (its memory holds two 32-bit temporaries).
-    """
-    scratch32 = _narrow_view(scratch, float32)
-    np.copyto(scratch32, values, casting="unsafe")
-    bits = scratch32.view(np.uint32)
-    if out.dtype == bfloat16:
-        bits >>= np.uint32(16)
-        np.copyto(out.view(np.uint16), bits, casting="unsafe")
-        return
-    scratch32 *= np.float32(2.0**-112)
-    magnitude = _narrow_view(scratch, np.dtype(np.uint32), 1)
-    np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=magnitude)
-    magnitude >>= np.uint32(13)
-    np.minimum(magnitude, np.uint32(0x7C00), out=magnitude)
-    bits >>= np.uint32(16)
-    bits &= np.uint32(0x8000)
-    magnitude |= bits
-    np.copyto(out.view(np.uint16), magnitude, casting="unsafe")
 
 
 # -- one block of a weight: merge, unmerge, residual ---------------------------------------------------
