@@ -10,6 +10,8 @@ Melquiond, "When double rounding is odd", 2005: needs p + 2 bits, float32 has 24
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -166,6 +168,25 @@ def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray, *, normal
         x += c
         x -= c
     return x
+
+
+def round_scalar(x: float, dtype: np.dtype) -> np.generic:
+    """RN_t(x) for one Python float x (t float32, float16 or bfloat16), to nearest, ties to even.
+
+    NumPy's scalar casts for float32 and float16 (correctly rounded from float64); bfloat16 by
+    :func:`round_to_grid`'s formula in Python floats (exact, then exactly representable in float32),
+    with x's sign kept on a rounded 0. Microseconds, where an array call costs tens of them: the
+    exact resolution rounds one element at a time.
+    """
+    dtype = np.dtype(dtype)
+    if dtype != bfloat16 or not math.isfinite(x):
+        with np.errstate(over="ignore"):
+            return np.array(x).astype(dtype)[()]
+    p, emin = _GRID[bfloat16]
+    binade = math.frexp(x)[1] - 1  # 2^binade ≤ |x| < 2^(binade+1) (frexp: x = m·2^e, 1/2 ≤ |m| < 1)
+    c = 1.5 * 2.0 ** (max(binade, emin) + 53 - p)
+    with np.errstate(over="ignore"):
+        return np.float32(math.copysign((x + c) - c, x)).astype(bfloat16)[()]
 
 
 def narrow_view(array: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:

@@ -49,7 +49,7 @@ import numpy as np
 
 from .dtypes import (
     SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
-    round_to, round_to_grid, store_exact, widen_to_float32,
+    round_scalar, round_to, round_to_grid, store_exact, widen_to_float32,
 )
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
 
@@ -318,7 +318,7 @@ _W_SHIFT = 2148
 _DENOMINATOR = 1 << 3222
 
 
-def _round_exact(numerator: int, dtype: np.dtype) -> np.ndarray:
+def _round_exact(numerator: int, dtype: np.dtype) -> np.generic:
     """numerator · 2^-3222 (≠ 0) rounded once, to nearest-even, into ``dtype``.
 
     Rounds to odd into float64 first (the inexact result's last bit set; 53 ≥ p_t + 2, so one more
@@ -332,7 +332,7 @@ def _round_exact(numerator: int, dtype: np.dtype) -> np.ndarray:
         represented = _exact_int(nearest) << _W_SHIFT
         if represented != numerator and not int(np.float64(nearest).view(np.uint64)) & 1:
             nearest = math.nextafter(nearest, math.inf if represented < numerator else -math.inf)
-    return round_to(np.array(nearest), dtype)
+    return round_scalar(nearest, dtype)
 
 
 def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float, positions: np.ndarray,
@@ -364,7 +364,7 @@ def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float,
             out_bits[p] = base_bits[p]
             continue
         numerator = (_exact_int(w) << _W_SHIFT) + scale_int * total
-        out_flat[p] = round_to(np.array(0.0), out.dtype) if numerator == 0 else _round_exact(numerator, out.dtype)
+        out_flat[p] = 0.0 if numerator == 0 else _round_exact(numerator, out.dtype)
 
 
 def _gemm(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -416,11 +416,11 @@ def _resolve_by_fsum(plan: _Product, rows: slice, flat_base: np.ndarray, sign: f
         nearest = math.fsum(terms)
         remainder = math.fsum([*terms, -nearest])
         if nearest == 0 and remainder == 0:
-            out_flat[p] = round_to(np.array(0.0), out.dtype)
+            out_flat[p] = 0.0
             continue
         if remainder != 0 and not int(np.float64(nearest).view(np.uint64)) & 1:
             nearest = math.nextafter(nearest, math.inf if remainder > 0 else -math.inf)
-        out_flat[p] = round_to(np.array(nearest), out.dtype)
+        out_flat[p] = round_scalar(nearest, out.dtype)
 
 
 def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace, out: np.ndarray,

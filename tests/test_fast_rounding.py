@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_ref.dtypes import (
-    SMALLEST_NORMAL, bfloat16, float16, float32, float64, round_to_grid, store_exact, widen_to_float32,
+    SMALLEST_NORMAL, bfloat16, float16, float32, float64, round_scalar, round_to_grid, store_exact, widen_to_float32,
 )
 from test_dtypes import FORMATS, hard_cases, oracle_round
 
@@ -151,3 +151,20 @@ def test_grid_and_store_match_the_float32_casts(dtype: np.dtype) -> None:
         assert not got.view(np.uint16)[zero].any()
         mismatch = np.flatnonzero((got.view(np.uint16) != want.view(np.uint16)) & ~zero)
         assert mismatch.size == 0, f"{dtype}: float32 {x[mismatch[:3]].view(np.uint32)} -> {got[mismatch[:3]]}, want {want[mismatch[:3]]}"
+
+
+@pytest.mark.parametrize("dtype", GRID_TARGETS, ids=GRID_IDS)
+@given(data=st.data())
+def test_round_scalar_matches_the_exact_oracle(dtype: np.dtype, data: st.DataObject) -> None:
+    """round_scalar (the exact resolution's one-element rounding) on ties, near-ties, subnormals,
+    overflow, signed zeros and non-finite values, bit for bit against the oracle."""
+    x = data.draw(st.one_of(hard_cases(dtype), st.floats(allow_nan=True, allow_infinity=True, width=64),
+                            st.floats(-1.0, 1.0).map(lambda v: v * SMALLEST_NORMAL[dtype])))
+    got = round_scalar(x, dtype)
+    assert got.dtype == dtype
+    want = oracle_round(x, dtype)
+    if math.isnan(want):
+        assert np.isnan(np.float64(got))
+        return
+    width = {float32: np.uint32}.get(dtype, np.uint16)
+    assert np.array(got).view(width) == np.array(want).astype(dtype).view(width), (x, got, want)
