@@ -318,53 +318,55 @@ _W_SHIFT = 2148
 _DENOMINATOR = 1 << 3222
 
 
-def _round_exact(numerator: int, dtype: np.dtype) -> np.generic:
-    """numerator · 2^-3222 (≠ 0) rounded once, to nearest-even, into ``dtype``.
+def _odd_from_integer(numerator: int) -> float:
+    """numerator · 2^-3222 (≠ 0) rounded to odd into float64 (±inf past its range).
 
-    Rounds to odd into float64 first (the inexact result's last bit set; 53 ≥ p_t + 2, so one more
-    rounding to t is correct: Boldo & Melquiond 2005), then :func:`~lora_ref.dtypes.round_to`.
+    The inexact result's last bit is set; 53 ≥ p_t + 2, so one more rounding to t is correct
+    (Boldo & Melquiond 2005).
     """
     try:
         nearest = numerator / _DENOMINATOR  # int / int is correctly rounded in CPython
     except OverflowError:  # |x| ≥ 2^1024: beyond every t's range
-        nearest = math.copysign(math.inf, numerator)
+        return math.copysign(math.inf, numerator)
     if math.isfinite(nearest):
         represented = _exact_int(nearest) << _W_SHIFT
         if represented != numerator and not int(np.float64(nearest).view(np.uint64)) & 1:
             nearest = math.nextafter(nearest, math.inf if represented < numerator else -math.inf)
-    return round_scalar(nearest, dtype)
+    return nearest
 
 
 def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float, positions: np.ndarray,
                      out: np.ndarray) -> None:
-    """out.flat[p] = the correctly rounded base + sign·s·(L R) at each flat position p, in exact integers.
+    """out.flat[p] = the correctly rounded base + sign·s·(L R) at each flat position p, exactly.
 
-    ``base`` is the block [n, c] in t, ``out`` a fresh array like it. The rules of SPEC 3.2: where
+    ``base`` is the block [n, c] in t, ``out`` an array like it. The rules of SPEC 3.2: where
     base_p is ±inf or NaN, or s·(L R)_p is exactly 0, out_p is base_p bit for bit (so −0 and NaN
-    payloads stay); where the exact sum is 0 otherwise, +0 (what IEEE addition gives). The common
-    cases of the first rule (non-finite W, a zero row of L or column of R, s = 0) are vectorised;
-    the rest run in Python integers, one element at a time.
+    payloads stay); where the exact sum is 0 otherwise, +0 (what IEEE addition gives). One element
+    at a time in Python (a block has a few undecided elements; array calls on them would cost
+    more): :func:`_exact_by_fsum` for float32/16/bf16 factors, integers otherwise.
     """
     n_cols = base.shape[1]
     out_flat, out_bits, base_bits, flat_base = out.reshape(-1), bits_of(out).reshape(-1), bits_of(base).reshape(-1), base.reshape(-1)
-    i_rows, j_cols = np.divmod(positions, n_cols)
-    with np.errstate(invalid="ignore"):  # widening signalling NaNs
-        keep = ~np.isfinite(flat_base[positions].astype(float64))
-    keep |= plan.zero_rows[rows.start + i_rows] | plan.zero_cols[j_cols] | (plan.scale == 0)
-    out_bits[positions[keep]] = base_bits[positions[keep]]
-    positions, i_rows, j_cols = positions[~keep], i_rows[~keep], j_cols[~keep]
-    if plan.narrow:
-        _resolve_by_fsum(plan, rows, flat_base, sign, positions, i_rows, j_cols, out)
-        return
-    scale_int = _exact_int(sign * plan.scale)
-    for p, i, j in zip(positions.tolist(), i_rows.tolist(), j_cols.tolist()):
+    sigma = sign * plan.scale
+    scale_int = None if plan.narrow else _exact_int(sigma)
+    for p in positions.tolist():
+        i, j = divmod(p, n_cols)
+        i += rows.start
         w = float(flat_base[p])
-        total = sum(_exact_int(a) * _exact_int(b) for a, b in zip(plan.left[rows.start + i].tolist(), plan.right[:, j].tolist()))
-        if total == 0:
+        if not math.isfinite(w) or sigma == 0 or plan.zero_rows[i] or plan.zero_cols[j]:
             out_bits[p] = base_bits[p]
             continue
-        numerator = (_exact_int(w) << _W_SHIFT) + scale_int * total
-        out_flat[p] = 0.0 if numerator == 0 else _round_exact(numerator, out.dtype)
+        left, right = plan.left[i].tolist(), plan.right[:, j].tolist()
+        if plan.narrow:
+            value = _exact_by_fsum(w, sigma, left, right)
+        else:
+            total = sum(_exact_int(a) * _exact_int(b) for a, b in zip(left, right))
+            numerator = (_exact_int(w) << _W_SHIFT) + scale_int * total
+            value = None if total == 0 else _odd_from_integer(numerator) if numerator else 0.0
+        if value is None:  # the delta is exactly 0: W's bits
+            out_bits[p] = base_bits[p]
+        else:
+            out_flat[p] = round_scalar(value, out.dtype) if value else 0.0
 
 
 def _gemm(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -384,43 +386,42 @@ def _gemm(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
 _SPLIT = 2.0**27 + 1  # Veltkamp's constant for float64
 
 
-def _split(x: np.ndarray | float) -> tuple:
-    """x = hi + lo exactly, each with at most 26 significant bits (Veltkamp; no overflow for |x| < 2^996)."""
-    c = _SPLIT * x
-    hi = c - (c - x)
-    return hi, x - hi
+def _two_product(a: float, b: float) -> tuple[float, float]:
+    """(h, l) with h = fl(a·b) and a·b = h + l exactly (Dekker with Veltkamp's split; |a·b| < 2^900, > 2^-700)."""
+    h = a * b
+    c = _SPLIT * a
+    a_hi = c - (c - a)
+    a_lo = a - a_hi
+    c = _SPLIT * b
+    b_hi = c - (c - b)
+    b_lo = b - b_hi
+    return h, ((a_hi * b_hi - h) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
 
 
-def _resolve_by_fsum(plan: _Product, rows: slice, flat_base: np.ndarray, sign: float, positions: np.ndarray,
-                     i_rows: np.ndarray, j_cols: np.ndarray, out: np.ndarray) -> None:
-    """The exact resolution when every L_ik·R_kj is exact in float64 (float32/16/bf16 factors).
+def _exact_by_fsum(w: float, sigma: float, left: list[float], right: list[float]) -> float | None:
+    """RN_64-to-odd of X = w + σ·Σ_k left_k·right_k (float32/16/bf16 factors), None if the sum is exactly 0.
 
-    X = W + σ·Σ_k p_k with p_k = L_ik R_kj exact; σ·p_k = h_k + l_k exactly (Dekker's product with
-    Veltkamp's split: no overflow or underflow below 2^900 in magnitude and above 2^-700, which the
-    narrow factors and a sane scale give). math.fsum returns the correctly rounded sum of its
-    floats, and the fsum of the terms and −f is the correctly rounded remainder X − f, whose sign
-    is exact: so f rounded to odd (53 ≥ p_t + 2 bits) and then to t is RN_t(X).
+    Each p_k = left_k·right_k is exact in float64 and σ·p_k = h_k + l_k exactly (exact products
+    when σ is a power of two, else :func:`_two_product`; no overflow or underflow, which the
+    narrow factors and a sane scale give: :func:`_product`). math.fsum returns the correctly
+    rounded sum of its floats, and the fsum of the terms and −f is the correctly rounded remainder
+    X − f, whose sign is exact: so f rounded to odd (53 ≥ p_t + 2 bits) and then to t is RN_t(X).
+    Returns 0.0 where X = 0 exactly.
     """
-    products = plan.left[rows.start + i_rows] * plan.right[:, j_cols].T  # exact, [n, r]
-    sigma = sign * plan.scale
-    high = products * sigma
-    s_hi, s_lo = _split(sigma)
-    p_hi, p_lo = _split(products)
-    low = ((s_hi * p_hi - high) + s_hi * p_lo + s_lo * p_hi) + s_lo * p_lo  # σ·p − fl(σ·p), exactly
-    out_flat, out_bits, base_bits = out.reshape(-1), bits_of(out).reshape(-1), bits_of(flat_base)
-    for n, p in enumerate(positions.tolist()):
-        if math.fsum(products[n].tolist()) == 0:  # the delta is exactly 0: W's bits
-            out_bits[p] = base_bits[p]
-            continue
-        terms = [float(flat_base[p]), *high[n].tolist(), *low[n].tolist()]
-        nearest = math.fsum(terms)
-        remainder = math.fsum([*terms, -nearest])
-        if nearest == 0 and remainder == 0:
-            out_flat[p] = 0.0
-            continue
-        if remainder != 0 and not int(np.float64(nearest).view(np.uint64)) & 1:
-            nearest = math.nextafter(nearest, math.inf if remainder > 0 else -math.inf)
-        out_flat[p] = round_scalar(nearest, out.dtype)
+    products = [a * b for a, b in zip(left, right)]
+    if math.fsum(products) == 0:
+        return None
+    if math.frexp(sigma)[0] in (0.5, -0.5):
+        terms = [w, *(sigma * q for q in products)]
+    else:
+        terms = [w, *(part for q in products for part in _two_product(sigma, q))]
+    nearest = math.fsum(terms)
+    remainder = math.fsum([*terms, -nearest])
+    if nearest == 0 and remainder == 0:
+        return 0.0
+    if remainder != 0 and not int(np.float64(nearest).view(np.uint64)) & 1:
+        nearest = math.nextafter(nearest, math.inf if remainder > 0 else -math.inf)
+    return nearest
 
 
 def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace, out: np.ndarray,
