@@ -74,6 +74,9 @@ CORRECTLY_ROUNDED = "correctly-rounded/2"
 SEMANTICS = (FIXED_ORDER, CORRECTLY_ROUNDED)
 #: What merges use and record.
 MERGE_SEMANTICS = CORRECTLY_ROUNDED
+#: ``Residual.delta_digest`` of a residual made by :func:`switch` for an in-process owner: no checksum
+#: was computed (check_residual never matches it, so such a residual cannot unmerge another weight).
+IN_MEMORY = "in-memory (no checksum)"
 #: The safetensors metadata key a merged checkpoint records its semantics under.
 SEMANTICS_META_KEY = "lora_ref.merge_semantics"
 
@@ -119,7 +122,7 @@ class Residual:
     ``indices``: flat positions in W, strictly increasing, uint32 when W has at most 2^32
     elements (halving the residual's size; see :func:`residual_index_dtype`), else int64;
     ``values``: W's original elements there, in W's dtype; ``delta_digest``: BLAKE2b checksum of
-    the adapter factors; ``merged_digest``: BLAKE2b checksum of the merged weight, or None for a
+    the adapter factors (:data:`IN_MEMORY` for one made by :func:`switch`); ``merged_digest``: BLAKE2b checksum of the merged weight, or None for a
     residual that stays with the weight it was made for in one process (a
     :class:`~lora_ref.ledger.MergeLedger` owns its weights: no digest of every merged weight on
     every switch); ``semantics``: the evaluation unmerge must use.
@@ -565,14 +568,15 @@ class MergeResult:
     residual: Residual | None
 
 
-def _collect(parts: list, W: np.ndarray, delta: DeltaSource, semantics: str, digest: bool, result: np.ndarray) -> Residual:
+def _collect(parts: list, W: np.ndarray, delta: DeltaSource, semantics: str, digest: bool, result: np.ndarray,
+             delta_digest: str | None = None) -> Residual:
     index_dtype = residual_index_dtype(W.size)
     return Residual(
         indices=np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, index_dtype),
         values=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, W.dtype),
         shape=tuple(W.shape),
         merged_digest=digest_arrays(result) if digest else None,
-        delta_digest=digest_arrays(*delta.factors()),
+        delta_digest=digest_arrays(*delta.factors()) if delta_digest is None else delta_digest,
         semantics=semantics,
     )
 
@@ -674,7 +678,10 @@ def switch(
     :func:`unmerge` and :func:`merge` calls give, without their intermediate full-size arrays.
 
     The caller validates the deltas (shapes, finiteness) and the residuals
-    (:func:`check_residual`) first; residuals here carry no merged-weight checksum.
+    (:func:`check_residual`) first. The residuals made here carry no checksum at all (their
+    ``delta_digest`` is :data:`IN_MEMORY`, which :func:`check_residual` refuses): they stay with
+    the caller that owns W and the deltas (:class:`~lora_ref.ledger.MergeLedger`), so a switch
+    hashes nothing.
     """
     W = np.asarray(W)
     flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
@@ -700,7 +707,7 @@ def switch(
     per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
     if not exact:
         return [None] * len(do)
-    return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W) for k, d in enumerate(do)]
+    return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W, IN_MEMORY) for k, d in enumerate(do)]
 
 
 def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource) -> None:
@@ -712,6 +719,9 @@ def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource)
             f"not {W_merged.dtype} {tuple(W_merged.shape)}"
         )
     check_semantics(residual.semantics, f"{where} residual")
+    if residual.delta_digest == IN_MEMORY:
+        raise ResidualMismatchError(f"{where}: the residual was made by an in-memory switch and carries no checksums; "
+                                    "unmerge through the MergeLedger that holds it")
     if residual.delta_digest != digest_arrays(*delta.factors()):
         raise ResidualMismatchError(f"{where}: residual was made with another adapter (delta checksum differs)")
     if residual.merged_digest is not None and residual.merged_digest != digest_arrays(W_merged):
