@@ -233,12 +233,11 @@ def matching(result: Result) -> list[str]:
 def dtypes(result: Result) -> list[str]:
     best = f"best of {result['repeats']} per cell" if "repeats" in result else "best of several runs per cell"
     return [f"`{command(result, 'python bench/bench_dtypes.py')}`: {best} (one thread). The large arrays pay for "
-            "fresh pages; the merge therefore works on thread blocks of at most 128 KiB of float64, where a "
-            "conversion costs a few NumPy passes. Rewriting round_to's bfloat16 and float16 roundings as uint64 bit "
-            "operations (tried) was no faster at that block size, so round_to is unchanged; the merge's bfloat16 "
-            "bracket ends instead go float64 -> float32 (a hardware cast) -> bfloat16 (`float32_to_bfloat16`, "
-            "integer arithmetic on the bits), the last row, with the bound widened to cover the extra rounding "
-            f"(SPEC 3.2). {source('dtypes', result)}", "", recorded_table(result)]
+            "fresh pages; the merge therefore works on thread blocks of at most 256 KiB of float64 in per-thread "
+            "arrays reused from block to block. Its float16/bfloat16 bracket ends are rounded by `round_to_grid` "
+            "(RN_t as five in-place float64 passes, four when the block holds no value near t's subnormals) and "
+            "stored by `store_exact` (bit moves of exact values): the 'merge path' rows (SPEC 3.2); round_to itself "
+            f"is unchanged. {source('dtypes', result)}", "", recorded_table(result)]
 
 
 def genai(result: Result) -> list[str]:

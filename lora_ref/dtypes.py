@@ -10,6 +10,8 @@ Melquiond, "When double rounding is odd", 2005: needs p + 2 bits, float32 has 24
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -112,25 +114,114 @@ def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return x.astype(dtype)
 
 
-def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16, to nearest-even: one rounding, as integer arithmetic on the bits.
+#: NumPy's own (exact) float32 value of every float16 bit pattern: :func:`widen_to_float32`'s table.
+with np.errstate(invalid="ignore"):
+    _FLOAT16_AS_FLOAT32 = np.arange(2**16, dtype=np.uint16).view(float16).astype(float32)
 
-    bfloat16 is the top half of a float32: add 0x7FFF plus the lowest kept bit and drop the low
-    16 bits (a carry reaches the exponent exactly when the value rounds up a binade; overflow gives
-    ±inf, subnormals round on the same grid). NaNs become a quiet NaN of the same sign. About four
-    times faster than a float64 -> bfloat16 :func:`round_to` (which rounds to odd first).
+
+def widen_to_float32(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` (float32, x's shape) := x (float32, float16 or bfloat16), exactly; returns ``out``.
+
+    float16 through a 64 Ki-entry table (NumPy's own widening of every bit pattern, looked up:
+    several times faster than NumPy's float16 cast); bfloat16 is the top half of a float32, so its
+    bits shifted left by 16 (NaN payloads kept). Bit for bit ``x.astype(float32)`` (tests/test_dtypes.py
+    checks all 2^16 patterns of both).
     """
-    bits = np.ascontiguousarray(x, dtype=float32).view(np.uint32)
-    rounded = bits >> np.uint32(16)
-    rounded &= np.uint32(1)
-    rounded += np.uint32(0x7FFF)
-    rounded += bits
-    rounded >>= np.uint32(16)
-    result = rounded.astype(np.uint16)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan.any():
-        result[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
-    return result.view(bfloat16)
+    if x.dtype == float16:
+        return np.take(_FLOAT16_AS_FLOAT32, x.view(np.uint16), out=out)
+    if x.dtype == bfloat16:
+        bits = out.view(np.uint32)
+        np.copyto(bits, x.view(np.uint16), casting="unsafe")
+        bits <<= np.uint32(16)
+        return out
+    np.copyto(out, x)
+    return out
+
+
+#: (precision p incl. the hidden bit, smallest normal exponent) of the formats :func:`round_to_grid` takes.
+_GRID = {float32: (24, -126), float16: (11, -14), bfloat16: (8, -126)}
+#: 2^e_min of each format: the smallest normal number.
+SMALLEST_NORMAL = {dtype: 2.0**emin for dtype, (_, emin) in _GRID.items()}
+_EXPONENT_BITS = np.uint64(0x7FF0000000000000)
+
+
+def round_to_grid(x: np.ndarray, dtype: np.dtype, scratch: np.ndarray, *, normal: bool = False) -> np.ndarray:
+    """In place: x (float64) := RN_t(x) as a float64 value, to nearest, ties to even; returns ``x``.
+
+    t is float32, float16 or bfloat16 (p significand bits, smallest normal exponent e_min). With
+    2^e ≤ |x| < 2^(e+1) (e from x's exponent bits), c = 1.5 · 2^(max(e, e_min) + 53 − p): x + c lies in
+    c's binade (|x| < 2^(e+1) ≤ c/3 as p ≤ 51), where float64's spacing is 2^(max(e, e_min) + 1 − p),
+    t's spacing at x, and c is an even multiple of it; so fl(x + c) is c plus x rounded to t's grid,
+    ties to the even multiple, and subtracting c is exact. A result of 0 is +0 whatever x's sign;
+    past t's range the result is a finite multiple of the top binade's spacing (≥ 2^(e_max+1): it
+    casts to ±inf); ±inf, NaN and |x| near float64's range (c overflows) give NaN. ``scratch`` is
+    a float64 array like x. ``normal=True`` promises |x| ≥ 2^e_min for every x (or NaN): then
+    max(e, e_min) = e, and the slowest of the five in-place passes is skipped.
+    """
+    p, emin = _GRID[np.dtype(dtype)]
+    c = scratch
+    np.bitwise_and(x.view(np.uint64), _EXPONENT_BITS, out=c.view(np.uint64))  # 2^e (0 below float64's normals)
+    with np.errstate(over="ignore", invalid="ignore"):
+        c *= 1.5 * 2.0 ** (53 - p)
+        if not normal:
+            np.maximum(c, 1.5 * 2.0 ** (emin + 53 - p), out=c)
+        x += c
+        x -= c
+    return x
+
+
+def round_scalar(x: float, dtype: np.dtype) -> np.generic:
+    """RN_t(x) for one Python float x (t float32, float16 or bfloat16), to nearest, ties to even.
+
+    NumPy's scalar casts for float32 and float16 (correctly rounded from float64); bfloat16 by
+    :func:`round_to_grid`'s formula in Python floats (exact, then exactly representable in float32),
+    with x's sign kept on a rounded 0. Microseconds, where an array call costs tens of them: the
+    exact resolution rounds one element at a time.
+    """
+    dtype = np.dtype(dtype)
+    if dtype != bfloat16 or not math.isfinite(x):
+        with np.errstate(over="ignore"):
+            return np.array(x).astype(dtype)[()]
+    p, emin = _GRID[bfloat16]
+    binade = math.frexp(x)[1] - 1  # 2^binade ≤ |x| < 2^(binade+1) (frexp: x = m·2^e, 1/2 ≤ |m| < 1)
+    c = 1.5 * 2.0 ** (max(binade, emin) + 53 - p)
+    with np.errstate(over="ignore"):
+        return np.float32(math.copysign((x + c) - c, x)).astype(bfloat16)[()]
+
+
+def narrow_view(array: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:
+    """A ``dtype`` array shaped like ``array`` in the ``part``-th piece of its memory (``array`` of a wider dtype)."""
+    flat = array.reshape(-1).view(dtype)
+    return flat[part * array.size:(part + 1) * array.size].reshape(array.shape)
+
+
+def store_exact(values: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """out (float16 or bfloat16) := values (float64 values of out's dtype, or beyond its range: ±inf).
+
+    The values are exact, so they pass through float32 exactly (values beyond bfloat16's range
+    become ±inf there) and only bits move: bfloat16 is float32's top 16 bits; a float16 value v
+    times 2^-112 is a float32 whose bits are float16's exponent and fraction shifted left by 13
+    (float16's subnormals land on float32's subnormals; 65536 · 2^-112 = 2^-96 has float16's
+    infinity pattern, and larger values are clamped to it), its sign bit is float16's moved by 16.
+    ``scratch`` is a float64 array like values (its memory holds two 32-bit temporaries).
+    """
+    scratch32 = narrow_view(scratch, float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(scratch32, values, casting="unsafe")
+    bits = scratch32.view(np.uint32)
+    if out.dtype == bfloat16:
+        bits >>= np.uint32(16)
+        np.copyto(out.view(np.uint16), bits, casting="unsafe")
+        return
+    scratch32 *= np.float32(2.0**-112)
+    magnitude = narrow_view(scratch, np.dtype(np.uint32), 1)
+    np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=magnitude)
+    magnitude >>= np.uint32(13)
+    np.minimum(magnitude, np.uint32(0x7C00), out=magnitude)
+    bits >>= np.uint32(16)
+    bits &= np.uint32(0x8000)
+    magnitude |= bits
+    np.copyto(out.view(np.uint16), magnitude, casting="unsafe")
 
 
 def bits_of(array: np.ndarray) -> np.ndarray:

@@ -22,25 +22,39 @@ from .adapter import Adapter
 from .carried import check_base_copies, replacing
 from .checkpoint import merge_targets, target_delta
 from .errors import CarriedTensorError, MergeStateError, ShapeError, TargetNotFoundError
-from .merge import MERGE_SEMANTICS, DeltaSource, Residual, check_factors_finite, digest_arrays, merge, switch
+from .merge import MERGE_SEMANTICS, DeltaSource, Residual, check_factors_finite, merge, switch
 
 
 @dataclass(frozen=True)
 class _Entry:
     adapter_name: str
-    delta_digest: str
+    factors: tuple[np.ndarray, ...]  # copies of the delta's factors when merged (compared bit for bit on unmerge)
     residual: Residual | None
     dora_norm: np.ndarray | None = None
+
+
+def _copy_factors(delta: DeltaSource) -> tuple[np.ndarray, ...]:
+    return tuple(np.array(f, copy=True) for f in delta.factors())
+
+
+def _same_factors(kept: tuple[np.ndarray, ...], delta: DeltaSource) -> bool:
+    """True when ``delta``'s factors have the dtypes, shapes and bits of ``kept`` (a memory-speed comparison)."""
+    now = delta.factors()
+    return len(now) == len(kept) and all(
+        np.asarray(a).dtype == b.dtype and np.shape(a) == b.shape
+        and np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
+        for a, b in zip(now, kept))
 
 
 class MergeLedger:
     """Merge state of a dict of weights; see module doc.
 
     The ledger owns ``weights``: it changes them in place and trusts that nothing else does, so
-    its residuals carry no checksum of the merged weights (a checksum of every merged weight on
-    every switch would cost more than the switch; files keep theirs, :mod:`lora_ref.checkpoint`).
-    The adapter given to unmerge is still checked against the one merged (a checksum of its
-    factors, which are small).
+    its residuals carry no checksums (a checksum of every merged weight on every switch would cost
+    more than the switch; files keep theirs, :mod:`lora_ref.checkpoint`), and a switch hashes
+    nothing. The adapter given to unmerge is still checked against the one merged: its factors
+    against a copy kept at merge, bit for bit (the factors are small; a comparison runs at memory
+    speed, a cryptographic digest at a fraction of it).
     """
 
     def __init__(self, weights: dict[str, np.ndarray], *, exact: bool = True) -> None:
@@ -121,7 +135,7 @@ class MergeLedger:
                 entry = stack.pop()
                 norm = entry.dora_norm
                 delta = target_delta(adapter, target, **({"norm": norm} if norm is not None else {}))
-                if entry.delta_digest != digest_arrays(*delta.factors()):
+                if not _same_factors(entry.factors, delta):
                     raise MergeStateError(f"{delta.module}: the adapter given for {name!r} is not the one that was merged")
                 undo.setdefault(key, []).append((delta, entry))
             order.remove(name)
@@ -172,7 +186,7 @@ class MergeLedger:
             weight = self.weights[key]
             result = merge(weight, delta, exact=self.exact, allow_nonfinite=allow_nonfinite, out=weight, digest=False)
             self._stacks.setdefault(key, []).append(
-                _Entry(name, digest_arrays(*delta.factors()), result.residual, getattr(delta, "norm", None)))
+                _Entry(name, _copy_factors(delta), result.residual, getattr(delta, "norm", None)))
         self._order.append(name)
 
     def _dora_base(self, adapter: Adapter, target: tuple[str, str], key: str) -> dict[str, np.ndarray]:
@@ -189,7 +203,7 @@ class MergeLedger:
             residuals = switch(self.weights[key], [(delta, entry.residual) for delta, entry in steps_undo],
                                [delta for _, delta in steps_do], exact=self.exact, semantics=MERGE_SEMANTICS)
             del stack[len(stack) - len(steps_undo):]
-            stack.extend(_Entry(name, digest_arrays(*delta.factors()), residual, getattr(delta, "norm", None))
+            stack.extend(_Entry(name, _copy_factors(delta), residual, getattr(delta, "norm", None))
                          for (name, delta), residual in zip(steps_do, residuals))
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,7 +47,10 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .dtypes import SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float32_to_bfloat16, float64, round_to
+from .dtypes import (
+    SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
+    round_scalar, round_to, round_to_grid, store_exact, widen_to_float32,
+)
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
 
 #: Target size of one float64 working block (bytes); bounds the extra memory of a merge. Small
@@ -56,7 +60,7 @@ BLOCK_BYTES = 1024 * 1024
 #: Most bytes of one float64 temporary a thread works on, whatever ``block_bytes`` allows: glibc
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
-THREAD_BLOCK_BYTES = 128 * 1024
+THREAD_BLOCK_BYTES = 256 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
 GEMM_CHUNK = 2**18
@@ -70,6 +74,9 @@ CORRECTLY_ROUNDED = "correctly-rounded/2"
 SEMANTICS = (FIXED_ORDER, CORRECTLY_ROUNDED)
 #: What merges use and record.
 MERGE_SEMANTICS = CORRECTLY_ROUNDED
+#: ``Residual.delta_digest`` of a residual made by :func:`switch` for an in-process owner: no checksum
+#: was computed (check_residual never matches it, so such a residual cannot unmerge another weight).
+IN_MEMORY = "in-memory (no checksum)"
 #: The safetensors metadata key a merged checkpoint records its semantics under.
 SEMANTICS_META_KEY = "lora_ref.merge_semantics"
 
@@ -115,7 +122,7 @@ class Residual:
     ``indices``: flat positions in W, strictly increasing, uint32 when W has at most 2^32
     elements (halving the residual's size; see :func:`residual_index_dtype`), else int64;
     ``values``: W's original elements there, in W's dtype; ``delta_digest``: BLAKE2b checksum of
-    the adapter factors; ``merged_digest``: BLAKE2b checksum of the merged weight, or None for a
+    the adapter factors (:data:`IN_MEMORY` for one made by :func:`switch`); ``merged_digest``: BLAKE2b checksum of the merged weight, or None for a
     residual that stays with the weight it was made for in one process (a
     :class:`~lora_ref.ledger.MergeLedger` owns its weights: no digest of every merged weight on
     every switch); ``semantics``: the evaluation unmerge must use.
@@ -164,13 +171,41 @@ def row_slices(n_rows: int, step: int):
         yield slice(start, min(start + step, n_rows))
 
 
-def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
-    """[fn(rows) for each row block], in order; on several cores, blocks run in threads.
+class _Workspace:
+    """One thread's scratch arrays, reused from block to block of one merge, unmerge or switch.
 
-    NumPy releases the GIL in the array operations, so blocks proceed in parallel. The memory
-    budget ``block_bytes`` is shared: with k threads each block is about block_bytes / k, and at
-    most 2k blocks are submitted ahead of the one being collected, so the extra memory stays a
-    few ``block_bytes`` whatever the thread count and the number of blocks.
+    A fresh temporary the size of a block costs more than the arithmetic on it (glibc serves it
+    with new mmap pages: page faults, then munmap), so every per-block temporary of the correctly
+    rounded evaluation is one of these, written with ``out=`` (about 2 float64 arrays of the block
+    for a fast merge, 4 with the exact residual, plus a few narrow ones).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+        self._views: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The array ``name`` with ``shape`` and ``dtype``, contents undefined (the same memory on every call)."""
+        key = (name, shape, dtype)
+        view = self._views.get(key)
+        if view is None:
+            size = math.prod(shape)
+            array = self._arrays.get(name)
+            if array is None or array.size < size or array.dtype != dtype:
+                array = self._arrays[name] = np.empty(size, dtype)
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}
+            view = self._views[key] = array[:size].reshape(shape)
+        return view
+
+
+def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
+    """[fn(rows, workspace) for each row block], in order; on several cores, blocks run in threads.
+
+    NumPy releases the GIL in the array operations, so blocks proceed in parallel; each thread
+    has its own :class:`_Workspace`, dropped when the call returns. The memory budget
+    ``block_bytes`` is shared: with k threads each block is about block_bytes / k, and at most 2k
+    blocks are submitted ahead of the one being collected, so the extra memory stays a few
+    ``block_bytes`` whatever the thread count and the number of blocks.
     """
     row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
@@ -179,12 +214,20 @@ def _map_row_blocks(fn: Callable[[slice], _T], shape: tuple[int, ...], block_byt
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
     step = block_rows(shape, max(1, min(block_bytes // threads, THREAD_BLOCK_BYTES)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
-        return [fn(rows) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
+        workspace = _Workspace()
+        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
+    local = threading.local()
+
+    def run(rows: slice) -> _T:
+        if not hasattr(local, "workspace"):
+            local.workspace = _Workspace()
+        return fn(rows, local.workspace)
+
     results: list[_T] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque[Future[_T]] = deque()
         for rows in row_slices(shape[0], step):
-            pending.append(pool.submit(fn, rows))
+            pending.append(pool.submit(run, rows))
             if len(pending) >= 2 * threads:
                 results.append(pending.popleft().result())
         results.extend(future.result() for future in pending)
@@ -232,14 +275,8 @@ class _Product:
     right_norms: np.ndarray  # ‖R_j‖₂ (+ the underflow allowance)
     zero_rows: np.ndarray  # L_i = 0: Δ_i is exactly 0
     zero_cols: np.ndarray  # R_j = 0
-    spread: float  # the coefficient of |y|: 4u, or more for bfloat16 (_round_end)
+    spread: float  # the coefficient of |y|: 4u
     narrow: bool  # L and R hold float32/16/bf16 values: each L_ik·R_kj is exact in float64
-
-
-#: bfloat16 bracket ends round through float32 (:func:`_round_end`); the bound E then becomes
-#: (E + 2^-22·|y| + 2^-147)·(1 + 2^-22), which covers float32's rounding of y ± E (at most half an
-#: ulp: 2^-24·|y ± E| in the normal range, 2^-150 below it).
-_WIDEN = 1 + 2.0**-22
 
 
 def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | None:
@@ -263,9 +300,6 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
         return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
     left_norms *= 2 * (rank + 1) * _U64 * abs(scale)
     floor, spread = _ETA64 * math.ceil(2 * rank * abs(scale) + 6), 4 * _U64
-    if dtype == bfloat16:
-        left_norms *= _WIDEN
-        floor, spread = (floor + 2.0**-147) * _WIDEN, (spread + 2.0**-22) * _WIDEN
     root_floor = math.sqrt(floor) * (1 + 2.0**-20)  # (√φ)² ≥ φ
     return _Product(
         scale=scale, left=left, right=right, left_norms=left_norms + root_floor, right_norms=right_norms + root_floor,
@@ -287,59 +321,60 @@ _W_SHIFT = 2148
 _DENOMINATOR = 1 << 3222
 
 
-def _round_exact(numerator: int, dtype: np.dtype) -> np.ndarray:
-    """numerator · 2^-3222 (≠ 0) rounded once, to nearest-even, into ``dtype``.
+def _odd_from_integer(numerator: int) -> float:
+    """numerator · 2^-3222 (≠ 0) rounded to odd into float64 (±inf past its range).
 
-    Rounds to odd into float64 first (the inexact result's last bit set; 53 ≥ p_t + 2, so one more
-    rounding to t is correct: Boldo & Melquiond 2005), then :func:`~lora_ref.dtypes.round_to`.
+    The inexact result's last bit is set; 53 ≥ p_t + 2, so one more rounding to t is correct
+    (Boldo & Melquiond 2005).
     """
     try:
         nearest = numerator / _DENOMINATOR  # int / int is correctly rounded in CPython
     except OverflowError:  # |x| ≥ 2^1024: beyond every t's range
-        nearest = math.copysign(math.inf, numerator)
+        return math.copysign(math.inf, numerator)
     if math.isfinite(nearest):
         represented = _exact_int(nearest) << _W_SHIFT
         if represented != numerator and not int(np.float64(nearest).view(np.uint64)) & 1:
             nearest = math.nextafter(nearest, math.inf if represented < numerator else -math.inf)
-    return round_to(np.array(nearest), dtype)
+    return nearest
 
 
 def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float, positions: np.ndarray,
                      out: np.ndarray) -> None:
-    """out.flat[p] = the correctly rounded base + sign·s·(L R) at each flat position p, in exact integers.
+    """out.flat[p] = the correctly rounded base + sign·s·(L R) at each flat position p, exactly.
 
-    ``base`` is the block [n, c] in t, ``out`` a fresh array like it. The rules of SPEC 3.2: where
+    ``base`` is the block [n, c] in t, ``out`` an array like it. The rules of SPEC 3.2: where
     base_p is ±inf or NaN, or s·(L R)_p is exactly 0, out_p is base_p bit for bit (so −0 and NaN
-    payloads stay); where the exact sum is 0 otherwise, +0 (what IEEE addition gives). The common
-    cases of the first rule (non-finite W, a zero row of L or column of R, s = 0) are vectorised;
-    the rest run in Python integers, one element at a time.
+    payloads stay); where the exact sum is 0 otherwise, +0 (what IEEE addition gives). One element
+    at a time in Python (a block has a few undecided elements; array calls on them would cost
+    more): :func:`_exact_by_fsum` for float32/16/bf16 factors, integers otherwise.
     """
     n_cols = base.shape[1]
     out_flat, out_bits, base_bits, flat_base = out.reshape(-1), bits_of(out).reshape(-1), bits_of(base).reshape(-1), base.reshape(-1)
-    i_rows, j_cols = np.divmod(positions, n_cols)
-    with np.errstate(invalid="ignore"):  # widening signalling NaNs
-        keep = ~np.isfinite(flat_base[positions].astype(float64))
-    keep |= plan.zero_rows[rows.start + i_rows] | plan.zero_cols[j_cols] | (plan.scale == 0)
-    out_bits[positions[keep]] = base_bits[positions[keep]]
-    positions, i_rows, j_cols = positions[~keep], i_rows[~keep], j_cols[~keep]
-    if plan.narrow:
-        _resolve_by_fsum(plan, rows, flat_base, sign, positions, i_rows, j_cols, out)
-        return
-    scale_int = _exact_int(sign * plan.scale)
-    for p, i, j in zip(positions.tolist(), i_rows.tolist(), j_cols.tolist()):
+    sigma = sign * plan.scale
+    scale_int = None if plan.narrow else _exact_int(sigma)
+    for p in positions.tolist():
+        i, j = divmod(p, n_cols)
+        i += rows.start
         w = float(flat_base[p])
-        total = sum(_exact_int(a) * _exact_int(b) for a, b in zip(plan.left[rows.start + i].tolist(), plan.right[:, j].tolist()))
-        if total == 0:
+        if not math.isfinite(w) or sigma == 0 or plan.zero_rows[i] or plan.zero_cols[j]:
             out_bits[p] = base_bits[p]
             continue
-        numerator = (_exact_int(w) << _W_SHIFT) + scale_int * total
-        out_flat[p] = round_to(np.array(0.0), out.dtype) if numerator == 0 else _round_exact(numerator, out.dtype)
+        left, right = plan.left[i].tolist(), plan.right[:, j].tolist()
+        if plan.narrow:
+            value = _exact_by_fsum(w, sigma, left, right)
+        else:
+            total = sum(_exact_int(a) * _exact_int(b) for a, b in zip(left, right))
+            numerator = (_exact_int(w) << _W_SHIFT) + scale_int * total
+            value = None if total == 0 else _odd_from_integer(numerator) if numerator else 0.0
+        if value is None:  # the delta is exactly 0: W's bits
+            out_bits[p] = base_bits[p]
+        else:
+            out_flat[p] = round_scalar(value, out.dtype) if value else 0.0
 
 
-def _gemm(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """left @ right in float64 BLAS calls of at most :data:`GEMM_CHUNK` multiply-adds each."""
+def _gemm(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out := left @ right (float64) in BLAS calls of at most :data:`GEMM_CHUNK` multiply-adds each; returns out."""
     rank, cols = right.shape
-    out = np.empty((left.shape[0], cols), dtype=float64)
     step_rows = GEMM_CHUNK // max(1, rank * cols)
     if step_rows >= 1:
         for start in range(0, left.shape[0], step_rows):
@@ -351,90 +386,106 @@ def _gemm(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return out
 
 
-def _round_end(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A bracket end y ± E rounded into t: RN_t(x), except bfloat16: RN_bf16(RN_f32(x)).
-
-    For bfloat16 the bound is widened (:data:`_WIDEN`) so that RN_f32(y − E) ≤ X ≤ RN_f32(y + E)
-    still holds; RN_bf16 is monotone, so two ends with the same bits give RN_bf16(X) (SPEC 3.2).
-    Two cheap casts instead of float64 -> bfloat16's round to odd.
-    """
-    if dtype != bfloat16:
-        return round_to(x, dtype)
-    with np.errstate(over="ignore"):
-        return float32_to_bfloat16(x.astype(float32))
-
-
 _SPLIT = 2.0**27 + 1  # Veltkamp's constant for float64
 
 
-def _split(x: np.ndarray | float) -> tuple:
-    """x = hi + lo exactly, each with at most 26 significant bits (Veltkamp; no overflow for |x| < 2^996)."""
-    c = _SPLIT * x
-    hi = c - (c - x)
-    return hi, x - hi
+def _two_product(a: float, b: float) -> tuple[float, float]:
+    """(h, l) with h = fl(a·b) and a·b = h + l exactly (Dekker with Veltkamp's split; |a·b| < 2^900, > 2^-700)."""
+    h = a * b
+    c = _SPLIT * a
+    a_hi = c - (c - a)
+    a_lo = a - a_hi
+    c = _SPLIT * b
+    b_hi = c - (c - b)
+    b_lo = b - b_hi
+    return h, ((a_hi * b_hi - h) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
 
 
-def _resolve_by_fsum(plan: _Product, rows: slice, flat_base: np.ndarray, sign: float, positions: np.ndarray,
-                     i_rows: np.ndarray, j_cols: np.ndarray, out: np.ndarray) -> None:
-    """The exact resolution when every L_ik·R_kj is exact in float64 (float32/16/bf16 factors).
+def _exact_by_fsum(w: float, sigma: float, left: list[float], right: list[float]) -> float | None:
+    """RN_64-to-odd of X = w + σ·Σ_k left_k·right_k (float32/16/bf16 factors), None if the sum is exactly 0.
 
-    X = W + σ·Σ_k p_k with p_k = L_ik R_kj exact; σ·p_k = h_k + l_k exactly (Dekker's product with
-    Veltkamp's split: no overflow or underflow below 2^900 in magnitude and above 2^-700, which the
-    narrow factors and a sane scale give). math.fsum returns the correctly rounded sum of its
-    floats, and the fsum of the terms and −f is the correctly rounded remainder X − f, whose sign
-    is exact: so f rounded to odd (53 ≥ p_t + 2 bits) and then to t is RN_t(X).
+    Each p_k = left_k·right_k is exact in float64 and σ·p_k = h_k + l_k exactly (exact products
+    when σ is a power of two, else :func:`_two_product`; no overflow or underflow, which the
+    narrow factors and a sane scale give: :func:`_product`). math.fsum returns the correctly
+    rounded sum of its floats, and the fsum of the terms and −f is the correctly rounded remainder
+    X − f, whose sign is exact: so f rounded to odd (53 ≥ p_t + 2 bits) and then to t is RN_t(X).
+    Returns 0.0 where X = 0 exactly.
     """
-    products = plan.left[rows.start + i_rows] * plan.right[:, j_cols].T  # exact, [n, r]
-    sigma = sign * plan.scale
-    high = products * sigma
-    s_hi, s_lo = _split(sigma)
-    p_hi, p_lo = _split(products)
-    low = ((s_hi * p_hi - high) + s_hi * p_lo + s_lo * p_hi) + s_lo * p_lo  # σ·p − fl(σ·p), exactly
-    out_flat, out_bits, base_bits = out.reshape(-1), bits_of(out).reshape(-1), bits_of(flat_base)
-    for n, p in enumerate(positions.tolist()):
-        if math.fsum(products[n].tolist()) == 0:  # the delta is exactly 0: W's bits
-            out_bits[p] = base_bits[p]
-            continue
-        terms = [float(flat_base[p]), *high[n].tolist(), *low[n].tolist()]
-        nearest = math.fsum(terms)
-        remainder = math.fsum([*terms, -nearest])
-        if nearest == 0 and remainder == 0:
-            out_flat[p] = round_to(np.array(0.0), out.dtype)
-            continue
-        if remainder != 0 and not int(np.float64(nearest).view(np.uint64)) & 1:
-            nearest = math.nextafter(nearest, math.inf if remainder > 0 else -math.inf)
-        out_flat[p] = round_to(np.array(nearest), out.dtype)
+    products = [a * b for a, b in zip(left, right)]
+    if math.fsum(products) == 0:
+        return None
+    if math.frexp(sigma)[0] in (0.5, -0.5):
+        terms = [w, *(sigma * q for q in products)]
+    else:
+        terms = [w, *(part for q in products for part in _two_product(sigma, q))]
+    nearest = math.fsum(terms)
+    remainder = math.fsum([*terms, -nearest])
+    if nearest == 0 and remainder == 0:
+        return 0.0
+    if remainder != 0 and not int(np.float64(nearest).view(np.uint64)) & 1:
+        nearest = math.nextafter(nearest, math.inf if remainder > 0 else -math.inf)
+    return nearest
 
 
-def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float,
-                 signed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(the correctly rounded base + sign·Δ[rows] in base's dtype, the float64 sign·fl(s·L R) used).
+def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace, out: np.ndarray,
+                 product: np.ndarray | None = None, keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(``out`` := the correctly rounded base + sign·Δ[rows] in base's dtype t, the float64 fl(s·L R) used).
 
-    ``base`` is the block [n, c] in t; ``signed`` (from an earlier call on the same rows, negated
-    for the opposite sign) saves the GEMM: any float64 approximation gives the same result.
+    ``base`` is the block [n, c] in t, ``out`` an array like it (not base); ``product`` (from an
+    earlier call on the same rows) saves the GEMM: any float64 approximation within the bound
+    gives the same result; ``keep`` asks for the product back (else it is overwritten and None
+    is returned). With y = fl(base ± fl(s·L R)) and E the bound of SPEC 3.2, an element
+    is decided where fl(y − E) and fl(y + E) round to the same value of t: float32 by NumPy's
+    cast (a −0/+0 pair differs in its bits), float16 and bfloat16 by :func:`round_to_grid` in
+    float64 (a rounded 0 is undecided: its sign needs the exact sum). NaN and ±inf in y are
+    undecided too (±inf makes E infinite, so an end is NaN). The rest are resolved exactly. The
+    temporaries are float64 arrays of ``workspace`` updated in place: the product, y (in the
+    product's memory unless ``keep``) and the two ends (the low one in E's memory); narrower
+    scratch arrays are views of memory no longer needed at that point.
     """
-    if signed is None:
-        signed = _gemm(plan.left[rows], plan.right)  # BLAS: any order, any threads (SPEC 3.2)
-        signed *= sign * plan.scale
+    shape = base.shape
+    if product is None:
+        product = _gemm(plan.left[rows], plan.right, workspace.get("product", shape, float64))  # any order (SPEC 3.2)
+        product *= plan.scale
+    dtype = base.dtype
+    low = workspace.get("low", shape, float64)
+    high = workspace.get("high", shape, float64)
+    wide = base if dtype == float32 else widen_to_float32(base, narrow_view(low, float32))
+    y = workspace.get("sum", shape, float64) if keep else product
+    undecided = workspace.get("undecided", shape, np.dtype(bool))
     with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved below
-        y = np.add(base, signed, dtype=float64)
-        bound = np.multiply.outer(plan.left_norms[rows], plan.right_norms)
-        spread = np.abs(y)
-        spread *= plan.spread
-        bound += spread
-        np.subtract(y, bound, out=spread)
-        low = _round_end(spread, base.dtype)
-        np.add(y, bound, out=spread)
-        high = _round_end(spread, base.dtype)
-    # y = 0 (an exact zero's sign needs the exact sum) is undecided here: the bound is > 0, so the ends
-    # round to −0 and +0 or beyond; so is y = ±inf (the low end is inf − inf = NaN). NaN is not.
-    undecided = bits_of(low) != bits_of(high)
-    nan = np.isnan(y)
-    if nan.any():
-        undecided |= nan  # W = NaN: kept bit for bit (the rule in _resolve_exactly)
+        (np.add if sign > 0 else np.subtract)(wide, product, out=y)
+        np.multiply.outer(plan.left_norms[rows], plan.right_norms, out=low)
+        np.abs(y, out=high)
+        if dtype == float32:
+            nan = bool(np.isnan(high.max(initial=0.0)))  # max propagates NaN: one reduction, not a mask
+        else:
+            smallest = float(high.min(initial=math.inf))  # NaN: compares false below
+        high *= plan.spread
+        low += high  # E
+        if dtype == float32:
+            np.add(y, low, out=high)
+            np.subtract(y, low, out=low)
+            high32 = narrow_view(y, float32)  # y is not needed any more
+            np.copyto(high32, high, casting="unsafe")
+            np.copyto(out, low, casting="unsafe")
+            np.not_equal(out.view(np.uint32), high32.view(np.uint32), out=undecided)
+            if nan:  # NaN casts to NaN at both ends, with the same bits
+                undecided |= np.isnan(high32)
+        else:
+            # |y| ≥ 2^(e_min+1) and E ≤ |y|/4 everywhere: every end has |end| ≥ 2^e_min (so no rounded 0)
+            normal = smallest >= 2 * SMALLEST_NORMAL[dtype] and 4 * float(low.max(initial=0.0)) <= smallest
+            np.add(y, low, out=high)
+            np.subtract(y, low, out=low)
+            round_to_grid(high, dtype, y, normal=normal)
+            round_to_grid(low, dtype, y, normal=normal)
+            np.not_equal(low, high, out=undecided)  # NaN ends differ from everything
+            if not normal and not low.all():
+                undecided |= low == 0
+            store_exact(low, out, y)  # y (the rounding's scratch) is not needed any more
     if undecided.any():
-        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), low)
-    return low, signed
+        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), out)
+    return out, product if keep else None
 
 
 # -- one block of a weight: merge, unmerge, residual ---------------------------------------------------
@@ -448,12 +499,17 @@ class _Step:
     plan: _Product | None
     sign: float
 
-    def apply(self, rows: slice, block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used: sign·fl(s·L R) for the
-        correctly rounded evaluation, the fixed-order Δ otherwise, None for a custom map)."""
+    def apply(self, rows: slice, block: np.ndarray, workspace: _Workspace, out: np.ndarray,
+              keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(block ± Δ[rows] rounded into block's dtype, the float64 Δ it used if ``keep``: fl(s·L R) for
+        the correctly rounded evaluation, the signed fixed-order Δ otherwise, None for a custom map).
+
+        The correctly rounded evaluation writes ``out`` (an array like block, not block itself)
+        and returns it; the others return a new array."""
         if self.plan is not None:
-            value, signed = _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), self.sign)
-            return value.reshape(block.shape), signed
+            value, product = _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), self.sign, workspace,
+                                          out.reshape(block.shape[0], -1), keep=keep)
+            return value.reshape(block.shape), product
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf − inf, NaN casts: on purpose
             wide = block.astype(float64)
             custom = getattr(self.delta, "merge_block" if self.sign > 0 else "unmerge_block", None)
@@ -462,25 +518,30 @@ class _Step:
             d = self.delta.block(rows)
             return round_to(wide + d if self.sign > 0 else wide - d, block.dtype), d
 
-    def undo(self, rows: slice, block: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
+    def undo(self, rows: slice, block: np.ndarray, delta64: np.ndarray | None, workspace: _Workspace,
+             out: np.ndarray) -> np.ndarray:
         """The opposite step on ``block`` (what :meth:`apply` made), reusing its float64 Δ."""
-        if signed is None:
-            return _Step(self.delta, None, -self.sign).apply(rows, block)[0]
+        if delta64 is None:
+            return _Step(self.delta, None, -self.sign).apply(rows, block, workspace, out)[0]
         if self.plan is not None:
-            return _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), -self.sign, -signed)[0].reshape(block.shape)
+            return _rounded_sum(self.plan, rows, block.reshape(block.shape[0], -1), -self.sign, workspace,
+                                out.reshape(block.shape[0], -1), delta64)[0].reshape(block.shape)
         with np.errstate(invalid="ignore", over="ignore"):
             wide = block.astype(float64)
-            return round_to(wide - signed if self.sign > 0 else wide + signed, block.dtype)
+            return round_to(wide - delta64 if self.sign > 0 else wide + delta64, block.dtype)
 
 
 def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, flat_row: int,
-                 index_dtype: np.dtype) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    """(merged block, (flat indices, original values) where unmerge misses W, in exact mode)."""
-    merged, delta64 = step.apply(rows, original)
+                 index_dtype: np.dtype, workspace: _Workspace,
+                 out: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """(merged block, (flat indices, original values) where unmerge misses W, in exact mode).
+
+    ``out`` (like original, not original) may receive the merged block (:meth:`_Step.apply`)."""
+    merged, delta64 = step.apply(rows, original, workspace, out, keep=exact)
     if not exact:
         return merged, None
-    restored = step.undo(rows, merged, delta64)
-    missed = bits_of(restored) != bits_of(original)
+    restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
+    missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
     positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
     flat = positions.astype(np.int64) + rows.start * flat_row
     return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
@@ -488,7 +549,13 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
 
 def _patch(block: np.ndarray, residual: Residual, rows: slice, flat_row: int) -> None:
     """Write the residual's values that fall in W[rows] into ``block`` (indices strictly increasing)."""
-    lo, hi = np.searchsorted(residual.indices, [rows.start * flat_row, rows.stop * flat_row])
+    if not residual.count:
+        return
+    # queries in the indices' own dtype: mixed dtypes would convert (copy) all the indices on every block;
+    # "≤ stop − 1" rather than "< stop", since stop may be 2^32 for uint32 indices
+    first, last = np.array([rows.start * flat_row, rows.stop * flat_row - 1], dtype=residual.indices.dtype)
+    lo = int(np.searchsorted(residual.indices, first, side="left"))
+    hi = int(np.searchsorted(residual.indices, last, side="right"))
     if hi > lo:
         block.reshape(-1)[residual.indices[lo:hi].astype(np.int64) - rows.start * flat_row] = residual.values[lo:hi]
 
@@ -501,14 +568,15 @@ class MergeResult:
     residual: Residual | None
 
 
-def _collect(parts: list, W: np.ndarray, delta: DeltaSource, semantics: str, digest: bool, result: np.ndarray) -> Residual:
+def _collect(parts: list, W: np.ndarray, delta: DeltaSource, semantics: str, digest: bool, result: np.ndarray,
+             delta_digest: str | None = None) -> Residual:
     index_dtype = residual_index_dtype(W.size)
     return Residual(
         indices=np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, index_dtype),
         values=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, W.dtype),
         shape=tuple(W.shape),
         merged_digest=digest_arrays(result) if digest else None,
-        delta_digest=digest_arrays(*delta.factors()),
+        delta_digest=digest_arrays(*delta.factors()) if delta_digest is None else delta_digest,
         semantics=semantics,
     )
 
@@ -543,8 +611,10 @@ def merge(
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
-    def merge_rows(rows: slice) -> tuple[np.ndarray, np.ndarray] | None:
-        merged, found = _merge_block(step, rows, np.array(W[rows]), exact, flat_row, index_dtype)  # copy: out may alias W
+    def merge_rows(rows: slice, workspace: _Workspace) -> tuple[np.ndarray, np.ndarray] | None:
+        block = np.ascontiguousarray(W[rows])  # read fully before ``result[rows]`` is written (out may alias W)
+        merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
+                                     workspace.get("merged", block.shape, W.dtype))
         result[rows] = merged
         return found
 
@@ -582,8 +652,9 @@ def unmerge(
     flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
-    def unmerge_rows(rows: slice) -> None:
-        block = step.apply(rows, np.array(W_merged[rows]))[0]  # a copy: ``out`` may alias W_merged
+    def unmerge_rows(rows: slice, workspace: _Workspace) -> None:
+        block = np.ascontiguousarray(W_merged[rows])  # read fully before ``result[rows]`` is written
+        block = step.apply(rows, block, workspace, workspace.get("merged", block.shape, W_merged.dtype))[0]
         if residual is not None:
             _patch(block, residual, rows, flat_row)
         result[rows] = block
@@ -607,7 +678,10 @@ def switch(
     :func:`unmerge` and :func:`merge` calls give, without their intermediate full-size arrays.
 
     The caller validates the deltas (shapes, finiteness) and the residuals
-    (:func:`check_residual`) first; residuals here carry no merged-weight checksum.
+    (:func:`check_residual`) first. The residuals made here carry no checksum at all (their
+    ``delta_digest`` is :data:`IN_MEMORY`, which :func:`check_residual` refuses): they stay with
+    the caller that owns W and the deltas (:class:`~lora_ref.ledger.MergeLedger`), so a switch
+    hashes nothing.
     """
     W = np.asarray(W)
     flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
@@ -615,15 +689,17 @@ def switch(
     undo_steps = [(_Step(d, _product(d, W.dtype, r.semantics if r is not None else semantics), -1.0), r) for d, r in undo]
     do_steps = [_Step(d, _product(d, W.dtype, semantics), 1.0) for d in do]
 
-    def switch_rows(rows: slice) -> list:
-        block = np.array(W[rows])
+    def switch_rows(rows: slice, workspace: _Workspace) -> list:
+        block = np.ascontiguousarray(W[rows])
+        names = iter(("ping", "pong") * (len(undo_steps) + len(do_steps)))  # each step's output is not its input
         for step, residual in undo_steps:
-            block = step.apply(rows, block)[0]
+            block = step.apply(rows, block, workspace, workspace.get(next(names), block.shape, W.dtype))[0]
             if residual is not None:
                 _patch(block, residual, rows, flat_row)
         found = []
         for step in do_steps:
-            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype)
+            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
+                                       workspace.get(next(names), block.shape, W.dtype))
             found.append(part)
         W[rows] = block
         return found
@@ -631,7 +707,7 @@ def switch(
     per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
     if not exact:
         return [None] * len(do)
-    return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W) for k, d in enumerate(do)]
+    return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W, IN_MEMORY) for k, d in enumerate(do)]
 
 
 def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource) -> None:
@@ -643,6 +719,9 @@ def check_residual(residual: Residual, W_merged: np.ndarray, delta: DeltaSource)
             f"not {W_merged.dtype} {tuple(W_merged.shape)}"
         )
     check_semantics(residual.semantics, f"{where} residual")
+    if residual.delta_digest == IN_MEMORY:
+        raise ResidualMismatchError(f"{where}: the residual was made by an in-memory switch and carries no checksums; "
+                                    "unmerge through the MergeLedger that holds it")
     if residual.delta_digest != digest_arrays(*delta.factors()):
         raise ResidualMismatchError(f"{where}: residual was made with another adapter (delta checksum differs)")
     if residual.merged_digest is not None and residual.merged_digest != digest_arrays(W_merged):

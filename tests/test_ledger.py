@@ -253,3 +253,31 @@ def test_lora_bias_merged_into_base_bias_and_restored() -> None:
     assert np.array_equal(bits_of(weights["blocks.0.attn.q_proj.bias"]), bits_of(want))
     ledger.unmerge(adapter)
     assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
+
+
+def test_factors_changed_in_place_after_merge_refused() -> None:
+    """The ledger keeps a copy of each merged delta's factors (no digest per switch): an adapter whose
+    arrays were edited in place since the merge is refused, one bit flipped is enough, and the
+    in-memory residuals (no checksums) cannot unmerge through the file path either."""
+    from lora_ref.errors import ResidualMismatchError
+    from lora_ref.merge import IN_MEMORY, unmerge
+
+    weights, (a, _, _) = _setup()
+    ledger = MergeLedger(weights)
+    ledger.merge(a)
+    module = next(iter(a.modules.values()))
+    bits = module.A.view(BITS_VIEW[module.A.dtype])
+    bits.reshape(-1)[0] ^= 1
+    before = snapshot(weights)
+    with pytest.raises(MergeStateError, match="not the one that was merged"):
+        ledger.unmerge(a)
+    assert all(np.array_equal(bits_of(weights[k]), bits_of(before[k])) for k in weights)
+    bits.reshape(-1)[0] ^= 1
+    key, stack = next((k, s) for k, s in ledger._stacks.items() if s)
+    residual = stack[-1].residual
+    assert residual.delta_digest == IN_MEMORY
+    delta = delta_for(a, next(m for m in a.modules if key.startswith(m)))
+    with pytest.raises(ResidualMismatchError, match="in-memory switch"):
+        unmerge(weights[key], delta, residual=residual)
+    ledger.unmerge(a)
+    assert not ledger.merged

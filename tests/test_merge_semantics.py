@@ -193,10 +193,11 @@ def test_any_product_within_the_bound_gives_the_same_bits(monkeypatch: pytest.Mo
     rng = np.random.default_rng(0)
     real_gemm = merge_module._gemm
 
-    def perturbed(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        product = real_gemm(left[:, ::-1].copy(), right[::-1].copy())
-        magnitude = real_gemm(np.abs(left), np.abs(right))
-        return product + magnitude * rng.uniform(-1, 1, product.shape) * (left.shape[1] * 2.0**-53)
+    def perturbed(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndarray:
+        product = real_gemm(left[:, ::-1].copy(), right[::-1].copy(), np.empty_like(out))
+        magnitude = real_gemm(np.abs(left), np.abs(right), np.empty_like(out))
+        out[...] = product + magnitude * rng.uniform(-1, 1, product.shape) * (left.shape[1] * 2.0**-53)
+        return out
 
     monkeypatch.setattr(merge_module, "_gemm", perturbed)
     for block_bytes in (8 * 96 * 3, 10**7):
@@ -377,3 +378,26 @@ def test_zero_delta_leaves_every_bit_including_zeros(dtype: str) -> None:
                   LinearDelta(round_to(rng.normal(size=(4, 40)), t), round_to(rng.normal(size=(64, 4)), t), 0.0)):
         result = merge(W, delta, exact=True)
         assert np.array_equal(bits_of(result.weight), bits_of(W)) and result.residual.count == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0 / 3.0, 0.1, 3e30])
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_exact_resolution_alone_is_correctly_rounded(monkeypatch: pytest.MonkeyPatch, dtype: str, scale: float) -> None:
+    """Every element through the exact resolution (the bound's relative term inflated to 2^-8, so no
+    element is decided by the fast test): the one-element paths (exact products, Dekker's product
+    for a scale that is not a power of two, integers for float64 factors) against the oracle."""
+    monkeypatch.setattr(merge_module, "_U64", 2.0**-10)
+    t = resolve_dtype(dtype)
+    for wide_factors in (False, True):
+        W, delta = _random_case(dtype, rows=6, cols=5)
+        if wide_factors:
+            delta = LinearDelta(delta.A.astype(float64), delta.B.astype(float64), scale, module="m")
+        else:
+            delta = LinearDelta(delta.A, delta.B, scale, module="m")
+        W = W.copy()
+        W.reshape(-1)[:3] = np.array([0.0, -0.0, np.inf]).astype(t)
+        L, R = delta.rank_factors()
+        with np.errstate(over="ignore"):
+            got = merge(W, delta).weight
+            want = oracle_merge(W, L.astype(float64), R.astype(float64), scale)
+        assert np.array_equal(bits_of(got), bits_of(want)), (dtype, scale, wide_factors)
