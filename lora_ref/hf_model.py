@@ -23,15 +23,19 @@ to safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .adapter import Adapter
 from .atomic import copy_file_atomic, staged_folder, transaction
 from .checkpoint import CheckpointReport, merge_checkpoint, unmerge_checkpoint
 from .errors import FileFormatError, UnsafeFileError
+from .safetensors_io import SafetensorsFile, TensorInfo
 from .sharded import INDEX_SUFFIX, check_folder_output, merge_sharded, read_index, unmerge_sharded
 
 WEIGHTS_FILE = "model.safetensors"
@@ -120,6 +124,55 @@ def model_dir(path: str | os.PathLike[str]) -> ModelDir | None:
             else:
                 skipped.append(f"{entry.name} ({reason})")
     return ModelDir(path=path, weights=weights, files=tuple(files), skipped=tuple(skipped))
+
+
+def weight_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The .safetensors files of a checkpoint given as one file, a sharded index or a model directory."""
+    model = model_dir(path)
+    weights = model.weights if model else Path(path)
+    if weights.name.endswith(INDEX_SUFFIX):
+        index = read_index(weights)
+        return [index.shard_path(shard) for shard in index.shards]
+    return [weights]
+
+
+class CheckpointTensors(Mapping):
+    """Every tensor of a checkpoint (one file, a sharded index or a model directory), read only when asked.
+
+    A context manager: the files stay open (memory-mapped by :class:`SafetensorsFile`) until it exits.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.files = weight_files(path)
+        self._stack = contextlib.ExitStack()
+        try:
+            handles = [self._stack.enter_context(SafetensorsFile(file)) for file in self.files]
+        except BaseException:
+            self._stack.close()
+            raise
+        self._where = {key: handle for handle in handles for key in handle.keys()}
+
+    def __enter__(self) -> CheckpointTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def info(self, key: str) -> TensorInfo:
+        """dtype, shape and byte size of ``key`` without reading it."""
+        return self._where[key].tensors[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key].get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _write_dir(

@@ -262,6 +262,31 @@ def test_base_weights_from_safetensors_file(tmp_path):
     assert {s[0].found_by for s in sites.values()} == {"value match"}
 
 
+@pytest.mark.parametrize("layout", ["model dir", "sharded index", "sharded model dir"])
+def test_base_weights_from_a_model_directory_or_sharded_checkpoint(tmp_path, layout):
+    """A Hugging Face model directory or a sharded index finds the same sites by value as the flat file."""
+    import json
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    if layout == "model dir":
+        save_file(folder / "model.safetensors", MLP.weights)
+        given = folder
+    else:  # one tensor per shard
+        names = sorted(MLP.weights)
+        shard = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
+        for name in names:
+            save_file(folder / shard[name], {name: MLP.weights[name]})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shard}))
+        given = folder if layout == "sharded model dir" else folder / "model.safetensors.index.json"
+    adapter = models.random_adapter(MLP, 2)
+    graph, sites = build_graph(_anonymous(MLP.onnx), [adapter], "merged", base_weights=given)
+    want, _ = build_graph(_anonymous(MLP.onnx), [adapter], "merged", base_weights=MLP.weights)
+    assert {s[0].found_by for s in sites.values()} == {"value match"}
+    assert graph.SerializeToString() == want.SerializeToString()
+
+
 def test_non_finite_adapter_is_refused_in_every_mode(tmp_path):
     from lora_ref.errors import NonFiniteError
 

@@ -170,3 +170,15 @@ def test_an_output_folder_holding_a_carried_name_is_refused_before_any_work(worl
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "mine"
     done = cli("merge", str(base), str(tmp / "ad"), "--in-place", "--residual", str(tmp / "r.safetensors"))
     assert done.returncode == 2 and "--in-place is not offered for model directories" in done.stderr
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "sharded index"])
+def test_inspect_base_accepts_a_model_directory_and_a_sharded_index(world, layout: str) -> None:
+    tmp, weights = world
+    base = _model(tmp / "base", weights, sharded=layout != "single")
+    given = base / INDEX_FILE if layout == "sharded index" else base
+    reports = [json.loads(cli("inspect", str(tmp / "ad"), "--base", str(b), "--json", "-").stdout)
+               for b in (tmp / "flat.safetensors", given)]
+    targeted = json.loads((tmp / "ad" / "adapter_config.json").read_text())["target_modules"]
+    assert reports[1]["targeted_base_bytes"] == reports[0]["targeted_base_bytes"] > 0 and targeted
+    assert reports[1]["targeted_base_bytes"] == sum(weights[f"{m['module']}.weight"].nbytes for m in reports[1]["modules"])

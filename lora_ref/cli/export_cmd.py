@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"],
                    help="merged: weights replaced; dynamic: adapters fed as inputs; batched: adapter banks + per-row adapter_index")
     p.add_argument("-o", "--output", help="ONNX file to write (not with --triton-repo)")
-    p.add_argument("--base-weights", help="base .safetensors: find weights by value when names and metadata do not")
+    p.add_argument("--base-weights", help="base checkpoint (.safetensors, a sharded index or a model directory): find weights "
+                                        "by value when names and metadata do not")
     p.add_argument("--adapter-out", help="dynamic mode: write one <adapter>.onnx_adapter per adapter into this directory")
     p.add_argument("--max-rank", type=int, help="static, zero-padded rank (dynamic: for TensorRT/CUDA graphs; batched: bank width)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage/compute dtype of the graph")
@@ -113,7 +114,7 @@ def _reading(args: argparse.Namespace) -> PathGuard:
     """The path guard with everything an export reads: the graph, its external data, base weights, adapters."""
     from lora_ref.export.graphio import external_data_files
 
-    guard = PathGuard(overwrite=args.overwrite).read("model", args.model).read("base weights", args.base_weights)
+    guard = PathGuard(overwrite=args.overwrite).read("model", args.model).read_checkpoint("base weights", args.base_weights)
     graph = Path(args.model)
     if graph.is_dir():  # an onnxruntime-genai model folder: its decoder graph and every file beside it
         from lora_ref.export.genai import model_file
