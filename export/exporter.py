@@ -34,7 +34,8 @@ from .editing import check_exportable, check_fits
 from .errors import ExportConfigError, GraphTargetNotFoundError, UnsupportedGraphError
 from .fp16 import to_float16
 from .fused import slot_groups, split_fused
-from .graphio import EXTERNAL_DATA_BYTES, check_graph, load_model, loadable_ir_version, make_loadable, save_model, tensor_bytes
+from .graphio import (EXTERNAL_DATA_BYTES, check_graph, drop_graph_inputs, legacy_initializer_inputs, load_model, loadable_ir_version,
+                      make_loadable, save_model, tensor_bytes)
 from .locate import GraphIndex, TargetSite, locate_targets
 from .merged import build_merged, carried_sites, check_graph_base_copies
 from .names import FUSED, part_modules, read_layouts, strip_prefix
@@ -175,6 +176,7 @@ def build_graph(
                 done.append("quantized base kept bit for bit, float LoRA branch beside it")
             if done:
                 notes.setdefault(m, "; ".join(done))
+    drop_graph_inputs(graph, legacy_initializer_inputs(model))  # base weights are not overridable inputs at IR >= 4
     make_loadable(graph)
     return graph, sites
 
