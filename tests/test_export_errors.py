@@ -298,16 +298,6 @@ def test_non_finite_adapter_is_refused_in_every_mode(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_progress_on_large_graphs(tmp_path, capsys, monkeypatch):
-    from lora_ref.cli import export_cmd
-
-    model, dirs = _cli_fixture(tmp_path)
-    monkeypatch.setattr(export_cmd, "PROGRESS_MIN_BYTES", 0)  # treat the tiny graph as large
-    assert cli_main(["export", str(model), dirs[0], "--mode", "dynamic", "-o", str(tmp_path / "d.onnx")]) == 0
-    err = capsys.readouterr().err
-    assert "2/2 fc2" in err and "#" in err
-
-
 def test_weight_shared_by_two_scoped_modules_gets_lora_only_in_its_own():
     """With name scopes, a module's LoRA goes only on that module's nodes, even if the weight is shared."""
     graph = onnx.ModelProto.FromString(BLOCK.onnx.SerializeToString())

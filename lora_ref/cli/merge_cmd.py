@@ -49,7 +49,7 @@ from ..safetensors_io import SafetensorsFile
 from ..sharded import INDEX_SUFFIX, merge_sharded, read_index, unmerge_sharded
 from . import gguf_cmd
 from .paths import PathGuard, add_overwrite_option
-from .progress import Progress
+from .progress import Progress, progress_line
 from .report import add_json_option, emit_report, json_file, unmerge_mode
 
 
@@ -101,16 +101,6 @@ def _progress(args: argparse.Namespace, label: str, path: str, adapter) -> Progr
         with SafetensorsFile(file) as handle:
             sizes.update({key: handle.tensors[key].nbytes for key in targets if key in handle})
     return Progress(label, sizes)
-
-
-@contextlib.contextmanager
-def _progress_line(progress: Progress | None):
-    """The progress line is ended before anything else is printed, whether the work succeeds or not."""
-    try:
-        yield progress
-    finally:
-        if progress is not None:
-            progress.close()
 
 
 @dataclass(frozen=True)
@@ -214,7 +204,7 @@ def run_merge(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter)
     for file, stack, _ in _records(source.weights, None):
         check_merge(stack, adapter_digest(adapter), file, force=args.force)
-    with _progress_line(_progress(args, "merge", source.weights, adapter)) as progress:
+    with progress_line(_progress(args, "merge", source.weights, adapter)) as progress:
         report = _merge(args, adapter, source, progress)
     _skipped_note(source)
     elements = sum(report.merged.values())
@@ -267,7 +257,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
     notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
                            force=args.force, residual_merge_id=merge_id)
              for file, stack, merge_id in _records(source.weights, args.residual)}
-    with _progress_line(_progress(args, "unmerge", source.weights, adapter)) as progress:
+    with progress_line(_progress(args, "unmerge", source.weights, adapter)) as progress:
         report = _unmerge(args, adapter, source, progress)
     _skipped_note(source)
     kind, mode = unmerge_mode(args.residual is not None, report.verified)
