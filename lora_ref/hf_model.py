@@ -175,20 +175,15 @@ class CheckpointTensors(Mapping):
         return len(self._where)
 
 
-def _write_dir(
-    model: ModelDir,
-    out_dir: str | os.PathLike[str],
-    residual: str | os.PathLike[str] | None,
-    single: Callable[[Path, Path, Path | None], CheckpointReport],
-    sharded: Callable[..., CheckpointReport],
-) -> CheckpointReport:
-    """The weights (by ``single`` or ``sharded``) and the carried files, into ``out_dir`` all together."""
+def _write_dir(model: ModelDir, adapter: Adapter, out_dir: str | os.PathLike[str], residual: str | os.PathLike[str] | None,
+               single: Callable[..., CheckpointReport], sharded: Callable[..., CheckpointReport], options: dict) -> CheckpointReport:
+    """The weights (by the one-file ``single`` or the per-shard ``sharded`` step) and the carried files, into ``out_dir`` all together."""
     if model.sharded:
-        return sharded(model.weights, out_dir, residual_dir=residual, extra_files=model.files)
+        return sharded(model.weights, adapter, out_dir, residual_dir=residual, extra_files=model.files, **options)
     out_dir = Path(out_dir)
     check_folder_output(model.path, out_dir, [WEIGHTS_FILE, *(f.name for f in model.files)])
     with transaction(), staged_folder(out_dir) as staged:
-        report = single(model.weights, staged / WEIGHTS_FILE, None if residual is None else Path(residual))
+        report = single(model.weights, adapter, staged / WEIGHTS_FILE, residual_path=residual, **options)
         for source in model.files:
             copy_file_atomic(source, staged / source.name)
     return report
@@ -208,13 +203,7 @@ def merge_model_dir(
     sharded one, as for :func:`merge_checkpoint` and :func:`lora_ref.sharded.merge_sharded`;
     ``options`` are theirs (dtype, allow_nonfinite, progress, block_bytes).
     """
-    def single(base: Path, out: Path, res: Path | None) -> CheckpointReport:
-        return merge_checkpoint(base, adapter, out, residual_path=res, **options)
-
-    def sharded(index: Path, out: str | os.PathLike[str], **kwargs) -> CheckpointReport:
-        return merge_sharded(index, adapter, out, **kwargs, **options)
-
-    return _write_dir(model, out_dir, residual, single, sharded)
+    return _write_dir(model, adapter, out_dir, residual, merge_checkpoint, merge_sharded, options)
 
 
 def unmerge_model_dir(
@@ -226,10 +215,4 @@ def unmerge_model_dir(
     **options,
 ) -> CheckpointReport:
     """Unmerge ``adapter`` from a merged model directory into ``out_dir`` (exact with the merge's ``residual``)."""
-    def single(merged: Path, out: Path, res: Path | None) -> CheckpointReport:
-        return unmerge_checkpoint(merged, adapter, out, residual_path=res, **options)
-
-    def sharded(index: Path, out: str | os.PathLike[str], **kwargs) -> CheckpointReport:
-        return unmerge_sharded(index, adapter, out, **kwargs, **options)
-
-    return _write_dir(model, out_dir, residual, single, sharded)
+    return _write_dir(model, adapter, out_dir, residual, unmerge_checkpoint, unmerge_sharded, options)

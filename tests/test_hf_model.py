@@ -75,11 +75,14 @@ def test_model_directory_merges_into_a_loadable_directory_and_unmerges_to_the_or
     tmp, weights = world
     base = _model(tmp / "base", weights, sharded=sharded)
     residual = tmp / ("res" if sharded else "res.safetensors")  # one residual per shard, in a folder, when sharded
-    done = cli("merge", str(base), str(tmp / "ad"), "-o", str(tmp / "merged"), "--residual", str(residual))
+    done = cli("merge", str(base), str(tmp / "ad"), "-o", str(tmp / "merged"), "--residual", str(residual),
+               "--json", str(tmp / "merge.json"))
     assert done.returncode == 0, done.stderr
     for name, why in NOT_CARRIED.items():
         assert f"{name} ({why}" in done.stderr
     assert "original (a folder)" in done.stderr
+    report = json.loads((tmp / "merge.json").read_text())
+    assert report["copied"] == sorted(CARRIED) and len(report["not_copied"]) == len(NOT_CARRIED) + 1
     out = tmp / "merged"
     weight_files = sorted(p.name for p in base.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
     weight_files.remove("consolidated.safetensors")

@@ -162,6 +162,13 @@ def _guard(source: _Checkpoint, label: str, outputs: dict[str, str | None], resi
     guard.write("JSON report", json_file(args)).check()
 
 
+def _model_files(source: _Checkpoint) -> dict:
+    """For a model directory, the report's ``copied`` (file names) and ``not_copied`` ("name (why)") lists."""
+    if source.model is None:
+        return {}
+    return {"copied": [f.name for f in source.model.files], "not_copied": list(source.model.skipped)}
+
+
 def _skipped_note(source: _Checkpoint) -> None:
     """Say, on stderr, which files of a model directory are not carried into the output (lora_ref.hf_model)."""
     if source.model and source.model.skipped:
@@ -221,6 +228,7 @@ def run_merge(args: argparse.Namespace) -> int:
         "residual": None if not args.residual else {
             "path": args.residual, "elements": sum(report.residual_counts.values()), "bytes": report.residual_bytes,
             "per_tensor": report.residual_counts},
+        **_model_files(source),
     }, line)
     return 0
 
@@ -271,6 +279,7 @@ def run_unmerge(args: argparse.Namespace) -> int:
         "command": "unmerge", "merged": args.merged, "adapter": args.adapter, "output": args.merged if args.in_place else args.output,
         "in_place": args.in_place, "residual": args.residual, "mode": kind, "verified": report.verified,
         "tensors_written": report.tensors_written, "unmerged": report.merged, "elements": sum(report.merged.values()),
+        **_model_files(source),
     }, f"unmerged {len(report.merged)} tensors {mode} into {where}")
     return 0
 
