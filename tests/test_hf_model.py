@@ -185,3 +185,28 @@ def test_inspect_base_accepts_a_model_directory_and_a_sharded_index(world, layou
     targeted = json.loads((tmp / "ad" / "adapter_config.json").read_text())["target_modules"]
     assert reports[1]["targeted_base_bytes"] == reports[0]["targeted_base_bytes"] > 0 and targeted
     assert reports[1]["targeted_base_bytes"] == sum(weights[f"{m['module']}.weight"].nbytes for m in reports[1]["modules"])
+
+
+@pytest.mark.parametrize("command, missing", [  # each command, each lack twice
+    ("merge", "adapter_config.json"), ("unmerge", "adapter_model.safetensors"), ("export", "both"),
+    ("convert-adapters", "adapter_config.json"), ("combine", "adapter_model.safetensors"), ("inspect", "both")])
+def test_every_command_says_what_an_adapter_directory_lacks(world, command: str, missing: str) -> None:
+    tmp, _ = world
+    folder = tmp / "half"
+    folder.mkdir()
+    for name in {"adapter_config.json", "adapter_model.safetensors"} - ({"adapter_config.json", "adapter_model.safetensors"}
+                                                                       if missing == "both" else {missing}):
+        (folder / name).write_bytes((tmp / "ad" / name).read_bytes())
+    base, ad, out, graph = str(tmp / "flat.safetensors"), str(folder), str(tmp / "out"), str(tmp / "g.onnx")
+    if command in ("export", "convert-adapters"):
+        from lora_ref.export.models import mlp
+
+        (tmp / "g.onnx").write_bytes(mlp().onnx.SerializeToString())
+    args = {"merge": ["merge", base, ad, "-o", out], "unmerge": ["unmerge", base, ad, "-o", out],
+            "export": ["export", graph, ad, "--mode", "merged", "-o", out],
+            "convert-adapters": ["convert-adapters", ad, "--graph", graph, "-o", out],
+            "combine": ["combine", ad, str(tmp / "ad"), "--method", "cat", "-o", out], "inspect": ["inspect", ad]}[command]
+    done = cli(*args)
+    says = "adapter_config.json and adapter_model.safetensors" if missing == "both" else missing
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"{folder}: not an adapter directory: missing {says};" in done.stderr and not (tmp / "out").exists()
