@@ -173,6 +173,8 @@ def test_an_output_folder_holding_a_carried_name_is_refused_before_any_work(worl
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "mine"
     done = cli("merge", str(base), str(tmp / "ad"), "--in-place", "--residual", str(tmp / "r.safetensors"))
     assert done.returncode == 2 and "--in-place is not offered for model directories" in done.stderr
+    done = cli("merge", str(base), str(tmp / "ad"), "-o", str(tmp / "merged.safetensors"))
+    assert done.returncode == 2 and "-o is a folder" in done.stderr and not (tmp / "merged.safetensors").exists()
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "sharded index"])

@@ -42,7 +42,7 @@ from ..atomic import atomic_path, scratch_path
 from ..checkpoint import checkpoint_targets, merge_checkpoint, unmerge_checkpoint
 from ..dtypes import STORAGE_DTYPES
 from ..checkpoint import RESIDUAL_META_KEY
-from ..errors import MergeStateError, OverwriteRefusedError
+from ..errors import ConfigError, MergeStateError, OverwriteRefusedError
 from ..hf_model import ModelDir, merge_model_dir, model_dir, unmerge_model_dir
 from ..provenance import adapter_digest, check_merge, check_unmerge, read_stack
 from ..safetensors_io import SafetensorsFile
@@ -122,9 +122,13 @@ class _Checkpoint:
         return self.model.output_names() if self.model else [*self.shards, Path(self.weights).name]
 
 
-def _checkpoint(path: str, in_place: bool) -> _Checkpoint:
-    """Resolve BASE / MERGED; --in-place is refused for sharded checkpoints and model directories."""
+def _checkpoint(path: str, in_place: bool, output: str | None) -> _Checkpoint:
+    """Resolve BASE / MERGED; --in-place is refused for sharded checkpoints and model directories, and so is
+    an -o that names a .safetensors file for a model directory (its output is a folder)."""
     model = model_dir(path)
+    if model is not None and output is not None and output.endswith(".safetensors"):
+        raise ConfigError(f"{output}: {path} is a model directory, so -o is a folder (the merged model directory); "
+                          f"for one weights file give {model.weights} as the checkpoint")
     weights = str(model.weights) if model else path
     shards = tuple(read_index(weights).shards) if weights.endswith(INDEX_SUFFIX) else ()
     if in_place and (model or shards):
@@ -199,7 +203,7 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.base.endswith(".gguf"):
         return gguf_cmd.run_merge_gguf(args)
     output = args.base if args.in_place else args.output
-    source = _checkpoint(args.base, args.in_place)
+    source = _checkpoint(args.base, args.in_place, args.output)
     if args.in_place:
         if not args.residual:
             raise OverwriteRefusedError(f"{args.base}: merge --in-place needs --residual: the exact residual is the way back")
@@ -259,7 +263,7 @@ def _merge(args: argparse.Namespace, adapter, source: _Checkpoint, progress: Pro
 def run_unmerge(args: argparse.Namespace) -> int:
     if args.merged.endswith(".gguf"):
         return gguf_cmd.run_unmerge_gguf(args)
-    source = _checkpoint(args.merged, args.in_place)
+    source = _checkpoint(args.merged, args.in_place, args.output)
     _guard(source, "merged checkpoint", {} if args.in_place else {"output": args.output}, args.residual, args.adapter, args)
     adapter = load_adapter(args.adapter)
     notes = {check_unmerge(stack, adapter_digest(adapter), file, exact=args.residual is not None, fast=args.fast,
