@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lora_ref.adapter import Adapter
@@ -29,8 +29,12 @@ from .runtime import header_only
 from .slots import slots_from_model
 
 
-def convert_adapters(adapters: Sequence[Adapter], graph: str | os.PathLike[str], output: str | os.PathLike[str]) -> dict:
-    """Write ``<output>/<adapter name>.onnx_adapter`` for each adapter; return a JSON-ready report."""
+def convert_adapters(adapters: Sequence[Adapter], graph: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Write ``<output>/<adapter name>.onnx_adapter`` for each adapter; return a JSON-ready report.
+
+    ``progress(name)`` is called as each adapter's file starts (the CLI's :class:`lora_ref.cli.progress.Progress`).
+    """
     output = Path(output)
     if output.exists():
         raise ExportConfigError(f"{output}: already exists; the output folder must be new")
@@ -49,6 +53,8 @@ def convert_adapters(adapters: Sequence[Adapter], graph: str | os.PathLike[str],
     report = {"graph": str(graph), "scheme": scheme, "adapters": {}}
     try:
         for name, tensors in converted.items():
+            if progress is not None:
+                progress(name)
             write_onnx_adapter(staging / f"{name}{SUFFIX}", tensors, slots)
             report["adapters"][name] = {"file": str(output / f"{name}{SUFFIX}"), "scheme": scheme, "tensors": len(tensors),
                                         "modules": sorted(next(a for a in adapters if a.name == name).modules)}

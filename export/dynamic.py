@@ -58,8 +58,9 @@ from onnx import helper, numpy_helper
 from lora_ref.kinds import kind_of
 
 from .editing import Namer, conv_with_base_geometry, detach_bias, dora_scale, factor_shapes, np_dtype, rename_output, splice
-from .errors import UnsupportedGraphError
+from .errors import ExportConfigError, UnsupportedGraphError
 from .fused import slot_groups
+from .graphio import default_opset
 from .locate import TargetSite
 from .names import magnitude_name, slot_names, write_layouts
 from .quantized import branch_site, float_type
@@ -86,6 +87,9 @@ def build_dynamic(
     weight share one branch (:mod:`lora_ref.export.fused`). The slot layout is recorded in the
     model's metadata.
     """
+    if default_opset(model) < 11:
+        raise ExportConfigError(f"a dynamic graph needs opset >= 11 (Flatten with a negative axis); the model has "
+                                f"{default_opset(model)}: convert it with onnx.version_converter first")
     out = copy.deepcopy(model)
     graph = out.graph
     namer = Namer(graph)

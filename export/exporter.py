@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from lora_ref.adapter import Adapter
 from lora_ref.atomic import transaction
 from lora_ref.dtypes import resolve_dtype
 from lora_ref.kinds import kind_of
-from lora_ref.safetensors_io import SafetensorsFile
+from lora_ref.hf_model import CheckpointTensors
 
 from .adapter_files import SUFFIX, adapter_tensors, write_onnx_adapter
 from .batched import build_batched
@@ -34,7 +34,8 @@ from .editing import check_exportable, check_fits
 from .errors import ExportConfigError, GraphTargetNotFoundError, UnsupportedGraphError
 from .fp16 import to_float16
 from .fused import slot_groups, split_fused
-from .graphio import EXTERNAL_DATA_BYTES, check_graph, load_model, loadable_ir_version, make_loadable, save_model, tensor_bytes
+from .graphio import (EXTERNAL_DATA_BYTES, check_graph, drop_graph_inputs, legacy_initializer_inputs, load_model, loadable_ir_version,
+                      make_loadable, save_model, tensor_bytes)
 from .locate import GraphIndex, TargetSite, locate_targets
 from .merged import build_merged, carried_sites, check_graph_base_copies
 from .names import FUSED, part_modules, read_layouts, strip_prefix
@@ -60,25 +61,6 @@ class ExportReport:
 
     def found_by(self) -> dict[str, str]:
         return {module: sites[0].found_by for module, sites in self.sites.items()}
-
-
-class _LazyTensors(Mapping):
-    """A read-only mapping over a safetensors file that reads a tensor only when asked."""
-
-    def __init__(self, handle: SafetensorsFile) -> None:
-        self.handle = handle
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.handle.get(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.handle
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.handle.keys())
-
-    def __len__(self) -> int:
-        return len(self.handle.keys())
 
 
 def build_graph(
@@ -194,16 +176,18 @@ def build_graph(
                 done.append("quantized base kept bit for bit, float LoRA branch beside it")
             if done:
                 notes.setdefault(m, "; ".join(done))
+    drop_graph_inputs(graph, legacy_initializer_inputs(model))  # base weights are not overridable inputs at IR >= 4
     make_loadable(graph)
     return graph, sites
 
 
 def _locate(model: onnx.ModelProto, modules: Sequence[str], base_weights, kinds: Mapping[str, str] | None,
             widths: Mapping[str, int] | None) -> dict[str, list[TargetSite]]:
-    """:func:`locate_targets` with ``base_weights`` a safetensors path (read lazily), a mapping or None."""
+    """:func:`locate_targets` with ``base_weights`` a checkpoint path (one .safetensors file, a sharded index or a
+    model directory, read lazily), a mapping or None."""
     if isinstance(base_weights, (str, os.PathLike)):
-        with SafetensorsFile(base_weights) as handle:
-            return locate_targets(model, modules, base_weights=_LazyTensors(handle), kinds=kinds, widths=widths)
+        with CheckpointTensors(base_weights) as tensors:
+            return locate_targets(model, modules, base_weights=tensors, kinds=kinds, widths=widths)
     return locate_targets(model, modules, base_weights=base_weights, kinds=kinds, widths=widths)
 
 

@@ -112,6 +112,26 @@ def loadable_ir_version(model: onnx.ModelProto, *, where: str = "model") -> int:
     return max(needed, min(model.ir_version, limits.ir_version), 4)  # IR 4: initializers as overridable inputs
 
 
+def legacy_initializer_inputs(model: onnx.ModelProto) -> set[str]:
+    """Initializers an IR < 4 model lists as graph inputs because IR 3 required it (not to be overridden).
+
+    Written at IR >= 4 they would be overridable inputs, which ONNX Runtime warns about once each
+    ("Initializer ... appears in graph inputs") and cannot constant-fold: :func:`drop_graph_inputs`
+    takes them out. An IR >= 4 model that lists an initializer as an input means it (kept).
+    """
+    if model.ir_version >= 4:
+        return set()
+    return {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
+
+
+def drop_graph_inputs(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the graph inputs named in ``names`` in place (their initializers stay)."""
+    if names:
+        kept = [i for i in model.graph.input if i.name not in names]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+
+
 def make_loadable(model: onnx.ModelProto, *, where: str = "model") -> onnx.ModelProto:
     """Set ``model.ir_version`` in place to :func:`loadable_ir_version` and return ``model``."""
     model.ir_version = loadable_ir_version(model, where=where)

@@ -175,7 +175,7 @@ def _not_an_adapter(directory: Path) -> str:
     """Why ``directory`` is not a PEFT adapter folder: which of its two files is missing, and what it looks like instead."""
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / n).exists()]
     model = next((n for n in ("model.safetensors", "model.safetensors.index.json") if (directory / n).exists()), None)
-    hint = (f"; it holds {model}: a model folder, not an adapter (give its {model} as the base checkpoint)" if model else
+    hint = (f"; it holds {model}: a model folder, not an adapter (give the folder as the base checkpoint)" if model else
             "; a PEFT adapter folder (save_pretrained) holds adapter_config.json and adapter_model.safetensors")
     return f"{directory}: not an adapter directory: missing {' and '.join(missing)}{hint}"
 

@@ -443,3 +443,24 @@ def _undo(log: list[tuple[str, Path, Path | None]]) -> list[Path]:
         except OSError:
             failed.append(path)
     return failed
+
+
+def copy_file_atomic(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Copy the bytes of the regular file ``source`` to ``target`` verbatim and atomically; the byte count.
+
+    Read through :func:`lora_ref.inputs.open_regular` (a FIFO or device is refused, never
+    opened for a blocking read) and written through :func:`write_at` in chunks of
+    :data:`WRITE_CHUNK`, so memory stays at one chunk whatever the file's size.
+    """
+    from .inputs import open_regular
+
+    copied = 0
+    with open_regular(source, "file to copy") as reader, atomic_path(target) as tmp:
+        out = OutputFile(tmp)
+        try:
+            while chunk := reader.read(WRITE_CHUNK):
+                out.write(chunk)
+                copied += len(chunk)
+        finally:
+            out.close()
+    return copied

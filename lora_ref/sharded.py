@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter import Adapter
-from .atomic import staged_folder, transaction, write_text_atomic
+from .atomic import copy_file_atomic, staged_folder, transaction, write_text_atomic
 from .checkpoint import CheckpointReport, base_key, checkpoint_targets, merge_checkpoint, unmerge_checkpoint
 from .errors import FileFormatError, LoraRefError, TargetNotFoundError
 from .jsonfile import read_json
@@ -97,14 +97,14 @@ def _same_folder(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-def _check_output(index: ShardedIndex, out_dir: Path, residual_dir: Path | None) -> None:
-    names = [*index.shards, index.path.name]
-    if _same_folder(out_dir, index.path.parent):
+def check_folder_output(input_dir: Path, out_dir: Path, names: Sequence[str], residual_dir: Path | None = None) -> None:
+    """Refuse an output folder that is the input's, a residual folder that is either, or names ``out_dir`` holds."""
+    if _same_folder(out_dir, input_dir):
         raise ShardedOutputError(f"{out_dir}: is the input checkpoint's folder; write the output elsewhere")
-    if residual_dir is not None and (_same_folder(residual_dir, out_dir) or _same_folder(residual_dir, index.path.parent)):
+    if residual_dir is not None and (_same_folder(residual_dir, out_dir) or _same_folder(residual_dir, input_dir)):
         raise ShardedOutputError(f"{residual_dir}: the residual folder must differ from the input and output folders "
                                  "(residuals are named like the shards)")
-    taken = [name for name in names if (out_dir / name).exists()]
+    taken = [name for name in names if os.path.lexists(out_dir / name)]
     if taken:
         raise ShardedOutputError(f"{out_dir}: already holds {', '.join(taken[:3])}; choose an empty or new folder")
 
@@ -126,13 +126,15 @@ def _per_shard(
     step: Callable[[Path, Adapter, Path, Path | None], CheckpointReport],
     *,
     write_residuals: bool,
+    extra_files: Sequence[Path] = (),
 ) -> CheckpointReport:
     index = read_index(index_path)
     missing = sorted(key for key in checkpoint_targets(adapter) if key not in index.weight_map)
     if missing:
         raise TargetNotFoundError(f"{index.path}: the adapter targets {len(missing)} weight(s) no shard holds: "
                                   f"{', '.join(missing[:5])}")
-    _check_output(index, Path(out_dir), None if residual_dir is None else Path(residual_dir))
+    check_folder_output(index.path.parent, Path(out_dir), [*index.shards, index.path.name, *(f.name for f in extra_files)],
+                        None if residual_dir is None else Path(residual_dir))
     total = CheckpointReport()
     with contextlib.ExitStack() as stack:
         stack.enter_context(transaction())  # both folders, or neither
@@ -157,6 +159,8 @@ def _per_shard(
         write_text_atomic(staged_out / index.path.name,
                           json.dumps({"metadata": metadata, "weight_map": index.weight_map}, indent=2, sort_keys=True)
                           + "\n")
+        for source in extra_files:  # a model directory's config, tokenizer, ... (lora_ref.hf_model)
+            copy_file_atomic(source, staged_out / source.name)
     return total
 
 
@@ -170,13 +174,17 @@ def merge_sharded(
     allow_nonfinite: bool = False,
     progress: Callable[[str], None] | None = None,
     block_bytes: int = BLOCK_BYTES,
+    extra_files: Sequence[Path] = (),
 ) -> CheckpointReport:
-    """Merge ``adapter`` into every shard; write shards + index to ``out_dir`` (residuals per shard)."""
+    """Merge ``adapter`` into every shard; write shards + index to ``out_dir`` (residuals per shard).
+
+    ``extra_files`` are copied verbatim into ``out_dir`` with the shards (all or nothing).
+    """
     def step(shard: Path, part: Adapter, out: Path, residual: Path | None) -> CheckpointReport:
         return merge_checkpoint(shard, part, out, residual_path=residual, dtype=dtype, allow_nonfinite=allow_nonfinite,
                                 progress=progress, block_bytes=block_bytes)
 
-    return _per_shard(index_path, adapter, out_dir, residual_dir, step, write_residuals=True)
+    return _per_shard(index_path, adapter, out_dir, residual_dir, step, write_residuals=True, extra_files=extra_files)
 
 
 def unmerge_sharded(
@@ -187,9 +195,10 @@ def unmerge_sharded(
     residual_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     block_bytes: int = BLOCK_BYTES,
+    extra_files: Sequence[Path] = (),
 ) -> CheckpointReport:
-    """Unmerge ``adapter`` from every shard (exactly, with the residual directory of the merge)."""
+    """Unmerge ``adapter`` from every shard (exactly, with the residual directory of the merge); ``extra_files`` as merge's."""
     def step(shard: Path, part: Adapter, out: Path, residual: Path | None) -> CheckpointReport:
         return unmerge_checkpoint(shard, part, out, residual_path=residual, progress=progress, block_bytes=block_bytes)
 
-    return _per_shard(index_path, adapter, out_dir, residual_dir, step, write_residuals=False)
+    return _per_shard(index_path, adapter, out_dir, residual_dir, step, write_residuals=False, extra_files=extra_files)

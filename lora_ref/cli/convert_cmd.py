@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..adapter import load_adapter
 from .paths import PathGuard, add_overwrite_option
+from .progress import Progress, progress_line
 from .report import add_json_option, emit_report, guard_report
 
 
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         guard.write(f"adapter file {name}{SUFFIX}", Path(args.output) / f"{name}{SUFFIX}")
     guard_report(guard, args).check()
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
-    report = convert_adapters(adapters, args.graph, args.output)
+    progress = None if args.quiet else Progress("convert-adapters", {a.name: a.nbytes() for a in adapters})
+    with progress_line(progress):
+        report = convert_adapters(adapters, args.graph, args.output, progress=progress)
     emit_report(args, report, [f"{name}: {entry['tensors']} tensors ({report['scheme']} names) -> {entry['file']}"
                                for name, entry in report["adapters"].items()])
     return 0

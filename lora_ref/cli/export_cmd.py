@@ -7,18 +7,13 @@ The exporter (``lora_ref.export``) imports onnx and onnxruntime; it is imported 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..adapter import load_adapter
 from ..errors import ConfigError
-from . import printable
 from .paths import PathGuard, add_overwrite_option
+from .progress import Progress, progress_line
 from .report import add_json_option, emit_report, guard_report
-
-#: Graphs whose initializers hold at least this many bytes get a progress line on stderr.
-PROGRESS_MIN_BYTES = 64 * 2**20
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", epilog="examples:\n  lora-ref export model.onnx my_adapter/ --mode merged -o merged.onnx\n  lora-ref export model.onnx en/ fr/ --mode batched -o batched.onnx --json -", help="write an ONNX graph with LoRA adapters: merged, dynamic or batched")
@@ -28,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", required=True, choices=["merged", "dynamic", "batched"],
                    help="merged: weights replaced; dynamic: adapters fed as inputs; batched: adapter banks + per-row adapter_index")
     p.add_argument("-o", "--output", help="ONNX file to write (not with --triton-repo)")
-    p.add_argument("--base-weights", help="base .safetensors: find weights by value when names and metadata do not")
+    p.add_argument("--base-weights", help="base checkpoint (.safetensors, a sharded index or a model directory): find weights "
+                                        "by value when names and metadata do not")
     p.add_argument("--adapter-out", help="dynamic mode: write one <adapter>.onnx_adapter per adapter into this directory")
     p.add_argument("--max-rank", type=int, help="static, zero-padded rank (dynamic: for TensorRT/CUDA graphs; batched: bank width)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage/compute dtype of the graph")
@@ -46,21 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _progress_printer(enabled: bool):
-    def progress(step: int, total: int, module: str) -> None:
-        width = 30
-        done = int(width * (step + 1) / max(total, 1))
-        print(f"\r  [{'#' * done}{'.' * (width - done)}] {step + 1}/{total} {printable(module)[:48]:<48}", end="", file=sys.stderr, flush=True)
-        if step + 1 == total:
-            print(file=sys.stderr)
-
-    return progress if enabled else None
+def _progress(args: argparse.Namespace) -> Progress | None:
+    """The stderr progress of an export, one step per targeted module (slot); None if quiet."""
+    return None if getattr(args, "quiet", False) else Progress(f"export {args.mode}", {})
 
 
 def run(args: argparse.Namespace) -> int:
     from lora_ref.export import export  # lazy: onnx / onnxruntime only when exporting
     from lora_ref.export.adapter_files import SUFFIX
-    from lora_ref.export.graphio import external_data_name, load_model, tensor_bytes
+    from lora_ref.export.graphio import external_data_name, load_model
 
     if (args.output is None) == (args.triton_repo is None):
         raise ConfigError("give exactly one of -o/--output and --triton-repo")
@@ -83,19 +73,19 @@ def run(args: argparse.Namespace) -> int:
     guard_report(guard, args).check()
     adapters = [load_adapter(d, name=name) for d, name in zip(args.adapters, names)]
     options = dict(base_weights=args.base_weights, max_rank=args.max_rank, dtype=args.dtype, requantize=args.requantize)
-    if Path(args.model).is_dir():
-        from lora_ref.export.genai import export_genai
+    if Path(args.model).is_dir() and args.adapter_out:
+        raise ConfigError("--adapter-out does not apply to a genai folder: its .onnx_adapter files go into the output folder")
+    with progress_line(_progress(args)) as progress:
+        step = progress.step if progress is not None else None
+        if Path(args.model).is_dir():
+            from lora_ref.export.genai import export_genai
 
-        if args.adapter_out:
-            raise ConfigError("--adapter-out does not apply to a genai folder: its .onnx_adapter files go into the output folder")
-        report = export_genai(args.model, adapters, args.mode, args.output, adapter_names=args.adapter_names or "genai",
-                              progress=_progress_printer(sys.stderr.isatty()), **options)
-    else:
-        model = load_model(args.model)
-        progress = _progress_printer(sys.stderr.isatty() or tensor_bytes(model) >= PROGRESS_MIN_BYTES)
-        report = export(model, adapters, args.mode, args.output, adapter_out=args.adapter_out,
-                        external_data=True if args.external_data else None, adapter_names=args.adapter_names or "peft",
-                        progress=progress, **options)
+            report = export_genai(args.model, adapters, args.mode, args.output, adapter_names=args.adapter_names or "genai",
+                                  progress=step, **options)
+        else:
+            report = export(load_model(args.model), adapters, args.mode, args.output, adapter_out=args.adapter_out,
+                            external_data=True if args.external_data else None, adapter_names=args.adapter_names or "peft",
+                            progress=step, **options)
     found = report.found_by()
     how = ", ".join(f"{count} by {way}" for way, count in sorted({w: list(found.values()).count(w) for w in found.values()}.items()))
     lines = [f"{args.mode} graph with {len(adapters)} adapter(s), {len(found)} module(s) ({how}) -> {report.output}"]
@@ -113,7 +103,7 @@ def _reading(args: argparse.Namespace) -> PathGuard:
     """The path guard with everything an export reads: the graph, its external data, base weights, adapters."""
     from lora_ref.export.graphio import external_data_files
 
-    guard = PathGuard(overwrite=args.overwrite).read("model", args.model).read("base weights", args.base_weights)
+    guard = PathGuard(overwrite=args.overwrite).read("model", args.model).read_checkpoint("base weights", args.base_weights)
     graph = Path(args.model)
     if graph.is_dir():  # an onnxruntime-genai model folder: its decoder graph and every file beside it
         from lora_ref.export.genai import model_file

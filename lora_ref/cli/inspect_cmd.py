@@ -8,7 +8,7 @@ from ..adapter import load_adapter
 from ..checkpoint import base_key
 from ..dtypes import dtype_name
 from ..errors import TargetNotFoundError
-from ..safetensors_io import SafetensorsFile
+from ..hf_model import CheckpointTensors
 from . import printable
 from .paths import PathGuard, add_overwrite_option
 from .report import add_json_option, emit_report, guard_report
@@ -17,7 +17,8 @@ from .report import add_json_option, emit_report, guard_report
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", epilog="example:\n  lora-ref inspect my_adapter/ --base base.safetensors --json -", help="per-module rank, alpha, scale, shapes and sizes of an adapter")
     p.add_argument("adapter", help="PEFT adapter directory")
-    p.add_argument("--base", help="base safetensors file: report the adapter's size relative to the targeted weights")
+    p.add_argument("--base", help="base checkpoint (.safetensors, a sharded index or a model directory): report the adapter's "
+                                 "size relative to the targeted weights")
     add_json_option(p, "the adapter (per-module rank, alpha, scale, shapes, sizes)")
     add_overwrite_option(p)
     p.set_defaults(func=run)
@@ -55,18 +56,18 @@ def describe(adapter_dir: str, base: str | None = None) -> dict:
         "total_bytes": adapter.nbytes(),
     }
     if base is not None:
-        with SafetensorsFile(base) as handle:
+        with CheckpointTensors(base) as handle:  # a file, a sharded index or a model directory
             missing = [base_key(m) for m in adapter.modules if base_key(m) not in handle]
             if missing:
                 raise TargetNotFoundError(f"{base}: lacks {', '.join(missing[:5])}")
-            base_bytes = sum(handle.tensors[base_key(m)].nbytes for m in adapter.modules)
+            base_bytes = sum(handle.info(base_key(m)).nbytes for m in adapter.modules)
         report["targeted_base_bytes"] = base_bytes
         report["size_ratio"] = report["total_bytes"] / base_bytes if base_bytes else None
     return report
 
 
 def run(args: argparse.Namespace) -> int:
-    guard_report(PathGuard(hint="write the report elsewhere", overwrite=args.overwrite).read_adapter(args.adapter).read("base", args.base), args).check()
+    guard_report(PathGuard(hint="write the report elsewhere", overwrite=args.overwrite).read_adapter(args.adapter).read_checkpoint("base", args.base), args).check()
     report = describe(args.adapter, args.base)
     lines = [f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>8} {'scale':>9} {'params':>10} {'bytes':>10}  shapes"]
     for row in report["modules"]:

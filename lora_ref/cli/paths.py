@@ -72,6 +72,16 @@ class PathGuard:
             self.read(f"adapter file {name}", Path(directory) / name)
         return self
 
+    def read_checkpoint(self, label: str, path: PathLike | None) -> PathGuard:
+        """A checkpoint (one .safetensors file, a sharded index or a model directory) and every weight file it names."""
+        if path is not None:
+            from ..hf_model import weight_files
+
+            self.read(label, path)
+            for file in weight_files(path):
+                self.read(f"{label} file {file.name}", file)
+        return self
+
     def write(self, label: str, path: PathLike | None, *, folder: bool = False) -> PathGuard:
         if path is not None:
             self.writes.append((label, Path(path), folder))
