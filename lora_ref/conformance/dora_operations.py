@@ -30,12 +30,11 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..errors import ConfigError
 from .conv_operations import _backward as _conv_grad_terms
 from .conv_operations import _forward as _conv_terms
 from .conv_operations import conv_backward, conv_delta
 from .exact import Dyadic, sqrt_fraction, to_float64
-from .layer_operations import _embedding_backward, _embedding_delta, _embedding_forward, combine_fractions, embedding_backward
+from .layer_operations import _embedding_backward, _embedding_delta, _embedding_forward, combine_fractions, dora_fast_unmerge, embedding_backward
 from .operations import Expected, Inputs, Params, register
 
 #: kind -> (W's output-channel axis, the output's channel axis)
@@ -43,7 +42,7 @@ _AXES = {"embedding": (1, -1), "conv": (0, 1)}
 
 
 def _delta(kind: str, inputs: Inputs, params: Params) -> Callable[[bool], tuple[Fraction, Dyadic]]:
-    return _embedding_delta(inputs, params) if kind == "embedding" else conv_delta(inputs, params, inputs["W"].shape)
+    return _embedding_delta(inputs, params) if kind == "embedding" else conv_delta(inputs, params, (inputs["W"] if "W" in inputs else inputs["W_merged"]).shape)
 
 
 def _norms(V: np.ndarray, axis: int) -> np.ndarray:
@@ -105,8 +104,9 @@ def _merge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 
 def _unmerge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Exact round trip; or fast, W = W_merged / g − ΔW with the merge-time norm given (``dora_fast_unmerge``)."""
     if not params.get("exact", False):
-        raise ConfigError(f"dora_{kind} unmerge cases are exact round trips (exact: true)")
+        return dora_fast_unmerge(inputs, params, _delta(kind, inputs, params), _AXES[kind][0])
     return {**_merge(kind, inputs, params), "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 

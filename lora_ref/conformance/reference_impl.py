@@ -130,12 +130,13 @@ def _mixed_batch_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
 
 def _dora_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     layer = dora.linear(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
-    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
+    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"), dropout_mask=inputs.get("dropout_mask"))}
 
 
 def _dora_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     layer = dora.linear(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
-    grads = dora.backward(layer, inputs["x"], inputs["dy"], inputs["A"], inputs["B"], bias_dtype=inputs["b"].dtype)
+    grads = dora.backward(layer, inputs["x"], inputs["dy"], inputs["A"], inputs["B"], dropout_mask=inputs.get("dropout_mask"),
+                          bias_dtype=inputs["b"].dtype)
     return {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude, "db": grads.db}
 
 
@@ -153,8 +154,11 @@ def _dora_merge(params: Mapping[str, Any], inputs: Arrays, kind: str = "linear")
 
 
 def _dora_unmerge(params: Mapping[str, Any], inputs: Arrays, kind: str = "linear") -> Arrays:
+    """Exact: merge with the residual, then restore. Fast: W_merged / g − ΔW with the merge-time norm given as ``norm``."""
     if not params.get("exact", False):
-        raise NotImplementedError("fast DoRA unmerge needs the norm of the unmerged weight")
+        delta, axis = _DORA_DELTAS[kind]
+        source = dora.DoraDelta(delta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["norm"], axis)
+        return {"W": unmerge(inputs["W_merged"], source)}
     source = _dora_source(kind, params, inputs)
     merged = merge(inputs["W"], source, exact=True)
     return {"W_merged": merged.weight, "W_restored": unmerge(merged.weight, source, residual=merged.residual)}
@@ -210,12 +214,13 @@ def _variant_factors(params: Mapping[str, Any], inputs: Arrays) -> list[LoraFact
 
 
 def _mixed_linear_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
-    return {"y": mixed_forward(inputs["x"], inputs["W"], _variant_factors(params, inputs), inputs["index"], bias=inputs.get("b"))}
+    return {"y": mixed_forward(inputs["x"], inputs["W"], _variant_factors(params, inputs), inputs["index"], bias=inputs.get("b"),
+                               dropout_mask=inputs.get("dropout_mask"))}
 
 
 def _mixed_linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     factors = _variant_factors(params, inputs)
-    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], factors, inputs["index"])
+    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], factors, inputs["index"], dropout_mask=inputs.get("dropout_mask"))
     outputs = {"dx": grads.dx}
     for i, f in enumerate(factors):
         outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
