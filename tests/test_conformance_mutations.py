@@ -66,6 +66,10 @@ one real bug seen in public LoRA implementations and must fail at least two case
                           F.linear(x̃, W) and returns (g − 1) base + g lora scaling, added to the base result on x)
   mixed_mask_unrouted     a mixed batch's dropout mask indexed in gathered (per-adapter group) order, not by batch row
                           (a gather of x by adapter that forgets to gather the mask with it)
+  tree_unmerge_fifo       switching between tree nodes (or unmerging a merged stack) in merge order, oldest first,
+                          instead of last-in first-out (each step's residual then meets a weight it was not made for)
+  dora_stack_norm_from_base a merged stack whose DoRA steps take the norm of the original base W + ΔW_j instead of
+                          the weight as merged so far (a norm cached per base weight)
   dora_unmerge_norm_recomputed fast DoRA unmerge dividing by g = m / ‖W_merged‖ recomputed from the merged weight
                           (‖W'_c‖ = m_c, so g ≈ 1) instead of the merge-time norm (SPEC 4.3: the merged weight does not
                           determine n)
@@ -93,7 +97,8 @@ MUTATIONS = [
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
     "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row", "combine_bias_unweighted", "stack_last_adapter_only",
-    "dora_dropout_eval_formula", "mixed_mask_unrouted", "dora_unmerge_norm_recomputed",
+    "dora_dropout_eval_formula", "mixed_mask_unrouted", "dora_unmerge_norm_recomputed", "tree_unmerge_fifo",
+    "dora_stack_norm_from_base",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -195,6 +200,9 @@ class Alt:
             op = f"mixed_conv.{action}"
         elif kind.startswith("dora_conv"):
             op = f"dora_conv2d.{action}"
+        elif kind.startswith("tree_"):
+            return self.tree_switch(kind[len("tree_"):].rstrip("123d") if kind.startswith("tree_conv") else kind[len("tree_"):],
+                                    params, inputs)
         return getattr(self, op.replace(".", "_"))(params, inputs)
 
     def linear_forward(self, params, inputs):
@@ -753,6 +761,58 @@ class Alt:
     def dora_conv2d_unmerge(self, params, inputs):
         return self._dora_kind_unmerge("conv", params, inputs)
 
+    # -- adapter trees and merged stacks (SPEC M.2, M.4): a ledger with per-step residuals made at merge time ----
+    def _tree_delta(self, kind, params, inputs, i, shape):
+        A, B = self.factors(inputs, f".{i}")
+        if kind == "conv":
+            return self._conv_delta(params, {"A": inputs[f"A.{i}"], "B": inputs[f"B.{i}"]}, shape)
+        d = self.scale(params) * self.mm(B, A)
+        return d.T if kind == "embedding" else d
+
+    def _channel_norm(self, V, axis, storage):
+        shape = [1] * V.ndim
+        shape[axis] = -1
+        return self.norm(np.moveaxis(V, axis, 0).reshape(V.shape[axis], -1), storage, axis=1).reshape(shape)
+
+    def tree_switch(self, kind, params, inputs):
+        """Switch to each visit: unmerge the stack down to the common ancestor (LIFO), merge down the target's path."""
+        W0 = inputs["W"]
+        t, axis = W0.dtype, 1 if kind == "embedding" else 0
+        parents = params["parents"]
+        state, stack, out = W0.copy(), [], {}  # stack: (node, gain or None, delta, residual positions, residual values)
+        for k, node in enumerate(params["visits"]):
+            path = []
+            while node is not None and node >= 0:
+                path.append(node)
+                node = parents[node]
+            path = path[::-1]
+            common = 0
+            while common < min(len(path), len(stack)) and stack[common][0] == path[common]:
+                common += 1
+            undo = stack[common:][::-1] if self.bug != "tree_unmerge_fifo" else stack[common:]
+            for _, g, delta, where, kept in undo:
+                restored = self.out(self.w(state) / g - delta, t) if g is not None else self._merge(state, delta, -1)
+                restored[where] = kept
+                state = restored
+            del stack[common:]
+            for i in path[common:]:
+                delta = self._tree_delta(kind, params["adapters"][i], inputs, i, W0.shape)
+                g = None
+                if f"magnitude.{i}" in inputs:
+                    base = self.w(W0) if self.bug == "dora_stack_norm_from_base" else self.w(state)
+                    m = self.w(inputs[f"magnitude.{i}"]).reshape([-1 if a == axis else 1 for a in range(W0.ndim)])
+                    g = m / self._channel_norm(base + delta, axis, t)
+                    merged = self.out(g * (self.w(state) + delta), t)
+                    back = self.out(self.w(merged) / g - delta, t)
+                else:
+                    merged = self._merge(state, delta, +1)
+                    back = self._merge(merged, delta, -1)
+                where = bits_of(back) != bits_of(state)  # this step's residual, made when it is merged
+                stack.append((i, g, delta, where, state[where]))
+                state = merged
+            out[f"W.{k}"] = state.copy()
+        return out
+
     # -- weighted combination (SPEC M.3) ----------------------------------------------------------
     def _combine_terms(self, params, inputs, svd=False):
         """[(c_i, A_i, B_i)] in the compute dtype, c_i = w_i s_i."""
@@ -922,6 +982,8 @@ CELL_CATCHES = {
     "dora_dropout_eval_formula": ("dora/pw-forward_dropout", "dora/pw-backward_dropout", "mixed_linear/forward-mask-dora",
                                   "mixed_linear/backward-mask-dora"),
     "mixed_mask_unrouted": ("mixed_linear/forward-mask-", "mixed_linear/backward-mask-"),
+    "tree_unmerge_fifo": ("tree_linear/", "tree_embedding/", "tree_conv1d/", "tree_conv2d/", "tree_conv3d/"),
+    "dora_stack_norm_from_base": ("tree_linear/", "tree_conv2d/"),
     "dora_unmerge_norm_recomputed": ("dora/pw-unmerge_fast", "dora_embedding/pw-unmerge_fast", "dora_conv1d/pw-unmerge_fast",
                                      "dora_conv2d/pw-unmerge_fast", "dora_conv3d/pw-unmerge_fast"),
 }

@@ -875,6 +875,36 @@ def _dora_dropout_row(row: Row) -> CaseSpec:
                f"covering row {dict(row)}: training with a given inverted-dropout mask (p = 1/2)")
 
 
+#: Tree shapes: (parents, visits). A stack is a chain merged in order, unmerged LIFO one step, then two at once, rebuilt, then two;
+#: a tree's switches walk between branches through their lowest common ancestor (−1: the bare base).
+_TREES = {"stack": ([None, 0, 1], [0, 1, 2, 1, -1, 2, 0]), "tree": ([None, 0, 1, 0], [2, 3, 1, 2, -1, 3])}
+#: Node adapters: ranks and scales differ (exact, rsLoRA, exact, non-dyadic); which nodes are DoRA per variant.
+_TREE_ADAPTERS = ((2, 4.0, False), (3, 7.0, True), (1, 2.0, False), (2, 5.0, False))
+_TREE_DORA = {"plain": (), "dora": (0, 1, 2, 3), "mixed": (1, 3)}
+#: Per kind: (operation group, W shape); Conv kernels not square.
+_TREE_KINDS = {"linear": ("tree_linear", (LIN_OUT, LIN_IN)), "embedding": ("tree_embedding", (V_EMB, D_EMB)),
+               "conv1d": ("tree_conv1d", (4, 3, 3)), "conv2d": ("tree_conv2d", (4, 3, 3, 2)), "conv3d": ("tree_conv3d", (3, 2, 3, 2, 1))}
+
+
+def _tree_row(row: Row) -> CaseSpec:
+    """Exact switches between the nodes of an adapter tree or a merged stack (SPEC M.2, M.4)."""
+    group, shape = _TREE_KINDS[row["kind"]]
+    parents, visits = _TREES[row["shape"]]
+    inputs: dict[str, tuple[tuple[int, ...], float]] = {"W": (shape, 1.0)}
+    adapters = []
+    for i, (r, alpha, rslora) in enumerate(_TREE_ADAPTERS[: len(parents)]):
+        adapters.append(linear_params(r, alpha, rslora=rslora))
+        if row["kind"] == "embedding":
+            inputs[f"A.{i}"], inputs[f"B.{i}"] = ((r, shape[0]), 1.0), ((shape[1], r), 1.0)
+        else:
+            inputs[f"A.{i}"], inputs[f"B.{i}"] = ((r,) + shape[1:], 1.0), ((shape[0], r) + (1,) * (len(shape) - 2), 1.0)
+        if i in _TREE_DORA[row["variant"]]:
+            inputs[f"magnitude.{i}"] = ((shape[1 if row["kind"] == "embedding" else 0],), 4.0)
+    return _pw(group, row, "tree", "switch", f"{group}.switch", {"adapters": adapters, "parents": parents, "visits": visits, "exact": True},
+               inputs, f"covering row {dict(row)}: parents {parents}, visits {visits} (-1 = base); each switch unmerges to the "
+               "common ancestor (LIFO) and merges down; a revisited state must be bitwise the first one")
+
+
 #: The coverage table: every operation family, its independent dimensions and values (SPEC C.2 renders it).
 COVERAGE: tuple[Family, ...] = (
     Family("linear.forward", ("linear.forward",), (
@@ -931,6 +961,14 @@ COVERAGE: tuple[Family, ...] = (
         DTYPE, RANK, SCALE, Dimension("rows", ("rows3", "rows1", "rows0"), "x [3, in], [1, in], [0, in] (empty batch)"),
         Dimension("action", ("forward", "backward"), "training forward; backward (dx, dA, dB, dmagnitude, db)")),
         _valid_scale, _dora_dropout_row, note="mask p = 1/2 (entries 0 or 2)"),
+    Family("tree", tuple(f"{group}.switch" for group, _ in _TREE_KINDS.values()), (
+        DTYPE, Dimension("kind", tuple(_TREE_KINDS), "the layer kind (W 5x7; Embedding 9x6; Conv1d 4x3x3, Conv2d 4x3x3x2, "
+                                   "Conv3d 3x2x3x2x1)"),
+        Dimension("shape", tuple(_TREES), "a merged stack of 3 (merge in order, unmerge LIFO, rebuild) or a tree of 4 nodes "
+                                         "(switches through the common ancestor, the base, back)"),
+        Dimension("variant", tuple(_TREE_DORA), "plain nodes; every node DoRA (norms of the weight as merged so far); "
+                                                "DoRA and plain nodes mixed")),
+        lambda row: True, _tree_row, note="exact mode; ranks 2, 3, 1, 2 with exact, rsLoRA, exact and non-dyadic scales"),
     Family("combine", ("combine.cat", "combine.svd"), (
         DTYPE, Dimension("method", ("cat", "svd_sum", "svd_min", "svd_past_min"),
                          "cat; svd at rank = Σ r_i (4), = min(out, in) (5), past min(out, in) (6)"),

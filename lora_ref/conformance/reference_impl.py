@@ -17,6 +17,7 @@ from ..config import LoraConfig, lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
 from ..mixed_batch import LoraFactors, active_forward, mixed_backward, mixed_forward
+from ..tree import AdapterTree, TreeNode, TreeSwitcher
 
 Arrays = dict[str, np.ndarray]
 
@@ -239,6 +240,24 @@ def _stack_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arra
     return {"y": active_forward(x, inputs["W"], factors, kind=kind, bias=inputs.get("b"), **options)}
 
 
+def _tree_switch(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """tree.TreeSwitcher (exact) over nodes n<i> (adapters[i], A.i, B.i, magnitude.i), switched to each visit in turn."""
+    nodes = []
+    for i, p in enumerate(params["adapters"]):
+        magnitude = inputs.get(f"magnitude.{i}")
+        config = LoraConfig(r=int(p["r"]), lora_alpha=p["lora_alpha"], use_rslora=bool(p.get("use_rslora", False)),
+                            use_dora=magnitude is not None, target_modules=["layer"])
+        module = LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"], magnitude=magnitude, kind=kind)
+        parent = params["parents"][i]
+        nodes.append(TreeNode(f"n{i}", None if parent is None else f"n{parent}", Adapter(config, {"layer": module}, name=f"n{i}")))
+    switcher = TreeSwitcher(AdapterTree(nodes), {"layer.weight": np.array(inputs["W"])}, exact=bool(params.get("exact", True)))
+    outputs = {}
+    for k, node in enumerate(params["visits"]):
+        switcher.switch(None if node < 0 else f"n{node}")
+        outputs[f"W.{k}"] = switcher.weights["layer.weight"].copy()
+    return outputs
+
+
 def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     """combine.combine of one-module adapters built from A.i, B.i and params adapters[i] (SPEC M.3)."""
     adapters = []
@@ -287,6 +306,9 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     **{f"mixed_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (
         ("forward", lambda params, inputs: _mixed_kind_forward("conv", params, inputs)),
         ("backward", lambda params, inputs: _mixed_kind_backward("conv", params, inputs)))},
+    "tree_linear.switch": lambda params, inputs: _tree_switch("linear", params, inputs),
+    "tree_embedding.switch": lambda params, inputs: _tree_switch("embedding", params, inputs),
+    **{f"tree_conv{d}d.switch": lambda params, inputs: _tree_switch("conv", params, inputs) for d in (1, 2, 3)},
     "combine.cat": lambda params, inputs: _combine("cat", params, inputs),
     "combine.svd": lambda params, inputs: _combine("svd", params, inputs),
 }
