@@ -699,9 +699,19 @@ class Alt:
         return {"y": self.out(g[0] * z, inputs["W"].dtype)}
 
     def dora_conv2d_forward(self, params, inputs):
-        """The merged-weight association conv(x, g ∘ (W + ΔW)) + b: equal to g ∘ (base + lora) + b."""
+        """The merged-weight association conv(x, g ∘ (W + ΔW)) + b: equal to g ∘ (base + lora) + b. Training (a mask):
+        conv(x, W) + b + conv(x̃, (g − 1) ∘ W) + g ∘ lora(x̃), x̃ = x ∘ mask (the eval formula on x̃ under the bug)."""
         g, _, V = self._dora_parts("conv", params, inputs)
-        return {"y": self.out(self._conv_value(params, inputs, W=g * V), inputs["x"].dtype)}
+        t = inputs["x"].dtype
+        xd, training = self._dropped(inputs, self.w(inputs["x"]))
+        dropped = {**inputs, "x": xd}
+        if not training:
+            return {"y": self.out(self._conv_value(params, dropped, W=g * V), t)}
+        unbiased = {k: v for k, v in dropped.items() if k != "b"}
+        lora = self._conv_value(params, {**unbiased, "W": np.zeros_like(inputs["W"])})  # the LoRA path alone (zero base)
+        y = self._conv_value(params, inputs, W=self.w(inputs["W"])) + self._conv_value(params, unbiased, W=(g - 1) * self.w(inputs["W"]))
+        gain = g.reshape(g.shape[0], -1)[:, 0]  # per output channel (dora_conv_norm_dim1: tap 0's, as its backward)
+        return {"y": self.out(y + gain.reshape((1, -1) + (1,) * (y.ndim - 2)) * lora, t)}
 
     def _dora_kind_backward(self, kind, params, inputs, plain):
         """G = g ∘ dY through the plain kind's backward (n detached); dm = Σ dY ∘ z / n; db = Σ dY."""
@@ -980,7 +990,8 @@ CELL_CATCHES = {
     "dora_kind_norm_without_delta": ("dora_conv1d/", "dora_conv3d/"),
     "dora_conv_norm_dim1": ("dora_conv1d/", "dora_conv3d/"),
     "dora_dropout_eval_formula": ("dora/pw-forward_dropout", "dora/pw-backward_dropout", "mixed_linear/forward-mask-dora",
-                                  "mixed_linear/backward-mask-dora"),
+                                  "mixed_linear/backward-mask-dora", "dora_conv1d/forward-dropout", "dora_conv2d/forward-dropout",
+                                  "dora_conv3d/forward-dropout"),
     "mixed_mask_unrouted": ("mixed_linear/forward-mask-", "mixed_linear/backward-mask-"),
     "tree_unmerge_fifo": ("tree_linear/", "tree_embedding/", "tree_conv1d/", "tree_conv2d/", "tree_conv3d/"),
     "dora_stack_norm_from_base": ("tree_linear/", "tree_conv2d/"),

@@ -576,9 +576,9 @@ def _combine_cases() -> Iterator[CaseSpec]:
                    "rank 3 of 5, the second adapter weighted 2^-6: the discarded singular values are small")
 
 
-def _mixed_mask_and_conv_combine_cases() -> Iterator[CaseSpec]:
+def _dropout_and_conv_combine_cases() -> Iterator[CaseSpec]:
     """Dropout masks in mixed batches (per-row index, the mask an input: each row's LoRA path on x ∘ mask, a DoRA row by
-    SPEC 4.3's dropout formula) and ``combine`` of Conv1d / Conv3d factors."""
+    SPEC 4.3's dropout formula), DoRA's training formula on Conv1d/2d/3d, and ``combine`` of Conv1d / Conv3d factors."""
 
     def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str, special=None) -> CaseSpec:
         return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, shapes, description, special)
@@ -600,6 +600,17 @@ def _mixed_mask_and_conv_combine_cases() -> Iterator[CaseSpec]:
                        {**{k: v for k, v in lin.items() if k != "b"}, **extra, "dy": ((rows, n_out), 1.0)},
                        f"training mixed batch backward: the mask enters each row's dx LoRA part and its adapter's gradients: {description}",
                        _every_route)
+
+    for d, size, geometry in ((1, (9,), dict(stride=2, padding=1)), (2, (5, 6), dict(stride=1, padding=1, dilation=[1, 2])),
+                              (3, (3, 4, 3), dict(stride=1, padding=1))):
+        c, o, k = (3, 4, (3,) * d) if d < 3 else (2, 3, (3, 2, 1))
+        x = ((2, c) + size, 2.0)
+        shapes = {"x": x, "W": ((o, c) + k, 1.0), "b": ((o,), 1.0), "A": ((2, c) + k, 1.0), "B": ((o, 2) + (1,) * d, 1.0),
+                  "magnitude": ((o,), 4.0), "dropout_mask": x}
+        for dtype in ("float32", "bfloat16"):
+            yield case(f"dora_conv{d}d", "forward-dropout", f"dora_conv{d}d.forward", dtype,
+                       linear_params(2, 5, rslora=dtype == "bfloat16", lora_dropout=0.5, **geometry), shapes,
+                       f"Conv{d}d DoRA in training {geometry}: conv(x, W) + b + (g − 1) ∘ conv(x̃, W) + g ∘ lora(x̃), x̃ = x ∘ mask")
 
     mixed = {"adapters": [linear_params(2, 4), linear_params(3, 6, rslora=True)], "weights": [0.75, -1.5]}
     for d, (c, o, k) in ((1, (3, 4, (3,))), (3, (2, 3, (3, 2, 1)))):
@@ -1140,7 +1151,7 @@ def _semantic_cases() -> Iterator[CaseSpec]:
 
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
 BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _cell_cases, _combine_cases,
-                                                    _mixed_mask_and_conv_combine_cases,
+                                                    _dropout_and_conv_combine_cases,
                                                     _covering_cases, _refusal_cases, _semantic_cases]
 
 

@@ -83,15 +83,42 @@ def _forward(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
     else:
         (terms, _), (abs_terms, _) = _conv_terms(unbiased, params, False), _conv_terms(unbiased, params, True)
         k1 = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6
-    z, Mz = combine_fractions(terms), combine_fractions(abs_terms)
     channel = _AXES[kind][1]
-    gz = _along(g, z.ndim, channel) * z
     b = Dyadic.of(inputs["b"], what="b").fractions() if "b" in inputs else np.zeros(len(g), dtype=object) + Fraction(0)
+    depth = max(k1, inputs["A"].shape[0] + 6, _norm_length(kind, inputs) + 3) + 3
+    if "dropout_mask" in inputs:  # training (Conv): base(x) + b + (g − 1) ∘ base(x̃) + g ∘ lora(x̃), x̃ = x ∘ mask (SPEC 4.3)
+        return {"y": _dropout_forward(inputs, params, g, abs_norms / norms + 2, terms[0], abs_terms[0], b, 2 * (depth + 1))}
+    z, Mz = combine_fractions(terms), combine_fractions(abs_terms)
+    gz = _along(g, z.ndim, channel) * z
     ratio = _along(abs_norms / norms + 2, z.ndim, channel)
     y = gz + _along(b, z.ndim, channel)
     magnitude = _along(np.abs(g), z.ndim, channel) * Mz + np.abs(gz) * ratio + _along(np.abs(b), z.ndim, channel)
-    depth = max(k1, inputs["A"].shape[0] + 6, _norm_length(kind, inputs) + 3) + 3
     return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * depth)}
+
+
+def _dropout_forward(inputs: Inputs, params: Params, g: np.ndarray, rho: np.ndarray, base: tuple, abs_base: tuple,
+                     b: np.ndarray, depth: int) -> Expected:
+    """Conv DoRA in training: y = base(x) + b + (g − 1) ∘ base(x̃) + g ∘ lora(x̃) (PEFT's formula, SPEC 4.3).
+
+    x̃ = x ∘ mask is exact in t (mask entries 0 or 1/(1 − p) = 2). Bound as the eval one, term by term:
+    M = |base|(x) + |b| + |g − 1| M_base(x̃) + |g| M_lora(x̃) + |g| (M_base(x̃) + M_lora(x̃)) ρ, ρ = ‖N_c‖/n_c + 2
+    (g's and g − 1's error), K one more than eval's (the mask), doubled for second-order terms.
+    """
+    x = np.asarray(inputs["x"])
+    dropped = {**{k: v for k, v in inputs.items() if k != "b"},
+               "x": (x.astype(np.float64) * np.asarray(inputs["dropout_mask"]).astype(np.float64)).astype(x.dtype)}
+    (d_terms, _), (d_abs, _) = _conv_terms(dropped, params, False), _conv_terms(dropped, params, True)
+    (_, base_d), (s, lora_d) = d_terms
+    (_, abase_d), (abs_s, alora_d) = d_abs
+    ndim = len(inputs["x"].shape)
+    gc, gm1 = _along(g, ndim, 1), _along(g - 1, ndim, 1)
+    base_x, abs_base_x = base[1].fractions() * base[0], abs_base[1].fractions() * abs_base[0]
+    lora_v, alora_v = lora_d.fractions() * s, alora_d.fractions() * abs_s
+    bc = _along(b, ndim, 1)
+    y = base_x + bc + gm1 * base_d.fractions() + gc * lora_v
+    Mb, Ml = abase_d.fractions(), alora_v
+    magnitude = (abs_base_x + np.abs(bc) + np.abs(gm1) * Mb + np.abs(gc) * Ml + np.abs(gc) * (Mb + Ml) * _along(rho, ndim, 1))
+    return Expected("bound", to_float64(y), to_float64(magnitude), depth)
 
 
 def _merge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:

@@ -172,7 +172,7 @@ def _dora_embedding_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays
 
 def _dora_conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     layer = dora.conv(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"], geometry=_geometry(params))
-    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
+    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"), dropout_mask=inputs.get("dropout_mask"))}
 
 
 def _dora_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
