@@ -601,7 +601,7 @@ def _dropout_and_conv_combine_cases() -> Iterator[CaseSpec]:
                        f"training mixed batch backward: the mask enters each row's dx LoRA part and its adapter's gradients: {description}",
                        _every_route)
 
-    for d, size, geometry in ((1, (9,), dict(stride=2, padding=1)), (2, (5, 6), dict(stride=1, padding=1, dilation=[1, 2])),
+    for d, size, geometry in ((1, (9,), dict(stride=2, padding=1)), (2, (5, 6), dict(stride=[1, 2], padding=1)),
                               (3, (3, 4, 3), dict(stride=1, padding=1))):
         c, o, k = (3, 4, (3,) * d) if d < 3 else (2, 3, (3, 2, 1))
         x = ((2, c) + size, 2.0)
