@@ -70,7 +70,12 @@ FEATURES: dict[str, tuple[str, str, str]] = {
     "combine_svd": ("combine svd", "combine.combine(method='svd')", "M.3"),
     "active_stack": ("active stack (unmerged)", "mixed_batch.active_forward", "M.2"),
     "merged_stack": ("merged stack / tree, LIFO", "ledger.MergeLedger, tree.TreeSwitcher", "M.2, M.4"),
+    "onnx_merged": ("ONNX merged graph", "export.build_graph(kind='merged')", "E.2"),
+    "onnx_dynamic": ("ONNX dynamic graph", "export.build_graph(kind='dynamic')", "E.2"),
+    "onnx_batched": ("ONNX batched graph", "export.build_graph(kind='batched')", "E.2"),
 }
+#: The ONNX export features (tests/test_features_onnx.py exports and runs each cell; the core's tests skip them).
+ONNX_FEATURES = ("onnx_merged", "onnx_dynamic", "onnx_batched")
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,32 @@ _DORA_ACTIVE = "an unmerged stack is additive and DoRA's m/n rescaling of the wh
 _BIAS_LINEAR = "linear mixes B with weights sqrt|c_i| (cross terms), which defines no bias; cat and svd store Σ c_i b_i"
 
 
+_ONNX_DORA = {"onnx_merged": "W' = g ∘ (W + ΔW) baked into the initializer, g from the core's float64 norm",
+              "onnx_dynamic": "the norm ‖W + s·B·A‖ is computed in the graph from the fed A and B, per channel, and used as a "
+                              "constant factor (PEFT's detached norm)",
+              "onnx_batched": "each row multiplies by its adapter's gain m/n gathered from a gain bank built at export"}
+_ONNX_NOTES = {"onnx_batched": "rows choose adapters by an index input (−1 = base); ranks zero-padded to r_max",
+               "onnx_dynamic": "A and B (and lora_bias) are graph inputs: a running session switches adapters by feeding them"}
+
+
+def _onnx_cell(v: Variant, feature: str) -> Cell:
+    """The exporter's state for ``v`` in ``feature``'s graph kind (every cell exported and run: tests/test_features_onnx.py)."""
+    if v.dora:
+        return Cell(True, note=_ONNX_DORA[feature])
+    if v.patterns:
+        return Cell(True, note="each module's s from its rank_pattern / alpha_pattern (rsLoRA: alpha/√r), folded into the fed or merged tensors")
+    if v.fan_in_fan_out and feature == "onnx_merged":
+        return Cell(True, note="the delta is merged in the layout the graph stores W in ([in, out] here: no transpose)")
+    return Cell(True, note=_ONNX_NOTES.get(feature, ""))
+
+
 def cell(variant: Variant | str, feature: str) -> Cell:
     """The matrix entry for ``variant`` × ``feature`` (the one table; module doc)."""
     v = variant if isinstance(variant, Variant) else _BY_NAME[variant]
     if feature not in FEATURES:
         raise KeyError(feature)
+    if feature in ONNX_FEATURES:
+        return _onnx_cell(v, feature)
     if v.dora and feature.startswith("combine_"):
         return Cell(False, _DORA_COMBINE, UnsupportedFeatureError)
     if v.dora and feature == "active_stack":
@@ -128,6 +154,8 @@ def render() -> str:
         "Generated from `lora_ref/features.py` by `python -m lora_ref.features`; do not edit by hand",
         "(`tests/test_features.py` checks that this file matches the table and that every cell is tested).",
         "✓ supported, ✗ refused with `UnsupportedFeatureError` (a `ConfigError`); notes and reasons below.",
+        "The ONNX columns are checked by exporting a tiny model of each variant and running it in ONNX Runtime",
+        "against the float64 reference (`tests/test_features_onnx.py`).",
         "",
         "| variant | " + " | ".join(title for title, _, _ in FEATURES.values()) + " |",
         "| --- |" + " :---: |" * len(FEATURES),

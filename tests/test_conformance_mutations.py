@@ -60,6 +60,19 @@ one real bug seen in public LoRA implementations and must fail at least two case
   stack_last_adapter_only an active stack that applies only the last adapter (set_adapter replacing, not adding)
   combine_bias_unweighted combination storing lora_bias = Σ b_i, without the weights c_i = w_i s_i
   dora_dm_unnormalised    DoRA's magnitude gradient Σ dY ∘ z without the division by the (detached) norm n
+  dora_dropout_eval_formula DoRA in training with the eval formula on the dropped input, g ∘ (base(x̃) + lora(x̃)) + b,
+                          instead of PEFT's base(x) + (g − 1) base(x̃) + g lora(x̃) (peft 0.21.2 tuners/lora/variants.py:242-256,
+                          DoraLinearVariant.forward: x = dropout(x), base_result = None; dora.py:153-165 then takes
+                          F.linear(x̃, W) and returns (g − 1) base + g lora scaling, added to the base result on x)
+  mixed_mask_unrouted     a mixed batch's dropout mask indexed in gathered (per-adapter group) order, not by batch row
+                          (a gather of x by adapter that forgets to gather the mask with it)
+  tree_unmerge_fifo       switching between tree nodes (or unmerging a merged stack) in merge order, oldest first,
+                          instead of last-in first-out (each step's residual then meets a weight it was not made for)
+  dora_stack_norm_from_base a merged stack whose DoRA steps take the norm of the original base W + ΔW_j instead of
+                          the weight as merged so far (a norm cached per base weight)
+  dora_unmerge_norm_recomputed fast DoRA unmerge dividing by g = m / ‖W_merged‖ recomputed from the merged weight
+                          (‖W'_c‖ = m_c, so g ≈ 1) instead of the merge-time norm (SPEC 4.3: the merged weight does not
+                          determine n)
 """
 
 from __future__ import annotations
@@ -84,6 +97,8 @@ MUTATIONS = [
     "flush_subnormals", "exact_restore_quiets_snan", "dropout_on_base_too", "unmerge_adds_delta", "embedding_unscaled",
     "ignore_rslora_merge", "safe_merge_unchecked", "ids_clamped", "ids_wrap_negative", "lora_grads_severed",
     "mixed_grads_all_rows", "dora_dm_unnormalised", "mixed_lora_bias_every_row", "combine_bias_unweighted", "stack_last_adapter_only",
+    "dora_dropout_eval_formula", "mixed_mask_unrouted", "dora_unmerge_norm_recomputed", "tree_unmerge_fifo",
+    "dora_stack_norm_from_base",
 ]
 #: The layout each mutation is run in (the convention whose bug it reproduces).
 MUTATION_LAYOUT = {"ignore_rslora": "peft", "raw_alpha": "peft", "mlx_scale_over_r": "mlx", "ignore_rslora_merge": "peft"}
@@ -185,6 +200,9 @@ class Alt:
             op = f"mixed_conv.{action}"
         elif kind.startswith("dora_conv"):
             op = f"dora_conv2d.{action}"
+        elif kind.startswith("tree_"):
+            return self.tree_switch(kind[len("tree_"):].rstrip("123d") if kind.startswith("tree_conv") else kind[len("tree_"):],
+                                    params, inputs)
         return getattr(self, op.replace(".", "_"))(params, inputs)
 
     def linear_forward(self, params, inputs):
@@ -465,8 +483,13 @@ class Alt:
             head, _, tail = name.partition(".")
             if tail == str(j) and (i is not None or head in ("A", "B", "lora_a", "lora_b")):  # the base: no lora_bias, magnitude
                 arrays[head] = np.zeros_like(value) if i is None and head in ("B", "lora_b") else value
+        if self.bug == "mixed_mask_unrouted" and "dropout_mask" in arrays and i is not None:
+            own = np.asarray(inputs["index"]) == i  # the bug: adapter i's rows read the mask's first rows (group order)
+            mask = arrays["dropout_mask"].copy()
+            mask[own] = arrays["dropout_mask"][: int(own.sum())]
+            arrays["dropout_mask"] = mask
         if rows is not None:
-            for name in ("x", "ids", "dy"):
+            for name in ("x", "ids", "dy", "dropout_mask"):
                 if name in arrays:
                     arrays[name] = arrays[name][rows]
         return sub, arrays
@@ -568,12 +591,23 @@ class Alt:
         squares = self.w(round_to((Vt * Vt).astype(np.float64), storage))
         return self.w(round_to(np.sqrt(squares.sum(axis=axis, keepdims=keepdims)).astype(np.float64), storage))
 
+    def _dropped(self, inputs, x):
+        """x ∘ mask (x without a mask) and whether PEFT's training formula applies."""
+        if "dropout_mask" not in inputs:
+            return x, False
+        return x * self.w(inputs["dropout_mask"]), self.bug != "dora_dropout_eval_formula"
+
     def dora_forward(self, params, inputs):
+        """eval: g ∘ z(x) + b; training: base(x) + b + (g − 1) ∘ base(x̃) + g ∘ lora(x̃) (PEFT's formula)."""
         x, W = self.w(inputs["x"]), self.w(inputs["W"])
         A, B = self.factors(inputs)
         g = self._gain(params, inputs)
-        z = self.mm(x, W.T) + self.scale(params) * self.mm(self.mm(x, A.T), B.T)
+        xd, training = self._dropped(inputs, x)
+        lora = self.scale(params) * self.mm(self.mm(xd, A.T), B.T)
         b = self.w(inputs["b"])
+        if training:
+            return {"y": self.out(self.mm(x, W.T) + b + (g - 1) * self.mm(xd, W.T) + g * lora, inputs["x"].dtype)}
+        z = self.mm(xd, W.T) + lora
         y = g * (z + b) if self.bug == "dora_bias_scaled" else g * z + b
         return {"y": self.out(y, inputs["x"].dtype)}
 
@@ -585,22 +619,40 @@ class Alt:
         n = np.sqrt((V * V).sum(axis=1))
         g = self.w(inputs["magnitude"]) / n
         G = dy * g
-        z = self.mm(x, W.T) + s * self.mm(self.mm(x, A.T), B.T)
+        xd, training = self._dropped(inputs, x)
+        z = self.mm(xd, W.T) + s * self.mm(self.mm(xd, A.T), B.T)
         GL = dy if self.bug == "dora_backward_plain_lora" else G  # plain LoRA's backward, without the DoRA gain
-        dA, dB = s * self.mm(self.mm(GL, B).T, x), s * self.mm(GL.T, self.mm(x, A.T))
+        dA, dB = s * self.mm(self.mm(GL, B).T, xd), s * self.mm(GL.T, self.mm(xd, A.T))
         if self.bug == "dora_norm_not_detached":  # also differentiate through n = ||W + s B A||
             GV = (-(self.w(inputs["magnitude"]) / n**3) * (dy * z).sum(axis=0))[:, None] * V
             dA, dB = dA + s * self.mm(B.T, GV), dB + s * self.mm(GV, A.T)
         t = inputs["x"].dtype
-        out = {"dx": self.out(self.mm(G, W) + s * self.mm(self.mm(G, B), A), t), "dA": self.out(dA, t), "dB": self.out(dB, t),
+        dx = self.mm(G, W) + s * self.mm(self.mm(G, B), A)
+        if "dropout_mask" in inputs:  # x̃ = x ∘ mask: the x̃ paths' gradient is masked; training adds dY W on x itself
+            mask = self.w(inputs["dropout_mask"])
+            dx = (self.mm(dy, W) + mask * (self.mm(dy * (g - 1), W) + s * self.mm(self.mm(G, B), A)) if training else dx * mask)
+        out = {"dx": self.out(dx, t), "dA": self.out(dA, t), "dB": self.out(dB, t),
                "dmagnitude": self.out((dy * z).sum(axis=0) / (1 if self.bug == "dora_dm_unnormalised" else n), t),
                "db": self.out(dy.sum(axis=0), t)}
         if "lora_a" in inputs:
             out["dA"], out["dB"] = out["dA"].T.copy(), out["dB"].T.copy()
         return out
 
+    def _dora_fast_unmerge(self, inputs, delta, axis):
+        """W_merged / g − ΔW, g = m / n with the merge-time norm n given (the bug: n recomputed from W_merged)."""
+        Wm = self.w(inputs["W_merged"])
+        n = self.w(inputs["norm"])
+        if self.bug == "dora_unmerge_norm_recomputed":
+            n = np.sqrt((np.moveaxis(Wm, axis, 0).reshape(Wm.shape[axis], -1) ** 2).sum(axis=1))
+        shape = [1] * Wm.ndim
+        shape[axis] = -1
+        return {"W": self.out(Wm / (self.w(inputs["magnitude"]) / n).reshape(shape) - delta, inputs["W_merged"].dtype)}
+
     def dora_unmerge(self, params, inputs):
         """Exact round trip: merge, W'/g − s B A with g from this merge, then this implementation's residual."""
+        if not params.get("exact", False):
+            A, B = self.factors(inputs)
+            return self._dora_fast_unmerge(inputs, self.scale(params) * self.mm(B, A), 0)
         W = inputs["W"]
         A, B = self.factors(inputs)
         g = self._gain(params, inputs)[:, None]
@@ -647,9 +699,19 @@ class Alt:
         return {"y": self.out(g[0] * z, inputs["W"].dtype)}
 
     def dora_conv2d_forward(self, params, inputs):
-        """The merged-weight association conv(x, g ∘ (W + ΔW)) + b: equal to g ∘ (base + lora) + b."""
+        """The merged-weight association conv(x, g ∘ (W + ΔW)) + b: equal to g ∘ (base + lora) + b. Training (a mask):
+        conv(x, W) + b + conv(x̃, (g − 1) ∘ W) + g ∘ lora(x̃), x̃ = x ∘ mask (the eval formula on x̃ under the bug)."""
         g, _, V = self._dora_parts("conv", params, inputs)
-        return {"y": self.out(self._conv_value(params, inputs, W=g * V), inputs["x"].dtype)}
+        t = inputs["x"].dtype
+        xd, training = self._dropped(inputs, self.w(inputs["x"]))
+        dropped = {**inputs, "x": xd}
+        if not training:
+            return {"y": self.out(self._conv_value(params, dropped, W=g * V), t)}
+        unbiased = {k: v for k, v in dropped.items() if k != "b"}
+        lora = self._conv_value(params, {**unbiased, "W": np.zeros_like(inputs["W"])})  # the LoRA path alone (zero base)
+        y = self._conv_value(params, inputs, W=self.w(inputs["W"])) + self._conv_value(params, unbiased, W=(g - 1) * self.w(inputs["W"]))
+        gain = g.reshape(g.shape[0], -1)[:, 0]  # per output channel (dora_conv_norm_dim1: tap 0's, as its backward)
+        return {"y": self.out(y + gain.reshape((1, -1) + (1,) * (y.ndim - 2)) * lora, t)}
 
     def _dora_kind_backward(self, kind, params, inputs, plain):
         """G = g ∘ dY through the plain kind's backward (n detached); dm = Σ dY ∘ z / n; db = Σ dY."""
@@ -687,6 +749,11 @@ class Alt:
         return {"W_merged": self.out(g * V, inputs["W"].dtype)}
 
     def _dora_kind_unmerge(self, kind, params, inputs):
+        if not params.get("exact", False):
+            if kind == "embedding":
+                A, B = self.factors(inputs)
+                return self._dora_fast_unmerge(inputs, self.scale(params) * self.mm(B, A).T, 1)
+            return self._dora_fast_unmerge(inputs, self._conv_delta(params, inputs, inputs["W_merged"].shape), 0)
         W = inputs["W"]
         g, delta, _ = self._dora_parts(kind, params, inputs)
         merged = self._dora_kind_merge(kind, params, inputs)["W_merged"]
@@ -703,6 +770,58 @@ class Alt:
 
     def dora_conv2d_unmerge(self, params, inputs):
         return self._dora_kind_unmerge("conv", params, inputs)
+
+    # -- adapter trees and merged stacks (SPEC M.2, M.4): a ledger with per-step residuals made at merge time ----
+    def _tree_delta(self, kind, params, inputs, i, shape):
+        A, B = self.factors(inputs, f".{i}")
+        if kind == "conv":
+            return self._conv_delta(params, {"A": inputs[f"A.{i}"], "B": inputs[f"B.{i}"]}, shape)
+        d = self.scale(params) * self.mm(B, A)
+        return d.T if kind == "embedding" else d
+
+    def _channel_norm(self, V, axis, storage):
+        shape = [1] * V.ndim
+        shape[axis] = -1
+        return self.norm(np.moveaxis(V, axis, 0).reshape(V.shape[axis], -1), storage, axis=1).reshape(shape)
+
+    def tree_switch(self, kind, params, inputs):
+        """Switch to each visit: unmerge the stack down to the common ancestor (LIFO), merge down the target's path."""
+        W0 = inputs["W"]
+        t, axis = W0.dtype, 1 if kind == "embedding" else 0
+        parents = params["parents"]
+        state, stack, out = W0.copy(), [], {}  # stack: (node, gain or None, delta, residual positions, residual values)
+        for k, node in enumerate(params["visits"]):
+            path = []
+            while node is not None and node >= 0:
+                path.append(node)
+                node = parents[node]
+            path = path[::-1]
+            common = 0
+            while common < min(len(path), len(stack)) and stack[common][0] == path[common]:
+                common += 1
+            undo = stack[common:][::-1] if self.bug != "tree_unmerge_fifo" else stack[common:]
+            for _, g, delta, where, kept in undo:
+                restored = self.out(self.w(state) / g - delta, t) if g is not None else self._merge(state, delta, -1)
+                restored[where] = kept
+                state = restored
+            del stack[common:]
+            for i in path[common:]:
+                delta = self._tree_delta(kind, params["adapters"][i], inputs, i, W0.shape)
+                g = None
+                if f"magnitude.{i}" in inputs:
+                    base = self.w(W0) if self.bug == "dora_stack_norm_from_base" else self.w(state)
+                    m = self.w(inputs[f"magnitude.{i}"]).reshape([-1 if a == axis else 1 for a in range(W0.ndim)])
+                    g = m / self._channel_norm(base + delta, axis, t)
+                    merged = self.out(g * (self.w(state) + delta), t)
+                    back = self.out(self.w(merged) / g - delta, t)
+                else:
+                    merged = self._merge(state, delta, +1)
+                    back = self._merge(merged, delta, -1)
+                where = bits_of(back) != bits_of(state)  # this step's residual, made when it is merged
+                stack.append((i, g, delta, where, state[where]))
+                state = merged
+            out[f"W.{k}"] = state.copy()
+        return out
 
     # -- weighted combination (SPEC M.3) ----------------------------------------------------------
     def _combine_terms(self, params, inputs, svd=False):
@@ -747,7 +866,8 @@ class Alt:
         root[: min(k, sigma.size)] = np.sqrt(sigma[:k])
         U = np.zeros((B_cat.shape[0], k), self.c)
         Vt = np.zeros((k, A_cat.shape[1]), self.c)
-        U[:, : min(k, sigma.size)], Vt[: min(k, sigma.size)] = self.mm(q1, u[:, :k]), self.mm(vt[:k], q2.T)
+        kept = min(k, sigma.size)  # Σ r_i may exceed a dimension: vt is then wider than sigma
+        U[:, :kept], Vt[:kept] = self.mm(q1, u[:, :kept]), self.mm(vt[:kept], q2.T)
         return self._combined(params, inputs, (root[:, None] * Vt).reshape((k,) + A_tail), (U * root).reshape((U.shape[0], k) + B_tail))
 
 
@@ -869,6 +989,14 @@ CELL_CATCHES = {
     "dora_dm_unnormalised": ("mixed_linear/backward-dora", "dora_embedding/backward", "dora_conv1d/backward", "dora_conv2d/backward", "dora_conv3d/backward"),
     "dora_kind_norm_without_delta": ("dora_conv1d/", "dora_conv3d/"),
     "dora_conv_norm_dim1": ("dora_conv1d/", "dora_conv3d/"),
+    "dora_dropout_eval_formula": ("dora/pw-forward_dropout", "dora/pw-backward_dropout", "mixed_linear/forward-mask-dora",
+                                  "mixed_linear/backward-mask-dora", "dora_conv1d/forward-dropout", "dora_conv2d/forward-dropout",
+                                  "dora_conv3d/forward-dropout"),
+    "mixed_mask_unrouted": ("mixed_linear/forward-mask-", "mixed_linear/backward-mask-"),
+    "tree_unmerge_fifo": ("tree_linear/", "tree_embedding/", "tree_conv1d/", "tree_conv2d/", "tree_conv3d/"),
+    "dora_stack_norm_from_base": ("tree_linear/", "tree_conv2d/"),
+    "dora_unmerge_norm_recomputed": ("dora/pw-unmerge_fast", "dora_embedding/pw-unmerge_fast", "dora_conv1d/pw-unmerge_fast",
+                                     "dora_conv2d/pw-unmerge_fast", "dora_conv3d/pw-unmerge_fast"),
 }
 
 

@@ -27,9 +27,9 @@ from ..jsonfile import read_json
 from ..safetensors_io import load_file, save_file
 
 CASE_JSON, INPUTS, EXPECTED, OUTPUTS, MANIFEST = "case.json", "inputs.safetensors", "expected.safetensors", "outputs.safetensors", "manifest.json"
-CHECKS = ("bound", "bitwise", "factor", "product")
+CHECKS = ("bound", "bitwise", "factor", "product", "equals")
 #: Outputs the implementation returns (a "product" output is formed by the runner from two "factor" outputs).
-RETURNED_CHECKS = ("bound", "bitwise", "factor")
+RETURNED_CHECKS = ("bound", "bitwise", "factor", "equals")
 
 
 class CaseFormatError(FileFormatError):
@@ -66,7 +66,7 @@ class Case:
             if spec["check"] in ("bound", "product"):
                 wanted[name] = ("float64", spec["shape"])
                 wanted[f"{name}.magnitude"] = ("float64", spec["shape"])
-                if spec["check"] == "product":
+                if spec["check"] == "product" or "slack" in spec:
                     wanted[f"{name}.slack"] = ("float64", spec["shape"])
             elif spec["check"] == "bitwise":
                 wanted[name] = (spec["dtype"], spec["shape"])
@@ -117,6 +117,9 @@ def _tensor_specs(path: Path, entries: Any, what: str, *, outputs: bool, refusal
             if product and not (isinstance(factors, list) and len(factors) == 2
                                 and all(isinstance(f, str) and entries.get(f, {}).get("check") == "factor" for f in factors)):
                 raise CaseFormatError(f"{path}: outputs[{name!r}].factors must name two outputs whose check is 'factor'")
+            if spec["check"] == "equals" and not (isinstance(spec.get("output"), str) and spec["output"] != name
+                                                  and entries.get(spec["output"], {}).get("check") in ("bound", "bitwise")):
+                raise CaseFormatError(f"{path}: outputs[{name!r}].output must name another returned output (bound or bitwise)")
     return entries
 
 

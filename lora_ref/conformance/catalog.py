@@ -99,7 +99,7 @@ class CaseSpec:
             values = stream.uniform(shape, spread)
             if name == "dropout_mask":  # p = 1/2: keep with probability 1/2, kept values scaled by 2
                 values = np.where(values >= 0, 2.0, 0.0)
-            if name == "magnitude":  # DoRA magnitudes are positive
+            if name in ("magnitude", "norm"):  # DoRA magnitudes (and merge-time norms) are positive
                 values = np.abs(values) + spread / 2
             arrays[name] = round_to(values, dtype)
         if self.special is not None:
@@ -576,6 +576,53 @@ def _combine_cases() -> Iterator[CaseSpec]:
                    "rank 3 of 5, the second adapter weighted 2^-6: the discarded singular values are small")
 
 
+def _dropout_and_conv_combine_cases() -> Iterator[CaseSpec]:
+    """Dropout masks in mixed batches (per-row index, the mask an input: each row's LoRA path on x ∘ mask, a DoRA row by
+    SPEC 4.3's dropout formula), DoRA's training formula on Conv1d/2d/3d, and ``combine`` of Conv1d / Conv3d factors."""
+
+    def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str, special=None) -> CaseSpec:
+        return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, shapes, description, special)
+
+    two = [linear_params(2, 4, lora_dropout=0.5), linear_params(3, 7, rslora=True, lora_dropout=0.5)]
+    n_in, n_out, rows = 10, 6, 6
+    lin = {"x": ((rows, n_in), 2.0), "W": ((n_out, n_in), 1.0), "b": ((n_out,), 1.0), "index": ((rows,), 2),
+           "dropout_mask": ((rows, n_in), 1.0),
+           **{f"{g}.{i}": (((r, n_in) if g == "A" else (n_out, r)), 1.0) for i, r in enumerate((2, 3)) for g in "AB"}}
+    for variant, extra, description in (
+            ("plain", {}, "two plain adapters"),
+            ("lora_bias", {"lora_bias.0": ((n_out,), 0.5), "lora_bias.1": ((n_out,), 0.5)}, "both adapters with lora_bias"),
+            ("dora", {"lora_bias.0": ((n_out,), 0.5), "magnitude.1": ((n_out,), 4.0)},
+             "adapter 0 with lora_bias, adapter 1 DoRA (its rows: base(x) + (g − 1) base(x̃) + g lora(x̃))")):
+        for dtype in ("float32", "bfloat16"):
+            yield case("mixed_linear", f"forward-mask-{variant}", "mixed_linear.forward", dtype, {"adapters": two}, {**lin, **extra},
+                       f"training mixed batch, the mask row b multiplies row b's LoRA input only: {description}", _every_route)
+            yield case("mixed_linear", f"backward-mask-{variant}", "mixed_linear.backward", dtype, {"adapters": two},
+                       {**{k: v for k, v in lin.items() if k != "b"}, **extra, "dy": ((rows, n_out), 1.0)},
+                       f"training mixed batch backward: the mask enters each row's dx LoRA part and its adapter's gradients: {description}",
+                       _every_route)
+
+    for d, size, geometry in ((1, (9,), dict(stride=2, padding=1)), (2, (5, 6), dict(stride=[1, 2], padding=1)),
+                              (3, (3, 4, 3), dict(stride=1, padding=1))):
+        c, o, k = (3, 4, (3,) * d) if d < 3 else (2, 3, (3, 2, 1))
+        x = ((2, c) + size, 2.0)
+        shapes = {"x": x, "W": ((o, c) + k, 1.0), "b": ((o,), 1.0), "A": ((2, c) + k, 1.0), "B": ((o, 2) + (1,) * d, 1.0),
+                  "magnitude": ((o,), 4.0), "dropout_mask": x}
+        for dtype in ("float32", "bfloat16"):
+            yield case(f"dora_conv{d}d", "forward-dropout", f"dora_conv{d}d.forward", dtype,
+                       linear_params(2, 5, rslora=dtype == "bfloat16", lora_dropout=0.5, **geometry), shapes,
+                       f"Conv{d}d DoRA in training {geometry}: conv(x, W) + b + (g − 1) ∘ conv(x̃, W) + g ∘ lora(x̃), x̃ = x ∘ mask")
+
+    mixed = {"adapters": [linear_params(2, 4), linear_params(3, 6, rslora=True)], "weights": [0.75, -1.5]}
+    for d, (c, o, k) in ((1, (3, 4, (3,))), (3, (2, 3, (3, 2, 1)))):
+        shapes = {f"{g}.{i}": (((r, c) + k if g == "A" else (o, r) + (1,) * d), 1.0) for i, r in enumerate((2, 3)) for g in "AB"}
+        for dtype in ("float32", "bfloat16"):
+            yield case("combine", f"cat-conv{d}d", "combine.cat", dtype, {**mixed, "kind": "conv"}, shapes,
+                       f"cat of Conv{d}d factors (A [r, C, *k], B [O, r, 1...]) along the rank axis")
+            for rank, why in ((3, "truncated"), (5, "lossless: rank = r_1 + r_2")):
+                yield case("combine", f"svd{rank}-conv{d}d", "combine.svd", dtype, {**mixed, "kind": "conv", "rank": rank}, shapes,
+                           f"rank-{rank} svd of Σ c_i B_i A_i on Conv{d}d factors ({why}); A [k, C, *kernel], B [O, k, 1...]")
+
+
 # -- covering cases: one table of every family's independent dimensions -------------------------
 def rank_past(limit: int) -> int:
     """The smallest r > ``limit`` that is neither a power of two nor a square (so s stays inexact)."""
@@ -804,6 +851,71 @@ def _conv_family(d: int, merge: bool) -> Family:
                   _conv_valid(d), lambda row: _conv_row(row, d), note=f"input {'x'.join(map(str, _CONV_SHAPES[d][3]))}")
 
 
+#: DoRA kinds of the fast-unmerge family: (operation group, W shape, W's channel axis).
+_DORA_KINDS = {"linear": ("dora", (LIN_OUT, LIN_IN), 0), "embedding": ("dora_embedding", (V_EMB, D_EMB), 1),
+               **{f"conv{d}d": (f"dora_conv{d}d", (_CONV_SHAPES[d][2], _CONV_SHAPES[d][1]) + _conv_kernel("k_ns" if d > 1 else "k3", d), 0)
+                  for d in (1, 2, 3)}}
+
+
+def _dora_fast_unmerge_row(row: Row) -> CaseSpec:
+    """W = W_merged / g − ΔW with the merge-time norm n an input (issue 11: fast unmerge of every DoRA kind)."""
+    group, shape, axis = _DORA_KINDS[row["kind"]]
+    out_f, in_f = shape[axis], int(np.prod(shape)) // shape[axis]
+    r = rank_of(row["rank"], out_f, in_f)
+    alpha, rslora = scale_params(row["scale"], r)
+    if row["kind"] == "embedding":
+        factors = {"A": ((r, shape[0]), 1.0), "B": ((shape[1], r), 1.0)}
+    else:
+        factors = {"A": ((r,) + shape[1:], 1.0), "B": ((shape[0], r) + (1,) * (len(shape) - 2), 1.0)}
+    inputs = {"W_merged": (shape, 1.0), **factors, "magnitude": ((out_f,), 4.0), "norm": ((out_f,), 2.0)}
+    return _pw(group, row, "dora.unmerge_fast", "unmerge_fast", f"{group}.unmerge", linear_params(r, alpha, rslora=rslora, exact=False),
+               inputs, f"covering row {dict(row)}: W = W_merged / g − ΔW, g = m / n with n the merge-time norm (an input)")
+
+
+def _dora_dropout_row(row: Row) -> CaseSpec:
+    """Linear DoRA in training with a given mask: PEFT's formula, base on x, the DoRA terms on x ∘ mask (SPEC 4.3)."""
+    r = rank_of(row["rank"], LIN_OUT, LIN_IN)
+    alpha, rslora = scale_params(row["scale"], r)
+    rows = _ROWS[row["rows"]]
+    every = {"x": (rows + (LIN_IN,), 2.0), "W": ((LIN_OUT, LIN_IN), 1.0), "b": ((LIN_OUT,), 1.0), "A": ((r, LIN_IN), 1.0),
+             "B": ((LIN_OUT, r), 1.0), "magnitude": ((LIN_OUT,), 4.0), "dropout_mask": (rows + (LIN_IN,), 1.0),
+             "dy": (rows + (LIN_OUT,), 1.0)}
+    names = ("x", "W", "b", "A", "B", "magnitude", "dropout_mask") + (("dy",) if row["action"] == "backward" else ())
+    return _pw("dora", row, "dora.dropout", f"{row['action']}_dropout", f"dora.{row['action']}",
+               linear_params(r, alpha, rslora=rslora, lora_dropout=0.5), {k: every[k] for k in names},
+               f"covering row {dict(row)}: training with a given inverted-dropout mask (p = 1/2)")
+
+
+#: Tree shapes: (parents, visits). A stack is a chain merged in order, unmerged LIFO one step, then two at once, rebuilt, then two;
+#: a tree's switches walk between branches through their lowest common ancestor (−1: the bare base).
+_TREES = {"stack": ([None, 0, 1], [0, 1, 2, 1, -1, 2, 0]), "tree": ([None, 0, 1, 0], [2, 3, 1, 2, -1, 3])}
+#: Node adapters: ranks and scales differ (exact, rsLoRA, exact, non-dyadic); which nodes are DoRA per variant.
+_TREE_ADAPTERS = ((2, 4.0, False), (3, 7.0, True), (1, 2.0, False), (2, 5.0, False))
+_TREE_DORA = {"plain": (), "dora": (0, 1, 2, 3), "mixed": (1, 3)}
+#: Per kind: (operation group, W shape); Conv kernels not square.
+_TREE_KINDS = {"linear": ("tree_linear", (LIN_OUT, LIN_IN)), "embedding": ("tree_embedding", (V_EMB, D_EMB)),
+               "conv1d": ("tree_conv1d", (4, 3, 3)), "conv2d": ("tree_conv2d", (4, 3, 3, 2)), "conv3d": ("tree_conv3d", (3, 2, 3, 2, 1))}
+
+
+def _tree_row(row: Row) -> CaseSpec:
+    """Exact switches between the nodes of an adapter tree or a merged stack (SPEC M.2, M.4)."""
+    group, shape = _TREE_KINDS[row["kind"]]
+    parents, visits = _TREES[row["shape"]]
+    inputs: dict[str, tuple[tuple[int, ...], float]] = {"W": (shape, 1.0)}
+    adapters = []
+    for i, (r, alpha, rslora) in enumerate(_TREE_ADAPTERS[: len(parents)]):
+        adapters.append(linear_params(r, alpha, rslora=rslora))
+        if row["kind"] == "embedding":
+            inputs[f"A.{i}"], inputs[f"B.{i}"] = ((r, shape[0]), 1.0), ((shape[1], r), 1.0)
+        else:
+            inputs[f"A.{i}"], inputs[f"B.{i}"] = ((r,) + shape[1:], 1.0), ((shape[0], r) + (1,) * (len(shape) - 2), 1.0)
+        if i in _TREE_DORA[row["variant"]]:
+            inputs[f"magnitude.{i}"] = ((shape[1 if row["kind"] == "embedding" else 0],), 4.0)
+    return _pw(group, row, "tree", "switch", f"{group}.switch", {"adapters": adapters, "parents": parents, "visits": visits, "exact": True},
+               inputs, f"covering row {dict(row)}: parents {parents}, visits {visits} (-1 = base); each switch unmerges to the "
+               "common ancestor (LIFO) and merges down; a revisited state must be bitwise the first one")
+
+
 #: The coverage table: every operation family, its independent dimensions and values (SPEC C.2 renders it).
 COVERAGE: tuple[Family, ...] = (
     Family("linear.forward", ("linear.forward",), (
@@ -852,6 +964,22 @@ COVERAGE: tuple[Family, ...] = (
     Family("dora", ("dora.forward", "dora.backward", "dora.merge", "dora.unmerge"), (
         DTYPE, RANK, SCALE, Dimension("action", ("forward", "backward", "merge", "unmerge_exact"), "DoRA (Linear) operations")),
         _valid_scale, _dora_row),
+    Family("dora.unmerge_fast", tuple(f"{group}.unmerge" for group, _, _ in _DORA_KINDS.values()), (
+        DTYPE, RANK, SCALE, Dimension("kind", tuple(_DORA_KINDS), "the DoRA layer kind (W 5x7; Embedding 9x6; Conv1d 4x3x3, "
+                                      "Conv2d 4x3x3x2, Conv3d 3x2x3x2x1)")),
+        _valid_scale, _dora_fast_unmerge_row, note="the merge-time norm n is an input"),
+    Family("dora.dropout", ("dora.forward", "dora.backward"), (
+        DTYPE, RANK, SCALE, Dimension("rows", ("rows3", "rows1", "rows0"), "x [3, in], [1, in], [0, in] (empty batch)"),
+        Dimension("action", ("forward", "backward"), "training forward; backward (dx, dA, dB, dmagnitude, db)")),
+        _valid_scale, _dora_dropout_row, note="mask p = 1/2 (entries 0 or 2)"),
+    Family("tree", tuple(f"{group}.switch" for group, _ in _TREE_KINDS.values()), (
+        DTYPE, Dimension("kind", tuple(_TREE_KINDS), "the layer kind (W 5x7; Embedding 9x6; Conv1d 4x3x3, Conv2d 4x3x3x2, "
+                                   "Conv3d 3x2x3x2x1)"),
+        Dimension("shape", tuple(_TREES), "a merged stack of 3 (merge in order, unmerge LIFO, rebuild) or a tree of 4 nodes "
+                                         "(switches through the common ancestor, the base, back)"),
+        Dimension("variant", tuple(_TREE_DORA), "plain nodes; every node DoRA (norms of the weight as merged so far); "
+                                                "DoRA and plain nodes mixed")),
+        lambda row: True, _tree_row, note="exact mode; ranks 2, 3, 1, 2 with exact, rsLoRA, exact and non-dyadic scales"),
     Family("combine", ("combine.cat", "combine.svd"), (
         DTYPE, Dimension("method", ("cat", "svd_sum", "svd_min", "svd_past_min"),
                          "cat; svd at rank = Σ r_i (4), = min(out, in) (5), past min(out, in) (6)"),
@@ -1023,6 +1151,7 @@ def _semantic_cases() -> Iterator[CaseSpec]:
 
 #: Builders of case specs, one per layer kind; each yields CaseSpecs with unique ids.
 BUILDERS: list[Callable[[], Iterator[CaseSpec]]] = [_linear_cases, _layer_cases, _conv_nd_cases, _dora_layer_cases, _cell_cases, _combine_cases,
+                                                    _dropout_and_conv_combine_cases,
                                                     _covering_cases, _refusal_cases, _semantic_cases]
 
 

@@ -53,7 +53,7 @@ def _adapter_inputs(inputs: Inputs, i: int | None, rows: np.ndarray | None = Non
     if i is None:
         out["B"] = np.zeros_like(out["B"])
     if rows is not None:
-        for name in ("x", "ids", "dy"):
+        for name in ("x", "ids", "dy", "dropout_mask"):  # per-row inputs
             if name in out:
                 out[name] = out[name][rows]
     return out

@@ -30,12 +30,11 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..errors import ConfigError
 from .conv_operations import _backward as _conv_grad_terms
 from .conv_operations import _forward as _conv_terms
 from .conv_operations import conv_backward, conv_delta
 from .exact import Dyadic, sqrt_fraction, to_float64
-from .layer_operations import _embedding_backward, _embedding_delta, _embedding_forward, combine_fractions, embedding_backward
+from .layer_operations import _embedding_backward, _embedding_delta, _embedding_forward, combine_fractions, dora_fast_unmerge, embedding_backward
 from .operations import Expected, Inputs, Params, register
 
 #: kind -> (W's output-channel axis, the output's channel axis)
@@ -43,7 +42,7 @@ _AXES = {"embedding": (1, -1), "conv": (0, 1)}
 
 
 def _delta(kind: str, inputs: Inputs, params: Params) -> Callable[[bool], tuple[Fraction, Dyadic]]:
-    return _embedding_delta(inputs, params) if kind == "embedding" else conv_delta(inputs, params, inputs["W"].shape)
+    return _embedding_delta(inputs, params) if kind == "embedding" else conv_delta(inputs, params, (inputs["W"] if "W" in inputs else inputs["W_merged"]).shape)
 
 
 def _norms(V: np.ndarray, axis: int) -> np.ndarray:
@@ -84,15 +83,42 @@ def _forward(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
     else:
         (terms, _), (abs_terms, _) = _conv_terms(unbiased, params, False), _conv_terms(unbiased, params, True)
         k1 = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6
-    z, Mz = combine_fractions(terms), combine_fractions(abs_terms)
     channel = _AXES[kind][1]
-    gz = _along(g, z.ndim, channel) * z
     b = Dyadic.of(inputs["b"], what="b").fractions() if "b" in inputs else np.zeros(len(g), dtype=object) + Fraction(0)
+    depth = max(k1, inputs["A"].shape[0] + 6, _norm_length(kind, inputs) + 3) + 3
+    if "dropout_mask" in inputs:  # training (Conv): base(x) + b + (g − 1) ∘ base(x̃) + g ∘ lora(x̃), x̃ = x ∘ mask (SPEC 4.3)
+        return {"y": _dropout_forward(inputs, params, g, abs_norms / norms + 2, terms[0], abs_terms[0], b, 2 * (depth + 1))}
+    z, Mz = combine_fractions(terms), combine_fractions(abs_terms)
+    gz = _along(g, z.ndim, channel) * z
     ratio = _along(abs_norms / norms + 2, z.ndim, channel)
     y = gz + _along(b, z.ndim, channel)
     magnitude = _along(np.abs(g), z.ndim, channel) * Mz + np.abs(gz) * ratio + _along(np.abs(b), z.ndim, channel)
-    depth = max(k1, inputs["A"].shape[0] + 6, _norm_length(kind, inputs) + 3) + 3
     return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * depth)}
+
+
+def _dropout_forward(inputs: Inputs, params: Params, g: np.ndarray, rho: np.ndarray, base: tuple, abs_base: tuple,
+                     b: np.ndarray, depth: int) -> Expected:
+    """Conv DoRA in training: y = base(x) + b + (g − 1) ∘ base(x̃) + g ∘ lora(x̃) (PEFT's formula, SPEC 4.3).
+
+    x̃ = x ∘ mask is exact in t (mask entries 0 or 1/(1 − p) = 2). Bound as the eval one, term by term:
+    M = |base|(x) + |b| + |g − 1| M_base(x̃) + |g| M_lora(x̃) + |g| (M_base(x̃) + M_lora(x̃)) ρ, ρ = ‖N_c‖/n_c + 2
+    (g's and g − 1's error), K one more than eval's (the mask), doubled for second-order terms.
+    """
+    x = np.asarray(inputs["x"])
+    dropped = {**{k: v for k, v in inputs.items() if k != "b"},
+               "x": (x.astype(np.float64) * np.asarray(inputs["dropout_mask"]).astype(np.float64)).astype(x.dtype)}
+    (d_terms, _), (d_abs, _) = _conv_terms(dropped, params, False), _conv_terms(dropped, params, True)
+    (_, base_d), (s, lora_d) = d_terms
+    (_, abase_d), (abs_s, alora_d) = d_abs
+    ndim = len(inputs["x"].shape)
+    gc, gm1 = _along(g, ndim, 1), _along(g - 1, ndim, 1)
+    base_x, abs_base_x = base[1].fractions() * base[0], abs_base[1].fractions() * abs_base[0]
+    lora_v, alora_v = lora_d.fractions() * s, alora_d.fractions() * abs_s
+    bc = _along(b, ndim, 1)
+    y = base_x + bc + gm1 * base_d.fractions() + gc * lora_v
+    Mb, Ml = abase_d.fractions(), alora_v
+    magnitude = (abs_base_x + np.abs(bc) + np.abs(gm1) * Mb + np.abs(gc) * Ml + np.abs(gc) * (Mb + Ml) * _along(rho, ndim, 1))
+    return Expected("bound", to_float64(y), to_float64(magnitude), depth)
 
 
 def _merge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
@@ -105,8 +131,9 @@ def _merge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 
 def _unmerge(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
+    """Exact round trip; or fast, W = W_merged / g − ΔW with the merge-time norm given (``dora_fast_unmerge``)."""
     if not params.get("exact", False):
-        raise ConfigError(f"dora_{kind} unmerge cases are exact round trips (exact: true)")
+        return dora_fast_unmerge(inputs, params, _delta(kind, inputs, params), _AXES[kind][0])
     return {**_merge(kind, inputs, params), "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 

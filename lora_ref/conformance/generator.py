@@ -38,6 +38,11 @@ def build_case(spec: CaseSpec) -> tuple[dict[str, Any], dict[str, np.ndarray], d
             entry["magnitude"] = f"{name}.magnitude"
             expected[name] = result.value
             expected[f"{name}.magnitude"] = result.magnitude
+        if result.check == "bound" and result.slack is not None:  # an absolute per-element addition to the tolerance
+            entry["slack"] = f"{name}.slack"
+            expected[f"{name}.slack"] = result.slack
+        elif result.check == "equals":  # bitwise another of the implementation's outputs
+            entry["output"] = result.same_as
         if result.check == "product":  # formed by the runner in float64 from two returned factors
             entry.update(dtype="float64", factors=list(result.factors), slack=f"{name}.slack")
             expected[f"{name}.slack"] = result.slack

@@ -15,6 +15,7 @@ magnitude M and a depth K per output (bounds.py). Depths:
     dora.forward (Linear, eval)   y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b,  g = m / ‖W + s B A‖_row
     dora.merge (Linear)           W' = g ∘ (W + s B A)
     dora.unmerge (Linear, exact)  round trip: W_merged as dora.merge, W_restored = W bit for bit
+    dora.unmerge (Linear, fast)   W = W_merged / g − s B A with the merge-time norm n given      K = r + 9
     dora.backward (Linear, eval)  G = g ∘ dY: dx, dA, dB as Linear LoRA with dY -> G; dm = Σ dY ∘ z / n; db
 
 DoRA is not a sum of products (a norm, a square root, a division), so its bound is derived
@@ -35,9 +36,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..errors import ConfigError
 from .exact import Dyadic, sqrt_fraction, to_float64
-from .operations import Expected, Inputs, Params, bounded, exact_input, exact_scale, merge_expected, register, scale_term
+from .operations import Expected, Inputs, Params, _linear_delta, bounded, exact_input, exact_scale, merge_expected, register, scale_term
 
 
 # -- Embedding --------------------------------------------------------------------------------
@@ -202,48 +202,82 @@ def combine_fractions(terms: list[tuple[Fraction, Dyadic]]) -> np.ndarray:
     return total
 
 
+def _dora_mask(inputs: Inputs, X: np.ndarray) -> np.ndarray | None:
+    """The training mask as Fractions shaped like X (None at inference)."""
+    if "dropout_mask" not in inputs:
+        return None
+    return exact_input(inputs, "dropout_mask", False).fractions().reshape(X.shape)
+
+
 @register("dora.forward", "SPEC 4.3, C.3")
 def dora_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """Linear DoRA at inference: y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b, g = m / ‖W + s B A‖ per output row."""
+    """Linear DoRA, g = m / ‖W + s B A‖ per output row (n constant):
+
+        eval (no mask)   y = g ∘ (x Wᵀ + s (x Aᵀ) Bᵀ) + b
+        training (mask)  y = x Wᵀ + b + (g − 1) ∘ (x̃ Wᵀ) + g ∘ s (x̃ Aᵀ) Bᵀ,   x̃ = x ∘ mask   (SPEC 4.3, PEFT's formula)
+
+    Bound (module docstring): the eval one; with a mask each of the three terms is bounded by its
+    magnitude, and g's (and g − 1's) error by |g| (|x̃||W| + |s||x̃||A||B|)(‖N_c‖/n_c + 2); K one more (the mask).
+    """
     s = exact_scale(params)
     _, _, norms, abs_norms = _dora_pieces(inputs, params)
     m = exact_input(inputs, "magnitude", False).fractions()
     g = m / norms
-    X, W, A, B = (exact_input(inputs, n, False) for n in ("x", "W", "A", "B"))
-    Xa, Wa, Aa, Ba = (t.abs() for t in (X, W, A, B))
-    z = combine_fractions([(Fraction(1), X @ W.T), (s, (X @ A.T) @ B.T)])
-    Mz = combine_fractions([(Fraction(1), Xa @ Wa.T), (abs(s), (Xa @ Aa.T) @ Ba.T)])
+    X, W, A, B = (exact_input(inputs, n, False).fractions() for n in ("x", "W", "A", "B"))
+    Xa, Wa, Aa, Ba = (np.abs(t) for t in (X, W, A, B))
+    mask = _dora_mask(inputs, X)
     b = exact_input(inputs, "b", False).fractions() if "b" in inputs else np.zeros(len(m), dtype=object) + Fraction(0)
-    y = g[None, :] * z + b[None, :]
-    ratio = abs_norms / norms
-    magnitude = abs(g)[None, :] * Mz + abs(g[None, :] * z) * (ratio[None, :] + 2) + np.abs(b)[None, :]
+    ratio = (abs_norms / norms)[None, :]
     k1 = inputs["x"].shape[1] + inputs["A"].shape[0] + 6
-    return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * (k1 + 3))}
+    if mask is None:
+        z, Mz = X @ W.T + s * ((X @ A.T) @ B.T), Xa @ Wa.T + abs(s) * ((Xa @ Aa.T) @ Ba.T)
+        y = g[None, :] * z + b[None, :]
+        magnitude = abs(g)[None, :] * Mz + abs(g[None, :] * z) * (ratio + 2) + np.abs(b)[None, :]
+        return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * (k1 + 3))}
+    Xd = X * mask
+    Xda = np.abs(Xd)
+    base_d, lora_d = Xd @ W.T, s * ((Xd @ A.T) @ B.T)
+    Mbase_d, Mlora_d = Xda @ Wa.T, abs(s) * ((Xda @ Aa.T) @ Ba.T)
+    y = X @ W.T + b[None, :] + (g - 1)[None, :] * base_d + g[None, :] * lora_d
+    magnitude = (Xa @ Wa.T + np.abs(b)[None, :] + np.abs(g - 1)[None, :] * Mbase_d + abs(g)[None, :] * Mlora_d
+                 + abs(g)[None, :] * (Mbase_d + Mlora_d) * (ratio + 2))
+    return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * (k1 + 4))}
 
 
 @register("dora.backward", "SPEC 4.3, C.3")
 def dora_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """Linear DoRA at inference (no mask), n constant: with G = g ∘ dY,
-    dx = G W + s ((G B) A), dA = s (G B)ᵀ X, dB = s Gᵀ (X Aᵀ), dmagnitude = Σ_rows dY ∘ z / n, db = Σ_rows dY.
+    """Linear DoRA backward, n constant, with G = g ∘ dY and x̃ = x ∘ mask (x̃ = x without a mask):
+
+        eval      dx = G W + s ((G B) A)
+        training  dx = dY W + mask ∘ (((g − 1) ∘ dY) W + s ((G B) A))            (SPEC 4.3)
+        both      dA = s (G B)ᵀ X̃, dB = s Gᵀ (X̃ Aᵀ), dmagnitude = Σ_rows dY ∘ (x̃ Wᵀ + s (x̃ Aᵀ) Bᵀ) / n, db = Σ_rows dY
 
     Bound (module docstring): g's relative error is ≤ γ_{Kg}(‖N_c‖/n_c + 1), Kg = in + r + 9, so the
-    g-weighted outputs get M = the same expression on |G| ∘ (‖N_c‖/n_c + 2) and K = 2 (Kc + Kg).
+    g-weighted outputs get M = the same expression on |G| ∘ (‖N_c‖/n_c + 2) and K = 2 (Kc + Kg)
+    (+ 2 with a mask: one more multiplication on each path).
     """
     s = exact_scale(params)
     _, _, norms, abs_norms = _dora_pieces(inputs, params)
     g = exact_input(inputs, "magnitude", False).fractions() / norms
     rho = abs_norms / norms + 2
     X, W, A, B, dY = (exact_input(inputs, n, False).fractions() for n in ("x", "W", "A", "B", "dy"))
-    Xa, Wa, Aa, Ba, dYa = (np.abs(t) for t in (X, W, A, B, dY))
+    mask = _dora_mask(inputs, X)
+    Xd = X if mask is None else X * mask
+    Xda, Wa, Aa, Ba, dYa = (np.abs(t) for t in (Xd, W, A, B, dY))
     G, Ga = dY * g[None, :], dYa * (np.abs(g) * rho)[None, :]
-    z = X @ W.T + s * ((X @ A.T) @ B.T)
-    Mz = Xa @ Wa.T + abs(s) * ((Xa @ Aa.T) @ Ba.T)
+    z = Xd @ W.T + s * ((Xd @ A.T) @ B.T)
+    Mz = Xda @ Wa.T + abs(s) * ((Xda @ Aa.T) @ Ba.T)
     rows, in_f, r, out_f = X.shape[0], X.shape[1], A.shape[0], W.shape[0]
-    kg = in_f + r + 9
+    kg = in_f + r + 9 + (0 if mask is None else 1)
+    if mask is None:
+        dx = (G @ W + s * ((G @ B) @ A), Ga @ Wa + abs(s) * ((Ga @ Ba) @ Aa))
+    else:
+        Gm1, Gm1a = dY * (g - 1)[None, :], dYa * (np.abs(g - 1) + np.abs(g) * rho)[None, :]
+        dx = (dY @ W + mask * (Gm1 @ W + s * ((G @ B) @ A)), dYa @ Wa + np.abs(mask) * (Gm1a @ Wa + abs(s) * ((Ga @ Ba) @ Aa)))
     values = {
-        "dx": (G @ W + s * ((G @ B) @ A), Ga @ Wa + abs(s) * ((Ga @ Ba) @ Aa), 2 * (out_f + r + 6 + kg)),
-        "dA": (s * ((G @ B).T @ X), abs(s) * ((Ga @ Ba).T @ Xa), 2 * (out_f + rows + 6 + kg)),
-        "dB": (s * (G.T @ (X @ A.T)), abs(s) * (Ga.T @ (Xa @ Aa.T)), 2 * (in_f + rows + 6 + kg)),
+        "dx": (*dx, 2 * (out_f + r + 6 + kg)),
+        "dA": (s * ((G @ B).T @ Xd), abs(s) * ((Ga @ Ba).T @ Xda), 2 * (out_f + rows + 6 + kg)),
+        "dB": (s * (G.T @ (Xd @ A.T)), abs(s) * (Ga.T @ (Xda @ Aa.T)), 2 * (in_f + rows + 6 + kg)),
         "dmagnitude": ((dY * z).sum(axis=0) / norms, (dYa * (Mz + np.abs(z) * rho[None, :])).sum(axis=0) / norms,
                        2 * (in_f + r + rows + 8 + kg)),
         "db": (dY.sum(axis=0), dYa.sum(axis=0), rows + 1),
@@ -251,12 +285,32 @@ def dora_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
     return {name: Expected("bound", to_float64(v), to_float64(m), k) for name, (v, m, k) in values.items()}
 
 
+def dora_fast_unmerge(inputs: Inputs, params: Params, delta, axis: int) -> dict[str, Expected]:
+    """Fast DoRA unmerge of any kind with the merge-time norm n given (input ``norm``, one entry per channel):
+
+        W = round_t(W_merged / g − ΔW),  g = m / n along W's channel ``axis``           (SPEC 4.3)
+
+    ``delta(absolute)`` gives (c, D) with ΔW = c D. Every element is a two-term sum (n_c/m_c) W' − c D:
+    K = r + 9 (ΔW's r + 6, the division m / n, the division by g, the subtraction), M = |n/m| |W'| + |c| |D|.
+    n is the norm the implementation's own merge used; it is not recomputed from W_merged (‖W'_c‖ = m_c).
+    """
+    Wm = exact_input(inputs, "W_merged", False).fractions()
+    inv_g = exact_input(inputs, "norm", False).fractions() / exact_input(inputs, "magnitude", False).fractions()
+    shape = [1] * Wm.ndim
+    shape[axis] = -1
+    inv_g = inv_g.reshape(shape)
+    (c, D), (abs_c, abs_D) = delta(False), delta(True)
+    value = inv_g * Wm - c * D.fractions()
+    magnitude = np.abs(inv_g) * np.abs(Wm) + abs_c * abs_D.fractions()
+    return {"W": Expected("bound", to_float64(value), to_float64(magnitude), inputs["A"].shape[0] + 9)}
+
+
 @register("dora.unmerge", "SPEC 4.3, 3.4, C.3")
 def dora_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """Exact round trip (``exact`` must be true: fast DoRA unmerge needs the norm n of the unmerged W,
-    which the implementation keeps from its merge): W_merged bounded as dora.merge, W_restored = W's bits."""
+    """Exact: the round trip, W_merged bounded as dora.merge, W_restored = W's bits. Fast (``exact`` false):
+    :func:`dora_fast_unmerge` with the merge-time norm as the input ``norm``."""
     if not params.get("exact", False):
-        raise ConfigError("dora.unmerge cases are exact round trips (exact: true)")
+        return dora_fast_unmerge(inputs, params, _linear_delta(inputs, params), 1 if params.get("fan_in_fan_out", False) else 0)
     return {**dora_merge(inputs, params), "W_restored": Expected("bitwise", np.array(inputs["W"]))}
 
 

@@ -38,10 +38,11 @@ Params = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Expected:
-    """One output of a case: ``check`` is "bound" (value, magnitude, depth), "bitwise" (value in t),
-    "factor" (returned, only its dtype and shape are checked; ``value`` gives the shape) or "product"
-    (not returned: the runner forms ``factors[0] @ factors[1]`` in float64 and bounds it like "bound",
-    plus an absolute ``slack`` per element)."""
+    """One output of a case: ``check`` is "bound" (value, magnitude, depth; with ``slack``, an absolute
+    per-element amount added to the tolerance), "bitwise" (value in t), "equals" (bitwise the
+    implementation's own output ``same_as``; ``value`` gives the shape), "factor" (returned, only its
+    dtype and shape are checked; ``value`` gives the shape) or "product" (not returned: the runner forms
+    ``factors[0] @ factors[1]`` in float64 and bounds it like "bound", plus an absolute ``slack`` per element)."""
 
     check: str
     value: np.ndarray
@@ -49,11 +50,12 @@ class Expected:
     depth: int = 0
     slack: np.ndarray | None = None
     factors: tuple[str, str] | None = None
+    same_as: str | None = None
 
     def reshaped(self, shape: tuple[int, ...]) -> Expected:
         """The same output with its value and magnitude reshaped (e.g. rows back to [batch, seq, n])."""
         return Expected(self.check, self.value.reshape(shape), None if self.magnitude is None else self.magnitude.reshape(shape),
-                        self.depth, self.slack, self.factors)
+                        self.depth, self.slack, self.factors, self.same_as)
 
 
 @dataclass(frozen=True)
@@ -240,3 +242,4 @@ def linear_unmerge(inputs: Inputs, params: Params) -> dict[str, Expected]:
 
 
 from . import cell_operations, combine_operations, conv_operations, dora_operations, layer_operations  # noqa: E402,F401  (register the conv, embedding, mixed-batch and DoRA operations)
+from . import tree_operations  # noqa: E402,F401  (trees and merged stacks; imports the DoRA oracles)

@@ -17,6 +17,7 @@ from ..config import LoraConfig, lora_scale
 from ..linear import LinearDelta, backward, forward
 from ..merge import merge, unmerge
 from ..mixed_batch import LoraFactors, active_forward, mixed_backward, mixed_forward
+from ..tree import AdapterTree, TreeNode, TreeSwitcher
 
 Arrays = dict[str, np.ndarray]
 
@@ -130,12 +131,13 @@ def _mixed_batch_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
 
 def _dora_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     layer = dora.linear(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
-    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
+    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"), dropout_mask=inputs.get("dropout_mask"))}
 
 
 def _dora_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     layer = dora.linear(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"])
-    grads = dora.backward(layer, inputs["x"], inputs["dy"], inputs["A"], inputs["B"], bias_dtype=inputs["b"].dtype)
+    grads = dora.backward(layer, inputs["x"], inputs["dy"], inputs["A"], inputs["B"], dropout_mask=inputs.get("dropout_mask"),
+                          bias_dtype=inputs["b"].dtype)
     return {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude, "db": grads.db}
 
 
@@ -153,8 +155,11 @@ def _dora_merge(params: Mapping[str, Any], inputs: Arrays, kind: str = "linear")
 
 
 def _dora_unmerge(params: Mapping[str, Any], inputs: Arrays, kind: str = "linear") -> Arrays:
+    """Exact: merge with the residual, then restore. Fast: W_merged / g − ΔW with the merge-time norm given as ``norm``."""
     if not params.get("exact", False):
-        raise NotImplementedError("fast DoRA unmerge needs the norm of the unmerged weight")
+        delta, axis = _DORA_DELTAS[kind]
+        source = dora.DoraDelta(delta(inputs["A"], inputs["B"], scale_of(params)), inputs["magnitude"], inputs["norm"], axis)
+        return {"W": unmerge(inputs["W_merged"], source)}
     source = _dora_source(kind, params, inputs)
     merged = merge(inputs["W"], source, exact=True)
     return {"W_merged": merged.weight, "W_restored": unmerge(merged.weight, source, residual=merged.residual)}
@@ -167,7 +172,7 @@ def _dora_embedding_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays
 
 def _dora_conv_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     layer = dora.conv(inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"], geometry=_geometry(params))
-    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"))}
+    return {"y": dora.forward(layer, inputs["x"], bias=inputs.get("b"), dropout_mask=inputs.get("dropout_mask"))}
 
 
 def _dora_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
@@ -210,12 +215,13 @@ def _variant_factors(params: Mapping[str, Any], inputs: Arrays) -> list[LoraFact
 
 
 def _mixed_linear_forward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
-    return {"y": mixed_forward(inputs["x"], inputs["W"], _variant_factors(params, inputs), inputs["index"], bias=inputs.get("b"))}
+    return {"y": mixed_forward(inputs["x"], inputs["W"], _variant_factors(params, inputs), inputs["index"], bias=inputs.get("b"),
+                               dropout_mask=inputs.get("dropout_mask"))}
 
 
 def _mixed_linear_backward(params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     factors = _variant_factors(params, inputs)
-    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], factors, inputs["index"])
+    grads = mixed_backward(inputs["x"], inputs["dy"], inputs["W"], factors, inputs["index"], dropout_mask=inputs.get("dropout_mask"))
     outputs = {"dx": grads.dx}
     for i, f in enumerate(factors):
         outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
@@ -232,6 +238,24 @@ def _stack_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arra
     factors = [LoraFactors(f.A, f.B, f.scale, lora_bias=inputs.get(f"lora_bias.{i}"), kind=kind) for i, f in enumerate(_factors(params, inputs))]
     options = {"geometry": _geometry(params)} if kind == "conv" else {}
     return {"y": active_forward(x, inputs["W"], factors, kind=kind, bias=inputs.get("b"), **options)}
+
+
+def _tree_switch(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
+    """tree.TreeSwitcher (exact) over nodes n<i> (adapters[i], A.i, B.i, magnitude.i), switched to each visit in turn."""
+    nodes = []
+    for i, p in enumerate(params["adapters"]):
+        magnitude = inputs.get(f"magnitude.{i}")
+        config = LoraConfig(r=int(p["r"]), lora_alpha=p["lora_alpha"], use_rslora=bool(p.get("use_rslora", False)),
+                            use_dora=magnitude is not None, target_modules=["layer"])
+        module = LoraModule("layer", inputs[f"A.{i}"], inputs[f"B.{i}"], magnitude=magnitude, kind=kind)
+        parent = params["parents"][i]
+        nodes.append(TreeNode(f"n{i}", None if parent is None else f"n{parent}", Adapter(config, {"layer": module}, name=f"n{i}")))
+    switcher = TreeSwitcher(AdapterTree(nodes), {"layer.weight": np.array(inputs["W"])}, exact=bool(params.get("exact", True)))
+    outputs = {}
+    for k, node in enumerate(params["visits"]):
+        switcher.switch(None if node < 0 else f"n{node}")
+        outputs[f"W.{k}"] = switcher.weights["layer.weight"].copy()
+    return outputs
 
 
 def _combine(method: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
@@ -282,6 +306,9 @@ OPERATIONS: dict[str, Callable[[Mapping[str, Any], Arrays], Arrays]] = {
     **{f"mixed_conv{d}d.{name}": fn for d in (1, 2, 3) for name, fn in (
         ("forward", lambda params, inputs: _mixed_kind_forward("conv", params, inputs)),
         ("backward", lambda params, inputs: _mixed_kind_backward("conv", params, inputs)))},
+    "tree_linear.switch": lambda params, inputs: _tree_switch("linear", params, inputs),
+    "tree_embedding.switch": lambda params, inputs: _tree_switch("embedding", params, inputs),
+    **{f"tree_conv{d}d.switch": lambda params, inputs: _tree_switch("conv", params, inputs) for d in (1, 2, 3)},
     "combine.cat": lambda params, inputs: _combine("cat", params, inputs),
     "combine.svd": lambda params, inputs: _combine("svd", params, inputs),
 }

@@ -436,8 +436,15 @@ def check_outputs(case: Case, expected: Mapping[str, np.ndarray], outputs: Mappi
             checks.append(check_bitwise(name, actual, expected[name]))
         elif spec["check"] == "factor":  # judged through the product it enters
             checks.append(OutputCheck(name, True, 0.0, 0))
+        elif spec["check"] == "equals":  # bitwise the implementation's own output spec["output"] (e.g. a state revisited)
+            other = outputs.get(spec["output"])
+            if not isinstance(other, np.ndarray) or other.dtype != storage or other.shape != actual.shape:
+                raise CaseError(f"output {name!r} must equal output {spec['output']!r}, which is missing or of another dtype or shape")
+            checks.append(check_bitwise(name, actual, other))
         else:
             tol = tolerance(expected[name], expected[f"{name}.magnitude"], spec["K"], storage, compute, roundings)
+            if "slack" in spec:  # an absolute per-element addition (e.g. a merge chain's intermediate roundings to t)
+                tol = tol + expected[spec["slack"]]
             checks.append(check_bounded(name, actual, expected[name], tol, storage))
     for name, spec in case.outputs.items():
         if spec["check"] == "product":

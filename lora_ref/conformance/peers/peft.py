@@ -326,6 +326,8 @@ class PeftImplementation:
 
     def mixed_batch_forward(self, params, inputs):
         """PEFT's adapter_names routing for Linear, Embedding and Conv layers (one adapter per batch row)."""
+        if "dropout_mask" in inputs:  # a mask means training
+            raise NotImplementedError("PEFT refuses adapter_names (mixed batches) in training mode")
         torch = self.torch
         model, layer = self._multi(params, inputs)
         names = ["__base__" if int(i) == -1 else f"a{int(i)}" for i in inputs["index"]]
@@ -354,7 +356,7 @@ class PeftImplementation:
         self.set_(layer.lora_A["default"].weight, inputs["A"])
         self.set_(layer.lora_B["default"].weight, inputs["B"])
         self.set_(layer.lora_magnitude_vector["default"].weight, inputs["magnitude"])
-        layer.eval()
+        self._masked(layer, inputs, training=False)  # a dropout mask: PEFT's training formula with that mask
         return layer
 
     def dora_forward(self, params, inputs):
@@ -365,7 +367,7 @@ class PeftImplementation:
 
     def dora_backward(self, params, inputs):
         layer = self._dora(params, inputs)
-        layer.train()
+        self._masked(layer, inputs, training=True)
         layer.base_layer.bias.requires_grad_(True)
         x = self.tensor(inputs["x"], requires_grad=True)
         y = layer(x)
@@ -376,13 +378,26 @@ class PeftImplementation:
                 "dmagnitude": self.array(layer.lora_magnitude_vector["default"].weight.grad, t),
                 "db": self.array(layer.base_layer.bias.grad, t)}
 
-    def dora_unmerge(self, params, inputs):
-        raise NotImplementedError("PEFT has no exact (residual) unmerge")
+    def dora_unmerge(self, params, inputs, build=None):
+        """Fast DoRA unmerge through PEFT's own: W_merged as the base weight, the given norm as the norm PEFT caches at
+        merge (``<adapter>-weight_norm``), then ``unmerge()`` (peft/tuners/lora/variants.py:222-226)."""
+        if params.get("exact", False):
+            raise NotImplementedError("PEFT has no exact (residual) unmerge")
+        weights = {**inputs, "W": inputs["W_merged"]}
+        layer = self._dora(params, weights) if build is None else self._dora_layer(build, params, weights)
+        m = layer.lora_magnitude_vector["default"].weight
+        layer._cache_store("default-weight_norm", self.tensor(inputs["norm"]).to(m.dtype).reshape(m.shape))
+        layer.merged_adapters.append("default")
+        with self.torch.no_grad():
+            layer.unmerge()
+        return {"W": self.array(layer.base_layer.weight, inputs["W_merged"].dtype)}
 
     def _dora_layer(self, build, params, inputs):
-        """An Embedding or Conv layer built by ``build`` with use_dora, its magnitude set."""
+        """An Embedding or Conv layer built by ``build`` with use_dora, its magnitude set (a dropout mask: PEFT's training formula)."""
         layer = build({**params, "use_dora": True}, inputs)
         self.set_(layer.lora_magnitude_vector["default"].weight, inputs["magnitude"])
+        if "dropout_mask" in inputs:
+            self._masked(layer, inputs, training=False)
         return layer
 
     def dora_embedding_forward(self, params, inputs):
@@ -430,7 +445,11 @@ class PeftImplementation:
     def dora_conv_backward(self, params, inputs):
         return self._dora_kind_backward(self._conv, params, inputs, "x")
 
-    dora_embedding_unmerge = dora_conv_unmerge = dora_unmerge
+    def dora_embedding_unmerge(self, params, inputs):
+        return self.dora_unmerge(params, inputs, self._embedding)
+
+    def dora_conv_unmerge(self, params, inputs):
+        return self.dora_unmerge(params, inputs, self._conv)
 
     def dora_merge(self, params, inputs):
         return self._merge(self._dora(params, inputs), inputs["W"].dtype, params)
@@ -487,7 +506,21 @@ def known_crash(kind: str, action: str, params: Mapping[str, Any], inputs: Array
         weight = inputs.get("W", inputs.get("W_merged"))
         if kind == "conv3d" and weight is not None and tuple(weight.shape[2:4]) == (1, 1) and action in ("merge", "unmerge"):
             return "P-C5 (PEFT's 1x1 conv delta path tests weight.size()[2:4] == (1, 1) and fails on a 1x1xk Conv3d kernel)"
+        if _dora_conv_dropout_low(kind, inputs):
+            return "P-C8 (DoRA Conv in training: x is cast to the float32 adapter dtype, the base conv on x̃ keeps the fp16/bf16 weight)"
+    if kind == "combine" and _conv_not_2d(inputs):
+        return "P-C9 (svd combination flattens and reshapes Conv2d deltas only: a Conv3d delta reaches torch.linalg.svd 5-D)"
     return None
+
+
+def _dora_conv_dropout_low(kind: str, inputs: Arrays) -> bool:
+    """A DoRA Conv case in training (a mask) with a float16 / bfloat16 weight (P-C8)."""
+    return kind.startswith("dora_conv") and "dropout_mask" in inputs and _name(inputs["W"].dtype) in _LOW
+
+
+def _conv_not_2d(inputs: Arrays) -> bool:
+    """Conv1d or Conv3d factors (A.0 [r, C, k] or [r, C, kd, kh, kw]) in a combination (P-C9)."""
+    return "A.0" in inputs and inputs["A.0"].ndim in (3, 5)
 
 
 #: Texts of torch's RuntimeErrors for shapes that do not fit (the peer reports them as refusals).
@@ -527,8 +560,15 @@ DEVIATIONS: dict[str, tuple[str, str]] = {
              "peft/tuners/lora/model.py:863 `self.peft_config[adapter_name] = replace(` (huggingface/peft#3449)"),
     "P-C7": ("svd combination past min(out, in) returns factors of rank min(out, in)",
              "peft/tuners/lora/model.py:991 `U = U[:, :new_rank]`"),
+    "P-C8": ("DoRA Conv in training (dropout) with a float16/bfloat16 base crashes: the input is cast to the float32 adapter "
+             "dtype and the base convolution on the dropped input runs against the unconverted weight (Linear converts it)",
+             "peft/tuners/lora/dora.py:230 `weight = base_layer.weight` then :248 `self.conv_fn(x, weight, ...)` "
+             "(DoraLinearLayer: dora.py:142 `weight = weight.to(x.dtype)`)"),
+    "P-C9": ("svd combination of Conv1d / Conv3d adapters: only Conv2d deltas are flattened and the factors reshaped, so Conv1d "
+             "gets 2-D factors (lora_B [O, k] for [O, k, 1]) and Conv3d crashes in the SVD of the 5-D delta",
+             "peft/tuners/lora/model.py:979 `conv2d = isinstance(target, Conv2d)` and :1001-1003 (reshape only `if conv2d`)"),
     "S-1": ("no exact unmerge (skipped)", "peft/tuners/lora/layer.py:1036 (unmerge subtracts; no residual)"),
-    "S-2": ("mixed batches are refused in training mode (backward skipped)", "peft/tuners/lora/model.py:634 "
+    "S-2": ("mixed batches are refused in training mode (backward, and forward with a dropout mask, skipped)", "peft/tuners/lora/model.py:634 "
             "`raise ValueError(\"Cannot pass `adapter_names` when the model is in training mode.\")`"),
     "S-4": ("add_weighted_adapter drops lora_bias: only the lora_A / lora_B weights are combined (skipped)",
             "peft/tuners/lora/model.py:894 `current_adapter_lora_A = target.lora_A[adapter].weight` (no bias read)"),
@@ -565,7 +605,9 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
         if kind == "combine" and any(name.startswith("lora_bias.") for name in inputs):
             return "S-4"
         if kind.startswith("mixed_"):
-            return "S-2" if action == "backward" else "S-3" if any(name.startswith("magnitude.") for name in inputs) else None
+            if action == "forward" and any(name.startswith("magnitude.") for name in inputs):
+                return "S-3"
+            return "S-2" if action == "backward" or "dropout_mask" in inputs else None
         return None
     if result.status in ("error", "timeout"):
         if dilated and _lora_size_differs(params, inputs):
@@ -573,6 +615,10 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
         weight = inputs.get("W", inputs.get("W_merged"))
         if kind == "conv3d" and action in ("merge", "unmerge") and tuple(weight.shape[2:4]) == (1, 1):
             return "P-C5"
+        if _dora_conv_dropout_low(kind, inputs):
+            return "P-C8"
+        if case.operation == "combine.svd" and _conv_not_2d(inputs):
+            return "P-C9"
         if case.operation == "combine.svd" and params["rank"] > min(inputs["A.0"].shape[1], inputs["B.0"].shape[0]):
             return "P-C7"
         return None
