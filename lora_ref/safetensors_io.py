@@ -79,8 +79,17 @@ class _DuplicateKey(Exception):
     pass
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """json object hook: refuse duplicate keys (json.loads would silently keep the last)."""
+class _Pairs(list):
+    """A JSON object as the decoder saw it: its (key, value) pairs in order, duplicates kept.
+
+    The decoder builds it in C (no Python call per object), unlike a Python object_pairs_hook.
+    """
+
+    __slots__ = ()
+
+
+def _as_dict(pairs: _Pairs) -> dict[str, object]:
+    """dict(pairs), refusing duplicate keys (json.loads would silently keep the last)."""
     result = dict(pairs)
     if len(result) != len(pairs):  # some key came twice: name the first repeated one
         seen: set[str] = set()
@@ -89,6 +98,41 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
                 raise _DuplicateKey(key)
             seen.add(key)
     return result
+
+
+def _plain(value: object) -> object:
+    """``value`` with every nested _Pairs made a dict (duplicate keys refused), recursively."""
+    if type(value) is _Pairs:
+        return {key: _plain(item) for key, item in _as_dict(value).items()}
+    if type(value) is list:
+        return [_plain(item) for item in value]
+    return value
+
+
+def _decode(path: Path, raw: bytes) -> dict[str, object]:
+    """The header as dicts, every object checked for duplicate keys, before any other check.
+
+    Fast path: the top-level object, the entries and ``__metadata__`` are made dicts directly; the
+    generic walk (:func:`_plain`) runs only if the text holds more ``{`` than those objects had
+    (a nested object, or a brace inside a string). Each JSON object opens with a literal ``{``
+    (never escaped), so equal counts prove no other object exists.
+    """
+    try:
+        text = raw.decode("utf-8")
+        top = json.loads(text, object_pairs_hook=_Pairs)
+        if type(top) is not _Pairs:
+            return top  # refused by the caller: not an object
+        header = _as_dict(top)
+        objects = [value for value in header.values() if type(value) is _Pairs]
+        if text.count("{") != 1 + len(objects):
+            return _plain(top)  # type: ignore[return-value]
+        return {key: _as_dict(value) if type(value) is _Pairs else value for key, value in header.items()}
+    except _DuplicateKey as exc:
+        raise _fail(path, f"key {exc.args[0]!r} appears twice in the header") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python's digit limit;
+        # RecursionError a hostile nesting depth.
+        raise _fail(path, f"header is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _short(value: object, limit: int = 120) -> str:
@@ -106,15 +150,30 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+def _layout(path: Path, name: str, code: object, shape: object) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, byte count) of a declared ``dtype`` code and ``shape``, or the FileFormatError."""
+    if not isinstance(code, str) or code not in CODE_TO_DTYPE:
+        raise _fail(path, f"tensor {_short(name)} has unsupported dtype {_short(code)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or math.prod(max(d, 1) for d in shape) * CODE_TO_DTYPE[code].itemsize
+        >= MAX_NOMINAL_BYTES
+    ):
+        raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
+                          f"non-negative integer axes, under {MAX_NOMINAL_BYTES} bytes)")
+    dtype = CODE_TO_DTYPE[code]
+    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
+
+
 def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
-        raise _fail(path, f"key {exc.args[0]!r} appears twice in the header") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and integers longer than Python's digit limit;
-        # RecursionError a hostile nesting depth.
-        raise _fail(path, f"header is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    """The validated tensor table and metadata of a header (:func:`_decode`, then every entry checked).
+
+    Entries declaring the same dtype code and shape are checked once (``layouts``, keyed by the code,
+    the axes and the type of each axis, so ``[true]`` or ``[1.0]`` never passes for ``[1]``).
+    """
+    header = _decode(path, raw)
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -126,23 +185,24 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
     if not all(_is_unicode(k) and _is_unicode(v) for k, v in metadata.items()):
         raise _fail(path, "a __metadata__ string holds an unpaired surrogate (not valid UTF-8)")
     infos: dict[str, TensorInfo] = {}
+    layouts: dict[tuple, tuple[np.dtype, tuple[int, ...], int]] = {}
+    ordered, last_end = True, 0  # entries in offset order need no sort for the overlap check
     for name, entry in header.items():
         if not _is_unicode(name):
             raise _fail(path, f"tensor name {_short(name)} holds an unpaired surrogate (not valid UTF-8)")
         if not isinstance(entry, dict):
             raise _fail(path, f"entry {_short(name)} is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(code, str) or code not in CODE_TO_DTYPE:
-            raise _fail(path, f"tensor {_short(name)} has unsupported dtype {_short(code)}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_NDIM
-            or not all(type(d) is int and d >= 0 for d in shape)
-            or math.prod(max(d, 1) for d in shape) * CODE_TO_DTYPE[code].itemsize
-            >= MAX_NOMINAL_BYTES
-        ):
-            raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
-                              f"non-negative integer axes, under {MAX_NOMINAL_BYTES} bytes)")
+        try:  # only valid layouts are stored: a hit is a list of the same non-negative ints
+            key: tuple | None = (code, tuple(shape), tuple(map(type, shape)))
+            layout = layouts.get(key)
+        except TypeError:  # shape not iterable, or code or an axis unhashable
+            key, layout = None, None
+        if layout is None:
+            layout = _layout(path, name, code, shape)
+            if key is not None:
+                layouts[key] = layout
+        dtype, dims, expected = layout
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -150,19 +210,47 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise _fail(path, f"tensor {_short(name)} has data_offsets {_short(offsets)} outside the {data_size}-byte data section")
-        dtype = CODE_TO_DTYPE[code]
-        expected = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != expected:
+        begin, end = offsets
+        if end - begin != expected:
             raise _fail(
                 path,
-                f"tensor {_short(name)}: {offsets[1] - offsets[0]} bytes for shape {shape} of {code} (needs {expected})",
+                f"tensor {_short(name)}: {end - begin} bytes for shape {shape} of {code} (needs {expected})",
             )
-        infos[name] = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-    spans = sorted((info.begin, info.end, info.name) for info in infos.values() if info.end > info.begin)
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise _fail(path, f"tensors {_short(name_a)} and {_short(name_b)} overlap")
+        if end > begin:
+            ordered = ordered and begin >= last_end
+            last_end = end
+        infos[name] = TensorInfo(name, dtype, dims, begin, end)
+    if not ordered:
+        spans = sorted((info.begin, info.end, info.name) for info in infos.values() if info.end > info.begin)
+        for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise _fail(path, f"tensors {_short(name_a)} and {_short(name_b)} overlap")
     return infos, metadata
+
+
+#: Headers at least this long are remembered once parsed (:func:`_parsed_header`).
+_REMEMBER_HEADER_BYTES = 1 << 16
+_parsed_headers: dict[tuple[bytes, int], tuple[dict[str, TensorInfo], dict[str, str]]] = {}
+
+
+def _parsed_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """:func:`_parse_header`, remembered for the last two long headers (copies of the dicts each time).
+
+    One command reads a large checkpoint's header several times (merge record, progress, the merge
+    itself); parsing and checking 100,000 entries costs about a second each time. The key is the
+    header's bytes and the data section's size, everything the result depends on, so a hit returns
+    exactly what parsing again would (errors are never remembered: they name the path).
+    """
+    if len(raw) < _REMEMBER_HEADER_BYTES:
+        return _parse_header(path, raw, data_size)
+    key = (raw, data_size)
+    if key not in _parsed_headers:
+        parsed = _parse_header(path, raw, data_size)
+        while len(_parsed_headers) >= 2:
+            del _parsed_headers[next(iter(_parsed_headers))]
+        _parsed_headers[key] = parsed
+    infos, metadata = _parsed_headers[key]
+    return dict(infos), dict(metadata)
 
 
 class SafetensorsFile:
@@ -186,7 +274,7 @@ class SafetensorsFile:
                 raise _fail(self.path, f"header length {header_len} runs past the end of the {size}-byte file")
             raw = self._file.read(header_len)
             self._data_start = 8 + header_len
-            self.tensors, self.metadata = _parse_header(self.path, raw, size - self._data_start)
+            self.tensors, self.metadata = _parsed_header(self.path, raw, size - self._data_start)
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
         except BaseException:
             self._file.close()
@@ -249,7 +337,7 @@ def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metada
     for name, dtype, shape in specs:
         if dtype not in DTYPE_TO_CODE:
             raise FileFormatError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         header[name] = {"dtype": DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")  # as serde_json writes it
