@@ -329,19 +329,35 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
-    header: dict[str, object] = {}
+    """The 8-byte length and the header: the bytes ``json.dumps(header, separators=(",", ":"),
+    ensure_ascii=False)`` gives (as serde_json writes it), padded with spaces to 8-byte alignment.
+
+    Built as text entry by entry (names through the JSON encoder's own string escaping), without
+    a dict per tensor: the same bytes, at a fraction of the cost for 100,000 tensors.
+    """
+    parts = []
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        encoded = json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":"), ensure_ascii=False)
+        parts.append(f'"__metadata__":{encoded}')
     offset = 0
+    axes: dict[tuple[int, ...], str] = {}  # shape -> its JSON list body
     for name, dtype, shape in specs:
         if dtype not in DTYPE_TO_CODE:
             raise FileFormatError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
         nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-        header[name] = {"dtype": DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        dims = axes.get(shape)
+        if dims is None:
+            dims = axes[shape] = ",".join(str(int(d)) for d in shape)
+        parts.append(f'{_json_string(name)}:{{"dtype":"{DTYPE_TO_CODE[dtype]}","shape":[{dims}],'
+                     f'"data_offsets":[{offset},{offset + nbytes}]}}')
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")  # as serde_json writes it
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
     return struct.pack("<Q", len(raw)) + raw
+
+
+#: A str as a JSON string literal, non-ASCII kept (what json.dumps(..., ensure_ascii=False) writes).
+_json_string = json.encoder.encode_basestring
 
 
 class OutputTensor:
