@@ -319,7 +319,20 @@ def load_file(path: str | os.PathLike[str], names: Iterable[str] | None = None) 
     """Read tensors (all, or ``names``) into memory as writable arrays, in file order."""
     with SafetensorsFile(path) as handle:
         wanted = handle.keys() if names is None else list(names)
-        return {name: np.array(handle.get(name)) for name in wanted}
+        if names is not None or handle._map is None:
+            return {name: np.array(handle.get(name)) for name in wanted}
+        # the whole data section copied once; each tensor a writable view of its own bytes in it
+        # (disjoint: the header check refuses overlaps), copied apart where its offset is unaligned
+        data = np.frombuffer(handle._map, dtype=np.uint8, offset=handle._data_start).copy()
+        tensors = {}
+        for name in wanted:
+            info = handle.tensors[name]
+            if info.nbytes == 0:
+                tensors[name] = np.zeros(info.shape, dtype=info.dtype)
+                continue
+            view = data[info.begin: info.end].view(info.dtype).reshape(info.shape)
+            tensors[name] = view if info.begin % info.dtype.itemsize == 0 else view.copy()
+        return tensors
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
