@@ -474,7 +474,7 @@ class SafetensorsWriter:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
         try:
-            self._handle = OutputFile(tmp)
+            self._handle = OutputFile(tmp, gather=True)
             self._handle.write(self._header)
             self._handle.extend_to(self._size)  # the final size at once: reserved tensors read as zeros until written
         except BaseException as exc:
@@ -522,12 +522,20 @@ class SafetensorsWriter:
 
     def _mapped(self) -> np.ndarray:
         """The file being written as a read-only uint8 mapping (made once, on the first request)."""
+        self._handle.flush()  # what was gathered, so the mapping shows it
         if self._map is None:
             self._map = np.memmap(self._handle.path, dtype=np.uint8, mode="r", shape=(self._size,))
         return self._map
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._handle.close()
+        if exc is not None:
+            self._handle.discard()
+        else:
+            try:
+                self._handle.close()  # writes what was gathered
+            except BaseException as error:
+                self._atomic.__exit__(type(error), error, error.__traceback__)
+                raise
         if exc is None and self._next != len(self._specs):
             missing = self._specs[self._next][0]
             exc = FileFormatError(f"{self.path}: tensor {missing!r} was declared but never written")
