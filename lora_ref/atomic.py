@@ -67,20 +67,59 @@ def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
         done += written
 
 
-class OutputFile:
-    """A file opened for writing by fd; sequential ``write`` and positional ``write_at``."""
+#: A gathering OutputFile collects sequential writes smaller than this ...
+GATHER_SMALL = 1 << 16
+#: ... and writes them once this many bytes are pending (or at a positional write, flush, close).
+GATHER_BYTES = 1 << 20
 
-    def __init__(self, path: Path) -> None:
+
+class OutputFile:
+    """A file opened for writing by fd; sequential ``write`` and positional ``write_at``.
+
+    With ``gather``, consecutive small sequential writes are collected in memory and written
+    together (one ``pwrite`` for thousands of tiny tensors): before any positional write, on
+    :meth:`flush` and on :meth:`close`; :meth:`discard` drops them (a failed output). Bytes read
+    back from the file (a mapping) are only there after :meth:`flush`.
+    """
+
+    def __init__(self, path: Path, *, gather: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self.offset = 0
+        self._gather = gather
+        self._pending = bytearray()
+        self._pending_at = 0
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        self.write_at(view, self.offset)
+        if self._pending and self.offset != self._pending_at + len(self._pending):
+            self.flush()  # the offset moved (a reserved range): not contiguous with what is pending
+        if not self._gather or len(view) >= GATHER_SMALL:
+            self.write_at(view, self.offset)
+        else:
+            if not self._pending:
+                self._pending_at = self.offset
+            self._pending += view
+            if len(self._pending) >= GATHER_BYTES:
+                self.flush()
         self.offset += len(view)
 
+    def flush(self) -> None:
+        """Write the gathered bytes (nothing if none)."""
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self._write(pending, self._pending_at)
+
+    def discard(self) -> None:
+        """Close without writing what is gathered (the output is being abandoned)."""
+        self._pending = bytearray()
+        self.close()
+
     def write_at(self, data: memoryview | bytes, offset: int) -> None:
+        self.flush()
+        self._write(data, offset)
+
+    def _write(self, data: memoryview | bytes, offset: int) -> None:
         try:
             write_at(self.fd, data, offset)
         except OSError as exc:
@@ -94,9 +133,13 @@ class OutputFile:
             raise write_failed(self.path, exc) from None
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Write what is gathered, then close (closed even if that write fails)."""
+        try:
+            self.flush()
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 # -- checks before the work -------------------------------------------------------------------------

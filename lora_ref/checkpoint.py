@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +207,18 @@ def merge_checkpoint(
     return report
 
 
+class _Empty(dict):
+    """dtype -> a read-only empty array of it (made once): what a spilled residual holds until read back."""
+
+    def __missing__(self, dtype: np.dtype) -> np.ndarray:
+        empty = self[dtype] = np.zeros(0, dtype)
+        empty.flags.writeable = False
+        return empty
+
+
+_EMPTY = _Empty()
+
+
 class _ResidualSpill:
     """Holds exact-mode residuals on disk from their tensor's merge until the residual file is
     written: their bytes are appended to one temporary file in a hidden temporary folder beside
@@ -226,33 +238,37 @@ class _ResidualSpill:
         if self._residual_path is not None:
             folder = self._stack.enter_context(scratch_folder(Path(self._residual_path), "spill"))
             (folder / "residuals.bin").touch()
-            self._file = OutputFile(folder / "residuals.bin")
-            self._stack.callback(self._file.close)
+            self._file = OutputFile(folder / "residuals.bin", gather=True)
+            self._stack.callback(self._file.discard)  # the folder is removed: nothing more to write
         return self
 
     def _append(self, array: np.ndarray) -> int:
-        offset = self._file.offset + -self._file.offset % 8
-        self._file.offset = offset
+        self._file.write(bytes(-self._file.offset % 8))  # zeros to an 8-byte boundary
+        offset = self._file.offset
         if array.size:
             self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         return offset
 
     def keep(self, key: str, residual: Residual) -> None:
         """Spill ``residual``'s arrays (the heap copy may go); :meth:`residuals` gives it back."""
-        self._kept[key] = (residual.count, replace(residual, indices=np.zeros(0, residual.indices.dtype),
-                                                           values=np.zeros(0, residual.values.dtype)),
+        self._kept[key] = (residual.count, Residual(_EMPTY[residual.indices.dtype], _EMPTY[residual.values.dtype],
+                                                    residual.shape, residual.merged_digest, residual.delta_digest,
+                                                    residual.semantics),
                            self._append(residual.indices), self._append(residual.values))
 
     def residuals(self) -> dict[str, Residual]:
         """The kept residuals, by key in keeping order, their arrays read-only views of the spill file."""
         if not self._kept:
             return {}
-        data = np.memmap(self._file.path, dtype=np.uint8, mode="r") if self._file.offset else np.zeros(0, np.uint8)
+        self._file.flush()
+        data = np.asarray(np.memmap(self._file.path, dtype=np.uint8, mode="r")) if self._file.offset \
+            else np.zeros(0, np.uint8)
 
         def view(empty: np.ndarray, offset: int, count: int) -> np.ndarray:
             return data[offset: offset + count * empty.itemsize].view(empty.dtype) if count else empty
 
-        return {key: replace(kept, indices=view(kept.indices, at_indices, count), values=view(kept.values, at_values, count))
+        return {key: Residual(view(kept.indices, at_indices, count), view(kept.values, at_values, count), kept.shape,
+                              kept.merged_digest, kept.delta_digest, kept.semantics)
                 for key, (count, kept, at_indices, at_values) in self._kept.items()}
 
     def __exit__(self, *exc: object) -> None:

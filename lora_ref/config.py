@@ -118,7 +118,9 @@ class LoraConfig:
     def _compiled(self, name: str, kind: type) -> Any:
         """The bounded matcher (:mod:`lora_ref.matching`) of field ``name``, built once per value."""
         value = getattr(self, name)
-        cache = self.__dict__.setdefault("_matchers", {})
+        cache = self.__dict__.get("_matchers")
+        if cache is None:
+            cache = self.__dict__["_matchers"] = {}
         size = len(value) if value is not None else 0
         held = cache.get(name)
         if held is None or held[0] is not value or held[1] != size:  # the value object itself is held: no id reuse

@@ -154,9 +154,19 @@ def digest_arrays(*arrays: np.ndarray) -> str:
     h = hashlib.blake2b(digest_size=16)
     for array in arrays:
         array = np.ascontiguousarray(array)
-        h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(array.reshape(-1).view(np.uint8) if array.ndim else array.tobytes())
+        key = (array.dtype.str, array.shape)
+        prefix = _DIGEST_PREFIXES.get(key)
+        if prefix is None:
+            prefix = f"{array.dtype.str}{array.shape}".encode()
+            if len(_DIGEST_PREFIXES) < 4096:
+                _DIGEST_PREFIXES[key] = prefix
+        h.update(prefix)
+        h.update(array if array.ndim else array.tobytes())  # the bytes as laid out (C order)
     return h.hexdigest()
+
+
+#: (dtype string, shape) -> the text digest_arrays hashes before an array's bytes, for the layouts seen first.
+_DIGEST_PREFIXES: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
 def block_rows(shape: tuple[int, ...], block_bytes: int = BLOCK_BYTES) -> int:

@@ -13,6 +13,8 @@ Tests check byte compatibility against the ``safetensors`` package in both direc
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import mmap
@@ -91,6 +93,31 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
+def _decode(path: Path, raw: bytes) -> object:
+    """The header's JSON value, every object in it checked for duplicate keys.
+
+    Fast path: plain ``json.loads`` (no Python call per object), accepted when the compact
+    re-encoding of the value is the text itself (trailing padding spaces aside), as for every
+    header lora-ref, the safetensors package and serde_json write. Then no key can have been
+    dropped: the re-encoding holds one pair per key of the decoded objects, and the text the same
+    pairs. Any other text is decoded again with :func:`_unique_keys` on every object.
+    """
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text)
+        try:
+            compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False) == text.rstrip(" ")
+        except (ValueError, RecursionError):
+            compact = False
+        return value if compact else json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _fail(path, f"key {exc.args[0]!r} appears twice in the header") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python's digit limit;
+        # RecursionError a hostile nesting depth.
+        raise _fail(path, f"header is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def _short(value: object, limit: int = 120) -> str:
     """repr(value) cut to ``limit`` characters, so a hostile header cannot flood a message."""
     text = repr(value)
@@ -106,15 +133,44 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _layout(path: Path, name: str, code: object, shape: object) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, byte count) of a declared ``dtype`` code and ``shape``, or the FileFormatError."""
+    if not isinstance(code, str) or code not in CODE_TO_DTYPE:
+        raise _fail(path, f"tensor {_short(name)} has unsupported dtype {_short(code)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or math.prod(max(d, 1) for d in shape) * CODE_TO_DTYPE[code].itemsize
+        >= MAX_NOMINAL_BYTES
+    ):
+        raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
+                          f"non-negative integer axes, under {MAX_NOMINAL_BYTES} bytes)")
+    dtype = CODE_TO_DTYPE[code]
+    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off for a block that allocates many containers and frees none
+    (a header of 100,000 entries: the collector's passes over them would cost twice the parse)."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
-        raise _fail(path, f"key {exc.args[0]!r} appears twice in the header") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and integers longer than Python's digit limit;
-        # RecursionError a hostile nesting depth.
-        raise _fail(path, f"header is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_collector_paused()
+def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The validated tensor table and metadata of a header (:func:`_decode`, then every entry checked).
+
+    Entries declaring the same dtype code and shape are checked once (``layouts``, keyed by the code,
+    the axes and the type of each axis, so ``[true]`` or ``[1.0]`` never passes for ``[1]``).
+    """
+    header = _decode(path, raw)
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -125,24 +181,27 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
         raise _fail(path, "__metadata__ must map strings to strings")
     if not all(_is_unicode(k) and _is_unicode(v) for k, v in metadata.items()):
         raise _fail(path, "a __metadata__ string holds an unpaired surrogate (not valid UTF-8)")
+    # a lone surrogate can only come from a \\u escape: without one, every decoded name is valid UTF-8
+    escapes = b"\\u" in raw
     infos: dict[str, TensorInfo] = {}
+    layouts: dict[tuple, tuple[np.dtype, tuple[int, ...], int]] = {}
+    ordered, last_end = True, 0  # entries in offset order need no sort for the overlap check
     for name, entry in header.items():
-        if not _is_unicode(name):
+        if escapes and not _is_unicode(name):
             raise _fail(path, f"tensor name {_short(name)} holds an unpaired surrogate (not valid UTF-8)")
         if not isinstance(entry, dict):
             raise _fail(path, f"entry {_short(name)} is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(code, str) or code not in CODE_TO_DTYPE:
-            raise _fail(path, f"tensor {_short(name)} has unsupported dtype {_short(code)}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_NDIM
-            or not all(type(d) is int and d >= 0 for d in shape)
-            or math.prod(max(d, 1) for d in shape) * CODE_TO_DTYPE[code].itemsize
-            >= MAX_NOMINAL_BYTES
-        ):
-            raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)} (at most {MAX_NDIM} "
-                              f"non-negative integer axes, under {MAX_NOMINAL_BYTES} bytes)")
+        try:  # only valid layouts are stored: a hit is a list of the same non-negative ints
+            key: tuple | None = (code, tuple(shape), tuple(map(type, shape)))
+            layout = layouts.get(key)
+        except TypeError:  # shape not iterable, or code or an axis unhashable
+            key, layout = None, None
+        if layout is None:
+            layout = _layout(path, name, code, shape)
+            if key is not None:
+                layouts[key] = layout
+        dtype, dims, expected = layout
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -150,19 +209,47 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, Ten
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise _fail(path, f"tensor {_short(name)} has data_offsets {_short(offsets)} outside the {data_size}-byte data section")
-        dtype = CODE_TO_DTYPE[code]
-        expected = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != expected:
+        begin, end = offsets
+        if end - begin != expected:
             raise _fail(
                 path,
-                f"tensor {_short(name)}: {offsets[1] - offsets[0]} bytes for shape {shape} of {code} (needs {expected})",
+                f"tensor {_short(name)}: {end - begin} bytes for shape {shape} of {code} (needs {expected})",
             )
-        infos[name] = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-    spans = sorted((info.begin, info.end, info.name) for info in infos.values() if info.end > info.begin)
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise _fail(path, f"tensors {_short(name_a)} and {_short(name_b)} overlap")
+        if end > begin:
+            ordered = ordered and begin >= last_end
+            last_end = end
+        infos[name] = TensorInfo(name, dtype, dims, begin, end)
+    if not ordered:
+        spans = sorted((info.begin, info.end, info.name) for info in infos.values() if info.end > info.begin)
+        for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise _fail(path, f"tensors {_short(name_a)} and {_short(name_b)} overlap")
     return infos, metadata
+
+
+#: Headers at least this long are remembered once parsed (:func:`_parsed_header`).
+_REMEMBER_HEADER_BYTES = 1 << 16
+_parsed_headers: dict[tuple[bytes, int], tuple[dict[str, TensorInfo], dict[str, str]]] = {}
+
+
+def _parsed_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """:func:`_parse_header`, remembered for the last two long headers (copies of the dicts each time).
+
+    One command reads a large checkpoint's header several times (merge record, progress, the merge
+    itself); parsing and checking 100,000 entries costs about a second each time. The key is the
+    header's bytes and the data section's size, everything the result depends on, so a hit returns
+    exactly what parsing again would (errors are never remembered: they name the path).
+    """
+    if len(raw) < _REMEMBER_HEADER_BYTES:
+        return _parse_header(path, raw, data_size)
+    key = (raw, data_size)
+    if key not in _parsed_headers:
+        parsed = _parse_header(path, raw, data_size)
+        while len(_parsed_headers) >= 2:
+            del _parsed_headers[next(iter(_parsed_headers))]
+        _parsed_headers[key] = parsed
+    infos, metadata = _parsed_headers[key]
+    return dict(infos), dict(metadata)
 
 
 class SafetensorsFile:
@@ -186,7 +273,7 @@ class SafetensorsFile:
                 raise _fail(self.path, f"header length {header_len} runs past the end of the {size}-byte file")
             raw = self._file.read(header_len)
             self._data_start = 8 + header_len
-            self.tensors, self.metadata = _parse_header(self.path, raw, size - self._data_start)
+            self.tensors, self.metadata = _parsed_header(self.path, raw, size - self._data_start)
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
         except BaseException:
             self._file.close()
@@ -232,7 +319,20 @@ def load_file(path: str | os.PathLike[str], names: Iterable[str] | None = None) 
     """Read tensors (all, or ``names``) into memory as writable arrays, in file order."""
     with SafetensorsFile(path) as handle:
         wanted = handle.keys() if names is None else list(names)
-        return {name: np.array(handle.get(name)) for name in wanted}
+        if names is not None or handle._map is None:
+            return {name: np.array(handle.get(name)) for name in wanted}
+        # the whole data section copied once; each tensor a writable view of its own bytes in it
+        # (disjoint: the header check refuses overlaps), copied apart where its offset is unaligned
+        data = np.frombuffer(handle._map, dtype=np.uint8, offset=handle._data_start).copy()
+        tensors = {}
+        for name in wanted:
+            info = handle.tensors[name]
+            if info.nbytes == 0:
+                tensors[name] = np.zeros(info.shape, dtype=info.dtype)
+                continue
+            view = data[info.begin: info.end].view(info.dtype).reshape(info.shape)
+            tensors[name] = view if info.begin % info.dtype.itemsize == 0 else view.copy()
+        return tensors
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -242,19 +342,35 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _header_bytes(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
-    header: dict[str, object] = {}
+    """The 8-byte length and the header: the bytes ``json.dumps(header, separators=(",", ":"),
+    ensure_ascii=False)`` gives (as serde_json writes it), padded with spaces to 8-byte alignment.
+
+    Built as text entry by entry (names through the JSON encoder's own string escaping), without
+    a dict per tensor: the same bytes, at a fraction of the cost for 100,000 tensors.
+    """
+    parts = []
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        encoded = json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":"), ensure_ascii=False)
+        parts.append(f'"__metadata__":{encoded}')
     offset = 0
+    axes: dict[tuple[int, ...], str] = {}  # shape -> its JSON list body
     for name, dtype, shape in specs:
         if dtype not in DTYPE_TO_CODE:
             raise FileFormatError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        dims = axes.get(shape)
+        if dims is None:
+            dims = axes[shape] = ",".join(str(int(d)) for d in shape)
+        parts.append(f'{_json_string(name)}:{{"dtype":"{DTYPE_TO_CODE[dtype]}","shape":[{dims}],'
+                     f'"data_offsets":[{offset},{offset + nbytes}]}}')
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")  # as serde_json writes it
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
     return struct.pack("<Q", len(raw)) + raw
+
+
+#: A str as a JSON string literal, non-ASCII kept (what json.dumps(..., ensure_ascii=False) writes).
+_json_string = json.encoder.encode_basestring
 
 
 class OutputTensor:
@@ -358,7 +474,7 @@ class SafetensorsWriter:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
         try:
-            self._handle = OutputFile(tmp)
+            self._handle = OutputFile(tmp, gather=True)
             self._handle.write(self._header)
             self._handle.extend_to(self._size)  # the final size at once: reserved tensors read as zeros until written
         except BaseException as exc:
@@ -406,12 +522,20 @@ class SafetensorsWriter:
 
     def _mapped(self) -> np.ndarray:
         """The file being written as a read-only uint8 mapping (made once, on the first request)."""
+        self._handle.flush()  # what was gathered, so the mapping shows it
         if self._map is None:
             self._map = np.memmap(self._handle.path, dtype=np.uint8, mode="r", shape=(self._size,))
         return self._map
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._handle.close()
+        if exc is not None:
+            self._handle.discard()
+        else:
+            try:
+                self._handle.close()  # writes what was gathered
+            except BaseException as error:
+                self._atomic.__exit__(type(error), error, error.__traceback__)
+                raise
         if exc is None and self._next != len(self._specs):
             missing = self._specs[self._next][0]
             exc = FileFormatError(f"{self.path}: tensor {missing!r} was declared but never written")

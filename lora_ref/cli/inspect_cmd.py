@@ -52,8 +52,8 @@ def describe(adapter_dir: str, base: str | None = None) -> dict:
         "use_dora": config.use_dora,
         "modules": rows,
         "carried": carried,  # tensors besides LoRA factors (lora_ref.carried): replacements, or frozen copies checked
-        "total_parameters": adapter.parameter_count(),
-        "total_bytes": adapter.nbytes(),
+        "total_parameters": sum(row["parameters"] for row in rows),  # adapter.parameter_count(), from the rows
+        "total_bytes": sum(row["bytes"] for row in rows),  # adapter.nbytes()
     }
     if base is not None:
         with CheckpointTensors(base) as handle:  # a file, a sharded index or a model directory
