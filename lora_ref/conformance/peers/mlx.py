@@ -18,9 +18,9 @@ stacks, combinations, DoRA on convolutions, and DoRA on Embedding, whose ``DoRAE
 (a magnitude per vocabulary row [V], normalising each looked-up row, where the suite's, PEFT's, is one per
 embedding dimension [D] normalised over the vocabulary): no case maps onto it.
 
-mlx reads an out-of-range token id without a check (memory past the table, or a wrapped row): run this
-peer through the bridge (``--cmd "python -m lora_ref.conformance.bridge lora_ref.conformance.peers.mlx:factory"
---persistent``) so that such a read that crashes only ends its case.
+Run this peer through the bridge (``--cmd "python -m lora_ref.conformance.bridge lora_ref.conformance.peers.mlx:factory"
+--persistent``): mlx reads an out-of-range token id without a check (memory past the table, or a wrapped row),
+and an empty-batch backward can hang inside mlx (M-5); the bridge's process is killed on a timeout.
 """
 
 from __future__ import annotations
@@ -146,6 +146,60 @@ class MlxImplementation:
         if with_x:
             out["dx"] = self._array(grads[-1], t)
         return out
+
+
+#: Deviation id -> (what mlx-lm does, its source line in mlx-lm 0.32.2's mlx_lm/... or mlx 0.32.4's mlx/...).
+DEVIATIONS: dict[str, tuple[str, str]] = {
+    "M-1": ("the base layer runs in fp16/bf16 and the float32 LoRA term is cast to the input dtype before it is added "
+            "(three roundings); DoRA's g = m / ||W'|| is cast too: forward and backward round intermediates (precision)",
+            "mlx_lm/tuner/lora.py:98 `return y + (self.scale * z).astype(x.dtype)` (Embedding: :279; DoRA: "
+            "tuner/dora.py:117 and :124 `out = (self.m / denom).astype(x.dtype) * out`)"),
+    "M-2": ("fuse() rounds the delta to the weight dtype before adding it: a double rounding (precision)",
+            "mlx_lm/tuner/lora.py:52 `delta = ((self.scale * self.lora_b.T) @ self.lora_a.T).astype(weight.dtype)` "
+            "(Embedding: :238)"),
+    "M-3": ("DoRALinear.fuse() of a float16/bfloat16 layer returns a float32 weight: the float32 magnitude promotes it "
+            "(the case's dtype check reports it as an error)",
+            "mlx_lm/tuner/dora.py:44 `fused_linear.weight = norm_scale[:, None] * weight` with :43 `norm_scale = self.m / "
+            "mx.linalg.norm(weight, axis=1)` and :90 `self.m = mx.linalg.norm(...astype(mx.float32), axis=1)`"),
+    "M-4": ("out-of-range token ids are not refused: an id >= V reads memory past the table, a negative id wraps "
+            "(forward and backward)",
+            "mlx/nn/layers/embedding.py:32 `return self.weight[x]` and mlx_lm/tuner/lora.py:278 `self.lora_a[x]` (mlx "
+            "indexing does not check bounds)"),
+    "M-5": ("a Linear backward with an empty batch (x [0, in]) sometimes never returns: every time on a thread other "
+            "than the main one (the in-process watchdog marks it timeout), now and then on the main thread (the bridge's "
+            "server is killed after the timeout and restarted)",
+            "mx.eval of mx.vjp of mlx_lm/tuner/lora.py:95 `LoRALinear.__call__` (a hang in mlx 0.32.4's C++ CPU "
+            "evaluation, not in mlx-lm's Python; tests/test_conformance_peers.py reproduces it)"),
+    "S-M1": ("no lora_bias, given dropout masks, safe merge, unmerge, convolutions, mixed batch, stack, combination or "
+             "DoRA on convolutions (skipped)",
+             "mlx_lm/tuner/lora.py:11 `class LoRALinear` / :198 `class LoRAEmbedding`, tuner/dora.py:9 `class DoRALinear` "
+             "(r, dropout, scale only; fuse() and no unfuse)"),
+    "S-M2": ("DoRAEmbedding is another layer: one magnitude per vocabulary row [V], each looked-up row normalised, "
+             "where PEFT's (the suite's) has one per embedding dimension [D], normalised over the vocabulary (skipped)",
+             "mlx_lm/tuner/dora.py:196 `self.m = mx.linalg.norm(embedding.weight, axis=1)` and :205 `denom = "
+             "mx.stop_gradient(mx.linalg.norm(adapted, axis=-1))`"),
+}
+
+
+def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
+    """The documented deviation (a :data:`DEVIATIONS` id) behind a result that is not a float32-tier pass."""
+    kind, _, action = case.operation.partition(".")
+    if result.status == "skip":
+        return "S-M2" if kind == "dora_embedding" else "S-M1"
+    low_precision = case.dtype in ("float16", "bfloat16")
+    if result.status == "error":
+        return "M-3" if kind == "dora" and action == "merge" and low_precision and "dtype float32" in result.detail else None
+    if result.status == "timeout":
+        empty = "x" in inputs and np.asarray(inputs["x"]).shape[0] == 0
+        return "M-5" if kind == "linear" and action == "backward" and empty else None
+    if result.refusal:
+        ids = inputs.get("ids")
+        V = inputs["W"].shape[0] if "W" in inputs else None
+        out_of_range = ids is not None and V is not None and bool(((ids < 0) | (ids >= V)).any())
+        return "M-4" if result.status == "fail" and kind == "embedding" and out_of_range else None
+    if result.verdict != "storage" or not low_precision:
+        return None
+    return "M-2" if action == "merge" else "M-1"
 
 
 def _storage(name: str) -> np.dtype:
