@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv-lorax
 .venv-lorax/bin/python -m pip install -q --upgrade pip
 .venv-lorax/bin/python -m pip install -q -e ".[lorax,test]"
-LORA_REF_REQUIRE_PEERS=1 .venv-lorax/bin/python -m pytest -q -m lorax "$@"
+LORA_REF_REQUIRE_PEERS=1 .venv-lorax/bin/python -m pytest -q -m lorax tests/test_conformance_peers.py "$@"

@@ -230,3 +230,26 @@ def test_mlx_empty_batch_backward_under_the_in_process_watchdog():
     after = [status for _, status in order[empty + 1:]]
     assert "pass" in after and set(after) <= {"pass", "skip"}, order  # the run went on past it
     assert {status for _, status in order[:empty]} <= {"pass", "skip"}, order
+
+
+@pytest.mark.lorax
+def test_jax_lorax_conforms_but_fills_bad_ids_and_broadcasts_a_conv_factor():
+    """jax-lorax's LoraWeight (its own venv, jax 0.4; scripts/test_lorax.sh) through the `keras` layout: Linear,
+    Embedding and Conv1D/2D/3D, forward, backward and merge. The base product is rounded before the LoRA term is added
+    (X-1) and conv factors live in the kernel's dtype (X-2), XLA flushes bf16 subnormals (X-3): precision only.
+    Out-of-range token ids are filled or wrapped, not refused (X-4), and a conv merge broadcasts a factor with another
+    kernel size (X-5). Dilated and strided convs conform (lorax keeps the base's dilation for its down conv)."""
+    require_peer("lorax")
+    from lora_ref.conformance.peers import jax_lorax as peer
+
+    impl = peer.factory()
+    assert impl.versions["jax-lorax"] == "0.3.1"
+    result = _run_documented(impl, peer, "keras")
+    assert result.conformance() == "nonconformant" and sum(r.status == "pass" for r in result.results) >= 90
+    semantic = set(result.tier_cases("semantic"))
+    assert semantic and all(r.startswith("refusal/embedding") or r == "refusal/conv2d-merge_kernel-float32" for r in semantic)
+    passed = {r.case_id for r in result.results if r.status == "pass" and r.verdict == "float32"}
+    assert {"conv2d/forward-dilation2_stride3-float32", "conv2d/backward-dilation2_stride3-float32", "conv3d/merge-1x1x1-float32",
+            "embedding/backward-float32", "linear/backward-basic-float32", "linear/merge-basic-float16"} <= passed
+    assert any(r.refusal and r.status == "pass" for r in result.results)
+    assert all(r.verdict != "storage" for r in result.results if r.dtype == "float32" and r.verdict is not None)
