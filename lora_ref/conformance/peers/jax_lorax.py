@@ -31,6 +31,7 @@ import numpy as np
 
 from ...dtypes import dtype_name, round_to
 from .. import Refusal
+from . import ids_out_of_range
 
 Arrays = dict[str, np.ndarray]
 _KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
@@ -197,10 +198,9 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
     if result.status != "fail":
         return None
     if result.refusal:
-        ids, W = inputs.get("ids"), inputs.get("W")
-        if kind == "embedding" and ids is not None and bool(((ids < 0) | (ids >= W.shape[0])).any()):
+        if ids_out_of_range(case.operation, inputs):
             return "X-4"
-        A = inputs.get("A")
+        A, W = inputs.get("A"), inputs.get("W")
         differs = kind.startswith("conv") and A is not None and W is not None and A.shape[2:] != W.shape[2:]
         return "X-5" if differs and action == "merge" else None
     if result.verdict != "storage" or case.dtype not in ("float16", "bfloat16"):

@@ -32,6 +32,7 @@ import numpy as np
 
 from ...dtypes import STORAGE_DTYPES, dtype_name, round_to
 from .. import Refusal
+from . import ids_out_of_range
 
 Arrays = dict[str, np.ndarray]
 _KINDS = ("linear", "embedding", "dora")
@@ -193,10 +194,7 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
         empty = "x" in inputs and np.asarray(inputs["x"]).shape[0] == 0
         return "M-5" if kind == "linear" and action == "backward" and empty else None
     if result.refusal:
-        ids = inputs.get("ids")
-        V = inputs["W"].shape[0] if "W" in inputs else None
-        out_of_range = ids is not None and V is not None and bool(((ids < 0) | (ids >= V)).any())
-        return "M-4" if result.status == "fail" and kind == "embedding" and out_of_range else None
+        return "M-4" if result.status == "fail" and ids_out_of_range(case.operation, inputs) else None
     if result.verdict != "storage" or not low_precision:
         return None
     return "M-2" if action == "merge" else "M-1"
