@@ -123,7 +123,7 @@ def _run_documented(impl, peer, layout: str, *, elsewhere: frozenset[str] = froz
             unexplained.append((r.case_id, r.status, r.verdict, r.detail))
         seen.add(found)
     assert unexplained == []
-    assert seen == set(peer.DEVIATIONS) - elsewhere
+    assert set(peer.DEVIATIONS) - elsewhere <= seen <= set(peer.DEVIATIONS)  # those in `elsewhere` may occur here too
     return result
 
 
