@@ -107,10 +107,12 @@ def test_loralib_linear_and_embedding_conform_at_storage_precision():
     assert any(r.refusal and r.status == "pass" for r in result.results)
 
 
-def _run_documented(impl, peer, layout: str):
-    """Run the suite through ``impl``; every result outside the float32 tier (skips and errors too) is one of the
-    peer module's documented deviations, and every documented deviation still occurs (the table is not stale)."""
-    result = run_suite(DEFAULT_SUITE, InProcessDriver(impl), layout=layout, timeout=0)
+def _run_documented(impl, peer, layout: str, *, elsewhere: frozenset[str] = frozenset()):
+    """Run the suite through ``impl`` (an implementation object, or a driver); every result outside the float32 tier
+    (skips and errors too) is one of the peer module's documented deviations, and every documented deviation still
+    occurs (the table is not stale), except those in ``elsewhere``, which another test reproduces."""
+    driver = impl if callable(getattr(impl, "execute", None)) else InProcessDriver(impl)
+    result = run_suite(DEFAULT_SUITE, driver, layout=layout, timeout=0 if isinstance(driver, InProcessDriver) else 20)
     seen, unexplained = set(), []
     for r in result.results:
         if r.status == "pass" and r.verdict == "float32":
@@ -121,7 +123,7 @@ def _run_documented(impl, peer, layout: str):
             unexplained.append((r.case_id, r.status, r.verdict, r.detail))
         seen.add(found)
     assert unexplained == []
-    assert seen == set(peer.DEVIATIONS)
+    assert set(peer.DEVIATIONS) - elsewhere <= seen <= set(peer.DEVIATIONS)  # those in `elsewhere` may occur here too
     return result
 
 
@@ -167,4 +169,87 @@ def test_keras_lora_on_jax_merges_per_call_and_does_not_refuse_bad_token_ids(mon
     passed = {r.case_id for r in result.results if r.status == "pass" and r.verdict == "float32"}
     assert {"conv1d/forward-dilation2-float32", "conv1d/backward-dilation2-float32", "conv2d/pw-forward-r3-non_dyadic-k1-s1-p0-d_axis-float32",
             "linear/merge-basic-float16", "linear/backward-basic-float32"} <= passed
+    assert all(r.verdict != "storage" for r in result.results if r.dtype == "float32" and r.verdict is not None)
+
+
+def test_mlx_lm_lora_and_dora_through_the_bridge():
+    """mlx-lm's LoRALinear / LoRAEmbedding / DoRALinear (mlx CPU build) through the bridge, the way native code is run:
+    its layers round the base output and the LoRA term to fp16/bf16 (M-1) and its fuse rounds the delta first (M-2),
+    both precision only; DoRALinear.fuse() returns float32 for fp16/bf16 layers (M-3, the dtype check's error);
+    out-of-range token ids are read, not refused (M-4). Everything else it runs conforms in the float32 tier. The
+    empty-batch backward passes or, now and then even on the bridge's main thread, hangs (M-5): the bridge's server is
+    killed after the per-case timeout and restarted, and the run goes on (the next test makes the hang certain)."""
+    require_peer("mlx.core")
+    require_peer("mlx_lm")
+    import sys
+
+    from lora_ref.conformance.peers import mlx as peer
+    from lora_ref.conformance.runner import SubprocessDriver
+
+    driver = SubprocessDriver([sys.executable, "-m", "lora_ref.conformance.bridge", "lora_ref.conformance.peers.mlx:factory"],
+                              persistent=True)
+    result = _run_documented(driver, peer, "mlx", elsewhere=frozenset({"M-5"}))
+    assert result.conformance() == "nonconformant" and sum(r.status == "pass" for r in result.results) >= 50
+    semantic = set(result.tier_cases("semantic"))
+    assert semantic and all(r.startswith("refusal/embedding") for r in semantic)  # M-4 only
+    errors = {r.case_id for r in result.results if r.status == "error"}
+    assert errors and all(r.startswith("dora/") and "merge" in r for r in errors)  # M-3 only
+    passed = {r.case_id for r in result.results if r.status == "pass" and r.verdict == "float32"}
+    assert [r.status for r in result.results if r.case_id == "linear/backward-empty_batch-float32"] in (["pass"], ["timeout"])
+    assert {"linear/forward-rslora-float32", "dora/merge-float32", "dora/backward-float32",
+            "embedding/backward-float32", "linear/merge-fan_in_fan_out-float32"} <= passed
+    refusals = [r for r in result.results if r.refusal and not r.case_id.startswith("refusal/embedding")]
+    assert all(r.status in ("pass", "skip") for r in refusals) and any(r.status == "pass" for r in refusals)  # load_weights' shape check
+    assert all(r.verdict != "storage" for r in result.results if r.dtype == "float32" and r.verdict is not None)
+
+
+def test_mlx_empty_batch_backward_under_the_in_process_watchdog():
+    """M-5: in-process with a per-case timeout the runner calls the implementation on a worker thread, where mlx's
+    empty-batch Linear backward often never returns (not every time: the hang is intermittent); then the watchdog
+    marks that case ``timeout`` and the run goes on: the cases after it still run and pass. (In a child process: a
+    hung native thread aborts the interpreter at exit.)"""
+    require_peer("mlx.core")
+    require_peer("mlx_lm")
+    import subprocess
+    import sys
+
+    script = (
+        "import os\n"
+        "from lora_ref.cli.conformance_cmd import DEFAULT_SUITE\n"
+        "from lora_ref.conformance.runner import InProcessDriver, Selection, run_suite\n"
+        "from lora_ref.conformance.peers.mlx import factory\n"
+        "result = run_suite(DEFAULT_SUITE, InProcessDriver(factory()), layout='mlx', timeout=5,\n"
+        "                   selection=Selection(keywords=('linear/',), operations=('linear.backward',), dtypes=('float32',)))\n"
+        "print(*(f'{r.case_id} {r.status}' for r in result.results), sep='\\n', flush=True)\n"
+        "os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    order = [line.split() for line in done.stdout.splitlines()]
+    names = [name for name, _ in order]
+    empty = names.index("linear/backward-empty_batch-float32")
+    assert order[empty][1] in ("pass", "timeout"), done.stdout + done.stderr
+    after = [status for _, status in order[empty + 1:]]
+    assert "pass" in after and set(after) <= {"pass", "skip"}, order  # the run went on past it
+    assert {status for _, status in order[:empty]} <= {"pass", "skip"}, order
+
+
+@pytest.mark.lorax
+def test_jax_lorax_conforms_but_fills_bad_ids_and_broadcasts_a_conv_factor():
+    """jax-lorax's LoraWeight (its own venv, jax 0.4; scripts/test_lorax.sh) through the `keras` layout: Linear,
+    Embedding and Conv1D/2D/3D, forward, backward and merge. The base product is rounded before the LoRA term is added
+    (X-1) and conv factors live in the kernel's dtype (X-2), XLA flushes bf16 subnormals (X-3): precision only.
+    Out-of-range token ids are filled or wrapped, not refused (X-4), and a conv merge broadcasts a factor with another
+    kernel size (X-5). Dilated and strided convs conform (lorax keeps the base's dilation for its down conv)."""
+    require_peer("lorax")
+    from lora_ref.conformance.peers import jax_lorax as peer
+
+    impl = peer.factory()
+    assert impl.versions["jax-lorax"] == "0.3.1"
+    result = _run_documented(impl, peer, "keras")
+    assert result.conformance() == "nonconformant" and sum(r.status == "pass" for r in result.results) >= 90
+    semantic = set(result.tier_cases("semantic"))
+    assert semantic and all(r.startswith("refusal/embedding") or r == "refusal/conv2d-merge_kernel-float32" for r in semantic)
+    passed = {r.case_id for r in result.results if r.status == "pass" and r.verdict == "float32"}
+    assert {"conv2d/forward-dilation2_stride3-float32", "conv2d/backward-dilation2_stride3-float32", "conv3d/merge-1x1x1-float32",
+            "embedding/backward-float32", "linear/backward-basic-float32", "linear/merge-basic-float16"} <= passed
+    assert any(r.refusal and r.status == "pass" for r in result.results)
     assert all(r.verdict != "storage" for r in result.results if r.dtype == "float32" and r.verdict is not None)

@@ -3,8 +3,10 @@ with every deviation and the peer's source line behind it.
 
     python -m lora_ref.conformance.results_doc [--out PATH]
 
-Each implementation runs once (profile float32; every case is judged in both tiers). A peer
-module may define ``DEVIATIONS`` (id -> (what it does, its source line)) and ``deviation(case,
+Each implementation runs once (profile float32; every case is judged in both tiers), in-process, or
+through the bridge (persistent, a per-case timeout) for peers whose native code can hang (mlx) or that
+live in their own venv (jax-lorax: ``.venv-lorax`` from ``scripts/test_lorax.sh``, or the interpreter
+named by ``LORA_REF_LORAX_PYTHON``). A peer module may define ``DEVIATIONS`` (id -> (what it does, its source line)) and ``deviation(case,
 inputs, result) -> id | None``; every result outside the float32 tier (and every skip and error)
 is listed under its deviation, and anything no deviation explains is listed as UNEXPLAINED.
 Peers that are not installed are reported as such, not skipped silently.
@@ -14,14 +16,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from .casefile import case_dir, default_suite, load_case
-from .runner import InProcessDriver, SuiteResult, run_suite
+from .runner import InProcessDriver, SubprocessDriver, SuiteResult, run_suite
 
-#: name -> (factory, layout, peer module with DEVIATIONS/deviation or None, version packages)
+ROOT = Path(__file__).resolve().parents[2]
+#: name -> (factory, layout, peer module with DEVIATIONS/deviation or None, version packages,
+#:          None to run in-process, else the Python that runs it behind the bridge: "" = this one)
 IMPLEMENTATIONS = {
     "lora_ref reference": ("lora_ref.conformance.reference_impl:factory", "canonical", None, ("lora_ref",)),
     "PEFT on torch (CPU)": ("lora_ref.conformance.peers.peft:factory", "peft", "lora_ref.conformance.peers.peft", ("peft", "torch")),
@@ -33,8 +39,16 @@ IMPLEMENTATIONS = {
                                             ("diffusers", "torch")),
     "Keras 3 enable_lora on JAX (CPU)": ("lora_ref.conformance.peers.keras:factory", "keras", "lora_ref.conformance.peers.keras",
                                          ("keras", "jax")),
+    "mlx-lm LoRA/DoRA layers on mlx (CPU), through the bridge": ("lora_ref.conformance.peers.mlx:factory", "mlx",
+                                                                 "lora_ref.conformance.peers.mlx", ("mlx-lm", "mlx"), ""),
+    "jax-lorax on JAX 0.4 (CPU), its own venv through the bridge": ("lora_ref.conformance.peers.jax_lorax:factory", "keras",
+                                                                    "lora_ref.conformance.peers.jax_lorax",
+                                                                    ("jax-lorax", "qax", "jax"),
+                                                                    os.environ.get("LORA_REF_LORAX_PYTHON", str(ROOT / ".venv-lorax" / "bin" / "python"))),
 }
-OUT = Path(__file__).resolve().parents[2] / "conformance" / "RESULTS.md"
+OUT = ROOT / "conformance" / "RESULTS.md"
+#: Per-case timeout behind the bridge (seconds): a hang ends its case, the server is restarted.
+BRIDGE_TIMEOUT = 60.0
 
 
 def _version(package: str) -> str:
@@ -51,10 +65,30 @@ def _version(package: str) -> str:
         return "?"
 
 
-def run_one(spec: str, layout: str, suite: Path) -> SuiteResult:
-    module_name, _, attribute = spec.partition(":")
-    impl = getattr(importlib.import_module(module_name), attribute)()
-    return run_suite(suite, InProcessDriver(impl, name=spec), layout=layout, profile="float32", timeout=0)
+def _bridged_versions(python: str, packages: tuple[str, ...]) -> str:
+    """The distributions' versions as the bridged interpreter sees them."""
+    script = ("import importlib.metadata as m, sys\n"
+              "for p in sys.argv[1:]:\n"
+              "    try: print(p, m.version(p))\n"
+              "    except m.PackageNotFoundError: print(p, 'not installed')\n")
+    done = subprocess.run([python, "-c", script, *packages], capture_output=True, text=True, timeout=120, check=True)
+    return ", ".join(done.stdout.split("\n")[:-1])
+
+
+def run_one(spec: str, layout: str, suite: Path, python: str | None = None) -> SuiteResult:
+    """One run of ``spec``: in-process (``python`` None) or behind the bridge in ``python`` ("" = this interpreter);
+    ImportError where the peer or its interpreter is missing."""
+    if python is None:
+        module_name, _, attribute = spec.partition(":")
+        impl = getattr(importlib.import_module(module_name), attribute)()
+        return run_suite(suite, InProcessDriver(impl, name=spec), layout=layout, profile="float32", timeout=0)
+    python = python or sys.executable
+    module = spec.partition(":")[0]
+    if not Path(python).exists() or subprocess.run([python, "-c", f"import {module}; {module}.factory()"],
+                                                   capture_output=True, timeout=300).returncode != 0:
+        raise ImportError(f"{spec} does not load in {python}")
+    driver = SubprocessDriver([python, "-m", "lora_ref.conformance.bridge", spec], persistent=True)
+    return run_suite(suite, driver, layout=layout, profile="float32", timeout=BRIDGE_TIMEOUT)
 
 
 def classify(result: SuiteResult, peer_module: str | None, suite: Path) -> dict[str, list]:
@@ -90,24 +124,28 @@ def render(suite: Path) -> str:
              "| implementation | versions | float32 | storage only | semantic | errors | skipped | refused as expected | class |",
              "|---|---|---|---|---|---|---|---|---|"]
     details = []
-    for name, (spec, layout, peer, packages) in IMPLEMENTATIONS.items():
+    for name, (spec, layout, peer, packages, *bridged) in IMPLEMENTATIONS.items():
+        python = bridged[0] if bridged else None
         try:
-            result = run_one(spec, layout, suite)
+            result = run_one(spec, layout, suite, python)
         except ImportError as exc:
             lines.append(f"| {name} | not installed ({exc}) | - | - | - | - | - | - | - |")
             continue
-        versions = ", ".join(f"{p} {_version(p)}" for p in packages)  # after the run: a peer may configure its import (Keras's backend)
+        if python is not None:
+            versions = _bridged_versions(python or sys.executable, packages)
+        else:  # after the run: a peer may configure its import (Keras's backend)
+            versions = ", ".join(f"{p} {_version(p)}" for p in packages)
         lines.append(_tier_line(name, versions, result))
         groups = classify(result, peer, suite)
         if not groups:
             continue
         table = getattr(importlib.import_module(peer), "DEVIATIONS", {}) if peer else {}
         details += ["", f"## {name} (layout `{layout}`)", "", "| deviation | what | source line | cases |", "|---|---|---|---|"]
-        for key in sorted(groups):
+        for key in sorted(set(groups) | set(table)):
             what, source = table.get(key, ("not explained by any documented deviation: a bug to report", "-"))
-            ids = [r.case_id for r in groups[key]]
+            ids = [r.case_id for r in groups.get(key, [])]
             shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
-            details.append(f"| {key} | {what} | {source} | {len(ids)}: {shown} |")
+            details.append(f"| {key} | {what} | {source} | {len(ids)}: {shown or 'none in this run (intermittent; see its test)'} |")
     return "\n".join(lines + details) + "\n"
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ...dtypes import dtype_name, round_to
 from .. import Refusal
+from . import ids_out_of_range
 
 Arrays = dict[str, np.ndarray]
 
@@ -190,10 +191,7 @@ def deviation(case: Any, inputs: Arrays, result: Any) -> str | None:
     if result.status != "fail":
         return None
     if result.refusal:
-        ids = inputs.get("ids")
-        V = inputs["W"].shape[0] if "W" in inputs else None
-        out_of_range = kind == "embedding" and ids is not None and V is not None and bool(((ids < 0) | (ids >= V)).any())
-        return "K-3" if out_of_range else None
+        return "K-3" if ids_out_of_range(case.operation, inputs) else None
     if result.verdict != "storage" or case.dtype not in ("float16", "bfloat16"):
         return None
     if action in ("forward", "backward"):
