@@ -3,6 +3,9 @@ with every deviation and the peer's source line behind it.
 
     python -m lora_ref.conformance.results_doc [--out PATH]
 
+Written to the default path, it also renders README.md's results-at-a-glance table from it
+(:func:`glance`), so the two cannot disagree.
+
 Each implementation runs once (profile float32; every case is judged in both tiers), in-process, or
 through the bridge (persistent, a per-case timeout) for peers whose native code can hang (mlx) or that
 live in their own venv (jax-lorax: ``.venv-lorax`` from ``scripts/test_lorax.sh``, or the interpreter
@@ -47,6 +50,9 @@ IMPLEMENTATIONS = {
                                                                     os.environ.get("LORA_REF_LORAX_PYTHON", str(ROOT / ".venv-lorax" / "bin" / "python"))),
 }
 OUT = ROOT / "conformance" / "RESULTS.md"
+README = ROOT / "README.md"
+#: README's results-at-a-glance table lies between these markers; it is rendered from RESULTS.md.
+GLANCE_BEGIN, GLANCE_END = "<!-- results:glance -->", "<!-- /results:glance -->"
 #: Per-case timeout behind the bridge (seconds): a hang ends its case, the server is restarted.
 BRIDGE_TIMEOUT = 60.0
 
@@ -149,6 +155,34 @@ def render(suite: Path) -> str:
     return "\n".join(lines + details) + "\n"
 
 
+def glance(results_md: str) -> str:
+    """README's results at a glance from RESULTS.md's summary table: the suite's size (the reference's
+    judged cases) and one row per implementation, versions in the name, without the refusal count."""
+    rows = [line for line in results_md.splitlines() if line.startswith("| ") and not line.startswith("| implementation")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in rows[: len(IMPLEMENTATIONS)]]
+    if len(rows) != len(IMPLEMENTATIONS) or any(len(row) != 9 for row in rows):
+        raise ValueError("RESULTS.md has no summary table of every implementation: rerun python -m lora_ref.conformance.results_doc")
+    cases = sum(int(cell) for cell in rows[0][2:6])
+    out = [f"Cases per verdict on the suite's {cases} cases (generated from conformance/RESULTS.md):", "",
+           "| implementation | float32 | storage only | semantic | errors | skipped | class |",
+           "|---|---|---|---|---|---|---|"]
+    for name, versions, f32, storage, semantic, errors, skipped, _refused, klass in rows:
+        out.append(f"| {name} ({versions}) | {f32} | {storage} | {semantic} | {errors} | {skipped} | {klass.strip('*')} |")
+    return "\n".join(out)
+
+
+def write_glance(results_md: str, readme: Path = README) -> None:
+    """Replace README's block between the glance markers with :func:`glance` (atomically)."""
+    from ..atomic import write_text_atomic
+
+    text = readme.read_text(encoding="utf-8")
+    if GLANCE_BEGIN not in text or GLANCE_END not in text:
+        raise ValueError(f"{readme} has no {GLANCE_BEGIN} ... {GLANCE_END} block")
+    head, rest = text.split(GLANCE_BEGIN, 1)
+    tail = rest.split(GLANCE_END, 1)[1]
+    write_text_atomic(readme, f"{head}{GLANCE_BEGIN}\n{glance(results_md)}\n{GLANCE_END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_ref.conformance.results_doc")
     parser.add_argument("--out", default=str(OUT))
@@ -156,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = render(Path(args.suite))
     Path(args.out).write_text(text, encoding="utf-8")
+    if Path(args.out).resolve() == OUT:
+        write_glance(text)
     print(text)
     return 0
 
