@@ -361,18 +361,26 @@ class Alt:
         d = len(out)
         return t.reshape((n,) + tuple(out) + (-1,)).transpose((0, d + 1) + tuple(range(1, d + 1)))
 
+    def _conv_mask(self, inputs):
+        """The training mask in the compute dtype (None at inference, or under ignore_dropout_mask)."""
+        mask = inputs.get("dropout_mask")
+        return None if mask is None or self.bug == "ignore_dropout_mask" else self.w(mask)
+
     def _conv_value(self, params, inputs, W=None):
-        """conv(x, W) + b + s conv1x1(conv(x, A), B) in the compute dtype; with ``W`` given, conv(x, W) + b only."""
+        """conv(x, W) + b + s conv1x1(conv(x̃, A), B) in the compute dtype (x̃ = x ∘ mask with a mask); with ``W`` given,
+        conv(x, W) + b only."""
         x = self.w(inputs["x"])
+        mask = self._conv_mask(inputs)
+        xm = x if mask is None else x * mask
         merged = W is not None
         W = self.w(inputs["W"]) if W is None else W
-        cols, out, _ = self._conv_cols(x, W.shape[2:], params)
+        cols, out, _ = self._conv_cols(xm if self.bug == "dropout_on_base_too" else x, W.shape[2:], params)
         o = W.shape[0]
         y = self.mm(cols, W.reshape(o, -1).T)
         if not merged:
             A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
             r = A.shape[0]
-            lora_cols, _, _ = self._conv_cols(x, W.shape[2:], params, lora=True)
+            lora_cols, _, _ = self._conv_cols(xm, W.shape[2:], params, lora=True)
             y = y + self.scale(params) * self.mm(self.mm(lora_cols, A.reshape(r, -1).T), B.reshape(o, r).T)
         if "b" in inputs:
             y = y + self.w(inputs["b"])
@@ -392,18 +400,25 @@ class Alt:
             dx[(slice(None),) * 2 + where] += patches[(Ellipsis,) + tap].transpose((0, d + 1) + tuple(range(1, d + 1)))
         return dx[(slice(None),) * 2 + tuple(slice(p, p + s) for s, p in zip(x_shape[2:], padding))]
 
-    def conv_backward(self, params, inputs):
+    def conv_backward(self, params, inputs, gain=None):
+        """dx = col2im(dY W) + mask ∘ col2im(s dY B A), dA, dB on x̃ = x ∘ mask (x without a mask). ``gain`` (DoRA in
+        training, g per output channel): the LoRA path takes g ∘ dY and the masked part adds col2im(((g − 1) ∘ dY) W)."""
         x, W, dy = self.w(inputs["x"]), self.w(inputs["W"]), self.w(inputs["dy"])
         A, B = self._conv_A(self.w(inputs["A"])), self.w(inputs["B"])
         o, r, kernel = W.shape[0], A.shape[0], W.shape[2:]
+        mask = self._conv_mask(inputs)
+        xm = x if mask is None else x * mask
         cols, out, geometry = self._conv_cols(x, kernel, params)
-        lora_cols, _, lora_geometry = self._conv_cols(x, kernel, params, lora=True)
+        lora_cols, _, lora_geometry = self._conv_cols(xm, kernel, params, lora=True)
         d = len(kernel)
         dY = dy.transpose((0,) + tuple(range(2, 2 + d)) + (1,)).reshape(-1, o)
         s = self.scale(params)
-        dH = s * self.mm(dY, B.reshape(o, r))
+        dH = s * self.mm(dY if gain is None else dY * gain, B.reshape(o, r))
         dx = self._col2im(self.mm(dY, W.reshape(o, -1)), x.shape, kernel, out, geometry)
-        dx = dx + self._col2im(self.mm(dH, A.reshape(r, -1)), x.shape, kernel, out, lora_geometry)
+        masked = self._col2im(self.mm(dH, A.reshape(r, -1)), x.shape, kernel, out, lora_geometry)
+        if gain is not None:
+            masked = masked + self._col2im(self.mm(dY * (gain - 1), W.reshape(o, -1)), x.shape, kernel, out, geometry)
+        dx = dx + (masked if mask is None else mask * masked)
         t = inputs["x"].dtype
         out_grads = {"dx": self.out(dx, t), "dA": self.out(self.mm(dH.T, lora_cols).reshape(A.shape), t),
                      "dB": self.out(s * self.mm(dY.T, self.mm(lora_cols, A.reshape(r, -1).T)).reshape(B.shape), t)}
@@ -704,7 +719,7 @@ class Alt:
         g, _, V = self._dora_parts("conv", params, inputs)
         t = inputs["x"].dtype
         xd, training = self._dropped(inputs, self.w(inputs["x"]))
-        dropped = {**inputs, "x": xd}
+        dropped = {**{k: v for k, v in inputs.items() if k != "dropout_mask"}, "x": xd}
         if not training:
             return {"y": self.out(self._conv_value(params, dropped, W=g * V), t)}
         unbiased = {k: v for k, v in dropped.items() if k != "b"}
@@ -723,7 +738,16 @@ class Alt:
         shape[axis] = -1
         dy = self.w(inputs["dy"])
         G = dy if self.bug == "dora_backward_plain_lora" else dy * gain.reshape(shape)
-        out = plain({k: v for k, v in params.items() if k != "want_base_grads"}, {**inputs, "dy": G})
+        plain_params = {k: v for k, v in params.items() if k != "want_base_grads"}
+        out = plain(plain_params, {**inputs, "dy": G})  # with a mask: dA, dB on x̃ = x ∘ mask
+        if "dropout_mask" in inputs:  # Conv in training (SPEC 4.3); the mask leaves dm's z on x̃ below
+            xd, training = self._dropped(inputs, self.w(inputs["x"]))
+            unmasked = {k: v for k, v in inputs.items() if k != "dropout_mask"}
+            if training:  # dx = base_vjp(dY) + mask ∘ (base_vjp((g − 1) ∘ dY) + lora_vjp(G))
+                out["dx"] = self.conv_backward(plain_params, inputs, gain=np.ones_like(gain) if self.bug == "dora_backward_plain_lora" else gain)["dx"]
+            else:  # dora_dropout_eval_formula: the eval formula on x̃, its whole dx masked
+                out["dx"] = self.out(self.w(plain(plain_params, {**unmasked, "dy": G})["dx"]) * self.w(inputs["dropout_mask"]), inputs["x"].dtype)
+            inputs = {**unmasked, "x": xd}
         unbiased = {k: v for k, v in inputs.items() if k != "b"}
         if kind == "embedding":
             z = self.w(inputs["W"])[inputs["ids"]] + self.scale(params) * self.mm(self.factors(inputs)[0].T[inputs["ids"]], self.factors(inputs)[1].T)
@@ -991,8 +1015,14 @@ CELL_CATCHES = {
     "dora_conv_norm_dim1": ("dora_conv1d/", "dora_conv3d/"),
     "dora_dropout_eval_formula": ("dora/pw-forward_dropout", "dora/pw-backward_dropout", "mixed_linear/forward-mask-dora",
                                   "mixed_linear/backward-mask-dora", "dora_conv1d/forward-dropout", "dora_conv2d/forward-dropout",
-                                  "dora_conv3d/forward-dropout"),
-    "mixed_mask_unrouted": ("mixed_linear/forward-mask-", "mixed_linear/backward-mask-"),
+                                  "dora_conv3d/forward-dropout", "dora_conv1d/backward-dropout", "dora_conv2d/backward-dropout",
+                                  "dora_conv3d/backward-dropout"),
+    "mixed_mask_unrouted": ("mixed_linear/forward-mask-", "mixed_linear/backward-mask-", "mixed_conv1d/forward-mask-",
+                            "mixed_conv1d/backward-mask-", "mixed_conv2d/forward-mask-", "mixed_conv2d/backward-mask-",
+                            "mixed_conv3d/forward-mask-", "mixed_conv3d/backward-mask-"),
+    "ignore_dropout_mask": ("mixed_conv1d/forward-mask-", "mixed_conv2d/backward-mask-", "mixed_conv3d/backward-mask-",
+                            "dora_conv1d/backward-dropout", "dora_conv3d/backward-dropout"),
+    "dropout_on_base_too": ("mixed_conv1d/forward-mask-", "mixed_conv2d/forward-mask-", "mixed_conv3d/forward-mask-"),
     "tree_unmerge_fifo": ("tree_linear/", "tree_embedding/", "tree_conv1d/", "tree_conv2d/", "tree_conv3d/"),
     "dora_stack_norm_from_base": ("tree_linear/", "tree_conv2d/"),
     "dora_unmerge_norm_recomputed": ("dora/pw-unmerge_fast", "dora_embedding/pw-unmerge_fast", "dora_conv1d/pw-unmerge_fast",

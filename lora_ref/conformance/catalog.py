@@ -450,6 +450,13 @@ def conv_length(size: int, k: int, stride: int = 1, padding: int = 0, dilation: 
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def conv_shape(size: tuple[int, ...], kernel: tuple[int, ...], geometry: Mapping[str, int | list[int]]) -> tuple[int, ...]:
+    """A conv's output spatial shape: :func:`conv_length` per axis (each geometry value an int or one per axis)."""
+    each = [(lambda v: list(v) if isinstance(v, list) else [v] * len(size))(geometry.get(key, default))
+            for key, default in (("stride", 1), ("padding", 0), ("dilation", 1))]
+    return tuple(conv_length(*axis) for axis in zip(size, kernel, *each))
+
+
 def _cell_cases() -> Iterator[CaseSpec]:
     """Issue 14's cells: mixed batches of Embedding and Conv1d/2d/3d, DoRA backward on Embedding and Conv, DoRA on Conv1d/3d."""
 
@@ -475,12 +482,21 @@ def _cell_cases() -> Iterator[CaseSpec]:
         c, o = 3 if d < 3 else 2, 4 if d < 3 else 3
         conv = {"x": ((4, c) + (size,) * d, 2.0), "W": ((o, c) + (k,) * d, 1.0), "b": ((o,), 1.0), "index": ((4,), 2),
                 **factors((c,) + (k,) * d, o, (1,) * d)}
+        dy = {"dy": ((4, o) + (conv_length(size, k, **geometry),) * d, 1.0)}
         for dtype in dtypes:
             yield case(f"mixed_conv{d}d", "forward", f"mixed_conv{d}d.forward", dtype, {"adapters": two, **geometry}, conv,
                        f"Conv{d}d mixed batch {geometry}: row b uses adapter index[b] (-1 = base), bias", route)
             yield case(f"mixed_conv{d}d", "backward", f"mixed_conv{d}d.backward", dtype, {"adapters": two, **geometry},
-                       {**{n: v for n, v in conv.items() if n != "b"}, "dy": ((4, o) + (conv_length(size, k, **geometry),) * d, 1.0)},
+                       {**{n: v for n, v in conv.items() if n != "b"}, **dy},
                        "dx per row through its adapter; dA.i, dB.i from adapter i's rows only", route)
+        dropping = [{**a, "lora_dropout": 0.5} for a in two]
+        masked = {**conv, "dropout_mask": conv["x"]}
+        for dtype in ("float32", "bfloat16"):  # training: the mask row b multiplies row b's LoRA input only (SPEC M.1)
+            yield case(f"mixed_conv{d}d", "forward-mask", f"mixed_conv{d}d.forward", dtype, {"adapters": dropping, **geometry}, masked,
+                       f"Conv{d}d training mixed batch {geometry}: row b = conv(x[b], W) + b + s_i lora_i(x[b] ∘ mask[b])", route)
+            yield case(f"mixed_conv{d}d", "backward-mask", f"mixed_conv{d}d.backward", dtype, {"adapters": dropping, **geometry},
+                       {**{n: v for n, v in masked.items() if n != "b"}, **dy},
+                       "training: dx's LoRA part ∘ mask per row; dA.i, dB.i on x ∘ mask over adapter i's rows only", route)
 
     n_in, n_out = 10, 6
     lin = {"x": ((4, n_in), 2.0), "W": ((n_out, n_in), 1.0), "b": ((n_out,), 1.0), "index": ((4,), 2),
@@ -578,7 +594,7 @@ def _combine_cases() -> Iterator[CaseSpec]:
 
 def _dropout_and_conv_combine_cases() -> Iterator[CaseSpec]:
     """Dropout masks in mixed batches (per-row index, the mask an input: each row's LoRA path on x ∘ mask, a DoRA row by
-    SPEC 4.3's dropout formula), DoRA's training formula on Conv1d/2d/3d, and ``combine`` of Conv1d / Conv3d factors."""
+    SPEC 4.3's dropout formula), DoRA's training formula on Conv1d/2d/3d (forward, backward), and ``combine`` of Conv1d / Conv3d factors."""
 
     def case(group: str, name: str, operation: str, dtype: str, params: dict, shapes: dict, description: str, special=None) -> CaseSpec:
         return CaseSpec(group, f"{name}-{dtype}", operation, dtype, params, shapes, description, special)
@@ -607,10 +623,14 @@ def _dropout_and_conv_combine_cases() -> Iterator[CaseSpec]:
         x = ((2, c) + size, 2.0)
         shapes = {"x": x, "W": ((o, c) + k, 1.0), "b": ((o,), 1.0), "A": ((2, c) + k, 1.0), "B": ((o, 2) + (1,) * d, 1.0),
                   "magnitude": ((o,), 4.0), "dropout_mask": x}
+        dy = {"dy": ((2, o) + conv_shape(size, k, geometry), 1.0)}
         for dtype in ("float32", "bfloat16"):
-            yield case(f"dora_conv{d}d", "forward-dropout", f"dora_conv{d}d.forward", dtype,
-                       linear_params(2, 5, rslora=dtype == "bfloat16", lora_dropout=0.5, **geometry), shapes,
+            params = linear_params(2, 5, rslora=dtype == "bfloat16", lora_dropout=0.5, **geometry)
+            yield case(f"dora_conv{d}d", "forward-dropout", f"dora_conv{d}d.forward", dtype, params, shapes,
                        f"Conv{d}d DoRA in training {geometry}: conv(x, W) + b + (g − 1) ∘ conv(x̃, W) + g ∘ lora(x̃), x̃ = x ∘ mask")
+            yield case(f"dora_conv{d}d", "backward-dropout", f"dora_conv{d}d.backward", dtype, params, {**shapes, **dy},
+                       f"Conv{d}d DoRA backward in training {geometry}: dx = base_vjp(dY) + mask ∘ (base_vjp((g − 1) ∘ dY) + "
+                       "lora_vjp(g ∘ dY)); dA, dB, dmagnitude on x̃ = x ∘ mask; db")
 
     mixed = {"adapters": [linear_params(2, 4), linear_params(3, 6, rslora=True)], "weights": [0.75, -1.5]}
     for d, (c, o, k) in ((1, (3, 4, (3,))), (3, (2, 3, (3, 2, 1)))):

@@ -22,7 +22,9 @@ largest of the rows' depths (K with max r_i), so the bound is the single-layer o
     mixed_linear.backward     dx[b] from its adapter's backward; dA.i, dB.i, dlora_bias.i, dmagnitude.i from
                               linear.backward / dora.backward over adapter i's rows only
 
-An adapter with no rows gets exact zero gradients (value 0, magnitude 0).
+An adapter with no rows gets exact zero gradients (value 0, magnitude 0). A ``dropout_mask`` input (training)
+travels with its rows: row b's single-adapter oracle sees mask[b] (Linear, Conv: the LoRA input x[b] ∘ mask[b],
+a DoRA row SPEC 4.3's training formula; ``conv_operations.py`` and ``layer_operations.py`` give the bounds).
 
     stack_{linear,embedding,conv{d}d}.forward   every adapter active on every row, unmerged:
                               y = base(x) + b + Σ_j s_j (lora_j(x) + lora_bias_j)   K = forward K(max r_j) + n − 1

@@ -7,11 +7,16 @@ B [O, r, 1, ..., 1] with d = 1, 2, 3 spatial axes; params ``stride``, ``padding`
 and lora_A: SPEC 4.2 gives lora_A the base's whole geometry). With cols = im2col(x)
 [P, C·∏k] (P = N·∏out positions), dY [P, O] and dH = s dY B:
 
-    forward   y = cols Wᵀ + b + s (cols Aᵀ) Bᵀ                 K = C·∏k + r + 6
+    forward   y = cols Wᵀ + b + s (cols̃ Aᵀ) Bᵀ                 K = C·∏k + r + 6
     merge     W + s (B A) reshaped to the kernel (unmerge: −)    K = r + 6
     backward  dx = col2im(dY W + dH A)       K = O + r + ∏k + 6  (col2im adds ≤ ∏k overlapping taps)
               dA = dHᵀ cols  K = P + O + 6;  dB = s dYᵀ (cols Aᵀ)  K = P + C·∏k + 6
               dW = dYᵀ cols  K = P + 2;      db = Σ dY           K = P + 1
+
+With a ``dropout_mask`` input (training, shaped like x) cols̃ = im2col(x ∘ mask) feeds the LoRA path
+only (PEFT's ``lora_A(dropout(x))``): dA, dB take cols̃ and dx's LoRA part is col2im(dH A) ∘ mask;
+the base path, dW and db keep x. Without a mask cols̃ = cols. The mask is one more multiplication
+on the LoRA path (K + 1; exact in t for entries 0 and 1/(1 − p) = 2, but bounded as a rounding).
 
 Dilation only spaces the taps of a window apart, so it changes which input elements enter a
 product, never the number of terms: every K is the same with and without it.
@@ -96,24 +101,38 @@ def _positions(dy: Dyadic, channels: int) -> Dyadic:
     return Dyadic(np.ascontiguousarray(dy.ints.transpose(order)).reshape(-1, channels), dy.exp)
 
 
+def _mask(inputs: Inputs, absolute: bool) -> Dyadic | None:
+    """The training mask (shaped like x) as an exact Dyadic, None at inference."""
+    return exact_input(inputs, "dropout_mask", absolute) if "dropout_mask" in inputs else None
+
+
+def _mask_depth(inputs: Inputs) -> int:
+    """One more rounding on the LoRA path with a mask (module docstring)."""
+    return 1 if "dropout_mask" in inputs else 0
+
+
 def _forward(inputs: Inputs, params: Params, absolute: bool) -> tuple[list, tuple[int, ...]]:
     x, W, A, B = (exact_input(inputs, n, absolute) for n in ("x", "W", "A", "B"))
     out_ch, r = W.shape[0], A.shape[0]
-    cols, out = _im2col(x, tuple(W.shape[2:]), *_geometry(params, len(W.shape) - 2))
+    geometry = _geometry(params, len(W.shape) - 2)
+    cols, out = _im2col(x, tuple(W.shape[2:]), *geometry)
+    mask = _mask(inputs, absolute)
+    lora_cols = cols if mask is None else _im2col(x * mask, tuple(W.shape[2:]), *geometry)[0]
     n = x.shape[0]
     base = cols @ W.reshape(out_ch, -1).T  # [P, O]
     if "b" in inputs:
         base = base + exact_input(inputs, "b", absolute).reshape(1, -1)
-    lora = (cols @ A.reshape(r, -1).T) @ B.reshape(out_ch, r).T
+    lora = (lora_cols @ A.reshape(r, -1).T) @ B.reshape(out_ch, r).T
     terms = [(Fraction(1), _channels_first(base, n, out, out_ch)), (scale_term(params, absolute), _channels_first(lora, n, out, out_ch))]
     return terms, (n, out_ch) + out
 
 
 def conv_forward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """y = conv(x, W) + b + s conv1x1(conv(x, A), B), both kernel convs with the case's stride, padding, dilation."""
+    """y = conv(x, W) + b + s conv1x1(conv(x̃, A), B), both kernel convs with the case's stride, padding, dilation
+    (x̃ = x ∘ mask with a ``dropout_mask``, else x)."""
     terms, shape = _forward(inputs, params, False)
     abs_terms, _ = _forward(inputs, params, True)
-    depth = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6
+    depth = int(np.prod(inputs["W"].shape[1:])) + inputs["A"].shape[0] + 6 + _mask_depth(inputs)
     return {"y": bounded(terms, abs_terms, shape, depth)}
 
 
@@ -146,16 +165,18 @@ def _backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]
     kernel = tuple(W.shape[2:])
     geometry = _geometry(params, len(kernel))
     cols, out = _im2col(x, kernel, *geometry)
+    mask = _mask(inputs, absolute)
+    lora_cols = cols if mask is None else _im2col(x * mask, kernel, *geometry)[0]
     dY = _positions(exact_input(inputs, "dy", absolute), out_ch)  # [P, O]
     s = scale_term(params, absolute)
     W_flat, A_flat, B_flat = W.reshape(out_ch, -1), A.reshape(r, -1), B.reshape(out_ch, r)
     dYB = dY @ B_flat  # dH / s, [P, r]
     x_shape = tuple(inputs["x"].shape)
+    lora_dx = _col2im(dYB @ A_flat, x_shape, kernel, *geometry, out)
     terms = {
-        "dx": [(Fraction(1), _col2im(dY @ W_flat, x_shape, kernel, *geometry, out)),
-               (s, _col2im(dYB @ A_flat, x_shape, kernel, *geometry, out))],
-        "dA": [(s, (dYB.T @ cols).reshape(*A.shape))],
-        "dB": [(s, (dY.T @ (cols @ A_flat.T)).reshape(*B.shape))],
+        "dx": [(Fraction(1), _col2im(dY @ W_flat, x_shape, kernel, *geometry, out)), (s, lora_dx if mask is None else lora_dx * mask)],
+        "dA": [(s, (dYB.T @ lora_cols).reshape(*A.shape))],
+        "dB": [(s, (dY.T @ (lora_cols @ A_flat.T)).reshape(*B.shape))],
     }
     if params.get("want_base_grads", False):
         terms["dW"] = [(Fraction(1), (dY.T @ cols).reshape(*W.shape))]
@@ -164,13 +185,14 @@ def _backward(inputs: Inputs, params: Params, absolute: bool) -> dict[str, list]
 
 
 def conv_backward(inputs: Inputs, params: Params) -> dict[str, Expected]:
-    """Gradients of the conv forward given dy [N, O, *out]: dx, dA, dB (+ dW, db with want_base_grads)."""
+    """Gradients of the conv forward given dy [N, O, *out]: dx, dA, dB (+ dW, db with want_base_grads); with a
+    ``dropout_mask`` the LoRA path's on x ∘ mask (module docstring)."""
     terms, abs_terms = _backward(inputs, params, False), _backward(inputs, params, True)
-    W, r = inputs["W"], inputs["A"].shape[0]
+    W, r, m = inputs["W"], inputs["A"].shape[0], _mask_depth(inputs)
     P = int(np.prod(inputs["dy"].shape)) // W.shape[0]
     taps = int(np.prod(W.shape[2:]))
     shapes = {"dx": inputs["x"].shape, "dA": inputs["A"].shape, "dB": inputs["B"].shape, "dW": W.shape, "db": (W.shape[0],)}
-    depth = {"dx": W.shape[0] + r + taps + 6, "dA": P + W.shape[0] + 6, "dB": P + int(np.prod(W.shape[1:])) + 6,
+    depth = {"dx": W.shape[0] + r + taps + 6 + m, "dA": P + W.shape[0] + 6 + m, "dB": P + int(np.prod(W.shape[1:])) + 6 + m,
              "dW": P + 2, "db": P + 1}
     return {n: bounded(terms[n], abs_terms[n], tuple(shapes[n]), depth[n]) for n in terms}
 

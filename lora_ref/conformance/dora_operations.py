@@ -10,6 +10,9 @@ the vocabulary; Conv: V[c] over (C, kh, kw)) and g = m / n:
     backward (eval, n detached) with G = g ∘ dY (g along dY's channel axis): dx, dA, dB = the plain
                     kind's gradients at dY -> G (Embedding: dA, dB only); dm = Σ dY ∘ z / n over every
                     axis but the channel; db = Σ dY (Conv)
+    backward (Conv, training: a dropout_mask, x̃ = x ∘ mask; SPEC 4.3) dx = base_vjp(dY) + mask ∘ (base_vjp((g − 1) ∘ dY)
+                    + lora_vjp(G)); dA, dB, dm as eval on x̃ (z = base(x̃) + lora(x̃)); the (g − 1) terms' magnitude
+                    |g − 1| + |g| ρ (g's error), K one more (the mask)
 
 The first-order bound is the Linear one (``layer_operations.py``) with its lengths generalised:
 z = base(x) + lora(x) has error ≤ γ_{K1} M_z (K1 = r + 6 for Embedding, C·kh·kw + r + 6 for
@@ -96,6 +99,13 @@ def _forward(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
     return {"y": Expected("bound", to_float64(y), to_float64(magnitude), 2 * depth)}
 
 
+def _dropped(inputs: Inputs) -> dict:
+    """``inputs`` with x replaced by x̃ = x ∘ mask and the mask removed (x̃ exact in t: entries 0 or 1/(1 − p) = 2)."""
+    x = np.asarray(inputs["x"])
+    x_drop = (x.astype(np.float64) * np.asarray(inputs["dropout_mask"]).astype(np.float64)).astype(x.dtype)
+    return {**{k: v for k, v in inputs.items() if k != "dropout_mask"}, "x": x_drop}
+
+
 def _dropout_forward(inputs: Inputs, params: Params, g: np.ndarray, rho: np.ndarray, base: tuple, abs_base: tuple,
                      b: np.ndarray, depth: int) -> Expected:
     """Conv DoRA in training: y = base(x) + b + (g − 1) ∘ base(x̃) + g ∘ lora(x̃) (PEFT's formula, SPEC 4.3).
@@ -104,9 +114,7 @@ def _dropout_forward(inputs: Inputs, params: Params, g: np.ndarray, rho: np.ndar
     M = |base|(x) + |b| + |g − 1| M_base(x̃) + |g| M_lora(x̃) + |g| (M_base(x̃) + M_lora(x̃)) ρ, ρ = ‖N_c‖/n_c + 2
     (g's and g − 1's error), K one more than eval's (the mask), doubled for second-order terms.
     """
-    x = np.asarray(inputs["x"])
-    dropped = {**{k: v for k, v in inputs.items() if k != "b"},
-               "x": (x.astype(np.float64) * np.asarray(inputs["dropout_mask"]).astype(np.float64)).astype(x.dtype)}
+    dropped = _dropped({k: v for k, v in inputs.items() if k != "b"})
     (d_terms, _), (d_abs, _) = _conv_terms(dropped, params, False), _conv_terms(dropped, params, True)
     (_, base_d), (s, lora_d) = d_terms
     (_, abase_d), (abs_s, alora_d) = d_abs
@@ -159,20 +167,35 @@ def _backward(kind: str, inputs: Inputs, params: Params) -> dict[str, Expected]:
     rho = abs_norms / norms + 2
     channel = _AXES[kind][1]
     dy = np.asarray(inputs["dy"])
+    training = "dropout_mask" in inputs
+    undropped, inputs = inputs, (_dropped(inputs) if training else inputs)
     plain_params = {k: v for k, v in params.items() if k != "want_base_grads"}
     terms_of = (lambda i, a: _embedding_backward(i, plain_params, a)) if kind == "embedding" else (lambda i, a: _conv_grad_terms(i, plain_params, a))
     plain = (embedding_backward if kind == "embedding" else conv_backward)(inputs, plain_params)
-    kg = _norm_length(kind, inputs) + inputs["A"].shape[0] + 9
+    kg = _norm_length(kind, inputs) + inputs["A"].shape[0] + 9 + int(training)
     values: dict[str, list] = {name: [] for name in plain}
     magnitudes: dict[str, list] = {name: [] for name in plain}
     for c in range(len(g)):
         part = {**inputs, "dy": _zero_but(dy, channel, c)}
         terms, abs_terms = terms_of(part, False), terms_of(part, True)
         for name in plain:
+            if training and name == "dx":  # the x̃ paths: (g_c − 1) on the base term, g_c on the LoRA term
+                (c0, t0), (c1, t1) = terms[name]
+                (a0, u0), (a1, u1) = abs_terms[name]
+                values[name] += [((g[c] - 1) * c0, t0), (g[c] * c1, t1)]
+                magnitudes[name] += [((abs(g[c] - 1) + abs(g[c]) * rho[c]) * a0, u0), (abs(g[c]) * rho[c] * a1, u1)]
+                continue
             values[name] += [(g[c] * coef, t) for coef, t in terms[name]]
             magnitudes[name] += [(abs(g[c]) * rho[c] * coef, t) for coef, t in abs_terms[name]]
     result = {name: Expected("bound", to_float64(combine_fractions(values[name])), to_float64(combine_fractions(magnitudes[name])),
                              2 * (plain[name].depth + kg)) for name in plain}
+    if training:  # dx = base_vjp(dY) (on x) + mask ∘ (the x̃ paths above)
+        mask = Dyadic.of(np.asarray(undropped["dropout_mask"]), what="dropout_mask").fractions()
+        (c0, t0), = terms_of(inputs, False)["dx"][:1]
+        (a0, u0), = terms_of(inputs, True)["dx"][:1]
+        result["dx"] = Expected("bound", to_float64(c0 * t0.fractions() + mask * combine_fractions(values["dx"])),
+                                to_float64(a0 * u0.fractions() + np.abs(mask) * combine_fractions(magnitudes["dx"])),
+                                result["dx"].depth)
     unbiased = {k: v for k, v in inputs.items() if k not in ("b", "dy")}
     if kind == "embedding":
         z_terms, z_abs, k1 = _embedding_forward(unbiased, params, False), _embedding_forward(unbiased, params, True), inputs["A"].shape[0] + 6

@@ -180,7 +180,8 @@ def _dora_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) ->
     options = {"geometry": _geometry(params)} if kind == "conv" else {}
     x = inputs["ids"] if kind == "embedding" else inputs["x"]
     layer = dora.build(kind, inputs["W"], inputs["A"], inputs["B"], scale_of(params), inputs["magnitude"], **options)
-    grads = dora.backward(layer, x, inputs["dy"], inputs["A"], inputs["B"], bias_dtype=inputs["b"].dtype if "b" in inputs else None)
+    grads = dora.backward(layer, x, inputs["dy"], inputs["A"], inputs["B"], dropout_mask=inputs.get("dropout_mask"),
+                          bias_dtype=inputs["b"].dtype if "b" in inputs else None)
     outputs = {"dA": grads.dA, "dB": grads.dB, "dmagnitude": grads.dmagnitude}
     if grads.dx is not None:
         outputs["dx"] = grads.dx
@@ -194,14 +195,14 @@ def _mixed_kind_forward(kind: str, params: Mapping[str, Any], inputs: Arrays) ->
     x = inputs["ids"] if kind == "embedding" else inputs["x"]
     options = {"geometry": _geometry(params), "bias": inputs.get("b")} if kind == "conv" else {}
     factors = [LoraFactors(f.A, f.B, f.scale, kind=kind) for f in _factors(params, inputs)]
-    return {"y": mixed_forward(x, inputs["W"], factors, inputs["index"], kind=kind, **options)}
+    return {"y": mixed_forward(x, inputs["W"], factors, inputs["index"], kind=kind, dropout_mask=inputs.get("dropout_mask"), **options)}
 
 
 def _mixed_kind_backward(kind: str, params: Mapping[str, Any], inputs: Arrays) -> Arrays:
     x = inputs["ids"] if kind == "embedding" else inputs["x"]
     options = {"geometry": _geometry(params)} if kind == "conv" else {}
     factors = [LoraFactors(f.A, f.B, f.scale, kind=kind) for f in _factors(params, inputs)]
-    grads = mixed_backward(x, inputs["dy"], inputs["W"], factors, inputs["index"], kind=kind, **options)
+    grads = mixed_backward(x, inputs["dy"], inputs["W"], factors, inputs["index"], kind=kind, dropout_mask=inputs.get("dropout_mask"), **options)
     outputs = {} if grads.dx is None else {"dx": grads.dx}
     for i in range(len(factors)):
         outputs[f"dA.{i}"], outputs[f"dB.{i}"] = grads.dA[i], grads.dB[i]
