@@ -184,6 +184,8 @@ def round_scalar(x: float, dtype: np.dtype) -> np.generic:
             return np.array(x).astype(dtype)[()]
     p, emin = _GRID[bfloat16]
     binade = math.frexp(x)[1] - 1  # 2^binade ≤ |x| < 2^(binade+1) (frexp: x = m·2^e, 1/2 ≤ |m| < 1)
+    if binade >= 128:  # |x| ≥ 2^128, past bfloat16's largest finite (2 − 2^-7)·2^127: ±inf (and c would overflow)
+        return np.array(math.copysign(math.inf, x)).astype(bfloat16)[()]
     c = 1.5 * 2.0 ** (max(binade, emin) + 53 - p)
     with np.errstate(over="ignore"):
         return np.float32(math.copysign((x + c) - c, x)).astype(bfloat16)[()]

@@ -168,3 +168,13 @@ def test_round_scalar_matches_the_exact_oracle(dtype: np.dtype, data: st.DataObj
         return
     width = {float32: np.uint32}.get(dtype, np.uint16)
     assert np.array(got).view(width) == np.array(want).astype(dtype).view(width), (x, got, want)
+
+
+@pytest.mark.parametrize("dtype", GRID_TARGETS, ids=GRID_IDS)
+@pytest.mark.parametrize("x", [5.109351192408883e294, -1e300, 2.0**128, -(2.0**1023), 1.7e308])
+def test_round_scalar_past_every_storage_range_is_signed_inf(dtype: np.dtype, x: float) -> None:
+    """Finite float64 values far past t's range (where round_to_grid's c would overflow) round to ±inf,
+    as the oracle says (found by hypothesis: bfloat16 at 5.1e294 raised OverflowError)."""
+    want = np.array(oracle_round(x, dtype)).astype(dtype)
+    got = round_scalar(x, dtype)
+    assert np.isinf(np.float64(want)) and np.array(got).tobytes() == want.tobytes()
