@@ -46,8 +46,8 @@ from .dtypes import FLOAT_DTYPES, dtype_name, resolve_dtype, round_to
 from .errors import CarriedTensorError, ExactnessError, FileFormatError, TargetNotFoundError
 from .linear import LinearBiasDelta
 from .merge import (
-    BLOCK_BYTES, FIXED_ORDER, MERGE_SEMANTICS, SEMANTICS_META_KEY, DeltaSource, Residual, block_rows, check_semantics,
-    digest_arrays, merge, unmerge,
+    BLOCK_BYTES, FIXED_ORDER, MERGE_SEMANTICS, SEMANTICS_META_KEY, THREAD_BLOCK_BYTES, DeltaSource, Residual, block_rows,
+    check_semantics, digest_arrays, merge, merge_many, unmerge,
 )
 from .provenance import PROVENANCE_KEY, adapter_digest, merge_record, popped, pushed, tensors_digest
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, save_file
@@ -174,8 +174,21 @@ def merge_checkpoint(
         header = pushed(base.metadata, record, base_path) if metadata is None else metadata
         header = {**header, SEMANTICS_META_KEY: MERGE_SEMANTICS}  # how unmerge must evaluate (SPEC 3.2)
         with SafetensorsWriter(out_path, specs, header) as writer:
+            run = _Run(writer, report, spill, exact=residual_path is not None, allow_nonfinite=allow_nonfinite,
+                       block_bytes=block_bytes)
             for name in names:
                 tensor = base.get(name)
+                delta = None
+                if name in targets and targets[name][1] == "weight" and out_dtype(name) == tensor.dtype:
+                    with run.flushed_on_error():
+                        delta = target_delta(adapter, targets[name], base=tensor)
+                    if run.takes(tensor, delta):
+                        if progress:
+                            progress(name)
+                        base_digests[name] = input_digests[name]
+                        run.add(name, tensor, delta)
+                        continue
+                run.flush()
                 if out_dtype(name) == tensor.dtype and name not in targets:
                     writer.write(name, tensor)
                     report.tensors_written += 1
@@ -190,21 +203,88 @@ def merge_checkpoint(
                     base_digests[name] = input_digests[name] if out_dtype(name) == base.tensors[name].dtype \
                         else digest_arrays(tensor)
                     kwargs = {"shape": tensor.shape} if targets[name][1] == CARRIED else {"base": tensor}
-                    delta = target_delta(adapter, targets[name], **kwargs)
+                    delta = delta if delta is not None else target_delta(adapter, targets[name], **kwargs)
                     result = merge(tensor, delta, exact=residual_path is not None, allow_nonfinite=allow_nonfinite,
                                    out=out, block_bytes=block_bytes)
                     if isinstance(delta, DoraDelta):
                         norms[name] = delta.norm
-                    tensor = result.weight
-                    report.merged[name] = int(tensor.size)
-                    if result.residual is not None:
-                        spill.keep(name, result.residual)
-                        report.residual_counts[name] = result.residual.count
-                        report.residual_bytes += result.residual.nbytes
+                    run.record(name, result.weight, result.residual)
                 report.tensors_written += 1
+            run.flush()
         if residual_path is not None:
             save_residuals(residual_path, spill.residuals(), norms, base_digests=base_digests, record=record)
     return report
+
+
+class _Run:
+    """Consecutive small weights of one dtype and shape (and factor layout), merged as one stack
+    (:func:`lora_ref.merge.merge_many`, bitwise the per-tensor merge) and written in one write.
+
+    A weight joins when its float64 copy is at most 1/16 of the stack's budget (the smaller of
+    ``block_bytes`` and :data:`~lora_ref.merge.THREAD_BLOCK_BYTES`, so the stack's float64
+    temporaries stay a few block sizes); any other tensor first flushes the run (:meth:`flush`), so the
+    output keeps the input's order.
+    """
+
+    def __init__(self, writer: SafetensorsWriter, report: CheckpointReport, spill: _ResidualSpill, *, exact: bool,
+                 allow_nonfinite: bool, block_bytes: int) -> None:
+        self._writer, self._report, self._spill = writer, report, spill
+        self._exact, self._allow_nonfinite = exact, allow_nonfinite
+        self._budget = min(block_bytes, THREAD_BLOCK_BYTES)
+        self._items: list[tuple[str, np.ndarray, DeltaSource]] = []
+        self._key: tuple | None = None
+
+    @staticmethod
+    def _layout(tensor: np.ndarray, delta: DeltaSource) -> tuple | None:
+        rank_factors = getattr(delta, "rank_factors", None)
+        if rank_factors is None or getattr(delta, "merge_block", None) is not None:
+            return None
+        left, right = rank_factors()
+        return tensor.dtype, tensor.shape, np.shape(left), np.shape(right), np.asarray(left).dtype, np.asarray(right).dtype
+
+    def takes(self, tensor: np.ndarray, delta: DeltaSource) -> bool:
+        """Whether ``tensor`` joins the run (flushing it first when its layout differs or it is full)."""
+        if 16 * 8 * tensor.size > self._budget or tensor.ndim < 1:
+            return False
+        key = self._layout(tensor, delta)
+        if key is None:
+            return False
+        if key != self._key or 8 * tensor.size * (len(self._items) + 1) > self._budget:
+            self.flush()
+            self._key = key
+        return True
+
+    def add(self, name: str, tensor: np.ndarray, delta: DeltaSource) -> None:
+        self._items.append((name, tensor, delta))
+
+    @contextlib.contextmanager
+    def flushed_on_error(self):
+        """Merge the run before an error of a later tensor propagates, so errors come in file order."""
+        try:
+            yield
+        except Exception:
+            self.flush()
+            raise
+
+    def record(self, name: str, weight: np.ndarray, residual: Residual | None) -> None:
+        """Count a merged tensor (and spill its residual) in the report."""
+        self._report.merged[name] = int(weight.size)
+        if residual is not None:
+            self._spill.keep(name, residual)
+            self._report.residual_counts[name] = residual.count
+            self._report.residual_bytes += residual.nbytes
+
+    def flush(self) -> None:
+        """Merge and write the run (nothing if empty)."""
+        if not self._items:
+            return
+        items, self._items, self._key = self._items, [], None
+        merged, residuals = merge_many(np.stack([tensor for _, tensor, _ in items]), [delta for *_, delta in items],
+                                       exact=self._exact, allow_nonfinite=self._allow_nonfinite)
+        self._writer.write_run([name for name, *_ in items], merged)
+        for (name, _, _), weight, residual in zip(items, merged, residuals):
+            self.record(name, weight, residual)
+            self._report.tensors_written += 1
 
 
 class _Empty(dict):

@@ -301,21 +301,37 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
     scale, rank = float(delta.scale), left.shape[1]
     if rank > _MAX_RANK or not (math.isfinite(scale) and np.isfinite(left).all() and np.isfinite(right).all()):
         return None
-    # ‖v‖₂ in float64 is within a relative (r + 2)u of the true norm (the factor 2 in κ covers it);
-    # squares of values below 2^-537 underflow, so each norm also gets √r·2^-500 ≥ the lost part.
-    allowance = math.sqrt(rank) * 2.0**-500
-    left_norms = np.sqrt(np.einsum("ik,ik->i", left, left)) + allowance
-    right_norms = np.sqrt(np.einsum("kj,kj->j", right, right)) + allowance
-    if rank and abs(scale) * float(left_norms.max(initial=0)) * float(right_norms.max(initial=0)) > 2.0**1000:
+    left_norms, right_norms, spread, near = _bound_norms(left, right, scale)
+    if near:
         return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
-    left_norms *= 2 * (rank + 1) * _U64 * abs(scale)
-    floor, spread = _ETA64 * math.ceil(2 * rank * abs(scale) + 6), 4 * _U64
-    root_floor = math.sqrt(floor) * (1 + 2.0**-20)  # (√φ)² ≥ φ
     return _Product(
-        scale=scale, left=left, right=right, left_norms=left_norms + root_floor, right_norms=right_norms + root_floor,
+        scale=scale, left=left, right=right, left_norms=left_norms, right_norms=right_norms,
         zero_rows=~left.any(axis=1), zero_cols=~right.any(axis=0), spread=spread,
         narrow=narrow and 2.0**-400 < abs(scale) and np.abs(left).max(initial=0) * np.abs(right).max(initial=0) * abs(scale) < 2.0**900,
     )
+
+
+def _bound_norms(left: np.ndarray, right: np.ndarray,
+                 scale: float | np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """The error bound's constants of Δ = s · L R (:class:`_Product`): (κ·‖L_i‖ + √φ, ‖R_j‖ + √φ,
+    the coefficient 4u of |y|, ``near``) for L [..., n, r] and R [..., r, c] in float64 and finite s
+    [...]; leading axes stack products, each with its own s. ``near`` (bool [...]) marks products
+    with |s|·max‖L_i‖·max‖R_j‖ > 2^1000 (float64 factors only), whose bound arithmetic could overflow.
+    """
+    rank = left.shape[-1]
+    magnitude = np.abs(np.asarray(scale, dtype=float64))[..., None]  # |s|, [..., 1]
+    # ‖v‖₂ in float64 is within a relative (r + 2)u of the true norm (the factor 2 in κ covers it);
+    # squares of values below 2^-537 underflow, so each norm also gets √r·2^-500 ≥ the lost part.
+    allowance = math.sqrt(rank) * 2.0**-500
+    left_norms = np.sqrt(np.einsum("...ik,...ik->...i", left, left)) + allowance
+    right_norms = np.sqrt(np.einsum("...kj,...kj->...j", right, right)) + allowance
+    with np.errstate(over="ignore"):
+        near = (magnitude[..., 0] * left_norms.max(axis=-1, initial=0) * right_norms.max(axis=-1, initial=0) > 2.0**1000) \
+            & (rank > 0)
+    left_norms *= 2 * (rank + 1) * _U64 * magnitude
+    floor = _ETA64 * np.ceil(2 * rank * magnitude + 6)
+    root_floor = np.sqrt(floor) * (1 + 2.0**-20)  # (√φ)² ≥ φ
+    return left_norms + root_floor, right_norms + root_floor, 4 * _U64, near
 
 
 def _exact_int(x: float) -> int:
@@ -444,34 +460,49 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     ``base`` is the block [n, c] in t, ``out`` an array like it (not base); ``product`` (from an
     earlier call on the same rows) saves the GEMM: any float64 approximation within the bound
     gives the same result; ``keep`` asks for the product back (else it is overwritten and None
-    is returned). With y = fl(base ± fl(s·L R)) and E the bound of SPEC 3.2, an element
-    is decided where fl(y − E) and fl(y + E) round to the same value of t: float32 by NumPy's
-    cast (a −0/+0 pair differs in its bits), float16 and bfloat16 by :func:`round_to_grid` in
-    float64 (a rounded 0 is undecided: its sign needs the exact sum). NaN and ±inf in y are
-    undecided too (±inf makes E infinite, so an end is NaN). The rest are resolved exactly. The
-    temporaries are float64 arrays of ``workspace`` updated in place: the product, y (in the
-    product's memory unless ``keep``) and the two ends (the low one in E's memory); narrower
-    scratch arrays are views of memory no longer needed at that point.
+    is returned). The elements :func:`_bracket` leaves undecided are resolved exactly.
     """
-    shape = base.shape
     if product is None:
-        product = _gemm(plan.left[rows], plan.right, workspace.get("product", shape, float64))  # any order (SPEC 3.2)
+        product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
         product *= plan.scale
-    dtype = base.dtype
+    undecided = _bracket(base, product, plan.left_norms[rows], plan.right_norms, plan.spread, sign, workspace, out, keep)
+    if undecided.any():
+        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), out)
+    return out, product if keep else None
+
+
+def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray, spread: float,
+             sign: float, workspace: _Workspace, out: np.ndarray, keep: bool) -> np.ndarray:
+    """``out`` := RN_t of the low end of y ± E, with y = fl(base ± product); returns where that is
+    undecided (a bool array of ``workspace``, valid until its next use).
+
+    ``base`` [..., n, c] in t, ``out`` an array like it (not base), ``product`` ≈ s·L R in float64
+    like it (any float64 evaluation within the bound of SPEC 3.2: a BLAS GEMM of one block, or a
+    batched matmul of a stack of weights), E = left_norms[..., i] · right_norms[..., j] + spread·|y|
+    (:func:`_bound_norms`); leading axes stack weights, each with its own norms. An element is
+    decided where fl(y − E) and fl(y + E) round to the same value of t: float32 by NumPy's cast
+    (a −0/+0 pair differs in its bits), float16 and bfloat16 by :func:`round_to_grid` in float64 (a
+    rounded 0 is undecided: its sign needs the exact sum); there ``out`` is the correctly rounded
+    base ± s·L R, whatever evaluation gave ``product``. NaN and ±inf in y are undecided too (±inf
+    makes E infinite, so an end is NaN). The temporaries are float64 arrays of ``workspace``
+    updated in place: y (in the product's memory unless ``keep``) and the two ends (the low one
+    in E's memory); narrower scratch arrays are views of memory no longer needed at that point.
+    """
+    shape, dtype = base.shape, base.dtype
     low = workspace.get("low", shape, float64)
     high = workspace.get("high", shape, float64)
     wide = base if dtype == float32 else widen_to_float32(base, narrow_view(low, float32))
     y = workspace.get("sum", shape, float64) if keep else product
     undecided = workspace.get("undecided", shape, np.dtype(bool))
-    with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved below
+    with np.errstate(invalid="ignore", over="ignore"):  # W = ±inf / NaN: undecided, resolved by the caller
         (np.add if sign > 0 else np.subtract)(wide, product, out=y)
-        np.multiply.outer(plan.left_norms[rows], plan.right_norms, out=low)
+        np.multiply(left_norms[..., :, None], right_norms[..., None, :], out=low)
         np.abs(y, out=high)
         if dtype == float32:
             nan = bool(np.isnan(high.max(initial=0.0)))  # max propagates NaN: one reduction, not a mask
         else:
             smallest = float(high.min(initial=math.inf))  # NaN: compares false below
-        high *= plan.spread
+        high *= spread
         low += high  # E
         if dtype == float32:
             np.add(y, low, out=high)
@@ -493,9 +524,7 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
             if not normal and not low.all():
                 undecided |= low == 0
             store_exact(low, out, y)  # y (the rounding's scratch) is not needed any more
-    if undecided.any():
-        _resolve_exactly(plan, rows, base, sign, np.flatnonzero(undecided), out)
-    return out, product if keep else None
+    return undecided
 
 
 # -- one block of a weight: merge, unmerge, residual ---------------------------------------------------
@@ -630,6 +659,97 @@ def merge(
 
     parts = [p for p in _map_row_blocks(merge_rows, W.shape, block_bytes) if p is not None]
     return MergeResult(result, _collect(parts, W, delta, semantics, digest, result) if exact else None)
+
+
+def merge_many(
+    W: np.ndarray,
+    deltas: Sequence[DeltaSource],
+    *,
+    exact: bool = False,
+    allow_nonfinite: bool = False,
+    semantics: str = MERGE_SEMANTICS,
+    digest: bool = True,
+) -> tuple[np.ndarray, list[Residual | None]]:
+    """(merged W [k, ...], residuals) for a stack of k weights W[i] of one dtype and shape and their
+    deltas: bitwise ``[merge(W[i], deltas[i], ...) for i]``, in one stacked evaluation.
+
+    For many small weights (a 100,000-module adapter of tiny layers) NumPy's per-call overhead,
+    not arithmetic, is the cost of :func:`merge`; here every step runs once for the whole stack:
+    one batched matmul [k, n, r] @ [k, r, c], one :func:`_bound_norms`, one :func:`_bracket` (and
+    one more for the exact residual's unmerge). The correctly rounded value does not depend on how
+    y ≈ W + s·L R was evaluated (SPEC 3.2), so the batched product gives the same bits wherever the
+    bracket decides; every weight with an undecided element (the rare ones: resolved exactly), and
+    every stack this path does not take (other semantics, float64, sources without
+    ``rank_factors`` or with ``merge_block``, factors of differing shapes or dtypes, non-finite
+    factors or scales, near-overflow), goes through :func:`merge` one weight at a time, which also
+    raises each refusal in order. The extra memory is a few float64 copies of the stack: callers
+    stack small weights (:class:`lora_ref.checkpoint._Run`).
+    """
+    W = np.asarray(W)
+    check_semantics(semantics)
+    merged = np.empty_like(W)
+    residuals: list[Residual | None] = [None] * len(deltas)
+    pending = range(len(deltas))
+    stack = _stacked_product(W, deltas, semantics)
+    if stack is not None:
+        left, right, scale, left_norms, right_norms, spread, near = stack
+        workspace = _Workspace()
+        shape = (W.shape[0], left.shape[1], right.shape[2])
+        product = np.matmul(left, right, out=workspace.get("product", shape, float64))  # any float64 evaluation (SPEC 3.2)
+        product *= scale[:, None, None]
+        base, out = W.reshape(shape), merged.reshape(shape)
+        failed = _bracket(base, product, left_norms, right_norms, spread, 1.0, workspace, out, exact).any(axis=(1, 2))
+        failed |= near
+        if exact:
+            restored = workspace.get("restored", shape, W.dtype)
+            failed |= _bracket(out, product, left_norms, right_norms, spread, -1.0, workspace, restored, False).any(axis=(1, 2))
+            missed = bits_of(restored) != bits_of(base)
+            index_dtype = residual_index_dtype(math.prod(W.shape[1:]))
+            for i in np.flatnonzero(~failed).tolist():
+                positions = np.flatnonzero(missed[i])
+                residuals[i] = Residual(
+                    indices=positions.astype(index_dtype), values=base[i].reshape(-1)[positions], shape=tuple(W.shape[1:]),
+                    merged_digest=digest_arrays(merged[i]) if digest else None,
+                    delta_digest=digest_arrays(*deltas[i].factors()), semantics=semantics)
+        pending = np.flatnonzero(failed).tolist()
+    for i in pending:
+        residuals[i] = merge(W[i], deltas[i], exact=exact, allow_nonfinite=allow_nonfinite, out=merged[i],
+                             semantics=semantics, digest=digest).residual
+    return merged, residuals
+
+
+#: The dtypes whose merges take the correctly rounded evaluation (float64 weights use the fixed order).
+_STACKED_DTYPES = (float32, np.dtype(np.float16), bfloat16)
+
+
+def _stacked_product(W: np.ndarray, deltas: Sequence[DeltaSource], semantics: str) -> tuple | None:
+    """(L [k, n, r], R [k, r, c], s [k], the bound's constants: :func:`_bound_norms`) of the stack
+    W [k, ...], if every weight would take the correctly rounded evaluation (:func:`_product`) and
+    every factor is finite; else None (:func:`merge_many` then merges one weight at a time)."""
+    if not deltas or semantics == FIXED_ORDER or W.dtype not in _STACKED_DTYPES or W.ndim < 2 or len(deltas) != W.shape[0]:
+        return None
+    if any(tuple(d.shape) != W.shape[1:] or getattr(d, "rank_factors", None) is None
+           or getattr(d, "merge_block", None) is not None for d in deltas):
+        return None
+    factors = [d.factors() for d in deltas]
+    pairs = [d.rank_factors() for d in deltas]
+    try:  # arrays of differing shapes do not stack; differing dtypes widen, which keeps (non-)finiteness
+        if len({len(f) for f in factors}) != 1:
+            return None
+        for column in zip(*factors):  # what check_factors_finite checks, for the whole stack at once
+            stacked = np.stack(column)
+            if not np.isfinite(stacked if stacked.dtype in _NATIVE_FLOATS else stacked.astype(float64)).all():
+                return None
+        left = np.stack([p[0] for p in pairs]).astype(float64, copy=False)
+        right = np.stack([p[1] for p in pairs]).astype(float64, copy=False)
+    except ValueError:
+        return None
+    scale = np.array([float(d.scale) for d in deltas], dtype=float64)
+    if left.ndim != 3 or right.ndim != 3 or left.shape[1] != W.shape[1] or right.shape[-1] != math.prod(W.shape[2:]) \
+            or left.shape[-1] > _MAX_RANK or not np.isfinite(scale).all() \
+            or not (np.isfinite(left).all() and np.isfinite(right).all()):
+        return None
+    return (left, right, scale, *_bound_norms(left, right, scale))
 
 
 def unmerge(

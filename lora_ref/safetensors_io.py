@@ -20,7 +20,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -504,6 +504,19 @@ class SafetensorsWriter:
         if array.size:
             self._handle.write(array.reshape(-1).view(np.uint8).data)
         self._next += 1
+
+    def write_run(self, names: Sequence[str], stacked: np.ndarray) -> None:
+        """Append the next ``len(names)`` tensors, ``stacked[i]`` being ``names[i]``, in one write
+        (each name, dtype and shape checked against its spec as :meth:`write` does)."""
+        stacked = np.asarray(stacked)
+        if len(names) != stacked.shape[0]:
+            raise ValueError(f"{len(names)} names for a stack of {stacked.shape[0]} tensors")
+        for name in names:
+            self._check_next(name, stacked.dtype, stacked.shape[1:])
+            self._next += 1
+        stacked = np.ascontiguousarray(stacked).astype(stacked.dtype.newbyteorder("<"), copy=False)
+        if stacked.size:
+            self._handle.write(stacked.reshape(-1).view(np.uint8).data)
 
     def reserve(self, name: str) -> OutputTensor:
         """The next tensor's place in the output, to fill by row blocks (:class:`OutputTensor`).

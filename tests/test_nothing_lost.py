@@ -27,7 +27,8 @@ from lora_ref.cli import EXIT_OK, EXIT_USER_ERROR, main
 from lora_ref.cli import merge_cmd
 from lora_ref.safetensors_io import load_file
 
-#: Run the CLI, pausing (so the parent can SIGKILL it) after the k-th tensor any writer writes,
+#: Run the CLI, pausing (so the parent can SIGKILL it) after the k-th tensor any writer writes (a run
+#: of small tensors written at once counts each),
 #: or after a successful in-place verification when k is "verified".
 HOOKED_CLI = r"""
 import filecmp, sys, time
@@ -40,17 +41,18 @@ def pause():
     ready.write_text("paused")
     time.sleep(300)
 
-def hooked(method):
+def hooked(method, tensors=lambda args: 1):
     def wrapper(self, *args, **kwargs):
         result = method(self, *args, **kwargs)
-        calls[0] += 1
-        if str(calls[0]) == kill_at:
+        before, calls[0] = calls[0], calls[0] + tensors(args)
+        if kill_at.isdigit() and before < int(kill_at) <= calls[0]:
             pause()
         return result
     return wrapper
 
 sio.SafetensorsWriter.write = hooked(sio.SafetensorsWriter.write)
 sio.SafetensorsWriter.reserve = hooked(sio.SafetensorsWriter.reserve)
+sio.SafetensorsWriter.write_run = hooked(sio.SafetensorsWriter.write_run, lambda args: len(args[0]))  # a run of tensors
 compare = filecmp.cmp
 def compare_then_pause(*args, **kwargs):
     same = compare(*args, **kwargs)
