@@ -15,12 +15,11 @@ y += s_g·((x·A_g)·B_g) with s_g a constant (:func:`graph_scales`), so its fil
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lora_ref.adapter import Adapter
+from lora_ref.atomic import staged_folder
 
 from .adapter_files import SUFFIX, adapter_tensors, write_onnx_adapter
 from .errors import AdapterNameError, ExportConfigError
@@ -48,20 +47,14 @@ def convert_adapters(adapters: Sequence[Adapter], graph: str | os.PathLike[str],
     layouts, scheme = read_layouts(model, {slot.module for slot in slots.values()})
     scales = graph_scales(model, slots) if scheme == EXTRACT else None
     converted = {adapter.name: adapter_tensors(adapter, slots, layouts, scales) for adapter in adapters}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     report = {"graph": str(graph), "scheme": scheme, "adapters": {}}
-    try:
+    with staged_folder(output) as staging:
         for name, tensors in converted.items():
             if progress is not None:
                 progress(name)
             write_onnx_adapter(staging / f"{name}{SUFFIX}", tensors, slots)
             report["adapters"][name] = {"file": str(output / f"{name}{SUFFIX}"), "scheme": scheme, "tensors": len(tensors),
                                         "modules": sorted(next(a for a in adapters if a.name == name).modules)}
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

@@ -10,21 +10,21 @@ file copied unchanged. genai needs no change to ``genai_config.json`` for either
 graph's LoRA inputs have rank-0 default initializers, which genai leaves alone until an adapter is
 active. Batched graphs are not written for genai: its generator feeds the graph's inputs itself and
 has no way to feed ``adapter_index``. The folder is staged beside the output and renamed into place
-only when complete.
+only when complete (:func:`lora_ref.atomic.staged_folder`); every byte of it, the copies too, is
+written through lora-ref's one write primitive, so a full disk is a WriteFailedError naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 
 from lora_ref.adapter import Adapter
+from lora_ref.atomic import copy_file_atomic, staged_folder
 from lora_ref.errors import FileFormatError
 
 from .errors import ExportConfigError
@@ -86,18 +86,12 @@ def export_genai(
     if output.exists():
         raise ExportConfigError(f"{output}: already exists; the genai output folder must be new")
     skip = {graph_path.name, *_external_files(graph_path)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         report = export(graph_path, adapters, mode, staging / graph_path.name, external_data=True,
                         adapter_out=staging if mode == "dynamic" else None, adapter_names=adapter_names, **options)
-        for item in folder.iterdir():
+        for item in sorted(folder.iterdir()):
             if item.name not in skip and item.is_file() and not (staging / item.name).exists():
-                shutil.copy2(item, staging / item.name)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                copy_file_atomic(item, staging / item.name)
     report.output = output / graph_path.name
     report.adapter_files = {name: output / path.name for name, path in report.adapter_files.items()}
     return report

@@ -257,7 +257,8 @@ def save_model(
     """Validate ``model`` (:func:`check_graph`) and write it atomically; return the path written.
 
     ``external_data=None`` chooses external data only when the tensors approach protobuf's 2 GiB
-    limit; True forces it (tensors >= EXTERNAL_MIN_BYTES go to ``<file name>.data``). With
+    limit; True forces it (tensors >= EXTERNAL_MIN_BYTES go to ``<file name>.data``; a graph with
+    no tensor that large is written whole, without a data file). With
     external data ``model`` is changed in place (its tensors then refer to the data file), so a
     model of many GiB is not held twice. Sets ``model.ir_version`` (:func:`make_loadable`).
     """
@@ -278,7 +279,8 @@ def save_model(
         except OSError as exc:  # onnx writes these files itself
             raise write_failed(path, exc) from None
         check_graph(staged, where=f"{path} (exported graph)")  # the path form handles > 2 GiB models
-        commit(staging / data_name, path.parent / data_name)
+        if (staging / data_name).exists():  # onnx writes it only when some tensor reaches EXTERNAL_MIN_BYTES
+            commit(staging / data_name, path.parent / data_name)
         commit(staged, path)
     return path
 

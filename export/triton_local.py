@@ -27,7 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from lora_ref.atomic import write_text_atomic
+from lora_ref.atomic import staged_folder, write_text_atomic
 from lora_ref.errors import LoraRefError
 
 from .triton import CONFIG, versions
@@ -73,11 +73,9 @@ def python_stand_in(repo: str | os.PathLike[str], out: str | os.PathLike[str]) -
         wanted = versions(config.parent)
         for version in wanted:
             if not (model_dir / str(version)).is_dir():
-                staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=model_dir))
-                shutil.copytree(config.parent / str(version), staging, dirs_exist_ok=True)
-                shutil.copyfile(STAND_IN, staging / "model.py")
-                os.chmod(staging, 0o755)
-                os.replace(staging, model_dir / str(version))
+                with staged_folder(model_dir / str(version)) as staging:
+                    shutil.copytree(config.parent / str(version), staging, dirs_exist_ok=True)
+                    shutil.copyfile(STAND_IN, staging / "model.py")
         text = text.replace('platform: "onnxruntime_onnx"', 'backend: "python"')
         text += f"parameters {{ key: \"lora_ref.sys_path\" value: {{ string_value: {json.dumps(paths)} }} }}\n"
         write_text_atomic(model_dir / CONFIG, text)

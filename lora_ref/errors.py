@@ -73,3 +73,7 @@ class ExactnessError(ResidualMismatchError):
 
 class NotRegularFileError(FileFormatError):
     """An input is a FIFO, socket or device, not a regular file or folder; it is never opened."""
+
+
+class MarkerError(LoraRefError, ValueError):
+    """A document's generated block cannot be found exactly once: a marker missing, repeated or out of order."""

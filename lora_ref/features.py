@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
+from .docsplice import splice
 from .errors import UnsupportedFeatureError
 
 
@@ -192,17 +194,15 @@ def spec_rows() -> str:
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "features.md"
 SPEC = ROOT / "conformance" / "SPEC.md"
-SPEC_BEGIN, SPEC_END = "<!-- features:begin -->\n", "<!-- features:end -->"
+SPEC_BEGIN, SPEC_END = "<!-- features:begin -->", "<!-- features:end -->"
 
 
 def with_spec_rows(spec: str) -> str:
     """``spec`` with the M.8 block between the markers replaced by :func:`spec_rows`."""
-    head, rest = spec.split(SPEC_BEGIN, 1)
-    _, tail = rest.split(SPEC_END, 1)
-    return head + SPEC_BEGIN + spec_rows() + SPEC_END + tail
+    return splice(spec, SPEC_BEGIN, SPEC_END, "\n" + spec_rows(), document="SPEC.md")
 
 
 if __name__ == "__main__":
-    DOC.write_text(render(), encoding="utf-8")
-    SPEC.write_text(with_spec_rows(SPEC.read_text(encoding="utf-8")), encoding="utf-8")
+    write_text_atomic(DOC, render())
+    write_text_atomic(SPEC, with_spec_rows(SPEC.read_text(encoding="utf-8")))
     sys.stdout.write(f"wrote {DOC} and the rows of {SPEC} M.8\n")

@@ -113,12 +113,11 @@ def test_readme_results_at_a_glance_is_rendered_from_results_md() -> None:
     """README's conformance table is RESULTS.md's summary (re-rendered here), and RESULTS.md is of
     the frozen suite as it is: the reference's judged cases are every case in the manifest."""
     from lora_ref.conformance.casefile import default_suite, read_manifest
-    from lora_ref.conformance.results_doc import GLANCE_BEGIN, GLANCE_END, OUT, README, glance
+    from lora_ref.conformance.results_doc import OUT, README, glance, with_glance
 
-    readme = README.read_text(encoding="utf-8")
-    block = readme.split(GLANCE_BEGIN, 1)[1].split(GLANCE_END, 1)[0].strip("\n")
-    assert block == glance(OUT.read_text(encoding="utf-8")), "rerun python -m lora_ref.conformance.results_doc"
+    readme, results = README.read_text(encoding="utf-8"), OUT.read_text(encoding="utf-8")
+    assert with_glance(readme, results) == readme, "rerun python -m lora_ref.conformance.results_doc"
     cases = len(read_manifest(default_suite())[1])
-    assert f"on the suite's {cases} cases" in block, "RESULTS.md is of another suite: rerun results_doc"
+    assert f"on the suite's {cases} cases" in glance(results), "RESULTS.md is of another suite: rerun results_doc"
     guide = (README.parent / "docs" / "conformance.md").read_text(encoding="utf-8")
     assert f"holds {cases} frozen cases" in guide, "docs/conformance.md states another suite size"

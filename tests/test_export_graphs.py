@@ -21,6 +21,8 @@ from conftest import require_peer
 require_peer("onnxruntime")
 require_peer("onnx")
 
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
 from lora_ref.adapter import Adapter  # noqa: E402
 from lora_ref.linear import forward as linear_forward  # noqa: E402
 from lora_ref.export import AdapterCache, build_graph, models, open_session, save_model  # noqa: E402
@@ -213,3 +215,15 @@ def test_external_data_round_trip(tmp_path):
     assert (tmp_path / "m.onnx.data").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     np.testing.assert_array_equal(open_session(path).run({"x": x})[0], inline)
+
+
+def test_external_data_of_a_graph_without_large_tensors_is_no_file(tmp_path):
+    """external_data=True on a graph whose tensors are all below EXTERNAL_MIN_BYTES: onnx writes no data
+    file, so there is none to move into place (this was a confusing ENOENT "cannot write" refusal)."""
+    graph = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])], "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "c")]), opset_imports=[helper.make_opsetid("", 17)])
+    path = save_model(graph, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    np.testing.assert_array_equal(open_session(path).run({"x": np.array([3.0, 4.0], np.float32)})[0], [4.0, 6.0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -77,10 +78,29 @@ def _export(w: Path) -> tuple[list[str], list[Path]]:
             str(w / "out.onnx")], [w / "out.onnx"]
 
 
+#: The tokenizer file of the genai folder: copied, not exported, so its bytes are told apart in a write.
+TOKENIZER = b'{"tokenizer": "copied into the output folder byte for byte"}'
+
+
+def _genai_folder(w: Path) -> Path:
+    """The fixture graph's folder as a genai model folder (a genai_config.json and a tokenizer file beside it)."""
+    folder = w / "graph"
+    if not (folder / "genai_config.json").exists():
+        (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+        (folder / "tokenizer.json").write_bytes(TOKENIZER)
+    return folder
+
+
+def _export_genai(w: Path) -> tuple[list[str], list[Path]]:
+    return ["export", str(_genai_folder(w)), str(w / "adapter"), "--mode", "dynamic", "-o", str(w / "genai")], []
+
+
 COMMANDS: dict[str, Callable[[Path], tuple[list[str], list[Path]]]] = {
     "merge": _merge, "merge_exact": _merge_exact, "merge_in_place": _merge_in_place, "unmerge_fast": _unmerge_fast,
     "unmerge_exact": _unmerge_exact, "sharded_merge": _sharded_merge, "combine": _combine, "export": _export,
+    "export_genai": _export_genai,
 }
+EXPORTS = ("export", "export_genai")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +145,7 @@ def _count_writes(fixtures: Path, command: str, previous: bool, monkeypatch: pyt
         return counter.calls
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "export" or HAVE_ONNX])
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in EXPORTS or HAVE_ONNX])
 @settings(max_examples=12)
 @given(data=st.data(), code=st.sampled_from([errno.ENOSPC, errno.EIO]), previous=st.booleans())
 def test_failed_write_leaves_previous_state(fixtures: Path, command: str, data, code: int, previous: bool) -> None:
@@ -233,3 +253,58 @@ def test_library_export_writes_graph_and_adapter_files_or_nothing(fixtures: Path
         exporter.export(fixtures / "graph" / "model.onnx", [load_adapter(fixtures / "adapter")], "dynamic",
                         tmp_path / "out" / "dyn.onnx", adapter_out=tmp_path / "out" / "adapters")
     assert list(tmp_path.iterdir()) == []
+
+
+class _FailOn(_Fault):
+    """Wraps atomic.write_at: raises ``error`` at the first write of bytes that start with ``prefix``."""
+
+    def __init__(self, prefix: bytes, error: BaseException) -> None:
+        super().__init__(None)
+        self.prefix, self.error = prefix, error
+
+    def __call__(self, fd: int, data, offset: int) -> None:
+        if bytes(memoryview(data).cast("B")[:len(self.prefix)]) == self.prefix:
+            raise self.error
+        self.real(fd, data, offset)
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="no onnx")
+def test_genai_folder_copies_go_through_the_write_primitive(fixtures: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """The files copied into a genai output folder are written like every other byte: a full disk while the
+    tokenizer file is copied is exit 2 naming that file, and neither the folder nor a temporary is left."""
+    work, argv = _prepare(fixtures, tmp_path, "export_genai", previous=False)
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(atomic, "write_at", _FailOn(TOKENIZER, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer.json" in err[0] and "ENOSPC" in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="no onnx")
+def test_interrupted_genai_export_leaves_nothing(fixtures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of the copy (the library call, no CLI around it): no output folder, no temporary."""
+    from lora_ref.adapter import load_adapter
+    from lora_ref.export.genai import export_genai
+
+    work, _ = _prepare(fixtures, tmp_path, "export_genai", previous=False)
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(atomic, "write_at", _FailOn(TOKENIZER, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        export_genai(work / "graph", [load_adapter(work / "adapter")], "dynamic", work / "genai")
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="no onnx")
+def test_genai_output_folder_has_the_usual_mode_and_the_bytes(fixtures: Path, tmp_path: Path) -> None:
+    """The staged folder is renamed into place with 0777 & ~umask (a mkdtemp folder is 0700: unreadable to others)."""
+    work, argv = _prepare(fixtures, tmp_path, "export_genai", previous=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == EXIT_OK
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (work / "genai").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (work / "genai" / "tokenizer.json").read_bytes() == TOKENIZER
+    assert not [p for p in work.iterdir() if p.name.endswith(".partial")]

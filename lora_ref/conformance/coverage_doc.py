@@ -12,8 +12,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+from ..docsplice import splice
 from .catalog import COVERAGE, all_cases
-from .coverage import render_table, replace_table
+from .coverage import BEGIN, END, render_table
 
 SPEC = Path(__file__).resolve().parents[2] / "conformance" / "SPEC.md"
 
@@ -30,14 +32,14 @@ def coverage_table() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     text = SPEC.read_text(encoding="utf-8")
-    updated = replace_table(text, coverage_table())
+    updated = splice(text, BEGIN, END, coverage_table(), document=str(SPEC))
     if "--check" in args:
         if updated != text:
             print(f"{SPEC}: the coverage table differs from the catalog; run python -m lora_ref.conformance.coverage_doc")
             return 1
         print("SPEC C.2's coverage table matches the catalog")
         return 0
-    SPEC.write_text(updated, encoding="utf-8")
+    write_text_atomic(SPEC, updated)
     print(f"wrote the coverage table to {SPEC}")
     return 0
 

@@ -25,6 +25,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+from ..docsplice import splice
 from .casefile import case_dir, default_suite, load_case
 from .runner import InProcessDriver, SubprocessDriver, SuiteResult, run_suite
 
@@ -171,16 +173,14 @@ def glance(results_md: str) -> str:
     return "\n".join(out)
 
 
-def write_glance(results_md: str, readme: Path = README) -> None:
-    """Replace README's block between the glance markers with :func:`glance` (atomically)."""
-    from ..atomic import write_text_atomic
+def with_glance(readme: str, results_md: str) -> str:
+    """``readme`` with the block between the glance markers replaced by :func:`glance` of ``results_md``."""
+    return splice(readme, GLANCE_BEGIN, GLANCE_END, f"\n{glance(results_md)}\n", document="README.md")
 
-    text = readme.read_text(encoding="utf-8")
-    if GLANCE_BEGIN not in text or GLANCE_END not in text:
-        raise ValueError(f"{readme} has no {GLANCE_BEGIN} ... {GLANCE_END} block")
-    head, rest = text.split(GLANCE_BEGIN, 1)
-    tail = rest.split(GLANCE_END, 1)[1]
-    write_text_atomic(readme, f"{head}{GLANCE_BEGIN}\n{glance(results_md)}\n{GLANCE_END}{tail}")
+
+def write_glance(results_md: str, readme: Path = README) -> None:
+    """Rewrite ``readme`` (atomically) with :func:`with_glance`."""
+    write_text_atomic(readme, with_glance(readme.read_text(encoding="utf-8"), results_md))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default=str(default_suite()))
     args = parser.parse_args(argv)
     text = render(Path(args.suite))
-    Path(args.out).write_text(text, encoding="utf-8")
+    write_text_atomic(args.out, text)
     if Path(args.out).resolve() == OUT:
         write_glance(text)
     print(text)
