@@ -71,8 +71,9 @@ about 1.3x the base graph's batched run. The speedup over one-row runs is bounde
 base graph alone gains from batching (printed beside it): with 32 tokens per row that is about
 1.1x on one CPU thread, as the base GEMMs already have 32 rows.
 
-Alternatives measured (ONNX Runtime CPU, one thread, that block, 16 rows on 16 adapters, cost
-over the base graph's batched run at 1 token; all within noise of each other at 32 tokens):
+Alternatives measured (ONNX Runtime CPU, one thread, one run on a loaded 2-core machine; that
+block, 16 rows on 16 adapters; cost over the base graph's batched run at 1 token, all within
+noise of each other at 32 tokens):
 per-row Gathers as above 1.33x; x·A for every adapter at once (MatMul of [1, rows, in] with the
 [N, in, r] bank, each row's own r columns selected with Where and ReduceSum) with gathered B
 1.53x; the same x·A_all masked to each row's own columns ([rows, N·r], as the Conv sites do)
