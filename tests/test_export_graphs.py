@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from lora_ref.adapter import Adapter  # noqa: E402
 from lora_ref.linear import forward as linear_forward  # noqa: E402
+from lora_ref.mixed_batch import factors_for, mixed_forward  # noqa: E402
 from lora_ref.export import AdapterCache, build_graph, models, open_session, save_model  # noqa: E402
 from lora_ref.export.editing import lora_a_name, lora_b_name, lora_factors  # noqa: E402
 from lora_ref.export.parity import expose, site_bound  # noqa: E402
@@ -58,18 +59,25 @@ def _site_bias(graph: onnx.ModelProto, site) -> np.ndarray | None:
     return None
 
 
+def _bound(model, module, x, bias, adapter: Adapter | None, dtype) -> np.ndarray:
+    """The site's elementwise bound at x: the graph's (dtype) plus the float64 oracle's own rounding."""
+    W = model.weights[f"{module}.weight"]
+    kwargs = {"bias": bias}
+    if adapter is not None and module in adapter.modules:
+        lora = adapter.modules[module]
+        kwargs.update(A=lora.A, B=lora.B, scale=adapter.scale_for(module))
+    return site_bound(x, W, dtype=dtype, **kwargs) + site_bound(x, W, dtype=np.float64, **kwargs)
+
+
 def _expected(model, module, x, bias, adapter: Adapter | None, dtype):
     """(float64 reference at x, elementwise bound) for one site."""
     W = model.weights[f"{module}.weight"]
     if adapter is not None and module in adapter.modules:
         lora, s = adapter.modules[module], adapter.scale_for(module)
         y = linear_forward(x, W, lora.A, lora.B, s, bias=bias, out_dtype=np.float64)
-        kwargs = {"A": lora.A, "B": lora.B, "scale": s, "bias": bias}
     else:
         y = np.asarray(x, np.float64) @ W.astype(np.float64).T + (0 if bias is None else bias.astype(np.float64))
-        kwargs = {"bias": bias}
-    bound = site_bound(x, W, dtype=dtype, **kwargs) + site_bound(x, W, dtype=np.float64, **kwargs)
-    return y, bound
+    return y, _bound(model, module, x, bias, adapter, dtype)
 
 
 def check_sites(label, model, graph, sites, run, row_adapters, dtype=np.float32) -> float:
@@ -174,6 +182,40 @@ def test_batched_graph_rows_use_their_own_adapter(model, seed, index):
     x = _inputs(model, len(index), seed)
     check_sites("batched", model, graph, sites, lambda s: s.run_batched({"x": x}, index),
                 [adapters[i] if i >= 0 else None for i in index])
+
+
+@settings(max_examples=EXAMPLES)
+@given(model=st.sampled_from([MLP, BLOCK]), ranks=st.lists(st.integers(1, 8), min_size=1, max_size=5),
+       seed=st.integers(0, 2**16), data=st.data(), max_rank=st.sampled_from([None, 12]))
+def test_batched_graph_is_the_mixed_batch_of_the_reference(model, ranks, seed, data, max_rank):
+    """Each site of the batched graph, the whole batch at once, against the core's mixed batch (SPEC M.1).
+
+    Oracle: lora_ref.mixed_batch.mixed_forward (float64, grouped: the base over the batch, one LoRA
+    product per adapter over its rows) at the x̂ ONNX Runtime computed there, with the same random
+    routing, rows of -1 (base only) and adapters on some modules only among them. Tolerance, per
+    row: the float32 site bound of that row's adapter, γ_K (|x̂||W|ᵀ + |b| + s|x̂||A|ᵀ|B|ᵀ), K = in + r + 4
+    (the bank's zero padding to r_max adds exact zeros, so r is the adapter's own rank), plus the
+    same bound at u = 2^-53 for the oracle's rounding.
+    """
+    adapters = [models.random_adapter(model, r, seed=seed + i, name=f"a{i}",
+                                      modules=model.linear_modules[: 1 + i % len(model.linear_modules)] if i % 2 else None)
+                for i, r in enumerate(ranks)]
+    index = data.draw(st.lists(st.integers(-1, len(adapters) - 1), min_size=1, max_size=8), label="index")
+    graph, sites = build_graph(model.onnx, adapters, "batched", max_rank=max_rank)
+    x = _inputs(model, len(index), seed)
+    names = [n for module_sites in sites.values() for site in module_sites for n in (site.x, site.y)]
+    session = open_session(expose(graph, names))
+    values = dict(zip([o.name for o in session.session.get_outputs()], session.run_batched({"x": x}, index)))
+    for module, module_sites in sites.items():
+        for site in module_sites:
+            x_site, bias = values[site.x], _site_bias(model.onnx, site)
+            want = mixed_forward(x_site, model.weights[f"{module}.weight"], factors_for(adapters, module), index,
+                                 bias=bias, out_dtype=np.float64)
+            bound = np.stack([_bound(model, module, x_site[row], bias, adapters[i] if i >= 0 else None, np.float32)
+                              for row, i in enumerate(index)])
+            err = np.abs(values[site.y].astype(np.float64) - want)
+            assert np.all(err <= bound), f"{module} index {index}: error/bound {np.max(err / bound):.3g}"
+            WORST["batched/mixed"] = max(WORST.get("batched/mixed", 0.0), float(np.max(err / bound)))
 
 
 @pytest.mark.parametrize("mode", ["merged", "dynamic", "batched"])
