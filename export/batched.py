@@ -82,12 +82,11 @@ stacked forms avoid the copies but multiply by all N adapters' factors, N times 
 multiply-adds, which costs more than the copies whenever N·r is not small next to in and out.
 
 Providers: only standard ops (Gather, MatMul with a batch axis, Where, Shape, Range, Less, Max,
-Sub, Unsqueeze, Reshape, Flatten, Cast, Equal, And); TensorRT runs int64 index arithmetic and
+Sub, Unsqueeze, Reshape, Flatten, Cast, Equal, And, Or, ReduceSum, Min); TensorRT runs int64 index arithmetic and
 Range with data-dependent bounds only in recent versions, and ORT hands any node it refuses to
-the CUDA provider. The in-graph index check relies on Gather refusing an out-of-range index,
-which ORT's CPU kernel does; ORT's CUDA Gather writes 0 instead (gather_impl.cu), so there an
-index >= N fed past the checks would run adapter 0: on GPU providers the check before the run
-(:meth:`LoraSession.run_batched`, the Triton client helper) is the only refusal.
+the CUDA provider. The in-graph index check does not rely on Gather refusing an out-of-range
+index (ORT's CUDA Gather writes 0 instead, gather_impl.cu): a Reshape guard fails the run on
+every provider (:class:`_Builder`).
 """
 
 from __future__ import annotations
@@ -128,6 +127,9 @@ from .names import SlotLayout
 from .quantized import branch_site, float_type
 
 INDEX_INPUT = "adapter_index"
+#: The name of the prelude's Reshape that fails the run on any provider when an index is outside [-1, N)
+#: (ONNX Runtime's error names the node).
+INDEX_GUARD = "lora_adapter_index_outside_range"
 #: metadata_props key: JSON {ids tensor name: V} of the batched graph's Embedding LoRA sites.
 EMBEDDING_IDS_KEY = "lora_ref.embedding_ids"
 ADAPTER_AXIS = "lora_adapters"
@@ -210,10 +212,14 @@ class _Builder:
         i'    = Gather(Range(0, N), i'')                       = i'' for valid rows; ORT refuses the run otherwise
         keep  = index >= 0
 
-    so an index outside [-1, N) fails the run (ORT names the offending value and the range
-    [-N, N-1]) instead of wrapping (Gather takes negative indices) or silently running the
-    base model; callers get a typed error before that from :meth:`LoraSession.run_batched` or
-    the Triton client helper.
+            bad   = Or(index < -1, index >= N);   i' = Reshape(i', [−1 − Min(ReduceSum(bad), 1)])
+
+so an index outside [-1, N) fails the run (ORT's CPU Gather names the offending value and the
+range [-N, N-1]) instead of wrapping (Gather takes negative indices) or silently running the
+base model or adapter 0. Providers whose Gather writes 0 for an out-of-range index (ORT's CUDA
+kernel, gather_impl.cu) still fail: the guard's Reshape gets the shape [-2], which every
+Reshape refuses, and the error names the node :data:`INDEX_GUARD`. Callers get a typed error
+before any of this from :meth:`LoraSession.run_batched` or the Triton client helper.
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
@@ -254,11 +260,14 @@ class _Builder:
     def index_prelude(self, first_bank: str) -> None:
         """The checked index i', keep [batch] and keep [batch, 1, 1] (class docstring)."""
         n = self.namer
-        shape, count, span, low, clamped, shifted, checked_in = (
-            n(w) for w in ("lora_bank_shape", "lora_adapters", "lora_index_range", "lora_index_low", "lora_index_clamped",
-                           "lora_index_shifted", "lora_index_unchecked"))
+        shape, count, span, low, clamped, shifted, checked_in, gathered, high, invalid, invalid64, n_invalid, any_invalid, \
+            guard_shape = (
+                n(w) for w in ("lora_bank_shape", "lora_adapters", "lora_index_range", "lora_index_low", "lora_index_clamped",
+                               "lora_index_shifted", "lora_index_unchecked", "lora_index_gathered", "lora_index_high",
+                               "lora_index_invalid", "lora_index_invalid_i64", "lora_index_invalid_count",
+                               "lora_index_any_invalid", "lora_index_guard_shape"))
         self.index, self.keep_1d, self.keep = n("lora_index"), n("lora_keep_1d"), n("lora_keep")
-        minus_one, zero_s = self.constant(-1, scalar=True), self.constant(0, scalar=True)
+        minus_one, zero_s, one = self.constant(-1, scalar=True), self.constant(0, scalar=True), self.constant(1)
         self.prelude += [
             self.node("Shape", [first_bank], shape),
             self.node("Gather", [shape, zero_s], count, axis=0),
@@ -267,7 +276,15 @@ class _Builder:
             self.node("Max", [INDEX_INPUT, zero_s], clamped),
             self.node("Sub", [INDEX_INPUT, count], shifted),
             self.node("Where", [low, shifted, clamped], checked_in),
-            self.node("Gather", [span, checked_in], self.index, axis=0),
+            self.node("Gather", [span, checked_in], gathered, axis=0),
+            # the guard for providers whose Gather does not refuse an out-of-range index
+            self.node("GreaterOrEqual", [INDEX_INPUT, count], high),
+            self.node("Or", [low, high], invalid),
+            self.node("Cast", [invalid], invalid64, to=TensorProto.INT64),
+            self.node("ReduceSum", [invalid64, self.constant(0)], n_invalid, keepdims=1),
+            self.node("Min", [n_invalid, one], any_invalid),
+            self.node("Sub", [self.constant(-1), any_invalid], guard_shape),
+            helper.make_node("Reshape", [gathered, guard_shape], [self.index], name=self.namer(INDEX_GUARD)),
             self.node("GreaterOrEqual", [INDEX_INPUT, zero_s], self.keep_1d),
             self.node("Unsqueeze", [self.keep_1d, self.constant(1, 2)], self.keep),
         ]

@@ -9,6 +9,7 @@ wrapping or running the base model), and the CLI option.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ require_peer("onnxruntime")
 from lora_ref.adapter import save_adapter  # noqa: E402
 from lora_ref.cli import main as cli_main  # noqa: E402
 from lora_ref.export import ExportConfigError, build_graph, models, open_session  # noqa: E402
+from lora_ref.export.batched import INDEX_GUARD  # noqa: E402
 from lora_ref.export.triton import (  # noqa: E402
     ADAPTERS_FILE,
     CONFIG,
@@ -118,6 +120,44 @@ def test_invalid_adapter_index_fails_the_run_in_the_graph(model):
     np.testing.assert_array_equal(good, session.run_batched({name: x}, [-1, 1])[0])
     for bad in ([2, 0], [0, -2], [-3, 0], [0, 2**40]):
         with pytest.raises(Exception, match="out of (data )?bounds|must be within"):
+            session.session.run(None, {name: x, "adapter_index": np.array(bad)})
+
+
+def _zero_for_out_of_range_gather(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` with the index prelude's range-checking Gather(Range(0, N), i) replaced by what ORT's CUDA
+    Gather computes (gather_impl.cu): i where 0 <= i < N, else 0 (no refusal)."""
+    graph = copy.deepcopy(graph)
+    nodes = graph.graph.node
+    position, gather = next((k, n) for k, n in enumerate(nodes) if n.op_type == "Gather" and n.input[0].startswith("lora_index_range"))
+    span, index = gather.input
+    count = next(n.input[1] for n in nodes if n.op_type == "Range" and n.output[0] == span)
+    zero = next(n.input[0] for n in nodes if n.op_type == "Range" and n.output[0] == span)
+    replacement = [
+        helper.make_node("GreaterOrEqual", [index, zero], ["cuda_sim_ge"]),
+        helper.make_node("Less", [index, count], ["cuda_sim_lt"]),
+        helper.make_node("And", ["cuda_sim_ge", "cuda_sim_lt"], ["cuda_sim_ok"]),
+        helper.make_node("Where", ["cuda_sim_ok", index, zero], list(gather.output)),
+    ]
+    del nodes[position]
+    for offset, node in enumerate(replacement):
+        nodes.insert(position + offset, node)
+    return graph
+
+
+def test_invalid_adapter_index_fails_where_gather_does_not_refuse():
+    """On a provider whose Gather writes 0 for an out-of-range index (ORT's CUDA kernel, simulated on CPU),
+    the index guard still fails the run, naming itself, instead of running adapter 0."""
+    model = models.mlp(in_features=4, hidden=6, out_features=3, seed=1)
+    adapters = [models.random_adapter(model, 2, seed=s) for s in (1, 2)]
+    graph, _ = build_graph(model.onnx, adapters, "batched")
+    session = open_session(_zero_for_out_of_range_gather(graph))
+    name = session.session.get_inputs()[0].name
+    x = np.ones((2, 4), np.float32)
+    reference = open_session(graph)
+    np.testing.assert_array_equal(session.session.run(None, {name: x, "adapter_index": np.array([-1, 1])})[0],
+                                  reference.session.run(None, {name: x, "adapter_index": np.array([-1, 1])})[0])
+    for bad in ([2, 0], [0, -2], [-3, 0], [0, 2**40]):
+        with pytest.raises(Exception, match=INDEX_GUARD):
             session.session.run(None, {name: x, "adapter_index": np.array(bad)})
 
 
