@@ -173,7 +173,7 @@ def check_sites(graph: onnx.ModelProto, model: onnx.ModelProto, sites, feeds, ba
                 M[row] += abs(s) * (np.abs(x[row]) @ np.abs(lora.A.T)) @ np.abs(lora.B.T)
             rank = max(rank, sum(a.modules[module].rank for a in chosen))
         K = site.in_features + rank + 4
-        if final[module] == site.y and literal:  # weight-only: the float reference on the dequantized weight
+        if final[module] == site.y and literal and site.integer is None:  # weight-only: the float reference on W
             exact, M = x @ W.T + lora_exact, M + np.abs(x) @ np.abs(W).T
         else:
             C = out[f"{final[module]}.base"].astype(np.float64)
@@ -303,3 +303,147 @@ def test_requantize_refuses_a_qdq_weight_that_another_node_reads():
         build_graph(model, [a], "merged", requantize=True)
     merged, _ = build_graph(model, [a], "merged")
     assert _base_bytes(model).items() <= _base_bytes(merged).items()
+
+
+# --- dynamically quantized bases (quantize_dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) ---
+#
+# The activation is quantized to uint8 at run time, per tensor: x̂ = s_x·(clip(rint(x/s_x) + z_x, 0, 255) − z_x)
+# with s_x = (max(0, max x) − min(0, min x)) / 255 and z_x = rint(−min(0, min x)/s_x), so |x − x̂| ≤ s_x/2 where
+# nothing clips and ≤ s_x at the clipped ends (z_x's own rounding moves the grid by up to s_x/2). The base output
+# C = fl(acc · fl(s_x·s_w)), acc = Σ (x_q − z_x)(q − z) exact in int32 and in the float32 cast (|acc| ≤ in·255·255
+# < 2^24), so |C − x̂·W^T| ≤ γ_2·|x̂||W|^T with W = (q − z)·s_w exactly. The export leaves C alone: each site is
+# checked as ŷ = C + LoRA (check_sites, the float bound of E.5 with C for the base), which isolates the adapter's
+# effect from the activation's quantization; the oracle test below checks C itself against x·W^T too.
+
+DYNAMIC_FORMATS = ["int8-tensor", "int8-channel", "uint8-tensor", "uint8-channel", "fused"]
+_DYNAMIC_CACHE: dict[str, onnx.ModelProto] = {}
+
+
+def dynamic_quantized_model(fmt: str, tmp_path_factory) -> onnx.ModelProto:
+    """The MLP quantized by ``quantize_dynamic`` (``fused``: int8 per column, saved after ORT's own optimizer,
+    which fuses each site into one DynamicQuantizeMatMul), cached per session."""
+    from lora_ref.export.models import ort_dynamic
+
+    if fmt in _DYNAMIC_CACHE:
+        return _DYNAMIC_CACHE[fmt]
+    model = ort_dynamic(_float_model(), per_channel=fmt != "int8-tensor" and fmt != "uint8-tensor", signed=not fmt.startswith("uint8"))
+    if fmt == "fused":
+        path = tmp_path_factory.mktemp("fused") / "fused.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(path)
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(path))
+        assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul", "Relu", "DynamicQuantizeMatMul"]
+    else:
+        assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 2
+    _DYNAMIC_CACHE[fmt] = model
+    return model
+
+
+@pytest.fixture(params=DYNAMIC_FORMATS)
+def dynamic_quantized(request, tmp_path_factory):
+    return dynamic_quantized_model(request.param, tmp_path_factory)
+
+
+def integer_dequantized(model: onnx.ModelProto, sites) -> dict[str, np.ndarray]:
+    """Module -> W [out, in] = ORT's DequantizeLinear(q, s_w, z; axis 1) run alone on the site's initializers
+    (float32: (q − z)·s_w rounded once, the oracle within u_32 of the exact product)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for module, (site, *_) in sites.items():
+        node = model.graph.node[site.integer]
+        if node.op_type == "DynamicQuantizeMatMul":
+            scale = node.input[2]
+        else:  # Mul(x_scale, w_scale) feeds the site's Mul: the initializer factor
+            products = [n for n in model.graph.node if n.op_type == "Mul" and n.output[0] in model.graph.node[site.node].input]
+            scale = next(name for name in products[0].input if name in inits)
+        dq = helper.make_node("DequantizeLinear", [node.input[1], scale, node.input[3]], ["W"], axis=1)
+        alone = helper.make_graph([dq], "dq", [], [helper.make_tensor_value_info("W", TensorProto.FLOAT, None)],
+                                  [inits[node.input[1]], inits[scale], inits[node.input[3]]])
+        m = helper.make_model(alone, opset_imports=[helper.make_opsetid("", 21)])
+        m.ir_version = 10
+        weights[module] = _run(m, {})["W"].T
+    return weights
+
+
+def test_dynamic_quantization_sites_keep_the_base_and_add_the_lora_beside_it(dynamic_quantized):
+    from lora_ref.export import locate_targets
+    from lora_ref.export.quantized import dequantize
+
+    model = dynamic_quantized
+    sites = locate_targets(model, ["fc1", "fc2"])
+    assert {m: (s[0].x, s[0].y, s[0].quantized, s[0].layout) for m, s in sites.items()} == {
+        "fc1": ("x", "h", True, "in_out"), "fc2": ("r", "y", True, "in_out")}
+    base = integer_dequantized(model, sites)
+    for module in ("fc1", "fc2"):  # the exporter's exact W against ORT's DequantizeLinear (rounded once to float32)
+        W = dequantize(model.graph, sites[module][0])
+        assert np.all(np.abs(W - base[module]) <= U32 * np.abs(W)), module
+    a, b = lora_adapter(1, "a"), lora_adapter(2, "b", ranks=(1, 4))
+    before = _base_bytes(model)
+    notes: dict[str, str] = {}
+    dynamic, _ = build_graph(model, [a, b], "dynamic")
+    merged, _ = build_graph(model, [a, b], "merged", notes=notes)
+    batched, _ = build_graph(model, [a, b], "batched")
+    assert all("quantized base kept bit for bit" in notes[m] for m in ("fc1", "fc2"))
+    for graph in (dynamic, merged, batched):
+        after = _base_bytes(graph)
+        assert all(after[name] == blob for name, blob in before.items())
+    slots = slots_from_model(dynamic)
+    index = np.array([1, -1, 0], np.int64)
+    for literal in (True, False):  # op by op, and with ORT's fusions (MatMulIntegerToFloat / DynamicQuantizeMatMul)
+        check_sites(dynamic, model, sites, {"x": X, **adapter_tensors(a, slots)}, base, [a], literal)
+        check_sites(merged, model, sites, {"x": X}, base, [a, b], literal)
+        check_sites(batched, model, sites, {"x": X, "adapter_index": index}, base, [], literal,
+                    [[[a, b][i]] if i >= 0 else [] for i in index])
+        # no adapter: the base graph's output bit for bit (rank-0 defaults; every row -1). Rows interact through
+        # the activation's per-tensor scale, so a -1 row next to adapted rows is not the base row: not compared.
+        plain = _run(model, {"x": X}, (), literal)["y"]
+        assert np.array_equal(_run(dynamic, {"x": X}, (), literal)["y"], plain)
+        assert np.array_equal(_run(batched, {"x": X, "adapter_index": np.full(3, -1, np.int64)}, (), literal)["y"], plain)
+
+
+def test_requantize_writes_int8_merged_weights_in_the_same_scheme(dynamic_quantized):
+    """Q(W + Δ) keeps the weight's type, per-tensor / per-column scales and zero points: each element within half a
+    new step of W + Δ (the scale rounded to float32 first: a level may sit 2^-23 relative off); the report's max error."""
+    model = dynamic_quantized
+    a = lora_adapter(3, "a")
+    notes: dict[str, str] = {}
+    merged, sites = build_graph(model, [a], "merged", requantize=True, notes=notes)
+    assert [n.op_type for n in merged.graph.node] == [n.op_type for n in model.graph.node]  # no LoRA branch
+    old, new = {t.name: t for t in model.graph.initializer}, {t.name: t for t in merged.graph.initializer}
+    assert {n: (t.data_type, list(t.dims)) for n, t in old.items()} == {n: (t.data_type, list(t.dims)) for n, t in new.items()}
+    before, after = integer_dequantized(model, sites), integer_dequantized(merged, sites)
+    for module in ("fc1", "fc2"):
+        lora = a.modules[module]
+        target = before[module].astype(np.float64) + a.scale_for(module) * lora.B.astype(np.float64) @ lora.A.astype(np.float64)
+        node = merged.graph.node[sites[module][0].integer]
+        scale_names = [name for name in new if name.startswith(module) and name.endswith("_scale")]
+        step = np.abs(numpy_helper.to_array(new[scale_names[0]]).astype(np.float64)).reshape(-1, 1)  # per out row
+        error = np.abs(after[module] - target)
+        # ± u_32|W| twice: the oracle's and the target's float32 DequantizeLinear roundings
+        assert np.all(error <= step * (0.5 + 2**-20) + 2 * U32 * (np.abs(after[module]) + np.abs(target))), module
+        reported = float(notes[module].split("max error ")[1].split()[0])
+        assert reported == pytest.approx(error.max(), rel=1e-2, abs=1e-6)
+        assert numpy_helper.to_array(new[node.input[1]]).dtype == numpy_helper.to_array(old[node.input[1]]).dtype
+    assert np.isfinite(_run(merged, {"x": X})["y"]).all()
+
+
+def test_dynamic_quantized_sites_refuse_what_they_cannot_serve():
+    """float16 (DynamicQuantizeLinear reads float32 only) and DoRA (no float weight for the norm): typed errors naming
+    the modules; a MatMulInteger outside quantize_dynamic's arrangement is no site, and the error says why."""
+    from lora_ref.export import ExportConfigError, UnsupportedGraphError
+
+    model = dynamic_quantized_model("int8-channel", None)
+    a = lora_adapter(6, "a")
+    with pytest.raises(ExportConfigError, match=r"float16.*'fc1'.*dynamically quantized"):
+        build_graph(model, [a], "dynamic", dtype="float16")
+    dora = Adapter(LoraConfig(r=3, lora_alpha=4.0, target_modules=["fc1"], use_dora=True),
+                   {"fc1": LoraModule("fc1", a.modules["fc1"].A, a.modules["fc1"].B, magnitude=np.ones(H, np.float32))}, name="d")
+    with pytest.raises(UnsupportedGraphError, match="fc1.*DoRA"):
+        build_graph(model, [dora], "dynamic")
+    odd = onnx.ModelProto.FromString(model.SerializeToString())
+    cast = next(n for n in odd.graph.node if n.op_type == "Cast" and n.input[0].startswith("h"))
+    odd.graph.output.append(helper.make_tensor_value_info(cast.output[0], TensorProto.FLOAT, None))  # a second reader
+    with pytest.raises(UnsupportedGraphError, match=r"fc1: weight .fc1.weight_quantized.*MatMulInteger.*cast output is not read by one Mul alone"):
+        build_graph(odd, [a], "dynamic")
