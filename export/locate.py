@@ -35,7 +35,8 @@ The module path is found four ways, tried in this order for every module:
 1. **name scopes**: the dynamo exporter records the module stack of each node in the metadata
    key ``pkg.torch.onnx.name_scopes``; the innermost module scope (second to last entry) must
    equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix); a
-   MatMulNBits node with such a scope (copied from the MatMul ORT's quantizer replaced) counts too;
+   MatMulNBits, MatMulInteger or DynamicQuantizeMatMul node with such a scope (copied from the MatMul
+   ORT's quantizer replaced, e.g. by :func:`lora_ref.export.models.ort_dynamic`) counts too;
 2. **initializer names**: an initializer named ``<path>.weight`` or ``<prefix>.<path>.weight``;
 3. **genai names**: onnxruntime-genai's builder's ``<genai path>.MatMul.weight`` (float, MatMul) or
    ``<genai path>.MatMul.weight_Q…`` (MatMulNBits), with the genai path of :mod:`lora_ref.export.names`;

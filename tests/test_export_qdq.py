@@ -12,6 +12,11 @@ uint4, blocks of 16 along K, symmetric or with zero points). For every format:
   |ŷ − y| ≤ γ_K · (|x||W|^T + |s|(|x||A^T|)|B^T|), K = in + Σr + 4;
 * ``--requantize`` writes Q(W + Δ) in the input's format (integer type, grouping, zero points),
   each element within half a (new) step of W + Δ, and the export report gives the max error.
+
+The same MLP and a torch MLP exported by the dynamo exporter, quantized by ``quantize_dynamic``
+(MatMulInteger; int8 / uint8 weights, per tensor or per column; also as ORT fuses it into
+DynamicQuantizeMatMul), are checked the same way (the bounds: the comment before those tests), the
+second through the CLI against PEFT on the dequantized weights.
 """
 
 from __future__ import annotations
@@ -447,3 +452,100 @@ def test_dynamic_quantized_sites_refuse_what_they_cannot_serve():
     odd.graph.output.append(helper.make_tensor_value_info(cast.output[0], TensorProto.FLOAT, None))  # a second reader
     with pytest.raises(UnsupportedGraphError, match=r"fc1: weight .fc1.weight_quantized.*MatMulInteger.*cast output is not read by one Mul alone"):
         build_graph(odd, [a], "dynamic")
+
+
+@pytest.fixture(scope="module")
+def dynamo_mlp(torch, tmp_path_factory):
+    """A torch MLP with biases (fc1: D -> H, ReLU, fc2: H -> O) on x [2, 3, D], exported by torch's dynamo exporter
+    (anonymous weights ``val_N``, modules in name scopes), and the module."""
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(D, H), torch.nn.Linear(H, O)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    module = MLP().eval()
+    path = tmp_path_factory.mktemp("dynamo") / "mlp.onnx"
+    torch.onnx.export(module, (torch.randn(2, 3, D),), str(path), dynamo=True)
+    return onnx.load(str(path)), module
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_quantize_dynamic_of_a_dynamo_graph_matches_peft_on_the_dequantized_base(dynamo_mlp, torch, tmp_path, per_channel):
+    """The CLI's merged, dynamic and batched graphs of a quantize_dynamic'd dynamo export against PEFT in float64 on the
+    dequantized weights W (ORT's DequantizeLinear), each site from its own input x (bounds: the comment above):
+
+    * the adapter's effect alone: |(ŷ − C) − L| ≤ γ_K·(|C| + |s||x||A^T||B^T|) − with ŷ − C taken as one value:
+      |ŷ − (C + L)| ≤ the same, L = PEFT's LoRA term, C the site's base output in the same run, K = in + r + 4;
+    * the whole site: |ŷ − y_PEFT| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_{K+1}·((|x| + s_x)|W|^T + |s||x||A^T||B^T|) (the
+      activation's quantization, then the float roundings; +1: the oracle's float32 W);
+    * the first site's C is the quantized graph's own output bit for bit (same input, base untouched).
+    """
+    import copy
+    import json
+
+    import peft
+
+    from lora_ref import load_adapter
+    from lora_ref.cli import main
+    from lora_ref.export import locate_targets
+    from lora_ref.export.models import ort_dynamic
+
+    graph, module = dynamo_mlp
+    quantized = ort_dynamic(graph, per_channel=per_channel)
+    sites = locate_targets(quantized, ["fc1", "fc2"])
+    assert all(s[0].found_by == "name scopes" and s[0].integer is not None for s in sites.values())
+    W = integer_dequantized(quantized, sites)
+    torch.manual_seed(3)
+    tuned = peft.get_peft_model(copy.deepcopy(module), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    tuned.save_pretrained(str(tmp_path / "adapter"))
+    oracle = tuned.double()
+    for name in ("fc1", "fc2"):  # PEFT on the dequantized base, without the base bias (the site ends before it)
+        layer = getattr(oracle.base_model.model, name)
+        layer.base_layer.weight.data = torch.from_numpy(W[name].astype(np.float64))
+        layer.base_layer.bias.data.zero_()
+    (tmp_path / "q.onnx").write_bytes(quantized.SerializeToString())
+    x = np.random.default_rng(4).standard_normal((2, 3, D)).astype(np.float32)
+    plain = _run(quantized, {"x": x}, [sites["fc1"][0].y])
+    adapter = load_adapter(tmp_path / "adapter")
+    for mode in ("merged", "dynamic", "batched"):
+        out_path, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        assert main(["export", str(tmp_path / "q.onnx"), str(tmp_path / "adapter"), "--mode", mode, "-o", str(out_path),
+                     "--json", str(report)]) == 0
+        notes = json.loads(report.read_text())["notes"]
+        assert all("quantized base kept bit for bit" in notes[m] for m in ("fc1", "fc2")), notes
+        exported = onnx.load(str(out_path))
+        feeds = {"x": x}
+        rows = np.ones((2, 1, 1))
+        if mode == "dynamic":
+            feeds.update(adapter_tensors(adapter, slots_from_model(exported)))
+        elif mode == "batched":
+            feeds["adapter_index"] = np.array([-1, 0], np.int64)
+            rows = np.array([0.0, 1.0]).reshape(2, 1, 1)  # row 0: no adapter
+        names = [n for m in ("fc1", "fc2") for n in (sites[m][0].x, sites[m][0].y, f"{sites[m][0].y}.base")]
+        out = _run(exported, feeds, names)
+        assert np.array_equal(out[f"{sites['fc1'][0].y}.base"], plain[sites["fc1"][0].y])
+        for name in ("fc1", "fc2"):
+            site, layer = sites[name][0], getattr(oracle.base_model.model, name)
+            xs = torch.from_numpy(out[site.x].astype(np.float64))
+            with torch.no_grad():
+                base = layer.base_layer(xs).numpy()
+                lora = (layer(xs).numpy() - base) * rows
+            s = layer.scaling["default"]
+            A, B = layer.lora_A["default"].weight.detach().numpy(), layer.lora_B["default"].weight.detach().numpy()
+            xa = np.abs(out[site.x].astype(np.float64))
+            lora_m = abs(s) * (xa @ np.abs(A).T) @ np.abs(B).T * rows
+            y, C = out[site.y].astype(np.float64), out[f"{site.y}.base"].astype(np.float64)
+            K = site.in_features + tuned.peft_config["default"].r + 4
+            assert np.all(np.abs(y - (C + lora)) <= gamma(K, U32) * (np.abs(C) + lora_m)), (mode, name)
+            assert np.abs(lora).max() > 100 * (gamma(K, U32) * (np.abs(C) + lora_m)).max()  # the effect is visible
+            step = (max(0.0, out[site.x].max()) - min(0.0, out[site.x].min())) / 255  # s_x, DynamicQuantizeLinear's
+            Wa = np.abs(W[name].astype(np.float64))
+            bound = step * (1 + 2**-20) * Wa.sum(axis=1) + gamma(K + 1, U32) * ((xa + step) @ Wa.T + lora_m)
+            assert np.all(np.abs(y - (base + lora)) <= bound), (mode, name)
+            assert np.abs(lora).max() > 2 * bound.max()  # the adapter's effect stands above the activation's rounding
