@@ -24,10 +24,10 @@ DequantizeLinear node and ``layout`` q's orientation (``in_out`` / ``out_in``). 
 strategies: the suffix after ``.weight_`` is ignored.
 Or a dynamically quantized weight (``onnxruntime.quantization.quantize_dynamic``): the int8/uint8
 initializer W_q [in, out] of ``MatMulInteger(DynamicQuantizeLinear(x), W_q, x_zp, w_zp)`` → Cast
-→ ``Mul(·, Mul(x_scale, w_scale))``, or of ORT's fused ``DynamicQuantizeMatMul(x, W_q, w_scale[, w_zp])``
-(com.microsoft); ``integer`` is the index of that MatMulInteger / DynamicQuantizeMatMul, the site's
+→ ``Mul(·, Mul(x_scale, w_scale))``, or of ORT's fusions ``DynamicQuantizeMatMul(x, W_q, w_scale[, w_zp])``
+and ``MatMulIntegerToFloat`` (com.microsoft); ``integer`` is the index of that node, the site's
 ``node`` the one computing the float output (the scale Mul, or the fused node), ``x`` the float
-activation and ``layout`` ``in_out``. A MatMulInteger in any other arrangement is not a site (a note
+activation (DynamicQuantizeLinear's input) and ``layout`` ``in_out``. A MatMulInteger in any other arrangement is not a site (a note
 says which part differs).
 
 The module path is found four ways, tried in this order for every module:
@@ -193,24 +193,31 @@ class GraphIndex:
 
 
 def is_integer_matmul(node: onnx.NodeProto, pos: int) -> bool:
-    """Whether ``node`` is a MatMulInteger or DynamicQuantizeMatMul (com.microsoft) reading its weight at input ``pos``."""
+    """Whether ``node`` is a MatMulInteger, or ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat (com.microsoft),
+    reading its weight at input ``pos``."""
     return pos == 1 and (node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx")
-                         or node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft")
+                         or node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") and node.domain == "com.microsoft")
 
 
-def integer_output(index: GraphIndex, integer: int) -> tuple[int, str] | str:
-    """(the node computing the float output, the weight scale initializer) of the dynamically quantized
-    MatMulInteger / DynamicQuantizeMatMul node ``integer`` (module docstring), or a note saying why it is not a site.
+def integer_output(index: GraphIndex, integer: int) -> tuple[int, str, str] | str:
+    """(the node computing the float output, the weight scale initializer, the weight zero point initializer or "")
+    of the dynamically quantized node ``integer`` (module docstring), or a note saying why it is not a site.
 
     A MatMulInteger counts only in ONNX Runtime's dynamic quantization arrangement: its activation
     and activation zero point are outputs 0 and 2 of one DynamicQuantizeLinear, its weight zero point
     (if any) an initializer, its output read by one Cast to float alone, which one Mul reads alone
     with Mul(DynamicQuantizeLinear's scale, w_scale), w_scale a float initializer (one value, or one
     per output column). Then that Mul's output is x_scale·w_scale·(x_q − x_zp)(W_q − w_zp).
+    ORT's fusions of it: DynamicQuantizeMatMul(x, W_q, w_scale[, w_zp, bias]) (one node from the float
+    x) and MatMulIntegerToFloat(x_q, W_q, x_scale, w_scale[, x_zp, w_zp, bias]) (when several
+    MatMulIntegers share the DynamicQuantizeLinear, whose outputs 0, 1 and 2 it must read).
     """
     graph, inits = index.graph, index.initializers
     node = graph.node[integer]
     label = f"{node.op_type} {node.name or node.output[0]!r}"
+    positions = {"MatMulInteger": (None, 2, 3), "DynamicQuantizeMatMul": (2, None, 3), "MatMulIntegerToFloat": (3, 4, 5)}
+    scale_at, x_zero_at, zero_at = positions[node.op_type]
+    operand = lambda i: node.input[i] if i is not None and len(node.input) > i else ""  # noqa: E731
     weight = inits.get(node.input[1])
     if weight is None or len(weight.dims) != 2 or weight.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
         return f"{label}: its weight is not a 2-D int8/uint8 initializer"
@@ -222,17 +229,20 @@ def integer_output(index: GraphIndex, integer: int) -> tuple[int, str] | str:
             return False
         return tensor.data_type == onnx.TensorProto.FLOAT if floating else tensor.data_type == weight.data_type
 
-    zero_point = node.input[3] if len(node.input) > 3 else ""
+    zero_point = operand(zero_at)
     if zero_point and not per_column(zero_point, floating=False):
         return f"{label}: the weight zero point {zero_point!r} is not an initializer of the weight's type, one value or one per column"
+    if scale_at is not None and not per_column(operand(scale_at), floating=True):
+        return f"{label}: the weight scale {operand(scale_at)!r} is not a float initializer, one value or one per column"
     if node.op_type == "DynamicQuantizeMatMul":
-        if not per_column(node.input[2], floating=True):
-            return f"{label}: the weight scale {node.input[2]!r} is not a float initializer, one value or one per column"
-        return integer, node.input[2]
+        return integer, operand(scale_at), zero_point
     source = index.producer.get(node.input[0])
     quantize = graph.node[source] if source is not None else None
-    if quantize is None or quantize.op_type != "DynamicQuantizeLinear" or len(node.input) < 3 or node.input[2] != quantize.output[2]:
-        return f"{label}: its activation (and zero point) do not come from a DynamicQuantizeLinear"
+    if quantize is None or quantize.op_type != "DynamicQuantizeLinear" or operand(x_zero_at) != quantize.output[2] or (
+            node.op_type == "MatMulIntegerToFloat" and operand(2) != quantize.output[1]):
+        return f"{label}: its activation (scale, zero point) do not come from a DynamicQuantizeLinear"
+    if node.op_type == "MatMulIntegerToFloat":
+        return integer, operand(scale_at), zero_point
     cast = index.only_reader(node.output[0], "Cast")
     if cast is None or _attr(graph.node[cast], "to", 0) != onnx.TensorProto.FLOAT:
         return f"{label}: its output is not read by one Cast to float alone"
@@ -247,7 +257,7 @@ def integer_output(index: GraphIndex, integer: int) -> tuple[int, str] | str:
     w_scale = factors[1 - factors.index(quantize.output[1])]
     if not per_column(w_scale, floating=True):
         return f"{label}: the weight scale {w_scale!r} is not a float initializer, one value or one per column"
-    return mul, w_scale
+    return mul, w_scale, zero_point
 
 
 def is_dequantize(node: onnx.NodeProto, pos: int) -> bool:
@@ -256,7 +266,7 @@ def is_dequantize(node: onnx.NodeProto, pos: int) -> bool:
 
 
 #: quantized ops that take their weight as input 1 (their name scopes count for strategy 1)
-_QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul")
+_QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 _QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
@@ -371,7 +381,7 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
         else:  # out_in, kernel
             out_f, in_f = dims[:2]
         x = node.input[1] if layout == "rows" else node.input[0]
-        if integer is not None and integer != node_index:  # MatMulInteger: the float input of its DynamicQuantizeLinear
+        if integer is not None and index.graph.node[integer].op_type != "DynamicQuantizeMatMul":  # the DynamicQuantizeLinear's input
             x = index.graph.node[index.producer[index.graph.node[integer].input[0]]].input[0]
         bias, bias_node = _bias(index, node_index, out_f)
         sites.append(TargetSite(module, node_index, x, node.output[0], weight, layout, in_f, out_f, found_by,

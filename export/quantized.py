@@ -17,7 +17,7 @@ along ``axis`` (per-axis: ORT's per-channel weights use axis 1 of [K, N], one sc
 blocked (``block_size`` > 0: scale[.., ⌊i / bs⌋, ..] along ``axis``, as ORT's int4 QDQ quantizer
 writes with axis 0, blocks along K); z defaults to 0.
 
-A dynamically quantized site (``quantize_dynamic``: MatMulInteger or DynamicQuantizeMatMul,
+A dynamically quantized site (``quantize_dynamic``: MatMulInteger, or ORT's fused DynamicQuantizeMatMul / MatMulIntegerToFloat,
 :mod:`lora_ref.export.locate`) computes with W = (q − z) · scale exactly (float64), q the int8/uint8
 weight [K, N] (``in_out``), scale and z one value or one per output column (axis 1); the activation
 is quantized to uint8 at run time by the base graph's own DynamicQuantizeLinear, which the export
@@ -60,7 +60,7 @@ def float_type(graph: onnx.GraphProto, site: TargetSite) -> int:
     if site.dequantize is not None:
         name = graph.node[site.dequantize].input[1]
     elif site.integer is not None:
-        name = _integer_scale(graph, site)
+        name = _integer_operands(graph, site)[0]
     else:
         name = graph.node[site.node].input[2] if site.quantized else site.weight
     return next(t.data_type for t in graph.initializer if t.name == name)
@@ -237,12 +237,13 @@ _QDQ_TYPES = {onnx.TensorProto.INT8: (8, True), onnx.TensorProto.UINT8: (8, Fals
               onnx.TensorProto.INT4: (4, True), onnx.TensorProto.UINT4: (4, False)}
 
 
-def _integer_scale(graph: onnx.GraphProto, site: TargetSite) -> str:
-    """The weight scale initializer of a dynamically quantized site (:func:`lora_ref.export.locate.integer_output`)."""
+def _integer_operands(graph: onnx.GraphProto, site: TargetSite) -> tuple[str, str]:
+    """(weight scale, weight zero point or "") initializer names of a dynamically quantized site
+    (:func:`lora_ref.export.locate.integer_output`)."""
     found = integer_output(GraphIndex(graph), site.integer)
     if isinstance(found, str):  # the graph changed since the site was located
         raise UnsupportedGraphError(f"{site.module}: {found}")
-    return found[1]
+    return found[1], found[2]
 
 
 def _qdq_parts(graph: onnx.GraphProto, site: TargetSite):
@@ -250,9 +251,8 @@ def _qdq_parts(graph: onnx.GraphProto, site: TargetSite):
     or of a dynamically quantized site (q [K, N], scale and zero point per tensor or per column: axis 1, no blocks)."""
     inits = {t.name: t for t in graph.initializer}
     if site.integer is not None:
-        node = graph.node[site.integer]
-        q, zp = inits[node.input[1]], inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
-        return q, inits[_integer_scale(graph, site)], zp, 1, 0, *_QDQ_TYPES[q.data_type]
+        q, (scale, zero_point) = inits[graph.node[site.integer].input[1]], _integer_operands(graph, site)
+        return q, inits[scale], inits[zero_point] if zero_point else None, 1, 0, *_QDQ_TYPES[q.data_type]
     node = graph.node[site.dequantize]
     q, scale = inits[node.input[0]], inits.get(node.input[1])
     zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None

@@ -320,26 +320,41 @@ def test_requantize_refuses_a_qdq_weight_that_another_node_reads():
 # checked as ŷ = C + LoRA (check_sites, the float bound of E.5 with C for the base), which isolates the adapter's
 # effect from the activation's quantization; the oracle test below checks C itself against x·W^T too.
 
-DYNAMIC_FORMATS = ["int8-tensor", "int8-channel", "uint8-tensor", "uint8-channel", "fused"]
+DYNAMIC_FORMATS = ["int8-tensor", "int8-channel", "uint8-tensor", "uint8-channel", "fused", "fused-shared"]
 _DYNAMIC_CACHE: dict[str, onnx.ModelProto] = {}
 
 
+def _skip_model() -> onnx.ModelProto:
+    """The MLP plus a skip MatMul from x (y = fc2(relu(fc1 x)) + x·W_skip): fc1 and the skip share x's quantization."""
+    model = _float_model()
+    model.graph.node[-1].output[0] = "y_mlp"
+    W_skip = (np.random.default_rng(12).standard_normal((D, O)) / np.sqrt(D)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(W_skip, "skip.weight"))
+    model.graph.node.extend([helper.make_node("MatMul", ["x", "skip.weight"], ["y_skip"], name="skip"),
+                             helper.make_node("Add", ["y_mlp", "y_skip"], ["y"])])
+    return model
+
+
 def dynamic_quantized_model(fmt: str, tmp_path_factory) -> onnx.ModelProto:
-    """The MLP quantized by ``quantize_dynamic`` (``fused``: int8 per column, saved after ORT's own optimizer,
-    which fuses each site into one DynamicQuantizeMatMul), cached per session."""
+    """The MLP quantized by ``quantize_dynamic``, cached per session. ``fused``: int8 per column, saved after ORT's
+    own optimizer, which fuses each site into one DynamicQuantizeMatMul; ``fused-shared``: the same of the MLP
+    with a skip MatMul sharing fc1's input, whose shared DynamicQuantizeLinear ORT keeps, fusing the rest of fc1
+    (and the skip) into MatMulIntegerToFloat."""
     from lora_ref.export.models import ort_dynamic
 
     if fmt in _DYNAMIC_CACHE:
         return _DYNAMIC_CACHE[fmt]
-    model = ort_dynamic(_float_model(), per_channel=fmt != "int8-tensor" and fmt != "uint8-tensor", signed=not fmt.startswith("uint8"))
-    if fmt == "fused":
+    model = ort_dynamic(_skip_model() if fmt == "fused-shared" else _float_model(),
+                        per_channel=fmt not in ("int8-tensor", "uint8-tensor"), signed=not fmt.startswith("uint8"))
+    if fmt.startswith("fused"):
         path = tmp_path_factory.mktemp("fused") / "fused.onnx"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(path)
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         model = onnx.load(str(path))
-        assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul", "Relu", "DynamicQuantizeMatMul"]
+        fc1 = ["DynamicQuantizeLinear", "MatMulIntegerToFloat"] if fmt == "fused-shared" else ["DynamicQuantizeMatMul"]
+        assert [n.op_type for n in model.graph.node][:len(fc1) + 2] == [*fc1, "Relu", "DynamicQuantizeMatMul"]
     else:
         assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 2
     _DYNAMIC_CACHE[fmt] = model
@@ -358,14 +373,14 @@ def integer_dequantized(model: onnx.ModelProto, sites) -> dict[str, np.ndarray]:
     weights = {}
     for module, (site, *_) in sites.items():
         node = model.graph.node[site.integer]
-        if node.op_type == "DynamicQuantizeMatMul":
-            scale = node.input[2]
-        else:  # Mul(x_scale, w_scale) feeds the site's Mul: the initializer factor
+        if node.op_type == "MatMulInteger":  # Mul(x_scale, w_scale) feeds the site's Mul: its initializer factor
             products = [n for n in model.graph.node if n.op_type == "Mul" and n.output[0] in model.graph.node[site.node].input]
-            scale = next(name for name in products[0].input if name in inits)
-        dq = helper.make_node("DequantizeLinear", [node.input[1], scale, node.input[3]], ["W"], axis=1)
+            scale, zero = next(name for name in products[0].input if name in inits), node.input[3]
+        else:  # ORT's operand order (com.microsoft)
+            scale, zero = (node.input[2], node.input[3]) if node.op_type == "DynamicQuantizeMatMul" else (node.input[3], node.input[5])
+        dq = helper.make_node("DequantizeLinear", [node.input[1], scale, zero], ["W"], axis=1)
         alone = helper.make_graph([dq], "dq", [], [helper.make_tensor_value_info("W", TensorProto.FLOAT, None)],
-                                  [inits[node.input[1]], inits[scale], inits[node.input[3]]])
+                                  [inits[node.input[1]], inits[scale], inits[zero]])
         m = helper.make_model(alone, opset_imports=[helper.make_opsetid("", 21)])
         m.ir_version = 10
         weights[module] = _run(m, {})["W"].T
@@ -378,8 +393,8 @@ def test_dynamic_quantization_sites_keep_the_base_and_add_the_lora_beside_it(dyn
 
     model = dynamic_quantized
     sites = locate_targets(model, ["fc1", "fc2"])
-    assert {m: (s[0].x, s[0].y, s[0].quantized, s[0].layout) for m, s in sites.items()} == {
-        "fc1": ("x", "h", True, "in_out"), "fc2": ("r", "y", True, "in_out")}
+    assert {m: (s[0].x, s[0].y[0], s[0].quantized, s[0].layout) for m, s in sites.items()} == {
+        "fc1": ("x", "h", True, "in_out"), "fc2": ("r", "y", True, "in_out")}  # y, or y_mlp before the skip's Add
     base = integer_dequantized(model, sites)
     for module in ("fc1", "fc2"):  # the exporter's exact W against ORT's DequantizeLinear (rounded once to float32)
         W = dequantize(model.graph, sites[module][0])
