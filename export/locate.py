@@ -368,7 +368,14 @@ def _bias(index: GraphIndex, node_index: int, out_features: int) -> tuple[str | 
 
 
 def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str) -> list[TargetSite]:
+    """The sites of ``weight``; UnsupportedGraphError when a MatMulInteger-like node reads it outside ORT's dynamic
+    quantization arrangement (it multiplies by the weight, so adapting only the other uses would be wrong)."""
     tensor = index.initializers[weight]
+    for i, pos in index.consumers.get(weight, []):
+        if is_integer_matmul(index.graph.node[i], pos) and kind_of(kind).export.transposable:
+            found = integer_output(index, i)
+            if isinstance(found, str):
+                raise UnsupportedGraphError(f"{module}: weight {weight!r} (found by {found_by}) cannot take a LoRA there: {found}")
     uses, _ = index.uses(weight, kind)
     dims = tuple(int(d) for d in tensor.dims)
     sites = []
@@ -426,8 +433,9 @@ def _is_weight(tensor: onnx.TensorProto, ranks: tuple[int, ...]) -> bool:
 
 
 def _site_scope(scopes: Mapping[int, str], site: TargetSite) -> str:
-    """The name scope of a site's node (a MatMulInteger site: of its MatMulInteger, as the quantizer's Mul has none)."""
-    return scopes.get(site.node) or scopes.get(site.integer, "") if site.integer is not None else scopes.get(site.node, "")
+    """The name scope of a site's node (a MatMulInteger site: of its MatMulInteger when the scale Mul has none)."""
+    scope = scopes.get(site.node)
+    return scope if scope is not None or site.integer is None else scopes.get(site.integer, "")
 
 
 def _by_name(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str]:
@@ -487,8 +495,8 @@ def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | N
 
 
 def _qdq_weights(index: GraphIndex) -> list[str]:
-    """The integer initializers that a DequantizeLinear dequantizes (QDQ weights) or a MatMulInteger /
-    DynamicQuantizeMatMul multiplies by (dynamically quantized weights)."""
+    """The integer initializers that a DequantizeLinear dequantizes (QDQ weights) or a MatMulInteger (or one of
+    ORT's fusions of it) multiplies by (dynamically quantized weights)."""
     return [name for name, t in index.initializers.items() if _is_quantized(t)
             and any(is_dequantize(index.graph.node[i], pos) or is_integer_matmul(index.graph.node[i], pos)
                     for i, pos in index.consumers.get(name, []))]

@@ -465,8 +465,14 @@ def test_dynamic_quantized_sites_refuse_what_they_cannot_serve():
     odd = onnx.ModelProto.FromString(model.SerializeToString())
     cast = next(n for n in odd.graph.node if n.op_type == "Cast" and n.input[0].startswith("h"))
     odd.graph.output.append(helper.make_tensor_value_info(cast.output[0], TensorProto.FLOAT, None))  # a second reader
-    with pytest.raises(UnsupportedGraphError, match=r"fc1: weight .fc1.weight_quantized.*MatMulInteger.*cast output is not read by one Mul alone"):
+    with pytest.raises(UnsupportedGraphError, match=r"fc1: weight .fc1.weight_quantized.*cannot take a LoRA there: MatMulInteger .*cast output is not read by one Mul alone"):
         build_graph(odd, [a], "dynamic")
+    shared = onnx.ModelProto.FromString(model.SerializeToString())  # a second, raw use of fc1's weight beside its site
+    integer = next(n for n in shared.graph.node if n.op_type == "MatMulInteger" and n.input[1] == "fc1.weight_quantized")
+    shared.graph.node.append(helper.make_node("MatMulInteger", list(integer.input), ["raw"], name="raw_use"))
+    shared.graph.output.append(helper.make_tensor_value_info("raw", TensorProto.INT32, None))
+    with pytest.raises(UnsupportedGraphError, match=r"fc1: .*MatMulInteger 'raw_use': its output is not read by one Cast"):
+        build_graph(shared, [a], "merged")
 
 
 @pytest.fixture(scope="module")
