@@ -27,8 +27,8 @@ initializer W_q [in, out] of ``MatMulInteger(DynamicQuantizeLinear(x), W_q, x_zp
 → ``Mul(·, Mul(x_scale, w_scale))``, or of ORT's fusions ``DynamicQuantizeMatMul(x, W_q, w_scale[, w_zp])``
 and ``MatMulIntegerToFloat`` (com.microsoft); ``integer`` is the index of that node, the site's
 ``node`` the one computing the float output (the scale Mul, or the fused node), ``x`` the float
-activation (DynamicQuantizeLinear's input) and ``layout`` ``in_out``. A MatMulInteger in any other arrangement is not a site (a note
-says which part differs).
+activation (DynamicQuantizeLinear's input) and ``layout`` ``in_out``. A weight that such a node reads
+in any other arrangement is refused (UnsupportedGraphError saying which part differs).
 
 The module path is found four ways, tried in this order for every module:
 
