@@ -502,7 +502,9 @@ def test_quantize_dynamic_of_a_dynamo_graph_matches_peft_on_the_dequantized_base
       |ŷ − (C + L)| ≤ the same, L = PEFT's LoRA term, C the site's base output in the same run, K = in + r + 4;
     * the whole site: |ŷ − y_PEFT| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_{K+1}·((|x| + s_x)|W|^T + |s||x||A^T||B^T|) (the
       activation's quantization, then the float roundings; +1: the oracle's float32 W);
-    * the first site's C is the quantized graph's own output bit for bit (same input, base untouched).
+    * the base alone (SPEC E.7): |C − x·W^T| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_3·(|x| + s_x)|W|^T (γ_2 and the oracle's W);
+    * the first site's C is the quantized graph's own output bit for bit (same input, base untouched);
+    * ``--requantize`` through the CLI: the report names the requantized merged weight per module.
     """
     import copy
     import json
@@ -568,5 +570,11 @@ def test_quantize_dynamic_of_a_dynamo_graph_matches_peft_on_the_dequantized_base
             step = (max(0.0, out[site.x].max()) - min(0.0, out[site.x].min())) / 255  # s_x, DynamicQuantizeLinear's
             Wa = np.abs(W[name].astype(np.float64))
             bound = step * (1 + 2**-20) * Wa.sum(axis=1) + gamma(K + 1, U32) * ((xa + step) @ Wa.T + lora_m)
+            assert np.all(np.abs(C - base) <= step * (1 + 2**-20) * Wa.sum(axis=1) + gamma(3, U32) * (xa + step) @ Wa.T)
             assert np.all(np.abs(y - (base + lora)) <= bound), (mode, name)
             assert np.abs(lora).max() > 2 * bound.max()  # the adapter's effect stands above the activation's rounding
+    report = tmp_path / "requantized.json"
+    assert main(["export", str(tmp_path / "q.onnx"), str(tmp_path / "adapter"), "--mode", "merged", "--requantize",
+                 "-o", str(tmp_path / "requantized.onnx"), "--json", str(report)]) == 0
+    notes = json.loads(report.read_text())["notes"]
+    assert all(notes[m].startswith("requantized merged weight: max error") for m in ("fc1", "fc2")), notes
