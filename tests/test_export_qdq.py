@@ -315,7 +315,7 @@ def test_requantize_refuses_a_qdq_weight_that_another_node_reads():
 # The activation is quantized to uint8 at run time, per tensor: x̂ = s_x·(clip(rint(x/s_x) + z_x, 0, 255) − z_x)
 # with s_x = (max(0, max x) − min(0, min x)) / 255 and z_x = rint(−min(0, min x)/s_x), so |x − x̂| ≤ s_x/2 where
 # nothing clips and ≤ s_x at the clipped ends (z_x's own rounding moves the grid by up to s_x/2). The base output
-# C = fl(acc · fl(s_x·s_w)), acc = Σ (x_q − z_x)(q − z) exact in int32 and in the float32 cast (|acc| ≤ in·255·255
+# C = fl(acc · fl(s_x·s_w)), acc = Σ (x_q − z_x)(q − z) exact in int32 and here in the float32 cast (|acc| ≤ in·255·255
 # < 2^24), so |C − x̂·W^T| ≤ γ_2·|x̂||W|^T with W = (q − z)·s_w exactly. The export leaves C alone: each site is
 # checked as ŷ = C + LoRA (check_sites, the float bound of E.5 with C for the base), which isolates the adapter's
 # effect from the activation's quantization; the oracle test below checks C itself against x·W^T too.
@@ -502,7 +502,8 @@ def test_quantize_dynamic_of_a_dynamo_graph_matches_peft_on_the_dequantized_base
       |ŷ − (C + L)| ≤ the same, L = PEFT's LoRA term, C the site's base output in the same run, K = in + r + 4;
     * the whole site: |ŷ − y_PEFT| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_{K+1}·((|x| + s_x)|W|^T + |s||x||A^T||B^T|) (the
       activation's quantization, then the float roundings; +1: the oracle's float32 W);
-    * the base alone (SPEC E.7): |C − x·W^T| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_3·(|x| + s_x)|W|^T (γ_2 and the oracle's W);
+    * the base alone (SPEC E.7): |C − x·W^T| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_3·(|x| + s_x)|W|^T (SPEC's γ_3 is γ_2
+      here, |acc| < in·255² < 2^24, plus the oracle's float32 W);
     * the first site's C is the quantized graph's own output bit for bit (same input, base untouched);
     * ``--requantize`` through the CLI: the report names the requantized merged weight per module.
     """
