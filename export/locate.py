@@ -108,8 +108,10 @@ class TargetSite:
     fused: tuple[tuple[str, int], ...] | None = None
     #: a QDQ weight: the index of the DequantizeLinear node that dequantizes ``weight`` for ``node``
     dequantize: int | None = None
-    #: a dynamically quantized weight: the index of its MatMulInteger or DynamicQuantizeMatMul node
+    #: a dynamically quantized weight: the index of its MatMulInteger (or fused) node, and the names of its
+    #: weight scale and zero point initializers ("" without one), from :func:`integer_output`
     integer: int | None = None
+    integer_operands: tuple[str, str] = ("", "")
 
     @property
     def quantized(self) -> bool:
@@ -145,7 +147,7 @@ class GraphIndex:
                     notes.append(found)
                 else:
                     uses.append((found[0], "in_out", None, i))
-                continue
+                continue  # (_sites refuses the weight when a note was made)
             if is_dequantize(node, pos) and kind_of(kind).export.transposable:
                 for use, layout, _, _ in self._float_uses(node.output[0], notes):
                     uses.append((use, layout, i, None))
@@ -371,11 +373,13 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
     """The sites of ``weight``; UnsupportedGraphError when a MatMulInteger-like node reads it outside ORT's dynamic
     quantization arrangement (it multiplies by the weight, so adapting only the other uses would be wrong)."""
     tensor = index.initializers[weight]
+    integer_operands = {}
     for i, pos in index.consumers.get(weight, []):
         if is_integer_matmul(index.graph.node[i], pos) and kind_of(kind).export.transposable:
             found = integer_output(index, i)
             if isinstance(found, str):
                 raise UnsupportedGraphError(f"{module}: weight {weight!r} (found by {found_by}) cannot take a LoRA there: {found}")
+            integer_operands[i] = found[1:]
     uses, _ = index.uses(weight, kind)
     dims = tuple(int(d) for d in tensor.dims)
     sites = []
@@ -392,7 +396,8 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
             x = index.graph.node[index.producer[index.graph.node[integer].input[0]]].input[0]
         bias, bias_node = _bias(index, node_index, out_f)
         sites.append(TargetSite(module, node_index, x, node.output[0], weight, layout, in_f, out_f, found_by,
-                                kind, dims, bias, bias_node, dequantize=dequantize, integer=integer))
+                                kind, dims, bias, bias_node, dequantize=dequantize, integer=integer,
+                                integer_operands=integer_operands.get(integer, ("", ""))))
     return sites
 
 

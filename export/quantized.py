@@ -52,7 +52,7 @@ from lora_ref.dtypes import round_to
 
 from .editing import Namer, np_dtype, splice
 from .errors import UnsupportedGraphError
-from .locate import GraphIndex, TargetSite, integer_output
+from .locate import TargetSite
 
 
 def float_type(graph: onnx.GraphProto, site: TargetSite) -> int:
@@ -60,7 +60,7 @@ def float_type(graph: onnx.GraphProto, site: TargetSite) -> int:
     if site.dequantize is not None:
         name = graph.node[site.dequantize].input[1]
     elif site.integer is not None:
-        name = _integer_operands(graph, site)[0]
+        name = site.integer_operands[0]
     else:
         name = graph.node[site.node].input[2] if site.quantized else site.weight
     return next(t.data_type for t in graph.initializer if t.name == name)
@@ -237,21 +237,12 @@ _QDQ_TYPES = {onnx.TensorProto.INT8: (8, True), onnx.TensorProto.UINT8: (8, Fals
               onnx.TensorProto.INT4: (4, True), onnx.TensorProto.UINT4: (4, False)}
 
 
-def _integer_operands(graph: onnx.GraphProto, site: TargetSite) -> tuple[str, str]:
-    """(weight scale, weight zero point or "") initializer names of a dynamically quantized site
-    (:func:`lora_ref.export.locate.integer_output`)."""
-    found = integer_output(GraphIndex(graph), site.integer)
-    if isinstance(found, str):  # the graph changed since the site was located
-        raise UnsupportedGraphError(f"{site.module}: {found}")
-    return found[1], found[2]
-
-
 def _qdq_parts(graph: onnx.GraphProto, site: TargetSite):
     """(q, scale, zero point or None initializers, axis >= 0, block size, bits, signed) of a QDQ site's DequantizeLinear,
     or of a dynamically quantized site (q [K, N], scale and zero point per tensor or per column: axis 1, no blocks)."""
     inits = {t.name: t for t in graph.initializer}
     if site.integer is not None:
-        q, (scale, zero_point) = inits[graph.node[site.integer].input[1]], _integer_operands(graph, site)
+        q, (scale, zero_point) = inits[graph.node[site.integer].input[1]], site.integer_operands
         return q, inits[scale], inits[zero_point] if zero_point else None, 1, 0, *_QDQ_TYPES[q.data_type]
     node = graph.node[site.dequantize]
     q, scale = inits[node.input[0]], inits.get(node.input[1])
