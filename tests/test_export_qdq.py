@@ -438,8 +438,8 @@ def test_requantize_writes_int8_merged_weights_in_the_same_scheme(dynamic_quanti
         lora = a.modules[module]
         target = before[module].astype(np.float64) + a.scale_for(module) * lora.B.astype(np.float64) @ lora.A.astype(np.float64)
         node = merged.graph.node[sites[module][0].integer]
-        scale_names = [name for name in new if name.startswith(module) and name.endswith("_scale")]
-        step = np.abs(numpy_helper.to_array(new[scale_names[0]]).astype(np.float64)).reshape(-1, 1)  # per out row
+        scale = sites[module][0].integer_operands[0]
+        step = np.abs(numpy_helper.to_array(new[scale]).astype(np.float64)).reshape(-1, 1)  # per out row
         error = np.abs(after[module] - target)
         # ± u_32|W| twice: the oracle's and the target's float32 DequantizeLinear roundings
         assert np.all(error <= step * (0.5 + 2**-20) + 2 * U32 * (np.abs(after[module]) + np.abs(target))), module
