@@ -138,6 +138,10 @@ def build_graph(
                 )
     check_graph_base_copies(GraphIndex(model.graph), sites, adapters)
     half = target == np.dtype(np.float16)
+    dynamic_quantized = sorted(m for m, s in sites.items() if s[0].integer is not None)
+    if half and dynamic_quantized:
+        raise ExportConfigError(f"--dtype float16: {dynamic_quantized[:4]} are dynamically quantized (DynamicQuantizeLinear "
+                                "takes float32 activations only); export in float32")
     if mode == "merged":
         plain = {m: s for m, s in sites.items() if not s[0].quantized}
         # dtype=None keeps each weight's stored dtype (a float16 genai model stays float16); --dtype float16 converts

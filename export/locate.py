@@ -22,13 +22,21 @@ Transpose) as ONNX Runtime's quantizers write it: the weight is the integer init
 DequantizeLinear node and ``layout`` q's orientation (``in_out`` / ``out_in``). Its names
 (``<path>.weight_quantized``, ``<path>.weight_DQ_Q4``) count as ``<path>.weight`` for the name
 strategies: the suffix after ``.weight_`` is ignored.
+Or a dynamically quantized weight (``onnxruntime.quantization.quantize_dynamic``): the int8/uint8
+initializer W_q [in, out] of ``MatMulInteger(DynamicQuantizeLinear(x), W_q, x_zp, w_zp)`` → Cast
+→ ``Mul(·, Mul(x_scale, w_scale))``, or of ORT's fusions ``DynamicQuantizeMatMul(x, W_q, w_scale[, w_zp])``
+and ``MatMulIntegerToFloat`` (com.microsoft); ``integer`` is the index of that node, the site's
+``node`` the one computing the float output (the scale Mul, or the fused node), ``x`` the float
+activation (DynamicQuantizeLinear's input) and ``layout`` ``in_out``. A weight that such a node reads
+in any other arrangement is refused (UnsupportedGraphError saying which part differs).
 
 The module path is found four ways, tried in this order for every module:
 
 1. **name scopes**: the dynamo exporter records the module stack of each node in the metadata
    key ``pkg.torch.onnx.name_scopes``; the innermost module scope (second to last entry) must
    equal the module path or end with ``"." + path`` (the exported wrapper adds a prefix); a
-   MatMulNBits node with such a scope (copied from the MatMul ORT's quantizer replaced) counts too;
+   MatMulNBits, MatMulInteger or DynamicQuantizeMatMul node with such a scope (copied from the MatMul
+   ORT's quantizer replaced, e.g. by :func:`lora_ref.export.models.ort_dynamic`) counts too;
 2. **initializer names**: an initializer named ``<path>.weight`` or ``<prefix>.<path>.weight``;
 3. **genai names**: onnxruntime-genai's builder's ``<genai path>.MatMul.weight`` (float, MatMul) or
    ``<genai path>.MatMul.weight_Q…`` (MatMulNBits), with the genai path of :mod:`lora_ref.export.names`;
@@ -100,11 +108,15 @@ class TargetSite:
     fused: tuple[tuple[str, int], ...] | None = None
     #: a QDQ weight: the index of the DequantizeLinear node that dequantizes ``weight`` for ``node``
     dequantize: int | None = None
+    #: a dynamically quantized weight: the index of its MatMulInteger (or fused) node, and the names of its
+    #: weight scale and zero point initializers ("" without one), from :func:`integer_output`
+    integer: int | None = None
+    integer_operands: tuple[str, str] = ("", "")
 
     @property
     def quantized(self) -> bool:
-        """Whether the base weight is quantized (a MatMulNBits or QDQ site)."""
-        return self.layout == "nbits" or self.dequantize is not None
+        """Whether the base weight is quantized (a MatMulNBits, QDQ or dynamically quantized site)."""
+        return self.layout == "nbits" or self.dequantize is not None or self.integer is not None
 
 
 class GraphIndex:
@@ -121,40 +133,57 @@ class GraphIndex:
                 if name:
                     self.consumers[name].append((i, pos))
 
-    def uses(self, weight: str, kind: str = "linear") -> tuple[list[tuple[int, str, int | None]], list[str]]:
-        """(node index, layout, DequantizeLinear index or None) of every node using initializer ``weight``
-        as a ``kind`` layer's W (a quantized one through its DequantizeLinear), and notes."""
-        uses: list[tuple[int, str, int | None]] = []
+    def uses(self, weight: str, kind: str = "linear") -> tuple[list[tuple[int, str, int | None, int | None]], list[str]]:
+        """(node index, layout, DequantizeLinear index or None, MatMulInteger / DynamicQuantizeMatMul index or None)
+        of every node using initializer ``weight`` as a ``kind`` layer's W (a QDQ one through its
+        DequantizeLinear; a dynamically quantized one: the node computing the float output), and notes."""
+        uses: list[tuple[int, str, int | None, int | None]] = []
         notes: list[str] = []
         for i, pos in self.consumers.get(weight, []):
             node = self.graph.node[i]
+            if is_integer_matmul(node, pos) and kind_of(kind).export.transposable:
+                found = integer_output(self, i)
+                if isinstance(found, str):
+                    notes.append(found)
+                else:
+                    uses.append((found[0], "in_out", None, i))
+                continue  # (_sites refuses the weight when a note was made)
             if is_dequantize(node, pos) and kind_of(kind).export.transposable:
-                for use, layout, _ in self._float_uses(node.output[0], notes):
-                    uses.append((use, layout, i))
+                for use, layout, _, _ in self._float_uses(node.output[0], notes):
+                    uses.append((use, layout, i, None))
                 continue
             if not kind_of(kind).export.transposable:
                 layout = _other_layout(node, pos, kind, notes)
                 if layout:
-                    uses.append((i, layout, None))
+                    uses.append((i, layout, None, None))
                 continue
             uses.extend(self._float_uses(weight, notes, only=(i, pos)))
         return uses, notes
 
-    def _float_uses(self, weight: str, notes: list[str], only: tuple[int, int] | None = None) -> list[tuple[int, str, None]]:
+    def _float_uses(self, weight: str, notes: list[str], only: tuple[int, int] | None = None) -> list[tuple[int, str, None, None]]:
         """Linear uses of the float tensor ``weight`` (``only``: of that one (node, position))."""
-        uses: list[tuple[int, str, None]] = []
+        uses: list[tuple[int, str, None, None]] = []
         for i, pos in [only] if only else self.consumers.get(weight, []):
             node = self.graph.node[i]
             if node.op_type == "Transpose" and pos == 0 and _is_2d_swap(node):
                 for j, pos2 in self.consumers.get(node.output[0], []):
                     layout = _linear_layout(self.graph.node[j], pos2, transposed=True, notes=notes)
                     if layout:
-                        uses.append((j, layout, None))
+                        uses.append((j, layout, None, None))
             else:
                 layout = _linear_layout(node, pos, transposed=False, notes=notes)
                 if layout:
-                    uses.append((i, layout, None))
+                    uses.append((i, layout, None, None))
         return uses
+
+    def only_reader(self, name: str, op_type: str) -> int | None:
+        """The index of the one node reading tensor ``name`` when it is an ``op_type`` (default domain) and
+        ``name`` is no graph output, else None."""
+        readers = self.consumers.get(name, [])
+        if len(readers) != 1 or name in {o.name for o in self.graph.output}:
+            return None
+        node = self.graph.node[readers[0][0]]
+        return readers[0][0] if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
 
     def dequantized(self, name: str) -> str | None:
         """The integer initializer a DequantizeLinear turns into the tensor ``name`` (a QDQ weight), else None."""
@@ -165,10 +194,81 @@ class GraphIndex:
         return q if q in self.initializers and _is_quantized(self.initializers[q]) else None
 
 
+def is_integer_matmul(node: onnx.NodeProto, pos: int) -> bool:
+    """Whether ``node`` is a MatMulInteger, or ORT's DynamicQuantizeMatMul / MatMulIntegerToFloat (com.microsoft),
+    reading its weight at input ``pos``."""
+    return pos == 1 and (node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx")
+                         or node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") and node.domain == "com.microsoft")
+
+
+def integer_output(index: GraphIndex, integer: int) -> tuple[int, str, str] | str:
+    """(the node computing the float output, the weight scale initializer, the weight zero point initializer or "")
+    of the dynamically quantized node ``integer`` (module docstring), or a note saying why it is not a site.
+
+    A MatMulInteger counts only in ONNX Runtime's dynamic quantization arrangement: its activation
+    and activation zero point are outputs 0 and 2 of one DynamicQuantizeLinear, its weight zero point
+    (if any) an initializer, its output read by one Cast to float alone, which one Mul reads alone
+    with Mul(DynamicQuantizeLinear's scale, w_scale), w_scale a float initializer (one value, or one
+    per output column). Then that Mul's output is x_scale·w_scale·(x_q − x_zp)(W_q − w_zp).
+    ORT's fusions of it: DynamicQuantizeMatMul(x, W_q, w_scale[, w_zp, bias]) (one node from the float
+    x) and MatMulIntegerToFloat(x_q, W_q, x_scale, w_scale[, x_zp, w_zp, bias]) (when several
+    MatMulIntegers share the DynamicQuantizeLinear, whose outputs 0, 1 and 2 it must read).
+    """
+    graph, inits = index.graph, index.initializers
+    node = graph.node[integer]
+    label = f"{node.op_type} {node.name or node.output[0]!r}"
+    positions = {"MatMulInteger": (None, 2, 3), "DynamicQuantizeMatMul": (2, None, 3), "MatMulIntegerToFloat": (3, 4, 5)}
+    scale_at, x_zero_at, zero_at = positions[node.op_type]
+    operand = lambda i: node.input[i] if i is not None and len(node.input) > i else ""  # noqa: E731
+    weight = inits.get(node.input[1])
+    if weight is None or len(weight.dims) != 2 or weight.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+        return f"{label}: its weight is not a 2-D int8/uint8 initializer"
+    out_features = int(weight.dims[1])
+
+    def per_column(name: str, floating: bool) -> bool:
+        tensor = inits.get(name)
+        if tensor is None or int(np.prod(tensor.dims)) not in (1, out_features) or len(tensor.dims) > 1:
+            return False
+        return tensor.data_type == onnx.TensorProto.FLOAT if floating else tensor.data_type == weight.data_type
+
+    zero_point = operand(zero_at)
+    if zero_point and not per_column(zero_point, floating=False):
+        return f"{label}: the weight zero point {zero_point!r} is not an initializer of the weight's type, one value or one per column"
+    if scale_at is not None and not per_column(operand(scale_at), floating=True):
+        return f"{label}: the weight scale {operand(scale_at)!r} is not a float initializer, one value or one per column"
+    if node.op_type == "DynamicQuantizeMatMul":
+        return integer, operand(scale_at), zero_point
+    source = index.producer.get(node.input[0])
+    quantize = graph.node[source] if source is not None else None
+    if quantize is None or quantize.op_type != "DynamicQuantizeLinear" or operand(x_zero_at) != quantize.output[2] or (
+            node.op_type == "MatMulIntegerToFloat" and operand(2) != quantize.output[1]):
+        return f"{label}: its activation (scale, zero point) do not come from a DynamicQuantizeLinear"
+    if node.op_type == "MatMulIntegerToFloat":
+        return integer, operand(scale_at), zero_point
+    cast = index.only_reader(node.output[0], "Cast")
+    if cast is None or _attr(graph.node[cast], "to", 0) != onnx.TensorProto.FLOAT:
+        return f"{label}: its output is not read by one Cast to float alone"
+    mul = index.only_reader(graph.node[cast].output[0], "Mul")
+    if mul is None:
+        return f"{label}: its cast output is not read by one Mul alone"
+    scales = [n for n in graph.node[mul].input if n != graph.node[cast].output[0]]
+    product = index.producer.get(scales[0]) if len(scales) == 1 else None
+    factors = list(graph.node[product].input) if product is not None and graph.node[product].op_type == "Mul" else []
+    if len(factors) != 2 or quantize.output[1] not in factors:
+        return f"{label}: its output is not scaled by Mul(the activation scale, a weight scale)"
+    w_scale = factors[1 - factors.index(quantize.output[1])]
+    if not per_column(w_scale, floating=True):
+        return f"{label}: the weight scale {w_scale!r} is not a float initializer, one value or one per column"
+    return mul, w_scale, zero_point
+
+
 def is_dequantize(node: onnx.NodeProto, pos: int) -> bool:
     """Whether ``node`` is an ONNX DequantizeLinear reading its quantized data at input ``pos``."""
     return node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and pos == 0
 
+
+#: quantized ops that take their weight as input 1 (their name scopes count for strategy 1)
+_QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 _QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
@@ -270,11 +370,20 @@ def _bias(index: GraphIndex, node_index: int, out_features: int) -> tuple[str | 
 
 
 def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str) -> list[TargetSite]:
+    """The sites of ``weight``; UnsupportedGraphError when a MatMulInteger-like node reads it outside ORT's dynamic
+    quantization arrangement (it multiplies by the weight, so adapting only the other uses would be wrong)."""
     tensor = index.initializers[weight]
+    integer_operands = {}
+    for i, pos in index.consumers.get(weight, []):
+        if is_integer_matmul(index.graph.node[i], pos) and kind_of(kind).export.transposable:
+            found = integer_output(index, i)
+            if isinstance(found, str):
+                raise UnsupportedGraphError(f"{module}: weight {weight!r} (found by {found_by}) cannot take a LoRA there: {found}")
+            integer_operands[i] = found[1:]
     uses, _ = index.uses(weight, kind)
     dims = tuple(int(d) for d in tensor.dims)
     sites = []
-    for node_index, layout, dequantize in uses:
+    for node_index, layout, dequantize, integer in uses:
         node = index.graph.node[node_index]
         if layout == "nbits":
             in_f, out_f = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
@@ -283,9 +392,12 @@ def _sites(index: GraphIndex, module: str, weight: str, found_by: str, kind: str
         else:  # out_in, kernel
             out_f, in_f = dims[:2]
         x = node.input[1] if layout == "rows" else node.input[0]
+        if integer is not None and index.graph.node[integer].op_type != "DynamicQuantizeMatMul":  # the DynamicQuantizeLinear's input
+            x = index.graph.node[index.producer[index.graph.node[integer].input[0]]].input[0]
         bias, bias_node = _bias(index, node_index, out_f)
         sites.append(TargetSite(module, node_index, x, node.output[0], weight, layout, in_f, out_f, found_by,
-                                kind, dims, bias, bias_node, dequantize=dequantize))
+                                kind, dims, bias, bias_node, dequantize=dequantize, integer=integer,
+                                integer_operands=integer_operands.get(integer, ("", ""))))
     return sites
 
 
@@ -296,11 +408,11 @@ def _by_scopes(index: GraphIndex, module: str, scopes: Mapping[int, str], kind: 
     seen = []
     for i, scope in scopes.items():
         node = index.graph.node[i]
-        nbits = facts.transposable and node.op_type == "MatMulNBits"
+        nbits = facts.transposable and node.op_type in _QUANTIZED_OPS
         if (node.op_type not in op_types and not nbits) or not _path_matches(scope, module):
             continue
         seen.append(node.name or node.output[0])
-        if nbits:  # its quantized weight B_q (a scope copied from the MatMul it replaced)
+        if nbits:  # its quantized weight (a scope copied from the MatMul it replaced)
             if node.input[1] in index.initializers:
                 weights.add(node.input[1])
             continue
@@ -325,11 +437,17 @@ def _is_weight(tensor: onnx.TensorProto, ranks: tuple[int, ...]) -> bool:
     return len(tensor.dims) in ranks and np.issubdtype(helper.tensor_dtype_to_np_dtype(tensor.data_type), np.floating)
 
 
+def _site_scope(scopes: Mapping[int, str], site: TargetSite) -> str:
+    """The name scope of a site's node (a MatMulInteger site: of its MatMulInteger when the scale Mul has none)."""
+    scope = scopes.get(site.node)
+    return scope if scope is not None or site.integer is None else scopes.get(site.integer, "")
+
+
 def _by_name(index: GraphIndex, module: str, kind: str) -> tuple[set[str], str]:
     ranks = kind_of(kind).export.weight_ranks
     key = f"{module}.weight"
     weights = {name for name, t in index.initializers.items() if _path_matches(name, key) and _is_weight(t, ranks)}
-    if kind_of(kind).export.transposable:  # QDQ weights: <path>.weight_quantized read by a DequantizeLinear
+    if kind_of(kind).export.transposable:  # QDQ / dynamic weights: <path>.weight_quantized read by a DQ or MatMulInteger
         weights |= {name for name in _qdq_weights(index) if _path_matches(_weight_key(name), key)}
     if not weights:
         return weights, f"initializer names: no floating {'/'.join(map(str, ranks))}-D initializer named {key!r} or '*.{key}'"
@@ -382,9 +500,11 @@ def _by_value(index: GraphIndex, module: str, base: Mapping[str, np.ndarray] | N
 
 
 def _qdq_weights(index: GraphIndex) -> list[str]:
-    """The integer initializers that a DequantizeLinear dequantizes (QDQ weights)."""
+    """The integer initializers that a DequantizeLinear dequantizes (QDQ weights) or a MatMulInteger (or one of
+    ORT's fusions of it) multiplies by (dynamically quantized weights)."""
     return [name for name, t in index.initializers.items() if _is_quantized(t)
-            and any(is_dequantize(index.graph.node[i], pos) for i, pos in index.consumers.get(name, []))]
+            and any(is_dequantize(index.graph.node[i], pos) or is_integer_matmul(index.graph.node[i], pos)
+                    for i, pos in index.consumers.get(name, []))]
 
 
 def _genai_weights(index: GraphIndex, path: str) -> set[str]:
@@ -450,7 +570,7 @@ def locate_targets(
     that kind anywhere.
     """
     index = GraphIndex(model.graph)
-    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops} | {"MatMulNBits"}
+    op_types = {op for kind in registered_kinds().values() for op in kind.export.ops} | set(_QUANTIZED_OPS)
     scopes = {i: s for i, n in enumerate(model.graph.node) if n.op_type in op_types and (s := _innermost_scope(n))}
     found: dict[str, list[TargetSite]] = {}
     failures: dict[str, list[str]] = {}
@@ -474,7 +594,7 @@ def locate_targets(
             weights, note = strategy()  # lazily: value matching reads tensors
             if found_by == "name scopes" and len(weights) > 1 and _identical(index, weights):  # one module, several calls (ALBERT)
                 sites = [site for weight in sorted(weights) for site in _sites(index, module, weight, found_by, kind)
-                         if _path_matches(scopes.get(site.node, ""), module)]
+                         if _path_matches(_site_scope(scopes, site), module)]
                 found[module] = sorted(sites, key=lambda site: site.node)
                 break
             if len(weights) == 1:
@@ -483,7 +603,7 @@ def locate_targets(
                 if found_by == "genai names" and fused[0] is not None:
                     sites = [_fused_slice(site, fused[0], widths or {}) for site in sites]
                 if found_by == "name scopes":  # a weight shared with another module keeps that module's nodes
-                    sites = [site for site in sites if _path_matches(scopes.get(site.node, ""), module)]
+                    sites = [site for site in sites if _path_matches(_site_scope(scopes, site), module)]
                 if not sites:
                     _, notes = index.uses(weight, kind)
                     raise UnsupportedGraphError(

@@ -326,3 +326,34 @@ def ort_int4(model: onnx.ModelProto, *, qdq: bool, block_size: int = 32, symmetr
         if not node.metadata_props and node.output[0] in scopes:
             node.metadata_props.extend(scopes[node.output[0]])
     return out
+
+
+def ort_dynamic(model: onnx.ModelProto, *, per_channel: bool, signed: bool = True) -> onnx.ModelProto:
+    """``model``'s MatMul weights dynamically quantized by ONNX Runtime's ``quantize_dynamic`` (int8 or uint8
+    weights, per tensor or per output column; the activation quantized to uint8 at run time), on a copy.
+
+    The quantizer writes DynamicQuantizeLinear → MatMulInteger → Cast → Mul without the replaced
+    MatMul's metadata; the last Mul keeps the MatMul's output name, by which the name scopes are
+    copied back onto the MatMulInteger, so that graphs with anonymous weights (torch's dynamo
+    exporter) keep their modules (:mod:`lora_ref.export.locate`).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scopes = {n.output[0]: list(n.metadata_props) for n in model.graph.node if n.op_type == "MatMul"}
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "float.onnx", Path(folder) / "quantized.onnx"
+        onnx.save(model, str(source))
+        quantize_dynamic(str(source), str(target), per_channel=per_channel,
+                         weight_type=QuantType.QInt8 if signed else QuantType.QUInt8)
+        out = onnx.load(str(target))
+    producer = {name: node for node in out.graph.node for name in node.output}
+    for node in out.graph.node:
+        if node.op_type == "Mul" and node.output[0] in scopes and not node.metadata_props:
+            cast = producer.get(node.input[0])
+            integer = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+            if integer is not None and integer.op_type == "MatMulInteger" and not integer.metadata_props:
+                integer.metadata_props.extend(scopes[node.output[0]])
+    return out

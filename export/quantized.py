@@ -17,6 +17,12 @@ along ``axis`` (per-axis: ORT's per-channel weights use axis 1 of [K, N], one sc
 blocked (``block_size`` > 0: scale[.., ⌊i / bs⌋, ..] along ``axis``, as ORT's int4 QDQ quantizer
 writes with axis 0, blocks along K); z defaults to 0.
 
+A dynamically quantized site (``quantize_dynamic``: MatMulInteger, or ORT's fused DynamicQuantizeMatMul / MatMulIntegerToFloat,
+:mod:`lora_ref.export.locate`) computes with W = (q − z) · scale exactly (float64), q the int8/uint8
+weight [K, N] (``in_out``), scale and z one value or one per output column (axis 1); the activation
+is quantized to uint8 at run time by the base graph's own DynamicQuantizeLinear, which the export
+leaves alone (the branch reads the float x).
+
 A LoRA update is far below an int4 step (|Δ| ≪ scale / 2), so rounding W + Δ back to int4 moves
 most elements by a whole step or not at all: the result carries a quantization error of about the
 adapter's own size. So every export leaves B_q, scales and zero points bit for bit as they were
@@ -53,6 +59,8 @@ def float_type(graph: onnx.GraphProto, site: TargetSite) -> int:
     """The TensorProto float type the site computes in: its weight's, or a quantized weight's scales'."""
     if site.dequantize is not None:
         name = graph.node[site.dequantize].input[1]
+    elif site.integer is not None:
+        name = site.integer_operands[0]
     else:
         name = graph.node[site.node].input[2] if site.quantized else site.weight
     return next(t.data_type for t in graph.initializer if t.name == name)
@@ -63,9 +71,9 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def dequantize(graph: onnx.GraphProto, site: TargetSite) -> np.ndarray:
-    """The float64 weight W [N, K] a quantized site computes with (module docstring): a MatMulNBits'
-    (q − z)·scale exactly, a QDQ weight's DequantizeLinear output round_t((q − z)·scale)."""
-    if site.dequantize is not None:
+    """The float64 weight W [N, K] a quantized site computes with (module docstring): a MatMulNBits' or a
+    dynamically quantized weight's (q − z)·scale exactly, a QDQ weight's DequantizeLinear output round_t((q − z)·scale)."""
+    if site.dequantize is not None or site.integer is not None:
         return _qdq_dequantize(graph, site)
     node = graph.node[site.node]
     inits = {t.name: t for t in graph.initializer}
@@ -230,9 +238,13 @@ _QDQ_TYPES = {onnx.TensorProto.INT8: (8, True), onnx.TensorProto.UINT8: (8, Fals
 
 
 def _qdq_parts(graph: onnx.GraphProto, site: TargetSite):
-    """(q, scale, zero point or None initializers, axis >= 0, block size, bits, signed) of a QDQ site's DequantizeLinear."""
-    node = graph.node[site.dequantize]
+    """(q, scale, zero point or None initializers, axis >= 0, block size, bits, signed) of a QDQ site's DequantizeLinear,
+    or of a dynamically quantized site (q [K, N], scale and zero point per tensor or per column: axis 1, no blocks)."""
     inits = {t.name: t for t in graph.initializer}
+    if site.integer is not None:
+        q, (scale, zero_point) = inits[graph.node[site.integer].input[1]], site.integer_operands
+        return q, inits[scale], inits[zero_point] if zero_point else None, 1, 0, *_QDQ_TYPES[q.data_type]
+    node = graph.node[site.dequantize]
     q, scale = inits[node.input[0]], inits.get(node.input[1])
     zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if scale is None or (len(node.input) > 2 and node.input[2] and zp is None):
@@ -255,12 +267,15 @@ def _expand(values: np.ndarray, shape: tuple[int, ...], axis: int, bs: int) -> n
 
 
 def _qdq_dequantize(graph: onnx.GraphProto, site: TargetSite) -> np.ndarray:
-    """W [N, K] = round_t((q − z)·scale) of a QDQ site, transposed from q's stored layout (module docstring)."""
+    """W [N, K] = round_t((q − z)·scale) of a QDQ site ((q − z)·scale exactly, unrounded, of a dynamically quantized
+    site), transposed from q's stored layout (module docstring)."""
     q, scale, zp, axis, bs, _, _ = _qdq_parts(graph, site)
     values = numpy_helper.to_array(q).astype(np.float64)
     s = _expand(numpy_helper.to_array(scale).astype(np.float64), values.shape, axis, bs)
     z = _expand(numpy_helper.to_array(zp).astype(np.float64), values.shape, axis, bs) if zp is not None else 0.0
-    W = round_to((values - z) * s, np_dtype(scale.data_type)).astype(np.float64)
+    W = (values - z) * s
+    if site.integer is None:
+        W = round_to(W, np_dtype(scale.data_type)).astype(np.float64)
     return W.T if site.layout == "in_out" else W
 
 
@@ -302,11 +317,12 @@ def _write_qdq(graph: onnx.GraphProto, site: TargetSite, target: np.ndarray) -> 
 
 
 def _check_private(graph: onnx.GraphProto, site: TargetSite) -> None:
-    """UnsupportedGraphError when a QDQ site's quantized tensors are read by anything but its own DequantizeLinear."""
-    node = graph.node[site.dequantize]
-    for name in (n for n in node.input if n):
+    """UnsupportedGraphError when a QDQ or dynamically quantized site's weight, scale or zero point is read by more
+    than one node (its own DequantizeLinear; MatMulInteger, or the Mul of the scales)."""
+    q, scale, zp, *_ = _qdq_parts(graph, site)
+    for name in (t.name for t in (q, scale, zp) if t is not None):
         readers = [i for i, other in enumerate(graph.node) if name in other.input]
-        if readers != [site.dequantize]:
+        if len(readers) != 1:
             raise UnsupportedGraphError(f"{site.module}: {name!r} is also read by other nodes, so requantizing it would change "
                                         "them too; export without --requantize (the LoRA goes beside the quantized base)")
 
@@ -316,8 +332,8 @@ def requantize(model: onnx.ModelProto, groups: Mapping[str, tuple], adapters: Se
 
     W is the dequantized weight (:func:`dequantize`), Δ_i = s_i B_i A_i of each adapter on the
     site's modules (fused parts: their rows of W), summed in float64; Q keeps the input's format
-    (MatMulNBits: bits, block size, symmetry, the scales' dtype and the zero points' packing; QDQ:
-    :func:`_write_qdq`). Returns, per stem, the requantization error against the adapter's effect:
+    (MatMulNBits: bits, block size, symmetry, the scales' dtype and the zero points' packing; QDQ and
+    dynamically quantized: :func:`_write_qdq`). Returns, per stem, the requantization error against the adapter's effect:
     ``max_error`` = max|Q(W+Δ) − (W+Δ)|, ``max_effect`` = max|Δ|, and ``rms_ratio`` =
     ‖Q(W+Δ) − (W+Δ)‖_F / ‖Δ‖_F (about 1 or more: the rounding is as large as the adapter).
     """
@@ -335,7 +351,7 @@ def requantize(model: onnx.ModelProto, groups: Mapping[str, tuple], adapters: Se
                     delta[row:row + width] += adapter.scale_for(module) * (lora.B.astype(np.float64) @ lora.A.astype(np.float64))
             row += width
         target = W + delta
-        if site.dequantize is not None:
+        if site.dequantize is not None or site.integer is not None:
             _check_private(graph, site)
             _write_qdq(graph, site, target)
         else:

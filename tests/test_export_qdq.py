@@ -12,6 +12,11 @@ uint4, blocks of 16 along K, symmetric or with zero points). For every format:
   |ŷ − y| ≤ γ_K · (|x||W|^T + |s|(|x||A^T|)|B^T|), K = in + Σr + 4;
 * ``--requantize`` writes Q(W + Δ) in the input's format (integer type, grouping, zero points),
   each element within half a (new) step of W + Δ, and the export report gives the max error.
+
+The same MLP and a torch MLP exported by the dynamo exporter, quantized by ``quantize_dynamic``
+(MatMulInteger; int8 / uint8 weights, per tensor or per column; also as ORT fuses it into
+DynamicQuantizeMatMul), are checked the same way (the bounds: the comment before those tests), the
+second through the CLI against PEFT on the dequantized weights.
 """
 
 from __future__ import annotations
@@ -173,7 +178,7 @@ def check_sites(graph: onnx.ModelProto, model: onnx.ModelProto, sites, feeds, ba
                 M[row] += abs(s) * (np.abs(x[row]) @ np.abs(lora.A.T)) @ np.abs(lora.B.T)
             rank = max(rank, sum(a.modules[module].rank for a in chosen))
         K = site.in_features + rank + 4
-        if final[module] == site.y and literal:  # weight-only: the float reference on the dequantized weight
+        if final[module] == site.y and literal and site.integer is None:  # weight-only: the float reference on W
             exact, M = x @ W.T + lora_exact, M + np.abs(x) @ np.abs(W).T
         else:
             C = out[f"{final[module]}.base"].astype(np.float64)
@@ -303,3 +308,274 @@ def test_requantize_refuses_a_qdq_weight_that_another_node_reads():
         build_graph(model, [a], "merged", requantize=True)
     merged, _ = build_graph(model, [a], "merged")
     assert _base_bytes(model).items() <= _base_bytes(merged).items()
+
+
+# --- dynamically quantized bases (quantize_dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) ---
+#
+# The activation is quantized to uint8 at run time, per tensor: x̂ = s_x·(clip(rint(x/s_x) + z_x, 0, 255) − z_x)
+# with s_x = (max(0, max x) − min(0, min x)) / 255 and z_x = rint(−min(0, min x)/s_x), so |x − x̂| ≤ s_x/2 where
+# nothing clips and ≤ s_x at the clipped ends (z_x's own rounding moves the grid by up to s_x/2). The base output
+# C = fl(acc · fl(s_x·s_w)), acc = Σ (x_q − z_x)(q − z) exact in int32 and here in the float32 cast (|acc| ≤ in·255·255
+# < 2^24), so |C − x̂·W^T| ≤ γ_2·|x̂||W|^T with W = (q − z)·s_w exactly. The export leaves C alone: each site is
+# checked as ŷ = C + LoRA (check_sites, the float bound of E.5 with C for the base), which isolates the adapter's
+# effect from the activation's quantization; the oracle test below checks C itself against x·W^T too.
+
+DYNAMIC_FORMATS = ["int8-tensor", "int8-channel", "uint8-tensor", "uint8-channel", "fused", "fused-shared"]
+_DYNAMIC_CACHE: dict[str, onnx.ModelProto] = {}
+
+
+def _skip_model() -> onnx.ModelProto:
+    """The MLP plus a skip MatMul from x (y = fc2(relu(fc1 x)) + x·W_skip): fc1 and the skip share x's quantization."""
+    model = _float_model()
+    model.graph.node[-1].output[0] = "y_mlp"
+    W_skip = (np.random.default_rng(12).standard_normal((D, O)) / np.sqrt(D)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(W_skip, "skip.weight"))
+    model.graph.node.extend([helper.make_node("MatMul", ["x", "skip.weight"], ["y_skip"], name="skip"),
+                             helper.make_node("Add", ["y_mlp", "y_skip"], ["y"])])
+    return model
+
+
+def dynamic_quantized_model(fmt: str, tmp_path_factory) -> onnx.ModelProto:
+    """The MLP quantized by ``quantize_dynamic``, cached per session. ``fused``: int8 per column, saved after ORT's
+    own optimizer, which fuses each site into one DynamicQuantizeMatMul; ``fused-shared``: the same of the MLP
+    with a skip MatMul sharing fc1's input, whose shared DynamicQuantizeLinear ORT keeps, fusing the rest of fc1
+    (and the skip) into MatMulIntegerToFloat."""
+    from lora_ref.export.models import ort_dynamic
+
+    if fmt in _DYNAMIC_CACHE:
+        return _DYNAMIC_CACHE[fmt]
+    model = ort_dynamic(_skip_model() if fmt == "fused-shared" else _float_model(),
+                        per_channel=fmt not in ("int8-tensor", "uint8-tensor"), signed=not fmt.startswith("uint8"))
+    if fmt.startswith("fused"):
+        path = tmp_path_factory.mktemp("fused") / "fused.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(path)
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(path))
+        fc1 = ["DynamicQuantizeLinear", "MatMulIntegerToFloat"] if fmt == "fused-shared" else ["DynamicQuantizeMatMul"]
+        assert [n.op_type for n in model.graph.node][:len(fc1) + 2] == [*fc1, "Relu", "DynamicQuantizeMatMul"]
+    else:
+        assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 2
+    _DYNAMIC_CACHE[fmt] = model
+    return model
+
+
+@pytest.fixture(params=DYNAMIC_FORMATS)
+def dynamic_quantized(request, tmp_path_factory):
+    return dynamic_quantized_model(request.param, tmp_path_factory)
+
+
+def integer_dequantized(model: onnx.ModelProto, sites) -> dict[str, np.ndarray]:
+    """Module -> W [out, in] = ORT's DequantizeLinear(q, s_w, z; axis 1) run alone on the site's initializers
+    (float32: (q − z)·s_w rounded once, the oracle within u_32 of the exact product)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for module, (site, *_) in sites.items():
+        node = model.graph.node[site.integer]
+        if node.op_type == "MatMulInteger":  # Mul(x_scale, w_scale) feeds the site's Mul: its initializer factor
+            products = [n for n in model.graph.node if n.op_type == "Mul" and n.output[0] in model.graph.node[site.node].input]
+            scale, zero = next(name for name in products[0].input if name in inits), node.input[3]
+        else:  # ORT's operand order (com.microsoft)
+            scale, zero = (node.input[2], node.input[3]) if node.op_type == "DynamicQuantizeMatMul" else (node.input[3], node.input[5])
+        dq = helper.make_node("DequantizeLinear", [node.input[1], scale, zero], ["W"], axis=1)
+        alone = helper.make_graph([dq], "dq", [], [helper.make_tensor_value_info("W", TensorProto.FLOAT, None)],
+                                  [inits[node.input[1]], inits[scale], inits[zero]])
+        m = helper.make_model(alone, opset_imports=[helper.make_opsetid("", 21)])
+        m.ir_version = 10
+        weights[module] = _run(m, {})["W"].T
+    return weights
+
+
+def test_dynamic_quantization_sites_keep_the_base_and_add_the_lora_beside_it(dynamic_quantized):
+    from lora_ref.export import locate_targets
+    from lora_ref.export.quantized import dequantize
+
+    model = dynamic_quantized
+    sites = locate_targets(model, ["fc1", "fc2"])
+    assert {m: (s[0].x, s[0].y[0], s[0].quantized, s[0].layout) for m, s in sites.items()} == {
+        "fc1": ("x", "h", True, "in_out"), "fc2": ("r", "y", True, "in_out")}  # y, or y_mlp before the skip's Add
+    base = integer_dequantized(model, sites)
+    for module in ("fc1", "fc2"):  # the exporter's exact W against ORT's DequantizeLinear (rounded once to float32)
+        W = dequantize(model.graph, sites[module][0])
+        assert np.all(np.abs(W - base[module]) <= U32 * np.abs(W)), module
+    a, b = lora_adapter(1, "a"), lora_adapter(2, "b", ranks=(1, 4))
+    before = _base_bytes(model)
+    notes: dict[str, str] = {}
+    dynamic, _ = build_graph(model, [a, b], "dynamic")
+    merged, _ = build_graph(model, [a, b], "merged", notes=notes)
+    batched, _ = build_graph(model, [a, b], "batched")
+    assert all("quantized base kept bit for bit" in notes[m] for m in ("fc1", "fc2"))
+    for graph in (dynamic, merged, batched):
+        after = _base_bytes(graph)
+        assert all(after[name] == blob for name, blob in before.items())
+    slots = slots_from_model(dynamic)
+    index = np.array([1, -1, 0], np.int64)
+    for literal in (True, False):  # op by op, and with ORT's fusions (MatMulIntegerToFloat / DynamicQuantizeMatMul)
+        check_sites(dynamic, model, sites, {"x": X, **adapter_tensors(a, slots)}, base, [a], literal)
+        check_sites(merged, model, sites, {"x": X}, base, [a, b], literal)
+        check_sites(batched, model, sites, {"x": X, "adapter_index": index}, base, [], literal,
+                    [[[a, b][i]] if i >= 0 else [] for i in index])
+        # no adapter: the base graph's output bit for bit (rank-0 defaults; every row -1). Rows interact through
+        # the activation's per-tensor scale, so a -1 row next to adapted rows is not the base row: not compared.
+        plain = _run(model, {"x": X}, (), literal)["y"]
+        assert np.array_equal(_run(dynamic, {"x": X}, (), literal)["y"], plain)
+        assert np.array_equal(_run(batched, {"x": X, "adapter_index": np.full(3, -1, np.int64)}, (), literal)["y"], plain)
+
+
+def test_requantize_writes_int8_merged_weights_in_the_same_scheme(dynamic_quantized):
+    """Q(W + Δ) keeps the weight's type, per-tensor / per-column scales and zero points: each element within half a
+    new step of W + Δ (the scale rounded to float32 first: a level may sit 2^-23 relative off); the report's max error."""
+    model = dynamic_quantized
+    a = lora_adapter(3, "a")
+    notes: dict[str, str] = {}
+    merged, sites = build_graph(model, [a], "merged", requantize=True, notes=notes)
+    assert [n.op_type for n in merged.graph.node] == [n.op_type for n in model.graph.node]  # no LoRA branch
+    old, new = {t.name: t for t in model.graph.initializer}, {t.name: t for t in merged.graph.initializer}
+    assert {n: (t.data_type, list(t.dims)) for n, t in old.items()} == {n: (t.data_type, list(t.dims)) for n, t in new.items()}
+    before, after = integer_dequantized(model, sites), integer_dequantized(merged, sites)
+    for module in ("fc1", "fc2"):
+        lora = a.modules[module]
+        target = before[module].astype(np.float64) + a.scale_for(module) * lora.B.astype(np.float64) @ lora.A.astype(np.float64)
+        node = merged.graph.node[sites[module][0].integer]
+        scale = sites[module][0].integer_operands[0]
+        step = np.abs(numpy_helper.to_array(new[scale]).astype(np.float64)).reshape(-1, 1)  # per out row
+        error = np.abs(after[module] - target)
+        # ± u_32|W| twice: the oracle's and the target's float32 DequantizeLinear roundings
+        assert np.all(error <= step * (0.5 + 2**-20) + 2 * U32 * (np.abs(after[module]) + np.abs(target))), module
+        reported = float(notes[module].split("max error ")[1].split()[0])
+        assert reported == pytest.approx(error.max(), rel=1e-2, abs=1e-6)
+        assert numpy_helper.to_array(new[node.input[1]]).dtype == numpy_helper.to_array(old[node.input[1]]).dtype
+    assert np.isfinite(_run(merged, {"x": X})["y"]).all()
+
+
+def test_dynamic_quantized_sites_refuse_what_they_cannot_serve():
+    """float16 (DynamicQuantizeLinear reads float32 only) and DoRA (no float weight for the norm): typed errors naming
+    the modules; a MatMulInteger outside quantize_dynamic's arrangement is no site, and the error says why."""
+    from lora_ref.export import ExportConfigError, UnsupportedGraphError
+
+    model = dynamic_quantized_model("int8-channel", None)
+    a = lora_adapter(6, "a")
+    with pytest.raises(ExportConfigError, match=r"float16.*'fc1'.*dynamically quantized"):
+        build_graph(model, [a], "dynamic", dtype="float16")
+    dora = Adapter(LoraConfig(r=3, lora_alpha=4.0, target_modules=["fc1"], use_dora=True),
+                   {"fc1": LoraModule("fc1", a.modules["fc1"].A, a.modules["fc1"].B, magnitude=np.ones(H, np.float32))}, name="d")
+    with pytest.raises(UnsupportedGraphError, match="fc1.*DoRA"):
+        build_graph(model, [dora], "dynamic")
+    odd = onnx.ModelProto.FromString(model.SerializeToString())
+    cast = next(n for n in odd.graph.node if n.op_type == "Cast" and n.input[0].startswith("h"))
+    odd.graph.output.append(helper.make_tensor_value_info(cast.output[0], TensorProto.FLOAT, None))  # a second reader
+    with pytest.raises(UnsupportedGraphError, match=r"fc1: weight .fc1.weight_quantized.*cannot take a LoRA there: MatMulInteger .*cast output is not read by one Mul alone"):
+        build_graph(odd, [a], "dynamic")
+    shared = onnx.ModelProto.FromString(model.SerializeToString())  # a second, raw use of fc1's weight beside its site
+    integer = next(n for n in shared.graph.node if n.op_type == "MatMulInteger" and n.input[1] == "fc1.weight_quantized")
+    shared.graph.node.append(helper.make_node("MatMulInteger", list(integer.input), ["raw"], name="raw_use"))
+    shared.graph.output.append(helper.make_tensor_value_info("raw", TensorProto.INT32, None))
+    with pytest.raises(UnsupportedGraphError, match=r"fc1: .*MatMulInteger 'raw_use': its output is not read by one Cast"):
+        build_graph(shared, [a], "merged")
+
+
+@pytest.fixture(scope="module")
+def dynamo_mlp(torch, tmp_path_factory):
+    """A torch MLP with biases (fc1: D -> H, ReLU, fc2: H -> O) on x [2, 3, D], exported by torch's dynamo exporter
+    (anonymous weights ``val_N``, modules in name scopes), and the module."""
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(D, H), torch.nn.Linear(H, O)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    module = MLP().eval()
+    path = tmp_path_factory.mktemp("dynamo") / "mlp.onnx"
+    torch.onnx.export(module, (torch.randn(2, 3, D),), str(path), dynamo=True)
+    return onnx.load(str(path)), module
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_quantize_dynamic_of_a_dynamo_graph_matches_peft_on_the_dequantized_base(dynamo_mlp, torch, tmp_path, per_channel):
+    """The CLI's merged, dynamic and batched graphs of a quantize_dynamic'd dynamo export against PEFT in float64 on the
+    dequantized weights W (ORT's DequantizeLinear), each site from its own input x (bounds: the comment above):
+
+    * the adapter's effect alone: |(ŷ − C) − L| ≤ γ_K·(|C| + |s||x||A^T||B^T|) − with ŷ − C taken as one value:
+      |ŷ − (C + L)| ≤ the same, L = PEFT's LoRA term, C the site's base output in the same run, K = in + r + 4;
+    * the whole site: |ŷ − y_PEFT| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_{K+1}·((|x| + s_x)|W|^T + |s||x||A^T||B^T|) (the
+      activation's quantization, then the float roundings; +1: the oracle's float32 W);
+    * the base alone (SPEC E.7): |C − x·W^T| ≤ s_x·(1 + 2^-20)·|W|·1 + γ_3·(|x| + s_x)|W|^T (SPEC's γ_3 is γ_2
+      here, |acc| < in·255² < 2^24, plus the oracle's float32 W);
+    * the first site's C is the quantized graph's own output bit for bit (same input, base untouched);
+    * ``--requantize`` through the CLI: the report names the requantized merged weight per module.
+    """
+    import copy
+    import json
+
+    import peft
+
+    from lora_ref import load_adapter
+    from lora_ref.cli import main
+    from lora_ref.export import locate_targets
+    from lora_ref.export.models import ort_dynamic
+
+    graph, module = dynamo_mlp
+    quantized = ort_dynamic(graph, per_channel=per_channel)
+    sites = locate_targets(quantized, ["fc1", "fc2"])
+    assert all(s[0].found_by == "name scopes" and s[0].integer is not None for s in sites.values())
+    W = integer_dequantized(quantized, sites)
+    torch.manual_seed(3)
+    tuned = peft.get_peft_model(copy.deepcopy(module), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    tuned.save_pretrained(str(tmp_path / "adapter"))
+    oracle = tuned.double()
+    for name in ("fc1", "fc2"):  # PEFT on the dequantized base, without the base bias (the site ends before it)
+        layer = getattr(oracle.base_model.model, name)
+        layer.base_layer.weight.data = torch.from_numpy(W[name].astype(np.float64))
+        layer.base_layer.bias.data.zero_()
+    (tmp_path / "q.onnx").write_bytes(quantized.SerializeToString())
+    x = np.random.default_rng(4).standard_normal((2, 3, D)).astype(np.float32)
+    plain = _run(quantized, {"x": x}, [sites["fc1"][0].y])
+    adapter = load_adapter(tmp_path / "adapter")
+    for mode in ("merged", "dynamic", "batched"):
+        out_path, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        assert main(["export", str(tmp_path / "q.onnx"), str(tmp_path / "adapter"), "--mode", mode, "-o", str(out_path),
+                     "--json", str(report)]) == 0
+        notes = json.loads(report.read_text())["notes"]
+        assert all("quantized base kept bit for bit" in notes[m] for m in ("fc1", "fc2")), notes
+        exported = onnx.load(str(out_path))
+        feeds = {"x": x}
+        rows = np.ones((2, 1, 1))
+        if mode == "dynamic":
+            feeds.update(adapter_tensors(adapter, slots_from_model(exported)))
+        elif mode == "batched":
+            feeds["adapter_index"] = np.array([-1, 0], np.int64)
+            rows = np.array([0.0, 1.0]).reshape(2, 1, 1)  # row 0: no adapter
+        names = [n for m in ("fc1", "fc2") for n in (sites[m][0].x, sites[m][0].y, f"{sites[m][0].y}.base")]
+        out = _run(exported, feeds, names)
+        assert np.array_equal(out[f"{sites['fc1'][0].y}.base"], plain[sites["fc1"][0].y])
+        for name in ("fc1", "fc2"):
+            site, layer = sites[name][0], getattr(oracle.base_model.model, name)
+            xs = torch.from_numpy(out[site.x].astype(np.float64))
+            with torch.no_grad():
+                base = layer.base_layer(xs).numpy()
+                lora = (layer(xs).numpy() - base) * rows
+            s = layer.scaling["default"]
+            A, B = layer.lora_A["default"].weight.detach().numpy(), layer.lora_B["default"].weight.detach().numpy()
+            xa = np.abs(out[site.x].astype(np.float64))
+            lora_m = abs(s) * (xa @ np.abs(A).T) @ np.abs(B).T * rows
+            y, C = out[site.y].astype(np.float64), out[f"{site.y}.base"].astype(np.float64)
+            K = site.in_features + tuned.peft_config["default"].r + 4
+            assert np.all(np.abs(y - (C + lora)) <= gamma(K, U32) * (np.abs(C) + lora_m)), (mode, name)
+            assert np.abs(lora).max() > 100 * (gamma(K, U32) * (np.abs(C) + lora_m)).max()  # the effect is visible
+            step = (max(0.0, out[site.x].max()) - min(0.0, out[site.x].min())) / 255  # s_x, DynamicQuantizeLinear's
+            Wa = np.abs(W[name].astype(np.float64))
+            bound = step * (1 + 2**-20) * Wa.sum(axis=1) + gamma(K + 1, U32) * ((xa + step) @ Wa.T + lora_m)
+            assert np.all(np.abs(C - base) <= step * (1 + 2**-20) * Wa.sum(axis=1) + gamma(3, U32) * (xa + step) @ Wa.T)
+            assert np.all(np.abs(y - (base + lora)) <= bound), (mode, name)
+            assert np.abs(lora).max() > 2 * bound.max()  # the adapter's effect stands above the activation's rounding
+    report = tmp_path / "requantized.json"
+    assert main(["export", str(tmp_path / "q.onnx"), str(tmp_path / "adapter"), "--mode", "merged", "--requantize",
+                 "-o", str(tmp_path / "requantized.onnx"), "--json", str(report)]) == 0
+    notes = json.loads(report.read_text())["notes"]
+    assert all(notes[m].startswith("requantized merged weight: max error") for m in ("fc1", "fc2")), notes

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(DIR/NAME/config.pbtxt, DIR/NAME/<v>/model.onnx, adapters.json) instead of -o")
     p.add_argument("--name", default="lora", help="Triton model name in --triton-repo (default: lora)")
     p.add_argument("--requantize", action="store_true",
-                   help="merged mode, int4/int8 (MatMulNBits) bases: write requantized merged weights (reports the error) "
+                   help="merged mode, quantized (MatMulNBits, QDQ, MatMulInteger) bases: write requantized merged weights (reports the error) "
                         "instead of keeping the base with the LoRA beside it")
     p.add_argument("--adapter-names", choices=["genai", "olive", "peft"],
                    help="names of a dynamic graph's LoRA inputs and .onnx_adapter tensors (default: genai for a genai folder, else peft)")
