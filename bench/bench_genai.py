@@ -22,8 +22,8 @@ The share falls as 1/hidden (r(in + out) against in·out per site): 5.5% at hidd
 Timing: every session runs one intra-op thread, so a generation's CPU time is the decoding
 thread's (``time.thread_time``; on a loaded machine it leaves out the time the thread waited
 for a core, which wall time does not). Each model is loaded twice, in palindromic order
-(a b c d d c b a) after a throwaway model: sessions created earlier in a process ran up to 7%
-slower here for the same graph (memory placement), which a single load order would charge to
+(a b c d d c b a) after a throwaway model: sessions created earlier in a process ran 5-13%
+slower here for the same graph (likely memory placement), which a single load order would charge to
 one model. A round runs every copy of every model once, the models in a rotated order; a
 ratio is the median over rounds of time(dynamic) / time(other), each round's time summed over
 the two copies. Switch: ``set_active_adapter`` between two loaded adapters on a new generator;
