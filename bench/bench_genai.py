@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, choices=sorted(CONFIGS), default=1024, help="the model's width")
     args = parser.parse_args()
     config = CONFIGS[args.hidden]
-    rounds, new = (3, 16) if args.quick else (9, 64)
+    rounds, new = (3, 16) if args.quick else (13, 64)
     prompt = [(7 * i) % config["vocab_size"] for i in range(1, 33)]
     from lora_ref.cli import main as cli
 
