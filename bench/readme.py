@@ -248,6 +248,17 @@ def dtypes(result: Result) -> list[str]:
 
 def genai(result: Result) -> list[str]:
     c = result["config"]
+    share = result.get("lora_share")
+    floor = ("" if share is None else
+             f" The fed factors are {100 * share:.1f}% of the base weights' elements (the fused q/k/v branch's "
+             f"block-diagonal B counted whole), so a memory-bound decode step has a floor of about "
+             f"{1 + share:.3f}x; the share falls as 1/hidden (under 1% for a 4096-wide model).")
+    ratio = result["dynamic_time_ratio"]
+    noise = ("" if "base" not in ratio else f" Base and merged run the same graph with other weights, so their time ratio "
+             f"(merged / base: {ratio['base'] / ratio['merged']:.3f}x) is this run's noise.")
+    clock = result.get("clock", "wall-clock time")  # older results: wall clock
+    copies = result.get("copies", 1)
+    load = "" if result.get("load_ms") is None else f" `Adapters.load` of one adapter file: {result['load_ms']:.2f} ms median."
     return [f"`{command(result, 'python bench/bench_genai.py')}` (onnxruntime-genai, CPU, the `.venv-genai` of "
             f"`scripts/test_genai.sh`): greedy decoding of a random Llama built by genai's model builder (hidden "
             f"{c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads / "
@@ -255,11 +266,14 @@ def genai(result: Result) -> list[str]:
             f"fp32, q/k/v fused), one PEFT adapter r={result['r']} on q/k/v/o/gate/up/down, "
             f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, one intra-op thread. dynamic: "
             "lora-ref's `export --mode dynamic` with the adapter active through `og.Adapters`; merged: `export --mode "
-            "merged`; genai-own: genai's builder with `adapter_path`; base: no adapter. The models decode in turn, "
-            f"one generation each per round; a ratio is the median over {result['rounds']} rounds. Goal: dynamic ≤ "
-            f"1.10x the merged model's time. {source('genai', result)}", "",
+            "merged`; genai-own: genai's builder with `adapter_path`; base: no adapter. "
+            + (f"Each model is loaded {copies} times in palindromic order after a throwaway model (sessions created "
+               "earlier in a process ran slower for the same graph); " if copies > 1 else "")
+            + f"the models decode in turn, one generation of each copy per round, in a rotated order; times are the "
+            f"decoding thread's {clock}; a ratio is the median over {result['rounds']} rounds. Goal: dynamic ≤ "
+            f"1.10x the merged model's time.{floor}{noise} {source('genai', result)}", "",
             recorded_table(result, genai_table), "",
-            f"Adapter switch (`set_active_adapter` on a new generator): {result['switch_ms']:.3f} ms median."]
+            f"Adapter switch (`set_active_adapter` on a new generator): {result['switch_ms']:.3f} ms median.{load}"]
 
 
 def triton(result: Result) -> list[str]:

@@ -5,8 +5,11 @@ Nodes per site (x [..., in], base output y0 [..., out]):
     t  = MatMul(x, A_g)                                   [..., r]   (Embedding: Gather(A_g, ids))
     y  = Reshape(Gemm(Flatten(t), B_g, C=Flatten(y0)), Shape(y0))
 
-Gemm accumulates into C, so the add costs no separate pass over y (a MatMul + Add pair was
-~20% slower than the merged graph at r=16 on CPU; this form 3-10%; see bench/bench_onnx.py).
+Gemm accumulates into C, so the add costs no separate pass over y. Against a MatMul + Add pair
+(genai's own LoRA form), r=16, CPU, one thread, loaded 2-core machine: at 128 tokens the Gemm form
+was 1.07x the merged graph's time and the pair 1.08-1.09x (bench/bench_onnx.py's block); at one
+token (decode) the two were within noise of each other (a lone block: 1.15-1.17x both; genai
+decoding, bench/bench_genai.py: within ±3%, either ahead), so the Gemm form stays.
 
 For module m, ``m.lora_A.weight`` is A_g = A^T [in, r] and ``m.lora_B.weight`` is B_g = s·B^T
 [r, out]; for an Embedding A_g = lora_embedding_A^T [num_embeddings, r] and B_g = s·lora_embedding_B^T
