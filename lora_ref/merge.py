@@ -48,7 +48,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from .dtypes import (
-    SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
+    BITS_VIEW, SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
     round_scalar, round_to, round_to_grid, store_exact, widen_to_float32,
 )
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
@@ -471,6 +471,46 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     return out, product if keep else None
 
 
+def kernels_module():
+    """:mod:`lora_ref.kernels` if the numba kernels are to run, else None (the NumPy reference path).
+
+    ``LORA_REF_KERNELS`` (read on every call): ``auto`` (default) uses them where numba imports,
+    ``numpy`` never, ``numba`` always (a ConfigError where numba is missing). Both paths give the
+    same bits (lora_ref/kernels.py says why; tests/test_kernels.py checks it).
+    """
+    choice = os.environ.get("LORA_REF_KERNELS", "auto")
+    if choice == "numpy":
+        return None
+    if choice not in ("auto", "numba"):
+        raise ConfigError(f"LORA_REF_KERNELS={choice[:40]!r}: expected auto, numpy or numba")
+    if _KERNELS[0] is None:
+        try:
+            from . import kernels
+        except ImportError as exc:  # numba is an optional accelerator
+            _KERNELS[:] = [False, f"{type(exc).__name__}: {exc}"]
+        else:
+            _KERNELS[:] = [kernels, None]
+    if _KERNELS[0] is False and choice == "numba":
+        raise ConfigError(f"LORA_REF_KERNELS=numba but the numba kernels do not import ({_KERNELS[1]}); "
+                          "install lora-ref[fast] or set LORA_REF_KERNELS=auto")
+    return _KERNELS[0] or None
+
+
+#: [lora_ref.kernels, None] once imported, [False, why] where it does not import, [None, None] before the first try.
+_KERNELS: list = [None, None]
+
+
+def _kernel_args(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray,
+                 out: np.ndarray) -> tuple:
+    """(base bits, product, λ, ρ, out bits) as the kernels take them: [k, n, c] blocks, [k, n] and [k, c] norms."""
+    n, c = base.shape[-2:]
+    bits = lambda a: np.ascontiguousarray(a).reshape(-1, n, c).view(BITS_VIEW[a.dtype])  # noqa: E731
+    if not out.flags.c_contiguous:
+        raise ValueError("the kernels write a contiguous out block")  # a bug: every caller passes workspace memory
+    return (bits(base), np.ascontiguousarray(product).reshape(-1, n, c), np.ascontiguousarray(left_norms).reshape(-1, n),
+            np.ascontiguousarray(right_norms).reshape(-1, c), out.reshape(-1, n, c).view(BITS_VIEW[out.dtype]))
+
+
 def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray, spread: float,
              sign: float, workspace: _Workspace, out: np.ndarray, keep: bool) -> np.ndarray:
     """``out`` := RN_t of the low end of y ± E, with y = fl(base ± product); returns where that is
@@ -489,6 +529,13 @@ def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, righ
     in E's memory); narrower scratch arrays are views of memory no longer needed at that point.
     """
     shape, dtype = base.shape, base.dtype
+    kernels = kernels_module()
+    if kernels is not None:  # one fused pass, bitwise the NumPy passes below
+        undecided = workspace.get("undecided", shape, np.dtype(bool))
+        base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, left_norms, right_norms, out)
+        kernels.bracket(base_bits, product, left_norms, right_norms, spread, sign, out_bits,
+                        undecided.reshape(base_bits.shape), kernels.KIND[dtype], kernels.FLOAT16_TABLE)
+        return undecided
     low = workspace.get("low", shape, float64)
     high = workspace.get("high", shape, float64)
     wide = base if dtype == float32 else widen_to_float32(base, narrow_view(low, float32))
@@ -576,14 +623,51 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
     """(merged block, (flat indices, original values) where unmerge misses W, in exact mode).
 
     ``out`` (like original, not original) may receive the merged block (:meth:`_Step.apply`)."""
-    merged, delta64 = step.apply(rows, original, workspace, out, keep=exact)
-    if not exact:
-        return merged, None
-    restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
-    missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
-    positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
+    kernels = kernels_module() if exact and step.plan is not None else None
+    if kernels is not None:
+        merged, positions = _fused_merge_block(kernels, step, rows, original, workspace, out)
+    else:
+        merged, delta64 = step.apply(rows, original, workspace, out, keep=exact)
+        if not exact:
+            return merged, None
+        restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
+        missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
+        positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
     flat = positions.astype(np.int64) + rows.start * flat_row
     return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
+
+
+def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, workspace: _Workspace,
+                       out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``out`` := the correctly rounded merged block, the flat positions in the block where the
+    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels.merge_step`'s one
+    pass, then the elements it leaves undecided resolved exactly (the merge's, then the unmerge's of
+    those and of the elements whose unmerge alone is undecided). Bitwise what :meth:`_Step.apply` and
+    :meth:`_Step.undo` give: both are the correctly rounded values (SPEC 3.2)."""
+    plan, sign = step.plan, step.sign
+    base, merged = original.reshape(original.shape[0], -1), out.reshape(original.shape[0], -1)
+    product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
+    product *= plan.scale
+    codes = workspace.get("codes", base.shape, np.dtype(np.uint8))
+    base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, plan.left_norms[rows],
+                                                                         plan.right_norms, merged)
+    kernels.merge_step(base_bits, product, left_norms, right_norms, plan.spread, sign, out_bits,
+                       codes.reshape(base_bits.shape), kernels.KIND[base.dtype], kernels.FLOAT16_TABLE)
+    flagged = np.flatnonzero(codes)
+    if not flagged.size:
+        return out, flagged
+    code = codes.reshape(-1)[flagged]
+    positions = flagged[code == kernels.MISSED]
+    unsure = flagged[code >= kernels.MERGE_UNDECIDED]
+    if unsure.size:
+        undecided = flagged[code == kernels.MERGE_UNDECIDED]
+        if undecided.size:
+            _resolve_exactly(plan, rows, base, sign, undecided, merged)
+        restored = workspace.get("restored", base.shape, base.dtype)
+        _resolve_exactly(plan, rows, merged, -sign, unsure, restored)
+        missed = unsure[bits_of(restored).reshape(-1)[unsure] != bits_of(base).reshape(-1)[unsure]]
+        positions = np.sort(np.concatenate([positions, missed]))
+    return out, positions
 
 
 def _patch(block: np.ndarray, residual: Residual, rows: slice, flat_row: int) -> None:
