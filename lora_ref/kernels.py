@@ -6,7 +6,7 @@ at a time in one pass, so their results are *bitwise* those of the NumPy path (m
 residuals and undecided masks; tests/test_kernels.py checks it on adversarial values), at memory
 speed:
 
-:func:`bracket`
+:func:`_bracket`
     y = fl(w ± p); E = fl(fl(λ_i·ρ_j) + fl(|y|·4u)); the ends fl(y − E), fl(y + E) rounded to t;
     undecided where the rounded ends differ (bits for float32; values for float16/bfloat16, whose
     rounded 0 is undecided too: its sign needs the exact sum), NaN included. float16 and bfloat16
@@ -14,7 +14,7 @@ speed:
     fl(fl(x + c) − c)) and store with :func:`lora_ref.dtypes.store_exact`'s bit moves; NumPy's
     ``normal`` shortcut only skips the max(e, e_min) where it provably changes nothing, so the
     kernel always takes it.
-:func:`merge_step`
+:func:`_merge_step`
     an exact merge's block in one pass: the merge's bracket, then, where it decides, the bracket of
     the residual's unmerge on the merged value (same product) and the bitwise comparison with W.
     Elements either bracket leaves undecided come back coded; the caller resolves them exactly.
@@ -27,7 +27,8 @@ are compiled lazily, for the signatures used, into numba's on-disk cache (``cach
 cache directory is not writable numba compiles in memory and says nothing).
 
 Shapes: ``[k, n, c]`` blocks (k stacked weights, n rows, c columns), norms ``[k, n]`` and ``[k, c]``.
-Weights travel as their bits: uint32 for float32, uint16 for float16/bfloat16 (``kind`` 0, 1, 2).
+Weights travel as their bits: uint32 for float32, uint16 for float16/bfloat16; :data:`BRACKET` and
+:data:`MERGE_STEP` hold the kernel of each dtype (``kind`` 0, 1, 2 inside).
 """
 
 from __future__ import annotations
@@ -35,26 +36,31 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .dtypes import _FLOAT16_AS_FLOAT32, bfloat16, float16, float32
+from .dtypes import bfloat16, float16, float32
 
-#: ``kind`` of each storage dtype in the kernels: how its bits widen, round and store.
-KIND = {float32: 0, float16: 1, bfloat16: 2}
-#: float16's bits -> exact float32 value (NumPy's own widening, the table of lora_ref.dtypes).
-FLOAT16_TABLE = _FLOAT16_AS_FLOAT32
-#: Codes of :func:`merge_step`: unmerge restores W / misses W (residual) / merge undecided / unmerge undecided.
-RESTORED, MISSED, MERGE_UNDECIDED, UNMERGE_UNDECIDED = 0, 1, 2, 3
 
 _EXPONENT_BITS = np.uint64(0x7FF0000000000000)
+_MAGNITUDE_BITS = np.uint64(0x7FFFFFFFFFFFFFFF)
 _SHIFT16 = np.uint32(16)
 
 
 @njit(nogil=True, cache=True)
-def _widen(bits, kind, table):
-    """The float64 value of one weight element given by its bits (exact)."""
+def _widen(bits, kind):
+    """The float64 value of one weight element given by its bits (exact; NaN stays NaN, its payload
+    aside). float16 by its fields: a normal's exponent rebiased by 127 − 15 = 112 into float32's bits
+    (twice for ±inf and NaN, whose exponent is all ones), a subnormal as fraction·2^-24; bitwise
+    NumPy's widening for every non-NaN pattern (tests/test_kernels.py checks all 2^16)."""
     if kind == 0:
         return np.float64(np.uint32(bits).view(np.float32))
     if kind == 1:
-        return np.float64(table[bits])
+        half = np.uint32(bits)
+        magnitude = np.uint32(half & np.uint32(0x7FFF))
+        single = np.uint32(np.uint32(magnitude << np.uint32(13)) + np.uint32(112 << 23))  # normal: exponent + 127 − 15
+        single = np.uint32(single + np.uint32(112 << 23)) if magnitude >= np.uint32(0x7C00) else single  # ±inf, NaN
+        single = np.uint32(single | np.uint32(np.uint32(half & np.uint32(0x8000)) << _SHIFT16))
+        subnormal = np.float64(np.int32(magnitude)) * 2.0**-24
+        subnormal = -subnormal if half >= np.uint32(0x8000) else subnormal
+        return subnormal if magnitude < np.uint32(0x400) else np.float64(single.view(np.float32))
     return np.float64(np.uint32(np.uint32(bits) << _SHIFT16).view(np.float32))
 
 
@@ -67,31 +73,38 @@ def _grid(x, kind):
     else:
         spacing, floor = 1.5 * 2.0 ** (53 - 8), 1.5 * 2.0 ** (-126 + 53 - 8)
     c = np.uint64(np.float64(x).view(np.uint64) & _EXPONENT_BITS).view(np.float64) * spacing
-    if not c >= floor:  # c is never NaN (±inf, NaN x: c = inf)
-        c = floor
+    c = c if c >= floor else floor  # np.maximum: c is never NaN (±inf, NaN x: c = inf)
     return (x + c) - c
 
 
 @njit(nogil=True, cache=True)
 def _store(value, kind):
-    """The bits of t for ``value`` (float32: any float64, rounded; 16-bit: a grid value or beyond t's
-    range, then ±inf), as store_exact moves them; a uint32 (16-bit bits in its low half)."""
-    single = np.float32(value)
-    bits = single.view(np.uint32)
+    """t's bits for ``value`` as :func:`lora_ref.dtypes.store_exact` makes them, in a uint32 (16-bit bits
+    in its low half): float32 rounds any float64; float16 and bfloat16 take a value of t's grid or one
+    beyond t's range (then ±inf; NaN gives float16's infinity pattern, as store_exact does).
+
+    float16 from the float64 bits b of v: where |v| ≥ 2^-14 (and for NaN), (b's magnitude >> 42) −
+    (1023 − 15)·2^10 is float16's biased exponent and 10 fraction bits (v is on the grid: the bits
+    below are 0), clamped to 0x7C00 past the range; below, the subnormal's bits are |v|·2^24 (an integer);
+    the sign is b's top bit moved to bit 15. Bitwise store_exact's v·2^-112 through float32 (which
+    lands on float32's subnormals, slow on x86) for every such v."""
     if kind == 0:
-        return bits
+        return np.float32(value).view(np.uint32)
     if kind == 2:
-        return np.uint32(bits >> _SHIFT16)
-    scaled = np.float32(single * np.float32(2.0**-112)).view(np.uint32)
-    magnitude = np.uint32(np.uint32(scaled & np.uint32(0x7FFFFFFF)) >> np.uint32(13))
-    if magnitude > np.uint32(0x7C00):
-        magnitude = np.uint32(0x7C00)
-    return np.uint32(magnitude | np.uint32(np.uint32(scaled >> _SHIFT16) & np.uint32(0x8000)))
+        return np.uint32(np.float32(value).view(np.uint32) >> _SHIFT16)
+    bits = np.float64(value).view(np.uint64)
+    magnitude = abs(value)
+    normal = np.int64(np.uint64(bits & _MAGNITUDE_BITS) >> np.uint64(42)) - np.int64(1008 << 10)
+    # |v|·2^24 < 2^10 is an integer: the low bits of fl(|v|·2^24 + 2^52) (no float-to-int conversion,
+    # which the compiler cannot vectorise)
+    subnormal = np.int64(np.float64(magnitude * 2.0**24 + 2.0**52).view(np.uint64) & np.uint64(0x3FF))
+    half = subnormal if magnitude < 2.0**-14 else min(normal, np.int64(0x7C00))
+    return np.uint32(half | np.int64(np.uint64(bits >> np.uint64(48)) & np.uint64(0x8000)))
 
 
 @njit(nogil=True, cache=True)
 def _decide(w, p, cross, spread, sign, kind):
-    """(the low end y − E rounded to t, as t's bits; undecided) for y = fl(w ± p), E = cross + |y|·spread."""
+    """(the low end fl(y − E) rounded to t, as t's bits; undecided) for y = fl(w ± p), E = fl(cross + fl(|y|·spread))."""
     y = w + p if sign > 0 else w - p
     bound = cross + abs(y) * spread
     high = y + bound
@@ -105,42 +118,93 @@ def _decide(w, p, cross, spread, sign, kind):
     return _store(low, kind), not (low == high) or low == 0.0
 
 
-@njit(nogil=True, cache=True)
-def bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, kind, table):
+@njit(nogil=True, cache=True, inline="always")
+def _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, kind):
     """out := the bits of RN_t(fl(y − E)), undecided := where that may not be RN_t(base ± s·L R)
-    (module doc); base, out: weight bits [k, n, c]; product float64 [k, n, c]; undecided bool [k, n, c]."""
+    (module doc); base, out: weight bits [k, n, c]; product float64 [k, n, c]; undecided bool [k, n, c];
+    ``kind`` (0 float32, 1 float16, 2 bfloat16) is a constant of each caller (:data:`BRACKET`)."""
     for s in range(base.shape[0]):
         for i in range(base.shape[1]):
             left = left_norms[s, i]
             for j in range(base.shape[2]):
-                bits, unsure = _decide(_widen(base[s, i, j], kind, table), product[s, i, j], left * right_norms[s, j],
+                bits, unsure = _decide(_widen(base[s, i, j], kind), product[s, i, j], left * right_norms[s, j],
                                        spread, sign, kind)
                 out[s, i, j] = bits
                 undecided[s, i, j] = unsure
 
 
-@njit(nogil=True, cache=True)
-def merge_step(base, product, left_norms, right_norms, spread, sign, out, codes, kind, table):
-    """The exact merge of a block in one pass: out := merge's bracket (as :func:`bracket`), codes :=
-    RESTORED where the unmerge of the merged value (same product, opposite sign) gives base's bits,
-    MISSED where it gives others, MERGE_UNDECIDED / UNMERGE_UNDECIDED where a bracket does not decide
-    (the caller resolves those exactly). Shapes as :func:`bracket`; codes uint8 [k, n, c]."""
+@njit(nogil=True, cache=True, inline="always")
+def _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, kind):
+    """The exact merge of a block in one pass; returns (m, u).
+
+    out := merge's bracket (as :func:`_bracket`); then, for the merged value, the bracket of the
+    residual's unmerge (same product, opposite sign). ``positions`` (int64, one per element) gets, at
+    [0, m), the flat positions (increasing) where the unmerge decides and misses base's bits; at
+    [size − u, size), those where a bracket does not decide, as 2·position + 1 where the merge's does
+    not (its ``out`` is to be resolved too), 2·position where only the unmerge's does not. Shapes as
+    :func:`_bracket`. Each row is bracketed into a row of codes (a loop the compiler vectorises), then
+    compacted. ``kind`` as :func:`_bracket`."""
+    n_rows, n_cols = base.shape[1], base.shape[2]
+    codes = np.empty(n_cols, np.uint8)
+    missed = 0
+    unsure = 0
+    size = positions.size
     for s in range(base.shape[0]):
-        for i in range(base.shape[1]):
+        for i in range(n_rows):
             left = left_norms[s, i]
-            for j in range(base.shape[2]):
+            for j in range(n_cols):
                 original = base[s, i, j]
-                p = product[s, i, j]
+                p = product[s, i, j] * scale  # fl(L R)·s: the NumPy path's ``product *= scale``
                 cross = left * right_norms[s, j]
-                bits, unsure = _decide(_widen(original, kind, table), p, cross, spread, sign, kind)
+                bits, undecided = _decide(_widen(original, kind), p, cross, spread, sign, kind)
                 out[s, i, j] = bits
-                if unsure:
-                    codes[s, i, j] = MERGE_UNDECIDED
-                    continue
-                back, unsure = _decide(_widen(bits, kind, table), p, cross, spread, -sign, kind)
-                if unsure:
-                    codes[s, i, j] = UNMERGE_UNDECIDED
-                elif back != original:
-                    codes[s, i, j] = MISSED
-                else:
-                    codes[s, i, j] = RESTORED
+                back, undecided_back = _decide(_widen(bits, kind), p, cross, spread, -sign, kind)
+                codes[j] = 3 if undecided else 2 if undecided_back else np.uint8(back != original)
+            start = (s * n_rows + i) * n_cols
+            for j in range(n_cols):
+                code = codes[j]
+                positions[missed] = start + j  # kept where code is 1; missed + unsure ≤ this element's index < size
+                missed += code == 1
+                if code > 1:
+                    unsure += 1
+                    positions[size - unsure] = 2 * (start + j) + (code == 3)
+    return missed, unsure
+
+
+# One compiled kernel per storage dtype, with its ``kind`` a constant, so that the compiler drops the
+# other dtypes' branches from the loops (a ``kind`` argument would keep them all in every element).
+@njit(nogil=True, cache=True)
+def _bracket_float32(base, product, left_norms, right_norms, spread, sign, out, undecided):
+    _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, 0)
+
+
+@njit(nogil=True, cache=True)
+def _bracket_float16(base, product, left_norms, right_norms, spread, sign, out, undecided):
+    _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, 1)
+
+
+@njit(nogil=True, cache=True)
+def _bracket_bfloat16(base, product, left_norms, right_norms, spread, sign, out, undecided):
+    _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, 2)
+
+
+@njit(nogil=True, cache=True)
+def _merge_step_float32(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 0)
+
+
+@njit(nogil=True, cache=True)
+def _merge_step_float16(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 1)
+
+
+@njit(nogil=True, cache=True)
+def _merge_step_bfloat16(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 2)
+
+
+#: dtype -> bracket(base bits, product, λ, ρ, spread, sign, out bits, undecided) (:func:`_bracket`).
+BRACKET = {float32: _bracket_float32, float16: _bracket_float16, bfloat16: _bracket_bfloat16}
+#: dtype -> merge_step(base bits, fl(L R), s, λ, ρ, spread, sign, out bits, positions) -> (m, u)
+#: (:func:`_merge_step`).
+MERGE_STEP = {float32: _merge_step_float32, float16: _merge_step_float16, bfloat16: _merge_step_bfloat16}

@@ -533,8 +533,8 @@ def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, righ
     if kernels is not None:  # one fused pass, bitwise the NumPy passes below
         undecided = workspace.get("undecided", shape, np.dtype(bool))
         base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, left_norms, right_norms, out)
-        kernels.bracket(base_bits, product, left_norms, right_norms, spread, sign, out_bits,
-                        undecided.reshape(base_bits.shape), kernels.KIND[dtype], kernels.FLOAT16_TABLE)
+        kernels.BRACKET[dtype](base_bits, product, left_norms, right_norms, spread, sign, out_bits,
+                               undecided.reshape(base_bits.shape))
         return undecided
     low = workspace.get("low", shape, float64)
     high = workspace.get("high", shape, float64)
@@ -640,27 +640,23 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
 def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, workspace: _Workspace,
                        out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(``out`` := the correctly rounded merged block, the flat positions in the block where the
-    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels.merge_step`'s one
+    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels._merge_step`'s one
     pass, then the elements it leaves undecided resolved exactly (the merge's, then the unmerge's of
     those and of the elements whose unmerge alone is undecided). Bitwise what :meth:`_Step.apply` and
     :meth:`_Step.undo` give: both are the correctly rounded values (SPEC 3.2)."""
     plan, sign = step.plan, step.sign
     base, merged = original.reshape(original.shape[0], -1), out.reshape(original.shape[0], -1)
     product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
-    product *= plan.scale
-    codes = workspace.get("codes", base.shape, np.dtype(np.uint8))
+    found = workspace.get("positions", (base.size,), np.dtype(np.int64))
     base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, plan.left_norms[rows],
                                                                          plan.right_norms, merged)
-    kernels.merge_step(base_bits, product, left_norms, right_norms, plan.spread, sign, out_bits,
-                       codes.reshape(base_bits.shape), kernels.KIND[base.dtype], kernels.FLOAT16_TABLE)
-    flagged = np.flatnonzero(codes)
-    if not flagged.size:
-        return out, flagged
-    code = codes.reshape(-1)[flagged]
-    positions = flagged[code == kernels.MISSED]
-    unsure = flagged[code >= kernels.MERGE_UNDECIDED]
-    if unsure.size:
-        undecided = flagged[code == kernels.MERGE_UNDECIDED]
+    n_missed, n_unsure = kernels.MERGE_STEP[base.dtype](base_bits, product, plan.scale, left_norms, right_norms,
+                                                        plan.spread, sign, out_bits, found)
+    positions = found[:n_missed]
+    if n_unsure:
+        coded = found[found.size - n_unsure:]
+        unsure = np.sort(coded >> 1)
+        undecided = np.sort(coded[(coded & 1) == 1] >> 1)
         if undecided.size:
             _resolve_exactly(plan, rows, base, sign, undecided, merged)
         restored = workspace.get("restored", base.shape, base.dtype)
