@@ -7,7 +7,8 @@ the very weights torch runs. Two r=16 adapters (random A and B) on the q_proj+v_
 every Linear of the decoder layers; one switch is ``ledger.switch([(old, None)], [(new, None)])``:
 exact mode (unmerge with the residual, merge, new residual, one pass per weight) and fast mode.
 
-Peers, in the same run and on the same threads (torch.get_num_threads(), the merge's MAX_THREADS;
+The merge runs the numba kernels (lora_ref/kernels.py) where numba is installed, and the table has the
+exact switch on the NumPy path (LORA_REF_KERNELS=numpy) beside it. Peers, in the same run and on the same threads (torch.get_num_threads(), the merge's MAX_THREADS;
 OMP_WAIT_POLICY=PASSIVE unless set, so idle OpenMP workers do not spin):
   decode    one token at batch 1 after a 128-token prompt (KV cache), torch.inference_mode
   prefill   a 128-token prompt at batch 1, no cache
@@ -35,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_median, write_results  # noqa: E402
+from common import kernel_path, markdown_table, on_path, time_median, write_results  # noqa: E402
 import readme  # noqa: E402
 
 from lora_ref.adapter import Adapter, LoraModule  # noqa: E402
@@ -127,13 +128,15 @@ def bench_dtype(args: argparse.Namespace, dtype_name: str) -> list[dict]:
         ledgers["exact"].merge(adapters[0])
         contenders = {"decode": decode, "prefill": prefill, "exact_switch": lambda: switch("exact"),
                       "fast_switch": lambda: switch("fast")}
+        if kernel_path() != "numpy":
+            contenders["exact_switch_numpy"] = on_path("numpy", lambda: switch("exact"))
         samples: dict[str, list[float]] = {key: [] for key in contenders}
         for fn in contenders.values():  # warm-up
             fn()
         for _ in range(args.repeats):
             for key, fn in contenders.items():
                 samples[key].append(time_median(fn, repeats=1, warmup=0))
-        row = {"dtype": dtype_name, "targets": label, "elements": int(elements), "rounds": args.repeats,
+        row = {"dtype": dtype_name, "targets": label, "elements": int(elements), "rounds": args.repeats, "kernels": kernel_path(),
                **{f"{key}_s": float(np.median(v)) for key, v in samples.items()}}
         for num in ("exact_switch", "fast_switch"):
             for den in ("decode", "prefill"):
@@ -167,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in args.dtypes for row in bench_dtype(args, name)]
     header = ["dtype", "targets", "weights switched", "decode step", "128-token prefill", "exact switch", "fast switch",
               "exact / decode", "exact / prefill", "fast / decode", "fast / prefill"]
+    numpy_column = all("exact_switch_numpy_s" in r for r in rows)
+    header += ["exact switch (NumPy path)"] if numpy_column else []
     table = markdown_table(header, [
         [r["dtype"], r["targets"], f"{r['elements'] / 1e6:.1f} M", f"{r['decode_s'] * 1e3:.1f} ms",
          f"{r['prefill_s'] * 1e3:.0f} ms", f"{r['exact_switch_s'] * 1e3:.0f} ms", f"{r['fast_switch_s'] * 1e3:.0f} ms",
          f"{r['exact_switch/decode']:.2f}x", f"{r['exact_switch/prefill']:.2f}x",
-         f"{r['fast_switch/decode']:.2f}x", f"{r['fast_switch/prefill']:.2f}x"] for r in rows])
+         f"{r['fast_switch/decode']:.2f}x", f"{r['fast_switch/prefill']:.2f}x"]
+        + ([f"{r['exact_switch_numpy_s'] * 1e3:.0f} ms"] if numpy_column else []) for r in rows])
     command = "python bench/bench_switch.py " + " ".join(argv if argv is not None else sys.argv[1:])
     model = (f"random Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
              f"intermediate {args.intermediate}, vocab {args.vocab}; r={args.rank}; torch threads {torch.get_num_threads()}, "
-             f"merge threads {merge_module.MAX_THREADS}")
+             f"merge threads {merge_module.MAX_THREADS}, {kernel_path()} path")
     print(model)
     print(table)
     path = write_results("switch", {"command": command, "model": model, "rows": rows, "table": table})

@@ -33,6 +33,8 @@ Weights travel as their bits: uint32 for float32, uint16 for float16/bfloat16; :
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -208,3 +210,145 @@ BRACKET = {float32: _bracket_float32, float16: _bracket_float16, bfloat16: _brac
 #: dtype -> merge_step(base bits, fl(L R), s, λ, ρ, spread, sign, out bits, positions) -> (m, u)
 #: (:func:`_merge_step`).
 MERGE_STEP = {float32: _merge_step_float32, float16: _merge_step_float16, bfloat16: _merge_step_bfloat16}
+
+
+# -- the exact resolution of undecided elements, for float32/16/bfloat16 factors -----------------------
+
+
+@njit(nogil=True, cache=True)
+def _grow(partials, count, x):
+    """Add x to the non-overlapping expansion partials[:count] (increasing magnitude; Shewchuk's
+    grow-expansion as CPython's math.fsum runs it); returns the new count. Exact while nothing overflows."""
+    kept = 0
+    for k in range(count):
+        y = partials[k]
+        if abs(x) < abs(y):
+            x, y = y, x
+        high = x + y
+        low = y - (high - x)
+        if low != 0.0:
+            partials[kept] = low
+            kept += 1
+        x = high
+    partials[kept] = x
+    return kept + 1
+
+
+@njit(nogil=True, cache=True)
+def _nearest(partials, count):
+    """The sum of the expansion partials[:count] correctly rounded to float64 (math.fsum's last step)."""
+    if count == 0:
+        return 0.0
+    n = count - 1
+    high = partials[n]
+    low = 0.0
+    while n > 0:
+        x = high
+        n -= 1
+        y = partials[n]
+        high = x + y
+        low = y - (high - x)
+        if low != 0.0:
+            break
+    if n > 0 and ((low < 0.0 and partials[n - 1] < 0.0) or (low > 0.0 and partials[n - 1] > 0.0)):
+        y = low * 2.0
+        x = high + y
+        if y == x - high:
+            high = x
+    return high
+
+
+@njit(nogil=True, cache=True)
+def _sign(partials, count):
+    """The sign (−1, 0, 1) of the sum of an expansion: its largest nonzero part's (they do not overlap)."""
+    for k in range(count - 1, -1, -1):
+        if partials[k] != 0.0:
+            return 1 if partials[k] > 0.0 else -1
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def _two_product(a, b):
+    """(h, l) with h = fl(a·b), a·b = h + l exactly (Dekker with Veltkamp's split; no FMA: merge._two_product)."""
+    h = a * b
+    c = 134217729.0 * a  # 2^27 + 1
+    a_high = c - (c - a)
+    a_low = a - a_high
+    c = 134217729.0 * b
+    b_high = c - (c - b)
+    b_low = b - b_high
+    return h, ((a_high * b_high - h) + a_high * b_low + a_low * b_high) + a_low * b_low
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, kind):
+    """out.flat[p] := the correctly rounded base + σ·(L R) at each flat position p of the block [n, c]
+    (bits, as :func:`_bracket`): :func:`lora_ref.merge._resolve_exactly`'s rules and
+    :func:`lora_ref.merge._exact_by_fsum`'s arithmetic for narrow factors (each L_ik·R_kj exact in
+    float64; no overflow or underflow: lora_ref.merge._product checks), with the partial sums kept as an
+    exact expansion instead of math.fsum's: the float64 value nearest X = w + Σ σ·L_ik·R_kj, the sign of
+    X minus it, X rounded to odd (53 ≥ p_t + 2 bits), then to t. Where w is ±inf/NaN, σ = 0, the row
+    or column of the factors is 0, or the product sum is exactly 0: base's bits; where X = 0: +0."""
+    n_cols = base.shape[1]
+    rank = left.shape[1]
+    terms = np.empty(4 * rank + 4)
+    power_of_two = abs(math.frexp(sigma)[0]) == 0.5
+    for q in range(positions.size):
+        p = positions[q]
+        i, j = p // n_cols, p % n_cols
+        original = base[i, j]
+        w = _widen(original, kind)
+        row = first_row + i
+        if not np.isfinite(w) or sigma == 0.0 or zero_rows[row] or zero_cols[j]:
+            out[i, j] = original
+            continue
+        count = 0
+        for k in range(rank):
+            count = _grow(terms, count, left[row, k] * right[k, j])
+        if _sign(terms, count) == 0:
+            out[i, j] = original
+            continue
+        terms[0] = w
+        count = 1
+        for k in range(rank):
+            product = left[row, k] * right[k, j]
+            if power_of_two:
+                count = _grow(terms, count, sigma * product)
+            else:
+                high, low = _two_product(sigma, product)
+                count = _grow(terms, count, high)
+                count = _grow(terms, count, low)
+        nearest = _nearest(terms, count)
+        count = _grow(terms, count, -nearest)
+        remainder = _sign(terms, count)
+        if nearest == 0.0 and remainder == 0:
+            out[i, j] = 0
+            continue
+        if remainder != 0 and not np.float64(nearest).view(np.uint64) & np.uint64(1):
+            nearest = np.nextafter(nearest, np.inf if remainder > 0 else -np.inf)
+        if kind == 0:
+            out[i, j] = np.float32(nearest).view(np.uint32)
+        else:
+            magnitude = abs(nearest)
+            rounded = np.inf if kind == 2 and magnitude >= 2.0**128 else _grid(magnitude, kind)
+            out[i, j] = _store(-rounded if nearest < 0.0 else rounded, kind)
+
+
+@njit(nogil=True, cache=True)
+def _resolve_float32(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols):
+    _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, 0)
+
+
+@njit(nogil=True, cache=True)
+def _resolve_float16(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols):
+    _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, 1)
+
+
+@njit(nogil=True, cache=True)
+def _resolve_bfloat16(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols):
+    _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, 2)
+
+
+#: dtype -> resolve(base bits [n, c], out bits [n, c], flat positions, L, R, first row, σ, zero rows, zero
+#: columns) for narrow factors (:func:`_resolve`).
+RESOLVE = {float32: _resolve_float32, float16: _resolve_float16, bfloat16: _resolve_bfloat16}

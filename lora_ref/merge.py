@@ -61,9 +61,17 @@ BLOCK_BYTES = 1024 * 1024
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
 THREAD_BLOCK_BYTES = 256 * 1024
+#: The same for the numba kernels (lora_ref/kernels.py), which keep fewer temporaries (the product, the
+#: output and the found positions) and have more per-block overhead to amortise than arithmetic per byte
+#: (bench/bench_merge.py: 512 KiB to 1 MiB blocks were faster than 256 KiB ones).
+KERNEL_THREAD_BLOCK_BYTES = 1024 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
 GEMM_CHUNK = 2**18
+#: Smallest block the numba kernels take under LORA_REF_KERNELS=auto: below, NumPy's passes cost tens of
+#: microseconds, less than numba's import and first call (about a second in a fresh process: a command
+#: on a small model never pays it).
+AUTO_KERNEL_ELEMENTS = 4096
 #: Most threads a merge uses. Every element's value is fixed by the semantics, whatever thread
 #: computes its block, so the result is bitwise the same for any thread count.
 MAX_THREADS = min(8, os.cpu_count() or 1)
@@ -218,14 +226,15 @@ def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...
     ``block_bytes`` whatever the thread count and the number of blocks.
     """
     row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+    thread_block = THREAD_BLOCK_BYTES if kernels_module(math.prod(shape)) is None else KERNEL_THREAD_BLOCK_BYTES
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
     # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
     # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
-    step = block_rows(shape, max(1, min(block_bytes // threads, THREAD_BLOCK_BYTES)))
+    step = block_rows(shape, max(1, min(block_bytes // threads, thread_block)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
         workspace = _Workspace()
-        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
+        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, thread_block)))]
     local = threading.local()
 
     def run(rows: slice) -> _T:
@@ -374,9 +383,14 @@ def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float,
     at a time in Python (a block has a few undecided elements; array calls on them would cost
     more): :func:`_exact_by_fsum` for float32/16/bf16 factors, integers otherwise.
     """
+    sigma = sign * plan.scale
+    kernels = kernels_module(base.size) if plan.narrow else None
+    if kernels is not None:  # the same arithmetic in one compiled loop (lora_ref/kernels.py)
+        kernels.RESOLVE[base.dtype](bits_of(base), out.view(BITS_VIEW[out.dtype]), positions.astype(np.int64, copy=False),
+                                    plan.left, plan.right, rows.start, sigma, plan.zero_rows, plan.zero_cols)
+        return
     n_cols = base.shape[1]
     out_flat, out_bits, base_bits, flat_base = out.reshape(-1), bits_of(out).reshape(-1), bits_of(base).reshape(-1), base.reshape(-1)
-    sigma = sign * plan.scale
     scale_int = None if plan.narrow else _exact_int(sigma)
     for p in positions.tolist():
         i, j = divmod(p, n_cols)
@@ -471,15 +485,17 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     return out, product if keep else None
 
 
-def kernels_module():
-    """:mod:`lora_ref.kernels` if the numba kernels are to run, else None (the NumPy reference path).
+def kernels_module(elements: int = AUTO_KERNEL_ELEMENTS):
+    """:mod:`lora_ref.kernels` if the numba kernels are to run on a block of ``elements``, else None (the
+    NumPy reference path).
 
-    ``LORA_REF_KERNELS`` (read on every call): ``auto`` (default) uses them where numba imports,
-    ``numpy`` never, ``numba`` always (a ConfigError where numba is missing). Both paths give the
-    same bits (lora_ref/kernels.py says why; tests/test_kernels.py checks it).
+    ``LORA_REF_KERNELS`` (read on every call): ``auto`` (default) uses them where numba imports and the
+    block has at least :data:`AUTO_KERNEL_ELEMENTS` elements, ``numpy`` never, ``numba`` always (a
+    ConfigError where numba is missing). Both paths give the same bits (lora_ref/kernels.py says why;
+    tests/test_kernels.py checks it).
     """
     choice = os.environ.get("LORA_REF_KERNELS", "auto")
-    if choice == "numpy":
+    if choice == "numpy" or (choice == "auto" and elements < AUTO_KERNEL_ELEMENTS):
         return None
     if choice not in ("auto", "numba"):
         raise ConfigError(f"LORA_REF_KERNELS={choice[:40]!r}: expected auto, numpy or numba")
@@ -529,7 +545,7 @@ def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, righ
     in E's memory); narrower scratch arrays are views of memory no longer needed at that point.
     """
     shape, dtype = base.shape, base.dtype
-    kernels = kernels_module()
+    kernels = kernels_module(base.size)
     if kernels is not None:  # one fused pass, bitwise the NumPy passes below
         undecided = workspace.get("undecided", shape, np.dtype(bool))
         base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, left_norms, right_norms, out)
@@ -623,7 +639,7 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
     """(merged block, (flat indices, original values) where unmerge misses W, in exact mode).
 
     ``out`` (like original, not original) may receive the merged block (:meth:`_Step.apply`)."""
-    kernels = kernels_module() if exact and step.plan is not None else None
+    kernels = kernels_module(original.size) if exact and step.plan is not None else None
     if kernels is not None:
         merged, positions = _fused_merge_block(kernels, step, rows, original, workspace, out)
     else:
@@ -662,7 +678,7 @@ def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, 
         restored = workspace.get("restored", base.shape, base.dtype)
         _resolve_exactly(plan, rows, merged, -sign, unsure, restored)
         missed = unsure[bits_of(restored).reshape(-1)[unsure] != bits_of(base).reshape(-1)[unsure]]
-        positions = np.sort(np.concatenate([positions, missed]))
+        positions = np.insert(positions, np.searchsorted(positions, missed), missed)  # both increasing
     return out, positions
 
 
