@@ -5,7 +5,8 @@ A random HF Llama built from a config (no download; default hidden 1024, 8 layer
 are NumPy views of the torch parameters, so a :class:`lora_ref.ledger.MergeLedger` switch rewrites
 the very weights torch runs. Two r=16 adapters (random A and B) on the q_proj+v_proj targets or on
 every Linear of the decoder layers; one switch is ``ledger.switch([(old, None)], [(new, None)])``:
-exact mode (unmerge with the residual, merge, new residual, one pass per weight) and fast mode.
+exact mode (unmerge with the residual, merge, new residual, one pass per weight) and fast mode (each
+timed from its own ledger's state: bringing the model from one mode's ledger to the other's is untimed).
 
 The merge runs the numba kernels (lora_ref/kernels.py) where numba is installed, and the table has the
 exact switch on the NumPy path (LORA_REF_KERNELS=numpy) beside it. Peers, in the same run and on the same threads (torch.get_num_threads(), the merge's MAX_THREADS;
@@ -111,7 +112,8 @@ def bench_dtype(args: argparse.Namespace, dtype_name: str) -> list[dict]:
         ledgers = {"exact": MergeLedger(weights, exact=True), "fast": MergeLedger(weights, exact=False)}
         state = {"exact": 0, "fast": None}
 
-        def switch(mode: str):
+        def prepare(mode: str):
+            """Bring the model to ``mode``'s ledger (untimed: a round alternates modes)."""
             ledger = ledgers[mode]
             if mode == "fast" and state["fast"] is None:
                 ledgers["exact"].unmerge(adapters[state["exact"]])
@@ -121,21 +123,27 @@ def bench_dtype(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 ledgers["fast"].unmerge(adapters[state["fast"]])  # fast drift is irrelevant to timing
                 ledger.merge(adapters[0])
                 state["exact"], state["fast"] = 0, None
+
+        def switch(mode: str):
+            prepare(mode)
+            ledger = ledgers[mode]
             current = state[mode]
             ledger.switch([(adapters[current], None)], [(adapters[1 - current], None)])
             state[mode] = 1 - current
 
         ledgers["exact"].merge(adapters[0])
-        contenders = {"decode": decode, "prefill": prefill, "exact_switch": lambda: switch("exact"),
-                      "fast_switch": lambda: switch("fast")}
+        # (timed call, untimed setup before it)
+        contenders = {"decode": (decode, None), "prefill": (prefill, None),
+                      "exact_switch": (lambda: switch("exact"), lambda: prepare("exact")),
+                      "fast_switch": (lambda: switch("fast"), lambda: prepare("fast"))}
         if kernel_path() != "numpy":
-            contenders["exact_switch_numpy"] = on_path("numpy", lambda: switch("exact"))
+            contenders["exact_switch_numpy"] = (on_path("numpy", lambda: switch("exact")), lambda: prepare("exact"))
         samples: dict[str, list[float]] = {key: [] for key in contenders}
-        for fn in contenders.values():  # warm-up
-            fn()
+        for fn, setup in contenders.values():  # warm-up
+            time_median(fn, repeats=1, warmup=0, setup=setup)
         for _ in range(args.repeats):
-            for key, fn in contenders.items():
-                samples[key].append(time_median(fn, repeats=1, warmup=0))
+            for key, (fn, setup) in contenders.items():
+                samples[key].append(time_median(fn, repeats=1, warmup=0, setup=setup))
         row = {"dtype": dtype_name, "targets": label, "elements": int(elements), "rounds": args.repeats, "kernels": kernel_path(),
                **{f"{key}_s": float(np.median(v)) for key, v in samples.items()}}
         for num in ("exact_switch", "fast_switch"):

@@ -31,6 +31,12 @@ kinds) in row blocks over W's first axis, so the extra memory is a few float64 b
 float64 copy of W. A source whose merge is not additive (DoRA: W' = g ⊙ (W + Δ)) also defines
 ``merge_block(rows, W64)`` and ``unmerge_block(rows, M64)`` (float64 in, float64 out, before the
 one rounding); merge/unmerge and the exact residual then use those instead of ±Δ.
+
+The correctly rounded evaluation's elementwise work has two implementations with the same bits:
+the NumPy passes below (:func:`_bracket`, the reference, always available) and, where numba is
+installed (the ``fast`` extra), the compiled kernels of :mod:`lora_ref.kernels` (one pass per block
+for the bracket, for an exact merge's block with its residual check, and for the exact resolution
+of narrow factors). :func:`kernels_module` picks one (``LORA_REF_KERNELS``: auto, numpy, numba).
 """
 
 from __future__ import annotations
