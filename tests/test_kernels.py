@@ -282,3 +282,21 @@ def test_an_unwritable_numba_cache_still_merges(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr[-2000:]
         outputs.append(run.stdout.strip().splitlines()[-1])
     assert outputs[0] == outputs[1]
+
+
+def test_without_numba_the_numpy_path_merges(tmp_path: Path) -> None:
+    """numba hidden (``import numba`` raises): auto merges on the NumPy path with the same bits, numba is refused."""
+    script = _CACHE_SCRIPT.format(tests=str(Path(__file__).parent)).replace("is not None", "is None")
+    hidden = "import sys\nsys.modules['numba'] = None\n"
+    outputs = []
+    for choice in ("auto", "numba"):
+        env = {**os.environ, "LORA_REF_KERNELS": choice}
+        run = subprocess.run([sys.executable, "-c", hidden + script], env=env, capture_output=True, text=True, timeout=600)
+        outputs.append(run)
+    assert outputs[0].returncode == 0, outputs[0].stderr[-2000:]
+    assert outputs[1].returncode != 0 and "ConfigError" in outputs[1].stderr and "lora-ref[fast]" in outputs[1].stderr
+    env = {**os.environ, "LORA_REF_KERNELS": "numba"}
+    with_numba = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT.format(tests=str(Path(__file__).parent))], env=env,
+                                capture_output=True, text=True, timeout=600)
+    assert with_numba.returncode == 0, with_numba.stderr[-2000:]
+    assert with_numba.stdout.strip().splitlines()[-1] == outputs[0].stdout.strip().splitlines()[-1]
