@@ -147,7 +147,9 @@ def _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out
     :func:`_bracket`. Each row is bracketed into a row of codes (a loop the compiler vectorises), then
     compacted. ``kind`` as :func:`_bracket`."""
     n_rows, n_cols = base.shape[1], base.shape[2]
-    codes = np.empty(n_cols, np.uint8)
+    n_words = (n_cols + 7) // 8
+    words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
+    codes = words.view(np.uint8)
     missed = 0
     unsure = 0
     size = positions.size
@@ -163,13 +165,16 @@ def _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out
                 back, undecided_back = _decide(_widen(bits, kind), p, cross, spread, -sign, kind)
                 codes[j] = 3 if undecided else 2 if undecided_back else np.uint8(back != original)
             start = (s * n_rows + i) * n_cols
-            for j in range(n_cols):
-                code = codes[j]
-                positions[missed] = start + j  # kept where code is 1; missed + unsure ≤ this element's index < size
-                missed += code == 1
-                if code > 1:
-                    unsure += 1
-                    positions[size - unsure] = 2 * (start + j) + (code == 3)
+            for word in range(n_words):  # 8 codes at a time: most are 0
+                if words[word] == 0:
+                    continue
+                for j in range(8 * word, min(8 * word + 8, n_cols)):
+                    code = codes[j]
+                    positions[np.uint64(missed)] = start + j  # kept where code is 1; missed + unsure ≤ this index < size
+                    missed += np.int64(code == 1)
+                    if code > 1:
+                        unsure += 1
+                        positions[size - unsure] = 2 * (start + j) + (code == 3)
     return missed, unsure
 
 
