@@ -51,6 +51,9 @@ from .dtypes import bfloat16, float16, float32
 _EXPONENT_BITS = np.uint64(0x7FF0000000000000)
 _MAGNITUDE_BITS = np.uint64(0x7FFFFFFFFFFFFFFF)
 _SHIFT16 = np.uint32(16)
+#: Bit 1 of each byte of a word of :func:`_merge_step`'s codes: set where a bracket is undecided
+#: (codes 0 restored, 1 missed, 2 the unmerge's bracket undecided, 6 the merge's).
+_UNSURE_BYTES = np.uint64(0x0202020202020202)
 
 
 @njit(nogil=True, cache=True)
@@ -170,18 +173,28 @@ def _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out
                 bits, undecided = _decide(_widen(original, kind), p, cross, spread, sign, kind)
                 out[s, i, j] = bits
                 back, undecided_back = _decide(_widen(bits, kind), p, cross, spread, -sign, kind)
-                codes[j] = 3 if undecided else 2 if undecided_back else np.uint8(back != original)
+                codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(back != original)
             start = (s * n_rows + i) * n_cols
-            for word in range(n_words):  # 8 codes at a time: most are 0
-                if words[word] == 0:
+            for word in range(n_words):  # 8 codes at a time: most are 0, most others 1 (missed)
+                value = words[word]
+                if value == 0:
+                    continue
+                if value & _UNSURE_BYTES == 0:  # only 0 and 1 bytes: visit the set bits
+                    while value != 0:
+                        lowest = value & (~value + np.uint64(1))  # 2^(8·b) for the lowest byte b with a 1
+                        byte = np.int64((np.float64(lowest).view(np.uint64) >> np.uint64(52)) - np.uint64(1023)) >> 3
+                        positions[missed] = start + 8 * word + byte  # missed + unsure ≤ this element's index < size
+                        missed += 1
+                        value ^= lowest
                     continue
                 for j in range(8 * word, min(8 * word + 8, n_cols)):
                     code = codes[j]
-                    positions[np.uint64(missed)] = start + j  # kept where code is 1; missed + unsure ≤ this index < size
-                    missed += np.int64(code == 1)
-                    if code > 1:
+                    if code == 1:
+                        positions[missed] = start + j
+                        missed += 1
+                    elif code != 0:
                         unsure += 1
-                        positions[size - unsure] = 2 * (start + j) + (code == 3)
+                        positions[size - unsure] = 2 * (start + j) + (code == 6)
     return missed, unsure
 
 
