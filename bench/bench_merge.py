@@ -9,6 +9,8 @@ Measured in one run, reported as ratios:
                weight's BLAKE2b checksum (what MergeLedger does in memory)
   exact merge + digest   the same plus that checksum (what a residual file needs)
   fixed-order merge      the fixed-order/1 evaluation (files of the 0.x release), fast mode
+  ... (NumPy path)       fast and exact merge with LORA_REF_KERNELS=numpy, where the numba kernels
+                         (lora_ref/kernels.py, the ``fast`` extra) run the others: the same bits
 and the residual's size (elements, % of W, bytes). Times are medians of --repeats runs after a
 warm-up, in rounds that time every contender once each (bench/common.time_median). Usage:
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_median, write_results  # noqa: E402
+from common import kernel_path, markdown_table, on_path, time_median, write_results  # noqa: E402
 import readme  # noqa: E402
 
 from lora_ref.dtypes import STORAGE_DTYPES, round_to  # noqa: E402
@@ -80,6 +82,10 @@ def bench_dtype(name: str, size: int, rank: int, alpha: int, repeats: int, with_
         "fixed_order_merge": (lambda: merge(W, delta, out=out, semantics=FIXED_ORDER), None),
         "exact_unmerge": (lambda: unmerge(exact.weight, delta, residual=exact.residual, out=out), None),
     }
+    path = kernel_path()
+    if path != "numpy":
+        contenders["fast_merge_numpy"] = (on_path("numpy", contenders["fast_merge"][0]), None)
+        contenders["exact_merge_numpy"] = (on_path("numpy", contenders["exact_merge"][0]), None)
     if with_peft:
         contenders["peft_merge"] = (layer.merge, reset_peft)
     # Rounds: every contender once per round, in turn, so load changes on a shared machine hit
@@ -91,12 +97,14 @@ def bench_dtype(name: str, size: int, rank: int, alpha: int, repeats: int, with_
         for key, (fn, setup) in contenders.items():
             samples[key].append(time_median(fn, repeats=1, warmup=0, setup=setup))
     row = {
-        "dtype": name, "size": size, "rank": rank, "rounds": repeats,
+        "dtype": name, "size": size, "rank": rank, "rounds": repeats, "kernels": path,
         **{f"{key}_s": float(np.median(values)) for key, values in samples.items()},
         "residual_elements": exact.residual.count, "residual_share": exact.residual.count / W.size,
         "residual_bytes": exact.residual.nbytes, "weight_bytes": W.nbytes,
     }
     pairs = [("fast_merge", "copy"), ("exact_merge", "copy"), ("exact_merge", "fast_merge")]
+    if path != "numpy":
+        pairs += [("fast_merge", "fast_merge_numpy"), ("exact_merge", "exact_merge_numpy")]
     if with_peft:
         import torch
 
@@ -129,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     header = ["dtype", "copy", "PEFT merge", "fast merge", "exact merge", "fast / copy", "exact / copy"]
     if with_peft:
         header += ["fast / PEFT", "exact / PEFT", "exact + digest / PEFT", "fixed-order fast / PEFT"]
+    numpy_column = "exact_merge_numpy_s" in rows[0]
+    if numpy_column:
+        header += ["fast, exact (NumPy path)"]
     header += ["exact / fast", "residual elements (% of W)", "residual size (% of W's bytes)"]
     table = []
     for row in rows:
@@ -139,17 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         if with_peft:
             cells += [f"{row['fast_merge/peft_merge']:.2f}x", f"{row['exact_merge/peft_merge']:.2f}x",
                       f"{row['exact_merge_digest/peft_merge']:.2f}x", f"{row['fixed_order_merge/peft_merge']:.2f}x"]
+        if numpy_column:
+            cells += [f"{row['fast_merge_numpy_s'] * 1e3:.0f}, {row['exact_merge_numpy_s'] * 1e3:.0f} ms"]
         cells += [f"{row['exact_merge/fast_merge']:.2f}x",
                   f"{row['residual_elements']} ({row['residual_share']:.2%})",
                   f"{row['residual_bytes'] / 2**20:.1f} MiB ({row['residual_bytes'] / row['weight_bytes']:.1%})"]
         table.append(cells)
     text = markdown_table(header, table)
-    print(f"Merge of a {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha}: medians of "
+    print(f"Merge of a {args.size}x{args.size} weight, r={args.rank}, alpha={args.alpha}, {rows[0]['kernels']} path: medians of "
           f"{args.repeats} rounds; a ratio is the median of per-round ratios (lower = ours faster)")
     print(text)
     command = "python bench/bench_merge.py " + " ".join(argv or sys.argv[1:])
-    path = write_results("merge", {"command": command, "alpha": args.alpha, "merge_threads": merge_threads(), "rows": rows,
-                                   "table": text})
+    path = write_results("merge", {"command": command, "alpha": args.alpha, "merge_threads": merge_threads(),
+                                   "kernels": rows[0]["kernels"], "rows": rows, "table": text})
     print(f"wrote {path}")
     print(f"wrote {readme.write()}")
     return 0

@@ -5,9 +5,11 @@ A random HF Llama built from a config (no download; default hidden 1024, 8 layer
 are NumPy views of the torch parameters, so a :class:`lora_ref.ledger.MergeLedger` switch rewrites
 the very weights torch runs. Two r=16 adapters (random A and B) on the q_proj+v_proj targets or on
 every Linear of the decoder layers; one switch is ``ledger.switch([(old, None)], [(new, None)])``:
-exact mode (unmerge with the residual, merge, new residual, one pass per weight) and fast mode.
+exact mode (unmerge with the residual, merge, new residual, one pass per weight) and fast mode (each
+timed from its own ledger's state: bringing the model from one mode's ledger to the other's is untimed).
 
-Peers, in the same run and on the same threads (torch.get_num_threads(), the merge's MAX_THREADS;
+The merge runs the numba kernels (lora_ref/kernels.py) where numba is installed, and the table has the
+exact switch on the NumPy path (LORA_REF_KERNELS=numpy) beside it. Peers, in the same run and on the same threads (torch.get_num_threads(), the merge's MAX_THREADS;
 OMP_WAIT_POLICY=PASSIVE unless set, so idle OpenMP workers do not spin):
   decode    one token at batch 1 after a 128-token prompt (KV cache), torch.inference_mode
   prefill   a 128-token prompt at batch 1, no cache
@@ -35,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_median, write_results  # noqa: E402
+from common import kernel_path, markdown_table, on_path, time_median, write_results  # noqa: E402
 import readme  # noqa: E402
 
 from lora_ref.adapter import Adapter, LoraModule  # noqa: E402
@@ -110,7 +112,8 @@ def bench_dtype(args: argparse.Namespace, dtype_name: str) -> list[dict]:
         ledgers = {"exact": MergeLedger(weights, exact=True), "fast": MergeLedger(weights, exact=False)}
         state = {"exact": 0, "fast": None}
 
-        def switch(mode: str):
+        def prepare(mode: str):
+            """Bring the model to ``mode``'s ledger (untimed: a round alternates modes)."""
             ledger = ledgers[mode]
             if mode == "fast" and state["fast"] is None:
                 ledgers["exact"].unmerge(adapters[state["exact"]])
@@ -120,20 +123,28 @@ def bench_dtype(args: argparse.Namespace, dtype_name: str) -> list[dict]:
                 ledgers["fast"].unmerge(adapters[state["fast"]])  # fast drift is irrelevant to timing
                 ledger.merge(adapters[0])
                 state["exact"], state["fast"] = 0, None
+
+        def switch(mode: str):
+            prepare(mode)
+            ledger = ledgers[mode]
             current = state[mode]
             ledger.switch([(adapters[current], None)], [(adapters[1 - current], None)])
             state[mode] = 1 - current
 
         ledgers["exact"].merge(adapters[0])
-        contenders = {"decode": decode, "prefill": prefill, "exact_switch": lambda: switch("exact"),
-                      "fast_switch": lambda: switch("fast")}
+        # (timed call, untimed setup before it)
+        contenders = {"decode": (decode, None), "prefill": (prefill, None),
+                      "exact_switch": (lambda: switch("exact"), lambda: prepare("exact")),
+                      "fast_switch": (lambda: switch("fast"), lambda: prepare("fast"))}
+        if kernel_path() != "numpy":
+            contenders["exact_switch_numpy"] = (on_path("numpy", lambda: switch("exact")), lambda: prepare("exact"))
         samples: dict[str, list[float]] = {key: [] for key in contenders}
-        for fn in contenders.values():  # warm-up
-            fn()
+        for fn, setup in contenders.values():  # warm-up
+            time_median(fn, repeats=1, warmup=0, setup=setup)
         for _ in range(args.repeats):
-            for key, fn in contenders.items():
-                samples[key].append(time_median(fn, repeats=1, warmup=0))
-        row = {"dtype": dtype_name, "targets": label, "elements": int(elements), "rounds": args.repeats,
+            for key, (fn, setup) in contenders.items():
+                samples[key].append(time_median(fn, repeats=1, warmup=0, setup=setup))
+        row = {"dtype": dtype_name, "targets": label, "elements": int(elements), "rounds": args.repeats, "kernels": kernel_path(),
                **{f"{key}_s": float(np.median(v)) for key, v in samples.items()}}
         for num in ("exact_switch", "fast_switch"):
             for den in ("decode", "prefill"):
@@ -167,15 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in args.dtypes for row in bench_dtype(args, name)]
     header = ["dtype", "targets", "weights switched", "decode step", "128-token prefill", "exact switch", "fast switch",
               "exact / decode", "exact / prefill", "fast / decode", "fast / prefill"]
+    numpy_column = all("exact_switch_numpy_s" in r for r in rows)
+    header += ["exact switch (NumPy path)"] if numpy_column else []
     table = markdown_table(header, [
         [r["dtype"], r["targets"], f"{r['elements'] / 1e6:.1f} M", f"{r['decode_s'] * 1e3:.1f} ms",
          f"{r['prefill_s'] * 1e3:.0f} ms", f"{r['exact_switch_s'] * 1e3:.0f} ms", f"{r['fast_switch_s'] * 1e3:.0f} ms",
          f"{r['exact_switch/decode']:.2f}x", f"{r['exact_switch/prefill']:.2f}x",
-         f"{r['fast_switch/decode']:.2f}x", f"{r['fast_switch/prefill']:.2f}x"] for r in rows])
+         f"{r['fast_switch/decode']:.2f}x", f"{r['fast_switch/prefill']:.2f}x"]
+        + ([f"{r['exact_switch_numpy_s'] * 1e3:.0f} ms"] if numpy_column else []) for r in rows])
     command = "python bench/bench_switch.py " + " ".join(argv if argv is not None else sys.argv[1:])
     model = (f"random Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
              f"intermediate {args.intermediate}, vocab {args.vocab}; r={args.rank}; torch threads {torch.get_num_threads()}, "
-             f"merge threads {merge_module.MAX_THREADS}")
+             f"merge threads {merge_module.MAX_THREADS}, {kernel_path()} path")
     print(model)
     print(table)
     path = write_results("switch", {"command": command, "model": model, "rows": rows, "table": table})

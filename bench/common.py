@@ -43,6 +43,28 @@ def time_median(
     return statistics.median(samples)
 
 
+def kernel_path() -> str:
+    """Which evaluation lora-ref's correctly rounded merge runs here: "numba" (lora_ref/kernels.py) or "numpy"."""
+    import importlib
+
+    return "numpy" if importlib.import_module("lora_ref.merge").kernels_module() is None else "numba"
+
+
+def on_path(choice: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with LORA_REF_KERNELS=choice ("numpy": the reference path, for a column beside the kernels')."""
+    def run() -> object:
+        saved = os.environ.get("LORA_REF_KERNELS")
+        os.environ["LORA_REF_KERNELS"] = choice
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["LORA_REF_KERNELS"]
+            else:
+                os.environ["LORA_REF_KERNELS"] = saved
+    return run
+
+
 def machine_info() -> dict[str, Any]:
     """Where a benchmark ran: enough to tell two result files apart."""
     import numpy as np

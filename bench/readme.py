@@ -134,6 +134,7 @@ def merge(result: Result) -> list[str]:
     row = result["rows"][0]
     alpha = f", alpha={result['alpha']}" if "alpha" in result else ""
     threads = f", merge threads {result['merge_threads']}" if "merge_threads" in result else ""
+    threads += f", {result['kernels']} path (lora_ref/kernels.py)" if "kernels" in result else ""
     return [f"`{command(result, 'python bench/bench_merge.py')}`: one {row['size']}x{row['size']} weight, "
             f"r={row['rank']}{alpha}, medians of {row['rounds']} rounds, a ratio is the median of per-round ratios "
             f"(lower = ours faster); torch threads {row.get('torch_threads', '-')}{threads}. Goals: exact merge ≤ 1.0x "

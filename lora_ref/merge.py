@@ -31,6 +31,12 @@ kinds) in row blocks over W's first axis, so the extra memory is a few float64 b
 float64 copy of W. A source whose merge is not additive (DoRA: W' = g ⊙ (W + Δ)) also defines
 ``merge_block(rows, W64)`` and ``unmerge_block(rows, M64)`` (float64 in, float64 out, before the
 one rounding); merge/unmerge and the exact residual then use those instead of ±Δ.
+
+The correctly rounded evaluation's elementwise work has two implementations with the same bits:
+the NumPy passes below (:func:`_bracket`, the reference, always available) and, where numba is
+installed (the ``fast`` extra), the compiled kernels of :mod:`lora_ref.kernels` (one pass per block
+for the bracket, for an exact merge's block with its residual check, and for the exact resolution
+of narrow factors). :func:`kernels_module` picks one (``LORA_REF_KERNELS``: auto, numpy, numba).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from .dtypes import (
-    SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
+    BITS_VIEW, SMALLEST_NORMAL, SMALLEST_SUBNORMAL, UNIT_ROUNDOFF, bfloat16, bits_of, check_float_array, float32, float64, narrow_view,
     round_scalar, round_to, round_to_grid, store_exact, widen_to_float32,
 )
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
@@ -61,9 +67,17 @@ BLOCK_BYTES = 1024 * 1024
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
 THREAD_BLOCK_BYTES = 256 * 1024
+#: The same for the numba kernels (lora_ref/kernels.py), which keep fewer temporaries (the product, the
+#: output and the found positions) and have more per-block overhead to amortise than arithmetic per byte
+#: (bench/bench_merge.py: 512 KiB to 1 MiB blocks were faster than 256 KiB ones).
+KERNEL_THREAD_BLOCK_BYTES = 1024 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
 GEMM_CHUNK = 2**18
+#: Smallest block the numba kernels take under LORA_REF_KERNELS=auto: below, NumPy's passes cost tens of
+#: microseconds, less than numba's import and first call (about a second in a fresh process: a command
+#: on a small model never pays it).
+AUTO_KERNEL_ELEMENTS = 4096
 #: Most threads a merge uses. Every element's value is fixed by the semantics, whatever thread
 #: computes its block, so the result is bitwise the same for any thread count.
 MAX_THREADS = min(8, os.cpu_count() or 1)
@@ -218,14 +232,15 @@ def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...
     ``block_bytes`` whatever the thread count and the number of blocks.
     """
     row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+    thread_block = THREAD_BLOCK_BYTES if kernels_module(math.prod(shape)) is None else KERNEL_THREAD_BLOCK_BYTES
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
     # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
     # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
-    step = block_rows(shape, max(1, min(block_bytes // threads, THREAD_BLOCK_BYTES)))
+    step = block_rows(shape, max(1, min(block_bytes // threads, thread_block)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
         workspace = _Workspace()
-        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, THREAD_BLOCK_BYTES)))]
+        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, thread_block)))]
     local = threading.local()
 
     def run(rows: slice) -> _T:
@@ -374,9 +389,14 @@ def _resolve_exactly(plan: _Product, rows: slice, base: np.ndarray, sign: float,
     at a time in Python (a block has a few undecided elements; array calls on them would cost
     more): :func:`_exact_by_fsum` for float32/16/bf16 factors, integers otherwise.
     """
+    sigma = sign * plan.scale
+    kernels = kernels_module(base.size) if plan.narrow else None
+    if kernels is not None:  # the same arithmetic in one compiled loop (lora_ref/kernels.py)
+        kernels.RESOLVE[base.dtype](bits_of(base), out.view(BITS_VIEW[out.dtype]), positions.astype(np.int64, copy=False),
+                                    plan.left, plan.right, rows.start, sigma, plan.zero_rows, plan.zero_cols)
+        return
     n_cols = base.shape[1]
     out_flat, out_bits, base_bits, flat_base = out.reshape(-1), bits_of(out).reshape(-1), bits_of(base).reshape(-1), base.reshape(-1)
-    sigma = sign * plan.scale
     scale_int = None if plan.narrow else _exact_int(sigma)
     for p in positions.tolist():
         i, j = divmod(p, n_cols)
@@ -471,6 +491,48 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     return out, product if keep else None
 
 
+def kernels_module(elements: int = AUTO_KERNEL_ELEMENTS):
+    """:mod:`lora_ref.kernels` if the numba kernels are to run on a block of ``elements``, else None (the
+    NumPy reference path).
+
+    ``LORA_REF_KERNELS`` (read on every call): ``auto`` (default) uses them where numba imports and the
+    block has at least :data:`AUTO_KERNEL_ELEMENTS` elements, ``numpy`` never, ``numba`` always (a
+    ConfigError where numba is missing). Both paths give the same bits (lora_ref/kernels.py says why;
+    tests/test_kernels.py checks it).
+    """
+    choice = os.environ.get("LORA_REF_KERNELS", "auto")
+    if choice == "numpy" or (choice == "auto" and elements < AUTO_KERNEL_ELEMENTS):
+        return None
+    if choice not in ("auto", "numba"):
+        raise ConfigError(f"LORA_REF_KERNELS={choice[:40]!r}: expected auto, numpy or numba")
+    if _KERNELS[0] is None:
+        try:
+            from . import kernels
+        except ImportError as exc:  # numba is an optional accelerator
+            _KERNELS[:] = [False, f"{type(exc).__name__}: {exc}"]
+        else:
+            _KERNELS[:] = [kernels, None]
+    if _KERNELS[0] is False and choice == "numba":
+        raise ConfigError(f"LORA_REF_KERNELS=numba but the numba kernels do not import ({_KERNELS[1]}); "
+                          "install lora-ref[fast] or set LORA_REF_KERNELS=auto")
+    return _KERNELS[0] or None
+
+
+#: [lora_ref.kernels, None] once imported, [False, why] where it does not import, [None, None] before the first try.
+_KERNELS: list = [None, None]
+
+
+def _kernel_args(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray,
+                 out: np.ndarray) -> tuple:
+    """(base bits, product, λ, ρ, out bits) as the kernels take them: [k, n, c] blocks, [k, n] and [k, c] norms."""
+    n, c = base.shape[-2:]
+    bits = lambda a: np.ascontiguousarray(a).reshape(-1, n, c).view(BITS_VIEW[a.dtype])  # noqa: E731
+    if not out.flags.c_contiguous:
+        raise ValueError("the kernels write a contiguous out block")  # a bug: every caller passes workspace memory
+    return (bits(base), np.ascontiguousarray(product).reshape(-1, n, c), np.ascontiguousarray(left_norms).reshape(-1, n),
+            np.ascontiguousarray(right_norms).reshape(-1, c), out.reshape(-1, n, c).view(BITS_VIEW[out.dtype]))
+
+
 def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray, spread: float,
              sign: float, workspace: _Workspace, out: np.ndarray, keep: bool) -> np.ndarray:
     """``out`` := RN_t of the low end of y ± E, with y = fl(base ± product); returns where that is
@@ -489,6 +551,13 @@ def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, righ
     in E's memory); narrower scratch arrays are views of memory no longer needed at that point.
     """
     shape, dtype = base.shape, base.dtype
+    kernels = kernels_module(base.size)
+    if kernels is not None:  # one fused pass, bitwise the NumPy passes below
+        undecided = workspace.get("undecided", shape, np.dtype(bool))
+        base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, left_norms, right_norms, out)
+        kernels.BRACKET[dtype](base_bits, product, left_norms, right_norms, spread, sign, out_bits,
+                               undecided.reshape(base_bits.shape))
+        return undecided
     low = workspace.get("low", shape, float64)
     high = workspace.get("high", shape, float64)
     wide = base if dtype == float32 else widen_to_float32(base, narrow_view(low, float32))
@@ -576,14 +645,47 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
     """(merged block, (flat indices, original values) where unmerge misses W, in exact mode).
 
     ``out`` (like original, not original) may receive the merged block (:meth:`_Step.apply`)."""
-    merged, delta64 = step.apply(rows, original, workspace, out, keep=exact)
-    if not exact:
-        return merged, None
-    restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
-    missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
-    positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
+    kernels = kernels_module(original.size) if exact and step.plan is not None else None
+    if kernels is not None:
+        merged, positions = _fused_merge_block(kernels, step, rows, original, workspace, out)
+    else:
+        merged, delta64 = step.apply(rows, original, workspace, out, keep=exact)
+        if not exact:
+            return merged, None
+        restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
+        missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
+        positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
     flat = positions.astype(np.int64) + rows.start * flat_row
     return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
+
+
+def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, workspace: _Workspace,
+                       out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``out`` := the correctly rounded merged block, the flat positions in the block where the
+    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels._merge_step`'s one
+    pass, then the elements it leaves undecided resolved exactly (the merge's, then the unmerge's of
+    those and of the elements whose unmerge alone is undecided). Bitwise what :meth:`_Step.apply` and
+    :meth:`_Step.undo` give: both are the correctly rounded values (SPEC 3.2)."""
+    plan, sign = step.plan, step.sign
+    base, merged = original.reshape(original.shape[0], -1), out.reshape(original.shape[0], -1)
+    product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
+    found = workspace.get("positions", (base.size,), np.dtype(np.int64))
+    base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, plan.left_norms[rows],
+                                                                         plan.right_norms, merged)
+    n_missed, n_unsure = kernels.MERGE_STEP[base.dtype](base_bits, product, plan.scale, left_norms, right_norms,
+                                                        plan.spread, sign, out_bits, found)
+    positions = found[:n_missed]
+    if n_unsure:
+        coded = found[found.size - n_unsure:]
+        unsure = np.sort(coded >> 1)
+        undecided = np.sort(coded[(coded & 1) == 1] >> 1)
+        if undecided.size:
+            _resolve_exactly(plan, rows, base, sign, undecided, merged)
+        restored = workspace.get("restored", base.shape, base.dtype)
+        _resolve_exactly(plan, rows, merged, -sign, unsure, restored)
+        missed = unsure[bits_of(restored).reshape(-1)[unsure] != bits_of(base).reshape(-1)[unsure]]
+        positions = np.insert(positions, np.searchsorted(positions, missed), missed)  # both increasing
+    return out, positions
 
 
 def _patch(block: np.ndarray, residual: Residual, rows: slice, flat_row: int) -> None:

@@ -35,3 +35,14 @@ def torch():
     assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
     torch.manual_seed(0)
     return torch
+
+
+@pytest.fixture(scope="module", params=["numpy", "numba"])
+def kernel_path(request: pytest.FixtureRequest):
+    """Run a module's tests on both evaluations of the correctly rounded merge (LORA_REF_KERNELS): the
+    NumPy reference and the numba kernels (skipped without numba, failed under LORA_REF_REQUIRE_PEERS=1)."""
+    if request.param == "numba":
+        require_peer("numba")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_REF_KERNELS", request.param)
+        yield request.param

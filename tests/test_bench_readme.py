@@ -71,6 +71,7 @@ def test_sections_need_only_what_the_scripts_record(tmp_path):
     results = _copy_results(tmp_path)
     merge = json.loads((results / "merge.json").read_text())
     merge.update(alpha=32, merge_threads=2)
+    merge.pop("kernels", None)
     (results / "merge.json").write_text(json.dumps(merge))
     matching = json.loads((results / "matching.json").read_text())
     matching["rows"][-1]["cpu_s"] = 19.25
@@ -78,6 +79,9 @@ def test_sections_need_only_what_the_scripts_record(tmp_path):
     text = readme.render(results)
     assert "r=16, alpha=32, medians" in text and "merge threads 2." in text
     assert f"{readme._number(matching['rows'][-1]['lora_ref_s'])} wall, 19.2 CPU" in text
+    merge["kernels"] = "numba"
+    (results / "merge.json").write_text(json.dumps(merge))
+    assert "merge threads 2, numba path (lora_ref/kernels.py)." in readme.render(results)
 
 
 def test_a_results_file_without_table_or_renderer_is_refused(tmp_path):

@@ -22,6 +22,8 @@ from lora_ref.merge import fast_roundtrip_bound
 
 from helpers import ErrorLog
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # on the NumPy and the numba evaluation (conftest.py)
+
 STORAGE = ["float32", "float16", "bfloat16"]
 LAYERS = {"blocks.0.attn.q_proj": (24, 16), "blocks.0.mlp.up_proj": (32, 24), "blocks.1.attn.q_proj": (24, 16)}
 CYCLES = 1000

@@ -74,6 +74,18 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One merge and unmerge of each kind before any measurement: importing numba and loading (or
+    compiling) the kernels of lora_ref/kernels.py allocate tens of MiB once per process, not per tensor."""
+    folder = tmp_path_factory.mktemp("warm")
+    for dtype in (None, "bfloat16"):
+        merge_checkpoint(checkpoint, _adapter(), folder / "m.st", residual_path=folder / "r.st", dtype=dtype, block_bytes=BLOCK)
+        unmerge_checkpoint(folder / "m.st", _adapter(), folder / "b.st", residual_path=folder / "r.st", block_bytes=BLOCK)
+        merge_checkpoint(checkpoint, _adapter(), folder / "f.st", dtype=dtype, block_bytes=BLOCK)
+        unmerge_checkpoint(folder / "f.st", _adapter(), folder / "g.st", block_bytes=BLOCK)
+
+
 def _peak(call) -> tuple[int, object]:
     """Peak heap bytes above the start while ``call()`` runs, and its result (one-time imports done first)."""
     kinds()  # imports the built-in kinds' modules now, outside the measurement (module docstring)

@@ -21,6 +21,8 @@ from lora_ref.numerics import exact, gamma, to_float
 
 from helpers import error_log, exact_case, finite_max, linear_cases, oracle_of
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # on the NumPy and the numba evaluation (conftest.py)
+
 STORAGE = ["float32", "float16", "bfloat16"]
 U64 = UNIT_ROUNDOFF[float64]
 LOG, _print_errors = error_log("Merge numerics")

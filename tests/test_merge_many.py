@@ -29,6 +29,8 @@ from lora_ref.errors import LoraRefError
 from lora_ref.linear import LinearDelta
 from lora_ref.safetensors_io import save_file
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # on the NumPy and the numba evaluation (conftest.py)
+
 merge_module = importlib.import_module("lora_ref.merge")  # the attribute lora_ref.merge is the function
 merge, merge_many = merge_module.merge, merge_module.merge_many
 STORAGE = ["float32", "float16", "bfloat16"]

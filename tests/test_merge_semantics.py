@@ -33,6 +33,8 @@ from lora_ref.linear import LinearBiasDelta, LinearDelta
 from lora_ref.safetensors_io import SafetensorsFile
 from helpers import ErrorLog
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # on the NumPy and the numba evaluation (conftest.py)
+
 merge_module = importlib.import_module("lora_ref.merge")  # the attribute lora_ref.merge is the function
 merge, unmerge = merge_module.merge, merge_module.unmerge
 STORAGE = ["float32", "float16", "bfloat16"]
@@ -212,6 +214,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from test_merge_semantics import _random_case
 from lora_ref.dtypes import bits_of
+
 m = importlib.import_module("lora_ref.merge")
 m.MAX_THREADS = int(sys.argv[1])
 m.GEMM_CHUNK = int(sys.argv[2])  # large: OpenBLAS splits one GEMM over its own threads

@@ -1,0 +1,379 @@
+"""Optional numba kernels of the correctly rounded merge's elementwise work (``pip install lora-ref[fast]``).
+
+:func:`lora_ref.merge._bracket` is the reference: about a dozen NumPy passes over float64 blocks
+per bracket. The kernels here do the same float64 operations, in the same order, on one element
+at a time in one pass, so their results are *bitwise* those of the NumPy path (merged weights,
+residuals and undecided masks; tests/test_kernels.py checks it on adversarial values), at memory
+speed:
+
+:func:`_bracket`
+    y = fl(w ± p); E = fl(fl(λ_i·ρ_j) + fl(|y|·4u)); the ends fl(y − E), fl(y + E) rounded to t;
+    undecided where the rounded ends differ (bits for float32; values for float16/bfloat16, whose
+    rounded 0 is undecided too: its sign needs the exact sum), NaN included. float16 and bfloat16
+    round with :func:`lora_ref.dtypes.round_to_grid`'s formula (c = 1.5·2^(max(e, e_min) + 53 − p),
+    fl(fl(x + c) − c)) and store with :func:`lora_ref.dtypes.store_exact`'s bit moves; NumPy's
+    ``normal`` shortcut only skips the max(e, e_min) where it provably changes nothing, so the
+    kernel always takes it.
+:func:`_merge_step`
+    an exact merge's block in one pass: the merge's bracket, the bracket of the residual's unmerge
+    on the merged value (same product, opposite sign) and the bitwise comparison with W; the flat
+    positions the residual keeps and those either bracket leaves undecided come back compacted (the
+    caller resolves the latter exactly). Both brackets give correctly rounded values wherever they
+    decide, so the merged block and the residual are the NumPy path's, bit for bit.
+:func:`_resolve`
+    the exact value of undecided elements for float32/16/bfloat16 factors: the arithmetic of
+    :func:`lora_ref.merge._exact_by_fsum` (exact float64 products, Dekker's product by the scale),
+    its sums kept as an exact non-overlapping expansion (Shewchuk's, as math.fsum keeps them),
+    rounded to odd into float64 and then to t: about 0.2 µs an element where Python takes about 11
+    (r = 16; a bfloat16 merge of 16 M elements leaves a few thousand undecided: mostly exact ties).
+
+No fastmath and no FMA contraction (numba's default: LLVM contracts nothing without fast-math
+flags): every float64 operation is one IEEE operation, rounded to nearest. The kernels release
+the GIL (``nogil``), so :func:`lora_ref.merge._map_row_blocks`' threads run them in parallel, and
+are compiled lazily, for the signatures used, into numba's on-disk cache (``cache=True``; where the
+cache directory is not writable numba compiles in memory and says nothing).
+
+Shapes: ``[k, n, c]`` blocks (k stacked weights, n rows, c columns), norms ``[k, n]`` and ``[k, c]``.
+Weights travel as their bits: uint32 for float32, uint16 for float16/bfloat16; :data:`BRACKET`,
+:data:`MERGE_STEP` and :data:`RESOLVE` hold the kernels of each dtype (``kind`` 0, 1, 2 compiled in).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .dtypes import bfloat16, float16, float32
+
+
+_EXPONENT_BITS = np.uint64(0x7FF0000000000000)
+_MAGNITUDE_BITS = np.uint64(0x7FFFFFFFFFFFFFFF)
+_SHIFT16 = np.uint32(16)
+#: Bit 1 of each byte of a word of :func:`_merge_step`'s codes: set where a bracket is undecided
+#: (codes 0 restored, 1 missed, 2 the unmerge's bracket undecided, 6 the merge's).
+_UNSURE_BYTES = np.uint64(0x0202020202020202)
+
+
+@njit(nogil=True, cache=True)
+def _widen(bits, kind):
+    """The float64 value of one weight element given by its bits (exact; NaN stays NaN, its payload
+    aside). float16 by its fields: a normal's exponent rebiased by 127 − 15 = 112 into float32's bits
+    (twice for ±inf and NaN, whose exponent is all ones), a subnormal as fraction·2^-24; bitwise
+    NumPy's widening for every non-NaN pattern (tests/test_kernels.py checks all 2^16)."""
+    if kind == 0:
+        return np.float64(np.uint32(bits).view(np.float32))
+    if kind == 1:
+        half = np.uint32(bits)
+        magnitude = np.uint32(half & np.uint32(0x7FFF))
+        single = np.uint32(np.uint32(magnitude << np.uint32(13)) + np.uint32(112 << 23))  # normal: exponent + 127 − 15
+        single = np.uint32(single + np.uint32(112 << 23)) if magnitude >= np.uint32(0x7C00) else single  # ±inf, NaN
+        single = np.uint32(single | np.uint32(np.uint32(half & np.uint32(0x8000)) << _SHIFT16))
+        subnormal = np.float64(np.int32(magnitude)) * 2.0**-24
+        subnormal = -subnormal if half >= np.uint32(0x8000) else subnormal
+        return subnormal if magnitude < np.uint32(0x400) else np.float64(single.view(np.float32))
+    return np.float64(np.uint32(np.uint32(bits) << _SHIFT16).view(np.float32))
+
+
+@njit(nogil=True, cache=True)
+def _grid(x, kind):
+    """RN_t(x) as a float64 value for t float16 (kind 1) or bfloat16 (2): round_to_grid's formula, NaN
+    for ±inf and NaN (c = inf), +0 for a rounded 0."""
+    if kind == 1:
+        spacing, floor = 1.5 * 2.0 ** (53 - 11), 1.5 * 2.0 ** (-14 + 53 - 11)
+    else:
+        spacing, floor = 1.5 * 2.0 ** (53 - 8), 1.5 * 2.0 ** (-126 + 53 - 8)
+    c = np.uint64(np.float64(x).view(np.uint64) & _EXPONENT_BITS).view(np.float64) * spacing
+    c = c if c >= floor else floor  # np.maximum: c is never NaN (±inf, NaN x: c = inf)
+    return (x + c) - c
+
+
+@njit(nogil=True, cache=True)
+def _store(value, kind):
+    """t's bits for ``value`` as :func:`lora_ref.dtypes.store_exact` makes them, in a uint32 (16-bit bits
+    in its low half): float32 rounds any float64; float16 and bfloat16 take a value of t's grid or one
+    beyond t's range (then ±inf; NaN gives float16's infinity pattern, as store_exact does).
+
+    float16 from the float64 bits b of v: where |v| ≥ 2^-14 (and for NaN), (b's magnitude >> 42) −
+    (1023 − 15)·2^10 is float16's biased exponent and 10 fraction bits (v is on the grid: the bits
+    below are 0), clamped to 0x7C00 past the range; below, the subnormal's bits are |v|·2^24 (an integer);
+    the sign is b's top bit moved to bit 15. Bitwise store_exact's v·2^-112 through float32 (which
+    lands on float32's subnormals, slow on x86) for every such v."""
+    if kind == 0:
+        return np.float32(value).view(np.uint32)
+    if kind == 2:
+        return np.uint32(np.float32(value).view(np.uint32) >> _SHIFT16)
+    bits = np.float64(value).view(np.uint64)
+    magnitude = abs(value)
+    normal = np.int64(np.uint64(bits & _MAGNITUDE_BITS) >> np.uint64(42)) - np.int64(1008 << 10)
+    # |v|·2^24 < 2^10 is an integer: the low bits of fl(|v|·2^24 + 2^52) (no float-to-int conversion,
+    # which the compiler cannot vectorise)
+    subnormal = np.int64(np.float64(magnitude * 2.0**24 + 2.0**52).view(np.uint64) & np.uint64(0x3FF))
+    half = subnormal if magnitude < 2.0**-14 else min(normal, np.int64(0x7C00))
+    return np.uint32(half | np.int64(np.uint64(bits >> np.uint64(48)) & np.uint64(0x8000)))
+
+
+@njit(nogil=True, cache=True)
+def _decide(w, p, cross, spread, sign, kind):
+    """(the low end fl(y − E) rounded to t, as t's bits; undecided) for y = fl(w ± p), E = fl(cross + fl(|y|·spread))."""
+    y = w + p if sign > 0 else w - p
+    bound = cross + abs(y) * spread
+    high = y + bound
+    low = y - bound
+    if kind == 0:
+        low_bits = np.float32(low).view(np.uint32)
+        high32 = np.float32(high)
+        return low_bits, low_bits != high32.view(np.uint32) or np.isnan(high32)
+    low = _grid(low, kind)
+    high = _grid(high, kind)
+    return _store(low, kind), not (low == high) or low == 0.0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, kind):
+    """out := the bits of RN_t(fl(y − E)), undecided := where that may not be RN_t(base ± s·L R)
+    (module doc); base, out: weight bits [k, n, c]; product float64 [k, n, c]; undecided bool [k, n, c];
+    ``kind`` (0 float32, 1 float16, 2 bfloat16) is a constant of each caller (:data:`BRACKET`)."""
+    for s in range(base.shape[0]):
+        for i in range(base.shape[1]):
+            left = left_norms[s, i]
+            for j in range(base.shape[2]):
+                bits, unsure = _decide(_widen(base[s, i, j], kind), product[s, i, j], left * right_norms[s, j],
+                                       spread, sign, kind)
+                out[s, i, j] = bits
+                undecided[s, i, j] = unsure
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, kind):
+    """The exact merge of a block in one pass; returns (m, u).
+
+    out := merge's bracket (as :func:`_bracket`); then, for the merged value, the bracket of the
+    residual's unmerge (same product, opposite sign). ``positions`` (int64, one per element) gets, at
+    [0, m), the flat positions (increasing) where the unmerge decides and misses base's bits; at
+    [size − u, size), those where a bracket does not decide, as 2·position + 1 where the merge's does
+    not (its ``out`` is to be resolved too), 2·position where only the unmerge's does not. Shapes as
+    :func:`_bracket`. Each row is bracketed into a row of codes (a loop the compiler vectorises), then
+    compacted. ``kind`` as :func:`_bracket`."""
+    n_rows, n_cols = base.shape[1], base.shape[2]
+    n_words = (n_cols + 7) // 8
+    words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
+    codes = words.view(np.uint8)
+    missed = 0
+    unsure = 0
+    size = positions.size
+    for s in range(base.shape[0]):
+        for i in range(n_rows):
+            left = left_norms[s, i]
+            for j in range(n_cols):
+                original = base[s, i, j]
+                p = product[s, i, j] * scale  # fl(L R)·s: the NumPy path's ``product *= scale``
+                cross = left * right_norms[s, j]
+                bits, undecided = _decide(_widen(original, kind), p, cross, spread, sign, kind)
+                out[s, i, j] = bits
+                back, undecided_back = _decide(_widen(bits, kind), p, cross, spread, -sign, kind)
+                codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(back != original)
+            start = (s * n_rows + i) * n_cols
+            for word in range(n_words):  # 8 codes at a time: most are 0, most others 1 (missed)
+                value = words[word]
+                if value == 0:
+                    continue
+                if value & _UNSURE_BYTES == 0:  # only 0 and 1 bytes: visit the set bits
+                    while value != 0:
+                        lowest = value & (~value + np.uint64(1))  # 2^(8·b) for the lowest byte b with a 1
+                        byte = np.int64((np.float64(lowest).view(np.uint64) >> np.uint64(52)) - np.uint64(1023)) >> 3
+                        positions[missed] = start + 8 * word + byte  # missed + unsure ≤ this element's index < size
+                        missed += 1
+                        value ^= lowest
+                    continue
+                for j in range(8 * word, min(8 * word + 8, n_cols)):
+                    code = codes[j]
+                    if code == 1:
+                        positions[missed] = start + j
+                        missed += 1
+                    elif code != 0:
+                        unsure += 1
+                        positions[size - unsure] = 2 * (start + j) + (code == 6)
+    return missed, unsure
+
+
+# One compiled kernel per storage dtype, with its ``kind`` a constant, so that the compiler drops the
+# other dtypes' branches from the loops (a ``kind`` argument would keep them all in every element).
+@njit(nogil=True, cache=True)
+def _bracket_float32(base, product, left_norms, right_norms, spread, sign, out, undecided):
+    _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, 0)
+
+
+@njit(nogil=True, cache=True)
+def _bracket_float16(base, product, left_norms, right_norms, spread, sign, out, undecided):
+    _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, 1)
+
+
+@njit(nogil=True, cache=True)
+def _bracket_bfloat16(base, product, left_norms, right_norms, spread, sign, out, undecided):
+    _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, 2)
+
+
+@njit(nogil=True, cache=True)
+def _merge_step_float32(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 0)
+
+
+@njit(nogil=True, cache=True)
+def _merge_step_float16(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 1)
+
+
+@njit(nogil=True, cache=True)
+def _merge_step_bfloat16(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 2)
+
+
+#: dtype -> bracket(base bits, product, λ, ρ, spread, sign, out bits, undecided) (:func:`_bracket`).
+BRACKET = {float32: _bracket_float32, float16: _bracket_float16, bfloat16: _bracket_bfloat16}
+#: dtype -> merge_step(base bits, fl(L R), s, λ, ρ, spread, sign, out bits, positions) -> (m, u)
+#: (:func:`_merge_step`).
+MERGE_STEP = {float32: _merge_step_float32, float16: _merge_step_float16, bfloat16: _merge_step_bfloat16}
+
+
+# -- the exact resolution of undecided elements, for float32/16/bfloat16 factors -----------------------
+
+
+@njit(nogil=True, cache=True)
+def _grow(partials, count, x):
+    """Add x to the non-overlapping expansion partials[:count] (increasing magnitude; Shewchuk's
+    grow-expansion as CPython's math.fsum runs it); returns the new count. Exact while nothing overflows."""
+    kept = 0
+    for k in range(count):
+        y = partials[k]
+        if abs(x) < abs(y):
+            x, y = y, x
+        high = x + y
+        low = y - (high - x)
+        if low != 0.0:
+            partials[kept] = low
+            kept += 1
+        x = high
+    partials[kept] = x
+    return kept + 1
+
+
+@njit(nogil=True, cache=True)
+def _nearest(partials, count):
+    """The sum of the expansion partials[:count] correctly rounded to float64 (math.fsum's last step)."""
+    if count == 0:
+        return 0.0
+    n = count - 1
+    high = partials[n]
+    low = 0.0
+    while n > 0:
+        x = high
+        n -= 1
+        y = partials[n]
+        high = x + y
+        low = y - (high - x)
+        if low != 0.0:
+            break
+    if n > 0 and ((low < 0.0 and partials[n - 1] < 0.0) or (low > 0.0 and partials[n - 1] > 0.0)):
+        y = low * 2.0
+        x = high + y
+        if y == x - high:
+            high = x
+    return high
+
+
+@njit(nogil=True, cache=True)
+def _sign(partials, count):
+    """The sign (−1, 0, 1) of the sum of an expansion: its largest nonzero part's (they do not overlap)."""
+    for k in range(count - 1, -1, -1):
+        if partials[k] != 0.0:
+            return 1 if partials[k] > 0.0 else -1
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def _two_product(a, b):
+    """(h, l) with h = fl(a·b), a·b = h + l exactly (Dekker with Veltkamp's split; no FMA: merge._two_product)."""
+    h = a * b
+    c = 134217729.0 * a  # 2^27 + 1
+    a_high = c - (c - a)
+    a_low = a - a_high
+    c = 134217729.0 * b
+    b_high = c - (c - b)
+    b_low = b - b_high
+    return h, ((a_high * b_high - h) + a_high * b_low + a_low * b_high) + a_low * b_low
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, kind):
+    """out.flat[p] := the correctly rounded base + σ·(L R) at each flat position p of the block [n, c]
+    (bits, as :func:`_bracket`): :func:`lora_ref.merge._resolve_exactly`'s rules and
+    :func:`lora_ref.merge._exact_by_fsum`'s arithmetic for narrow factors (each L_ik·R_kj exact in
+    float64; no overflow or underflow: lora_ref.merge._product checks), with the partial sums kept as an
+    exact expansion instead of math.fsum's: the float64 value nearest X = w + Σ σ·L_ik·R_kj, the sign of
+    X minus it, X rounded to odd (53 ≥ p_t + 2 bits), then to t. Where w is ±inf/NaN, σ = 0, the row
+    or column of the factors is 0, or the product sum is exactly 0: base's bits; where X = 0: +0."""
+    n_cols = base.shape[1]
+    rank = left.shape[1]
+    terms = np.empty(4 * rank + 4)
+    power_of_two = abs(math.frexp(sigma)[0]) == 0.5
+    for q in range(positions.size):
+        p = positions[q]
+        i, j = p // n_cols, p % n_cols
+        original = base[i, j]
+        w = _widen(original, kind)
+        row = first_row + i
+        if not np.isfinite(w) or sigma == 0.0 or zero_rows[row] or zero_cols[j]:
+            out[i, j] = original
+            continue
+        count = 0
+        for k in range(rank):
+            count = _grow(terms, count, left[row, k] * right[k, j])
+        if _sign(terms, count) == 0:
+            out[i, j] = original
+            continue
+        terms[0] = w
+        count = 1
+        for k in range(rank):
+            product = left[row, k] * right[k, j]
+            if power_of_two:
+                count = _grow(terms, count, sigma * product)
+            else:
+                high, low = _two_product(sigma, product)
+                count = _grow(terms, count, high)
+                count = _grow(terms, count, low)
+        nearest = _nearest(terms, count)
+        count = _grow(terms, count, -nearest)
+        remainder = _sign(terms, count)
+        if nearest == 0.0 and remainder == 0:
+            out[i, j] = 0
+            continue
+        if remainder != 0 and not np.float64(nearest).view(np.uint64) & np.uint64(1):
+            nearest = np.nextafter(nearest, np.inf if remainder > 0 else -np.inf)
+        if kind == 0:
+            out[i, j] = np.float32(nearest).view(np.uint32)
+        else:
+            magnitude = abs(nearest)
+            rounded = np.inf if kind == 2 and magnitude >= 2.0**128 else _grid(magnitude, kind)
+            out[i, j] = _store(-rounded if nearest < 0.0 else rounded, kind)
+
+
+@njit(nogil=True, cache=True)
+def _resolve_float32(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols):
+    _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, 0)
+
+
+@njit(nogil=True, cache=True)
+def _resolve_float16(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols):
+    _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, 1)
+
+
+@njit(nogil=True, cache=True)
+def _resolve_bfloat16(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols):
+    _resolve(base, out, positions, left, right, first_row, sigma, zero_rows, zero_cols, 2)
+
+
+#: dtype -> resolve(base bits [n, c], out bits [n, c], flat positions, L, R, first row, σ, zero rows, zero
+#: columns) for narrow factors (:func:`_resolve`).
+RESOLVE = {float32: _resolve_float32, float16: _resolve_float16, bfloat16: _resolve_bfloat16}

@@ -1,0 +1,302 @@
+"""The numba kernels (lora_ref/kernels.py) give bitwise what the NumPy reference path of lora_ref.merge gives.
+
+- the bracket alone: :func:`lora_ref.merge._bracket` with LORA_REF_KERNELS=numpy against =numba on the
+  same inputs, adversarial ones (weights from raw bit patterns: ±0, subnormals, ±inf, NaN payloads,
+  the largest finite values; products that put y on or next to midpoints of t's grid, onto 0, past
+  t's range; zero and huge norms): the undecided masks, and the rounded low ends where decided;
+- merge, unmerge, switch and merge_many through the public functions on both paths: merged bits,
+  residual indices and values, with exact ties (factors of powers of two), special weights, thread
+  counts 1, 2, 8 and several block sizes (and the exact round trip on each path);
+- the kernels' float16 bit moves against NumPy's for every one of the 2^16 patterns;
+- the dispatch: unknown LORA_REF_KERNELS values and =numba without numba are refused; a numba cache
+  directory that cannot be written still gives the same bits.
+The NumPy path itself is checked against an exact rational oracle in test_merge_semantics.py (which,
+like test_merge.py, test_merge_many.py and test_ledger.py, runs on both paths: conftest.kernel_path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import require_peer
+from lora_ref.dtypes import BITS_VIEW, SMALLEST_SUBNORMAL, bits_of, float64, resolve_dtype, round_to, store_exact
+from lora_ref.errors import ConfigError
+from lora_ref.linear import LinearDelta
+
+merge_module = importlib.import_module("lora_ref.merge")  # the attribute lora_ref.merge is the function
+STORAGE = ["float32", "float16", "bfloat16"]
+#: (2 − 2^-p)·2^e_max: the midpoint between t's largest finite value and 2^(e_max+1), from which RN_t gives ±inf.
+OVERFLOW = {"float32": 2.0**127 * (2 - 2.0**-24), "float16": 2.0**15 * (2 - 2.0**-11), "bfloat16": 2.0**127 * (2 - 2.0**-8)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _numba():
+    require_peer("numba")
+
+
+@contextlib.contextmanager
+def path(name: str, threads: int | None = None):
+    """LORA_REF_KERNELS=name (and merge's MAX_THREADS=threads) inside the block."""
+    saved_env, saved_threads = os.environ.get("LORA_REF_KERNELS"), merge_module.MAX_THREADS
+    os.environ["LORA_REF_KERNELS"] = name
+    if threads is not None:
+        merge_module.MAX_THREADS = threads
+    try:
+        yield
+    finally:
+        merge_module.MAX_THREADS = saved_threads
+        if saved_env is None:
+            del os.environ["LORA_REF_KERNELS"]
+        else:
+            os.environ["LORA_REF_KERNELS"] = saved_env
+
+
+def special_bits(dtype: np.dtype) -> np.ndarray:
+    """Bit patterns at the edges of ``dtype``: ±0, smallest/largest subnormal and normal, largest finite,
+    1 and its neighbours, ±inf, quiet and signalling NaNs with payloads."""
+    width = dtype.itemsize * 8
+    fraction = {4: 23, 2: 10 if dtype == np.float16 else 7}[dtype.itemsize]
+    exponent_ones = ((1 << (width - 1 - fraction)) - 1) << fraction
+    one = round_to(np.array([1.0]), dtype).view(BITS_VIEW[dtype])[0]
+    sign = 1 << (width - 1)
+    patterns = [0, 1, (1 << fraction) - 1, 1 << fraction, exponent_ones - 1, int(one) - 1, int(one), int(one) + 1,
+                exponent_ones, exponent_ones | 1, exponent_ones | (1 << (fraction - 1)), exponent_ones | ((1 << fraction) - 1)]
+    patterns += [p | sign for p in patterns]
+    return np.array(patterns, dtype=np.uint64).astype(BITS_VIEW[dtype])
+
+
+def adversarial_weight(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:
+    """A weight of ``dtype``: a mix of ordinary values, raw random bit patterns and :func:`special_bits`."""
+    size = int(np.prod(shape))
+    ordinary = round_to(rng.normal(0, 1, size) * 2.0 ** rng.integers(-20, 10, size), dtype)
+    raw = rng.integers(0, 2 ** (8 * dtype.itemsize), size, dtype=np.uint64).astype(BITS_VIEW[dtype]).view(dtype)
+    special = rng.choice(special_bits(dtype), size).view(dtype)
+    choice = rng.integers(0, 10, size)
+    return np.where(choice < 6, ordinary, np.where(choice < 8, raw, special)).reshape(shape)
+
+
+def neighbours(values: np.ndarray) -> np.ndarray:
+    """The next value of the same dtype away from zero (by bits: ±inf and NaN pass to NaN/other patterns)."""
+    bits = bits_of(values).copy()
+    bits += np.ones_like(bits)
+    return bits.view(values.dtype)
+
+
+def adversarial_product(rng: np.random.Generator, W: np.ndarray, sign: float) -> np.ndarray:
+    """float64 p with y = fl(W ± p) on a midpoint of t's grid (a tie), one float64 step off it, exactly 0,
+    at t's overflow threshold, in t's subnormals, or just ordinary."""
+    dtype = W.dtype
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = W.astype(float64)
+        midpoint = (w + neighbours(W).astype(float64)) / 2
+        step = np.where(rng.integers(0, 2, w.shape) == 1, np.nextafter(midpoint, np.inf), np.nextafter(midpoint, -np.inf))
+        overflow = OVERFLOW[dtype.name]
+        targets = [midpoint, step, np.zeros_like(w), np.full_like(w, overflow) * np.sign(rng.normal(size=w.shape)),
+                   rng.integers(-5, 6, w.shape) * SMALLEST_SUBNORMAL[dtype] / 2, w + rng.normal(0, 1, w.shape) * np.abs(w) * 2.0**-rng.integers(1, 40, w.shape)]
+        pick = rng.choice(len(targets), w.shape, p=[0.1, 0.1, 0.05, 0.05, 0.1, 0.6])  # ordinary ones decide
+        target = np.choose(pick, targets)
+        p = (target - w) * sign
+        p = np.where(np.isfinite(p), p, rng.normal(0, 1, w.shape))
+    return p
+
+
+def norms(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Nonnegative bound factors from 0 to large (the bracket takes any)."""
+    values = np.abs(rng.normal(0, 1, size)) * 2.0 ** np.where(rng.integers(0, 8, size) == 0, rng.integers(-12, 2, size),
+                                                              rng.integers(-600, -25, size))
+    return np.where(rng.integers(0, 6, size) == 0, 0.0, values)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@given(seed=st.integers(0, 2**32 - 1), sign=st.sampled_from([1.0, -1.0]), stacked=st.booleans())
+def test_bracket_matches_the_numpy_path(dtype: str, seed: int, sign: float, stacked: bool) -> None:
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    k, n, c = (3 if stacked else 1), int(rng.integers(1, 9)), int(rng.integers(1, 40))
+    W = adversarial_weight(rng, t, (k * n, c)).reshape(k, n, c)
+    product = adversarial_product(rng, W, sign)
+    left, right = norms(rng, k * n).reshape(k, n), norms(rng, k * c).reshape(k, c)
+    if not stacked:
+        W, product, left, right = W[0], product[0], left[0], right[0]
+    spread = 4 * 2.0**-53
+    results = {}
+    for name in ("numpy", "numba"):
+        with path(name):
+            out = np.empty_like(W)
+            undecided = merge_module._bracket(W, product.copy(), left, right, spread, sign, merge_module._Workspace(), out,
+                                              keep=False).copy()
+        results[name] = out, undecided
+    (want, want_undecided), (got, got_undecided) = results["numpy"], results["numba"]
+    assert np.array_equal(got_undecided, want_undecided)
+    assert np.array_equal(bits_of(got)[~want_undecided], bits_of(want)[~want_undecided])
+    assert want_undecided.any() or not np.isnan(W.astype(float64)).any()  # NaN is undecided: the values reach it
+
+
+def tie_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int, rank: int,
+             narrow: bool) -> tuple[np.ndarray, LinearDelta]:
+    """W adversarial, A and B of powers of two and ordinary values: many elements of W + s·B·A are exact
+    ties or exactly representable (the exact resolver runs), others ordinary."""
+    W = adversarial_weight(rng, dtype, (rows, cols))
+    W = np.where(rng.integers(0, 3, W.shape) == 0, round_to(np.ones(W.shape), dtype), W)
+    factor_dtype = dtype if narrow else float64
+
+    def factor(shape):
+        powers = 2.0 ** rng.integers(-12, 2, shape) * rng.choice([-1.0, 1.0], shape)
+        return round_to(np.where(rng.integers(0, 2, shape) == 0, powers, rng.normal(0, 0.3, shape)), factor_dtype)
+
+    scale = float(rng.choice([1.0, 0.5, 2.0, 0.37]))
+    return W, LinearDelta(factor((rank, cols)), factor((rows, rank)), scale, module="tie")
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(bits_of(a), bits_of(b))
+
+
+def residuals_equal(a, b) -> bool:
+    return a.indices.dtype == b.indices.dtype and np.array_equal(a.indices, b.indices) and bits_equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@given(seed=st.integers(0, 2**32 - 1), narrow=st.booleans(), threads=st.sampled_from([1, 2, 8]),
+       block_bytes=st.sampled_from([64, 1024, 8 * 1024, merge_module.BLOCK_BYTES]))
+def test_merge_unmerge_switch_match_the_numpy_path(dtype: str, seed: int, narrow: bool, threads: int,
+                                                   block_bytes: int) -> None:
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    rows, cols, rank = int(rng.integers(1, 40)), int(rng.integers(1, 24)), int(rng.integers(1, 5))
+    W, old = tie_case(rng, t, rows, cols, rank, narrow)
+    new = tie_case(rng, t, rows, cols, rank, narrow)[1]
+    runs = {}
+    for name in ("numpy", "numba"):
+        with path(name, threads):
+            fast = merge_module.merge(W, old, block_bytes=block_bytes, allow_nonfinite=True).weight
+            exact = merge_module.merge(W, old, exact=True, block_bytes=block_bytes)
+            back = merge_module.unmerge(exact.weight, old, residual=exact.residual, block_bytes=block_bytes)
+            plain = merge_module.unmerge(exact.weight, old, block_bytes=block_bytes)
+            switched = exact.weight.copy()
+            (made,) = merge_module.switch(switched, [(old, exact.residual)], [new], block_bytes=block_bytes)
+        assert bits_equal(back, W)  # the exact round trip, on each path
+        runs[name] = fast, exact, plain, switched, made
+    (fast, exact, plain, switched, made), (fast_k, exact_k, plain_k, switched_k, made_k) = runs["numpy"], runs["numba"]
+    assert bits_equal(fast_k, fast) and bits_equal(exact_k.weight, exact.weight) and bits_equal(plain_k, plain)
+    assert bits_equal(exact_k.weight, fast)  # exact mode merges to the fast mode's bits
+    assert residuals_equal(exact_k.residual, exact.residual) and exact_k.residual.merged_digest == exact.residual.merged_digest
+    assert bits_equal(switched_k, switched) and residuals_equal(made_k, made)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@given(seed=st.integers(0, 2**32 - 1), narrow=st.booleans(), exact=st.booleans())
+def test_merge_many_matches_the_numpy_path(dtype: str, seed: int, narrow: bool, exact: bool) -> None:
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    k, rows, cols, rank = int(rng.integers(1, 5)), int(rng.integers(1, 6)), int(rng.integers(1, 7)), 2
+    cases = [tie_case(rng, t, rows, cols, rank, narrow) for _ in range(k)]
+    W = np.stack([w for w, _ in cases])
+    if rng.integers(0, 2):  # ordinary weights: the stacked evaluation decides them (no fallback to merge)
+        W = round_to(rng.normal(0, 1, W.shape), t)
+    runs = {}
+    for name in ("numpy", "numba"):
+        with path(name):
+            runs[name] = merge_module.merge_many(W, [d for _, d in cases], exact=exact)
+    (merged, residuals), (merged_k, residuals_k) = runs["numpy"], runs["numba"]
+    assert bits_equal(merged_k, merged)
+    for a, b in zip(residuals_k, residuals):
+        assert (a is None) == (b is None) and (a is None or residuals_equal(a, b))
+
+
+def test_float16_widening_matches_numpy_for_every_pattern() -> None:
+    from lora_ref import kernels
+
+    patterns = np.arange(2**16, dtype=np.uint16)
+    want = patterns.view(np.float16).astype(float64)
+    got = np.array([kernels._widen(int(p), 1) for p in patterns.tolist()])
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint64), want[~nan].view(np.uint64))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_store_matches_store_exact(dtype: str) -> None:
+    """Every finite value of t, values past its range, ±inf and NaN: the kernels' bits are store_exact's."""
+    from lora_ref import kernels
+
+    t = resolve_dtype(dtype)
+    with np.errstate(invalid="ignore"):
+        values = np.arange(2**16, dtype=np.uint16).view(t).astype(float64)
+    values = np.concatenate([values, [2.0**16, -2.0**16, 2.0**20, 2.0**128, -2.0**200, 1e300, np.inf, -np.inf, np.nan]])
+    want = np.empty(values.shape, t)
+    store_exact(values, want, np.empty_like(values))
+    got = np.array([kernels._store(v, 1 if dtype == "float16" else 2) for v in values.tolist()], dtype=np.uint32)
+    assert np.array_equal(got.astype(np.uint16), bits_of(want))
+
+
+def test_dispatch_refuses_unknown_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_REF_KERNELS", "fortran")
+    with pytest.raises(ConfigError, match="auto, numpy or numba"):
+        merge_module.kernels_module()
+    monkeypatch.setenv("LORA_REF_KERNELS", "numba")
+    monkeypatch.setattr(merge_module, "_KERNELS", [False, "ImportError: No module named 'numba'"])
+    with pytest.raises(ConfigError, match="lora-ref\\[fast\\]"):
+        merge_module.kernels_module()
+    monkeypatch.setenv("LORA_REF_KERNELS", "auto")
+    assert merge_module.kernels_module() is None  # auto falls back to the NumPy path
+    monkeypatch.setattr(merge_module, "_KERNELS", [None, None])
+    assert merge_module.kernels_module() is not None
+    assert merge_module.kernels_module(merge_module.AUTO_KERNEL_ELEMENTS - 1) is None  # small blocks: NumPy's passes
+
+
+_CACHE_SCRIPT = """
+import numpy as np, sys
+sys.path.insert(0, {tests!r})
+from test_kernels import tie_case
+from lora_ref.dtypes import bits_of
+from lora_ref.merge import kernels_module, merge
+assert kernels_module() is not None
+W, delta = tie_case(np.random.default_rng(0), np.dtype(np.float32), 64, 48, 3, True)
+result = merge(W, delta, exact=True)
+print(bits_of(result.weight).tobytes().hex()[:64], result.residual.count, bits_of(result.weight).sum())
+"""
+
+
+def test_an_unwritable_numba_cache_still_merges(tmp_path: Path) -> None:
+    """NUMBA_CACHE_DIR below a regular file (no one, root included, can create it: as for an install numba
+    cannot cache into): the kernels still run, and give the NumPy path's bits."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    script = _CACHE_SCRIPT.format(tests=str(Path(__file__).parent))
+    outputs = []
+    for choice, check in (("numba", "is not None"), ("numpy", "is None")):
+        env = {**os.environ, "LORA_REF_KERNELS": choice, "NUMBA_CACHE_DIR": str(blocker / "cache")}
+        run = subprocess.run([sys.executable, "-c", script.replace("is not None", check)], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(run.stdout.strip().splitlines()[-1])
+    assert outputs[0] == outputs[1]
+
+
+def test_without_numba_the_numpy_path_merges(tmp_path: Path) -> None:
+    """numba hidden (``import numba`` raises): auto merges on the NumPy path with the same bits, numba is refused."""
+    script = _CACHE_SCRIPT.format(tests=str(Path(__file__).parent)).replace("is not None", "is None")
+    hidden = "import sys\nsys.modules['numba'] = None\n"
+    outputs = []
+    for choice in ("auto", "numba"):
+        env = {**os.environ, "LORA_REF_KERNELS": choice}
+        run = subprocess.run([sys.executable, "-c", hidden + script], env=env, capture_output=True, text=True, timeout=600)
+        outputs.append(run)
+    assert outputs[0].returncode == 0, outputs[0].stderr[-2000:]
+    assert outputs[1].returncode != 0 and "ConfigError" in outputs[1].stderr and "lora-ref[fast]" in outputs[1].stderr
+    env = {**os.environ, "LORA_REF_KERNELS": "numba"}
+    with_numba = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT.format(tests=str(Path(__file__).parent))], env=env,
+                                capture_output=True, text=True, timeout=600)
+    assert with_numba.returncode == 0, with_numba.stderr[-2000:]
+    assert with_numba.stdout.strip().splitlines()[-1] == outputs[0].stdout.strip().splitlines()[-1]
