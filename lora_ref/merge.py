@@ -903,6 +903,7 @@ def switch(
     exact: bool = True,
     block_bytes: int = BLOCK_BYTES,
     semantics: str = MERGE_SEMANTICS,
+    plans: Sequence[_Product | None] | None = None,
 ) -> list[Residual | None]:
     """In place and in one pass over W, block by block: unmerge each of ``undo`` (in order, each
     with its residual, under the residual's semantics or ``semantics``), then merge each of ``do``
@@ -910,7 +911,10 @@ def switch(
     :func:`unmerge` and :func:`merge` calls give, without their intermediate full-size arrays.
 
     The caller validates the deltas (shapes, finiteness) and the residuals
-    (:func:`check_residual`) first. The residuals made here carry no checksum at all (their
+    (:func:`check_residual`) first. ``plans`` (one per undo step, then one per do step) are the
+    steps' :func:`_product` plans for W's dtype and each step's semantics, made earlier by a caller
+    that keeps them (:class:`~lora_ref.ledger.MergeLedger`, whose rule for reusing one is in its
+    doc); without them they are made here. The residuals made here carry no checksum at all (their
     ``delta_digest`` is :data:`IN_MEMORY`, which :func:`check_residual` refuses): they stay with
     the caller that owns W and the deltas (:class:`~lora_ref.ledger.MergeLedger`), so a switch
     hashes nothing.
@@ -918,8 +922,13 @@ def switch(
     W = np.asarray(W)
     flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
     index_dtype = residual_index_dtype(W.size)
-    undo_steps = [(_Step(d, _product(d, W.dtype, r.semantics if r is not None else semantics), -1.0), r) for d, r in undo]
-    do_steps = [_Step(d, _product(d, W.dtype, semantics), 1.0) for d in do]
+    if plans is None:
+        plans = [_product(d, W.dtype, r.semantics if r is not None else semantics) for d, r in undo] \
+            + [_product(d, W.dtype, semantics) for d in do]
+    if len(plans) != len(undo) + len(do):
+        raise ValueError("switch: one plan per step")  # a bug in the caller
+    undo_steps = [(_Step(d, plan, -1.0), r) for (d, r), plan in zip(undo, plans)]
+    do_steps = [_Step(d, plan, 1.0) for d, plan in zip(do, plans[len(undo):])]
 
     def switch_rows(rows: slice, workspace: _Workspace) -> list:
         block = np.ascontiguousarray(W[rows])
