@@ -13,7 +13,10 @@ weight does not determine it (SPEC 4.3).
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -22,7 +25,10 @@ from .adapter import Adapter
 from .carried import check_base_copies, replacing
 from .checkpoint import merge_targets, target_delta
 from .errors import CarriedTensorError, MergeStateError, NonFiniteError, ShapeError, TargetNotFoundError
-from .merge import MERGE_SEMANTICS, DeltaSource, Residual, _Product, _product, check_factors_finite, merge, switch
+from .merge import (BLOCK_BYTES, MERGE_SEMANTICS, DeltaSource, Residual, _Product, _product, _Workspace,
+                    check_factors_finite, merge, switch)
+
+_merge_module = importlib.import_module(".merge", __package__)  # (lora_ref.merge, the attribute, is the function)
 
 
 @dataclass(frozen=True)
@@ -265,16 +271,53 @@ class MergeLedger:
 
     def _apply(self, undo: dict[str, list[tuple[DeltaSource, _Entry]]],
                do: dict[str, list[tuple[str, DeltaSource, _Kept]]]) -> None:
-        """Run the planned steps, one fused pass per weight (:func:`lora_ref.merge.switch`), with the kept plans."""
-        for key in {**undo, **do}:
+        """Run the planned steps, one fused pass per weight (:func:`lora_ref.merge.switch`), with the kept plans.
+
+        With k = ``lora_ref.merge.MAX_THREADS`` > 1 threads and at least 2k weights to switch, k
+        threads take whole weights, largest first (each weight's blocks in turn, in the thread's
+        own workspace, of block_bytes / k: the memory of one threaded weight), so that small weights
+        run side by side instead of each splitting into a few row blocks; else each weight's blocks
+        run on :func:`lora_ref.merge._map_row_blocks`' threads. Every weight's bits are the same
+        either way (each element's value does not depend on the blocks or the threads).
+        """
+        keys = list({**undo, **do})
+
+        def run(key: str, workspace: _Workspace | None = None, block_bytes: int = BLOCK_BYTES) -> list:
+            steps_undo, steps_do = undo.get(key, []), do.get(key, [])
+            return switch(self.weights[key], [(delta, entry.residual) for delta, entry in steps_undo],
+                          [delta for _, delta, _ in steps_do], exact=self.exact, semantics=MERGE_SEMANTICS,
+                          plans=[entry.kept.plan for _, entry in steps_undo] + [kept.plan for _, _, kept in steps_do],
+                          workspace=workspace, block_bytes=block_bytes)
+
+        threads = _merge_module.MAX_THREADS
+        if threads > 1 and len(keys) >= 2 * threads:
+            local = threading.local()
+
+            def run_in_thread(key: str) -> list:
+                if not hasattr(local, "workspace"):
+                    local.workspace = _Workspace()
+                return run(key, local.workspace, BLOCK_BYTES // threads)
+
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                futures = {key: pool.submit(run_in_thread, key) for key in sorted(keys, key=lambda k: -self.weights[k].size)}
+            outcomes = {}
+            for key in keys:
+                error = futures[key].exception()
+                outcomes[key] = error if error is not None else futures[key].result()
+        else:
+            outcomes = {key: run(key) for key in keys}
+        error = None
+        for key in keys:  # the stacks of the weights switched (all, unless a bug or MemoryError stopped one)
+            if isinstance(outcomes[key], BaseException):
+                error = error or outcomes[key]
+                continue
             steps_undo, steps_do = undo.get(key, []), do.get(key, [])
             stack = self._stacks.setdefault(key, [])
-            residuals = switch(self.weights[key], [(delta, entry.residual) for delta, entry in steps_undo],
-                               [delta for _, delta, _ in steps_do], exact=self.exact, semantics=MERGE_SEMANTICS,
-                               plans=[entry.kept.plan for _, entry in steps_undo] + [kept.plan for _, _, kept in steps_do])
             del stack[len(stack) - len(steps_undo):]
             stack.extend(_Entry(name, kept, residual, getattr(delta, "norm", None))
-                         for (name, delta, kept), residual in zip(steps_do, residuals))
+                         for (name, delta, kept), residual in zip(steps_do, outcomes[key]))
+        if error is not None:
+            raise error
 
 
 def _is_dora(adapter: Adapter) -> bool:

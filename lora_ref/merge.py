@@ -904,6 +904,7 @@ def switch(
     block_bytes: int = BLOCK_BYTES,
     semantics: str = MERGE_SEMANTICS,
     plans: Sequence[_Product | None] | None = None,
+    workspace: _Workspace | None = None,
 ) -> list[Residual | None]:
     """In place and in one pass over W, block by block: unmerge each of ``undo`` (in order, each
     with its residual, under the residual's semantics or ``semantics``), then merge each of ``do``
@@ -914,7 +915,10 @@ def switch(
     (:func:`check_residual`) first. ``plans`` (one per undo step, then one per do step) are the
     steps' :func:`_product` plans for W's dtype and each step's semantics, made earlier by a caller
     that keeps them (:class:`~lora_ref.ledger.MergeLedger`, whose rule for reusing one is in its
-    doc); without them they are made here. The residuals made here carry no checksum at all (their
+    doc); without them they are made here. With a ``workspace`` the blocks run one after another
+    on the calling thread, in it (a caller that switches several weights at once on its own
+    threads, one workspace each: :class:`~lora_ref.ledger.MergeLedger`); else on
+    :func:`_map_row_blocks`' threads. The residuals made here carry no checksum at all (their
     ``delta_digest`` is :data:`IN_MEMORY`, which :func:`check_residual` refuses): they stay with
     the caller that owns W and the deltas (:class:`~lora_ref.ledger.MergeLedger`), so a switch
     hashes nothing.
@@ -945,7 +949,12 @@ def switch(
         W[rows] = block
         return found
 
-    per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
+    if workspace is None:
+        per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
+    else:  # the block size of _map_row_blocks' one-thread loop
+        step = block_rows(W.shape, min(block_bytes, THREAD_BLOCK_BYTES if kernels_module(W.size) is None
+                                       else KERNEL_THREAD_BLOCK_BYTES))
+        per_block = [switch_rows(rows, workspace) for rows in row_slices(W.shape[0], step)]
     if not exact:
         return [None] * len(do)
     return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W, IN_MEMORY) for k, d in enumerate(do)]

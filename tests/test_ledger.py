@@ -346,3 +346,41 @@ def test_kept_plan_not_served_to_a_changed_adapter(dtype: str, change: str) -> N
         array.view(BITS_VIEW[t]).reshape(-1)[3] ^= 1 << 4
     ledger.unmerge(changed)
     assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With k > 1 threads and at least 2k weights, the ledger switches whole weights side by side
+    (one workspace per thread): after every switch each weight is what a fresh
+    :func:`lora_ref.merge.merge` of the merged adapter gives from the original (no ledger, no
+    threads), and the last unmerge restores every bit."""
+    import importlib
+
+    from lora_ref.merge import merge
+
+    lora_merge = importlib.import_module("lora_ref.merge")
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(11)
+    shapes = {f"layers.{i}.proj": (8 * (1 + i % 3), 16 + 8 * (i % 2)) for i in range(9)}
+    weights = {f"{m}.weight": round_to(rng.normal(0, 0.05, s), t) for m, s in shapes.items()}
+    original = snapshot(weights)
+
+    def adapter(name: str) -> Adapter:
+        modules = {m: LoraModule(m, A=round_to(rng.normal(0, 0.3, (4, c)), t), B=round_to(rng.normal(0, 0.3, (r, 4)), t))
+                   for m, (r, c) in shapes.items()}
+        return Adapter(LoraConfig(r=4, lora_alpha=9, target_modules=["proj"]), modules, name=name)
+
+    adapters = [adapter("a"), adapter("b"), adapter("c")]
+    monkeypatch.setattr(lora_merge, "MAX_THREADS", 3)
+    ledger = MergeLedger(weights, exact=True)
+    current = adapters[0]
+    ledger.merge(current)
+    for i in range(12):
+        new = adapters[(i + 1) % 3]
+        ledger.switch([(current, None)], [(new, None)])
+        current = new
+        for m in shapes:
+            want = merge(original[f"{m}.weight"], delta_for(current, m)).weight
+            assert np.array_equal(bits_of(weights[f"{m}.weight"]), bits_of(want)), (i, m)
+    ledger.unmerge(current)
+    assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
