@@ -934,19 +934,27 @@ def switch(
     undo_steps = [(_Step(d, plan, -1.0), r) for (d, r), plan in zip(undo, plans)]
     do_steps = [_Step(d, plan, 1.0) for d, plan in zip(do, plans[len(undo):])]
 
+    n_steps = len(undo_steps) + len(do_steps)
+
     def switch_rows(rows: slice, workspace: _Workspace) -> list:
-        block = np.ascontiguousarray(W[rows])
-        names = iter(("ping", "pong") * (len(undo_steps) + len(do_steps)))  # each step's output is not its input
+        target = W[rows]
+        block = np.ascontiguousarray(target)
+        # each step's output is not its input: ping, pong, ..., and the last step of several writes W[rows]
+        # itself where that is one contiguous block (its input is then ping or pong), saving a copy
+        outs = [workspace.get(("ping", "pong")[j % 2], block.shape, W.dtype) for j in range(n_steps)]
+        if n_steps > 1 and target.flags.c_contiguous:
+            outs[-1] = target
+        outs = iter(outs)
         for step, residual in undo_steps:
-            block = step.apply(rows, block, workspace, workspace.get(next(names), block.shape, W.dtype))[0]
+            block = step.apply(rows, block, workspace, next(outs))[0]
             if residual is not None:
                 _patch(block, residual, rows, flat_row)
         found = []
         for step in do_steps:
-            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
-                                       workspace.get(next(names), block.shape, W.dtype))
+            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace, next(outs))
             found.append(part)
-        W[rows] = block
+        if not np.may_share_memory(block, target):
+            W[rows] = block
         return found
 
     if workspace is None:

@@ -348,12 +348,14 @@ def test_kept_plan_not_served_to_a_changed_adapter(dtype: str, change: str) -> N
     assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [*STORAGE, "float64"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """With k > 1 threads and at least 2k weights, the ledger switches whole weights side by side
-    (one workspace per thread): after every switch each weight is what a fresh
-    :func:`lora_ref.merge.merge` of the merged adapter gives from the original (no ledger, no
-    threads), and the last unmerge restores every bit."""
+    (one workspace per thread), else one after another: after every switch each weight is what a
+    fresh :func:`lora_ref.merge.merge` of the merged adapter gives from the original (no ledger, no
+    threads), and the last unmerge restores every bit; float64 weights (the fixed order) and a
+    column-major weight (its row blocks are not contiguous) included."""
     import importlib
 
     from lora_ref.merge import merge
@@ -363,6 +365,7 @@ def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, monkeypatc
     rng = np.random.default_rng(11)
     shapes = {f"layers.{i}.proj": (8 * (1 + i % 3), 16 + 8 * (i % 2)) for i in range(9)}
     weights = {f"{m}.weight": round_to(rng.normal(0, 0.05, s), t) for m, s in shapes.items()}
+    weights["layers.4.proj.weight"] = np.asfortranarray(weights["layers.4.proj.weight"])
     original = snapshot(weights)
 
     def adapter(name: str) -> Adapter:
@@ -371,7 +374,7 @@ def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, monkeypatc
         return Adapter(LoraConfig(r=4, lora_alpha=9, target_modules=["proj"]), modules, name=name)
 
     adapters = [adapter("a"), adapter("b"), adapter("c")]
-    monkeypatch.setattr(lora_merge, "MAX_THREADS", 3)
+    monkeypatch.setattr(lora_merge, "MAX_THREADS", threads)
     ledger = MergeLedger(weights, exact=True)
     current = adapters[0]
     ledger.merge(current)
