@@ -291,6 +291,7 @@ class MergeLedger:
                           workspace=workspace, block_bytes=block_bytes)
 
         threads = _merge_module.MAX_THREADS
+        outcomes: dict[str, list | BaseException] = {}  # residuals, or what stopped the weight
         if threads > 1 and len(keys) >= 2 * threads:
             local = threading.local()
 
@@ -300,15 +301,19 @@ class MergeLedger:
                 return run(key, local.workspace, BLOCK_BYTES // threads)
 
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                futures = {key: pool.submit(run_in_thread, key) for key in sorted(keys, key=lambda k: -self.weights[k].size)}
-            outcomes = {}
+                largest_first = sorted(keys, key=lambda k: -self.weights[k].size)
+                futures = {key: pool.submit(run_in_thread, key) for key in largest_first}
             for key in keys:
-                error = futures[key].exception()
-                outcomes[key] = error if error is not None else futures[key].result()
+                outcomes[key] = futures[key].exception() or futures[key].result()
         else:
-            outcomes = {key: run(key) for key in keys}
+            for key in keys:
+                try:
+                    outcomes[key] = run(key)
+                except BaseException as stopped:
+                    outcomes[key] = stopped
+                    break
         error = None
-        for key in keys:  # the stacks of the weights switched (all, unless a bug or MemoryError stopped one)
+        for key in outcomes:  # the stacks of the weights switched (all, unless a bug or MemoryError stopped one)
             if isinstance(outcomes[key], BaseException):
                 error = error or outcomes[key]
                 continue

@@ -331,8 +331,8 @@ def test_kept_plan_not_served_to_a_changed_adapter(dtype: str, change: str) -> N
         array.view(BITS_VIEW[t]).reshape(-1)[3] ^= 1 << 4  # a mantissa bit
         changed = a
     elif change.startswith("alpha"):
-        changed = Adapter(LoraConfig(r=a.config.r, lora_alpha=a.config.lora_alpha + 5, target_modules=["q_proj", "up_proj"]),
-                          a.modules, name="a")
+        config = LoraConfig(r=a.config.r, lora_alpha=a.config.lora_alpha + 5, target_modules=["q_proj", "up_proj"])
+        changed = Adapter(config, a.modules, name="a")
     else:
         changed = build_adapter("a", t, np.random.default_rng(9))
     ledger.switch([(b, None)], [(changed, None)])
@@ -350,7 +350,8 @@ def test_kept_plan_not_served_to_a_changed_adapter(dtype: str, change: str) -> N
 
 @pytest.mark.parametrize("dtype", [*STORAGE, "float64"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, threads: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With k > 1 threads and at least 2k weights, the ledger switches whole weights side by side
     (one workspace per thread), else one after another: after every switch each weight is what a
     fresh :func:`lora_ref.merge.merge` of the merged adapter gives from the original (no ledger, no
