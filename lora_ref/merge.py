@@ -903,6 +903,8 @@ def switch(
     exact: bool = True,
     block_bytes: int = BLOCK_BYTES,
     semantics: str = MERGE_SEMANTICS,
+    plans: Sequence[_Product | None] | None = None,
+    workspace: _Workspace | None = None,
 ) -> list[Residual | None]:
     """In place and in one pass over W, block by block: unmerge each of ``undo`` (in order, each
     with its residual, under the residual's semantics or ``semantics``), then merge each of ``do``
@@ -910,7 +912,13 @@ def switch(
     :func:`unmerge` and :func:`merge` calls give, without their intermediate full-size arrays.
 
     The caller validates the deltas (shapes, finiteness) and the residuals
-    (:func:`check_residual`) first. The residuals made here carry no checksum at all (their
+    (:func:`check_residual`) first. ``plans`` (one per undo step, then one per do step) are the
+    steps' :func:`_product` plans for W's dtype and each step's semantics, made earlier by a caller
+    that keeps them (:class:`~lora_ref.ledger.MergeLedger`, whose rule for reusing one is in its
+    doc); without them they are made here. With a ``workspace`` the blocks run one after another
+    on the calling thread, in it (a caller that switches several weights at once on its own
+    threads, one workspace each: :class:`~lora_ref.ledger.MergeLedger`); else on
+    :func:`_map_row_blocks`' threads. The residuals made here carry no checksum at all (their
     ``delta_digest`` is :data:`IN_MEMORY`, which :func:`check_residual` refuses): they stay with
     the caller that owns W and the deltas (:class:`~lora_ref.ledger.MergeLedger`), so a switch
     hashes nothing.
@@ -918,25 +926,43 @@ def switch(
     W = np.asarray(W)
     flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
     index_dtype = residual_index_dtype(W.size)
-    undo_steps = [(_Step(d, _product(d, W.dtype, r.semantics if r is not None else semantics), -1.0), r) for d, r in undo]
-    do_steps = [_Step(d, _product(d, W.dtype, semantics), 1.0) for d in do]
+    if plans is None:
+        plans = [_product(d, W.dtype, r.semantics if r is not None else semantics) for d, r in undo] \
+            + [_product(d, W.dtype, semantics) for d in do]
+    if len(plans) != len(undo) + len(do):
+        raise ValueError("switch: one plan per step")  # a bug in the caller
+    undo_steps = [(_Step(d, plan, -1.0), r) for (d, r), plan in zip(undo, plans)]
+    do_steps = [_Step(d, plan, 1.0) for d, plan in zip(do, plans[len(undo):])]
+
+    n_steps = len(undo_steps) + len(do_steps)
 
     def switch_rows(rows: slice, workspace: _Workspace) -> list:
-        block = np.ascontiguousarray(W[rows])
-        names = iter(("ping", "pong") * (len(undo_steps) + len(do_steps)))  # each step's output is not its input
+        target = W[rows]
+        block = np.ascontiguousarray(target)
+        # each step's output is not its input: ping, pong, ..., and the last step of several writes W[rows]
+        # itself where that is one contiguous block (its input is then ping or pong), saving a copy
+        outs = [workspace.get(("ping", "pong")[j % 2], block.shape, W.dtype) for j in range(n_steps)]
+        if n_steps > 1 and target.flags.c_contiguous:
+            outs[-1] = target
+        outs = iter(outs)
         for step, residual in undo_steps:
-            block = step.apply(rows, block, workspace, workspace.get(next(names), block.shape, W.dtype))[0]
+            block = step.apply(rows, block, workspace, next(outs))[0]
             if residual is not None:
                 _patch(block, residual, rows, flat_row)
         found = []
         for step in do_steps:
-            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
-                                       workspace.get(next(names), block.shape, W.dtype))
+            block, part = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace, next(outs))
             found.append(part)
-        W[rows] = block
+        if not np.may_share_memory(block, target):
+            W[rows] = block
         return found
 
-    per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
+    if workspace is None:
+        per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
+    else:  # the block size of _map_row_blocks' one-thread loop
+        step = block_rows(W.shape, min(block_bytes, THREAD_BLOCK_BYTES if kernels_module(W.size) is None
+                                       else KERNEL_THREAD_BLOCK_BYTES))
+        per_block = [switch_rows(rows, workspace) for rows in row_slices(W.shape[0], step)]
     if not exact:
         return [None] * len(do)
     return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W, IN_MEMORY) for k, d in enumerate(do)]

@@ -283,3 +283,108 @@ def test_factors_changed_in_place_after_merge_refused() -> None:
         unmerge(weights[key], delta, residual=residual)
     ledger.unmerge(a)
     assert not ledger.merged
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_exact_fused_switches_change_no_bit(dtype: str) -> None:
+    """CYCLES one-call switches (``switch([(old, None)], [(new, None)])``) among 3 adapters, with
+    one kept delta per weight (so kept plans are evicted, rebuilt and reused), then the last
+    unmerge: every bit of every weight is the original's, special values included."""
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(77)
+    weights = build_weights(t, rng, special=True)
+    original = snapshot(weights)
+    adapters = three_adapters(t, rng)
+    ledger = MergeLedger(weights, exact=True, kept_deltas=1)
+    current = adapters[0]
+    ledger.merge(current)
+    for _ in range(CYCLES):
+        new = adapters[(adapters.index(current) + 1 + rng.integers(len(adapters) - 1)) % len(adapters)]
+        ledger.switch([(current, None)], [(new, None)])
+        current = new
+    ledger.unmerge(current)
+    assert ledger.merged == [] and ledger.residual_elements() == 0
+    for key in original:
+        assert np.array_equal(bits_of(weights[key]), bits_of(original[key])), key
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("change", ["A in place", "B in place", "alpha, same arrays", "another adapter, same name"])
+def test_kept_plan_not_served_to_a_changed_adapter(dtype: str, change: str) -> None:
+    """A switch back to an adapter reuses the plan the ledger kept for it, but only for the same
+    factors: an adapter edited in place (one bit), with another scale, or another adapter under
+    the name merges as a fresh :func:`lora_ref.merge.merge` of it does (the oracle: no ledger, no
+    kept state), and unlike the kept adapter (so the check can fail)."""
+    from lora_ref.merge import merge
+
+    t = resolve_dtype(dtype)
+    weights, (a, b, _) = _setup(dtype)
+    original = snapshot(weights)
+    ledger = MergeLedger(weights, exact=True)
+    ledger.merge(a)
+    ledger.switch([(a, None)], [(b, None)])
+    ledger.switch([(b, None)], [(a, None)])  # a's plans kept and reused
+    ledger.switch([(a, None)], [(b, None)])
+    module = "blocks.0.attn.q_proj"
+    if change.endswith("in place"):
+        array = getattr(a.modules[module], change[0])
+        array.view(BITS_VIEW[t]).reshape(-1)[3] ^= 1 << 4  # a mantissa bit
+        changed = a
+    elif change.startswith("alpha"):
+        config = LoraConfig(r=a.config.r, lora_alpha=a.config.lora_alpha + 5, target_modules=["q_proj", "up_proj"])
+        changed = Adapter(config, a.modules, name="a")
+    else:
+        changed = build_adapter("a", t, np.random.default_rng(9))
+    ledger.switch([(b, None)], [(changed, None)])
+    key = f"{module}.weight"
+    want = merge(original[key], delta_for(changed, module)).weight
+    assert np.array_equal(bits_of(weights[key]), bits_of(want))
+    if change.endswith("in place"):  # the stale plan: the factors as they were merged before
+        array.view(BITS_VIEW[t]).reshape(-1)[3] ^= 1 << 4
+    assert not np.array_equal(bits_of(want), bits_of(merge(original[key], delta_for(a, module)).weight))
+    if change.endswith("in place"):
+        array.view(BITS_VIEW[t]).reshape(-1)[3] ^= 1 << 4
+    ledger.unmerge(changed)
+    assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
+
+
+@pytest.mark.parametrize("dtype", [*STORAGE, "float64"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_weights_switched_side_by_side_give_the_same_bits(dtype: str, threads: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With k > 1 threads and at least 2k weights, the ledger switches whole weights side by side
+    (one workspace per thread), else one after another: after every switch each weight is what a
+    fresh :func:`lora_ref.merge.merge` of the merged adapter gives from the original (no ledger, no
+    threads), and the last unmerge restores every bit; float64 weights (the fixed order) and a
+    column-major weight (its row blocks are not contiguous) included."""
+    import importlib
+
+    from lora_ref.merge import merge
+
+    lora_merge = importlib.import_module("lora_ref.merge")
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(11)
+    shapes = {f"layers.{i}.proj": (8 * (1 + i % 3), 16 + 8 * (i % 2)) for i in range(9)}
+    weights = {f"{m}.weight": round_to(rng.normal(0, 0.05, s), t) for m, s in shapes.items()}
+    weights["layers.4.proj.weight"] = np.asfortranarray(weights["layers.4.proj.weight"])
+    original = snapshot(weights)
+
+    def adapter(name: str) -> Adapter:
+        modules = {m: LoraModule(m, A=round_to(rng.normal(0, 0.3, (4, c)), t), B=round_to(rng.normal(0, 0.3, (r, 4)), t))
+                   for m, (r, c) in shapes.items()}
+        return Adapter(LoraConfig(r=4, lora_alpha=9, target_modules=["proj"]), modules, name=name)
+
+    adapters = [adapter("a"), adapter("b"), adapter("c")]
+    monkeypatch.setattr(lora_merge, "MAX_THREADS", threads)
+    ledger = MergeLedger(weights, exact=True)
+    current = adapters[0]
+    ledger.merge(current)
+    for i in range(12):
+        new = adapters[(i + 1) % 3]
+        ledger.switch([(current, None)], [(new, None)])
+        current = new
+        for m in shapes:
+            want = merge(original[f"{m}.weight"], delta_for(current, m)).weight
+            assert np.array_equal(bits_of(weights[f"{m}.weight"]), bits_of(want)), (i, m)
+    ledger.unmerge(current)
+    assert all(np.array_equal(bits_of(weights[k]), bits_of(original[k])) for k in weights)
