@@ -480,8 +480,17 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     ``base`` is the block [n, c] in t, ``out`` an array like it (not base); ``product`` (from an
     earlier call on the same rows) saves the GEMM: any float64 approximation within the bound
     gives the same result; ``keep`` asks for the product back (else it is overwritten and None
-    is returned). The elements :func:`_bracket` leaves undecided are resolved exactly.
+    is returned). The elements :func:`_bracket` leaves undecided are resolved exactly. On the
+    kernel path without ``product`` or ``keep``, :func:`lora_ref.kernels._merge_rows` computes the
+    product itself (no GEMM, no float64 block: :func:`_kernel_rows`); ``out`` is then C-contiguous.
     """
+    if product is None and not keep:
+        kernels = kernels_module(base.size)
+        if kernels is not None:  # the product, the bracket and the compaction in one compiled pass
+            coded = _kernel_rows(kernels, plan, rows, base, sign, workspace, out, exact=False)[1]
+            if coded.size:
+                _resolve_exactly(plan, rows, base, sign, np.sort(coded >> 1), out)
+            return out, None
     if product is None:
         product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
         product *= plan.scale
@@ -531,6 +540,21 @@ def _kernel_args(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, 
         raise ValueError("the kernels write a contiguous out block")  # a bug: every caller passes workspace memory
     return (bits(base), np.ascontiguousarray(product).reshape(-1, n, c), np.ascontiguousarray(left_norms).reshape(-1, n),
             np.ascontiguousarray(right_norms).reshape(-1, c), out.reshape(-1, n, c).view(BITS_VIEW[out.dtype]))
+
+
+def _kernel_rows(kernels, plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace,
+                 out: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lora_ref.kernels._merge_rows` on the block ``base`` [n, c] (t) of W[rows] into ``out`` (like base, not
+    base, C-contiguous): (the increasing flat positions in the block where the correctly rounded unmerge of
+    ``out`` misses base, if ``exact``; the undecided ones, coded 2·position + 1 where the merge's bracket
+    does not decide, 2·position where only the unmerge's does not), views of ``workspace`` memory."""
+    if not out.flags.c_contiguous:
+        raise ValueError("the kernels write a contiguous out block")  # a bug: callers pass workspace memory or rows of a C array
+    found = workspace.get("positions", (base.size,), np.dtype(np.int64))
+    missed, unsure = kernels.MERGE_ROWS[base.dtype, exact](
+        bits_of(np.ascontiguousarray(base)), plan.left[rows], plan.right, plan.scale, plan.left_norms[rows],
+        plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[out.dtype]), found)
+    return found[:missed], found[found.size - unsure:]
 
 
 def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray, spread: float,
@@ -662,21 +686,14 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
 def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, workspace: _Workspace,
                        out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(``out`` := the correctly rounded merged block, the flat positions in the block where the
-    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels._merge_step`'s one
+    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels._merge_rows`' one
     pass, then the elements it leaves undecided resolved exactly (the merge's, then the unmerge's of
     those and of the elements whose unmerge alone is undecided). Bitwise what :meth:`_Step.apply` and
     :meth:`_Step.undo` give: both are the correctly rounded values (SPEC 3.2)."""
     plan, sign = step.plan, step.sign
     base, merged = original.reshape(original.shape[0], -1), out.reshape(original.shape[0], -1)
-    product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
-    found = workspace.get("positions", (base.size,), np.dtype(np.int64))
-    base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, plan.left_norms[rows],
-                                                                         plan.right_norms, merged)
-    n_missed, n_unsure = kernels.MERGE_STEP[base.dtype](base_bits, product, plan.scale, left_norms, right_norms,
-                                                        plan.spread, sign, out_bits, found)
-    positions = found[:n_missed]
-    if n_unsure:
-        coded = found[found.size - n_unsure:]
+    positions, coded = _kernel_rows(kernels, plan, rows, base, sign, workspace, merged, exact=True)
+    if coded.size:
         unsure = np.sort(coded >> 1)
         undecided = np.sort(coded[(coded & 1) == 1] >> 1)
         if undecided.size:
@@ -752,11 +769,17 @@ def merge(
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
+    # the block is merged straight into the result's rows where they are C-contiguous memory apart from W's;
+    # else (out is W, overlaps it, or is a file's OutputTensor) into a workspace block, then copied: the
+    # exact merge reads W's original values after writing the merged block
+    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and not np.may_share_memory(result, W)
+
     def merge_rows(rows: slice, workspace: _Workspace) -> tuple[np.ndarray, np.ndarray] | None:
-        block = np.ascontiguousarray(W[rows])  # read fully before ``result[rows]`` is written (out may alias W)
-        merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
-                                     workspace.get("merged", block.shape, W.dtype))
-        result[rows] = merged
+        block = np.ascontiguousarray(W[rows])
+        target = result[rows] if direct else workspace.get("merged", block.shape, W.dtype)
+        merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace, target)
+        if merged is not target or not direct:
+            result[rows] = merged
         return found
 
     parts = [p for p in _map_row_blocks(merge_rows, W.shape, block_bytes) if p is not None]

@@ -4,8 +4,12 @@
   same inputs, adversarial ones (weights from raw bit patterns: ±0, subnormals, ±inf, NaN payloads,
   the largest finite values; products that put y on or next to midpoints of t's grid, onto 0, past
   t's range; zero and huge norms): the undecided masks, and the rounded low ends where decided;
+- the kernel that computes the product itself (merge's block, fast and exact): its masks for soundness
+  only (its product is not BLAS's, so other rare elements may stay undecided), against the exact
+  rational oracle of test_merge_semantics.py: decided elements hold the correctly rounded values and
+  the missed positions are exact;
 - merge, unmerge, switch and merge_many through the public functions on both paths: merged bits,
-  residual indices and values, with exact ties (factors of powers of two), special weights, thread
+  residual indices and values (bitwise, whatever either path left undecided), with exact ties (factors of powers of two), special weights, thread
   counts 1, 2, 8 and several block sizes (and the exact round trip on each path);
 - the kernels' float16 bit moves against NumPy's for every one of the 2^16 patterns;
 - the dispatch: unknown LORA_REF_KERNELS values and =numba without numba are refused; a numba cache
@@ -29,6 +33,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import require_peer
+from test_merge_semantics import oracle_merge
 from lora_ref.dtypes import BITS_VIEW, SMALLEST_SUBNORMAL, bits_of, float64, resolve_dtype, round_to, store_exact
 from lora_ref.errors import ConfigError
 from lora_ref.linear import LinearDelta
@@ -156,6 +161,60 @@ def tie_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int, ra
 
     scale = float(rng.choice([1.0, 0.5, 2.0, 0.37]))
     return W, LinearDelta(factor((rank, cols)), factor((rows, rank)), scale, module="tie")
+
+
+def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int) -> tuple[np.ndarray, LinearDelta]:
+    """W ordinary, float64 factors whose rank terms cancel: L = [g, 2^20·a, −2^20·a], R = [h; 2^20·b; 2^20·b + 2^-20·c]
+    (g, h, a, b, c ordinary), so X ≈ W + s·(g h − a c) while the sequential float64 sum rounds at the scale of
+    2^40·a b: errors of about 2^-13·|X|, far beyond t's spacing, which only the bound's κ·‖L_i‖‖R_j‖ term covers."""
+    W = round_to(rng.normal(0, 1, (rows, cols)), dtype)
+    g, a = rng.normal(0, 1, rows), rng.normal(0, 1, rows)
+    h, b, c = rng.normal(0, 1, cols), rng.normal(0, 1, cols), rng.normal(0, 1, cols)
+    left = np.stack([g, 2.0**20 * a, -(2.0**20) * a], axis=1)
+    right = np.stack([h, 2.0**20 * b, 2.0**20 * b + 2.0**-20 * c])
+    return W, LinearDelta(right, left, float(rng.choice([1.0, 0.37])), module="cancel")
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@given(seed=st.integers(0, 2**32 - 1), case=st.sampled_from(["narrow ties", "float64 ties", "cancelling"]),
+       exact=st.booleans(), sign=st.sampled_from([1.0, -1.0]))
+def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int, case: str, exact: bool,
+                                                         sign: float) -> None:
+    """The kernel that computes the product itself (lora_ref.kernels._merge_rows: a sequential float64 sum, not
+    BLAS's) may leave other elements undecided than the NumPy path, so its masks are checked for soundness
+    against the exact rational oracle of test_merge_semantics.py, not for equality: every element its merge
+    bracket decides holds RN_t(W ± s·L R); with ``exact``, every element whose unmerge bracket also decides
+    is listed as missed exactly where RN_t(merged ∓ s·L R) differs from W's bits; the coded positions are
+    distinct elements of the block, and decided ones are never listed as undecided."""
+    from lora_ref import kernels
+
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    rows, cols, rank = int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(1, 7))
+    if case == "cancelling":
+        W, delta = cancelling_case(rng, t, rows, cols)
+    else:
+        W, delta = tie_case(rng, t, rows, cols, rank, case == "narrow ties")
+    plan = merge_module._product(delta, t, merge_module.CORRECTLY_ROUNDED)
+    out = np.empty_like(W)
+    positions = np.full(W.size, -1, np.int64)
+    missed, unsure = kernels.MERGE_ROWS[t, exact](bits_of(W), plan.left, plan.right, plan.scale, plan.left_norms,
+                                                  plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[t]), positions)
+    coded = positions[W.size - unsure:]
+    assert missed + unsure <= W.size and (exact or missed == 0)
+    assert np.unique(coded >> 1).size == unsure and ((coded >> 1) < W.size).all() and (coded >= 0).all()
+    merge_undecided = np.zeros(W.size, bool)
+    merge_undecided[coded[(coded & 1) == 1] >> 1] = True
+    assert exact or merge_undecided.sum() == unsure  # fast: every code is the merge's
+    want = oracle_merge(W, plan.left, plan.right, plan.scale, int(sign)).reshape(-1)
+    decided = ~merge_undecided
+    assert np.array_equal(bits_of(out).reshape(-1)[decided], bits_of(want)[decided])
+    if exact:
+        back_decided = decided.copy()
+        back_decided[coded >> 1] = False  # either bracket undecided: the caller resolves them
+        back = oracle_merge(out, plan.left, plan.right, plan.scale, -int(sign)).reshape(-1)
+        want_missed = np.flatnonzero(back_decided & (bits_of(back) != bits_of(W).reshape(-1)))
+        assert np.array_equal(positions[:missed], want_missed)
 
 
 def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
