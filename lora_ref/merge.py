@@ -67,9 +67,12 @@ BLOCK_BYTES = 1024 * 1024
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
 THREAD_BLOCK_BYTES = 256 * 1024
-#: The same for the numba kernels (lora_ref/kernels.py), which keep fewer temporaries (the product, the
-#: output and the found positions) and have more per-block overhead to amortise than arithmetic per byte
-#: (bench/bench_merge.py: 512 KiB to 1 MiB blocks were faster than 256 KiB ones).
+#: The same for the numba kernels (lora_ref/kernels.py), whose largest temporary is the block's found
+#: positions (int32: 4 bytes an element; the product is computed a row at a time, in cache), so their
+#: blocks hold twice the elements of the bytes: 256 Ki elements (64 rows of 4096) at most, 32 rows a
+#: thread on 2 threads under the default BLOCK_BYTES. Measured on 2 cores (4096² float32, r = 16, fast /
+#: exact merge): 16-row blocks a thread 27 / 42 ms, 32-row ones 22 / 38 ms; one thread 34 / 64 ms for
+#: 32 to 512 rows (bench/bench_merge.py measures the whole merge).
 KERNEL_THREAD_BLOCK_BYTES = 1024 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
@@ -232,15 +235,20 @@ def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...
     ``block_bytes`` whatever the thread count and the number of blocks.
     """
     row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
-    thread_block = THREAD_BLOCK_BYTES if kernels_module(math.prod(shape)) is None else KERNEL_THREAD_BLOCK_BYTES
+    kernel = kernels_module(math.prod(shape)) is not None
+    thread_block = KERNEL_THREAD_BLOCK_BYTES if kernel else THREAD_BLOCK_BYTES
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
     # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
-    # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
+    # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py).
+    # The kernels keep no float64 block: their largest temporary is the found positions, int32 (_kernel_rows),
+    # so a block of the same bytes holds twice the elements (block_rows counts 8 bytes an element).
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
-    step = block_rows(shape, max(1, min(block_bytes // threads, thread_block)))
+    per_element = 2 if kernel else 1
+    step = block_rows(shape, per_element * max(1, min(block_bytes // threads, thread_block)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
         workspace = _Workspace()
-        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, thread_block)))]
+        single = block_rows(shape, per_element * min(block_bytes, thread_block))
+        return [fn(rows, workspace) for rows in row_slices(shape[0], single)]
     local = threading.local()
 
     def run(rows: slice) -> _T:
@@ -550,7 +558,8 @@ def _kernel_rows(kernels, plan: _Product, rows: slice, base: np.ndarray, sign: f
     does not decide, 2·position where only the unmerge's does not), views of ``workspace`` memory."""
     if not out.flags.c_contiguous:
         raise ValueError("the kernels write a contiguous out block")  # a bug: callers pass workspace memory or rows of a C array
-    found = workspace.get("positions", (base.size,), np.dtype(np.int64))
+    # int32 positions (codes 2·position + 1 < 2^31) halve the block's largest temporary (_map_row_blocks counts on it)
+    found = workspace.get("positions", (base.size,), np.dtype(np.int32 if base.size < 2**30 else np.int64))
     missed, unsure = kernels.MERGE_ROWS[base.dtype, exact](
         bits_of(np.ascontiguousarray(base)), plan.left[rows], plan.right, plan.scale, plan.left_norms[rows],
         plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[out.dtype]), found)
@@ -679,8 +688,9 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
         restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
         missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
         positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
-    flat = positions.astype(np.int64) + rows.start * flat_row
-    return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
+    # one pass: W's flat indices (< W.size, which index_dtype holds) from the block's nonnegative positions
+    flat = np.add(positions, rows.start * flat_row, dtype=index_dtype, casting="unsafe")
+    return merged, (flat, original.reshape(-1)[positions])
 
 
 def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, workspace: _Workspace,

@@ -177,9 +177,9 @@ def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: 
 
 @pytest.mark.parametrize("dtype", STORAGE)
 @given(seed=st.integers(0, 2**32 - 1), case=st.sampled_from(["narrow ties", "float64 ties", "cancelling"]),
-       exact=st.booleans(), sign=st.sampled_from([1.0, -1.0]))
+       exact=st.booleans(), sign=st.sampled_from([1.0, -1.0]), index=st.sampled_from([np.int32, np.int64]))
 def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int, case: str, exact: bool,
-                                                         sign: float) -> None:
+                                                         sign: float, index: type) -> None:
     """The kernel that computes the product itself (lora_ref.kernels._merge_rows: a sequential float64 sum, not
     BLAS's) may leave other elements undecided than the NumPy path, so its masks are checked for soundness
     against the exact rational oracle of test_merge_semantics.py, not for equality: every element its merge
@@ -197,7 +197,7 @@ def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int,
         W, delta = tie_case(rng, t, rows, cols, rank, case == "narrow ties")
     plan = merge_module._product(delta, t, merge_module.CORRECTLY_ROUNDED)
     out = np.empty_like(W)
-    positions = np.full(W.size, -1, np.int64)
+    positions = np.full(W.size, -1, index)  # int32 positions where a block has fewer than 2^30 elements
     missed, unsure = kernels.MERGE_ROWS[t, exact](bits_of(W), plan.left, plan.right, plan.scale, plan.left_norms,
                                                   plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[t]), positions)
     coded = positions[W.size - unsure:]
