@@ -6,10 +6,11 @@ Two evaluations ("merge semantics"), named by the string a merged file records u
 ``correctly-rounded/2`` (:data:`CORRECTLY_ROUNDED`, what merges use and record today)
     merge(W, Δ) = the correctly rounded value of W + s·B·A: exact real arithmetic, one rounding
     to W's dtype t (to nearest, ties to even). unmerge(W', Δ) = the correctly rounded W' − s·B·A.
-    The value is computed with BLAS (float64 GEMM, any order, any threads) plus a rigorous
-    elementwise error bound; an element whose error interval rounds to one value of t has that
-    value; the rare rest are resolved in exact integer arithmetic (SPEC 3.2 has the proof).
-    The result depends on nothing but the inputs: not the BLAS, its threads or the block size.
+    The value is computed with a float64 product (BLAS's GEMM, any order, any threads, or the
+    kernels' sequential sum) plus a rigorous elementwise error bound; an element whose error
+    interval rounds to one value of t has that value; the rare rest are resolved in exact
+    integer arithmetic (SPEC 3.2 has the proof). The result depends on nothing but the inputs:
+    not the product's evaluation, the BLAS, its threads or the block size.
 ``fixed-order/1`` (:data:`FIXED_ORDER`, files without the key)
     round_t(fl_64(W + Δ)) with Δ = s·Σ_k B[:, k] ⊗ A[k, :] accumulated in increasing k
     (:func:`lora_ref.numerics.rank_one_sum`): what lora-ref 0.x wrote; kept so their merged files
@@ -33,10 +34,14 @@ float64 copy of W. A source whose merge is not additive (DoRA: W' = g ⊙ (W + �
 one rounding); merge/unmerge and the exact residual then use those instead of ±Δ.
 
 The correctly rounded evaluation's elementwise work has two implementations with the same bits:
-the NumPy passes below (:func:`_bracket`, the reference, always available) and, where numba is
-installed (the ``fast`` extra), the compiled kernels of :mod:`lora_ref.kernels` (one pass per block
-for the bracket, for an exact merge's block with its residual check, and for the exact resolution
-of narrow factors). :func:`kernels_module` picks one (``LORA_REF_KERNELS``: auto, numpy, numba).
+the NumPy passes below (:func:`_bracket`, the reference, always available, on BLAS's product) and,
+where numba is installed (the ``fast`` extra), the compiled kernels of :mod:`lora_ref.kernels` (one
+pass per block that computes the product itself, row by row, and brackets it: for a merge or
+unmerge, and for an exact merge's block with its residual check; the bracket alone for
+:func:`merge_many`'s stacked product; the exact resolution of narrow factors). Any float64 product
+within SPEC 3.2's bound gives the same correctly rounded bits, so the paths differ at most in which
+rare elements go to the exact resolution. :func:`kernels_module` picks one (``LORA_REF_KERNELS``:
+auto, numpy, numba).
 """
 
 from __future__ import annotations
