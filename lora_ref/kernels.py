@@ -118,20 +118,28 @@ def _store(value, kind):
     return np.uint32(half | np.int64(np.uint64(bits >> np.uint64(48)) & np.uint64(0x8000)))
 
 
-@njit(nogil=True, cache=True)
-def _decide(w, p, cross, spread, sign, kind):
-    """(the low end fl(y − E) rounded to t, as t's bits; undecided) for y = fl(w ± p), E = fl(cross + fl(|y|·spread))."""
+@njit(nogil=True, cache=True, inline="always")
+def _ends(w, p, cross, spread, sign, kind):
+    """(the low end fl(y − E) rounded to t, as a float64 value; undecided) for y = fl(w ± p),
+    E = fl(cross + fl(|y|·spread)). Where undecided, the value is whatever the low end gave (NaN included)."""
     y = w + p if sign > 0 else w - p
     bound = cross + abs(y) * spread
     high = y + bound
     low = y - bound
     if kind == 0:
-        low_bits = np.float32(low).view(np.uint32)
+        low32 = np.float32(low)
         high32 = np.float32(high)
-        return low_bits, low_bits != high32.view(np.uint32) or np.isnan(high32)
+        return np.float64(low32), low32.view(np.uint32) != high32.view(np.uint32) or np.isnan(high32)
     low = _grid(low, kind)
     high = _grid(high, kind)
-    return _store(low, kind), not (low == high) or low == 0.0
+    return low, not (low == high) or low == 0.0
+
+
+@njit(nogil=True, cache=True)
+def _decide(w, p, cross, spread, sign, kind):
+    """(the low end fl(y − E) rounded to t, as t's bits; undecided) for y = fl(w ± p), E = fl(cross + fl(|y|·spread))."""
+    value, undecided = _ends(w, p, cross, spread, sign, kind)
+    return _store(value, kind), undecided
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -188,8 +196,9 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
 
     For each row i of base [n, c] (weight bits): the product row p_j = fl(fl(Σ_k L_ik R_kj)·s)
     (:func:`_row_products`; then ``·scale`` as the NumPy path's ``product *= scale``); out := the
-    merge's bracket (:func:`_decide`); with ``exact`` also, for the merged value, the bracket of the
-    residual's unmerge (same product, opposite sign) and the comparison with base's bits. ``positions``
+    merge's bracket (:func:`_ends`); with ``exact`` also, for the merged value, the bracket of the
+    residual's unmerge (same product, opposite sign) and the comparison with base's bits (by value
+    where that is the same: no float64 round trip through t's bits). ``positions``
     (int64, one per element) gets, at [0, m), the flat positions (increasing) where the unmerge decides
     and misses base's bits (m = 0 without ``exact``); at [size − u, size) (decreasing), those where a
     bracket does not decide, as 2·position + 1 where the merge's does not (its ``out`` is to be resolved
@@ -212,6 +221,7 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
     words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
     codes = words.view(np.uint8)
     acc = np.empty((2, n_cols))
+    largest = 65504.0 if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
     missed = 0
     unsure = 0
     size = positions.size
@@ -224,11 +234,16 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
                 original = base[i, j]
                 p = row[j] * scale
                 cross = left_norm * right_norms[j]
-                bits, undecided = _decide(_widen(original, kind), p, cross, spread, sign, kind)
-                out[i, j] = bits
-                if exact:
-                    back, undecided_back = _decide(_widen(bits, kind), p, cross, spread, -sign, kind)
-                    codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(back != original)
+                w = _widen(original, kind)
+                value, undecided = _ends(w, p, cross, spread, sign, kind)
+                out[i, j] = _store(value, kind)
+                if exact:  # the unmerge of the stored value: past t's range that is ±inf (float32's cast gives it)
+                    merged = value if kind == 0 or abs(value) <= largest else math.copysign(math.inf, value)
+                    back, undecided_back = _ends(merged, p, cross, spread, -sign, kind)
+                    # decided ends are not NaN, and for float16/bfloat16 not 0 (undecided): their values
+                    # differ from w exactly where their bits would; float32's -0 and +0 need the bits
+                    differs = np.float32(back).view(np.uint32) != original if kind == 0 else back != w
+                    codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(differs)
                 else:
                     codes[j] = 6 if undecided else 0
             start = i * n_cols

@@ -273,6 +273,34 @@ def test_merge_many_matches_the_numpy_path(dtype: str, seed: int, narrow: bool, 
         assert (a is None) == (b is None) and (a is None or residuals_equal(a, b))
 
 
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_merges_past_the_range_match_the_numpy_path(dtype: str) -> None:
+    """W at t's largest finite values (both signs) and deltas around the overflow threshold, so that many
+    merged elements round to ±inf: the exact merge's residual must record them (the unmerge of ±inf is
+    ±inf, not W), on the kernel path as on the NumPy path, and the round trip restores W."""
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(7)
+    largest = float(np.finfo(np.float32).max) if dtype != "float16" else 65504.0
+    if dtype == "bfloat16":
+        largest = 2.0**127 * (2 - 2.0**-7)
+    rows, cols = 64, 96  # a block of 6144 elements: the kernels run under auto too
+    W = round_to(np.where(rng.integers(0, 2, (rows, cols)) == 0, largest, -largest) * (1 - rng.integers(0, 3, (rows, cols)) * 2.0**-6), t)
+    gap = OVERFLOW[dtype] - largest  # half t's top spacing
+    A = round_to((rng.uniform(0.25, 3.0, (1, cols)) * gap / 2.0**10), t)
+    B = round_to(np.where(rng.integers(0, 2, (rows, 1)) == 0, 2.0**10, -(2.0**10)), t)
+    delta = LinearDelta(A, B, 1.0, module="edge")
+    runs = {}
+    for name in ("numpy", "numba"):
+        with path(name):
+            exact = merge_module.merge(W, delta, exact=True)
+            back = merge_module.unmerge(exact.weight, delta, residual=exact.residual)
+        assert bits_equal(back, W)
+        runs[name] = exact
+    assert np.isinf(runs["numpy"].weight.astype(float64)).sum() > rows * cols // 10  # the case does overflow
+    assert bits_equal(runs["numba"].weight, runs["numpy"].weight)
+    assert residuals_equal(runs["numba"].residual, runs["numpy"].residual)
+
+
 def test_float16_widening_matches_numpy_for_every_pattern() -> None:
     from lora_ref import kernels
 
