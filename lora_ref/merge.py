@@ -784,16 +784,17 @@ def merge(
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
-    # the block is merged straight into the result's rows where they are C-contiguous memory apart from W's;
-    # else (out is W, overlaps it, or is a file's OutputTensor) into a workspace block, then copied: the
-    # exact merge reads W's original values after writing the merged block
-    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and not np.may_share_memory(result, W)
+    # the block is merged straight into the result's rows where they are C-contiguous memory of W's dtype and
+    # shape apart from W's; else (out is W, overlaps it, is a file's OutputTensor, or of another layout or
+    # dtype) into a workspace block, then copied: the exact merge reads W's original values after writing
+    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W.dtype \
+        and result.shape == W.shape and not np.may_share_memory(result, W)
 
     def merge_rows(rows: slice, workspace: _Workspace) -> tuple[np.ndarray, np.ndarray] | None:
         block = np.ascontiguousarray(W[rows])
         target = result[rows] if direct else workspace.get("merged", block.shape, W.dtype)
         merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace, target)
-        if merged is not target or not direct:
+        if not direct or merged.ctypes.data != target.ctypes.data:  # not written in place (a view of target is)
             result[rows] = merged
         return found
 
@@ -922,12 +923,18 @@ def unmerge(
     flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
+    # straight into the result's rows where that can be done (as merge: the resolution reads W_merged's block)
+    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W_merged.dtype \
+        and result.shape == W_merged.shape and not np.may_share_memory(result, W_merged)
+
     def unmerge_rows(rows: slice, workspace: _Workspace) -> None:
-        block = np.ascontiguousarray(W_merged[rows])  # read fully before ``result[rows]`` is written
-        block = step.apply(rows, block, workspace, workspace.get("merged", block.shape, W_merged.dtype))[0]
+        block = np.ascontiguousarray(W_merged[rows])
+        target = result[rows] if direct else workspace.get("merged", block.shape, W_merged.dtype)
+        block = step.apply(rows, block, workspace, target)[0]
         if residual is not None:
             _patch(block, residual, rows, flat_row)
-        result[rows] = block
+        if not direct or block.ctypes.data != target.ctypes.data:
+            result[rows] = block
 
     _map_row_blocks(unmerge_rows, W_merged.shape, block_bytes)
     return result

@@ -301,6 +301,30 @@ def test_merges_past_the_range_match_the_numpy_path(dtype: str) -> None:
     assert residuals_equal(runs["numba"].residual, runs["numpy"].residual)
 
 
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_merge_and_unmerge_into_every_kind_of_out(name: str, exact: bool) -> None:
+    """merge writes a fresh C-contiguous ``out`` in place of a workspace block (lora_ref.merge.merge's
+    ``direct``), and copies into the others: W itself, a strided view, a Fortran-ordered array. Every one gets the bits of merge without ``out``, and unmerge into each restores W."""
+    rng = np.random.default_rng(3)
+    W, delta = tie_case(rng, resolve_dtype("bfloat16"), 96, 80, 3, True)
+    with path(name):
+        want = merge_module.merge(W, delta, exact=exact)
+        host = np.empty((96, 160), W.dtype)
+        outs = {"fresh": np.empty_like(W), "strided": host[:, ::2], "fortran": np.asfortranarray(np.empty_like(W)),
+                "in place": W.copy()}
+        for label, out in outs.items():
+            source = out if label == "in place" else W
+            if label == "in place":
+                out[...] = W
+            got = merge_module.merge(source, delta, exact=exact, out=out)
+            assert got.weight is out and bits_equal(np.ascontiguousarray(out), want.weight), label
+            if exact:
+                back = np.empty_like(W) if label != "strided" else np.empty((96, 160), W.dtype)[:, 1::2]
+                merge_module.unmerge(np.ascontiguousarray(out), delta, residual=got.residual, out=back)
+                assert bits_equal(np.ascontiguousarray(back), W), label
+
+
 def test_float16_widening_matches_numpy_for_every_pattern() -> None:
     from lora_ref import kernels
 
