@@ -9,8 +9,9 @@
   rational oracle of test_merge_semantics.py: decided elements hold the correctly rounded values and
   the missed positions are exact;
 - merge, unmerge, switch and merge_many through the public functions on both paths: merged bits,
-  residual indices and values (bitwise, whatever either path left undecided), with exact ties (factors of powers of two), special weights, thread
-  counts 1, 2, 8 and several block sizes (and the exact round trip on each path);
+  residual indices and values (bitwise, whatever either path left undecided), with exact ties (factors
+  of powers of two), special weights, thread counts 1, 2, 8 and several block sizes (and the exact
+  round trip on each path); merges past t's range; every kind of ``out`` (written in place or copied);
 - the kernels' float16 bit moves against NumPy's for every one of the 2^16 patterns;
 - the dispatch: unknown LORA_REF_KERNELS values and =numba without numba are refused; a numba cache
   directory that cannot be written still gives the same bits.
@@ -42,6 +43,8 @@ merge_module = importlib.import_module("lora_ref.merge")  # the attribute lora_r
 STORAGE = ["float32", "float16", "bfloat16"]
 #: (2 − 2^-p)·2^e_max: the midpoint between t's largest finite value and 2^(e_max+1), from which RN_t gives ±inf.
 OVERFLOW = {"float32": 2.0**127 * (2 - 2.0**-24), "float16": 2.0**15 * (2 - 2.0**-11), "bfloat16": 2.0**127 * (2 - 2.0**-8)}
+#: (2 − 2^(1-p))·2^e_max: t's largest finite value.
+LARGEST = {"float32": 2.0**127 * (2 - 2.0**-23), "float16": 2.0**15 * (2 - 2.0**-10), "bfloat16": 2.0**127 * (2 - 2.0**-7)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -280,11 +283,10 @@ def test_merges_past_the_range_match_the_numpy_path(dtype: str) -> None:
     ±inf, not W), on the kernel path as on the NumPy path, and the round trip restores W."""
     t = resolve_dtype(dtype)
     rng = np.random.default_rng(7)
-    largest = float(np.finfo(np.float32).max) if dtype != "float16" else 65504.0
-    if dtype == "bfloat16":
-        largest = 2.0**127 * (2 - 2.0**-7)
+    largest = LARGEST[dtype]
     rows, cols = 64, 96  # a block of 6144 elements: the kernels run under auto too
-    W = round_to(np.where(rng.integers(0, 2, (rows, cols)) == 0, largest, -largest) * (1 - rng.integers(0, 3, (rows, cols)) * 2.0**-6), t)
+    signs = np.where(rng.integers(0, 2, (rows, cols)) == 0, 1.0, -1.0)
+    W = round_to(signs * largest * (1 - rng.integers(0, 3, (rows, cols)) * 2.0**-6), t)  # the top three binade steps
     gap = OVERFLOW[dtype] - largest  # half t's top spacing
     A = round_to((rng.uniform(0.25, 3.0, (1, cols)) * gap / 2.0**10), t)
     B = round_to(np.where(rng.integers(0, 2, (rows, 1)) == 0, 2.0**10, -(2.0**10)), t)
@@ -305,7 +307,8 @@ def test_merges_past_the_range_match_the_numpy_path(dtype: str) -> None:
 @pytest.mark.parametrize("exact", [False, True])
 def test_merge_and_unmerge_into_every_kind_of_out(name: str, exact: bool) -> None:
     """merge writes a fresh C-contiguous ``out`` in place of a workspace block (lora_ref.merge.merge's
-    ``direct``), and copies into the others: W itself, a strided view, a Fortran-ordered array. Every one gets the bits of merge without ``out``, and unmerge into each restores W."""
+    ``direct``), and copies into the others: W itself, a strided view, a Fortran-ordered array. Every one
+    gets the bits of merge without ``out``, and unmerge into each restores W."""
     rng = np.random.default_rng(3)
     W, delta = tie_case(rng, resolve_dtype("bfloat16"), 96, 80, 3, True)
     with path(name):
