@@ -3,8 +3,8 @@
 :func:`lora_ref.merge._bracket` is the reference: about a dozen NumPy passes over float64 blocks
 per bracket. The kernels here do the same float64 operations, in the same order, on one element
 at a time in one pass, so their results are *bitwise* those of the NumPy path (merged weights,
-residuals and undecided masks; tests/test_kernels.py checks it on adversarial values), at memory
-speed:
+residuals, and :func:`_bracket`'s undecided masks; tests/test_kernels.py checks it on adversarial
+values), at memory speed:
 
 :func:`_bracket`
     y = fl(w ± p); E = fl(fl(λ_i·ρ_j) + fl(|y|·4u)); the ends fl(y − E), fl(y + E) rounded to t;
@@ -14,12 +14,15 @@ speed:
     fl(fl(x + c) − c)) and store with :func:`lora_ref.dtypes.store_exact`'s bit moves; NumPy's
     ``normal`` shortcut only skips the max(e, e_min) where it provably changes nothing, so the
     kernel always takes it.
-:func:`_merge_step`
-    an exact merge's block in one pass: the merge's bracket, the bracket of the residual's unmerge
+:func:`_merge_rows`
+    a merge's block, fast or exact, in one pass, with the rank-r product computed row by row in the
+    kernel (a sequential float64 sum: within SPEC 3.2's bound, so no BLAS call and no float64 block
+    of the product in memory): the merge's bracket and, exact, the bracket of the residual's unmerge
     on the merged value (same product, opposite sign) and the bitwise comparison with W; the flat
     positions the residual keeps and those either bracket leaves undecided come back compacted (the
-    caller resolves the latter exactly). Both brackets give correctly rounded values wherever they
-    decide, so the merged block and the residual are the NumPy path's, bit for bit.
+    caller resolves the latter exactly). Brackets give correctly rounded values wherever they decide,
+    so the merged block and the residual are the NumPy path's, bit for bit; the undecided positions
+    may differ on rare elements (another product rounding), which only moves work to the resolver.
 :func:`_resolve`
     the exact value of undecided elements for float32/16/bfloat16 factors: the arithmetic of
     :func:`lora_ref.merge._exact_by_fsum` (exact float64 products, Dekker's product by the scale),
@@ -33,9 +36,10 @@ the GIL (``nogil``), so :func:`lora_ref.merge._map_row_blocks`' threads run them
 are compiled lazily, for the signatures used, into numba's on-disk cache (``cache=True``; where the
 cache directory is not writable numba compiles in memory and says nothing).
 
-Shapes: ``[k, n, c]`` blocks (k stacked weights, n rows, c columns), norms ``[k, n]`` and ``[k, c]``.
+Shapes: :func:`_bracket` takes ``[k, n, c]`` blocks (k stacked weights, n rows, c columns), norms ``[k, n]``
+and ``[k, c]``; :func:`_merge_rows` and :func:`_resolve` one weight's ``[n, c]`` block.
 Weights travel as their bits: uint32 for float32, uint16 for float16/bfloat16; :data:`BRACKET`,
-:data:`MERGE_STEP` and :data:`RESOLVE` hold the kernels of each dtype (``kind`` 0, 1, 2 compiled in).
+:data:`MERGE_ROWS` and :data:`RESOLVE` hold the kernels of each dtype (``kind`` 0, 1, 2 compiled in).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from .dtypes import bfloat16, float16, float32
 _EXPONENT_BITS = np.uint64(0x7FF0000000000000)
 _MAGNITUDE_BITS = np.uint64(0x7FFFFFFFFFFFFFFF)
 _SHIFT16 = np.uint32(16)
-#: Bit 1 of each byte of a word of :func:`_merge_step`'s codes: set where a bracket is undecided
+#: Bit 1 of each byte of a word of :func:`_merge_rows`' codes: set where a bracket is undecided
 #: (codes 0 restored, 1 missed, 2 the unmerge's bracket undecided, 6 the merge's).
 _UNSURE_BYTES = np.uint64(0x0202020202020202)
 
@@ -114,20 +118,28 @@ def _store(value, kind):
     return np.uint32(half | np.int64(np.uint64(bits >> np.uint64(48)) & np.uint64(0x8000)))
 
 
-@njit(nogil=True, cache=True)
-def _decide(w, p, cross, spread, sign, kind):
-    """(the low end fl(y − E) rounded to t, as t's bits; undecided) for y = fl(w ± p), E = fl(cross + fl(|y|·spread))."""
+@njit(nogil=True, cache=True, inline="always")
+def _ends(w, p, cross, spread, sign, kind):
+    """(the low end fl(y − E) rounded to t, as a float64 value; undecided) for y = fl(w ± p),
+    E = fl(cross + fl(|y|·spread)). Where undecided, the value is whatever the low end gave (NaN included)."""
     y = w + p if sign > 0 else w - p
     bound = cross + abs(y) * spread
     high = y + bound
     low = y - bound
     if kind == 0:
-        low_bits = np.float32(low).view(np.uint32)
+        low32 = np.float32(low)
         high32 = np.float32(high)
-        return low_bits, low_bits != high32.view(np.uint32) or np.isnan(high32)
+        return np.float64(low32), low32.view(np.uint32) != high32.view(np.uint32) or np.isnan(high32)
     low = _grid(low, kind)
     high = _grid(high, kind)
-    return _store(low, kind), not (low == high) or low == 0.0
+    return low, not (low == high) or low == 0.0
+
+
+@njit(nogil=True, cache=True)
+def _decide(w, p, cross, spread, sign, kind):
+    """(the low end fl(y − E) rounded to t, as t's bits; undecided) for y = fl(w ± p), E = fl(cross + fl(|y|·spread))."""
+    value, undecided = _ends(w, p, cross, spread, sign, kind)
+    return _store(value, kind), undecided
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -146,35 +158,95 @@ def _bracket(base, product, left_norms, right_norms, spread, sign, out, undecide
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, kind):
-    """The exact merge of a block in one pass; returns (m, u).
+def _row_products(left, right, first, second, acc):
+    """acc[0] := fl(Σ_k L[first, k]·R[k, :]), acc[1] := the same for row ``second``: each sum in increasing k,
+    one float64 multiply and one add per term (no FMA), vectorised over the columns. Two rows at a time
+    share each load of R, and four terms at a time (in order) save acc's loads and stores: about BLAS's
+    speed on one core (a product row is 8c bytes in cache, never a float64 block in memory)."""
+    rank, n_cols = right.shape
+    x, y = acc[0], acc[1]
+    a, b = left[first, 0], left[second, 0]
+    r0 = right[0]
+    for j in range(n_cols):
+        x[j] = a * r0[j]
+        y[j] = b * r0[j]
+    k = 1
+    while k + 4 <= rank:
+        a0, a1, a2, a3 = left[first, k], left[first, k + 1], left[first, k + 2], left[first, k + 3]
+        b0, b1, b2, b3 = left[second, k], left[second, k + 1], left[second, k + 2], left[second, k + 3]
+        r0, r1, r2, r3 = right[k], right[k + 1], right[k + 2], right[k + 3]
+        for j in range(n_cols):
+            q0, q1, q2, q3 = r0[j], r1[j], r2[j], r3[j]
+            x[j] = (((x[j] + a0 * q0) + a1 * q1) + a2 * q2) + a3 * q3
+            y[j] = (((y[j] + b0 * q0) + b1 * q1) + b2 * q2) + b3 * q3
+        k += 4
+    while k < rank:
+        a, b = left[first, k], left[second, k]
+        r0 = right[k]
+        for j in range(n_cols):
+            x[j] = x[j] + a * r0[j]
+            y[j] = y[j] + b * r0[j]
+        k += 1
 
-    out := merge's bracket (as :func:`_bracket`); then, for the merged value, the bracket of the
-    residual's unmerge (same product, opposite sign). ``positions`` (int64, one per element) gets, at
-    [0, m), the flat positions (increasing) where the unmerge decides and misses base's bits; at
-    [size − u, size), those where a bracket does not decide, as 2·position + 1 where the merge's does
-    not (its ``out`` is to be resolved too), 2·position where only the unmerge's does not. Shapes as
-    :func:`_bracket`. Each row is bracketed into a row of codes (a loop the compiler vectorises), then
-    compacted. ``kind`` as :func:`_bracket`."""
-    n_rows, n_cols = base.shape[1], base.shape[2]
+
+@njit(nogil=True, cache=True, inline="always")
+def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, exact, kind):
+    """A block's merge (``exact`` False) or exact merge (True) in one pass, with the product computed
+    here (no BLAS); returns (m, u).
+
+    For each row i of base [n, c] (weight bits): the product row p_j = fl(fl(Σ_k L_ik R_kj)·s)
+    (:func:`_row_products`; then ``·scale`` as the NumPy path's ``product *= scale``); out := the
+    merge's bracket (:func:`_ends`); with ``exact`` also, for the merged value, the bracket of the
+    residual's unmerge (same product, opposite sign) and the comparison with base's bits (by value
+    where that is the same: no float64 round trip through t's bits). ``positions``
+    (int64, one per element) gets, at [0, m), the flat positions (increasing) where the unmerge decides
+    and misses base's bits (m = 0 without ``exact``); at [size − u, size) (decreasing), those where a
+    bracket does not decide, as 2·position + 1 where the merge's does not (its ``out`` is to be resolved
+    too), 2·position where only the unmerge's does not. Each row is bracketed into a row of codes (a
+    loop the compiler vectorises), then compacted. left: L's rows of the block [n, r]; right: R [r, c];
+    norms [n] and [c]; ``exact`` and ``kind`` (:func:`_bracket`) are constants of each caller.
+
+    Why this product gives the correctly rounded values: SPEC 3.2's bound holds for any float64
+    evaluation of Σ_k L_ik R_kj in which every term passes through at most r roundings (Higham, Thm 3.1:
+    |P − T| ≤ γ_r·Σ_k|L_ik||R_kj| + r·η); the sequential sum rounds the k-th term once as a product and
+    then at most r − 1 times as a sum, and each operation here is one IEEE operation rounded to nearest
+    (no FMA contraction, no reassociation: no fastmath), so P is one of the evaluations the bound
+    covers, and then Q = fl(s·P) and y = fl(w ± Q) are the proof's. The brackets decide exactly the
+    elements whose error interval rounds to one value of t, and that value is RN_t(X): the merged
+    values and residuals are bitwise the NumPy path's (BLAS's product), though which rare elements stay
+    undecided may differ (either product may land an interval end across a midpoint the other does not).
+    """
+    n_rows, n_cols = base.shape
     n_words = (n_cols + 7) // 8
     words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
     codes = words.view(np.uint8)
+    acc = np.empty((2, n_cols))
+    largest = 65504.0 if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
     missed = 0
     unsure = 0
     size = positions.size
-    for s in range(base.shape[0]):
-        for i in range(n_rows):
-            left = left_norms[s, i]
+    for pair in range(0, n_rows, 2):
+        _row_products(left, right, pair, min(pair + 1, n_rows - 1), acc)
+        for i in range(pair, min(pair + 2, n_rows)):
+            row = acc[i - pair]
+            left_norm = left_norms[i]
             for j in range(n_cols):
-                original = base[s, i, j]
-                p = product[s, i, j] * scale  # fl(L R)·s: the NumPy path's ``product *= scale``
-                cross = left * right_norms[s, j]
-                bits, undecided = _decide(_widen(original, kind), p, cross, spread, sign, kind)
-                out[s, i, j] = bits
-                back, undecided_back = _decide(_widen(bits, kind), p, cross, spread, -sign, kind)
-                codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(back != original)
-            start = (s * n_rows + i) * n_cols
+                original = base[i, j]
+                p = row[j] * scale
+                cross = left_norm * right_norms[j]
+                w = _widen(original, kind)
+                value, undecided = _ends(w, p, cross, spread, sign, kind)
+                out[i, j] = _store(value, kind)
+                if exact:  # the unmerge of the stored value: past t's range that is ±inf (float32's cast gives it)
+                    merged = value if kind == 0 or abs(value) <= largest else math.copysign(math.inf, value)
+                    back, undecided_back = _ends(merged, p, cross, spread, -sign, kind)
+                    # decided ends are not NaN, and for float16/bfloat16 not 0 (undecided): their values
+                    # differ from w exactly where their bits would; float32's -0 and +0 need the bits
+                    differs = np.float32(back).view(np.uint32) != original if kind == 0 else back != w
+                    codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(differs)
+                else:
+                    codes[j] = 6 if undecided else 0
+            start = i * n_cols
             for word in range(n_words):  # 8 codes at a time: most are 0, most others 1 (missed)
                 value = words[word]
                 if value == 0:
@@ -216,25 +288,42 @@ def _bracket_bfloat16(base, product, left_norms, right_norms, spread, sign, out,
 
 
 @njit(nogil=True, cache=True)
-def _merge_step_float32(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 0)
+def _merge_rows_float32(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, False, 0)
 
 
 @njit(nogil=True, cache=True)
-def _merge_step_float16(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 1)
+def _exact_merge_rows_float32(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, True, 0)
 
 
 @njit(nogil=True, cache=True)
-def _merge_step_bfloat16(base, product, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_step(base, product, scale, left_norms, right_norms, spread, sign, out, positions, 2)
+def _merge_rows_float16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, False, 1)
+
+
+@njit(nogil=True, cache=True)
+def _exact_merge_rows_float16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, True, 1)
+
+
+@njit(nogil=True, cache=True)
+def _merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, False, 2)
+
+
+@njit(nogil=True, cache=True)
+def _exact_merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, True, 2)
 
 
 #: dtype -> bracket(base bits, product, λ, ρ, spread, sign, out bits, undecided) (:func:`_bracket`).
 BRACKET = {float32: _bracket_float32, float16: _bracket_float16, bfloat16: _bracket_bfloat16}
-#: dtype -> merge_step(base bits, fl(L R), s, λ, ρ, spread, sign, out bits, positions) -> (m, u)
-#: (:func:`_merge_step`).
-MERGE_STEP = {float32: _merge_step_float32, float16: _merge_step_float16, bfloat16: _merge_step_bfloat16}
+#: (dtype, exact) -> merge_rows(base bits [n, c], L rows [n, r], R [r, c], s, λ [n], ρ [c], spread, sign, out bits
+#: [n, c], positions) -> (m, u) (:func:`_merge_rows`).
+MERGE_ROWS = {(float32, False): _merge_rows_float32, (float16, False): _merge_rows_float16,
+              (bfloat16, False): _merge_rows_bfloat16, (float32, True): _exact_merge_rows_float32,
+              (float16, True): _exact_merge_rows_float16, (bfloat16, True): _exact_merge_rows_bfloat16}
 
 
 # -- the exact resolution of undecided elements, for float32/16/bfloat16 factors -----------------------

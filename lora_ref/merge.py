@@ -6,10 +6,11 @@ Two evaluations ("merge semantics"), named by the string a merged file records u
 ``correctly-rounded/2`` (:data:`CORRECTLY_ROUNDED`, what merges use and record today)
     merge(W, Δ) = the correctly rounded value of W + s·B·A: exact real arithmetic, one rounding
     to W's dtype t (to nearest, ties to even). unmerge(W', Δ) = the correctly rounded W' − s·B·A.
-    The value is computed with BLAS (float64 GEMM, any order, any threads) plus a rigorous
-    elementwise error bound; an element whose error interval rounds to one value of t has that
-    value; the rare rest are resolved in exact integer arithmetic (SPEC 3.2 has the proof).
-    The result depends on nothing but the inputs: not the BLAS, its threads or the block size.
+    The value is computed with a float64 product (BLAS's GEMM, any order, any threads, or the
+    kernels' sequential sum) plus a rigorous elementwise error bound; an element whose error
+    interval rounds to one value of t has that value; the rare rest are resolved in exact
+    integer arithmetic (SPEC 3.2 has the proof). The result depends on nothing but the inputs:
+    not the product's evaluation, the BLAS, its threads or the block size.
 ``fixed-order/1`` (:data:`FIXED_ORDER`, files without the key)
     round_t(fl_64(W + Δ)) with Δ = s·Σ_k B[:, k] ⊗ A[k, :] accumulated in increasing k
     (:func:`lora_ref.numerics.rank_one_sum`): what lora-ref 0.x wrote; kept so their merged files
@@ -33,10 +34,14 @@ float64 copy of W. A source whose merge is not additive (DoRA: W' = g ⊙ (W + �
 one rounding); merge/unmerge and the exact residual then use those instead of ±Δ.
 
 The correctly rounded evaluation's elementwise work has two implementations with the same bits:
-the NumPy passes below (:func:`_bracket`, the reference, always available) and, where numba is
-installed (the ``fast`` extra), the compiled kernels of :mod:`lora_ref.kernels` (one pass per block
-for the bracket, for an exact merge's block with its residual check, and for the exact resolution
-of narrow factors). :func:`kernels_module` picks one (``LORA_REF_KERNELS``: auto, numpy, numba).
+the NumPy passes below (:func:`_bracket`, the reference, always available, on BLAS's product) and,
+where numba is installed (the ``fast`` extra), the compiled kernels of :mod:`lora_ref.kernels` (one
+pass per block that computes the product itself, row by row, and brackets it: for a merge or
+unmerge, and for an exact merge's block with its residual check; the bracket alone for
+:func:`merge_many`'s stacked product; the exact resolution of narrow factors). Any float64 product
+within SPEC 3.2's bound gives the same correctly rounded bits, so the paths differ at most in which
+rare elements go to the exact resolution. :func:`kernels_module` picks one (``LORA_REF_KERNELS``:
+auto, numpy, numba).
 """
 
 from __future__ import annotations
@@ -67,9 +72,12 @@ BLOCK_BYTES = 1024 * 1024
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
 THREAD_BLOCK_BYTES = 256 * 1024
-#: The same for the numba kernels (lora_ref/kernels.py), which keep fewer temporaries (the product, the
-#: output and the found positions) and have more per-block overhead to amortise than arithmetic per byte
-#: (bench/bench_merge.py: 512 KiB to 1 MiB blocks were faster than 256 KiB ones).
+#: The same for the numba kernels (lora_ref/kernels.py), whose largest temporary is the block's found
+#: positions (int32: 4 bytes an element; the product is computed a row at a time, in cache), so their
+#: blocks hold twice the elements of the bytes: 256 Ki elements (64 rows of 4096) at most, 32 rows a
+#: thread on 2 threads under the default BLOCK_BYTES. Measured on 2 cores (4096² float32, r = 16, fast /
+#: exact merge): 16-row blocks a thread 27 / 42 ms, 32-row ones 22 / 38 ms; one thread 34 / 64 ms for
+#: 32 to 512 rows (bench/bench_merge.py measures the whole merge).
 KERNEL_THREAD_BLOCK_BYTES = 1024 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
@@ -232,15 +240,20 @@ def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...
     ``block_bytes`` whatever the thread count and the number of blocks.
     """
     row_bytes = 8 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
-    thread_block = THREAD_BLOCK_BYTES if kernels_module(math.prod(shape)) is None else KERNEL_THREAD_BLOCK_BYTES
+    kernel = kernels_module(math.prod(shape)) is not None
+    thread_block = KERNEL_THREAD_BLOCK_BYTES if kernel else THREAD_BLOCK_BYTES
     # a block is at least one row, and a thread keeps several float64 temporaries of its block alive
     # (the correctly rounded evaluation: product, sum, bound, both ends, masks): at most
-    # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py)
+    # block_bytes / (4 rows) threads, so the extra memory stays a few block_bytes (tests/test_memory.py).
+    # The kernels keep no float64 block: their largest temporary is the found positions, int32 (_kernel_rows),
+    # so a block of the same bytes holds twice the elements (block_rows counts 8 bytes an element).
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
-    step = block_rows(shape, max(1, min(block_bytes // threads, thread_block)))
+    per_element = 2 if kernel else 1
+    step = block_rows(shape, per_element * max(1, min(block_bytes // threads, thread_block)))
     if threads == 1 or -(-shape[0] // step) < 2 * threads:
         workspace = _Workspace()
-        return [fn(rows, workspace) for rows in row_slices(shape[0], block_rows(shape, min(block_bytes, thread_block)))]
+        single = block_rows(shape, per_element * min(block_bytes, thread_block))
+        return [fn(rows, workspace) for rows in row_slices(shape[0], single)]
     local = threading.local()
 
     def run(rows: slice) -> _T:
@@ -480,8 +493,17 @@ def _rounded_sum(plan: _Product, rows: slice, base: np.ndarray, sign: float, wor
     ``base`` is the block [n, c] in t, ``out`` an array like it (not base); ``product`` (from an
     earlier call on the same rows) saves the GEMM: any float64 approximation within the bound
     gives the same result; ``keep`` asks for the product back (else it is overwritten and None
-    is returned). The elements :func:`_bracket` leaves undecided are resolved exactly.
+    is returned). The elements :func:`_bracket` leaves undecided are resolved exactly. On the
+    kernel path without ``product`` or ``keep``, :func:`lora_ref.kernels._merge_rows` computes the
+    product itself (no GEMM, no float64 block: :func:`_kernel_rows`); ``out`` is then C-contiguous.
     """
+    if product is None and not keep:
+        kernels = kernels_module(base.size)
+        if kernels is not None:  # the product, the bracket and the compaction in one compiled pass
+            coded = _kernel_rows(kernels, plan, rows, base, sign, workspace, out, exact=False)[1]
+            if coded.size:
+                _resolve_exactly(plan, rows, base, sign, np.sort(coded >> 1), out)
+            return out, None
     if product is None:
         product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
         product *= plan.scale
@@ -531,6 +553,22 @@ def _kernel_args(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, 
         raise ValueError("the kernels write a contiguous out block")  # a bug: every caller passes workspace memory
     return (bits(base), np.ascontiguousarray(product).reshape(-1, n, c), np.ascontiguousarray(left_norms).reshape(-1, n),
             np.ascontiguousarray(right_norms).reshape(-1, c), out.reshape(-1, n, c).view(BITS_VIEW[out.dtype]))
+
+
+def _kernel_rows(kernels, plan: _Product, rows: slice, base: np.ndarray, sign: float, workspace: _Workspace,
+                 out: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lora_ref.kernels._merge_rows` on the block ``base`` [n, c] (t) of W[rows] into ``out`` (like base, not
+    base, C-contiguous): (the increasing flat positions in the block where the correctly rounded unmerge of
+    ``out`` misses base, if ``exact``; the undecided ones, coded 2·position + 1 where the merge's bracket
+    does not decide, 2·position where only the unmerge's does not), views of ``workspace`` memory."""
+    if not out.flags.c_contiguous:
+        raise ValueError("the kernels write a contiguous out block")  # a bug: callers pass workspace memory or rows of a C array
+    # int32 positions (codes 2·position + 1 < 2^31) halve the block's largest temporary (_map_row_blocks counts on it)
+    found = workspace.get("positions", (base.size,), np.dtype(np.int32 if base.size < 2**30 else np.int64))
+    missed, unsure = kernels.MERGE_ROWS[base.dtype, exact](
+        bits_of(np.ascontiguousarray(base)), plan.left[rows], plan.right, plan.scale, plan.left_norms[rows],
+        plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[out.dtype]), found)
+    return found[:missed], found[found.size - unsure:]
 
 
 def _bracket(base: np.ndarray, product: np.ndarray, left_norms: np.ndarray, right_norms: np.ndarray, spread: float,
@@ -655,28 +693,22 @@ def _merge_block(step: _Step, rows: slice, original: np.ndarray, exact: bool, fl
         restored = step.undo(rows, merged, delta64, workspace, workspace.get("restored", original.shape, original.dtype))
         missed = np.not_equal(bits_of(restored), bits_of(original), out=workspace.get("missed", original.shape, np.dtype(bool)))
         positions = np.flatnonzero(missed) if missed.any() else np.zeros(0, np.int64)
-    flat = positions.astype(np.int64) + rows.start * flat_row
-    return merged, (flat.astype(index_dtype), original.reshape(-1)[positions])
+    # one pass: W's flat indices (< W.size, which index_dtype holds) from the block's nonnegative positions
+    flat = np.add(positions, rows.start * flat_row, dtype=index_dtype, casting="unsafe")
+    return merged, (flat, original.reshape(-1)[positions])
 
 
 def _fused_merge_block(kernels, step: _Step, rows: slice, original: np.ndarray, workspace: _Workspace,
                        out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(``out`` := the correctly rounded merged block, the flat positions in the block where the
-    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels._merge_step`'s one
+    correctly rounded unmerge of it misses ``original``): :func:`lora_ref.kernels._merge_rows`' one
     pass, then the elements it leaves undecided resolved exactly (the merge's, then the unmerge's of
     those and of the elements whose unmerge alone is undecided). Bitwise what :meth:`_Step.apply` and
     :meth:`_Step.undo` give: both are the correctly rounded values (SPEC 3.2)."""
     plan, sign = step.plan, step.sign
     base, merged = original.reshape(original.shape[0], -1), out.reshape(original.shape[0], -1)
-    product = _gemm(plan.left[rows], plan.right, workspace.get("product", base.shape, float64))  # any order (SPEC 3.2)
-    found = workspace.get("positions", (base.size,), np.dtype(np.int64))
-    base_bits, product, left_norms, right_norms, out_bits = _kernel_args(base, product, plan.left_norms[rows],
-                                                                         plan.right_norms, merged)
-    n_missed, n_unsure = kernels.MERGE_STEP[base.dtype](base_bits, product, plan.scale, left_norms, right_norms,
-                                                        plan.spread, sign, out_bits, found)
-    positions = found[:n_missed]
-    if n_unsure:
-        coded = found[found.size - n_unsure:]
+    positions, coded = _kernel_rows(kernels, plan, rows, base, sign, workspace, merged, exact=True)
+    if coded.size:
         unsure = np.sort(coded >> 1)
         undecided = np.sort(coded[(coded & 1) == 1] >> 1)
         if undecided.size:
@@ -752,11 +784,18 @@ def merge(
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
+    # the block is merged straight into the result's rows where they are C-contiguous memory of W's dtype and
+    # shape apart from W's; else (out is W, overlaps it, is a file's OutputTensor, or of another layout or
+    # dtype) into a workspace block, then copied: the exact merge reads W's original values after writing
+    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W.dtype \
+        and result.shape == W.shape and not np.may_share_memory(result, W)
+
     def merge_rows(rows: slice, workspace: _Workspace) -> tuple[np.ndarray, np.ndarray] | None:
-        block = np.ascontiguousarray(W[rows])  # read fully before ``result[rows]`` is written (out may alias W)
-        merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace,
-                                     workspace.get("merged", block.shape, W.dtype))
-        result[rows] = merged
+        block = np.ascontiguousarray(W[rows])
+        target = result[rows] if direct else workspace.get("merged", block.shape, W.dtype)
+        merged, found = _merge_block(step, rows, block, exact, flat_row, index_dtype, workspace, target)
+        if not direct or merged.ctypes.data != target.ctypes.data:  # not written in place (a view of target is)
+            result[rows] = merged
         return found
 
     parts = [p for p in _map_row_blocks(merge_rows, W.shape, block_bytes) if p is not None]
@@ -884,12 +923,18 @@ def unmerge(
     flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
+    # straight into the result's rows where that can be done (as merge: the resolution reads W_merged's block)
+    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W_merged.dtype \
+        and result.shape == W_merged.shape and not np.may_share_memory(result, W_merged)
+
     def unmerge_rows(rows: slice, workspace: _Workspace) -> None:
-        block = np.ascontiguousarray(W_merged[rows])  # read fully before ``result[rows]`` is written
-        block = step.apply(rows, block, workspace, workspace.get("merged", block.shape, W_merged.dtype))[0]
+        block = np.ascontiguousarray(W_merged[rows])
+        target = result[rows] if direct else workspace.get("merged", block.shape, W_merged.dtype)
+        block = step.apply(rows, block, workspace, target)[0]
         if residual is not None:
             _patch(block, residual, rows, flat_row)
-        result[rows] = block
+        if not direct or block.ctypes.data != target.ctypes.data:
+            result[rows] = block
 
     _map_row_blocks(unmerge_rows, W_merged.shape, block_bytes)
     return result

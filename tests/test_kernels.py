@@ -4,9 +4,14 @@
   same inputs, adversarial ones (weights from raw bit patterns: ±0, subnormals, ±inf, NaN payloads,
   the largest finite values; products that put y on or next to midpoints of t's grid, onto 0, past
   t's range; zero and huge norms): the undecided masks, and the rounded low ends where decided;
+- the kernel that computes the product itself (merge's block, fast and exact): its masks for soundness
+  only (its product is not BLAS's, so other rare elements may stay undecided), against the exact
+  rational oracle of test_merge_semantics.py: decided elements hold the correctly rounded values and
+  the missed positions are exact;
 - merge, unmerge, switch and merge_many through the public functions on both paths: merged bits,
-  residual indices and values, with exact ties (factors of powers of two), special weights, thread
-  counts 1, 2, 8 and several block sizes (and the exact round trip on each path);
+  residual indices and values (bitwise, whatever either path left undecided), with exact ties (factors
+  of powers of two), special weights, thread counts 1, 2, 8 and several block sizes (and the exact
+  round trip on each path); merges past t's range; every kind of ``out`` (written in place or copied);
 - the kernels' float16 bit moves against NumPy's for every one of the 2^16 patterns;
 - the dispatch: unknown LORA_REF_KERNELS values and =numba without numba are refused; a numba cache
   directory that cannot be written still gives the same bits.
@@ -29,6 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import require_peer
+from test_merge_semantics import oracle_merge
 from lora_ref.dtypes import BITS_VIEW, SMALLEST_SUBNORMAL, bits_of, float64, resolve_dtype, round_to, store_exact
 from lora_ref.errors import ConfigError
 from lora_ref.linear import LinearDelta
@@ -37,6 +43,8 @@ merge_module = importlib.import_module("lora_ref.merge")  # the attribute lora_r
 STORAGE = ["float32", "float16", "bfloat16"]
 #: (2 − 2^-p)·2^e_max: the midpoint between t's largest finite value and 2^(e_max+1), from which RN_t gives ±inf.
 OVERFLOW = {"float32": 2.0**127 * (2 - 2.0**-24), "float16": 2.0**15 * (2 - 2.0**-11), "bfloat16": 2.0**127 * (2 - 2.0**-8)}
+#: (2 − 2^(1-p))·2^e_max: t's largest finite value.
+LARGEST = {"float32": 2.0**127 * (2 - 2.0**-23), "float16": 2.0**15 * (2 - 2.0**-10), "bfloat16": 2.0**127 * (2 - 2.0**-7)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,6 +166,60 @@ def tie_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int, ra
     return W, LinearDelta(factor((rank, cols)), factor((rows, rank)), scale, module="tie")
 
 
+def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int) -> tuple[np.ndarray, LinearDelta]:
+    """W ordinary, float64 factors whose rank terms cancel: L = [g, 2^20·a, −2^20·a], R = [h; 2^20·b; 2^20·b + 2^-20·c]
+    (g, h, a, b, c ordinary), so X ≈ W + s·(g h − a c) while the sequential float64 sum rounds at the scale of
+    2^40·a b: errors of about 2^-13·|X|, far beyond t's spacing, which only the bound's κ·‖L_i‖‖R_j‖ term covers."""
+    W = round_to(rng.normal(0, 1, (rows, cols)), dtype)
+    g, a = rng.normal(0, 1, rows), rng.normal(0, 1, rows)
+    h, b, c = rng.normal(0, 1, cols), rng.normal(0, 1, cols), rng.normal(0, 1, cols)
+    left = np.stack([g, 2.0**20 * a, -(2.0**20) * a], axis=1)
+    right = np.stack([h, 2.0**20 * b, 2.0**20 * b + 2.0**-20 * c])
+    return W, LinearDelta(right, left, float(rng.choice([1.0, 0.37])), module="cancel")
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@given(seed=st.integers(0, 2**32 - 1), case=st.sampled_from(["narrow ties", "float64 ties", "cancelling"]),
+       exact=st.booleans(), sign=st.sampled_from([1.0, -1.0]), index=st.sampled_from([np.int32, np.int64]))
+def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int, case: str, exact: bool,
+                                                         sign: float, index: type) -> None:
+    """The kernel that computes the product itself (lora_ref.kernels._merge_rows: a sequential float64 sum, not
+    BLAS's) may leave other elements undecided than the NumPy path, so its masks are checked for soundness
+    against the exact rational oracle of test_merge_semantics.py, not for equality: every element its merge
+    bracket decides holds RN_t(W ± s·L R); with ``exact``, every element whose unmerge bracket also decides
+    is listed as missed exactly where RN_t(merged ∓ s·L R) differs from W's bits; the coded positions are
+    distinct elements of the block, and decided ones are never listed as undecided."""
+    from lora_ref import kernels
+
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    rows, cols, rank = int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(1, 7))
+    if case == "cancelling":
+        W, delta = cancelling_case(rng, t, rows, cols)
+    else:
+        W, delta = tie_case(rng, t, rows, cols, rank, case == "narrow ties")
+    plan = merge_module._product(delta, t, merge_module.CORRECTLY_ROUNDED)
+    out = np.empty_like(W)
+    positions = np.full(W.size, -1, index)  # int32 positions where a block has fewer than 2^30 elements
+    missed, unsure = kernels.MERGE_ROWS[t, exact](bits_of(W), plan.left, plan.right, plan.scale, plan.left_norms,
+                                                  plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[t]), positions)
+    coded = positions[W.size - unsure:]
+    assert missed + unsure <= W.size and (exact or missed == 0)
+    assert np.unique(coded >> 1).size == unsure and ((coded >> 1) < W.size).all() and (coded >= 0).all()
+    merge_undecided = np.zeros(W.size, bool)
+    merge_undecided[coded[(coded & 1) == 1] >> 1] = True
+    assert exact or merge_undecided.sum() == unsure  # fast: every code is the merge's
+    want = oracle_merge(W, plan.left, plan.right, plan.scale, int(sign)).reshape(-1)
+    decided = ~merge_undecided
+    assert np.array_equal(bits_of(out).reshape(-1)[decided], bits_of(want)[decided])
+    if exact:
+        back_decided = decided.copy()
+        back_decided[coded >> 1] = False  # either bracket undecided: the caller resolves them
+        back = oracle_merge(out, plan.left, plan.right, plan.scale, -int(sign)).reshape(-1)
+        want_missed = np.flatnonzero(back_decided & (bits_of(back) != bits_of(W).reshape(-1)))
+        assert np.array_equal(positions[:missed], want_missed)
+
+
 def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(bits_of(a), bits_of(b))
 
@@ -212,6 +274,58 @@ def test_merge_many_matches_the_numpy_path(dtype: str, seed: int, narrow: bool, 
     assert bits_equal(merged_k, merged)
     for a, b in zip(residuals_k, residuals):
         assert (a is None) == (b is None) and (a is None or residuals_equal(a, b))
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_merges_past_the_range_match_the_numpy_path(dtype: str) -> None:
+    """W at t's largest finite values (both signs) and deltas around the overflow threshold, so that many
+    merged elements round to ±inf: the exact merge's residual must record them (the unmerge of ±inf is
+    ±inf, not W), on the kernel path as on the NumPy path, and the round trip restores W."""
+    t = resolve_dtype(dtype)
+    rng = np.random.default_rng(7)
+    largest = LARGEST[dtype]
+    rows, cols = 64, 96  # a block of 6144 elements: the kernels run under auto too
+    signs = np.where(rng.integers(0, 2, (rows, cols)) == 0, 1.0, -1.0)
+    W = round_to(signs * largest * (1 - rng.integers(0, 3, (rows, cols)) * 2.0**-6), t)  # the top three binade steps
+    gap = OVERFLOW[dtype] - largest  # half t's top spacing
+    A = round_to((rng.uniform(0.25, 3.0, (1, cols)) * gap / 2.0**10), t)
+    B = round_to(np.where(rng.integers(0, 2, (rows, 1)) == 0, 2.0**10, -(2.0**10)), t)
+    delta = LinearDelta(A, B, 1.0, module="edge")
+    runs = {}
+    for name in ("numpy", "numba"):
+        with path(name):
+            exact = merge_module.merge(W, delta, exact=True)
+            back = merge_module.unmerge(exact.weight, delta, residual=exact.residual)
+        assert bits_equal(back, W)
+        runs[name] = exact
+    assert np.isinf(runs["numpy"].weight.astype(float64)).sum() > rows * cols // 10  # the case does overflow
+    assert bits_equal(runs["numba"].weight, runs["numpy"].weight)
+    assert residuals_equal(runs["numba"].residual, runs["numpy"].residual)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_merge_and_unmerge_into_every_kind_of_out(name: str, exact: bool) -> None:
+    """merge writes a fresh C-contiguous ``out`` in place of a workspace block (lora_ref.merge.merge's
+    ``direct``), and copies into the others: W itself, a strided view, a Fortran-ordered array. Every one
+    gets the bits of merge without ``out``, and unmerge into each restores W."""
+    rng = np.random.default_rng(3)
+    W, delta = tie_case(rng, resolve_dtype("bfloat16"), 96, 80, 3, True)
+    with path(name):
+        want = merge_module.merge(W, delta, exact=exact)
+        host = np.empty((96, 160), W.dtype)
+        outs = {"fresh": np.empty_like(W), "strided": host[:, ::2], "fortran": np.asfortranarray(np.empty_like(W)),
+                "in place": W.copy()}
+        for label, out in outs.items():
+            source = out if label == "in place" else W
+            if label == "in place":
+                out[...] = W
+            got = merge_module.merge(source, delta, exact=exact, out=out)
+            assert got.weight is out and bits_equal(np.ascontiguousarray(out), want.weight), label
+            if exact:
+                back = np.empty_like(W) if label != "strided" else np.empty((96, 160), W.dtype)[:, 1::2]
+                merge_module.unmerge(np.ascontiguousarray(out), delta, residual=got.residual, out=back)
+                assert bits_equal(np.ascontiguousarray(back), W), label
 
 
 def test_float16_widening_matches_numpy_for_every_pattern() -> None:

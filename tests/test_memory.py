@@ -9,7 +9,10 @@ counted: that is the point of streaming. Asserted against the bound, never again
 The bound. A merge keeps at most ``LIVE_BLOCKS`` block-sized float64 temporaries alive at once:
 W[rows] as float64, the Δ accumulator, one rank-1 outer product, s·Δ, W + Δ, and in exact mode
 round(W') as float64 and W' − Δ; rounding and the bitwise comparison add arrays of at most half
-a block (float32/uint32) or an eighth (bool), covered by the last slot. Exact mode also holds
+a block (float32/uint32) or an eighth (bool), covered by the last slot. With the numba kernels (lora_ref/kernels.py) a block holds twice the
+elements and no float64 temporary: int32 found positions (one block's bytes), the merged block
+when the output is a file and the exact resolution's restored block (each at most 4 bytes an
+element: one block's bytes), so 3 of the slots. Exact mode also holds
 one tensor's residual (flat int64 index + value per differing element): its per-block pieces
 and their concatenation, so 2 × the largest tensor's residual bytes; earlier tensors' residuals
 are spilled to disk. Unmerge reads the residual file through a memory mapping (no heap), and
