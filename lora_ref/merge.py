@@ -754,6 +754,18 @@ def _collect(parts: list, W: np.ndarray, delta: DeltaSource, semantics: str, dig
     )
 
 
+def _check_out(W: np.ndarray, out: object) -> None:
+    """Refuse an ``out`` array that overlaps W without being W itself (same memory, shape, strides and
+    dtype): the blocks are written as they are computed, so a shifted overlap would read rows that an
+    earlier block already overwrote."""
+    if isinstance(out, np.ndarray) and np.may_share_memory(out, W) and np.shares_memory(out, W):
+        same = out.ctypes.data == W.ctypes.data and out.shape == W.shape and out.strides == W.strides \
+            and out.dtype == W.dtype
+        if not same:
+            raise ConfigError("out overlaps the weight without being the weight itself (pass out=W to work in place, "
+                              "or a separate array)")
+
+
 def merge(
     W: np.ndarray,
     delta: DeltaSource,
@@ -779,6 +791,7 @@ def merge(
     if not allow_nonfinite:
         check_factors_finite(delta)
     W = np.asarray(W)
+    _check_out(W, out)
     result = np.empty_like(W) if out is None else out
     flat_row = math.prod(W.shape[1:]) if W.ndim > 1 else 1
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
@@ -919,6 +932,7 @@ def unmerge(
             )
         semantics = residual.semantics
     semantics = check_semantics(semantics or MERGE_SEMANTICS, "unmerge")
+    _check_out(W_merged, out)
     result = np.empty_like(W_merged) if out is None else out
     flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)

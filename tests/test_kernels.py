@@ -328,6 +328,24 @@ def test_merge_and_unmerge_into_every_kind_of_out(name: str, exact: bool) -> Non
                 assert bits_equal(np.ascontiguousarray(back), W), label
 
 
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_an_out_overlapping_the_weight_shifted_is_refused(name: str) -> None:
+    """out sharing W's memory without being W (one row down: each block would read rows an earlier block
+    overwrote) is a ConfigError, for merge and unmerge; a disjoint view of the same buffer is taken."""
+    rng = np.random.default_rng(5)
+    W, delta = tie_case(rng, resolve_dtype("float32"), 97, 80, 3, True)
+    buffer = np.concatenate([W, W[:1]])
+    with path(name):
+        want = merge_module.merge(W, delta).weight
+        for call in (merge_module.merge, merge_module.unmerge):
+            with pytest.raises(ConfigError, match="overlaps"):
+                call(buffer[:-1], delta, out=buffer[1:])
+        host = np.empty((2 * 97, 80), W.dtype)
+        host[:97] = W
+        merge_module.merge(host[:97], delta, out=host[97:])
+        assert bits_equal(host[97:], want)
+
+
 def test_float16_widening_matches_numpy_for_every_pattern() -> None:
     from lora_ref import kernels
 
