@@ -6,7 +6,8 @@
   evaluation rounded once to t (``tests/test_linear.py``'s module doc derives it);
 * the exact oracles on Fraction object arrays: Linear (:func:`oracle_forward`, with the
   :func:`linear_cases` strategy and :func:`exact_case` / :func:`oracle_of`), Conv (:func:`oracle_conv`);
-* :func:`finite_max`: the largest finite value of a dtype.
+* :func:`finite_max`: the largest finite value of a dtype;
+* :func:`load_example`: a script of examples/ imported as a module.
 
 γ_k and the exact conversions (:func:`lora_ref.numerics.gamma`, ``exact``, ``to_float``) live in
 :mod:`lora_ref.numerics`.
@@ -14,7 +15,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from fractions import Fraction
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -179,3 +183,14 @@ def oracle_conv(x, kernel, stride, dilation, pads, mode):
 def finite_max(dtype: np.dtype) -> float:
     return float(np.array([np.inf], float64).astype(dtype).view(BITS_VIEW[dtype]).__sub__(1)
                  .astype(BITS_VIEW[dtype]).view(dtype).astype(float64)[0])
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """examples/<name>.py imported as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

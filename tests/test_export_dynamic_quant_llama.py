@@ -12,13 +12,12 @@ every batched row −1) the logits are the quantized graph's bit for bit.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import require_peer
+from helpers import load_example
 
 torch = require_peer("torch")
 require_peer("peft")
@@ -33,7 +32,6 @@ from lora_ref.export.models import ort_dynamic  # noqa: E402
 from lora_ref.export.parity import expose  # noqa: E402
 from lora_ref.numerics import gamma  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "peft_to_onnx.py"
 U32 = 2.0**-24
 
 
@@ -42,9 +40,7 @@ def world(tmp_path_factory):
     """(example module, quantized graph, adapter dir, the PEFT model in float64, ids)."""
     from peft import PeftModel
 
-    spec = importlib.util.spec_from_file_location("peft_to_onnx", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("peft_to_onnx")
     folder = tmp_path_factory.mktemp("llama_dynamic_quant")
     base = example.tiny_llama()
     adapter_dir = example.make_adapter(base, folder / "adapter", r=4, alpha=8, seed=1)

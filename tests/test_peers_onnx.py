@@ -11,13 +11,12 @@ u = 2^-53 for the float64 peer). End to end the logits are also printed relative
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import require_peer
+from helpers import load_example
 
 torch = require_peer("torch")
 require_peer("peft")
@@ -29,14 +28,11 @@ import onnx  # noqa: E402
 from lora_ref.export import locate_targets, open_session  # noqa: E402
 from lora_ref.export.parity import expose, site_bound  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "peft_to_onnx.py"
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("peft_to_onnx", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("peft_to_onnx")
     workdir = tmp_path_factory.mktemp("peft_to_onnx")
     figures = module.main(workdir)
     return module, workdir, figures
