@@ -74,7 +74,8 @@ def test_export_json_names_what_was_written(world: Path, mode: str, where: str) 
         for module, (a_shape, b_shape) in _factors(world / "ad0").items():
             assert inputs[f"{module}.lora_A.weight"][0] == a_shape[1] and inputs[f"{module}.lora_B.weight"][1] == b_shape[0]
         for name, file in report["adapter_files"].items():
-            params = ort.AdapterFormat.read_adapter(file).get_parameters()
+            reader = ort.AdapterFormat.read_adapter(file)  # kept alive: the values' arrays point into its memory
+            params = reader.get_parameters()
             factors = _factors(world / name)
             assert sorted(params) == sorted(f"{m}.lora_{f}.weight" for m in factors for f in "AB")
             for m, (a_shape, b_shape) in factors.items():  # A_g = A^T, B_g = s·B^T
@@ -98,7 +99,8 @@ def test_convert_adapters_json_names_what_was_written(world: Path, where: str) -
         assert Path(entry["file"]) == world / "out" / f"{name}.onnx_adapter"
         factors = _factors(world / name)
         assert entry["modules"] == sorted(factors)
-        params = ort.AdapterFormat.read_adapter(entry["file"]).get_parameters()
+        reader = ort.AdapterFormat.read_adapter(entry["file"])  # kept alive: the values' arrays point into its memory
+        params = reader.get_parameters()
         assert entry["tensors"] == len(params) == 2 * len(factors)
         for m, (a_shape, b_shape) in factors.items():
             assert tuple(params[f"{m}.lora_A.weight"].numpy().shape) == a_shape[::-1]
