@@ -21,21 +21,23 @@ stand-in for Triton's ONNX Runtime backend, with the same repository layout and 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import require_peer
-from helpers import load_example
 
 pytestmark = pytest.mark.skipif(os.environ.get("LORA_REF_TRITON") != "1",
                                 reason="Triton server tests run with LORA_REF_TRITON=1 (bash scripts/test_triton.sh)")
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "peft_to_onnx.py"
 LENGTHS = [3, 7, 16, 5, 12, 9, 20, 4]
 
 
@@ -54,7 +56,9 @@ def setup(tmp_path_factory):
     except TritonUnavailableError as exc:
         pytest.fail(f"LORA_REF_TRITON=1 but {exc}")
 
-    example = load_example("peft_to_onnx")
+    spec = importlib.util.spec_from_file_location("peft_to_onnx", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     work = tmp_path_factory.mktemp("triton")
     base = example.tiny_llama()
     dirs = [example.make_adapter(base, work / f"adapter_{k}", r=r, alpha=2 * r, seed=20 + k) for k, r in enumerate((2, 4, 8, 4))]
