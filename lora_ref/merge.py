@@ -230,8 +230,12 @@ class _Workspace:
         return view
 
 
-def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...], block_bytes: int) -> list[_T]:
+def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...], block_bytes: int,
+                    workspace: _Workspace | None = None) -> list[_T]:
     """[fn(rows, workspace) for each row block], in order; on several cores, blocks run in threads.
+
+    With a ``workspace`` the blocks run one after another on the calling thread, in it (for a
+    caller that runs several weights at once on its own threads, one workspace each).
 
     NumPy releases the GIL in the array operations, so blocks proceed in parallel; each thread
     has its own :class:`_Workspace`, dropped when the call returns. The memory budget
@@ -250,8 +254,8 @@ def _map_row_blocks(fn: Callable[[slice, _Workspace], _T], shape: tuple[int, ...
     threads = max(1, min(MAX_THREADS, block_bytes // (4 * row_bytes)))
     per_element = 2 if kernel else 1
     step = block_rows(shape, per_element * max(1, min(block_bytes // threads, thread_block)))
-    if threads == 1 or -(-shape[0] // step) < 2 * threads:
-        workspace = _Workspace()
+    if workspace is not None or threads == 1 or -(-shape[0] // step) < 2 * threads:
+        workspace = workspace or _Workspace()
         single = block_rows(shape, per_element * min(block_bytes, thread_block))
         return [fn(rows, workspace) for rows in row_slices(shape[0], single)]
     local = threading.local()
@@ -766,6 +770,15 @@ def _check_out(W: np.ndarray, out: object) -> None:
                               "or a separate array)")
 
 
+def _writes_directly(result: object, W: np.ndarray) -> bool:
+    """Whether blocks can be written straight into ``result``'s rows: C-contiguous memory of W's dtype and
+    shape apart from W's. Else (out is W, overlaps it, is a file's OutputTensor, or of another layout or
+    dtype) each block goes into a workspace block, then is copied: an exact merge and the exact
+    resolution read W's original block after the output is written."""
+    return isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W.dtype \
+        and result.shape == W.shape and not np.may_share_memory(result, W)
+
+
 def merge(
     W: np.ndarray,
     delta: DeltaSource,
@@ -797,11 +810,7 @@ def merge(
     step = _Step(delta, _product(delta, W.dtype, semantics), 1.0)
     index_dtype = residual_index_dtype(W.size)
 
-    # the block is merged straight into the result's rows where they are C-contiguous memory of W's dtype and
-    # shape apart from W's; else (out is W, overlaps it, is a file's OutputTensor, or of another layout or
-    # dtype) into a workspace block, then copied: the exact merge reads W's original values after writing
-    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W.dtype \
-        and result.shape == W.shape and not np.may_share_memory(result, W)
+    direct = _writes_directly(result, W)
 
     def merge_rows(rows: slice, workspace: _Workspace) -> tuple[np.ndarray, np.ndarray] | None:
         block = np.ascontiguousarray(W[rows])
@@ -937,9 +946,7 @@ def unmerge(
     flat_row = math.prod(W_merged.shape[1:]) if W_merged.ndim > 1 else 1
     step = _Step(delta, _product(delta, W_merged.dtype, semantics), -1.0)
 
-    # straight into the result's rows where that can be done (as merge: the resolution reads W_merged's block)
-    direct = isinstance(result, np.ndarray) and result.flags.c_contiguous and result.dtype == W_merged.dtype \
-        and result.shape == W_merged.shape and not np.may_share_memory(result, W_merged)
+    direct = _writes_directly(result, W_merged)
 
     def unmerge_rows(rows: slice, workspace: _Workspace) -> None:
         block = np.ascontiguousarray(W_merged[rows])
@@ -1016,12 +1023,7 @@ def switch(
             W[rows] = block
         return found
 
-    if workspace is None:
-        per_block = _map_row_blocks(switch_rows, W.shape, block_bytes)
-    else:  # the block size of _map_row_blocks' one-thread loop
-        step = block_rows(W.shape, min(block_bytes, THREAD_BLOCK_BYTES if kernels_module(W.size) is None
-                                       else KERNEL_THREAD_BLOCK_BYTES))
-        per_block = [switch_rows(rows, workspace) for rows in row_slices(W.shape[0], step)]
+    per_block = _map_row_blocks(switch_rows, W.shape, block_bytes, workspace)
     if not exact:
         return [None] * len(do)
     return [_collect([parts[k] for parts in per_block], W, d, semantics, False, W, IN_MEMORY) for k, d in enumerate(do)]
