@@ -30,8 +30,13 @@ values), at memory speed:
     rounded to odd into float64 and then to t: about 0.2 µs an element where Python takes about 11
     (r = 16; a bfloat16 merge of 16 M elements leaves a few thousand undecided: mostly exact ties).
 
-No fastmath and no FMA contraction (numba's default: LLVM contracts nothing without fast-math
-flags): every float64 operation is one IEEE operation, rounded to nearest. The kernels release
+No fastmath (numba's default: LLVM contracts and reassociates nothing without fast-math flags):
+every float64 operation is one IEEE operation, rounded to nearest, except the product's
+multiply-adds, which :func:`_multiply_add` leaves to the CPU: one fused multiply-add (one rounding)
+where it has FMA, a multiply and an add (two) where not. SPEC 3.2's bound covers both, and the
+correctly rounded values do not depend on which ran (the bracket, whose operations are the NumPy
+path's, never fuses). Fused, a product row costs half the instructions (about a quarter off a
+merge's time on 2 cores, bench/bench_merge.py). The kernels release
 the GIL (``nogil``), so :func:`lora_ref.merge._map_row_blocks`' threads run them in parallel, and
 are compiled lazily, for the signatures used, into numba's on-disk cache (``cache=True``; where the
 cache directory is not writable numba compiles in memory and says nothing).
@@ -47,7 +52,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from .dtypes import bfloat16, float16, float32
 
@@ -157,36 +164,71 @@ def _bracket(base, product, left_norms, right_norms, spread, sign, out, undecide
                 undecided[s, i, j] = unsure
 
 
+@intrinsic
+def _multiply_add(typingctx, a, b, c):
+    """a·b + c, rounded once or twice: LLVM's ``fmuladd``, a fused multiply-add where the CPU has one
+    (fl(a·b + c)), else fl(fl(a·b) + c). Either is an evaluation SPEC 3.2's bound covers (each term still
+    passes through at most r roundings), so the correctly rounded results do not depend on which."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        real = context.get_value_type(a)
+        fmuladd = builder.module.declare_intrinsic("llvm.fmuladd", [real], ir.FunctionType(real, [real] * 3))
+        return builder.call(fmuladd, args)
+    return a(a, a, a), codegen
+
+
 @njit(nogil=True, cache=True, inline="always")
-def _row_products(left, right, first, second, acc):
-    """acc[0] := fl(Σ_k L[first, k]·R[k, :]), acc[1] := the same for row ``second``: each sum in increasing k,
-    one float64 multiply and one add per term (no FMA), vectorised over the columns. Two rows at a time
-    share each load of R, and four terms at a time (in order) save acc's loads and stores: about BLAS's
-    speed on one core (a product row is 8c bytes in cache, never a float64 block in memory)."""
+def _terms(q, factors, sums):
+    """The four running sums plus ``factors``·q, one multiply-add each (:func:`_multiply_add`)."""
+    return (_multiply_add(factors[0], q, sums[0]), _multiply_add(factors[1], q, sums[1]),
+            _multiply_add(factors[2], q, sums[2]), _multiply_add(factors[3], q, sums[3]))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_products(left, right, first, acc):
+    """acc[m] := fl(Σ_k L[first + m, k]·R[k, :]) for m < 4 (rows past L's last repeat it): each sum in
+    increasing k from −0 (x + −0 is x, signed zeros included, so the first term is its plain product), every
+    term one multiply-add (:func:`_multiply_add`: fused or not, each term passes through at most ``rank``
+    roundings), vectorised over the columns. Four rows at a time share each load of R, and eight terms at a
+    time (in order) keep the sums in registers between acc's loads and stores: half a memory operation per
+    multiply-add, a third of the time of two rows and four terms (a product row is 8c bytes in cache, never a
+    float64 block in memory)."""
     rank, n_cols = right.shape
-    x, y = acc[0], acc[1]
-    a, b = left[first, 0], left[second, 0]
-    r0 = right[0]
+    last = left.shape[0] - 1
+    rows = (first, min(first + 1, last), min(first + 2, last), min(first + 3, last))
+    w, x, y, z = acc[0], acc[1], acc[2], acc[3]
     for j in range(n_cols):
-        x[j] = a * r0[j]
-        y[j] = b * r0[j]
-    k = 1
-    while k + 4 <= rank:
-        a0, a1, a2, a3 = left[first, k], left[first, k + 1], left[first, k + 2], left[first, k + 3]
-        b0, b1, b2, b3 = left[second, k], left[second, k + 1], left[second, k + 2], left[second, k + 3]
-        r0, r1, r2, r3 = right[k], right[k + 1], right[k + 2], right[k + 3]
+        w[j], x[j], y[j], z[j] = -0.0, -0.0, -0.0, -0.0
+    k = 0
+    while k + 8 <= rank:
+        l0, l1, l2, l3, l4, l5, l6, l7 = (_column(left, rows, k), _column(left, rows, k + 1), _column(left, rows, k + 2),
+                                          _column(left, rows, k + 3), _column(left, rows, k + 4), _column(left, rows, k + 5),
+                                          _column(left, rows, k + 6), _column(left, rows, k + 7))
+        r0, r1, r2, r3, r4, r5, r6, r7 = (right[k], right[k + 1], right[k + 2], right[k + 3], right[k + 4], right[k + 5],
+                                          right[k + 6], right[k + 7])
         for j in range(n_cols):
-            q0, q1, q2, q3 = r0[j], r1[j], r2[j], r3[j]
-            x[j] = (((x[j] + a0 * q0) + a1 * q1) + a2 * q2) + a3 * q3
-            y[j] = (((y[j] + b0 * q0) + b1 * q1) + b2 * q2) + b3 * q3
-        k += 4
+            sums = _terms(r0[j], l0, (w[j], x[j], y[j], z[j]))
+            sums = _terms(r1[j], l1, sums)
+            sums = _terms(r2[j], l2, sums)
+            sums = _terms(r3[j], l3, sums)
+            sums = _terms(r4[j], l4, sums)
+            sums = _terms(r5[j], l5, sums)
+            sums = _terms(r6[j], l6, sums)
+            w[j], x[j], y[j], z[j] = _terms(r7[j], l7, sums)
+        k += 8
     while k < rank:
-        a, b = left[first, k], left[second, k]
-        r0 = right[k]
+        factors, q = _column(left, rows, k), right[k]
         for j in range(n_cols):
-            x[j] = x[j] + a * r0[j]
-            y[j] = y[j] + b * r0[j]
+            w[j], x[j], y[j], z[j] = _terms(q[j], factors, (w[j], x[j], y[j], z[j]))
         k += 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _column(left, rows, k):
+    """(L[rows[m], k] for m < 4)."""
+    return left[rows[0], k], left[rows[1], k], left[rows[2], k], left[rows[3], k]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -208,10 +250,10 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
 
     Why this product gives the correctly rounded values: SPEC 3.2's bound holds for any float64
     evaluation of Σ_k L_ik R_kj in which every term passes through at most r roundings (Higham, Thm 3.1:
-    |P − T| ≤ γ_r·Σ_k|L_ik||R_kj| + r·η); the sequential sum rounds the k-th term once as a product and
-    then at most r − 1 times as a sum, and each operation here is one IEEE operation rounded to nearest
-    (no FMA contraction, no reassociation: no fastmath), so P is one of the evaluations the bound
-    covers, and then Q = fl(s·P) and y = fl(w ± Q) are the proof's. The brackets decide exactly the
+    |P − T| ≤ γ_r·Σ_k|L_ik||R_kj| + r·η); the sequential sum rounds the first term once as a product and
+    each later term k once as a fused multiply-add (or twice, as a product and a sum, without FMA), then
+    at most r − k times with the sums after it; every other operation is one IEEE operation rounded to
+    nearest (no reassociation: no fastmath), so P is one of the evaluations the bound covers, and then Q = fl(s·P) and y = fl(w ± Q) are the proof's. The brackets decide exactly the
     elements whose error interval rounds to one value of t, and that value is RN_t(X): the merged
     values and residuals are bitwise the NumPy path's (BLAS's product), though which rare elements stay
     undecided may differ (either product may land an interval end across a midpoint the other does not).
@@ -220,15 +262,15 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
     n_words = (n_cols + 7) // 8
     words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
     codes = words.view(np.uint8)
-    acc = np.empty((2, n_cols))
+    acc = np.empty((4, n_cols))
     largest = 65504.0 if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
     missed = 0
     unsure = 0
     size = positions.size
-    for pair in range(0, n_rows, 2):
-        _row_products(left, right, pair, min(pair + 1, n_rows - 1), acc)
-        for i in range(pair, min(pair + 2, n_rows)):
-            row = acc[i - pair]
+    for quad in range(0, n_rows, 4):
+        _row_products(left, right, quad, acc)
+        for i in range(quad, min(quad + 4, n_rows)):
+            row = acc[i - quad]
             left_norm = left_norms[i]
             for j in range(n_cols):
                 original = base[i, j]

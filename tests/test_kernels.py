@@ -167,14 +167,17 @@ def tie_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int, ra
 
 
 def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int) -> tuple[np.ndarray, LinearDelta]:
-    """W ordinary, float64 factors whose rank terms cancel: L = [g, 2^20·a, −2^20·a], R = [h; 2^20·b; 2^20·b + 2^-20·c]
-    (g, h, a, b, c ordinary), so X ≈ W + s·(g h − a c) while the sequential float64 sum rounds at the scale of
-    2^40·a b: errors of about 2^-13·|X|, far beyond t's spacing, which only the bound's κ·‖L_i‖‖R_j‖ term covers."""
+    """W ordinary, float64 factors whose rank terms cancel: L = [g, E, 2^20·a, −2^20·a], R = [h; F; 2^20·b; 2^20·b +
+    2^-20·c] (g, h, a, b, c ordinary; E, F 0 to 17 further ordinary terms, which move the cancelling pair across
+    the kernel's chunks of eight terms), so X ≈ W + s·(g h + E F − a c) while the sequential float64 sum rounds
+    at the scale of 2^40·a b: errors of about 2^-13·|X|, far beyond t's spacing, which only the bound's
+    κ·‖L_i‖‖R_j‖ term covers."""
     W = round_to(rng.normal(0, 1, (rows, cols)), dtype)
-    g, a = rng.normal(0, 1, rows), rng.normal(0, 1, rows)
-    h, b, c = rng.normal(0, 1, cols), rng.normal(0, 1, cols), rng.normal(0, 1, cols)
-    left = np.stack([g, 2.0**20 * a, -(2.0**20) * a], axis=1)
-    right = np.stack([h, 2.0**20 * b, 2.0**20 * b + 2.0**-20 * c])
+    extra = int(rng.integers(0, 18))
+    g, a = rng.normal(0, 1, (rows, 1 + extra)), rng.normal(0, 1, rows)
+    h, b, c = rng.normal(0, 1, (1 + extra, cols)), rng.normal(0, 1, cols), rng.normal(0, 1, cols)
+    left = np.concatenate([g, np.stack([2.0**20 * a, -(2.0**20) * a], axis=1)], axis=1)
+    right = np.concatenate([h, np.stack([2.0**20 * b, 2.0**20 * b + 2.0**-20 * c])])
     return W, LinearDelta(right, left, float(rng.choice([1.0, 0.37])), module="cancel")
 
 
@@ -193,7 +196,8 @@ def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int,
 
     t = resolve_dtype(dtype)
     rng = np.random.default_rng(seed)
-    rows, cols, rank = int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(1, 7))
+    # ranks to 20 and rows to 9: the kernel's product runs four rows and eight terms at a time, with tails of both
+    rows, cols, rank = int(rng.integers(1, 10)), int(rng.integers(1, 20)), int(rng.integers(1, 21))
     if case == "cancelling":
         W, delta = cancelling_case(rng, t, rows, cols)
     else:
@@ -235,7 +239,7 @@ def test_merge_unmerge_switch_match_the_numpy_path(dtype: str, seed: int, narrow
                                                    block_bytes: int) -> None:
     t = resolve_dtype(dtype)
     rng = np.random.default_rng(seed)
-    rows, cols, rank = int(rng.integers(1, 40)), int(rng.integers(1, 24)), int(rng.integers(1, 5))
+    rows, cols, rank = int(rng.integers(1, 40)), int(rng.integers(1, 24)), int(rng.integers(1, 21))
     W, old = tie_case(rng, t, rows, cols, rank, narrow)
     new = tie_case(rng, t, rows, cols, rank, narrow)[1]
     runs = {}
