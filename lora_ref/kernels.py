@@ -23,6 +23,9 @@ values), at memory speed:
     caller resolves the latter exactly). Brackets give correctly rounded values wherever they decide,
     so the merged block and the residual are the NumPy path's, bit for bit; the undecided positions
     may differ on rare elements (another product rounding), which only moves work to the resolver.
+    bfloat16 weights are bracketed in float32 arithmetic first (:func:`_ends32`, SPEC 3.2: twice the
+    lanes of a float64 vector; a bfloat16 exact merge takes about three quarters of the time), and
+    the few elements that bracket leaves undecided (about 1 in 2,000) in float64, as the other dtypes.
 :func:`_resolve`
     the exact value of undecided elements for float32/16/bfloat16 factors: the arithmetic of
     :func:`lora_ref.merge._exact_by_fsum` (exact float64 products, Dekker's product by the scale),
@@ -150,6 +153,57 @@ def _decide(w, p, cross, spread, sign, kind):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _element(original, p, cross, spread, sign, exact, kind):
+    """(t's bits of the merge's bracket's low end, its code) for one element of :func:`_merge_rows`' float64
+    bracket: code 6 where the merge's bracket does not decide; with ``exact``, for the stored value, the
+    unmerge's bracket (same product, opposite sign): 2 where it does not decide, else 1 where it misses
+    ``original``'s bits, 0 where it restores them; without, 0 where the merge's decides."""
+    w = _widen(original, kind)
+    value, undecided = _ends(w, p, cross, spread, sign, kind)
+    bits = _store(value, kind)
+    if not exact:
+        return bits, np.uint8(6 if undecided else 0)
+    # the unmerge of the stored value: past t's range that is ±inf (float32's cast gives it)
+    largest = 65504.0 if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
+    merged = value if kind == 0 or abs(value) <= largest else math.copysign(math.inf, value)
+    back, undecided_back = _ends(merged, p, cross, spread, -sign, kind)
+    # decided ends are not NaN, and for float16/bfloat16 not 0 (undecided): their values differ from w exactly
+    # where their bits would; float32's -0 and +0 need the bits
+    differs = np.float32(back).view(np.uint32) != original if kind == 0 else back != w
+    return bits, np.uint8(6 if undecided else 2 if undecided_back else differs)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _grid32(x):
+    """RN_bfloat16(x) for a float32 x, in float32 arithmetic: :func:`_grid`'s formula with float32's 24 bits
+    (c = 1.5·2^(max(e, −126) + 24 − 8)); NaN for |x| ≥ 2^112 (c overflows) and for ±inf and NaN."""
+    c = np.uint32(np.float32(x).view(np.uint32) & np.uint32(0x7F800000)).view(np.float32) * np.float32(1.5 * 2.0**16)
+    c = c if c >= np.float32(1.5 * 2.0**-110) else np.float32(1.5 * 2.0**-110)
+    return (x + c) - c
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _ends32(w, p, cross, sign):
+    """:func:`_ends` for a bfloat16 weight in float32 arithmetic (w, p, cross float32; the coefficient of |y| is
+    4u₃₂ = 2^-22): (the low end rounded to bfloat16, as a float32; undecided).
+
+    Why it decides only RN_bf16(X) (SPEC 3.2): with p = fl(s·P) the float64 value,
+    |p − sT| ≤ (r + 1)u(1 + 2^-18)|s|·‖L_i‖‖R_j‖ + (r|s| + 1)·2^-1074 (the float64 proof without its last
+    rounding); p₃₂ = fl32(p) adds u₃₂|p| + 2^-150 and y₃₂ = fl32(w ± p₃₂) adds u₃₂|y₃₂| (sums are exact below
+    float32's normal range), so |y₃₂ − X| ≤ u₃₂|y₃₂| + C + 2^-149 with C = (u₃₂ + (r + 1)u)(1 + 2^-18)|s|·
+    ‖L_i‖‖R_j‖. cross = fl32(λ_i·ρ_j) ≥ 2(1 − 2^-17)·C + 2^-147 (:func:`lora_ref.merge._float32_norms`),
+    which with 4u₃₂|y₃₂| covers that and the roundings of E and of y₃₂ ± E (relative 2^-24 each, or 2^-150
+    below float32's normal range), so fl32(y₃₂ − E) ≤ X ≤ fl32(y₃₂ + E). :func:`_grid32` is RN_bf16 for every
+    float32 below 2^112 (the rest give NaN: undecided) and monotone, so equal rounded ends are RN_bf16(X);
+    a rounded 0 is undecided (its sign needs the exact sum)."""
+    y = w + p if sign > 0 else w - p
+    bound = cross + abs(y) * np.float32(2.0**-22)
+    low = _grid32(y - bound)
+    high = _grid32(y + bound)
+    return low, not (low == high) or low == np.float32(0.0)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _bracket(base, product, left_norms, right_norms, spread, sign, out, undecided, kind):
     """out := the bits of RN_t(fl(y − E)), undecided := where that may not be RN_t(base ± s·L R)
     (module doc); base, out: weight bits [k, n, c]; product float64 [k, n, c]; undecided bool [k, n, c];
@@ -232,7 +286,8 @@ def _column(left, rows, k):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, exact, kind):
+def _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread, sign, out,
+                positions, exact, kind):
     """A block's merge (``exact`` False) or exact merge (True) in one pass, with the product computed
     here (no BLAS); returns (m, u).
 
@@ -246,15 +301,20 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
     bracket does not decide, as 2·position + 1 where the merge's does not (its ``out`` is to be resolved
     too), 2·position where only the unmerge's does not. Each row is bracketed into a row of codes (a
     loop the compiler vectorises), then compacted. left: L's rows of the block [n, r]; right: R [r, c];
-    norms [n] and [c]; ``exact`` and ``kind`` (:func:`_bracket`) are constants of each caller.
+    norms [n] and [c]; ``exact`` and ``kind`` (:func:`_bracket`) are constants of each caller. For
+    bfloat16 (kind 2) with float32 norms (``left_norms32`` [n], ``right_norms32`` [c]:
+    :func:`lora_ref.merge._float32_norms`; empty arrays for the other dtypes, or where the plan has none),
+    each row is first bracketed in float32 (:func:`_ends32`, on fl32(p_j) and fl32(λ_i·ρ_j)), and the
+    elements it leaves undecided again in float64 (:func:`_element`) while the codes are compacted.
 
     Why this product gives the correctly rounded values: SPEC 3.2's bound holds for any float64
     evaluation of Σ_k L_ik R_kj in which every term passes through at most r roundings (Higham, Thm 3.1:
     |P − T| ≤ γ_r·Σ_k|L_ik||R_kj| + r·η); the sequential sum rounds the first term once as a product and
     each later term k once as a fused multiply-add (or twice, as a product and a sum, without FMA), then
     at most r − k times with the sums after it; every other operation is one IEEE operation rounded to
-    nearest (no reassociation: no fastmath), so P is one of the evaluations the bound covers, and then Q = fl(s·P) and y = fl(w ± Q) are the proof's. The brackets decide exactly the
-    elements whose error interval rounds to one value of t, and that value is RN_t(X): the merged
+    nearest (no reassociation: no fastmath), so P is one of the evaluations the bound covers, and then
+    Q = fl(s·P) and y = fl(w ± Q) are the proof's. The brackets decide exactly the elements whose error
+    interval rounds to one value of t, and that value is RN_t(X): the merged
     values and residuals are bitwise the NumPy path's (BLAS's product), though which rare elements stay
     undecided may differ (either product may land an interval end across a midpoint the other does not).
     """
@@ -263,7 +323,8 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
     words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
     codes = words.view(np.uint8)
     acc = np.empty((4, n_cols))
-    largest = 65504.0 if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
+    narrow = kind == 2 and left_norms32.size > 0  # bfloat16 bracketed in float32 first
+    products32 = np.empty(n_cols if narrow else 0, np.float32)
     missed = 0
     unsure = 0
     size = positions.size
@@ -272,22 +333,25 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
         for i in range(quad, min(quad + 4, n_rows)):
             row = acc[i - quad]
             left_norm = left_norms[i]
-            for j in range(n_cols):
-                original = base[i, j]
-                p = row[j] * scale
-                cross = left_norm * right_norms[j]
-                w = _widen(original, kind)
-                value, undecided = _ends(w, p, cross, spread, sign, kind)
-                out[i, j] = _store(value, kind)
-                if exact:  # the unmerge of the stored value: past t's range that is ±inf (float32's cast gives it)
-                    merged = value if kind == 0 or abs(value) <= largest else math.copysign(math.inf, value)
-                    back, undecided_back = _ends(merged, p, cross, spread, -sign, kind)
-                    # decided ends are not NaN, and for float16/bfloat16 not 0 (undecided): their values
-                    # differ from w exactly where their bits would; float32's -0 and +0 need the bits
-                    differs = np.float32(back).view(np.uint32) != original if kind == 0 else back != w
-                    codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(differs)
-                else:
-                    codes[j] = 6 if undecided else 0
+            if narrow:  # float32 lanes only (twice float64's per vector); undecided codes are redone below
+                for j in range(n_cols):
+                    products32[j] = np.float32(row[j] * scale)
+                left_norm32 = left_norms32[i]
+                for j in range(n_cols):
+                    original = base[i, j]
+                    w = np.uint32(np.uint32(original) << _SHIFT16).view(np.float32)
+                    p, cross = products32[j], left_norm32 * right_norms32[j]
+                    value, undecided = _ends32(w, p, cross, sign)
+                    out[i, j] = np.uint32(np.float32(value).view(np.uint32) >> _SHIFT16)
+                    if exact:  # decided ends are finite and not 0: values differ exactly where bits do
+                        back, undecided_back = _ends32(value, p, cross, -sign)
+                        codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(back != w)
+                    else:
+                        codes[j] = 6 if undecided else 0
+            else:
+                for j in range(n_cols):
+                    out[i, j], codes[j] = _element(base[i, j], row[j] * scale, left_norm * right_norms[j], spread, sign,
+                                                   exact, kind)
             start = i * n_cols
             for word in range(n_words):  # 8 codes at a time: most are 0, most others 1 (missed)
                 value = words[word]
@@ -303,6 +367,9 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign,
                     continue
                 for j in range(8 * word, min(8 * word + 8, n_cols)):
                     code = codes[j]
+                    if narrow and code >= 2:  # the float64 bracket, for what the float32 one left undecided
+                        out[i, j], code = _element(base[i, j], row[j] * scale, left_norm * right_norms[j], spread, sign,
+                                                   exact, kind)
                     if code == 1:
                         positions[missed] = start + j
                         missed += 1
@@ -330,39 +397,51 @@ def _bracket_bfloat16(base, product, left_norms, right_norms, spread, sign, out,
 
 
 @njit(nogil=True, cache=True)
-def _merge_rows_float32(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, False, 0)
+def _merge_rows_float32(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32,
+                        spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread,
+                       sign, out, positions, False, 0)
 
 
 @njit(nogil=True, cache=True)
-def _exact_merge_rows_float32(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, True, 0)
+def _exact_merge_rows_float32(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32,
+                              spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread,
+                       sign, out, positions, True, 0)
 
 
 @njit(nogil=True, cache=True)
-def _merge_rows_float16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, False, 1)
+def _merge_rows_float16(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32,
+                        spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread,
+                       sign, out, positions, False, 1)
 
 
 @njit(nogil=True, cache=True)
-def _exact_merge_rows_float16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, True, 1)
+def _exact_merge_rows_float16(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32,
+                              spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread,
+                       sign, out, positions, True, 1)
 
 
 @njit(nogil=True, cache=True)
-def _merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, False, 2)
+def _merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32,
+                         spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread,
+                       sign, out, positions, False, 2)
 
 
 @njit(nogil=True, cache=True)
-def _exact_merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions):
-    return _merge_rows(base, left, right, scale, left_norms, right_norms, spread, sign, out, positions, True, 2)
+def _exact_merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32,
+                               spread, sign, out, positions):
+    return _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32, right_norms32, spread,
+                       sign, out, positions, True, 2)
 
 
 #: dtype -> bracket(base bits, product, λ, ρ, spread, sign, out bits, undecided) (:func:`_bracket`).
 BRACKET = {float32: _bracket_float32, float16: _bracket_float16, bfloat16: _bracket_bfloat16}
-#: (dtype, exact) -> merge_rows(base bits [n, c], L rows [n, r], R [r, c], s, λ [n], ρ [c], spread, sign, out bits
-#: [n, c], positions) -> (m, u) (:func:`_merge_rows`).
+#: (dtype, exact) -> merge_rows(base bits [n, c], L rows [n, r], R [r, c], s, λ [n], ρ [c], float32 λ [n] and ρ [c]
+#: (bfloat16; else empty), spread, sign, out bits [n, c], positions) -> (m, u) (:func:`_merge_rows`).
 MERGE_ROWS = {(float32, False): _merge_rows_float32, (float16, False): _merge_rows_float16,
               (bfloat16, False): _merge_rows_bfloat16, (float32, True): _exact_merge_rows_float32,
               (float16, True): _exact_merge_rows_float16, (bfloat16, True): _exact_merge_rows_bfloat16}

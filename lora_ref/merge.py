@@ -319,6 +319,8 @@ class _Product:
     zero_cols: np.ndarray  # R_j = 0
     spread: float  # the coefficient of |y|: 4u
     narrow: bool  # L and R hold float32/16/bf16 values: each L_ik·R_kj is exact in float64
+    left_norms32: np.ndarray  # bfloat16 weights: the float32 bracket's κ₃₂·‖L_i‖ + 2^-73 (float32; else empty)
+    right_norms32: np.ndarray  # ‖R_j‖ + 2^-73
 
 
 def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | None:
@@ -336,11 +338,36 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
     left_norms, right_norms, spread, near = _bound_norms(left, right, scale)
     if near:
         return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
+    left_norms32, right_norms32 = _float32_norms(left, right, scale) if dtype == bfloat16 else (_NO_NORMS, _NO_NORMS)
     return _Product(
         scale=scale, left=left, right=right, left_norms=left_norms, right_norms=right_norms,
         zero_rows=~left.any(axis=1), zero_cols=~right.any(axis=0), spread=spread,
         narrow=narrow and 2.0**-400 < abs(scale) and np.abs(left).max(initial=0) * np.abs(right).max(initial=0) * abs(scale) < 2.0**900,
+        left_norms32=left_norms32, right_norms32=right_norms32,
     )
+
+
+#: The float32 norms of a plan without the float32 bracket.
+_NO_NORMS = np.zeros(0, float32)
+
+
+def _float32_norms(left: np.ndarray, right: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(λ, ρ) of the float32 bracket of bfloat16 weights (SPEC 3.2; lora_ref.kernels._ends32 says why): float32
+    [n] and [c] with λ_i·ρ_j ≥ 2(u₃₂ + (r + 1)u)|s|·‖L_i‖‖R_j‖ + 2^-146, or empty arrays (no float32
+    bracket) where |s| ≥ 2^64 or the norms leave float32's range.
+
+    λ_i = fl32(κ₃₂·‖L_i‖·(1 + 2^-20) + 2^-73) with κ₃₂ = 2(u₃₂ + (r + 1)u)|s|, ρ_j = fl32(‖R_j‖·(1 + 2^-20) +
+    2^-73): the factor 1 + 2^-20 covers the float64 norms' (r + 2)u and float32's rounding to nearest
+    (2^-24); the floors' product 2^-146 covers the product's float32 rounding (2^-150 below float32's
+    normal range) and float64's underflow terms (r|s|·2^-1074, under 2^-900 for |s| < 2^64)."""
+    rank = left.shape[1]
+    kappa = 2 * (UNIT_ROUNDOFF[float32] + (rank + 1) * _U64) * abs(scale)
+    with np.errstate(over="ignore"):
+        left_norms = (kappa * np.sqrt(np.einsum("ik,ik->i", left, left)) * (1 + 2.0**-20) + 2.0**-73).astype(float32)
+        right_norms = (np.sqrt(np.einsum("kj,kj->j", right, right)) * (1 + 2.0**-20) + 2.0**-73).astype(float32)
+    if abs(scale) >= 2.0**64 or not (np.isfinite(left_norms).all() and np.isfinite(right_norms).all()):
+        return _NO_NORMS, _NO_NORMS
+    return left_norms, right_norms
 
 
 def _bound_norms(left: np.ndarray, right: np.ndarray,
@@ -571,7 +598,7 @@ def _kernel_rows(kernels, plan: _Product, rows: slice, base: np.ndarray, sign: f
     found = workspace.get("positions", (base.size,), np.dtype(np.int32 if base.size < 2**30 else np.int64))
     missed, unsure = kernels.MERGE_ROWS[base.dtype, exact](
         bits_of(np.ascontiguousarray(base)), plan.left[rows], plan.right, plan.scale, plan.left_norms[rows],
-        plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[out.dtype]), found)
+        plan.right_norms, plan.left_norms32[rows], plan.right_norms32, plan.spread, sign, out.view(BITS_VIEW[out.dtype]), found)
     return found[:missed], found[found.size - unsure:]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -166,6 +167,29 @@ def tie_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int, ra
     return W, LinearDelta(factor((rank, cols)), factor((rows, rank)), scale, module="tie")
 
 
+def subnormal_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int, rank: int) -> tuple[np.ndarray, LinearDelta]:
+    """W and W + s·L R among t's subnormals and smallest normals: W a multiple of t's subnormal spacing h within
+    ±2^(p+1)·h (a quarter of them 0), float32 factors that are powers of two times 2^(e//2) and 2^(e − e//2)
+    (h = 2^e), some times 1 ± 2^-18, or ordinary values of that size: products from h·2^-6 to h·2^4, exact
+    ties and values 2^-19·h·2^k past a midpoint (below float32's spacing where t is bfloat16: the float32
+    bracket's floor must cover its rounding of the product), results of either sign rounding to ±0, and
+    the boundary at the smallest normal."""
+    spacing = SMALLEST_SUBNORMAL[dtype]
+    digits = {np.dtype(np.float32): 24, np.dtype(np.float16): 11}.get(np.dtype(dtype), 8)
+    W = rng.integers(-(2**(digits + 1)), 2**(digits + 1), (rows, cols)) * spacing
+    W = round_to(np.where(rng.integers(0, 4, W.shape) == 0, 0.0, W), dtype)
+    exponent = int(math.log2(spacing))
+
+    def factor(shape, magnitude):
+        nudged = np.where(rng.integers(0, 4, shape) == 0, 1 + 2.0**-18 * rng.choice([-1.0, 1.0], shape), 1.0)
+        powers = 2.0 ** rng.integers(-3, 3, shape) * rng.choice([-1.0, 1.0], shape) * nudged
+        return round_to(np.where(rng.integers(0, 3, shape) == 0, rng.normal(0, 4, shape), powers) * magnitude, np.float32)
+
+    left, right = factor((rows, rank), 2.0 ** (exponent // 2)), factor((rank, cols), 2.0 ** (exponent - exponent // 2))
+    left[rng.integers(0, 2, rows) == 0, 1:] = 0  # half the rows one term: a product exactly on or just past a midpoint
+    return W, LinearDelta(right, left, float(rng.choice([1.0, 0.5, 0.37])), module="tiny")
+
+
 def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: int) -> tuple[np.ndarray, LinearDelta]:
     """W ordinary, float64 factors whose rank terms cancel: L = [g, E, 2^20·a, −2^20·a], R = [h; F; 2^20·b; 2^20·b +
     2^-20·c] (g, h, a, b, c ordinary; E, F 0 to 17 further ordinary terms, which move the cancelling pair across
@@ -182,7 +206,7 @@ def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: 
 
 
 @pytest.mark.parametrize("dtype", STORAGE)
-@given(seed=st.integers(0, 2**32 - 1), case=st.sampled_from(["narrow ties", "float64 ties", "cancelling"]),
+@given(seed=st.integers(0, 2**32 - 1), case=st.sampled_from(["narrow ties", "float64 ties", "cancelling", "subnormal"]),
        exact=st.booleans(), sign=st.sampled_from([1.0, -1.0]), index=st.sampled_from([np.int32, np.int64]))
 def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int, case: str, exact: bool,
                                                          sign: float, index: type) -> None:
@@ -200,13 +224,16 @@ def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int,
     rows, cols, rank = int(rng.integers(1, 10)), int(rng.integers(1, 20)), int(rng.integers(1, 21))
     if case == "cancelling":
         W, delta = cancelling_case(rng, t, rows, cols)
+    elif case == "subnormal":
+        W, delta = subnormal_case(rng, t, rows, cols, rank)
     else:
         W, delta = tie_case(rng, t, rows, cols, rank, case == "narrow ties")
     plan = merge_module._product(delta, t, merge_module.CORRECTLY_ROUNDED)
     out = np.empty_like(W)
     positions = np.full(W.size, -1, index)  # int32 positions where a block has fewer than 2^30 elements
     missed, unsure = kernels.MERGE_ROWS[t, exact](bits_of(W), plan.left, plan.right, plan.scale, plan.left_norms,
-                                                  plan.right_norms, plan.spread, sign, out.view(BITS_VIEW[t]), positions)
+                                                  plan.right_norms, plan.left_norms32, plan.right_norms32, plan.spread,
+                                                  sign, out.view(BITS_VIEW[t]), positions)
     coded = positions[W.size - unsure:]
     assert missed + unsure <= W.size and (exact or missed == 0)
     assert np.unique(coded >> 1).size == unsure and ((coded >> 1) < W.size).all() and (coded >= 0).all()
