@@ -64,20 +64,22 @@ from .dtypes import (
 )
 from .errors import ConfigError, NonFiniteError, ResidualMismatchError, ShapeError
 
-#: Target size of one float64 working block (bytes); bounds the extra memory of a merge. Small
-#: enough that a block's temporaries stay in cache (bench/bench_merge.py), large enough that
-#: NumPy's per-call overhead is amortised.
-BLOCK_BYTES = 1024 * 1024
+#: Target size of one float64 working block (bytes); bounds the extra memory of a merge (shared by its
+#: threads). Large enough that the per-block calls (NumPy's, the kernels' and the exact resolution's) are
+#: amortised; the NumPy path's thread blocks are capped lower (THREAD_BLOCK_BYTES) to stay in cache.
+BLOCK_BYTES = 2 * 1024 * 1024
 #: Most bytes of one float64 temporary a thread works on, whatever ``block_bytes`` allows: glibc
 #: serves larger allocations with fresh mmap pages, and their page faults cost more than the
 #: arithmetic (bench/bench_merge.py measures the effect).
 THREAD_BLOCK_BYTES = 256 * 1024
 #: The same for the numba kernels (lora_ref/kernels.py), whose largest temporary is the block's found
 #: positions (int32: 4 bytes an element; the product is computed a row at a time, in cache), so their
-#: blocks hold twice the elements of the bytes: 256 Ki elements (64 rows of 4096) at most, 32 rows a
-#: thread on 2 threads under the default BLOCK_BYTES. Measured on 2 cores (4096² float32, r = 16, fast /
-#: exact merge): 16-row blocks a thread 27 / 42 ms, 32-row ones 22 / 38 ms; one thread 34 / 64 ms for
-#: 32 to 512 rows (bench/bench_merge.py measures the whole merge).
+#: blocks hold twice the elements of the bytes: 256 Ki elements (64 rows of 4096) at most, on 2 threads
+#: under the default BLOCK_BYTES too. Measured on 2 cores (4096², r = 16, fast / exact merge, medians of
+#: 12 interleaved rounds): 32-row blocks a thread float32 27 / 53 ms, bfloat16 35 / 74 ms; 64-row ones
+#: 24 / 46 and 28 / 52 ms; 128-row ones no faster (the exact resolution's per-block calls weigh most in
+#: bfloat16, where most blocks have a few undecided elements). An exact q/v switch of a hidden-1024 Llama
+#: (MergeLedger, 2 threads, 256 Ki-element blocks instead of 128 Ki): float32 42 → 37 ms, bfloat16 51 → 41.
 KERNEL_THREAD_BLOCK_BYTES = 1024 * 1024
 #: Largest m·n·k of one GEMM call: OpenBLAS runs products up to 2^18 on the calling thread; larger
 #: ones start its own threads, which, called from several of ours at once, oversubscribe the cores.
