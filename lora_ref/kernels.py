@@ -23,9 +23,10 @@ values), at memory speed:
     caller resolves the latter exactly). Brackets give correctly rounded values wherever they decide,
     so the merged block and the residual are the NumPy path's, bit for bit; the undecided positions
     may differ on rare elements (another product rounding), which only moves work to the resolver.
-    bfloat16 weights are bracketed in float32 arithmetic first (:func:`_ends32`, SPEC 3.2: twice the
-    lanes of a float64 vector; a bfloat16 exact merge takes about three quarters of the time), and
-    the few elements that bracket leaves undecided (about 1 in 2,000) in float64, as the other dtypes.
+    float16 and bfloat16 weights are bracketed in float32 arithmetic first (:func:`_ends32`, SPEC 3.2:
+    twice the lanes of a float64 vector; an exact merge takes about three quarters of the time), and
+    the few elements that bracket leaves undecided (for a random 4096² weight, r = 16, an exact merge's
+    two brackets: 1 in 2,700 for bfloat16, 1 in 540 for float16) in float64, as float32 weights are.
 :func:`_resolve`
     the exact value of undecided elements for float32/16/bfloat16 factors: the arithmetic of
     :func:`lora_ref.merge._exact_by_fsum` (exact float64 products, Dekker's product by the scale),
@@ -174,33 +175,71 @@ def _element(original, p, cross, spread, sign, exact, kind):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _grid32(x):
-    """RN_bfloat16(x) for a float32 x, in float32 arithmetic: :func:`_grid`'s formula with float32's 24 bits
-    (c = 1.5·2^(max(e, −126) + 24 − 8)); NaN for |x| ≥ 2^112 (c overflows) and for ±inf and NaN."""
-    c = np.uint32(np.float32(x).view(np.uint32) & np.uint32(0x7F800000)).view(np.float32) * np.float32(1.5 * 2.0**16)
-    c = c if c >= np.float32(1.5 * 2.0**-110) else np.float32(1.5 * 2.0**-110)
+def _widen32(bits, kind):
+    """The float32 value of a float16 (kind 1) or bfloat16 (2) weight element given by its bits (exact):
+    :func:`_widen`'s bit moves, a float16 subnormal as fraction·2^-24 in float32 (a normal float32)."""
+    if kind == 2:
+        return np.uint32(np.uint32(bits) << _SHIFT16).view(np.float32)
+    half = np.uint32(bits)
+    magnitude = np.uint32(half & np.uint32(0x7FFF))
+    single = np.uint32(np.uint32(magnitude << np.uint32(13)) + np.uint32(112 << 23))  # normal: exponent + 127 − 15
+    single = np.uint32(single + np.uint32(112 << 23)) if magnitude >= np.uint32(0x7C00) else single  # ±inf, NaN
+    single = np.uint32(single | np.uint32(np.uint32(half & np.uint32(0x8000)) << _SHIFT16))
+    subnormal = np.float32(np.int32(magnitude)) * np.float32(2.0**-24)
+    subnormal = -subnormal if half >= np.uint32(0x8000) else subnormal
+    return subnormal if magnitude < np.uint32(0x400) else single.view(np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _store32(value, kind):
+    """t's bits for a float32 ``value`` of t's finite grid (float16, kind 1, or bfloat16, 2), in a uint32:
+    :func:`_store`'s bit moves in float32 (a float16 below 2^-14 is its subnormal |v|·2^24, an integer,
+    taken from the low bits of fl32(|v|·2^24 + 2^23))."""
+    bits = np.float32(value).view(np.uint32)
+    if kind == 2:
+        return np.uint32(bits >> _SHIFT16)
+    magnitude = abs(value)
+    normal = np.int32(np.uint32(bits & np.uint32(0x7FFFFFFF)) >> np.uint32(13)) - np.int32(112 << 10)
+    subnormal = np.int32(np.float32(magnitude * np.float32(2.0**24) + np.float32(2.0**23)).view(np.uint32) & np.uint32(0x3FF))
+    half = subnormal if magnitude < np.float32(2.0**-14) else normal
+    return np.uint32(np.uint32(half) | np.uint32(np.uint32(bits >> _SHIFT16) & np.uint32(0x8000)))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _grid32(x, kind):
+    """RN_t(x) for a float32 x and t float16 (kind 1) or bfloat16 (2), in float32 arithmetic: :func:`_grid`'s
+    formula with float32's 24 bits (c = 1.5·2^(max(e, e_min) + 24 − p)); NaN where c overflows (|x| ≥ 2^112
+    for bfloat16, 2^114 for float16) and for ±inf and NaN."""
+    if kind == 1:
+        spacing, floor = np.float32(1.5 * 2.0 ** (24 - 11)), np.float32(1.5 * 2.0 ** (-14 + 24 - 11))
+    else:
+        spacing, floor = np.float32(1.5 * 2.0 ** (24 - 8)), np.float32(1.5 * 2.0 ** (-126 + 24 - 8))
+    c = np.uint32(np.float32(x).view(np.uint32) & np.uint32(0x7F800000)).view(np.float32) * spacing
+    c = c if c >= floor else floor
     return (x + c) - c
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _ends32(w, p, cross, sign):
-    """:func:`_ends` for a bfloat16 weight in float32 arithmetic (w, p, cross float32; the coefficient of |y| is
-    4u₃₂ = 2^-22): (the low end rounded to bfloat16, as a float32; undecided).
+def _ends32(w, p, cross, sign, kind):
+    """:func:`_ends` for a float16 or bfloat16 weight in float32 arithmetic (w, p, cross float32; the coefficient
+    of |y| is 4u₃₂ = 2^-22): (the low end rounded to t, as a float32; undecided). Ends past float16's range
+    are undecided too (the float64 bracket stores them).
 
-    Why it decides only RN_bf16(X) (SPEC 3.2): with p = fl(s·P) the float64 value,
+    Why it decides only RN_t(X) (SPEC 3.2): with p = fl(s·P) the float64 value,
     |p − sT| ≤ (r + 1)u(1 + 2^-18)|s|·‖L_i‖‖R_j‖ + (r|s| + 1)·2^-1074 (the float64 proof without its last
     rounding); p₃₂ = fl32(p) adds u₃₂|p| + 2^-150 and y₃₂ = fl32(w ± p₃₂) adds u₃₂|y₃₂| (sums are exact below
     float32's normal range), so |y₃₂ − X| ≤ u₃₂|y₃₂| + C + 2^-149 with C = (u₃₂ + (r + 1)u)(1 + 2^-18)|s|·
     ‖L_i‖‖R_j‖. cross = fl32(λ_i·ρ_j) ≥ 2(1 − 2^-17)·C + 2^-147 (:func:`lora_ref.merge._float32_norms`),
     which with 4u₃₂|y₃₂| covers that and the roundings of E and of y₃₂ ± E (relative 2^-24 each, or 2^-150
-    below float32's normal range), so fl32(y₃₂ − E) ≤ X ≤ fl32(y₃₂ + E). :func:`_grid32` is RN_bf16 for every
-    float32 below 2^112 (the rest give NaN: undecided) and monotone, so equal rounded ends are RN_bf16(X);
-    a rounded 0 is undecided (its sign needs the exact sum)."""
+    below float32's normal range), so fl32(y₃₂ − E) ≤ X ≤ fl32(y₃₂ + E). :func:`_grid32` is RN_t for every
+    float32 it does not make NaN (undecided), and monotone, so equal rounded ends are RN_t(X); a rounded 0 is
+    undecided (its sign needs the exact sum)."""
     y = w + p if sign > 0 else w - p
     bound = cross + abs(y) * np.float32(2.0**-22)
-    low = _grid32(y - bound)
-    high = _grid32(y + bound)
-    return low, not (low == high) or low == np.float32(0.0)
+    low = _grid32(y - bound, kind)
+    high = _grid32(y + bound, kind)
+    past = kind == 1 and abs(low) > np.float32(65504.0)  # float16's largest finite value
+    return low, not (low == high) or low == np.float32(0.0) or past
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -302,7 +341,7 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32,
     too), 2·position where only the unmerge's does not. Each row is bracketed into a row of codes (a
     loop the compiler vectorises), then compacted. left: L's rows of the block [n, r]; right: R [r, c];
     norms [n] and [c]; ``exact`` and ``kind`` (:func:`_bracket`) are constants of each caller. For
-    bfloat16 (kind 2) with float32 norms (``left_norms32`` [n], ``right_norms32`` [c]:
+    float16 and bfloat16 (kinds 1, 2) with float32 norms (``left_norms32`` [n], ``right_norms32`` [c]:
     :func:`lora_ref.merge._float32_norms`; empty arrays for the other dtypes, or where the plan has none),
     each row is first bracketed in float32 (:func:`_ends32`, on fl32(p_j) and fl32(λ_i·ρ_j)), and the
     elements it leaves undecided again in float64 (:func:`_element`) while the codes are compacted.
@@ -323,7 +362,7 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32,
     words = np.zeros(n_words, np.uint64)  # the row's codes, 8 to a word (the tail of the last stays 0)
     codes = words.view(np.uint8)
     acc = np.empty((4, n_cols))
-    narrow = kind == 2 and left_norms32.size > 0  # bfloat16 bracketed in float32 first
+    narrow = kind != 0 and left_norms32.size > 0  # float16 and bfloat16 bracketed in float32 first
     products32 = np.empty(n_cols if narrow else 0, np.float32)
     missed = 0
     unsure = 0
@@ -338,13 +377,12 @@ def _merge_rows(base, left, right, scale, left_norms, right_norms, left_norms32,
                     products32[j] = np.float32(row[j] * scale)
                 left_norm32 = left_norms32[i]
                 for j in range(n_cols):
-                    original = base[i, j]
-                    w = np.uint32(np.uint32(original) << _SHIFT16).view(np.float32)
+                    w = _widen32(base[i, j], kind)
                     p, cross = products32[j], left_norm32 * right_norms32[j]
-                    value, undecided = _ends32(w, p, cross, sign)
-                    out[i, j] = np.uint32(np.float32(value).view(np.uint32) >> _SHIFT16)
+                    value, undecided = _ends32(w, p, cross, sign, kind)
+                    out[i, j] = _store32(value, kind)
                     if exact:  # decided ends are finite and not 0: values differ exactly where bits do
-                        back, undecided_back = _ends32(value, p, cross, -sign)
+                        back, undecided_back = _ends32(value, p, cross, -sign, kind)
                         codes[j] = 6 if undecided else 2 if undecided_back else np.uint8(back != w)
                     else:
                         codes[j] = 6 if undecided else 0
@@ -441,7 +479,7 @@ def _exact_merge_rows_bfloat16(base, left, right, scale, left_norms, right_norms
 #: dtype -> bracket(base bits, product, λ, ρ, spread, sign, out bits, undecided) (:func:`_bracket`).
 BRACKET = {float32: _bracket_float32, float16: _bracket_float16, bfloat16: _bracket_bfloat16}
 #: (dtype, exact) -> merge_rows(base bits [n, c], L rows [n, r], R [r, c], s, λ [n], ρ [c], float32 λ [n] and ρ [c]
-#: (bfloat16; else empty), spread, sign, out bits [n, c], positions) -> (m, u) (:func:`_merge_rows`).
+#: (float16, bfloat16; else empty), spread, sign, out bits [n, c], positions) -> (m, u) (:func:`_merge_rows`).
 MERGE_ROWS = {(float32, False): _merge_rows_float32, (float16, False): _merge_rows_float16,
               (bfloat16, False): _merge_rows_bfloat16, (float32, True): _exact_merge_rows_float32,
               (float16, True): _exact_merge_rows_float16, (bfloat16, True): _exact_merge_rows_bfloat16}

@@ -321,7 +321,7 @@ class _Product:
     zero_cols: np.ndarray  # R_j = 0
     spread: float  # the coefficient of |y|: 4u
     narrow: bool  # L and R hold float32/16/bf16 values: each L_ik·R_kj is exact in float64
-    left_norms32: np.ndarray  # bfloat16 weights: the float32 bracket's κ₃₂·‖L_i‖ + 2^-73 (float32; else empty)
+    left_norms32: np.ndarray  # float16/bfloat16 weights: the float32 bracket's κ₃₂·‖L_i‖ + 2^-73 (else empty)
     right_norms32: np.ndarray  # ‖R_j‖ + 2^-73
 
 
@@ -340,7 +340,7 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
     left_norms, right_norms, spread, near = _bound_norms(left, right, scale)
     if near:
         return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
-    left_norms32, right_norms32 = _float32_norms(left, right, scale) if dtype == bfloat16 else (_NO_NORMS, _NO_NORMS)
+    left_norms32, right_norms32 = _float32_norms(left, right, scale) if dtype in _FLOAT32_BRACKETED else (_NO_NORMS, _NO_NORMS)
     return _Product(
         scale=scale, left=left, right=right, left_norms=left_norms, right_norms=right_norms,
         zero_rows=~left.any(axis=1), zero_cols=~right.any(axis=0), spread=spread,
@@ -349,12 +349,14 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
     )
 
 
+#: The weight dtypes the kernels bracket in float32 first (SPEC 3.2): those float32 holds with room to spare.
+_FLOAT32_BRACKETED = (np.dtype(np.float16), bfloat16)
 #: The float32 norms of a plan without the float32 bracket.
 _NO_NORMS = np.zeros(0, float32)
 
 
 def _float32_norms(left: np.ndarray, right: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(λ, ρ) of the float32 bracket of bfloat16 weights (SPEC 3.2; lora_ref.kernels._ends32 says why): float32
+    """(λ, ρ) of the float32 bracket of float16 and bfloat16 weights (SPEC 3.2; lora_ref.kernels._ends32 says why): float32
     [n] and [c] with λ_i·ρ_j ≥ 2(u₃₂ + (r + 1)u)|s|·‖L_i‖‖R_j‖ + 2^-146, or empty arrays (no float32
     bracket) where |s| ≥ 2^64 or the norms leave float32's range.
 

@@ -403,6 +403,25 @@ def test_store_matches_store_exact(dtype: str) -> None:
     assert np.array_equal(got.astype(np.uint16), bits_of(want))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_float32_widening_and_store_match_numpy_for_every_pattern(dtype: str) -> None:
+    """The float32 bracket's bit moves (kernels._widen32, _store32): every pattern of t widens to NumPy's
+    float32 value (NaN to a NaN), and every finite value of t stores back to its own bits (signed zeros and
+    subnormals included)."""
+    from lora_ref import kernels
+
+    t, kind = resolve_dtype(dtype), 1 if dtype == "float16" else 2
+    patterns = np.arange(2**16, dtype=np.uint16)
+    want = patterns.view(t).astype(np.float32)
+    got = np.array([kernels._widen32(p, kind) for p in patterns.tolist()], dtype=np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    finite = np.isfinite(want)
+    stored = np.array([kernels._store32(v, kind) for v in want[finite]], dtype=np.uint32)
+    assert np.array_equal(stored, patterns[finite].astype(np.uint32))
+
+
 def test_dispatch_refuses_unknown_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_REF_KERNELS", "fortran")
     with pytest.raises(ConfigError, match="auto, numpy or numba"):
