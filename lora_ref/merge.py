@@ -356,8 +356,8 @@ _NO_NORMS = np.zeros(0, float32)
 
 
 def _float32_norms(left: np.ndarray, right: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(λ, ρ) of the float32 bracket of float16 and bfloat16 weights (SPEC 3.2; lora_ref.kernels._ends32 says why): float32
-    [n] and [c] with λ_i·ρ_j ≥ 2(u₃₂ + (r + 1)u)|s|·‖L_i‖‖R_j‖ + 2^-146, or empty arrays (no float32
+    """(λ, ρ) of the float32 bracket of float16 and bfloat16 weights (SPEC 3.2; lora_ref.kernels._ends32 says
+    why): float32 [n] and [c] with λ_i·ρ_j ≥ 2(u₃₂ + (r + 1)u)|s|·‖L_i‖‖R_j‖ + 2^-146, or empty arrays (no float32
     bracket) where |s| ≥ 2^64 or the norms leave float32's range.
 
     λ_i = fl32(κ₃₂·‖L_i‖·(1 + 2^-20) + 2^-73) with κ₃₂ = 2(u₃₂ + (r + 1)u)|s|, ρ_j = fl32(‖R_j‖·(1 + 2^-20) +

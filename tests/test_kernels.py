@@ -211,7 +211,7 @@ def cancelling_case(rng: np.random.Generator, dtype: np.dtype, rows: int, cols: 
 def test_merge_rows_decides_only_correctly_rounded_values(dtype: str, seed: int, case: str, exact: bool,
                                                          sign: float, index: type) -> None:
     """The kernel that computes the product itself (lora_ref.kernels._merge_rows: a sequential float64 sum, not
-    BLAS's) may leave other elements undecided than the NumPy path, so its masks are checked for soundness
+    BLAS's; float16 and bfloat16 bracketed in float32 first) may leave other elements undecided than the NumPy path, so its masks are checked for soundness
     against the exact rational oracle of test_merge_semantics.py, not for equality: every element its merge
     bracket decides holds RN_t(W ± s·L R); with ``exact``, every element whose unmerge bracket also decides
     is listed as missed exactly where RN_t(merged ∓ s·L R) differs from W's bits; the coded positions are
