@@ -64,8 +64,9 @@ from .dtypes import bfloat16, float16, float32
 
 
 _EXPONENT_BITS = np.uint64(0x7FF0000000000000)
-_MAGNITUDE_BITS = np.uint64(0x7FFFFFFFFFFFFFFF)
 _SHIFT16 = np.uint32(16)
+#: float16's largest finite value.
+_FLOAT16_LARGEST = 65504.0
 #: Bit 1 of each byte of a word of :func:`_merge_rows`' codes: set where a bracket is undecided
 #: (codes 0 restored, 1 missed, 2 the unmerge's bracket undecided, 6 the merge's).
 _UNSURE_BYTES = np.uint64(0x0202020202020202)
@@ -74,21 +75,11 @@ _UNSURE_BYTES = np.uint64(0x0202020202020202)
 @njit(nogil=True, cache=True)
 def _widen(bits, kind):
     """The float64 value of one weight element given by its bits (exact; NaN stays NaN, its payload
-    aside). float16 by its fields: a normal's exponent rebiased by 127 − 15 = 112 into float32's bits
-    (twice for ±inf and NaN, whose exponent is all ones), a subnormal as fraction·2^-24; bitwise
+    aside): float32's value, or :func:`_widen32`'s float32 value of a float16 or bfloat16; bitwise
     NumPy's widening for every non-NaN pattern (tests/test_kernels.py checks all 2^16)."""
     if kind == 0:
         return np.float64(np.uint32(bits).view(np.float32))
-    if kind == 1:
-        half = np.uint32(bits)
-        magnitude = np.uint32(half & np.uint32(0x7FFF))
-        single = np.uint32(np.uint32(magnitude << np.uint32(13)) + np.uint32(112 << 23))  # normal: exponent + 127 − 15
-        single = np.uint32(single + np.uint32(112 << 23)) if magnitude >= np.uint32(0x7C00) else single  # ±inf, NaN
-        single = np.uint32(single | np.uint32(np.uint32(half & np.uint32(0x8000)) << _SHIFT16))
-        subnormal = np.float64(np.int32(magnitude)) * 2.0**-24
-        subnormal = -subnormal if half >= np.uint32(0x8000) else subnormal
-        return subnormal if magnitude < np.uint32(0x400) else np.float64(single.view(np.float32))
-    return np.float64(np.uint32(np.uint32(bits) << _SHIFT16).view(np.float32))
+    return np.float64(_widen32(bits, kind))
 
 
 @njit(nogil=True, cache=True)
@@ -106,27 +97,13 @@ def _grid(x, kind):
 
 @njit(nogil=True, cache=True)
 def _store(value, kind):
-    """t's bits for ``value`` as :func:`lora_ref.dtypes.store_exact` makes them, in a uint32 (16-bit bits
-    in its low half): float32 rounds any float64; float16 and bfloat16 take a value of t's grid or one
-    beyond t's range (then ±inf; NaN gives float16's infinity pattern, as store_exact does).
-
-    float16 from the float64 bits b of v: where |v| ≥ 2^-14 (and for NaN), (b's magnitude >> 42) −
-    (1023 − 15)·2^10 is float16's biased exponent and 10 fraction bits (v is on the grid: the bits
-    below are 0), clamped to 0x7C00 past the range; below, the subnormal's bits are |v|·2^24 (an integer);
-    the sign is b's top bit moved to bit 15. Bitwise store_exact's v·2^-112 through float32 (which
-    lands on float32's subnormals, slow on x86) for every such v."""
+    """t's bits for a float64 ``value`` as :func:`lora_ref.dtypes.store_exact` makes them, in a uint32 (16-bit
+    bits in its low half): float32 rounds any float64; float16 and bfloat16 take a value of t's grid or one
+    beyond t's range (then ±inf; NaN gives float16's infinity pattern, as store_exact does), which float32
+    holds exactly or rounds to a value as far past the range: :func:`_store32`'s bit moves."""
     if kind == 0:
         return np.float32(value).view(np.uint32)
-    if kind == 2:
-        return np.uint32(np.float32(value).view(np.uint32) >> _SHIFT16)
-    bits = np.float64(value).view(np.uint64)
-    magnitude = abs(value)
-    normal = np.int64(np.uint64(bits & _MAGNITUDE_BITS) >> np.uint64(42)) - np.int64(1008 << 10)
-    # |v|·2^24 < 2^10 is an integer: the low bits of fl(|v|·2^24 + 2^52) (no float-to-int conversion,
-    # which the compiler cannot vectorise)
-    subnormal = np.int64(np.float64(magnitude * 2.0**24 + 2.0**52).view(np.uint64) & np.uint64(0x3FF))
-    half = subnormal if magnitude < 2.0**-14 else min(normal, np.int64(0x7C00))
-    return np.uint32(half | np.int64(np.uint64(bits >> np.uint64(48)) & np.uint64(0x8000)))
+    return _store32(np.float32(value), kind)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -165,7 +142,7 @@ def _element(original, p, cross, spread, sign, exact, kind):
     if not exact:
         return bits, np.uint8(6 if undecided else 0)
     # the unmerge of the stored value: past t's range that is ±inf (float32's cast gives it)
-    largest = 65504.0 if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
+    largest = _FLOAT16_LARGEST if kind == 1 else (2.0 - 2.0**-7) * 2.0**127  # t's largest finite value (float16, bfloat16)
     merged = value if kind == 0 or abs(value) <= largest else math.copysign(math.inf, value)
     back, undecided_back = _ends(merged, p, cross, spread, -sign, kind)
     # decided ends are not NaN, and for float16/bfloat16 not 0 (undecided): their values differ from w exactly
@@ -192,16 +169,23 @@ def _widen32(bits, kind):
 
 @njit(nogil=True, cache=True, inline="always")
 def _store32(value, kind):
-    """t's bits for a float32 ``value`` of t's finite grid (float16, kind 1, or bfloat16, 2), in a uint32:
-    :func:`_store`'s bit moves in float32 (a float16 below 2^-14 is its subnormal |v|·2^24, an integer,
-    taken from the low bits of fl32(|v|·2^24 + 2^23))."""
+    """t's bits for a float32 ``value`` of t's grid (float16, kind 1, or bfloat16, 2) or past t's range, in a
+    uint32: bfloat16 is float32's top half; ±inf past its range (NaN gives float16's infinity pattern, as
+    :func:`lora_ref.dtypes.store_exact` does).
+
+    float16 from the float32 bits b of v: where |v| ≥ 2^-14 (and for NaN), (b's magnitude >> 13) −
+    (127 − 15)·2^10 is float16's biased exponent and 10 fraction bits (v is on the grid: the bits below are
+    0), clamped to 0x7C00 past the range; below, the subnormal's bits are |v|·2^24 (an integer, the low bits
+    of fl32(|v|·2^24 + 2^23): no float-to-int conversion, which the compiler cannot vectorise); the sign is
+    b's top bit moved to bit 15. Bitwise store_exact's v·2^-112 through float32 (which lands on float32's
+    subnormals, slow on x86) for every such v."""
     bits = np.float32(value).view(np.uint32)
     if kind == 2:
         return np.uint32(bits >> _SHIFT16)
     magnitude = abs(value)
     normal = np.int32(np.uint32(bits & np.uint32(0x7FFFFFFF)) >> np.uint32(13)) - np.int32(112 << 10)
     subnormal = np.int32(np.float32(magnitude * np.float32(2.0**24) + np.float32(2.0**23)).view(np.uint32) & np.uint32(0x3FF))
-    half = subnormal if magnitude < np.float32(2.0**-14) else normal
+    half = subnormal if magnitude < np.float32(2.0**-14) else min(normal, np.int32(0x7C00))
     return np.uint32(np.uint32(half) | np.uint32(np.uint32(bits >> _SHIFT16) & np.uint32(0x8000)))
 
 
@@ -238,7 +222,7 @@ def _ends32(w, p, cross, sign, kind):
     bound = cross + abs(y) * np.float32(2.0**-22)
     low = _grid32(y - bound, kind)
     high = _grid32(y + bound, kind)
-    past = kind == 1 and abs(low) > np.float32(65504.0)  # float16's largest finite value
+    past = kind == 1 and abs(low) > np.float32(_FLOAT16_LARGEST)
     return low, not (low == high) or low == np.float32(0.0) or past
 
 
