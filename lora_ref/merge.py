@@ -337,10 +337,11 @@ def _product(delta: DeltaSource, dtype: np.dtype, semantics: str) -> _Product | 
     scale, rank = float(delta.scale), left.shape[1]
     if rank > _MAX_RANK or not (math.isfinite(scale) and np.isfinite(left).all() and np.isfinite(right).all()):
         return None
-    left_norms, right_norms, spread, near = _bound_norms(left, right, scale)
+    norms = _factor_norms(left, right)
+    left_norms, right_norms, spread, near = _bound_norms(*norms, rank, scale)
     if near:
         return None  # near float64's range (float64 factors only): the bound's arithmetic could overflow
-    left_norms32, right_norms32 = _float32_norms(left, right, scale) if dtype in _FLOAT32_BRACKETED else (_NO_NORMS, _NO_NORMS)
+    left_norms32, right_norms32 = _float32_norms(*norms, rank, scale) if dtype in _FLOAT32_BRACKETED else (_NO_NORMS, _NO_NORMS)
     return _Product(
         scale=scale, left=left, right=right, left_norms=left_norms, right_norms=right_norms,
         zero_rows=~left.any(axis=1), zero_cols=~right.any(axis=0), spread=spread,
@@ -355,39 +356,46 @@ _FLOAT32_BRACKETED = (np.dtype(np.float16), bfloat16)
 _NO_NORMS = np.zeros(0, float32)
 
 
-def _float32_norms(left: np.ndarray, right: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def _float32_norms(left_norms: np.ndarray, right_norms: np.ndarray, rank: int,
+                   scale: float) -> tuple[np.ndarray, np.ndarray]:
     """(λ, ρ) of the float32 bracket of float16 and bfloat16 weights (SPEC 3.2; lora_ref.kernels._ends32 says
-    why): float32 [n] and [c] with λ_i·ρ_j ≥ 2(u₃₂ + (r + 1)u)|s|·‖L_i‖‖R_j‖ + 2^-146, or empty arrays (no float32
+    why), from the float64 norms ‖L_i‖ [n] and ‖R_j‖ [c] (:func:`_factor_norms`) of a rank-r product:
+    float32 [n] and [c] with λ_i·ρ_j ≥ 2(u₃₂ + (r + 1)u)|s|·‖L_i‖‖R_j‖ + 2^-146, or empty arrays (no float32
     bracket) where |s| ≥ 2^64 or the norms leave float32's range.
 
     λ_i = fl32(κ₃₂·‖L_i‖·(1 + 2^-20) + 2^-73) with κ₃₂ = 2(u₃₂ + (r + 1)u)|s|, ρ_j = fl32(‖R_j‖·(1 + 2^-20) +
     2^-73): the factor 1 + 2^-20 covers the float64 norms' (r + 2)u and float32's rounding to nearest
     (2^-24); the floors' product 2^-146 covers the product's float32 rounding (2^-150 below float32's
     normal range) and float64's underflow terms (r|s|·2^-1074, under 2^-900 for |s| < 2^64)."""
-    rank = left.shape[1]
     kappa = 2 * (UNIT_ROUNDOFF[float32] + (rank + 1) * _U64) * abs(scale)
     with np.errstate(over="ignore"):
-        left_norms = (kappa * np.sqrt(np.einsum("ik,ik->i", left, left)) * (1 + 2.0**-20) + 2.0**-73).astype(float32)
-        right_norms = (np.sqrt(np.einsum("kj,kj->j", right, right)) * (1 + 2.0**-20) + 2.0**-73).astype(float32)
-    if abs(scale) >= 2.0**64 or not (np.isfinite(left_norms).all() and np.isfinite(right_norms).all()):
+        left32 = (kappa * left_norms * (1 + 2.0**-20) + 2.0**-73).astype(float32)
+        right32 = (right_norms * (1 + 2.0**-20) + 2.0**-73).astype(float32)
+    if abs(scale) >= 2.0**64 or not (np.isfinite(left32).all() and np.isfinite(right32).all()):
         return _NO_NORMS, _NO_NORMS
-    return left_norms, right_norms
+    return left32, right32
 
 
-def _bound_norms(left: np.ndarray, right: np.ndarray,
+def _factor_norms(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(‖L_i‖₂ [..., n], ‖R_j‖₂ [..., c]) in float64 for L [..., n, r] and R [..., r, c]: within a relative
+    (r + 2)u of the true norms, less what squares below 2^-1074 lose (each value under 2^-537)."""
+    return np.sqrt(np.einsum("...ik,...ik->...i", left, left)), np.sqrt(np.einsum("...kj,...kj->...j", right, right))
+
+
+def _bound_norms(left_norms: np.ndarray, right_norms: np.ndarray, rank: int,
                  scale: float | np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """The error bound's constants of Δ = s · L R (:class:`_Product`): (κ·‖L_i‖ + √φ, ‖R_j‖ + √φ,
-    the coefficient 4u of |y|, ``near``) for L [..., n, r] and R [..., r, c] in float64 and finite s
-    [...]; leading axes stack products, each with its own s. ``near`` (bool [...]) marks products
-    with |s|·max‖L_i‖·max‖R_j‖ > 2^1000 (float64 factors only), whose bound arithmetic could overflow.
+    the coefficient 4u of |y|, ``near``) from the norms of L [..., n, r] and R [..., r, c] in float64
+    (:func:`_factor_norms`) and finite s [...]; leading axes stack products, each with its own s.
+    ``near`` (bool [...]) marks products with |s|·max‖L_i‖·max‖R_j‖ > 2^1000 (float64 factors only),
+    whose bound arithmetic could overflow.
     """
-    rank = left.shape[-1]
     magnitude = np.abs(np.asarray(scale, dtype=float64))[..., None]  # |s|, [..., 1]
-    # ‖v‖₂ in float64 is within a relative (r + 2)u of the true norm (the factor 2 in κ covers it);
-    # squares of values below 2^-537 underflow, so each norm also gets √r·2^-500 ≥ the lost part.
+    # the float64 norms' relative (r + 2)u is covered by the factor 2 in κ; squares of values below
+    # 2^-537 underflow, so each norm also gets √r·2^-500 ≥ the lost part.
     allowance = math.sqrt(rank) * 2.0**-500
-    left_norms = np.sqrt(np.einsum("...ik,...ik->...i", left, left)) + allowance
-    right_norms = np.sqrt(np.einsum("...kj,...kj->...j", right, right)) + allowance
+    left_norms = left_norms + allowance
+    right_norms = right_norms + allowance
     with np.errstate(over="ignore"):
         near = (magnitude[..., 0] * left_norms.max(axis=-1, initial=0) * right_norms.max(axis=-1, initial=0) > 2.0**1000) \
             & (rank > 0)
@@ -943,7 +951,7 @@ def _stacked_product(W: np.ndarray, deltas: Sequence[DeltaSource], semantics: st
             or left.shape[-1] > _MAX_RANK or not np.isfinite(scale).all() \
             or not (np.isfinite(left).all() and np.isfinite(right).all()):
         return None
-    return (left, right, scale, *_bound_norms(left, right, scale))
+    return (left, right, scale, *_bound_norms(*_factor_norms(left, right), left.shape[-1], scale))
 
 
 def unmerge(
